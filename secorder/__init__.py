@@ -1,0 +1,22 @@
+"""secorder: second-order quantities for PyTorch as composable ``torch.func`` transforms."""
+
+from secorder._chunking import memory_budget, set_memory_budget
+from secorder._errors import SecorderError
+from secorder.hessian import hessian_diagonal, hessian_operator, hessian_trace, hvp
+from secorder.modules import module_loss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # Hessian transforms
+    "hvp",
+    "hessian_trace",
+    "hessian_diagonal",
+    "hessian_operator",
+    # nn.Module helpers
+    "module_loss",
+    # configuration and errors
+    "memory_budget",
+    "set_memory_budget",
+    "SecorderError",
+]

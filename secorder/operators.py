@@ -1,0 +1,300 @@
+"""Batched matrix-vector products of curvature matrices: the operators estimators consume.
+
+An operator represents a symmetric P×P matrix A over the flattened parameters. It
+exposes
+
+* ``size`` (P), ``dtype``, ``device``;
+* ``matmat(V)``: for a ``(k, P)`` tensor whose rows are vectors, the ``(k, P)`` tensor of
+  rows A v_i;
+* ``quadform(V)``: the ``k`` values v_iᵀ A v_i, which some operators compute more
+  cheaply than through ``matmat`` (second-order forward mode for the Hessian, one
+  Jacobian-vector product for the GGN).
+
+Estimators (``secorder.estimators``) only ever call these; they never know which
+curvature matrix they are looking at. Chunking (``chunk_size``) is applied by the
+estimators, so an operator call always receives exactly the rows it should form at once.
+
+Hessian strategies
+------------------
+The Hessian of a scalar function g of the parameter leaves can be multiplied onto a
+batch of vectors in several ways, all giving the same numbers up to rounding:
+
+``"rev_rev"``
+    ``torch.func.vjp(torch.func.grad(g))`` linearized once, then ``vmap`` of the
+    vector-Jacobian product over the rows (reverse over reverse). Composes with
+    ``vmap`` and ``grad``.
+``"fwd_rev"``
+    ``vmap`` of ``torch.func.jvp(torch.func.grad(g))`` (forward over reverse): no
+    stored double-backward graph, lower peak memory. Composes with ``vmap``/``grad``.
+``"fwd_fwd"``
+    for quadratic forms only: vᵀHv is the second directional derivative of g, computed
+    by ``jvp`` of ``jvp`` with no backward pass at all. ``matmat`` falls back to
+    ``"fwd_rev"``. Composes with ``vmap``/``grad``.
+``"autograd"``
+    a Python loop of ``torch.autograd.grad`` calls on one retained double-backward
+    graph (the PyHessian way). Eager only.
+``"autograd_batched"``
+    one ``torch.autograd.grad(..., is_grads_batched=True)`` call per chunk on the
+    retained graph. Eager only.
+
+``"auto"`` picks per call; see :func:`resolve_strategy` for the documented rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import torch
+from torch import Tensor
+from torch.func import grad, jvp, vjp, vmap
+
+from secorder._errors import error
+from secorder._pytree import numel, ravel, unravel
+
+__all__ = [
+    "LinearOperator",
+    "DenseOperator",
+    "HessianOperator",
+    "STRATEGIES",
+    "in_functorch_transform",
+    "resolve_strategy",
+    "check_strategy",
+]
+
+STRATEGIES = ("auto", "rev_rev", "fwd_rev", "fwd_fwd", "autograd", "autograd_batched")
+_EAGER_ONLY = ("autograd", "autograd_batched")
+
+
+class LinearOperator(Protocol):
+    """What an estimator needs from a symmetric P×P operator (see the module docstring)."""
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def matmat(self, V: Tensor) -> Tensor: ...
+
+    def quadform(self, V: Tensor) -> Tensor: ...
+
+
+class DenseOperator:
+    """An explicit symmetric matrix as an operator (tests, examples, small problems).
+
+    Example:
+        >>> import torch
+        >>> op = DenseOperator(torch.diag(torch.tensor([1.0, 2.0, 3.0])))
+        >>> op.quadform(torch.ones(2, 3))
+        tensor([6., 6.])
+    """
+
+    def __init__(self, matrix: Tensor) -> None:
+        if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
+            raise error(
+                "DenseOperator(matrix)",
+                "matrix must be a square 2-d tensor",
+                f"shape {tuple(matrix.shape)}",
+                "Pass a P×P tensor.",
+            )
+        self.matrix = matrix
+
+    @property
+    def size(self) -> int:
+        return int(self.matrix.shape[0])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.matrix.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.matrix.device
+
+    def matmat(self, V: Tensor) -> Tensor:
+        return V @ self.matrix.T
+
+    def quadform(self, V: Tensor) -> Tensor:
+        return (self.matmat(V) * V).sum(-1)
+
+
+def in_functorch_transform(leaves: Sequence[Tensor] = ()) -> bool:
+    """Whether we are running inside a ``torch.func`` transform (vmap, grad, jvp, ...)."""
+    try:
+        if torch._C._functorch.peek_interpreter_stack() is not None:
+            return True
+        return any(torch._C._functorch.is_functorch_wrapped_tensor(x) for x in leaves)
+    except AttributeError:  # pragma: no cover - very old torch
+        return False
+
+
+def check_strategy(call: str, strategy: object) -> str:
+    """Validate a strategy name."""
+    if strategy not in STRATEGIES:
+        raise error(
+            call,
+            f"strategy must be one of {', '.join(repr(s) for s in STRATEGIES)}",
+            f"{strategy!r}",
+            'Use strategy="auto" unless you have measured that another one is faster.',
+        )
+    return str(strategy)
+
+
+def resolve_strategy(call: str, strategy: str, leaves: Sequence[Tensor], *, quadform: bool) -> str:
+    """Turn ``strategy`` (possibly ``"auto"``) into the concrete strategy for this call.
+
+    The ``"auto"`` rule, chosen from the measurements in ``benchmarks/RESULTS.md``:
+
+    * inside a ``torch.func`` transform, or when a parameter requires grad with grad
+      mode on (the result must be differentiable): ``"fwd_fwd"`` for quadratic forms
+      (Hutchinson traces), ``"rev_rev"`` for products;
+    * otherwise (plain eager evaluation): ``"autograd"`` -- one retained
+      double-backward graph and one backward per probe. On CPU this beat every
+      ``vmap`` route on both an MLP and a CNN, because vmapped matmuls and convolutions
+      over a batch of weight tangents fall back to slow batched kernels.
+    """
+    check_strategy(call, strategy)
+    transformed = in_functorch_transform(leaves)
+    needs_graph = torch.is_grad_enabled() and any(leaf.requires_grad for leaf in leaves)
+    if strategy in _EAGER_ONLY and transformed:
+        raise error(
+            call,
+            f'strategy="{strategy}" uses torch.autograd.grad and runs only outside torch.func transforms',
+            "a call inside vmap/grad/jvp",
+            'Use strategy="rev_rev", "fwd_rev" or "fwd_fwd" (or "auto") under torch.func transforms.',
+        )
+    if strategy != "auto":
+        return strategy
+    if transformed or needs_graph:
+        return "fwd_fwd" if quadform else "rev_rev"
+    return "autograd"
+
+
+def _strategy_failure(call: str, strategy: str, exc: Exception) -> Exception:
+    others = [s for s in STRATEGIES if s not in ("auto", strategy)]
+    return error(
+        call,
+        f'strategy="{strategy}" failed while forming Hessian-vector products '
+        "(some operators lack double-backward or forward-mode derivatives)",
+        f"{type(exc).__name__}: {exc}",
+        f"Pass another strategy: one of {', '.join(repr(s) for s in others)}.",
+        cls=RuntimeError,
+    )
+
+
+class HessianOperator:
+    """The Hessian of a scalar function of a list of tensors, as a batched operator.
+
+    Args:
+        fn: ``fn(leaves) -> scalar tensor``.
+        leaves: the point at which the Hessian is taken.
+        strategy: a concrete strategy (see the module docstring), not ``"auto"``.
+        call: the public call form, for error messages.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[[list[Tensor]], Tensor],
+        leaves: Sequence[Tensor],
+        strategy: str,
+        call: str = "HessianOperator",
+    ) -> None:
+        self.fn = fn
+        self.leaves = list(leaves)
+        self.shapes = [leaf.shape for leaf in self.leaves]
+        self.strategy = strategy
+        self.call = call
+        self._linearized: Callable[[list[Tensor]], tuple[list[Tensor]]] | None = None
+        self._graph: tuple[list[Tensor], list[Tensor], list[int]] | None = None
+
+    @property
+    def size(self) -> int:
+        return numel(self.leaves)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.leaves[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.leaves[0].device
+
+    # -- strategies -------------------------------------------------------------
+    def _vjp_fn(self) -> Callable[[list[Tensor]], tuple[list[Tensor]]]:
+        if self._linearized is None:
+            _, self._linearized = vjp(grad(self.fn), self.leaves)
+        return self._linearized
+
+    def _autograd_graph(self) -> tuple[list[Tensor], list[Tensor], list[int]]:
+        if self._graph is None:
+            inputs = [leaf.detach().requires_grad_(True) for leaf in self.leaves]
+            with torch.enable_grad():
+                out = self.fn(inputs)
+                grads = torch.autograd.grad(out, inputs, create_graph=True, allow_unused=True)
+            keep = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+            self._graph = (inputs, [grads[i] for i in keep], keep)
+        return self._graph
+
+    def _hv_autograd(self, rows: list[list[Tensor]], batched: bool) -> list[Tensor]:
+        inputs, grads, keep = self._autograd_graph()
+        k = rows[0].shape[0]
+        if not grads:  # the gradient is constant: H = 0
+            return [torch.zeros_like(r) for r in rows]
+        with torch.enable_grad():
+            if batched:
+                outs = torch.autograd.grad(
+                    grads,
+                    inputs,
+                    [rows[i] for i in keep],
+                    retain_graph=True,
+                    allow_unused=True,
+                    is_grads_batched=True,
+                )
+                res = [o if o is not None else torch.zeros_like(r) for o, r in zip(outs, rows)]
+            else:
+                per = []
+                for j in range(k):
+                    outs = torch.autograd.grad(
+                        grads, inputs, [rows[i][j] for i in keep], retain_graph=True, allow_unused=True
+                    )
+                    per.append([o if o is not None else torch.zeros_like(x) for o, x in zip(outs, inputs)])
+                res = [torch.stack([p[i] for p in per]) for i in range(len(inputs))]
+        return [r.detach() for r in res]
+
+    def _matmat_leaves(self, rows: list[Tensor]) -> list[Tensor]:
+        s = self.strategy
+        if s == "rev_rev":
+            return list(vmap(self._vjp_fn())(rows)[0])
+        if s in ("fwd_rev", "fwd_fwd"):
+            gfn = grad(self.fn)
+            return list(vmap(lambda v: jvp(gfn, (self.leaves,), (v,))[1])(rows))
+        return self._hv_autograd(rows, batched=(s == "autograd_batched"))
+
+    # -- public ----------------------------------------------------------------
+    def matmat(self, V: Tensor) -> Tensor:
+        """Rows ``H v_i`` for the rows ``v_i`` of the ``(k, P)`` tensor ``V``."""
+        try:
+            out = self._matmat_leaves(unravel(V, self.shapes))
+        except (RuntimeError, NotImplementedError) as exc:
+            raise _strategy_failure(self.call, self.strategy, exc) from exc
+        return ravel(out, batch_dims=1)
+
+    def quadform(self, V: Tensor) -> Tensor:
+        """The ``k`` values ``v_iᵀ H v_i`` for the rows of ``V``."""
+        if self.strategy != "fwd_fwd":
+            return (self.matmat(V) * V).sum(-1)
+        fn = self.fn
+        leaves = self.leaves
+
+        def second_directional(v: list[Tensor]) -> Tensor:
+            first = lambda p: jvp(fn, (p,), (v,))[1]  # noqa: E731 - a one-line closure
+            return jvp(first, (leaves,), (v,))[1]
+
+        try:
+            return vmap(second_directional)(unravel(V, self.shapes))
+        except (RuntimeError, NotImplementedError) as exc:
+            raise _strategy_failure(self.call, self.strategy, exc) from exc
