@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from secorder._errors import error
 
-__all__ = ["ROW_OVERHEAD", "memory_budget", "set_memory_budget", "default_chunk_size", "check_chunk_size"]
+__all__ = ["ROW_OVERHEAD", "check_chunk_size", "default_chunk_size", "memory_budget", "set_memory_budget"]
 
 ROW_OVERHEAD = 8
 _BUDGET = [1 << 30]

@@ -12,7 +12,9 @@ class SecorderError(ValueError):
     """
 
 
-def error(call: str, contract: str, received: str, fix: str, cls: type[Exception] = SecorderError) -> Exception:
+def error(
+    call: str, contract: str, received: str, fix: str, cls: type[Exception] = SecorderError
+) -> Exception:
     """Build an exception whose message reads ``call: contract, but received ... . Fix``.
 
     Args:

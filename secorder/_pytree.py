@@ -22,12 +22,12 @@ from secorder._errors import error
 
 __all__ = [
     "TreeSpec",
-    "flatten",
-    "unflatten",
     "check_floating_tree",
-    "ravel",
-    "unravel",
+    "flatten",
     "numel",
+    "ravel",
+    "unflatten",
+    "unravel",
 ]
 
 TreeSpec = optree.PyTreeSpec

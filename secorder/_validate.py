@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
 
-import torch
 from torch import Tensor
 
 from secorder._errors import error
 
+T = TypeVar("T")
+
 __all__ = [
-    "check_callable",
-    "check_num_probes",
     "check_argnums",
     "check_bool",
+    "check_callable",
+    "check_method",
+    "check_num_probes",
     "check_same_dtype_device",
     "check_scalar_output",
 ]
@@ -29,6 +31,18 @@ def check_callable(call: str, name: str, f: object) -> None:
             f"Pass the function itself, e.g. {name}=loss_fn, not its result.",
             cls=TypeError,
         )
+
+
+def check_method(call: str, method: object, registry: Mapping[str, T]) -> T:
+    """Look ``method`` up in ``registry`` with a clear error for unknown names."""
+    if not isinstance(method, str) or method not in registry:
+        raise error(
+            call,
+            f"method must be one of {', '.join(repr(m) for m in registry)}",
+            f"{method!r}",
+            'Use method="hutchinson" or another listed estimator.',
+        )
+    return registry[method]
 
 
 def check_num_probes(call: str, num_probes: object, *, allow_none: bool = True) -> int | None:
@@ -48,7 +62,13 @@ def check_num_probes(call: str, num_probes: object, *, allow_none: bool = True) 
 
 def check_bool(call: str, name: str, value: object) -> bool:
     if not isinstance(value, bool):
-        raise error(call, f"{name} must be True or False", f"{value!r}", f"Pass {name}=True or {name}=False.", cls=TypeError)
+        raise error(
+            call,
+            f"{name} must be True or False",
+            f"{value!r}",
+            f"Pass {name}=True or {name}=False.",
+            cls=TypeError,
+        )
     return value
 
 
@@ -115,5 +135,3 @@ def check_scalar_output(call: str, out: Any) -> Tensor:
             cls=TypeError,
         )
     return out
-
-

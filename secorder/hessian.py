@@ -22,21 +22,21 @@ from torch import Tensor
 
 from secorder import probes as _probes
 from secorder._chunking import check_chunk_size
+from secorder._errors import error
 from secorder._pytree import TreeSpec, check_floating_tree, flatten, ravel, unflatten, unravel
 from secorder._validate import (
     check_argnums,
     check_bool,
     check_callable,
+    check_method,
     check_num_probes,
     check_same_dtype_device,
     check_scalar_output,
 )
-from secorder._errors import error
-from secorder.estimators.diagonal import exact_diagonal, hutchinson_diagonal
-from secorder.estimators.hutchinson import hutchinson_trace
+from secorder.estimators import DIAGONAL_ESTIMATORS, TRACE_ESTIMATORS, exact_diagonal
 from secorder.operators import HessianOperator, check_strategy, resolve_strategy
 
-__all__ = ["hvp", "hessian_trace", "hessian_diagonal", "hessian_operator"]
+__all__ = ["hessian_diagonal", "hessian_operator", "hessian_trace", "hvp"]
 
 
 def _bind(
@@ -125,7 +125,8 @@ def hvp(f: Callable[..., Any], /, *, argnums: int = 0, strategy: str = "auto") -
                 f"v must have the structure and shapes of args[{index}] ({spec}, shapes "
                 f"{[tuple(leaf.shape) for leaf in leaves]})",
                 f"{v_spec} with shapes {received}",
-                "Build v with the same keys and shapes, e.g. {k: torch.randn_like(p) for k, p in params.items()}.",
+                "Build v with the same keys and shapes, e.g. "
+                "{k: torch.randn_like(p) for k, p in params.items()}.",
             )
         op = HessianOperator(g, leaves, resolve_strategy(call, strategy, leaves, quadform=False), call)
         flat_v = ravel([a.to(leaves[0].dtype) for a in v_leaves]).unsqueeze(0)
@@ -145,6 +146,7 @@ def hessian_trace(
     chunk_size: int | None = None,
     with_stderr: bool = False,
     strategy: str = "auto",
+    method: str = "hutchinson",
 ) -> Callable[..., Any]:
     """Transform ``f`` into a function returning tr(∇²_θ f), exact or by Hutchinson's estimator.
 
@@ -164,6 +166,9 @@ def hessian_trace(
             not depend on it beyond rounding.
         with_stderr: also return the standard error of the estimate (0 for exact).
         strategy: how Hessian-vector products are formed (:mod:`secorder.operators`).
+        method: the randomized estimator used when ``num_probes`` is given (a key of
+            :data:`secorder.estimators.TRACE_ESTIMATORS`); ``num_probes`` is its total
+            budget of products.
 
     Returns:
         ``trace_fn(*args, generator=None)`` returning a 0-dim tensor, or
@@ -191,6 +196,7 @@ def hessian_trace(
     call = "hessian_trace(f)(*args)"
     _check_common(call, f, argnums, chunk_size, strategy)
     check_num_probes(call, num_probes)
+    estimator = check_method(call, method, TRACE_ESTIMATORS)
     _probes.check_distribution(call, distribution)
     check_bool(call, "with_stderr", with_stderr)
 
@@ -206,7 +212,7 @@ def hessian_trace(
         else:
             concrete = resolve_strategy(call, strategy, leaves, quadform=True)
             op = HessianOperator(g, leaves, concrete, call)
-            est, err = hutchinson_trace(
+            est, err = estimator(
                 op, num_probes, distribution=distribution, generator=gen, chunk_size=chunk_size
             )
         return (est, err) if with_stderr else est
@@ -224,6 +230,7 @@ def hessian_diagonal(
     chunk_size: int | None = None,
     with_stderr: bool = False,
     strategy: str = "auto",
+    method: str = "hutchinson",
 ) -> Callable[..., Any]:
     """Transform ``f`` into a function returning diag(∇²_θ f) as a pytree shaped like θ.
 
@@ -241,6 +248,8 @@ def hessian_diagonal(
         chunk_size: one-hot rows or probes per batched product (``None``: automatic).
         with_stderr: also return a pytree of per-entry standard errors (zeros if exact).
         strategy: how Hessian-vector products are formed (:mod:`secorder.operators`).
+        method: the randomized estimator used when ``num_probes`` is given (a key of
+            :data:`secorder.estimators.DIAGONAL_ESTIMATORS`).
 
     Returns:
         ``diag_fn(*args, generator=None)`` returning a pytree with θ's structure and key
@@ -255,6 +264,7 @@ def hessian_diagonal(
     call = "hessian_diagonal(f)(*args)"
     _check_common(call, f, argnums, chunk_size, strategy)
     check_num_probes(call, num_probes)
+    estimator = check_method(call, method, DIAGONAL_ESTIMATORS)
     _probes.check_distribution(call, distribution)
     check_bool(call, "with_stderr", with_stderr)
 
@@ -267,7 +277,7 @@ def hessian_diagonal(
             diag = exact_diagonal(op, chunk_size=chunk_size)
             err = torch.zeros_like(diag)
         else:
-            diag, err = hutchinson_diagonal(
+            diag, err = estimator(
                 op, num_probes, distribution=distribution, generator=gen, chunk_size=chunk_size
             )
         shapes = [leaf.shape for leaf in leaves]

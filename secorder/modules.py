@@ -11,7 +11,7 @@ from torch.func import functional_call
 from secorder._errors import error
 from secorder._validate import check_callable
 
-__all__ = ["module_loss", "module_forward"]
+__all__ = ["module_forward", "module_loss"]
 
 
 def _check_module(call: str, model: object) -> nn.Module:
@@ -26,9 +26,7 @@ def _check_module(call: str, model: object) -> nn.Module:
     return model
 
 
-def module_forward(
-    model: nn.Module, /
-) -> tuple[Callable[[dict[str, Tensor], Any], Any], dict[str, Tensor]]:
+def module_forward(model: nn.Module, /) -> tuple[Callable[[dict[str, Tensor], Any], Any], dict[str, Tensor]]:
     """Turn ``model`` into ``forward(params, inputs)`` plus a detached copy-free params dict.
 
     ``params`` holds the parameters that require grad (detached: same storage, no

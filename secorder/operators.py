@@ -53,13 +53,13 @@ from secorder._errors import error
 from secorder._pytree import numel, ravel, unravel
 
 __all__ = [
-    "LinearOperator",
+    "STRATEGIES",
     "DenseOperator",
     "HessianOperator",
-    "STRATEGIES",
+    "LinearOperator",
+    "check_strategy",
     "in_functorch_transform",
     "resolve_strategy",
-    "check_strategy",
 ]
 
 STRATEGIES = ("auto", "rev_rev", "fwd_rev", "fwd_fwd", "autograd", "autograd_batched")
@@ -226,7 +226,7 @@ class HessianOperator:
     # -- strategies -------------------------------------------------------------
     def _vjp_fn(self) -> Callable[[list[Tensor]], tuple[list[Tensor]]]:
         if self._linearized is None:
-            _, self._linearized = vjp(grad(self.fn), self.leaves)
+            self._linearized = vjp(grad(self.fn), self.leaves)[1]
         return self._linearized
 
     def _autograd_graph(self) -> tuple[list[Tensor], list[Tensor], list[int]]:
@@ -239,7 +239,7 @@ class HessianOperator:
             self._graph = (inputs, [grads[i] for i in keep], keep)
         return self._graph
 
-    def _hv_autograd(self, rows: list[list[Tensor]], batched: bool) -> list[Tensor]:
+    def _hv_autograd(self, rows: list[Tensor], batched: bool) -> list[Tensor]:
         inputs, grads, keep = self._autograd_graph()
         k = rows[0].shape[0]
         if not grads:  # the gradient is constant: H = 0

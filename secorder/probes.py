@@ -24,7 +24,7 @@ from torch import Tensor
 
 from secorder._errors import error
 
-__all__ = ["DISTRIBUTIONS", "check_distribution", "draw", "chunks", "check_generator"]
+__all__ = ["DISTRIBUTIONS", "check_distribution", "check_generator", "chunks", "draw"]
 
 DISTRIBUTIONS = ("rademacher", "gaussian", "sphere")
 

@@ -22,7 +22,7 @@ from secorder import probes as _probes
 from secorder._chunking import default_chunk_size
 from secorder.operators import LinearOperator
 
-__all__ = ["hutchinson_trace", "quadform_samples", "mean_and_stderr"]
+__all__ = ["hutchinson_trace", "mean_and_stderr", "quadform_samples"]
 
 
 def quadform_samples(
