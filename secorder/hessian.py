@@ -1,4 +1,8 @@
-"""Hessian transforms: :func:`hvp`, :func:`hessian_trace`, :func:`hessian_diagonal`.
+"""Hessian transforms: :func:`hvp`, :func:`hessian_trace`, :func:`hessian_diagonal` and friends.
+
+Also :func:`hessian_trace_adaptive` (stop on the standard error),
+:func:`hessian_frobenius_norm_sq`, and the spectral transforms
+:func:`hessian_eigenvalues` and :func:`hessian_spectral_density` (eager only).
 
 Each takes a function and returns a new function of the same arguments, like
 :func:`torch.func.grad`. Let ``f(*args)`` return a scalar tensor and let θ = ``args[argnums]``
@@ -14,6 +18,7 @@ the device and dtype of their inputs.
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -33,10 +38,32 @@ from secorder._validate import (
     check_same_dtype_device,
     check_scalar_output,
 )
-from secorder.estimators import DIAGONAL_ESTIMATORS, TRACE_ESTIMATORS, exact_diagonal
+from secorder.estimators import (
+    BLOCK_TRACE_ESTIMATORS,
+    DIAGONAL_ESTIMATORS,
+    TRACE_ESTIMATORS,
+    AdaptiveResult,
+    adaptive_trace,
+    check_min_probes,
+    exact_block_traces,
+    exact_diagonal,
+    exact_frobenius_norm_sq,
+    frobenius_norm_sq,
+)
+from secorder.estimators.stopping import check_adaptive_options, check_eager
 from secorder.operators import HessianOperator, check_strategy, resolve_strategy
+from secorder.spectra import check_lanczos_options, lanczos_eigenvalues, spectral_density
 
-__all__ = ["hessian_diagonal", "hessian_operator", "hessian_trace", "hvp"]
+__all__ = [
+    "hessian_diagonal",
+    "hessian_eigenvalues",
+    "hessian_frobenius_norm_sq",
+    "hessian_operator",
+    "hessian_spectral_density",
+    "hessian_trace",
+    "hessian_trace_adaptive",
+    "hvp",
+]
 
 
 def _bind(
@@ -147,14 +174,22 @@ def hessian_trace(
     with_stderr: bool = False,
     strategy: str = "auto",
     method: str = "hutchinson",
+    per_block: bool = False,
 ) -> Callable[..., Any]:
-    """Transform ``f`` into a function returning tr(∇²_θ f), exact or by Hutchinson's estimator.
+    """Transform ``f`` into a function returning tr(∇²_θ f), exact or by a randomized estimator.
 
     * ``num_probes=None``: exact, Σ_i e_iᵀ H e_i from P one-hot Hessian-vector
       products (the sum of :func:`hessian_diagonal`). Cost: P HVPs.
     * ``num_probes=K``: Hutchinson, (1/K) Σ_k v_kᵀ H v_k with probes drawn from
       ``generator``; unbiased since E[v vᵀ] = I. Cost: K HVPs (or K second-order
       forward passes with ``strategy="fwd_fwd"``), ``chunk_size`` at a time.
+      ``method="hutch++"`` or ``"xtrace"`` spend the same K products on a low-rank
+      sketch plus Hutchinson on the remainder, far more accurate when the spectrum
+      decays fast (``"xnystrace"`` too, for positive semi-definite Hessians only).
+    * ``per_block=True``: the trace of each diagonal block H_bb, one block per leaf of
+      θ (per-layer curvature), as a pytree of 0-dim tensors shaped like θ whose sum is
+      the total. Exact from the exact diagonal, or by ``method`` from one set of K
+      products (every method; full HVPs instead of quadratic forms).
 
     Args:
         f: a function of ``*args`` returning a scalar tensor.
@@ -167,13 +202,16 @@ def hessian_trace(
         with_stderr: also return the standard error of the estimate (0 for exact).
         strategy: how Hessian-vector products are formed (:mod:`secorder.operators`).
         method: the randomized estimator used when ``num_probes`` is given (a key of
-            :data:`secorder.estimators.TRACE_ESTIMATORS`); ``num_probes`` is its total
+            :data:`secorder.estimators.TRACE_ESTIMATORS`: ``"hutchinson"``,
+            ``"hutch++"``, ``"xtrace"``, ``"xnystrace"``); ``num_probes`` is its total
             budget of products.
+        per_block: return one trace per leaf of θ instead of the total.
 
     Returns:
-        ``trace_fn(*args, generator=None)`` returning a 0-dim tensor, or
-        ``(estimate, stderr)`` with ``with_stderr=True``. Same generator state gives the
-        same result. Composes with ``torch.func.vmap`` and ``torch.func.grad``.
+        ``trace_fn(*args, generator=None)`` returning a 0-dim tensor (a pytree of them
+        shaped like θ with ``per_block=True``), or ``(estimate, stderr)`` with
+        ``with_stderr=True``. Same generator state gives the same result. Composes with
+        ``torch.func.vmap`` and ``torch.func.grad``.
 
     Raises:
         ValueError, TypeError: invalid options (at construction) or arguments (at call).
@@ -186,31 +224,52 @@ def hessian_trace(
         >>> g = lambda x: (x**2 * torch.tensor([1.0, 2.0, 3.0])).sum()
         >>> hessian_trace(g, num_probes=5)(torch.ones(3), generator=torch.Generator().manual_seed(0))
         tensor(12.)
+        >>> h = lambda p: (p["w"] ** 2).sum() + 3 * p["b"] ** 2
+        >>> hessian_trace(h, per_block=True)({"w": torch.ones(2), "b": torch.tensor(0.0)})
+        {'w': tensor(4.), 'b': tensor(6.)}
 
     See Also:
-        :func:`hessian_diagonal`, :func:`secorder.fisher_trace`.
+        :func:`hessian_diagonal`, :func:`hessian_trace_adaptive`, :func:`secorder.fisher_trace`.
 
     References:
-        M. F. Hutchinson (1989), see :mod:`secorder.estimators.hutchinson`.
+        M. F. Hutchinson (1989), see :mod:`secorder.estimators.hutchinson`; Hutch++
+        (Meyer et al. 2021) and XTrace/XNysTrace (Epperly, Tropp, Webber 2024), see
+        :mod:`secorder.estimators`.
     """
     call = "hessian_trace(f)(*args)"
     _check_common(call, f, argnums, chunk_size, strategy)
     check_num_probes(call, num_probes)
     estimator = check_method(call, method, TRACE_ESTIMATORS)
+    block_estimator = BLOCK_TRACE_ESTIMATORS.get(str(method))
+    check_min_probes(call, str(method), num_probes)
     _probes.check_distribution(call, distribution)
     check_bool(call, "with_stderr", with_stderr)
+    check_bool(call, "per_block", per_block)
+    products_only = per_block or method not in ("hutchinson", "hutch++")
 
     @functools.wraps(f)
     def trace_fn(*args: Any, generator: torch.Generator | None = None) -> Any:
-        g, leaves, _, _ = _bind(call, f, args, argnums)
+        g, leaves, spec, _ = _bind(call, f, args, argnums)
         gen = _probes.check_generator(call, generator, leaves[0].device)
+        if per_block:
+            op = HessianOperator(g, leaves, resolve_strategy(call, strategy, leaves, quadform=False), call)
+            sizes = [leaf.numel() for leaf in leaves]
+            if num_probes is None or block_estimator is None:
+                blocks = exact_block_traces(op, sizes, chunk_size=chunk_size)
+                block_err = torch.zeros_like(blocks)
+            else:
+                blocks, block_err = block_estimator(
+                    op, num_probes, sizes, distribution=distribution, generator=gen, chunk_size=chunk_size
+                )
+            tree = unflatten(spec, list(blocks.unbind()))
+            return (tree, unflatten(spec, list(block_err.unbind()))) if with_stderr else tree
         if num_probes is None:
             concrete = resolve_strategy(call, strategy, leaves, quadform=False)
             op = HessianOperator(g, leaves, concrete, call)
             est = exact_diagonal(op, chunk_size=chunk_size).sum()
             err = torch.zeros_like(est)
         else:
-            concrete = resolve_strategy(call, strategy, leaves, quadform=True)
+            concrete = resolve_strategy(call, strategy, leaves, quadform=not products_only)
             op = HessianOperator(g, leaves, concrete, call)
             est, err = estimator(
                 op, num_probes, distribution=distribution, generator=gen, chunk_size=chunk_size
@@ -238,7 +297,10 @@ def hessian_diagonal(
       products (``vmap`` over chunks of standard-basis tangents), never the P×P
       Hessian. Cost: P HVPs; memory: ``chunk_size`` tangents (default from the memory
       budget, :mod:`secorder._chunking`).
-    * ``num_probes=K``: Hutchinson's diagonal estimate (1/K) Σ_k v_k ⊙ H v_k.
+    * ``num_probes=K``: Hutchinson's diagonal estimate (1/K) Σ_k v_k ⊙ H v_k, or with
+      ``method="xdiag"`` the exchangeable XDiag estimate (Epperly, Tropp, Webber
+      2024) from K products, with per-entry standard errors from its leave-one-out
+      estimates (:mod:`secorder.estimators.epperly2024xdiag`).
 
     Args:
         f: a function of ``*args`` returning a scalar tensor.
@@ -249,7 +311,8 @@ def hessian_diagonal(
         with_stderr: also return a pytree of per-entry standard errors (zeros if exact).
         strategy: how Hessian-vector products are formed (:mod:`secorder.operators`).
         method: the randomized estimator used when ``num_probes`` is given (a key of
-            :data:`secorder.estimators.DIAGONAL_ESTIMATORS`).
+            :data:`secorder.estimators.DIAGONAL_ESTIMATORS`: ``"hutchinson"`` or
+            ``"xdiag"``); ``num_probes`` is its total budget of products.
 
     Returns:
         ``diag_fn(*args, generator=None)`` returning a pytree with θ's structure and key
@@ -265,6 +328,7 @@ def hessian_diagonal(
     _check_common(call, f, argnums, chunk_size, strategy)
     check_num_probes(call, num_probes)
     estimator = check_method(call, method, DIAGONAL_ESTIMATORS)
+    check_min_probes(call, str(method), num_probes)
     _probes.check_distribution(call, distribution)
     check_bool(call, "with_stderr", with_stderr)
 
@@ -287,3 +351,303 @@ def hessian_diagonal(
         return tree
 
     return diag_fn
+
+
+def hessian_trace_adaptive(
+    f: Callable[..., Any],
+    /,
+    *,
+    argnums: int = 0,
+    atol: float = 0.0,
+    rtol: float = 1e-2,
+    max_probes: int = 1000,
+    batch: int = 10,
+    method: str = "hutchinson",
+    distribution: str = "rademacher",
+    chunk_size: int | None = None,
+    strategy: str = "auto",
+) -> Callable[..., AdaptiveResult]:
+    """Transform ``f`` into a function estimating tr(∇²_θ f) until its standard error is small.
+
+    Products are drawn in rounds until stderr ≤ ``atol`` + ``rtol`` · |estimate| or
+    ``max_probes`` products are spent (see :mod:`secorder.estimators.stopping`).
+    Eager only: the number of rounds depends on the data, so inside ``torch.func``
+    transforms use :func:`hessian_trace` with a fixed ``num_probes``.
+
+    Args:
+        f: a function of ``*args`` returning a scalar tensor.
+        argnums: which positional argument of ``f`` is θ.
+        atol: absolute tolerance on the standard error.
+        rtol: relative tolerance on the standard error.
+        max_probes: the most Hessian-vector products to spend.
+        batch: products per round (Hutchinson) or of the first run (other methods).
+        method: a key of :data:`secorder.estimators.TRACE_ESTIMATORS`.
+        distribution: ``"rademacher"``, ``"gaussian"`` or ``"sphere"``.
+        chunk_size: products per batched call (``None``: automatic).
+        strategy: how Hessian-vector products are formed (:mod:`secorder.operators`).
+
+    Returns:
+        ``fn(*args, generator=None)`` returning
+        :class:`~secorder.estimators.AdaptiveResult` ``(estimate, stderr,
+        num_products, converged)``; ``converged=False`` means the budget ran out first.
+
+    Raises:
+        ValueError, TypeError: invalid options or arguments.
+        RuntimeError: called inside a ``torch.func`` transform.
+
+    Example:
+        >>> import torch
+        >>> g = lambda x: (x**2 * torch.tensor([1.0, 2.0, 3.0])).sum()
+        >>> fn = hessian_trace_adaptive(g, rtol=0.01)
+        >>> fn(torch.ones(3), generator=torch.Generator().manual_seed(0))
+        AdaptiveResult(estimate=tensor(12.), stderr=tensor(0.), num_products=10, converged=True)
+    """
+    call = "hessian_trace_adaptive(f)(*args)"
+    _check_common(call, f, argnums, chunk_size, strategy)
+    check_adaptive_options(call, atol, rtol, max_probes, batch, method)
+    _probes.check_distribution(call, distribution)
+
+    @functools.wraps(f)
+    def adaptive_fn(*args: Any, generator: torch.Generator | None = None) -> AdaptiveResult:
+        g, leaves, _, _ = _bind(call, f, args, argnums)
+        gen = _probes.check_generator(call, generator, leaves[0].device)
+        check_eager(
+            call,
+            leaves,
+            what="stopping on the standard error",
+            fix="Inside transforms use a fixed budget: hessian_trace(f, num_probes=K, with_stderr=True).",
+        )
+        quad = method in ("hutchinson", "hutch++")
+        op = HessianOperator(g, leaves, resolve_strategy(call, strategy, leaves, quadform=quad), call)
+        return adaptive_trace(
+            op,
+            atol=atol,
+            rtol=rtol,
+            max_probes=max_probes,
+            batch=batch,
+            method=method,
+            distribution=distribution,
+            generator=gen,
+            chunk_size=chunk_size,
+        )
+
+    return adaptive_fn
+
+
+def hessian_frobenius_norm_sq(
+    f: Callable[..., Any],
+    /,
+    *,
+    argnums: int = 0,
+    num_probes: int | None = None,
+    distribution: str = "rademacher",
+    chunk_size: int | None = None,
+    with_stderr: bool = False,
+    strategy: str = "auto",
+) -> Callable[..., Any]:
+    """Transform ``f`` into a function returning ‖∇²_θ f‖²_F = tr(H²), exact or estimated.
+
+    * ``num_probes=None``: exact, Σ_i ‖He_i‖² from P one-hot HVPs.
+    * ``num_probes=K``: Hutchinson on H², (1/K) Σ_k ‖Hv_k‖² (unbiased since
+      E[vvᵀ] = I), K HVPs. It predicts the variance of Hutchinson's trace estimate:
+      2(‖H‖²_F − Σ H_ii²)/K for Rademacher probes.
+
+    Args:
+        f: a function of ``*args`` returning a scalar tensor.
+        argnums: which positional argument of ``f`` is θ.
+        num_probes: ``None`` for the exact value, or the number K of probes.
+        distribution: ``"rademacher"``, ``"gaussian"`` or ``"sphere"``.
+        chunk_size: products per batched call (``None``: automatic).
+        with_stderr: also return the standard error (0 for exact).
+        strategy: how Hessian-vector products are formed (:mod:`secorder.operators`).
+
+    Returns:
+        ``fn(*args, generator=None)`` returning a 0-dim tensor (or ``(estimate, stderr)``).
+        Composes with ``torch.func.vmap`` and ``torch.func.grad``.
+
+    Example:
+        >>> import torch
+        >>> f = lambda x: (x**2).sum() + x[0] * x[1]            # H = [[2,1,0],[1,2,0],[0,0,2]]
+        >>> hessian_frobenius_norm_sq(f)(torch.ones(3))
+        tensor(14.)
+    """
+    call = "hessian_frobenius_norm_sq(f)(*args)"
+    _check_common(call, f, argnums, chunk_size, strategy)
+    check_num_probes(call, num_probes)
+    _probes.check_distribution(call, distribution)
+    check_bool(call, "with_stderr", with_stderr)
+
+    @functools.wraps(f)
+    def frobenius_fn(*args: Any, generator: torch.Generator | None = None) -> Any:
+        g, leaves, _, _ = _bind(call, f, args, argnums)
+        gen = _probes.check_generator(call, generator, leaves[0].device)
+        op = HessianOperator(g, leaves, resolve_strategy(call, strategy, leaves, quadform=False), call)
+        if num_probes is None:
+            est = exact_frobenius_norm_sq(op, chunk_size=chunk_size)
+            err = torch.zeros_like(est)
+        else:
+            est, err = frobenius_norm_sq(
+                op, num_probes, distribution=distribution, generator=gen, chunk_size=chunk_size
+            )
+        return (est, err) if with_stderr else est
+
+    return frobenius_fn
+
+
+def hessian_eigenvalues(
+    f: Callable[..., Any],
+    /,
+    *,
+    argnums: int = 0,
+    k: int = 1,
+    which: str = "largest",
+    tol: float | None = None,
+    max_steps: int | None = None,
+    return_eigenvectors: bool = False,
+    strategy: str = "auto",
+) -> Callable[..., Any]:
+    """Transform ``f`` into a function returning the k extreme eigenvalues of ∇²_θ f (Lanczos).
+
+    Lanczos with full reorthogonalization (:func:`secorder.spectra.lanczos_eigenvalues`)
+    runs until the k wanted Ritz pairs have residuals ‖Hx − θx‖ ≤ ``tol`` · max|θ|;
+    a ``RuntimeWarning`` says so when ``max_steps`` HVPs were not enough. Eager only.
+
+    Args:
+        f: a function of ``*args`` returning a scalar tensor.
+        argnums: which positional argument of ``f`` is θ.
+        k: how many eigenvalues.
+        which: ``"largest"`` or ``"smallest"`` (most negative: directions of negative
+            curvature).
+        tol: relative residual tolerance (``None``: √ε of the dtype).
+        max_steps: the most HVPs (``None``: min(P, max(100, 10k))).
+        return_eigenvectors: also return the eigenvectors.
+        strategy: how Hessian-vector products are formed (:mod:`secorder.operators`).
+
+    Returns:
+        ``fn(*args, generator=None)`` returning the ``(k,)`` eigenvalues (descending for
+        ``"largest"``, ascending for ``"smallest"``), or ``(eigenvalues, eigenvectors)``
+        where ``eigenvectors`` is a pytree shaped like θ with a leading dimension k
+        (unit vectors over all of θ).
+
+    Raises:
+        ValueError, TypeError: invalid options or arguments.
+        RuntimeError: called inside a ``torch.func`` transform.
+
+    Example:
+        >>> import torch
+        >>> f = lambda x: (torch.arange(1.0, 6.0, dtype=torch.float64) * x**2).sum() / 2
+        >>> x, gen = torch.ones(5, dtype=torch.float64), torch.Generator().manual_seed(0)
+        >>> [round(v, 8) for v in hessian_eigenvalues(f, k=2)(x, generator=gen).tolist()]  # H = diag(1..5)
+        [5.0, 4.0]
+
+    References:
+        C. Lanczos (1950); C. C. Paige (1971); see :mod:`secorder.spectra`.
+    """
+    call = "hessian_eigenvalues(f)(*args)"
+    _check_common(call, f, argnums, None, strategy)
+    check_lanczos_options(call, k, which, tol, max_steps)
+    check_bool(call, "return_eigenvectors", return_eigenvectors)
+
+    @functools.wraps(f)
+    def eig_fn(*args: Any, generator: torch.Generator | None = None) -> Any:
+        g, leaves, spec, _ = _bind(call, f, args, argnums)
+        gen = _probes.check_generator(call, generator, leaves[0].device)
+        check_eager(call, leaves, what="Lanczos", fix="Call it outside torch.func transforms.")
+        size = sum(leaf.numel() for leaf in leaves)
+        if k > size:
+            raise error(
+                call, f"k must not exceed the number of parameters {size}", f"k={k}", f"Pass k <= {size}."
+            )
+        op = HessianOperator(g, leaves, resolve_strategy(call, strategy, leaves, quadform=False), call)
+        res = lanczos_eigenvalues(
+            op,
+            k,
+            which=which,
+            tol=tol,
+            max_steps=max_steps,
+            return_eigenvectors=return_eigenvectors,
+            generator=gen,
+        )
+        if not res.converged:
+            warnings.warn(
+                f"{call}: Lanczos did not reach the tolerance in {res.num_products} steps "
+                f"(largest residual {float(res.residuals.max()):.3g}); raise max_steps or tol.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        if not return_eigenvectors:
+            return res.eigenvalues
+        assert res.eigenvectors is not None
+        vectors = unflatten(spec, unravel(res.eigenvectors, [leaf.shape for leaf in leaves]))
+        return res.eigenvalues, vectors
+
+    return eig_fn
+
+
+def hessian_spectral_density(
+    f: Callable[..., Any],
+    /,
+    *,
+    argnums: int = 0,
+    num_runs: int = 10,
+    num_steps: int = 80,
+    num_points: int = 1024,
+    sigma: float | None = None,
+    distribution: str = "rademacher",
+    chunk_size: int | None = None,
+    strategy: str = "auto",
+) -> Callable[..., tuple[Tensor, Tensor]]:
+    """Transform ``f`` into a function returning the spectral density of ∇²_θ f (SLQ).
+
+    Stochastic Lanczos quadrature (:func:`secorder.spectra.spectral_density`):
+    ``num_runs`` Lanczos runs of ``num_steps`` HVPs from random starts, Gauss
+    quadrature nodes broadened by Gaussians of width ``sigma``. Eager only. Plot the
+    result with :func:`secorder.plot_spectral_density`.
+
+    Args:
+        f: a function of ``*args`` returning a scalar tensor.
+        argnums: which positional argument of ``f`` is θ.
+        num_runs: independent Lanczos runs.
+        num_steps: Lanczos steps (HVPs) per run.
+        num_points: grid points.
+        sigma: Gaussian width (``None``: 1% of the spectral spread).
+        distribution: of the start vectors (``"rademacher"`` or ``"gaussian"``).
+        chunk_size: runs advanced together (``None``: by the memory budget).
+        strategy: how Hessian-vector products are formed (:mod:`secorder.operators`).
+
+    Returns:
+        ``fn(*args, generator=None)`` returning ``(grid, density)``; the density
+        integrates to 1 over the grid.
+
+    Raises:
+        ValueError, TypeError: invalid options or arguments.
+        RuntimeError: called inside a ``torch.func`` transform.
+
+    References:
+        L. Lin, Y. Saad, C. Yang (2016); S. Ubaru, J. Chen, Y. Saad (2017); see
+        :mod:`secorder.spectra`.
+    """
+    call = "hessian_spectral_density(f)(*args)"
+    _check_common(call, f, argnums, chunk_size, strategy)
+    _probes.check_distribution(call, distribution)
+
+    @functools.wraps(f)
+    def density_fn(*args: Any, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        g, leaves, _, _ = _bind(call, f, args, argnums)
+        gen = _probes.check_generator(call, generator, leaves[0].device)
+        check_eager(
+            call, leaves, what="Stochastic Lanczos quadrature", fix="Call it outside torch.func transforms."
+        )
+        op = HessianOperator(g, leaves, resolve_strategy(call, strategy, leaves, quadform=False), call)
+        return spectral_density(
+            op,
+            num_runs=num_runs,
+            num_steps=num_steps,
+            num_points=num_points,
+            sigma=sigma,
+            distribution=distribution,
+            generator=gen,
+            chunk_size=chunk_size,
+        )
+
+    return density_fn

@@ -1,0 +1,399 @@
+"""Spectra of curvature operators: extreme eigenvalues by Lanczos, densities by stochastic Lanczos quadrature.
+
+Both work on any :class:`~secorder.operators.LinearOperator` (Hessian, GGN, Fisher,
+empirical Fisher, or a :class:`~secorder.operators.DenseOperator`) and only call its
+``matmat``.
+
+Lanczos (Lanczos 1950) builds an orthonormal basis V_m of the Krylov space
+span{v, Av, ..., A^{m−1}v} in which A is tridiagonal, T_m = V_mᵀAV_m. Eigenpairs
+(θ, s) of T_m give Ritz pairs (θ, V_m s) whose residual is
+‖A V_m s − θ V_m s‖ = |β_m s_m|, and for a symmetric A some eigenvalue lies within that
+residual of θ. In floating point the basis loses orthogonality as Ritz values converge
+(Paige 1971); here every new vector is re-orthogonalized twice against the whole basis
+("full reorthogonalization", Gram–Schmidt twice is enough), which keeps V_m orthonormal
+to working precision at O(m²P) arithmetic and m·P memory. When the Krylov space is
+exhausted (β_m ≈ 0) the iteration continues from a fresh random vector orthogonal to
+the basis, so eigenvalues from other invariant subspaces are still found.
+
+Stochastic Lanczos quadrature (Lin, Saad, Yang 2016; Ubaru, Chen, Saad 2017): for a
+unit start vector v, vᵀ g(A) v ≈ Σ_j τ_j g(θ_j) with θ_j the eigenvalues of T_m and τ_j
+the squared first components of its eigenvectors (Gauss quadrature, exact for
+polynomials of degree < 2m). With v = z/‖z‖ for a Rademacher z, E[vᵀ g(A) v] =
+tr g(A)/n, so averaging over runs and taking g = a Gaussian of width σ gives the
+broadened spectral density φ_σ(t) = (1/n) Σ_i N(t; λ_i, σ²), which integrates to 1.
+
+References:
+    C. Lanczos, "An iteration method for the solution of the eigenvalue problem of linear
+    differential and integral operators", J. Res. Nat. Bur. Standards 45 (1950).
+    C. C. Paige, "The computation of eigenvalues and eigenvectors of very large sparse
+    matrices", PhD thesis, University of London (1971).
+    L. Lin, Y. Saad, C. Yang, "Approximating spectral densities of large matrices",
+    SIAM Review 58(1) (2016).
+    S. Ubaru, J. Chen, Y. Saad, "Fast estimation of tr(f(A)) via stochastic Lanczos
+    quadrature", SIAM J. Matrix Anal. Appl. 38(4) (2017).
+    B. Ghorbani, S. Krishnan, Y. Xiao, "An investigation into neural net optimization
+    via Hessian eigenvalue density", ICML 2019.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from secorder import probes as _probes
+from secorder._chunking import memory_budget
+from secorder._errors import error
+from secorder.estimators.stopping import check_eager
+from secorder.operators import LinearOperator
+
+__all__ = [
+    "LanczosResult",
+    "check_lanczos_options",
+    "lanczos_eigenvalues",
+    "plot_spectral_density",
+    "slq_nodes_weights",
+    "spectral_density",
+]
+
+_WHICH = ("largest", "smallest")
+_FIX = "Call it outside torch.func transforms (it is an eager, data-dependent iteration)."
+
+
+class LanczosResult(NamedTuple):
+    """Extreme eigenpairs of a symmetric operator found by Lanczos."""
+
+    eigenvalues: Tensor
+    """(k,) eigenvalues: descending for ``which="largest"``, ascending for ``"smallest"``."""
+    eigenvectors: Tensor | None
+    """(k, P) unit eigenvectors as rows (``None`` unless requested)."""
+    residuals: Tensor
+    """(k,) residual norms ‖Ax − θx‖; an eigenvalue of A lies within each of θ."""
+    num_products: int
+    """Operator products spent (one per Lanczos step)."""
+    converged: bool
+    """Whether every residual is ≤ tol · max|θ|."""
+
+
+def _check_int(call: str, name: str, value: object, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise error(call, f"{name} must be an int >= {minimum}", f"{value!r}", f"Pass e.g. {name}={minimum}.")
+    return value
+
+
+def _check_positive(call: str, name: str, value: object, allow_none: bool = True) -> float | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise error(call, f"{name} must be a positive finite number", f"{value!r}", f"Pass e.g. {name}=1e-6.")
+    return float(value)
+
+
+def check_lanczos_options(call: str, k: object, which: object, tol: object, max_steps: object) -> None:
+    """Validate the options of :func:`lanczos_eigenvalues` (shared with the transforms)."""
+    kk = _check_int(call, "k", k)
+    if which not in _WHICH:
+        raise error(call, 'which must be "largest" or "smallest"', f"{which!r}", 'Pass which="largest".')
+    _check_positive(call, "tol", tol)
+    if max_steps is not None:
+        _check_int(call, "max_steps", max_steps, kk)
+
+
+class _Lanczos:
+    """Block of ``b`` independent Lanczos runs with full reorthogonalization, one step at a time."""
+
+    def __init__(
+        self, op: LinearOperator, start: Tensor, max_steps: int, generator: torch.Generator | None
+    ) -> None:
+        self.op = op
+        self.generator = generator
+        b, size = start.shape
+        self.V = torch.zeros(b, max_steps, size, dtype=op.dtype, device=op.device)
+        self.V[:, 0] = start / torch.linalg.vector_norm(start, dim=-1, keepdim=True)
+        self.alpha: list[Tensor] = []
+        self.beta: list[Tensor] = []  # off-diagonals of T (0 after a restart)
+        self.residual_beta = torch.zeros(b, dtype=op.dtype, device=op.device)  # ‖w‖ at the last step
+        self.anorm = torch.zeros(b, dtype=op.dtype, device=op.device)
+        self.steps = 0
+
+    def _orthogonalize(self, w: Tensor, j: int) -> Tensor:
+        basis = self.V[:, : j + 1]
+        for _ in range(2):  # "twice is enough" (Kahan, Parlett)
+            w = w - torch.einsum("bj,bjp->bp", torch.einsum("bjp,bp->bj", basis, w), basis)
+        return w
+
+    def step(self) -> None:
+        j = self.steps
+        v = self.V[:, j]
+        w = self.op.matmat(v)
+        alpha = (w * v).sum(-1)
+        w = self._orthogonalize(w, j)
+        beta = torch.linalg.vector_norm(w, dim=-1)
+        self.alpha.append(alpha)
+        self.residual_beta = beta
+        prev = self.beta[-1] if self.beta else torch.zeros_like(beta)
+        self.anorm = torch.maximum(self.anorm, alpha.abs() + beta + prev)
+        self.steps = j + 1
+        if self.steps == self.V.shape[1]:
+            return
+        eps = torch.finfo(w.dtype).eps
+        broken = beta <= eps**0.75 * self.anorm.clamp_min(torch.finfo(w.dtype).tiny)
+        if bool(broken.any()):
+            fresh = _probes.draw(w.shape[0], w.shape[1], "gaussian", self.generator, w.dtype, w.device)
+            fresh = self._orthogonalize(fresh, j)
+            fresh = fresh / torch.linalg.vector_norm(fresh, dim=-1, keepdim=True)
+            safe = beta.clamp_min(torch.finfo(w.dtype).tiny).unsqueeze(1)
+            nxt = torch.where(broken.unsqueeze(1), fresh, w / safe)
+            beta = torch.where(broken, torch.zeros_like(beta), beta)
+        else:
+            nxt = w / beta.unsqueeze(1)
+        self.beta.append(beta)
+        self.V[:, j + 1] = nxt
+
+    def tridiagonal(self) -> Tensor:
+        """The ``(b, m, m)`` tridiagonal matrices T_m."""
+        alpha = torch.stack(self.alpha, dim=1)
+        T = torch.diag_embed(alpha)
+        if self.steps > 1:
+            beta = torch.stack(self.beta[: self.steps - 1], dim=1)
+            T = T + torch.diag_embed(beta, offset=1) + torch.diag_embed(beta, offset=-1)
+        return T
+
+
+def lanczos_eigenvalues(
+    op: LinearOperator,
+    k: int = 1,
+    *,
+    which: str = "largest",
+    tol: float | None = None,
+    max_steps: int | None = None,
+    return_eigenvectors: bool = False,
+    generator: torch.Generator | None = None,
+) -> LanczosResult:
+    """The k largest (or smallest, i.e. most negative) eigenvalues of ``op`` by Lanczos.
+
+    Runs Lanczos with full reorthogonalization from a Gaussian start vector until the k
+    wanted Ritz pairs have residuals ‖Ax − θx‖ ≤ ``tol`` · max|θ| (so each returned θ
+    is within that distance of an eigenvalue of A, and typically much closer: the
+    eigenvalue error is bounded by residual²/gap), or ``max_steps`` products are spent.
+
+    A single-vector Krylov method finds each distinct eigenvalue once: an eigenvalue of
+    multiplicity > 1 may appear only once among the k (rounding usually reveals the
+    copies after more steps).
+
+    Args:
+        op: a symmetric operator.
+        k: how many eigenvalues (1 <= k <= P).
+        which: ``"largest"`` (algebraically largest) or ``"smallest"`` (most negative).
+        tol: relative residual tolerance; ``None``: √ε of the dtype (1.5e-8 in float64,
+            3.5e-4 in float32).
+        max_steps: the most products; ``None``: min(P, max(100, 10k)).
+        return_eigenvectors: also return the Ritz vectors.
+        generator: the source of the start vector (``None``: the global generator).
+
+    Returns:
+        :class:`LanczosResult`; check ``converged``.
+
+    Raises:
+        ValueError: invalid options.
+        RuntimeError: called inside a ``torch.func`` transform.
+
+    Example:
+        >>> import torch
+        >>> from secorder.operators import DenseOperator
+        >>> A = DenseOperator(torch.diag(torch.arange(1.0, 11.0, dtype=torch.float64)))
+        >>> res = lanczos_eigenvalues(A, 2, generator=torch.Generator().manual_seed(0))
+        >>> [round(x, 8) for x in res.eigenvalues.tolist()], res.converged
+        ([10.0, 9.0], True)
+    """
+    call = "lanczos_eigenvalues(op, k)"
+    size = op.size
+    check_lanczos_options(call, k, which, tol, max_steps)
+    if k > size:
+        raise error(call, f"k must not exceed the operator size {size}", f"k={k}", f"Pass k <= {size}.")
+    max_steps = min(size, max(100, 10 * k) if max_steps is None else max_steps)
+    rel = float(torch.finfo(op.dtype).eps ** 0.5) if tol is None else float(tol)
+    start = _probes.draw(1, size, "gaussian", generator, op.dtype, op.device)
+    check_eager(call, [start], what="Lanczos", fix=_FIX)
+    lz = _Lanczos(op, start, max_steps, generator)
+    while True:
+        lz.step()
+        m = lz.steps
+        if m < k or not (m <= 32 or m % 4 == 0 or m == max_steps):
+            continue
+        theta, S = torch.linalg.eigh(lz.tridiagonal()[0])
+        idx = torch.arange(m - 1, m - 1 - k, -1) if which == "largest" else torch.arange(k)
+        residuals = (lz.residual_beta[0] * S[-1, idx]).abs()
+        scale = theta.abs().max().clamp_min(torch.finfo(theta.dtype).tiny)
+        converged = bool((residuals <= rel * scale).all())
+        if converged or m == max_steps:
+            vectors = S[:, idx].T @ lz.V[0, :m] if return_eigenvectors else None
+            return LanczosResult(theta[idx], vectors, residuals, m, converged)
+
+
+def slq_nodes_weights(
+    op: LinearOperator,
+    *,
+    num_runs: int = 10,
+    num_steps: int = 80,
+    distribution: str = "rademacher",
+    generator: torch.Generator | None = None,
+    chunk_size: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Gauss quadrature nodes and weights of stochastic Lanczos quadrature.
+
+    For each of ``num_runs`` random unit start vectors, ``num_steps`` Lanczos steps with
+    full reorthogonalization give T_m = S diag(θ) Sᵀ; the nodes are θ and the weights
+    the squared first row of S (they sum to 1 per run). Then for any function g,
+    (n/runs) Σ_runs Σ_j τ_j g(θ_j) estimates tr g(A).
+
+    Args:
+        op: a symmetric operator.
+        num_runs: independent start vectors.
+        num_steps: Lanczos steps per run (capped at P).
+        distribution: of the start vectors before normalization (``"rademacher"``:
+            every normalized start vector has E[vvᵀ] = I/n and no norm fluctuation).
+        generator: the source of all randomness (``None``: the global generator).
+        chunk_size: runs advanced together (one batched product per step); ``None``:
+            as many as fit the memory budget (each run stores its basis, steps × P).
+
+    Returns:
+        ``(nodes, weights)``, both ``(num_runs, m)``.
+
+    Raises:
+        RuntimeError: called inside a ``torch.func`` transform.
+    """
+    call = "slq_nodes_weights(op)"
+    num_runs = _check_int(call, "num_runs", num_runs)
+    steps = min(_check_int(call, "num_steps", num_steps), op.size)
+    _probes.check_distribution(call, distribution)
+    if chunk_size is None:
+        per_run = op.size * op.dtype.itemsize * (steps + 8)
+        chunk_size = max(1, min(num_runs, memory_budget() // per_run))
+    nodes, weights = [], []
+    for a, b in _probes.chunks(num_runs, chunk_size):
+        start = _probes.draw(b - a, op.size, distribution, generator, op.dtype, op.device)
+        check_eager(call, [start], what="Stochastic Lanczos quadrature", fix=_FIX)
+        lz = _Lanczos(op, start, steps, generator)
+        for _ in range(steps):
+            lz.step()
+        theta, S = torch.linalg.eigh(lz.tridiagonal())
+        nodes.append(theta)
+        weights.append(S[:, 0, :] ** 2)
+    return torch.cat(nodes), torch.cat(weights)
+
+
+def spectral_density(
+    op: LinearOperator,
+    *,
+    num_runs: int = 10,
+    num_steps: int = 80,
+    num_points: int = 1024,
+    sigma: float | None = None,
+    distribution: str = "rademacher",
+    generator: torch.Generator | None = None,
+    chunk_size: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The Gaussian-broadened spectral density of ``op`` by stochastic Lanczos quadrature.
+
+    φ(t) = (1/runs) Σ_runs Σ_j τ_j N(t; θ_j, σ²) estimates (1/n) Σ_i N(t; λ_i, σ²)
+    (see :func:`slq_nodes_weights`). The grid spans the extreme nodes ± 6σ, so φ
+    integrates to 1 over it (up to the grid spacing).
+
+    Args:
+        op: a symmetric operator.
+        num_runs: independent Lanczos runs (more: less noise in the weights).
+        num_steps: Lanczos steps per run (more: finer resolution of the bulk).
+        num_points: grid points.
+        sigma: Gaussian width; ``None``: 1% of the spread of the nodes (or of their
+            magnitude if all coincide).
+        distribution, generator, chunk_size: as in :func:`slq_nodes_weights`.
+
+    Returns:
+        ``(grid, density)``, two tensors of length ``num_points``.
+
+    Example:
+        >>> import torch
+        >>> from secorder.operators import DenseOperator
+        >>> A = DenseOperator(torch.diag(torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=torch.float64)))
+        >>> t, phi = spectral_density(A, sigma=0.05, generator=torch.Generator().manual_seed(0))
+        >>> round(float(torch.trapezoid(phi, t)), 6)
+        1.0
+    """
+    call = "spectral_density(op)"
+    _check_int(call, "num_points", num_points, 2)
+    width = _check_positive(call, "sigma", sigma)
+    nodes, weights = slq_nodes_weights(
+        op,
+        num_runs=num_runs,
+        num_steps=num_steps,
+        distribution=distribution,
+        generator=generator,
+        chunk_size=chunk_size,
+    )
+    lo, hi = float(nodes.min()), float(nodes.max())
+    if width is None:
+        spread = hi - lo
+        width = 0.01 * (spread if spread > 0 else max(abs(hi), 1.0))
+    grid = torch.linspace(lo - 6 * width, hi + 6 * width, num_points, dtype=nodes.dtype, device=nodes.device)
+    density = torch.zeros_like(grid)
+    norm = 1 / (width * math.sqrt(2 * math.pi) * nodes.shape[0])
+    for theta, tau in zip(nodes, weights):  # one run at a time: memory num_points × steps
+        gauss = torch.exp(-0.5 * ((grid.unsqueeze(1) - theta) / width) ** 2)
+        density = density + gauss @ tau * norm
+    return grid, density
+
+
+def plot_spectral_density(
+    grid: Tensor,
+    density: Tensor,
+    path: str | os.PathLike[str],
+    *,
+    log_scale: bool = True,
+    eigenvalues: Tensor | None = None,
+    title: str | None = None,
+) -> None:
+    """Write a PNG plot of a spectral density (needs matplotlib, an optional extra).
+
+    Args:
+        grid: the evaluation points, as returned by :func:`spectral_density`.
+        density: the density on ``grid``.
+        path: where to write the PNG.
+        log_scale: logarithmic density axis (Hessian spectra span many decades).
+        eigenvalues: optional eigenvalues to mark (e.g. from :func:`lanczos_eigenvalues`).
+        title: optional plot title.
+
+    Raises:
+        ImportError: matplotlib is not installed.
+    """
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        raise error(
+            "plot_spectral_density(grid, density, path)",
+            "plotting needs matplotlib, an optional dependency",
+            "no importable matplotlib",
+            'Install it with pip install "secorder[plot]" (or pip install matplotlib).',
+            cls=ImportError,
+        ) from exc
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    x = grid.detach().cpu().double().numpy()
+    y = density.detach().cpu().double().numpy()
+    if log_scale:
+        floor = max(float(y.max()) * 1e-12, 1e-300)
+        ax.semilogy(x, y.clip(min=floor))
+    else:
+        ax.plot(x, y)
+    if eigenvalues is not None:
+        for lam in eigenvalues.detach().cpu().double().tolist():
+            ax.axvline(lam, color="tab:red", linewidth=0.8, alpha=0.6)
+    ax.set_xlabel("eigenvalue")
+    ax.set_ylabel("density")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(os.fspath(path), format="png", dpi=120)
