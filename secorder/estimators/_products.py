@@ -17,7 +17,7 @@ from secorder._chunking import default_chunk_size
 from secorder._errors import error
 from secorder.operators import LinearOperator
 
-__all__ = ["block_sums", "check_budget", "draw", "matmat", "quadform"]
+__all__ = ["block_sums", "check_block_sizes", "check_budget", "draw", "matmat", "quadform"]
 
 
 def _chunk(op: LinearOperator, rows: int, chunk_size: int | None) -> int:
@@ -68,3 +68,16 @@ def check_budget(call: str, num_probes: object, minimum: int, what: str) -> int:
             f'Pass num_probes={minimum} or more, or use method="hutchinson" for smaller budgets.',
         )
     return num_probes
+
+
+def check_block_sizes(call: str, block_sizes: Sequence[int], size: int) -> list[int]:
+    """Check that ``block_sizes`` are non-negative ints summing to ``size``."""
+    sizes = list(block_sizes)
+    if any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in sizes) or sum(sizes) != size:
+        raise error(
+            call,
+            f"block_sizes must be non-negative ints summing to the operator size {size}",
+            f"{sizes!r}",
+            "Pass the numel of each parameter leaf, e.g. [p.numel() for p in leaves].",
+        )
+    return sizes

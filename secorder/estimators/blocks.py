@@ -20,26 +20,13 @@ from torch import Tensor
 
 from secorder import probes as _probes
 from secorder._chunking import default_chunk_size
-from secorder._errors import error
 from secorder.estimators import _products
+from secorder.estimators._products import check_block_sizes
 from secorder.estimators.diagonal import exact_diagonal
 from secorder.estimators.hutchinson import mean_and_stderr
 from secorder.operators import LinearOperator
 
 __all__ = ["check_block_sizes", "exact_block_traces", "hutchinson_block_traces"]
-
-
-def check_block_sizes(call: str, block_sizes: Sequence[int], size: int) -> list[int]:
-    """Check that ``block_sizes`` are non-negative ints summing to ``size``."""
-    sizes = list(block_sizes)
-    if any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in sizes) or sum(sizes) != size:
-        raise error(
-            call,
-            f"block_sizes must be non-negative ints summing to the operator size {size}",
-            f"{sizes!r}",
-            "Pass the numel of each parameter leaf, e.g. [p.numel() for p in leaves].",
-        )
-    return sizes
 
 
 def exact_block_traces(

@@ -214,6 +214,7 @@ def xtrace_block_traces(
     """
     call = "xtrace_block_traces(op, num_probes, block_sizes)"
     _products.check_budget(call, num_probes, MIN_PROBES_XTRACE, "XTrace")
+    block_sizes = _products.check_block_sizes(call, block_sizes, op.size)
     k = check_sketch_size(call, num_probes // 2, op.size)
     sk = exchangeable_sketch(op, k, distribution, generator, chunk_size)
     _, C, scale = _xtrace_parts(sk, distribution == "sphere")
@@ -348,6 +349,7 @@ def xnystrace_block_traces(
     """
     call = "xnystrace_block_traces(op, num_probes, block_sizes)"
     _products.check_budget(call, num_probes, MIN_PROBES_XNYSTRACE, "XNysTrace")
+    block_sizes = _products.check_block_sizes(call, block_sizes, op.size)
     ny = _nystrom(call, op, num_probes, distribution, generator, chunk_size)
     diag_nys = _products.block_sums(((ny.B.T @ ny.Qt) ** 2).sum(0), block_sizes)
     Zr = (ny.BLinv / ny.h.sqrt()).T @ ny.Qt  # rows z_i: Â − Â_(i) = z_i z_iᵀ

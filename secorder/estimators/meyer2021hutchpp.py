@@ -145,9 +145,9 @@ def hutchpp_block_traces(
     Returns:
         ``(traces, stderr)``, tensors of length ``len(block_sizes)``.
     """
-    _products.check_budget(
-        "hutchpp_block_traces(op, num_probes, block_sizes)", num_probes, MIN_PROBES, "Hutch++"
-    )
+    call = "hutchpp_block_traces(op, num_probes, block_sizes)"
+    _products.check_budget(call, num_probes, MIN_PROBES, "Hutch++")
+    block_sizes = _products.check_block_sizes(call, block_sizes, op.size)
     sketch, residual = _split(num_probes)
     Qt = _sketch_basis(op, sketch, distribution, generator, chunk_size)
     Z = _products.matmat(op, Qt, chunk_size)
