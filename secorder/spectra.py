@@ -117,6 +117,8 @@ class _Lanczos:
         self.beta: list[Tensor] = []  # off-diagonals of T (0 after a restart)
         self.residual_beta = torch.zeros(b, dtype=op.dtype, device=op.device)  # ‖w‖ at the last step
         self.anorm = torch.zeros(b, dtype=op.dtype, device=op.device)
+        self.exhausted = torch.zeros(b, dtype=torch.bool, device=op.device)
+        self.block_start = torch.zeros(b, dtype=torch.long, device=op.device)  # first step after a restart
         self.steps = 0
 
     def _orthogonalize(self, w: Tensor, j: int) -> Tensor:
@@ -137,10 +139,11 @@ class _Lanczos:
         prev = self.beta[-1] if self.beta else torch.zeros_like(beta)
         self.anorm = torch.maximum(self.anorm, alpha.abs() + beta + prev)
         self.steps = j + 1
-        if self.steps == self.V.shape[1]:
-            return
         eps = torch.finfo(w.dtype).eps
         broken = beta <= eps**0.75 * self.anorm.clamp_min(torch.finfo(w.dtype).tiny)
+        self.exhausted = broken  # the Krylov space of the current block is invariant
+        if self.steps == self.V.shape[1]:
+            return
         if bool(broken.any()):
             fresh = _probes.draw(w.shape[0], w.shape[1], "gaussian", self.generator, w.dtype, w.device)
             fresh = self._orthogonalize(fresh, j)
@@ -148,6 +151,7 @@ class _Lanczos:
             safe = beta.clamp_min(torch.finfo(w.dtype).tiny).unsqueeze(1)
             nxt = torch.where(broken.unsqueeze(1), fresh, w / safe)
             beta = torch.where(broken, torch.zeros_like(beta), beta)
+            self.block_start = torch.where(broken, j + 1, self.block_start)
         else:
             nxt = w / beta.unsqueeze(1)
         self.beta.append(beta)
@@ -180,9 +184,12 @@ def lanczos_eigenvalues(
     is within that distance of an eigenvalue of A, and typically much closer: the
     eigenvalue error is bounded by residual²/gap), or ``max_steps`` products are spent.
 
-    A single-vector Krylov method finds each distinct eigenvalue once: an eigenvalue of
-    multiplicity > 1 may appear only once among the k (rounding usually reveals the
-    copies after more steps).
+    Multiplicities: a single-vector Krylov space holds one copy of each eigenvalue. When
+    it is exhausted (an invariant subspace, e.g. from exact symmetries) the iteration
+    restarts orthogonally and does not stop until the new block's extreme Ritz value has
+    converged as well, which recovers a second copy; copies beyond that, when they are
+    exact, may still be missed (rounding usually reveals them in practice). Use a block
+    method when exact multiplicities matter.
 
     Args:
         op: a symmetric operator.
@@ -216,20 +223,31 @@ def lanczos_eigenvalues(
         raise error(call, f"k must not exceed the operator size {size}", f"k={k}", f"Pass k <= {size}.")
     max_steps = min(size, max(100, 10 * k) if max_steps is None else max_steps)
     rel = float(torch.finfo(op.dtype).eps ** 0.5) if tol is None else float(tol)
+    check_eager(call, [], what="Lanczos", fix=_FIX)
     start = _probes.draw(1, size, "gaussian", generator, op.dtype, op.device)
-    check_eager(call, [start], what="Lanczos", fix=_FIX)
     lz = _Lanczos(op, start, max_steps, generator)
     while True:
         lz.step()
         m = lz.steps
-        if m < k or not (m <= 32 or m % 4 == 0 or m == max_steps):
+        final = m == max_steps
+        if m < k or not (m <= 32 or m % 4 == 0 or final):
             continue
-        theta, S = torch.linalg.eigh(lz.tridiagonal()[0])
+        if bool(lz.exhausted[0]) and not final:
+            continue  # an invariant subspace: the next block may hold further copies of eigenvalues
+        T = lz.tridiagonal()[0]
+        theta, S = torch.linalg.eigh(T)
         idx = torch.arange(m - 1, m - 1 - k, -1) if which == "largest" else torch.arange(k)
         residuals = (lz.residual_beta[0] * S[-1, idx]).abs()
-        scale = theta.abs().max().clamp_min(torch.finfo(theta.dtype).tiny)
-        converged = bool((residuals <= rel * scale).all())
-        if converged or m == max_steps:
+        bound = rel * theta.abs().max().clamp_min(torch.finfo(theta.dtype).tiny)
+        converged = bool((residuals <= bound).all())
+        start_block = int(lz.block_start[0])
+        if converged and start_block > 0:
+            # After a restart, the new block's extreme Ritz value must have converged too, or an
+            # eigenvalue from the complement of the first invariant subspace could be missing.
+            _, Sb = torch.linalg.eigh(T[start_block:, start_block:])
+            edge = -1 if which == "largest" else 0
+            converged = bool((lz.residual_beta[0] * Sb[-1, edge]).abs() <= bound)
+        if converged or final:
             vectors = S[:, idx].T @ lz.V[0, :m] if return_eigenvectors else None
             return LanczosResult(theta[idx], vectors, residuals, m, converged)
 
@@ -273,10 +291,10 @@ def slq_nodes_weights(
     if chunk_size is None:
         per_run = op.size * op.dtype.itemsize * (steps + 8)
         chunk_size = max(1, min(num_runs, memory_budget() // per_run))
+    check_eager(call, [], what="Stochastic Lanczos quadrature", fix=_FIX)
     nodes, weights = [], []
     for a, b in _probes.chunks(num_runs, chunk_size):
         start = _probes.draw(b - a, op.size, distribution, generator, op.dtype, op.device)
-        check_eager(call, [start], what="Stochastic Lanczos quadrature", fix=_FIX)
         lz = _Lanczos(op, start, steps, generator)
         for _ in range(steps):
             lz.step()
