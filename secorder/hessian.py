@@ -56,13 +56,12 @@ def _bind(
 
 
 def hessian_operator(
-    f: Callable[..., Any], *args: Any, argnums: int = 0, strategy: str = "auto", quadform: bool = False
+    f: Callable[..., Any], *args: Any, argnums: int = 0, strategy: str = "auto"
 ) -> tuple[HessianOperator, TreeSpec]:
     """The Hessian of ``f`` at ``args`` as a batched operator over the flattened θ.
 
     Lower-level than the transforms: use it to feed your own estimator (any function
-    of :class:`~secorder.operators.LinearOperator`). ``quadform=True`` picks the
-    strategy that is fastest for quadratic forms when ``strategy="auto"``.
+    of :class:`~secorder.operators.LinearOperator`).
 
     Returns:
         ``(operator, spec)``; ``secorder._pytree.unflatten(spec, ...)`` of per-leaf
@@ -70,7 +69,7 @@ def hessian_operator(
     """
     call = "hessian_operator(f, *args)"
     g, leaves, spec, _ = _bind(call, f, args, argnums)
-    concrete = resolve_strategy(call, strategy, leaves, quadform=quadform)
+    concrete = resolve_strategy(call, strategy, leaves)
     return HessianOperator(g, leaves, concrete, call), spec
 
 
@@ -128,7 +127,7 @@ def hvp(f: Callable[..., Any], /, *, argnums: int = 0, strategy: str = "auto") -
                 "Build v with the same keys and shapes, e.g. "
                 "{k: torch.randn_like(p) for k, p in params.items()}.",
             )
-        op = HessianOperator(g, leaves, resolve_strategy(call, strategy, leaves, quadform=False), call)
+        op = HessianOperator(g, leaves, resolve_strategy(call, strategy, leaves), call)
         flat_v = ravel([a.to(leaves[0].dtype) for a in v_leaves]).unsqueeze(0)
         out = op.matmat(flat_v)[0]
         return unflatten(spec, unravel(out, [leaf.shape for leaf in leaves]))
@@ -204,14 +203,11 @@ def hessian_trace(
     def trace_fn(*args: Any, generator: torch.Generator | None = None) -> Any:
         g, leaves, _, _ = _bind(call, f, args, argnums)
         gen = _probes.check_generator(call, generator, leaves[0].device)
+        op = HessianOperator(g, leaves, resolve_strategy(call, strategy, leaves), call)
         if num_probes is None:
-            concrete = resolve_strategy(call, strategy, leaves, quadform=False)
-            op = HessianOperator(g, leaves, concrete, call)
             est = exact_diagonal(op, chunk_size=chunk_size).sum()
             err = torch.zeros_like(est)
         else:
-            concrete = resolve_strategy(call, strategy, leaves, quadform=True)
-            op = HessianOperator(g, leaves, concrete, call)
             est, err = estimator(
                 op, num_probes, distribution=distribution, generator=gen, chunk_size=chunk_size
             )
@@ -272,7 +268,7 @@ def hessian_diagonal(
     def diag_fn(*args: Any, generator: torch.Generator | None = None) -> Any:
         g, leaves, spec, _ = _bind(call, f, args, argnums)
         gen = _probes.check_generator(call, generator, leaves[0].device)
-        op = HessianOperator(g, leaves, resolve_strategy(call, strategy, leaves, quadform=False), call)
+        op = HessianOperator(g, leaves, resolve_strategy(call, strategy, leaves), call)
         if num_probes is None:
             diag = exact_diagonal(op, chunk_size=chunk_size)
             err = torch.zeros_like(diag)

@@ -286,3 +286,23 @@ def test_unused_leaf_gets_zeros() -> None:
         d = secorder.hessian_diagonal(f, strategy=strategy)(p)
         torch.testing.assert_close(d["a"], torch.full((2,), 6.0, dtype=torch.float64))
         torch.testing.assert_close(d["unused"], torch.zeros(3, dtype=torch.float64))
+
+
+def test_auto_strategy_rule_is_inspectable() -> None:
+    """Eager "auto": a loop on one retained graph for convolutions, batched rev-over-rev otherwise."""
+    f, params, x, y = _problem(torch.float64)
+    op, _ = secorder.hessian_operator(f, params, x, y)
+    assert op.strategy == "auto"
+    op.quadform(torch.ones(2, op.size, dtype=torch.float64))
+    assert op.strategy == "rev_rev"
+    conv = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 2)).double()
+    fc, pc = secorder.module_loss(conv, nn.functional.cross_entropy)
+    xc, yc = torch.randn(3, 1, 4, 4, dtype=torch.float64), torch.tensor([0, 1, 1])
+    opc, _ = secorder.hessian_operator(fc, pc, xc, yc)
+    diag = secorder.estimators.exact_diagonal(opc)
+    assert opc.strategy == "autograd"
+    torch.testing.assert_close(diag, dense_hessian(fc, pc, xc, yc).diagonal())
+    # Differentiable contexts settle on rev_rev at once.
+    with torch.enable_grad():
+        op_g, _ = secorder.hessian_operator(f, {k: v.requires_grad_(True) for k, v in params.items()}, x, y)
+    assert op_g.strategy == "rev_rev"
