@@ -112,7 +112,7 @@ def ravel(leaves: Sequence[Tensor], batch_dims: int = 0) -> Tensor:
     if batch_dims == 0:
         return torch.cat([leaf.reshape(-1) for leaf in leaves])
     batch = leaves[0].shape[:batch_dims]
-    return torch.cat([leaf.reshape(*batch, -1) for leaf in leaves], dim=-1)
+    return torch.cat([leaf.reshape((*batch, -1)) for leaf in leaves], dim=-1)
 
 
 def unravel(flat: Tensor, shapes: Sequence[torch.Size]) -> list[Tensor]:
@@ -120,4 +120,4 @@ def unravel(flat: Tensor, shapes: Sequence[torch.Size]) -> list[Tensor]:
     batch = flat.shape[:-1]
     sizes = [int(torch.Size(s).numel()) for s in shapes]
     parts = torch.split(flat, sizes, dim=-1)
-    return [p.reshape(*batch, *s) for p, s in zip(parts, shapes)]
+    return [p.reshape((*batch, *s)) for p, s in zip(parts, shapes)]

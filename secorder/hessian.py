@@ -83,13 +83,12 @@ def _bind(
 
 
 def hessian_operator(
-    f: Callable[..., Any], *args: Any, argnums: int = 0, strategy: str = "auto", quadform: bool = False
+    f: Callable[..., Any], *args: Any, argnums: int = 0, strategy: str = "auto"
 ) -> tuple[HessianOperator, TreeSpec]:
     """The Hessian of ``f`` at ``args`` as a batched operator over the flattened θ.
 
     Lower-level than the transforms: use it to feed your own estimator (any function
-    of :class:`~secorder.operators.LinearOperator`). ``quadform=True`` picks the
-    strategy that is fastest for quadratic forms when ``strategy="auto"``.
+    of :class:`~secorder.operators.LinearOperator`).
 
     Returns:
         ``(operator, spec)``; ``secorder._pytree.unflatten(spec, ...)`` of per-leaf
@@ -97,7 +96,7 @@ def hessian_operator(
     """
     call = "hessian_operator(f, *args)"
     g, leaves, spec, _ = _bind(call, f, args, argnums)
-    concrete = resolve_strategy(call, strategy, leaves, quadform=quadform)
+    concrete = resolve_strategy(call, strategy, leaves)
     return HessianOperator(g, leaves, concrete, call), spec
 
 
@@ -155,7 +154,7 @@ def hvp(f: Callable[..., Any], /, *, argnums: int = 0, strategy: str = "auto") -
                 "Build v with the same keys and shapes, e.g. "
                 "{k: torch.randn_like(p) for k, p in params.items()}.",
             )
-        op = HessianOperator(g, leaves, resolve_strategy(call, strategy, leaves, quadform=False), call)
+        op = HessianOperator(g, leaves, resolve_strategy(call, strategy, leaves), call)
         flat_v = ravel([a.to(leaves[0].dtype) for a in v_leaves]).unsqueeze(0)
         out = op.matmat(flat_v)[0]
         return unflatten(spec, unravel(out, [leaf.shape for leaf in leaves]))
@@ -245,14 +244,13 @@ def hessian_trace(
     _probes.check_distribution(call, distribution)
     check_bool(call, "with_stderr", with_stderr)
     check_bool(call, "per_block", per_block)
-    products_only = per_block or method not in ("hutchinson", "hutch++")
 
     @functools.wraps(f)
     def trace_fn(*args: Any, generator: torch.Generator | None = None) -> Any:
         g, leaves, spec, _ = _bind(call, f, args, argnums)
         gen = _probes.check_generator(call, generator, leaves[0].device)
+        op = HessianOperator(g, leaves, resolve_strategy(call, strategy, leaves), call)
         if per_block:
-            op = HessianOperator(g, leaves, resolve_strategy(call, strategy, leaves, quadform=False), call)
             sizes = [leaf.numel() for leaf in leaves]
             if num_probes is None or block_estimator is None:
                 blocks = exact_block_traces(op, sizes, chunk_size=chunk_size)
@@ -264,13 +262,9 @@ def hessian_trace(
             tree = unflatten(spec, list(blocks.unbind()))
             return (tree, unflatten(spec, list(block_err.unbind()))) if with_stderr else tree
         if num_probes is None:
-            concrete = resolve_strategy(call, strategy, leaves, quadform=False)
-            op = HessianOperator(g, leaves, concrete, call)
             est = exact_diagonal(op, chunk_size=chunk_size).sum()
             err = torch.zeros_like(est)
         else:
-            concrete = resolve_strategy(call, strategy, leaves, quadform=not products_only)
-            op = HessianOperator(g, leaves, concrete, call)
             est, err = estimator(
                 op, num_probes, distribution=distribution, generator=gen, chunk_size=chunk_size
             )
@@ -336,7 +330,7 @@ def hessian_diagonal(
     def diag_fn(*args: Any, generator: torch.Generator | None = None) -> Any:
         g, leaves, spec, _ = _bind(call, f, args, argnums)
         gen = _probes.check_generator(call, generator, leaves[0].device)
-        op = HessianOperator(g, leaves, resolve_strategy(call, strategy, leaves, quadform=False), call)
+        op = HessianOperator(g, leaves, resolve_strategy(call, strategy, leaves), call)
         if num_probes is None:
             diag = exact_diagonal(op, chunk_size=chunk_size)
             err = torch.zeros_like(diag)
@@ -417,8 +411,7 @@ def hessian_trace_adaptive(
             what="stopping on the standard error",
             fix="Inside transforms use a fixed budget: hessian_trace(f, num_probes=K, with_stderr=True).",
         )
-        quad = method in ("hutchinson", "hutch++")
-        op = HessianOperator(g, leaves, resolve_strategy(call, strategy, leaves, quadform=quad), call)
+        op = HessianOperator(g, leaves, resolve_strategy(call, strategy, leaves), call)
         return adaptive_trace(
             op,
             atol=atol,
@@ -481,7 +474,7 @@ def hessian_frobenius_norm_sq(
     def frobenius_fn(*args: Any, generator: torch.Generator | None = None) -> Any:
         g, leaves, _, _ = _bind(call, f, args, argnums)
         gen = _probes.check_generator(call, generator, leaves[0].device)
-        op = HessianOperator(g, leaves, resolve_strategy(call, strategy, leaves, quadform=False), call)
+        op = HessianOperator(g, leaves, resolve_strategy(call, strategy, leaves), call)
         if num_probes is None:
             est = exact_frobenius_norm_sq(op, chunk_size=chunk_size)
             err = torch.zeros_like(est)
@@ -558,7 +551,7 @@ def hessian_eigenvalues(
             raise error(
                 call, f"k must not exceed the number of parameters {size}", f"k={k}", f"Pass k <= {size}."
             )
-        op = HessianOperator(g, leaves, resolve_strategy(call, strategy, leaves, quadform=False), call)
+        op = HessianOperator(g, leaves, resolve_strategy(call, strategy, leaves), call)
         res = lanczos_eigenvalues(
             op,
             k,
@@ -638,7 +631,7 @@ def hessian_spectral_density(
         check_eager(
             call, leaves, what="Stochastic Lanczos quadrature", fix="Call it outside torch.func transforms."
         )
-        op = HessianOperator(g, leaves, resolve_strategy(call, strategy, leaves, quadform=False), call)
+        op = HessianOperator(g, leaves, resolve_strategy(call, strategy, leaves), call)
         return spectral_density(
             op,
             num_runs=num_runs,

@@ -144,22 +144,25 @@ def check_strategy(call: str, strategy: object) -> str:
     return str(strategy)
 
 
-def resolve_strategy(call: str, strategy: str, leaves: Sequence[Tensor], *, quadform: bool) -> str:
-    """Turn ``strategy`` (possibly ``"auto"``) into the concrete strategy for this call.
+def resolve_strategy(call: str, strategy: str, leaves: Sequence[Tensor]) -> str:
+    """Validate ``strategy`` and settle what can be settled before the first product.
 
-    The ``"auto"`` rule, chosen from the measurements in ``benchmarks/RESULTS.md``:
+    The ``"auto"`` rule, from the measurements in ``benchmarks/RESULTS.md`` (CPU):
 
     * inside a ``torch.func`` transform, or when a parameter requires grad with grad
-      mode on (the result must be differentiable): ``"fwd_fwd"`` for quadratic forms
-      (Hutchinson traces), ``"rev_rev"`` for products;
-    * otherwise (plain eager evaluation): ``"autograd"`` -- one retained
-      double-backward graph and one backward per probe. On CPU this beat every
-      ``vmap`` route on both an MLP and a CNN, because vmapped matmuls and convolutions
-      over a batch of weight tangents fall back to slow batched kernels.
+      mode on (the result must stay differentiable): ``"rev_rev"``;
+    * otherwise (plain eager evaluation) the choice is made at the first product, from
+      the autograd graph of one evaluation of the function (that graph is reused, not
+      wasted): ``"autograd"`` (a loop over one retained double-backward graph) if the
+      function contains a convolution, whose batched double backward falls back to
+      slow grouped kernels under ``vmap``; ``"rev_rev"`` (one batched product per
+      chunk) otherwise, which is fastest on matmul-based models.
+
+    Returns:
+        A concrete strategy, or ``"auto"`` when it is decided at the first product.
     """
     check_strategy(call, strategy)
     transformed = in_functorch_transform(leaves)
-    needs_graph = torch.is_grad_enabled() and any(leaf.requires_grad for leaf in leaves)
     if strategy in _EAGER_ONLY and transformed:
         raise error(
             call,
@@ -169,9 +172,25 @@ def resolve_strategy(call: str, strategy: str, leaves: Sequence[Tensor], *, quad
         )
     if strategy != "auto":
         return strategy
+    needs_graph = torch.is_grad_enabled() and any(leaf.requires_grad for leaf in leaves)
     if transformed or needs_graph:
-        return "fwd_fwd" if quadform else "rev_rev"
-    return "autograd"
+        return "rev_rev"
+    return "auto"
+
+
+def _graph_has_convolution(root: Tensor) -> bool:
+    """Whether the autograd graph behind ``root`` contains a convolution."""
+    seen: set[int] = set()
+    stack = [root.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if "Convolution" in type(node).__name__:
+            return True
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return False
 
 
 def _strategy_failure(call: str, strategy: str, exc: Exception) -> Exception:
@@ -192,7 +211,9 @@ class HessianOperator:
     Args:
         fn: ``fn(leaves) -> scalar tensor``.
         leaves: the point at which the Hessian is taken.
-        strategy: a concrete strategy (see the module docstring), not ``"auto"``.
+        strategy: a strategy (see the module docstring); ``"auto"`` here means the
+            eager rule of :func:`resolve_strategy`, decided at the first product (see
+            :attr:`strategy` afterwards).
         call: the public call form, for error messages.
     """
 
@@ -210,6 +231,13 @@ class HessianOperator:
         self.call = call
         self._linearized: Callable[[list[Tensor]], tuple[list[Tensor]]] | None = None
         self._graph: tuple[list[Tensor], list[Tensor], list[int]] | None = None
+        self._has_conv = False
+
+    def _settle_strategy(self) -> str:
+        if self.strategy == "auto":
+            self._autograd_graph()
+            self.strategy = "autograd" if self._has_conv else "rev_rev"
+        return self.strategy
 
     @property
     def size(self) -> int:
@@ -234,6 +262,7 @@ class HessianOperator:
             inputs = [leaf.detach().requires_grad_(True) for leaf in self.leaves]
             with torch.enable_grad():
                 out = self.fn(inputs)
+                self._has_conv = _graph_has_convolution(out)
                 grads = torch.autograd.grad(out, inputs, create_graph=True, allow_unused=True)
             keep = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
             self._graph = (inputs, [grads[i] for i in keep], keep)
@@ -266,7 +295,7 @@ class HessianOperator:
         return [r.detach() for r in res]
 
     def _matmat_leaves(self, rows: list[Tensor]) -> list[Tensor]:
-        s = self.strategy
+        s = self._settle_strategy()
         if s == "rev_rev":
             return list(vmap(self._vjp_fn())(rows)[0])
         if s in ("fwd_rev", "fwd_fwd"):
@@ -285,7 +314,7 @@ class HessianOperator:
 
     def quadform(self, V: Tensor) -> Tensor:
         """The ``k`` values ``v_iᵀ H v_i`` for the rows of ``V``."""
-        if self.strategy != "fwd_fwd":
+        if self._settle_strategy() != "fwd_fwd":
             return (self.matmat(V) * V).sum(-1)
         fn = self.fn
         leaves = self.leaves

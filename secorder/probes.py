@@ -114,7 +114,8 @@ def draw(
                 for _ in range(num)
             ]
         )
-        signs = _sign_table(dtype, device)[raw.long()].reshape(num, nbytes * 8)
+        table = _sign_table(dtype, device)
+        signs = table.index_select(0, raw.reshape(-1).long()).reshape(num, nbytes * 8)
         return signs if nbytes * 8 == size else signs[:, :size].contiguous()
     rows = [_draw_one(size, distribution, generator, dtype, device) for _ in range(num)]
     return torch.stack(rows)

@@ -17,9 +17,9 @@ from secorder._pytree import flatten, numel, ravel, unflatten, unravel
 __all__ = ["dense_hessian", "flat_function"]
 
 
-def flat_function(f: Callable[..., Tensor], args: tuple[Any, ...], argnums: int = 0) -> tuple[
-    Callable[[Tensor], Tensor], Tensor
-]:
+def flat_function(
+    f: Callable[..., Tensor], args: tuple[Any, ...], argnums: int = 0
+) -> tuple[Callable[[Tensor], Tensor], Tensor]:
     """``f`` as a function of the flattened ``args[argnums]`` (secorder's leaf order), and that vector.
 
     The flat order is the one every secorder operator uses (dict keys sorted, see
