@@ -198,7 +198,10 @@ def hessian_trace(
         chunk_size: probes (or one-hot rows) per batched product; ``None`` sizes chunks
             from the memory budget (:func:`secorder.set_memory_budget`). The result does
             not depend on it beyond rounding.
-        with_stderr: also return the standard error of the estimate (0 for exact).
+        with_stderr: also return the standard error of the estimate (0 for exact; for
+            Hutch++ the error conditional on its sketch, for XTrace/XNysTrace the papers'
+            leave-one-out error estimate, which tends to understate the error at small
+            budgets; see :mod:`secorder.estimators`).
         strategy: how Hessian-vector products are formed (:mod:`secorder.operators`).
         method: the randomized estimator used when ``num_probes`` is given (a key of
             :data:`secorder.estimators.TRACE_ESTIMATORS`: ``"hutchinson"``,

@@ -20,7 +20,7 @@ Cost: 2⌊m/2⌋ products; memory: about 5kP entries.
 
 References:
     E. N. Epperly, J. A. Tropp, R. J. Webber, "XTrace: Making the most of every sample
-    in stochastic trace estimation", SIAM J. Matrix Anal. Appl. 45(1), 2024, §4 (XDiag).
+    in stochastic trace estimation", SIAM J. Matrix Anal. Appl. 45(1), 2024 (XDiag).
     C. Bekas, E. Kokiopoulou, Y. Saad, "An estimator for the diagonal of a matrix",
     Appl. Numer. Math. 57 (2007).
 """

@@ -14,7 +14,9 @@ remainder has a much smaller Frobenius norm than A, and the error falls as O(1/m
 instead of O(1/√m) for positive semi-definite A.
 
 Standard error: the sample standard deviation of the g deflated values over √g (the
-low-rank part is exact given Q), i.e. the error conditional on the sketch.
+low-rank part is exact given Q), i.e. the error conditional on the sketch. It ignores
+the randomness of the sketch, so it is slightly optimistic: in our tests (n = 100,
+m = 12 to 60, 200 seeds) ±1.96·stderr covered the trace in 74–96% of seeds.
 
 Per-block traces (for a partition of the coordinates into blocks b with selector E_b):
 tr(E_bA) = tr(E_b A P) + tr(E_b A (I − P)); the first is Σ_{j∈b} (Q ⊙ AQ)_j (from the
