@@ -550,17 +550,22 @@ def test_hessian_trace_methods_unbiased_on_mlp(method: str) -> None:
     assert abs(float(mean - exact)) <= 4 * float(se)
 
 
-def test_xtrace_composes_with_vmap_over_ensemble() -> None:
-    """Every member's XTrace is exact (rank-3 Hessians, 4 probes), so vmap equals the loop."""
+@pytest.mark.parametrize(("method", "budget"), [("xtrace", 8), ("xnystrace", 4), ("hutch++", 9)])
+def test_low_rank_methods_compose_with_vmap_over_ensemble(method: str, budget: int) -> None:
+    """Every member's estimate is exact (rank-3 Hessians), so vmap equals the loop of exact traces."""
     f, params, X, y = _linear_low_rank()
     stacked = {k: torch.stack([v, v + 1.0, v * 2.0]) for k, v in params.items()}
     Xs = torch.stack([X, 2 * X, X + 1])
-    fn = secorder.hessian_trace(f, num_probes=8, method="xtrace")
+    fn = secorder.hessian_trace(f, num_probes=budget, method=method)
     out = torch.func.vmap(fn, in_dims=(0, 0, None), randomness="different")(stacked, Xs, y)
-    loop = torch.stack(
-        [secorder.hessian_trace(f)({k: v[i] for k, v in stacked.items()}, Xs[i], y) for i in range(3)]
-    )
-    torch.testing.assert_close(out, loop, rtol=1e-8, atol=1e-9)
+    blocks = secorder.hessian_trace(f, num_probes=budget, method=method, per_block=True)
+    out_blocks = torch.func.vmap(blocks, in_dims=(0, 0, None), randomness="different")(stacked, Xs, y)
+    exact = secorder.hessian_trace(f, per_block=True)
+    for i in range(3):
+        member = exact({k: v[i] for k, v in stacked.items()}, Xs[i], y)
+        torch.testing.assert_close(out[i], member["w"] + member["b"], rtol=1e-8, atol=1e-9)
+        for key in member:
+            torch.testing.assert_close(out_blocks[key][i], member[key], rtol=1e-8, atol=1e-9)
 
 
 def test_hessian_frobenius_norm_sq_transform() -> None:
