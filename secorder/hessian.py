@@ -515,7 +515,8 @@ def hessian_eigenvalues(
         which: ``"largest"`` or ``"smallest"`` (most negative: directions of negative
             curvature).
         tol: relative residual tolerance (``None``: √ε of the dtype).
-        max_steps: the most HVPs (``None``: min(P, max(100, 10k))).
+        max_steps: the most HVPs (``None``: max(300, 20k), capped by P and by the
+            memory budget for the m × P Lanczos basis).
         return_eigenvectors: also return the eigenvectors.
         strategy: how Hessian-vector products are formed (:mod:`secorder.operators`).
 

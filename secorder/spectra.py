@@ -9,9 +9,10 @@ span{v, Av, ..., A^{m−1}v} in which A is tridiagonal, T_m = V_mᵀAV_m. Eigenp
 (θ, s) of T_m give Ritz pairs (θ, V_m s) whose residual is
 ‖A V_m s − θ V_m s‖ = |β_m s_m|, and for a symmetric A some eigenvalue lies within that
 residual of θ. In floating point the basis loses orthogonality as Ritz values converge
-(Paige 1971); here every new vector is re-orthogonalized twice against the whole basis
-("full reorthogonalization", Gram–Schmidt twice is enough), which keeps V_m orthonormal
-to working precision at O(m²P) arithmetic and m·P memory. When the Krylov space is
+(Paige 1971); here every new vector is re-orthogonalized against the whole basis
+("full reorthogonalization": classical Gram–Schmidt, repeated when a pass shrinks the
+norm below 1/√2 -- "twice is enough"), which keeps V_m orthonormal to working
+precision at O(m²P) arithmetic and m·P memory. When the Krylov space is
 exhausted (β_m ≈ 0) the iteration continues from a fresh random vector orthogonal to
 the basis, so eigenvalues from other invariant subspaces are still found.
 
@@ -60,6 +61,7 @@ __all__ = [
 ]
 
 _WHICH = ("largest", "smallest")
+_DGKS = 2**-0.5  # reorthogonalize again when a pass shrinks the norm below this factor
 _FIX = "Call it outside torch.func transforms (it is an eager, data-dependent iteration)."
 
 
@@ -122,9 +124,19 @@ class _Lanczos:
         self.steps = 0
 
     def _orthogonalize(self, w: Tensor, j: int) -> Tensor:
+        """Classical Gram–Schmidt against the basis, with a second pass only where it is needed.
+
+        The second pass (Kahan–Parlett "twice is enough") runs when a pass shrank the norm
+        below 1/√2 of its value (the Daniel–Gragg–Kaufman–Stewart criterion), i.e. when
+        orthogonality was at risk; after the explicit three-term recurrence a full pass
+        usually removes only rounding.
+        """
         basis = self.V[:, : j + 1]
-        for _ in range(2):  # "twice is enough" (Kahan, Parlett)
+        for _ in range(2):
+            before = torch.linalg.vector_norm(w, dim=-1)
             w = w - torch.einsum("bj,bjp->bp", torch.einsum("bjp,bp->bj", basis, w), basis)
+            if not bool((torch.linalg.vector_norm(w, dim=-1) < _DGKS * before).any()):
+                break
         return w
 
     def step(self) -> None:
@@ -132,6 +144,9 @@ class _Lanczos:
         v = self.V[:, j]
         w = self.op.matmat(v)
         alpha = (w * v).sum(-1)
+        w = w - alpha.unsqueeze(1) * v  # the three-term recurrence, then full reorthogonalization
+        if self.beta:
+            w = w - self.beta[-1].unsqueeze(1) * self.V[:, j - 1]
         w = self._orthogonalize(w, j)
         beta = torch.linalg.vector_norm(w, dim=-1)
         self.alpha.append(alpha)
@@ -197,7 +212,9 @@ def lanczos_eigenvalues(
         which: ``"largest"`` (algebraically largest) or ``"smallest"`` (most negative).
         tol: relative residual tolerance; ``None``: √ε of the dtype (1.5e-8 in float64,
             3.5e-4 in float32).
-        max_steps: the most products; ``None``: min(P, max(100, 10k)).
+        max_steps: the most products (each step stores one basis vector of length P);
+            ``None``: max(300, 20k), fewer if the basis would exceed the memory budget
+            (:func:`secorder.set_memory_budget`), and at most P.
         return_eigenvectors: also return the Ritz vectors.
         generator: the source of the start vector (``None``: the global generator).
 
@@ -221,7 +238,10 @@ def lanczos_eigenvalues(
     check_lanczos_options(call, k, which, tol, max_steps)
     if k > size:
         raise error(call, f"k must not exceed the operator size {size}", f"k={k}", f"Pass k <= {size}.")
-    max_steps = min(size, max(100, 10 * k) if max_steps is None else max_steps)
+    if max_steps is None:
+        fits = memory_budget() // (size * op.dtype.itemsize)  # the basis is max_steps × P
+        max_steps = min(max(300, 20 * k), max(2 * k + 10, fits))
+    max_steps = min(size, max_steps)
     rel = float(torch.finfo(op.dtype).eps ** 0.5) if tol is None else float(tol)
     check_eager(call, [], what="Lanczos", fix=_FIX)
     start = _probes.draw(1, size, "gaussian", generator, op.dtype, op.device)
