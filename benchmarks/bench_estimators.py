@@ -47,6 +47,7 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timing repeats (median reported)")
     p.add_argument("--operators", type=str, default="hessian,ggn")
     p.add_argument("--no-competitors", action="store_true")
+    p.add_argument("--no-curves", action="store_true", help="skip the error-versus-budget curves")
     p.add_argument("--out", type=Path, default=HERE / "_out")
     p.add_argument("--cache", type=Path, default=HERE / "_cache")
     p.add_argument("--extra-site", type=str, default=None, help="site-packages dir appended to sys.path")
@@ -66,7 +67,7 @@ try:
     import secorder
     from secorder.estimators import DIAGONAL_ESTIMATORS, TRACE_ESTIMATORS
     from secorder.operators import LinearOperator
-    from secorder.spectra import lanczos_eigenvalues
+    from secorder.spectra import lanczos_eigenvalues, slq_nodes_weights
 except ImportError as exc:  # pragma: no cover - environment problem
     sys.exit(
         f"cannot import secorder ({exc}). Run from the repository root with PYTHONPATH=. and make sure "
@@ -470,12 +471,12 @@ def main() -> None:
         print(
             f"{'method':<22}" + "".join(f"{m:>10}" for m in budgets) + "   (RMS relative error; s/estimate)"
         )
-        for method in methods:
+        for method in [] if ARGS.no_curves else methods:
             c = trace_curve(op, method, budgets, seeds, exact)
             curves.append(c)
             print(f"{c.label:<22}" + "".join(f"{e:>10.2e}" for e in c.rel_error))
             print(f"{'':<22}" + "".join(f"{t:>10.3f}" for t in c.seconds))
-        for method in ["hutchinson", "xdiag"]:
+        for method in [] if ARGS.no_curves else ["hutchinson", "xdiag"]:
             c = diag_curve(op, method, budgets, seeds, exact_diag)
             curves.append(c)
             print(f"{c.label:<22}" + "".join(f"{e:>10.2e}" for e in c.rel_error))
@@ -511,52 +512,90 @@ def main() -> None:
 def spectra_comparison(wl: Workload, results: dict[str, Any]) -> None:
     steps, runs, top_n = (30, 3, 3) if ARGS.small else (80, 10, 3)
     print(f"\n--- spectra: top-{top_n} eigenvalues, SLQ density ({runs} runs × {steps} steps) ---")
-    fn = secorder.hessian_eigenvalues(wl.f, k=top_n)
-    ours, t_ours = timed(
-        lambda: fn(wl.params, wl.x, wl.y, generator=torch.Generator().manual_seed(0)), ARGS.repeats
-    )
     op, _ = secorder.hessian_operator(wl.f, wl.params, wl.x, wl.y)
     tight = lanczos_eigenvalues(
-        op, top_n, tol=1e-10, max_steps=min(wl.size, 400), generator=torch.Generator().manual_seed(1)
+        op, top_n, tol=1e-10, max_steps=min(wl.size, 600), generator=torch.Generator().manual_seed(1)
     )
-    dens = secorder.hessian_spectral_density(wl.f, num_runs=runs, num_steps=steps)
-    (grid, density), t_dens = timed(
-        lambda: dens(wl.params, wl.x, wl.y, generator=torch.Generator().manual_seed(0)), 1
+    ref = torch.tensor(tight.eigenvalues.tolist(), dtype=torch.float64)
+    print(f"reference (Lanczos, tol 1e-10, {tight.num_products} HVPs): {[round(v, 6) for v in ref.tolist()]}")
+
+    def rel_err(vals: list[float]) -> float:
+        return float((torch.tensor(vals, dtype=torch.float64) - ref).abs().max() / ref.abs().max())
+
+    entry: dict[str, Any] = {"reference": ref.tolist(), "secorder": {}}
+    for tol in (None, 1e-2):  # the default (√ε residual) and a loose one closer to PyHessian's
+        fn = secorder.hessian_eigenvalues(wl.f, k=top_n, tol=tol)
+        vals, t = timed(
+            lambda fn=fn: fn(wl.params, wl.x, wl.y, generator=torch.Generator().manual_seed(0)), ARGS.repeats
+        )
+        res = lanczos_eigenvalues(op, top_n, tol=tol, generator=torch.Generator().manual_seed(0))
+        print(
+            f"secorder hessian_eigenvalues(tol={tol}): {[round(v, 6) for v in vals.tolist()]}  {t:.3f} s, "
+            f"{res.num_products} HVPs, max rel. error {rel_err(vals.tolist()):.1e}"
+        )
+        entry["secorder"][str(tol)] = dict(
+            values=vals.tolist(), seconds=t, hvps=res.num_products, rel_error=rel_err(vals.tolist())
+        )
+    t_ours = entry["secorder"]["None"]["seconds"]
+    timings = {}
+    for reorth in (True, False):
+        dens = secorder.hessian_spectral_density(wl.f, num_runs=runs, num_steps=steps, reorthogonalize=reorth)
+        out, timings[reorth] = timed(
+            lambda dens=dens: dens(wl.params, wl.x, wl.y, generator=torch.Generator().manual_seed(0)), 1
+        )
+        if reorth:
+            grid, density = out
+    # Compare densities on one grid with one σ: secorder's default σ is 1% of the node spread
+    # and its grid spans the nodes ± 6σ.
+    sigma = 0.01 * float(grid[-1] - grid[0]) / (1 + 12 * 0.01)
+
+    def broaden(nodes: Tensor, weights: Tensor) -> Tensor:
+        g = torch.exp(-0.5 * ((grid[:, None, None] - nodes.to(grid.dtype)) / sigma) ** 2)
+        return (g * weights.to(grid.dtype)).sum((1, 2)) / (nodes.shape[0] * sigma * math.sqrt(2 * math.pi))
+
+    def l1(a: Tensor, b: Tensor) -> float:
+        return float(torch.trapezoid((a - b).abs(), grid))
+
+    plain = broaden(
+        *slq_nodes_weights(
+            op,
+            num_runs=runs,
+            num_steps=steps,
+            reorthogonalize=False,
+            generator=torch.Generator().manual_seed(0),
+        )
+    )
+    print(
+        f"SLQ density ({runs} runs x {steps} steps): secorder {timings[True]:.3f} s with full "
+        f"reorthogonalization, {timings[False]:.3f} s without; L1 distance between the two "
+        f"{l1(plain, density):.3f} (0 = identical, 2 = disjoint)"
+    )
+    entry.update(
+        secorder_density_s=timings[True],
+        secorder_density_plain_s=timings[False],
+        density_l1_plain=l1(plain, density),
+        sigma=sigma,
     )
     pyh = pyhessian_rows(wl, steps, runs, top_n)
-    ref = tight.eigenvalues.tolist()
-    print(f"reference (Lanczos, tol 1e-10, {tight.num_products} HVPs): {[round(v, 6) for v in ref]}")
-    print(f"secorder hessian_eigenvalues: {[round(v, 6) for v in ours.tolist()]}  {t_ours:.3f} s")
-    entry: dict[str, Any] = {
-        "reference": ref,
-        "secorder": ours.tolist(),
-        "secorder_s": t_ours,
-        "secorder_density_s": t_dens,
-    }
     if pyh:
         print(
-            f"PyHessian eigenvalues (power iteration): {[round(v, 6) for v in pyh['pyh_eigs']]}  "
-            f"{pyh['pyh_eigs_s']:.3f} s  (speed-up {pyh['pyh_eigs_s'] / t_ours:.2f}x)"
+            f"PyHessian eigenvalues (power iteration, tol 1e-3): {[round(v, 6) for v in pyh['pyh_eigs']]}  "
+            f"{pyh['pyh_eigs_s']:.3f} s, max rel. error {rel_err(pyh['pyh_eigs']):.1e} "
+            f"(secorder default speed-up {pyh['pyh_eigs_s'] / t_ours:.2f}x)"
         )
         eigs, weights = pyh["pyh_density"]
-        nodes = torch.tensor(eigs, dtype=grid.dtype)
-        w = torch.tensor(weights, dtype=grid.dtype)
-        # secorder's default σ is 1% of the node spread and its grid spans the nodes ± 6σ.
-        ours_sigma = 0.01 * float(grid[-1] - grid[0]) / (1 + 12 * 0.01)
-        theirs = (torch.exp(-0.5 * ((grid[:, None, None] - nodes) / ours_sigma) ** 2) * w).sum((1, 2))
-        theirs = theirs / (len(eigs) * ours_sigma * math.sqrt(2 * math.pi))
-        l1 = float(torch.trapezoid((theirs - density).abs(), grid))
+        theirs = broaden(torch.tensor(eigs), torch.tensor(weights))
         print(
-            f"SLQ density: secorder {t_dens:.3f} s, PyHessian {pyh['pyh_density_s']:.3f} s "
-            f"(speed-up {pyh['pyh_density_s'] / t_dens:.2f}x); L1 distance between the two densities "
-            f"(same σ = {ours_sigma:.3g}) {l1:.3f} (0 = identical, 2 = disjoint; both are random)"
+            f"PyHessian density: {pyh['pyh_density_s']:.3f} s (secorder speed-up "
+            f"{pyh['pyh_density_s'] / timings[True]:.2f}x with, {pyh['pyh_density_s'] / timings[False]:.2f}x "
+            f"without reorthogonalization); L1 distance to secorder's {l1(theirs, density):.3f} "
+            f"(same σ = {sigma:.3g}; both random)"
         )
         entry.update(
             pyhessian=pyh["pyh_eigs"],
             pyhessian_s=pyh["pyh_eigs_s"],
             pyhessian_density_s=pyh["pyh_density_s"],
-            density_l1=l1,
-            sigma=ours_sigma,
+            density_l1_pyhessian=l1(theirs, density),
         )
     results["spectra"] = entry
     try:
@@ -564,7 +603,7 @@ def spectra_comparison(wl: Workload, results: dict[str, Any]) -> None:
             grid,
             density,
             ARGS.out / "hessian_density.png",
-            eigenvalues=torch.tensor(ref),
+            eigenvalues=ref,
             title="MLP Hessian spectral density (SLQ)",
         )
     except ImportError as exc:

@@ -48,6 +48,7 @@ from torch import Tensor
 from secorder import probes as _probes
 from secorder._chunking import memory_budget
 from secorder._errors import error
+from secorder._validate import check_bool
 from secorder.estimators.stopping import check_eager
 from secorder.operators import LinearOperator
 
@@ -105,16 +106,31 @@ def check_lanczos_options(call: str, k: object, which: object, tol: object, max_
 
 
 class _Lanczos:
-    """Block of ``b`` independent Lanczos runs with full reorthogonalization, one step at a time."""
+    """``b`` independent Lanczos runs advanced together, one step (one batched product) at a time.
+
+    With ``reorthogonalize=True`` the basis is stored (``V``, b × max_steps × P) and every
+    new vector is reorthogonalized against it; otherwise only the last two vectors are
+    kept (plain three-term recurrence, memory 3 × b × P).
+    """
 
     def __init__(
-        self, op: LinearOperator, start: Tensor, max_steps: int, generator: torch.Generator | None
+        self,
+        op: LinearOperator,
+        start: Tensor,
+        max_steps: int,
+        generator: torch.Generator | None,
+        reorthogonalize: bool = True,
     ) -> None:
         self.op = op
         self.generator = generator
+        self.max_steps = max_steps
+        self.reorthogonalize = reorthogonalize
         b, size = start.shape
-        self.V = torch.zeros(b, max_steps, size, dtype=op.dtype, device=op.device)
-        self.V[:, 0] = start / torch.linalg.vector_norm(start, dim=-1, keepdim=True)
+        first = start / torch.linalg.vector_norm(start, dim=-1, keepdim=True)
+        self.V = torch.zeros(b, max_steps if reorthogonalize else 0, size, dtype=op.dtype, device=op.device)
+        if reorthogonalize:
+            self.V[:, 0] = first
+        self.cur, self.prev = first, torch.zeros_like(first)
         self.alpha: list[Tensor] = []
         self.beta: list[Tensor] = []  # off-diagonals of T (0 after a restart)
         self.residual_beta = torch.zeros(b, dtype=op.dtype, device=op.device)  # ‖w‖ at the last step
@@ -129,8 +145,13 @@ class _Lanczos:
         The second pass (Kahan–Parlett "twice is enough") runs when a pass shrank the norm
         below 1/√2 of its value (the Daniel–Gragg–Kaufman–Stewart criterion), i.e. when
         orthogonality was at risk; after the explicit three-term recurrence a full pass
-        usually removes only rounding.
+        usually removes only rounding. Without a stored basis, only against the last two
+        vectors.
         """
+        if not self.reorthogonalize:
+            for u in (self.cur, self.prev):
+                w = w - (w * u).sum(-1, keepdim=True) * u
+            return w
         basis = self.V[:, : j + 1]
         for _ in range(2):
             before = torch.linalg.vector_norm(w, dim=-1)
@@ -141,13 +162,14 @@ class _Lanczos:
 
     def step(self) -> None:
         j = self.steps
-        v = self.V[:, j]
+        v = self.cur
         w = self.op.matmat(v)
         alpha = (w * v).sum(-1)
-        w = w - alpha.unsqueeze(1) * v  # the three-term recurrence, then full reorthogonalization
+        w = w - alpha.unsqueeze(1) * v  # the three-term recurrence
         if self.beta:
-            w = w - self.beta[-1].unsqueeze(1) * self.V[:, j - 1]
-        w = self._orthogonalize(w, j)
+            w = w - self.beta[-1].unsqueeze(1) * self.prev
+        if self.reorthogonalize:
+            w = self._orthogonalize(w, j)
         beta = torch.linalg.vector_norm(w, dim=-1)
         self.alpha.append(alpha)
         self.residual_beta = beta
@@ -157,7 +179,7 @@ class _Lanczos:
         eps = torch.finfo(w.dtype).eps
         broken = beta <= eps**0.75 * self.anorm.clamp_min(torch.finfo(w.dtype).tiny)
         self.exhausted = broken  # the Krylov space of the current block is invariant
-        if self.steps == self.V.shape[1]:
+        if self.steps == self.max_steps:
             return
         if bool(broken.any()):
             fresh = _probes.draw(w.shape[0], w.shape[1], "gaussian", self.generator, w.dtype, w.device)
@@ -170,7 +192,9 @@ class _Lanczos:
         else:
             nxt = w / beta.unsqueeze(1)
         self.beta.append(beta)
-        self.V[:, j + 1] = nxt
+        self.prev, self.cur = v, nxt
+        if self.reorthogonalize:
+            self.V[:, j + 1] = nxt
 
     def tridiagonal(self) -> Tensor:
         """The ``(b, m, m)`` tridiagonal matrices T_m."""
@@ -280,6 +304,7 @@ def slq_nodes_weights(
     distribution: str = "rademacher",
     generator: torch.Generator | None = None,
     chunk_size: int | None = None,
+    reorthogonalize: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Gauss quadrature nodes and weights of stochastic Lanczos quadrature.
 
@@ -297,6 +322,12 @@ def slq_nodes_weights(
         generator: the source of all randomness (``None``: the global generator).
         chunk_size: runs advanced together (one batched product per step); ``None``:
             as many as fit the memory budget (each run stores its basis, steps × P).
+        reorthogonalize: full reorthogonalization (default). ``False`` runs the plain
+            three-term recurrence: no stored basis and no O(m²P) work, so it costs
+            little more than the products, but once Ritz values converge, copies
+            ("ghosts") of them appear that share their quadrature weight; densities and
+            spectral sums stay accurate in practice (Ubaru, Chen, Saad 2017 analyse SLQ
+            in finite precision), eigenvalue counts per node do not.
 
     Returns:
         ``(nodes, weights)``, both ``(num_runs, m)``.
@@ -308,14 +339,15 @@ def slq_nodes_weights(
     num_runs = _check_int(call, "num_runs", num_runs)
     steps = min(_check_int(call, "num_steps", num_steps), op.size)
     _probes.check_distribution(call, distribution)
+    check_bool(call, "reorthogonalize", reorthogonalize)
     if chunk_size is None:
-        per_run = op.size * op.dtype.itemsize * (steps + 8)
+        per_run = op.size * op.dtype.itemsize * ((steps if reorthogonalize else 3) + 8)
         chunk_size = max(1, min(num_runs, memory_budget() // per_run))
     check_eager(call, [], what="Stochastic Lanczos quadrature", fix=_FIX)
     nodes, weights = [], []
     for a, b in _probes.chunks(num_runs, chunk_size):
         start = _probes.draw(b - a, op.size, distribution, generator, op.dtype, op.device)
-        lz = _Lanczos(op, start, steps, generator)
+        lz = _Lanczos(op, start, steps, generator, reorthogonalize)
         for _ in range(steps):
             lz.step()
         theta, S = torch.linalg.eigh(lz.tridiagonal())
@@ -334,6 +366,7 @@ def spectral_density(
     distribution: str = "rademacher",
     generator: torch.Generator | None = None,
     chunk_size: int | None = None,
+    reorthogonalize: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """The Gaussian-broadened spectral density of ``op`` by stochastic Lanczos quadrature.
 
@@ -348,7 +381,8 @@ def spectral_density(
         num_points: grid points.
         sigma: Gaussian width; ``None``: 1% of the spread of the nodes (or of their
             magnitude if all coincide).
-        distribution, generator, chunk_size: as in :func:`slq_nodes_weights`.
+        distribution, generator, chunk_size, reorthogonalize: as in
+            :func:`slq_nodes_weights`.
 
     Returns:
         ``(grid, density)``, two tensors of length ``num_points``.
@@ -371,6 +405,7 @@ def spectral_density(
         distribution=distribution,
         generator=generator,
         chunk_size=chunk_size,
+        reorthogonalize=reorthogonalize,
     )
     lo, hi = float(nodes.min()), float(nodes.max())
     if width is None:

@@ -171,15 +171,22 @@ def _broadened(eigenvalues: Tensor, grid: Tensor, sigma: float) -> Tensor:
     return torch.exp(-0.5 * z**2).sum(1) / (eigenvalues.numel() * sigma * math.sqrt(2 * math.pi))
 
 
+@pytest.mark.parametrize("reorthogonalize", [True, False])
 @pytest.mark.parametrize("spectrum", ["indefinite", "exponential", "clusters"])
-def test_density_integrates_to_one(spectrum: str) -> None:
+def test_density_integrates_to_one(spectrum: str, reorthogonalize: bool) -> None:
     n = 100
     lam = {
         "indefinite": indefinite(n),
         "exponential": 0.8 ** torch.arange(n, dtype=torch.float64),
         "clusters": torch.cat([torch.zeros(90), torch.full((10,), 5.0)]).double(),
     }[spectrum]
-    grid, density = spectral_density(DenseOperator(matrix(lam)), num_runs=4, num_steps=30, generator=gen(0))
+    grid, density = spectral_density(
+        DenseOperator(matrix(lam)),
+        num_runs=4,
+        num_steps=30,
+        generator=gen(0),
+        reorthogonalize=reorthogonalize,
+    )
     assert grid.shape == density.shape == (1024,)
     assert bool((density >= 0).all())
     assert abs(float(torch.trapezoid(density, grid)) - 1) < 1e-6
@@ -200,12 +207,18 @@ def test_slq_weights_are_exact_quadrature_with_full_steps() -> None:
     assert abs(float(frob.mean() - (A**2).sum())) <= 4 * float(frob.std() / math.sqrt(40))
 
 
-def test_density_puts_mass_where_the_eigenvalues_are() -> None:
+@pytest.mark.parametrize("reorthogonalize", [True, False])
+def test_density_puts_mass_where_the_eigenvalues_are(reorthogonalize: bool) -> None:
     lam = indefinite(150)
     A = matrix(lam)
     sigma = 0.5
     grid, density = spectral_density(
-        DenseOperator(A), num_runs=30, num_steps=60, sigma=sigma, generator=gen(2)
+        DenseOperator(A),
+        num_runs=30,
+        num_steps=60,
+        sigma=sigma,
+        generator=gen(2),
+        reorthogonalize=reorthogonalize,
     )
     exact = _broadened(lam, grid, sigma)
     l1 = float(torch.trapezoid((density - exact).abs(), grid))
@@ -225,6 +238,8 @@ def test_density_errors_and_eager_only() -> None:
         spectral_density(op, sigma=0.0)
     with pytest.raises(ValueError, match=r"slq_nodes_weights\(op\): num_runs must be an int >= 1"):
         spectral_density(op, num_runs=0)
+    with pytest.raises(TypeError, match=r"reorthogonalize must be True or False"):
+        spectral_density(op, reorthogonalize=1)
     with pytest.raises(RuntimeError, match=r"Stochastic Lanczos quadrature is a data-dependent loop"):
         torch.func.vmap(lambda x: spectral_density(op)[1].sum() + x)(torch.zeros(2, dtype=torch.float64))
 
