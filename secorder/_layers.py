@@ -257,6 +257,7 @@ class _Conv2dLayer(_Layer):
         self.groups = conv.groups
         units = [self._unfold(conv, self._in(rec.input)) for rec in records]
         self.u = units[0] if len(units) == 1 else torch.cat(units, dim=-1)  # (N, g, i, L)
+        self.pending = []
 
     def _unfold(self, conv: nn.Conv2d, x: Tensor) -> Tensor:
         padding: Any = conv.padding
@@ -284,15 +285,49 @@ class _Conv2dLayer(_Layer):
         d = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)  # (N, g, o, L)
         col = None if defer else r
         if "weight" in self.attrs:
-            u = self.u
-            weight = self.module.weight
-            value = self._per_sample_squares(
-                lambda s0, s1: d[s0:s1] @ u[s0:s1].transpose(2, 3), int(weight.numel()), w, u.element_size()
-            )
-            _emit(acc, self.attrs["weight"], col, value.reshape(weight.shape))
+            if defer:  # batch several columns into one product (better matrix shapes)
+                self.pending.append((d, w))
+                if sum(p[0].numel() for p in self.pending) * d.element_size() * 8 > memory_budget():
+                    self._flush(acc)
+            else:
+                self._weight_squares([(d, w)], acc, r)
         if "bias" in self.attrs:
             gb = d.sum(-1).reshape(self.n, -1)
             _emit(acc, self.attrs["bias"], col, _weighted_sum(gb * gb, w))
+
+    pending: list[tuple[Tensor, Tensor | None]]
+
+    def _weight_squares(
+        self, cols: list[tuple[Tensor, Tensor | None]], acc: ColumnAccumulator, r: int | None
+    ) -> None:
+        """Σ_n Σ_k w_{n,k} (Δ_{n,k} U_nᵀ)^⊙2 for the k pending columns, in chunks of samples."""
+        u = self.u
+        k = len(cols)
+        d = cols[0][0] if k == 1 else torch.cat([c[0] for c in cols], dim=2)  # (N, g, k·o, L)
+        ws = [c[1] for c in cols]
+        w = None if ws[0] is None else torch.stack([x for x in ws if x is not None], dim=1)  # (N, k)
+        weight = self.module.weight
+        g, o, i = self.groups, d.shape[2] // k, u.shape[2]
+
+        def squares(s0: int, s1: int) -> Tensor:
+            gw = (d[s0:s1] @ u[s0:s1].transpose(2, 3)).reshape(s1 - s0, g, k, o, i)
+            sq = gw * gw
+            if w is not None:
+                sq = sq * w[s0:s1].reshape(s1 - s0, 1, k, 1, 1)
+            return sq.sum((0, 2))
+
+        step = _sample_chunk(int(weight.numel()) * k, u.element_size())
+        total = sum(squares(s0, min(self.n, s0 + step)) for s0 in range(0, self.n, step))
+        assert isinstance(total, Tensor)
+        _emit(acc, self.attrs["weight"], r, total.reshape(weight.shape))
+
+    def _flush(self, acc: ColumnAccumulator) -> None:
+        if self.pending:
+            self._weight_squares(self.pending, acc, None)
+            self.pending = []
+
+    def finish(self, acc: ColumnAccumulator) -> None:
+        self._flush(acc)
 
 
 class _EmbeddingLayer(_Layer):
@@ -484,9 +519,9 @@ class FastCapture:
             ok = all(_valid_call(module, r, n) for r in recs) and all(
                 r.output._version == r.version for r in recs
             )
-            ok = ok and not any(i in flagged for i in attrs.values())
-            if ok:
-                fast[module] = attrs
+            kept = {a: i for a, i in attrs.items() if i not in flagged}  # only flagged weights leave
+            if ok and kept:
+                fast[module] = kept
         self.fast_indices = sorted(i for attrs in fast.values() for i in attrs.values())
         self.generic_indices = [i for i in range(len(self.leaves)) if i not in set(self.fast_indices)]
         self.layers = [

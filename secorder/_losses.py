@@ -363,7 +363,7 @@ class BCEWithLogitsLoss(_BuiltinLoss):
         _check_float_target(call, self.name, z, y)
         _check_same_shape(call, self.name, z, y)
         if not _is_wrapped(y) and y.numel() > 0:
-            lo, hi = float(y.min()), float(y.max())
+            lo, hi = float(y.detach().min()), float(y.detach().max())
             if not (lo >= 0.0 and hi <= 1.0):
                 raise error(
                     call,
@@ -451,8 +451,10 @@ class CallableLoss(LossSpec):
             )
         if _is_wrapped(out) or _is_wrapped(z):
             return
-        per = self._vmap_samples(call, self._per_sample, z, y)
+        with torch.no_grad():
+            per = self._vmap_samples(call, self._per_sample, z.detach(), y)
         combined = per.mean() if self.reduction == "mean" else per.sum()
+        out = out.detach()
         tol = math.sqrt(torch.finfo(z.dtype).eps) * 10
         if not torch.allclose(combined, out, rtol=tol, atol=tol * (1 + float(out.abs()))):
             other = "sum" if self.reduction == "mean" else "mean"

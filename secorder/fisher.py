@@ -608,6 +608,13 @@ def fisher_operator(
         tensor([2., 2.])
     """
     call = "fisher_operator(model_fn, loss)(params, inputs, targets)"
+    if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
+        raise error(
+            call,
+            "num_samples must be an int >= 1 (sampled targets per datum for kind='mc')",
+            f"{num_samples!r}",
+            "Pass e.g. num_samples=1.",
+        )
     setup = _configure(
         call,
         model_fn,

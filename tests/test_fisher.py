@@ -527,6 +527,11 @@ def test_model_fn_must_be_callable() -> None:
         fisher_diagonal(3, "mse")
 
 
+def test_fisher_operator_num_samples() -> None:
+    with pytest.raises(ValueError, match="num_samples must be an int >= 1"):
+        fisher_operator(_mlp, "cross_entropy", kind="mc", num_samples=0)
+
+
 def test_path_fast_with_hutchinson_is_refused() -> None:
     with pytest.raises(ValueError, match="path='fast' applies to the exact computations"):
         fisher_trace(nn.Linear(2, 2), "mse", num_probes=3, path="fast")
