@@ -58,11 +58,6 @@ def _is_wrapped(x: object) -> bool:
         return False
 
 
-def _bshape(x: Tensor, ndim: int) -> Tensor:
-    """View a ``(k,)`` or ``(k, N)`` tensor so it broadcasts against ``ndim`` dimensions."""
-    return x.reshape(*x.shape, *([1] * (ndim - x.dim())))
-
-
 class Factor:
     """Columns of a per-sample factorization ∇²_{z_n} l_n = Σ_r w_{n,r} s_{n,r} s_{n,r}ᵀ.
 
@@ -281,6 +276,11 @@ class CrossEntropyLoss(_BuiltinLoss):
     def _probs(self, z: Tensor) -> Tensor:
         return torch.softmax(z, dim=1)
 
+    def per_sample_grads(self, z: Tensor, y: Any) -> Tensor:
+        """∇_{z_n} l_n = (softmax(z_n) − onehot(y_n)) / m at every position (closed form)."""
+        onehot = F.one_hot(y, z.shape[1]).movedim(-1, 1).to(z.dtype)
+        return (self._probs(z) - onehot) / self.count(z)
+
     def hessian_quadform(self, z: Tensor, y: Any, U: Tensor) -> Tensor:
         p = self._probs(z)
         pu = p * U
@@ -331,6 +331,10 @@ class MSELoss(_BuiltinLoss):
         _check_float_target(call, self.name, z, y)
         _check_same_shape(call, self.name, z, y)
 
+    def per_sample_grads(self, z: Tensor, y: Any) -> Tensor:
+        """∇_{z_n} l_n = 2 (z_n − y_n) / m (closed form)."""
+        return (z - y) * (2.0 / self.count(z))
+
     def hessian_quadform(self, z: Tensor, y: Any, U: Tensor) -> Tensor:
         return 2.0 * (U * U).flatten(1).sum(1) * self._total_scale(z)
 
@@ -375,6 +379,10 @@ class BCEWithLogitsLoss(_BuiltinLoss):
     def _var(self, z: Tensor) -> Tensor:
         s = torch.sigmoid(z)
         return s * (1 - s)
+
+    def per_sample_grads(self, z: Tensor, y: Any) -> Tensor:
+        """∇_{z_n} l_n = (σ(z_n) − y_n) / m (closed form)."""
+        return (torch.sigmoid(z) - y) / self.count(z)
 
     def hessian_quadform(self, z: Tensor, y: Any, U: Tensor) -> Tensor:
         return (self._var(z) * U * U).flatten(1).sum(1) * self._total_scale(z)

@@ -197,11 +197,18 @@ def test_exact_matches_dense_reference(name: str, kind: str, reduction: str) -> 
     torch.testing.assert_close(_flat(diag).sum(), trace, **tol(torch.float64))
 
 
-@pytest.mark.parametrize("kind", ["ggn", "empirical", "mc"])
-@pytest.mark.parametrize("name", ["ce", "mse"])
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [
+        *[(n, k) for n in ("ce", "mse") for k in ("ggn", "empirical", "mc")],
+        ("callable_nonconvex", "ggn"),
+        ("callable_nonconvex", "empirical"),
+        ("callable_ce", "ggn"),
+    ],
+)
 def test_operator_products_match_dense(name: str, kind: str) -> None:
     prob = make_problem(name)
-    op, _ = fisher_operator(prob.model_fn, prob.loss, kind=kind, num_samples=3)(
+    op, _ = fisher_operator(prob.model_fn, _loss_for(prob, "mean"), kind=kind, num_samples=3)(
         prob.params, prob.x, prob.y, generator=torch.Generator().manual_seed(0)
     )
     if kind == "mc":  # a fixed random matrix: compare with its own dense form from basis products
@@ -215,6 +222,31 @@ def test_operator_products_match_dense(name: str, kind: str) -> None:
     torch.testing.assert_close(op.matmat(v), v @ ref, **tol(torch.float64))
     torch.testing.assert_close(op.quadform(v), ((v @ ref) * v).sum(1), **tol(torch.float64))
     torch.testing.assert_close(exact_diagonal(op, chunk_size=3), ref.diagonal(), **tol(torch.float64))
+
+
+@pytest.mark.parametrize(
+    ("name", "reduction"),
+    [("ce", "mean"), ("ce_seq", "mean"), ("ce_seq", "sum"), ("mse", "mean"), ("mse", "sum"), ("bce", "mean")],
+)
+def test_closed_forms_match_autodiff(name: str, reduction: str) -> None:
+    from secorder._losses import LossSpec, resolve_loss
+
+    prob = make_problem(name)
+    loss = resolve_loss("", prob.loss, reduction, "ggn")
+    z = prob.model_fn(prob.params, prob.x)
+    torch.testing.assert_close(loss.per_sample_grads(z, prob.y), LossSpec.per_sample_grads(loss, z, prob.y))
+    hz = torch.autograd.functional.hessian(lambda zf: loss.total(zf.reshape(z.shape), prob.y), z.reshape(-1))
+    u = torch.randn(3, *z.shape, dtype=z.dtype, generator=torch.Generator().manual_seed(0))
+    uf = u.reshape(3, -1)
+    torch.testing.assert_close(loss.hessian_quadform(z, prob.y, u), ((uf @ hz) * uf).sum(1))
+    torch.testing.assert_close(loss.hessian_matvec(z, prob.y, u).reshape(3, -1), uf @ hz)
+    # the factor reproduces c·blockdiag(∇²l_n) = ∇²_z L
+    factor = loss.factor(z, prob.y)
+    cols = factor.columns(0, factor.num_columns).reshape(factor.num_columns, z.shape[0], -1)
+    w = factor.weights(0, factor.num_columns)
+    w = torch.ones(cols.shape[:2], dtype=z.dtype) if w is None else w
+    blocks = torch.einsum("rn,rna,rnb->nab", w, cols, cols) * loss.scale(z)
+    torch.testing.assert_close(torch.block_diag(*blocks), hz)
 
 
 def test_cross_entropy_positions_are_averaged_within_the_sample() -> None:
@@ -325,6 +357,39 @@ def test_hutchinson_diagonal_is_unbiased(kind: str) -> None:
         ]
     )
     assert _zscore(draws, exact).max().item() < 4.5
+
+
+def test_hutchinson_with_callable_indefinite_loss_is_unbiased() -> None:
+    prob = make_problem("callable_nonconvex")
+    exact = fisher_trace(prob.model_fn, _nonconvex)(prob.params, prob.x, prob.y)
+    fn = fisher_trace(prob.model_fn, _nonconvex, num_probes=4)
+    draws = torch.stack(
+        [fn(prob.params, prob.x, prob.y, generator=torch.Generator().manual_seed(s)) for s in range(200)]
+    )
+    assert _zscore(draws.unsqueeze(1), exact).item() < 4
+
+
+def test_mc_single_draw_has_nan_stderr() -> None:
+    prob = make_problem("ce")
+    est, err = fisher_trace(prob.model_fn, "cross_entropy", kind="mc", num_probes=1, with_stderr=True)(
+        prob.params, prob.x, prob.y, generator=torch.Generator().manual_seed(0)
+    )
+    assert torch.isfinite(est) and torch.isnan(err)
+    d, e = fisher_diagonal(prob.model_fn, "cross_entropy", kind="mc", num_probes=1, with_stderr=True)(
+        prob.params, prob.x, prob.y, generator=torch.Generator().manual_seed(0)
+    )
+    assert all(torch.isnan(v).all() for v in e.values())
+    torch.testing.assert_close(_flat(d).sum(), est)
+
+
+def test_fisher_operator_for_a_module() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    prob = make_problem("ce")
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    op, _ = fisher_operator(model, "cross_entropy")(params, prob.x, prob.y)
+    want = fisher_diagonal(model, "cross_entropy", path="generic")(params, prob.x, prob.y)
+    torch.testing.assert_close(exact_diagonal(op), _flat(want), **tol(torch.float64))
 
 
 def test_hutchinson_exact_for_orthogonal_jacobian() -> None:
@@ -576,6 +641,47 @@ def test_non_finite_outputs_name_the_samples() -> None:
         fisher_diagonal(lambda p, x: _mlp(p, x) + x.sum(1, keepdim=True), "cross_entropy")(
             prob.params, x, prob.y
         )
+
+
+def test_model_must_return_floating_batched_outputs() -> None:
+    prob = make_problem("ce")
+    with pytest.raises(ValueError, match=r"floating tensor of shape \(N, \.\.\.\)"):
+        _call(fisher_trace(lambda p, x: _mlp(p, x).sum(), "cross_entropy"), prob)
+
+
+def test_forward_mode_failure_names_the_exact_method() -> None:
+    class NoJvp(torch.autograd.Function):  # reverse mode and vmap, but no forward mode
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(x: Tensor) -> Tensor:
+            return x.clone()
+
+        @staticmethod
+        def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+            pass
+
+        @staticmethod
+        def backward(ctx: Any, g: Tensor) -> Tensor:
+            return g
+
+    prob = make_problem("ce")
+    model = lambda p, x: NoJvp.apply(_mlp(p, x))  # noqa: E731
+    with pytest.raises(RuntimeError, match=r"forward-mode derivatives are needed.*num_probes=None"):
+        _call(fisher_trace(model, "cross_entropy", num_probes=2), prob)
+    assert torch.isfinite(_call(fisher_trace(model, "cross_entropy"), prob))  # exact: reverse mode only
+
+
+def test_callable_loss_target_errors() -> None:
+    prob = make_problem("mse")
+    with pytest.raises(ValueError, match="must have the batch size N=5 as its first dimension"):
+        _call(fisher_trace(prob.model_fn, lambda z, y: F.mse_loss(z, y[0])), prob, prob.y[:1])
+
+    def not_vmappable(z: Tensor, y: Tensor) -> Tensor:
+        return F.mse_loss(z, y) * (1.0 if z.sum().item() > -1e9 else 2.0)
+
+    with pytest.raises(ValueError, match=r"applicable to one sample at a time under torch\.func\.vmap"):
+        _call(fisher_trace(prob.model_fn, not_vmappable), prob)
 
 
 def test_model_must_return_a_tensor() -> None:

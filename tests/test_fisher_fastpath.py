@@ -178,6 +178,16 @@ def test_linear_with_extra_leading_dims_mse() -> None:
     compare(model, "mse", x, y)
 
 
+def test_linear_sequence_trace_by_gram_matrices() -> None:
+    # T·(in+out) < in·out: the trace uses ⟨Δ Δᵀ, A Aᵀ⟩ per sample instead of per-sample gradients
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8)).double()
+    x = torch.randn(4, 2, 8, generator=_seed(1), dtype=torch.float64)
+    y = torch.randn(4, 2, 8, generator=_seed(2), dtype=torch.float64)
+    compare(model, "mse", x, y)
+    compare(model, lambda z, t: (torch.sin(z) * t).mean(), x, y, kinds=("ggn",))  # weighted columns
+
+
 def test_residual_layernorm() -> None:
     torch.manual_seed(0)
     x, y = _ce_data(d=3)
@@ -185,16 +195,33 @@ def test_residual_layernorm() -> None:
 
 
 def test_callable_loss_on_fast_path() -> None:
+    x5 = torch.randn(5, 3, 6, 6, generator=_seed(1), dtype=torch.float64)
+    y5 = torch.randint(0, 3, (5,), generator=_seed(2))
+    compare(cnn(), lambda z, t: F.cross_entropy(z, t), x5, y5, kinds=("ggn",))  # weighted conv columns
+    idx = torch.tensor([[1, 2, 2, 0], [3, 3, 3, 3], [0, 0, 5, 6]])
+    torch.manual_seed(0)
+    compare(
+        SeqModel().double(),
+        lambda z, t: F.cross_entropy(z, t),
+        idx,
+        torch.randint(0, 3, (3, 4)),
+        kinds=("ggn",),
+    )
     x, y = _ce_data()
     yy = torch.randn(6, 3, generator=_seed(4), dtype=torch.float64)
     compare(mlp(), lambda z, t: (torch.sin(z) * t).mean(), x, yy, kinds=("ggn", "empirical"))
     compare(mlp(), lambda z, t: F.cross_entropy(z, t), x, y, kinds=("ggn", "empirical"))
 
 
-@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+@pytest.mark.parametrize("arch", ["mlp", "cnn", "seq"])
 def test_mc_with_stderr_fast_equals_generic(arch: str) -> None:
     if arch == "mlp":
         model, (x, y) = mlp(), _ce_data()
+    elif arch == "seq":
+        torch.manual_seed(0)
+        model = SeqModel().double()
+        x = torch.tensor([[1, 2, 2, 0], [3, 3, 3, 3], [0, 0, 5, 6]])
+        y = torch.randint(0, 3, (3, 4), generator=_seed(3))
     else:
         model = cnn()
         x = torch.randn(5, 3, 6, 6, generator=_seed(1), dtype=torch.float64)
@@ -261,6 +288,56 @@ class TimeMajor(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # x: (N, T, 2) with T != N
         return self.lin(x.transpose(0, 1)).transpose(0, 1).transpose(1, 2)
+
+
+class Unused(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.used = nn.Linear(4, 3)
+        self.spare = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.used(x)
+
+
+def test_unused_layer_gets_zeros() -> None:
+    torch.manual_seed(0)
+    model, (x, y) = Unused().double(), _ce_data()
+    compare(model, "cross_entropy", x, y)
+    diag, err = fisher_diagonal(model, "cross_entropy", kind="mc", num_probes=3, with_stderr=True)(
+        _params(model), x, y, generator=_seed()
+    )
+    assert torch.all(diag["spare.weight"] == 0) and torch.all(err["spare.bias"] == 0)
+    assert torch.all(diag["used.weight"] > 0)
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")  # vmap of weight_norm
+@pytest.mark.parametrize("variant", ["weight_norm", "user_hook", "reflect_padding", "scaled_embedding"])
+def test_ineligible_layers_fall_back(variant: str) -> None:
+    torch.manual_seed(0)
+    if variant == "reflect_padding":
+        model = nn.Sequential(
+            nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"), nn.Flatten(), nn.Linear(32, 3)
+        )
+        x = torch.randn(4, 2, 4, 4, generator=_seed(1))
+        generic = {"0.weight", "0.bias"}
+    elif variant == "scaled_embedding":
+        model = nn.Sequential(nn.Embedding(5, 3, scale_grad_by_freq=True), nn.Flatten(), nn.Linear(6, 3))
+        x = torch.tensor([[0, 1], [2, 2], [4, 3], [1, 1]])
+        generic = {"0.weight"}
+    else:
+        model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+        x = torch.randn(4, 4, generator=_seed(1))
+        if variant == "weight_norm":
+            model[0] = torch.nn.utils.parametrizations.weight_norm(model[0])
+            generic = {"0.bias", "0.parametrizations.weight.original0", "0.parametrizations.weight.original1"}
+        else:
+            model[0].register_forward_hook(lambda m, i, o: o * 2)
+            generic = {"0.weight", "0.bias"}
+    model = model.double()
+    x = x.double() if x.is_floating_point() else x
+    info = compare(model, "cross_entropy", x, torch.tensor([0, 1, 2, 1]), expect="fast+generic")
+    assert set(info["ggn"].generic) == generic
 
 
 def test_module_called_twice_is_fast() -> None:
@@ -334,6 +411,20 @@ def test_batchnorm_eval_mixes_routes_and_train_is_refused() -> None:
     # the GGN through the batch Jacobian is defined; Hutchinson gives it (module left in train mode)
     est = fisher_trace(model, "cross_entropy", num_probes=4)(_params(model), x, y, generator=_seed())
     assert torch.isfinite(est) and model.training
+
+
+def test_module_returning_a_tuple_is_refused() -> None:
+    class Pair(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+            return self.lin(x), x
+
+    model = Pair().double()
+    with pytest.raises(TypeError, match="model_fn must return a tensor"):
+        fisher_trace(model, "cross_entropy")(_params(model), *_ce_data())
 
 
 def test_dropout_in_train_mode_is_refused() -> None:
