@@ -487,16 +487,15 @@ def test_device_is_kept(device: torch.device) -> None:
     assert all(v.device.type == device.type for v in out.values())
 
 
+@pytest.mark.parametrize("loss", ["cross_entropy", "callable"])
 @pytest.mark.parametrize("kind", ["ggn", "empirical"])
-def test_vmap_over_ensemble_equals_loop(kind: str) -> None:
-    probs = [make_problem("ce") for _ in range(3)]
+def test_vmap_over_ensemble_equals_loop(kind: str, loss: Any) -> None:
+    loss = (lambda z, t: F.cross_entropy(z, t)) if loss == "callable" else loss
+    prob = make_problem("ce")
     members = [_mlp_params([3, 4, 3], torch.float64, seed=s) for s in range(3)]
     stacked = {k: torch.stack([m[k] for m in members]) for k in members[0]}
-    x, y = probs[0].x, probs[0].y
-    for fn in (
-        fisher_trace(_mlp, "cross_entropy", kind=kind),
-        fisher_diagonal(_mlp, "cross_entropy", kind=kind),
-    ):
+    x, y = prob.x, prob.y
+    for fn in (fisher_trace(_mlp, loss, kind=kind), fisher_diagonal(_mlp, loss, kind=kind)):
         batched = torch.func.vmap(fn, in_dims=(0, None, None))(stacked, x, y)
         loop = [fn(m, x, y) for m in members]
         if isinstance(batched, dict):
