@@ -68,6 +68,8 @@ def check_floating_tree(call: str, name: str, tree: Any) -> tuple[list[Tensor], 
             "Pass the parameters to differentiate, e.g. dict(model.named_parameters()).",
         )
     for i, leaf in enumerate(leaves):
+        if isinstance(leaf, Tensor) and leaf.is_floating_point():
+            continue
         path = _leaf_path(spec, i)
         if not isinstance(leaf, Tensor):
             raise error(

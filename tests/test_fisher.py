@@ -286,7 +286,7 @@ def test_empirical_trace_is_mean_squared_per_sample_gradient_norm() -> None:
     e = fisher_trace(prob.model_fn, "cross_entropy", kind="empirical")(prob.params, prob.x, prob.y)
     norms = []
     for i in range(prob.x.shape[0]):
-        f = lambda p, i=i: F.cross_entropy(_mlp(p, prob.x[i : i + 1]), prob.y[i : i + 1])  # noqa: E731
+        f = lambda p, i=i: F.cross_entropy(_mlp(p, prob.x[i : i + 1]), prob.y[i : i + 1])
         g = torch.func.grad(f)(prob.params)
         norms.append(sum((v**2).sum() for v in g.values()))
     torch.testing.assert_close(e, torch.stack(norms).mean())
@@ -429,7 +429,7 @@ def test_trace_is_sum_of_diagonal_and_generator_reproducible(kind: str) -> None:
     probes = 3 if kind == "mc" else None
     t = fisher_trace(prob.model_fn, "cross_entropy", kind=kind, num_probes=probes)
     d = fisher_diagonal(prob.model_fn, "cross_entropy", kind=kind, num_probes=probes)
-    gen = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    gen = lambda: torch.Generator().manual_seed(5)
     torch.testing.assert_close(
         _flat(d(prob.params, prob.x, prob.y, generator=gen())).sum(),
         t(prob.params, prob.x, prob.y, generator=gen()),
@@ -442,7 +442,7 @@ def test_trace_is_sum_of_diagonal_and_generator_reproducible(kind: str) -> None:
 @pytest.mark.parametrize("kind", ["ggn", "empirical", "mc"])
 def test_chunk_size_does_not_change_results(kind: str) -> None:
     prob = make_problem("ce")
-    gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    gen = lambda: torch.Generator().manual_seed(3)
     probes = 4 if kind == "mc" else None
     a = fisher_diagonal(prob.model_fn, "cross_entropy", kind=kind, num_probes=probes, chunk_size=1)
     b = fisher_diagonal(prob.model_fn, "cross_entropy", kind=kind, num_probes=probes)
@@ -665,7 +665,7 @@ def test_forward_mode_failure_names_the_exact_method() -> None:
             return g
 
     prob = make_problem("ce")
-    model = lambda p, x: NoJvp.apply(_mlp(p, x))  # noqa: E731
+    model = lambda p, x: NoJvp.apply(_mlp(p, x))
     with pytest.raises(RuntimeError, match=r"forward-mode derivatives are needed.*num_probes=None"):
         _call(fisher_trace(model, "cross_entropy", num_probes=2), prob)
     assert torch.isfinite(_call(fisher_trace(model, "cross_entropy"), prob))  # exact: reverse mode only
@@ -699,7 +699,7 @@ def test_callable_loss_reduction_mismatch() -> None:
 
 def test_callable_loss_coupling_samples_is_refused() -> None:
     prob = make_problem("mse")
-    coupled = lambda z, y: ((z - z.mean(0)) ** 2).mean() + F.mse_loss(z, y)  # noqa: E731
+    coupled = lambda z, y: ((z - z.mean(0)) ** 2).mean() + F.mse_loss(z, y)
     with pytest.raises(ValueError, match="must equal the mean of its per-sample values"):
         _call(fisher_trace(prob.model_fn, coupled, kind="empirical"), prob)
 
@@ -712,7 +712,7 @@ def test_callable_loss_must_return_scalar() -> None:
 
 def test_coupled_plain_model_refused_for_per_sample_quantities() -> None:
     prob = make_problem("ce")
-    coupled = lambda p, x: _mlp(p, x - x.mean(0))  # noqa: E731 - like BatchNorm in train mode
+    coupled = lambda p, x: _mlp(p, x - x.mean(0))
     for kind, probes in (("empirical", None), ("ggn", None), ("empirical", 3), ("mc", 2)):
         with pytest.raises(ValueError, match="treats the samples of a batch independently"):
             _call(fisher_trace(coupled, "cross_entropy", kind=kind, num_probes=probes), prob)

@@ -49,7 +49,7 @@ def compare(
     for kind in kinds:
         probes = 3 if kind == "mc" else None
         for transform in (fisher_trace, fisher_diagonal):
-            gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+            gen = lambda: torch.Generator().manual_seed(0)
             fast = transform(model, loss, kind=kind, num_probes=probes, reduction=reduction)
             generic = transform(
                 model, loss, kind=kind, num_probes=probes, reduction=reduction, path="generic"
