@@ -2,6 +2,9 @@
 
 from secorder._chunking import memory_budget, set_memory_budget
 from secorder._errors import SecorderError
+
+# Fisher / GGN / empirical Fisher transforms
+from secorder.fisher import FisherPath, fisher_diagonal, fisher_operator, fisher_trace
 from secorder.hessian import hessian_diagonal, hessian_operator, hessian_trace, hvp
 from secorder.modules import module_loss
 
@@ -13,6 +16,11 @@ __all__ = [
     "hessian_trace",
     "hessian_diagonal",
     "hessian_operator",
+    # Fisher / GGN / empirical Fisher transforms
+    "fisher_trace",
+    "fisher_diagonal",
+    "fisher_operator",
+    "FisherPath",
     # nn.Module helpers
     "module_loss",
     # configuration and errors
