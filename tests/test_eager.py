@@ -8,6 +8,7 @@ mutation of a model, and every error message.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import textwrap
 from collections.abc import Callable, Sequence
@@ -17,8 +18,11 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+import secorder
 import secorder.core._closure as closure_mod
 from secorder._errors import SecorderError
+from secorder.approximations.fisher_diagonal import empirical_fisher_diagonal, generalized_fisher_diagonal
+from secorder.approximations.fisher_trace import empirical_fisher_trace, generalized_fisher_trace
 from secorder.core.hessian_diagonal import hessian_diagonal, model_hessian_diagonal
 from secorder.core.hessian_trace import hessian_trace, model_hessian_trace
 from secorder.core.hvp import exact_hvp, gauss_newton_product, model_hvp
@@ -532,3 +536,197 @@ def test_does_not_copy_model() -> None:
     ref = _trace_grad_reference(model_function(clone, nn.functional.mse_loss, x, y), list(clone.parameters()))
     for a, b in zip(grads, ref):
         torch.testing.assert_close(a, b)
+
+
+# -- secorder.approximations ----------------------------------------------------------------
+EXAMPLE_FISHER = """
+from secorder.approximations.fisher_trace import empirical_fisher_trace, generalized_fisher_trace
+efim_trace = empirical_fisher_trace(model, nn.MSELoss(), inputs, targets)
+gfim_trace = generalized_fisher_trace(model, model(inputs), class_labels, loss_type="nll")
+"""
+
+
+def per_sample_grads(model: nn.Module, loss_of_sample: Callable[[int], Tensor], n: int) -> list[list[Tensor]]:
+    """∇_θ l_n for each sample, by independent autograd calls (the reference)."""
+    return [list(torch.autograd.grad(loss_of_sample(i), list(model.parameters()))) for i in range(n)]
+
+
+def categorical_fisher_reference(model: nn.Module, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+    """Σ_n Σ_c p_nc ∇log p_c(x_n)², enumerating the classes (the definition), per sample alone."""
+    params = list(model.parameters())
+    diag = [torch.zeros_like(p) for p in params]
+    for i in range(x.shape[0]):
+        logp = torch.log_softmax(model(x[i : i + 1])[0], dim=0)
+        for c in range(logp.shape[0]):
+            g = torch.autograd.grad(logp[c], params, retain_graph=True)
+            for d, a in zip(diag, g):
+                d += logp[c].exp().detach() * a**2
+    return sum(d.sum() for d in diag), diag
+
+
+def test_verbatim_fisher_example() -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(10, 2).double()
+    inputs = torch.randn(5, 10, dtype=F64)
+    targets = torch.randn(5, 2, dtype=F64)
+    class_labels = torch.randint(0, 2, (5,))
+    scope: dict = {
+        "model": model,
+        "inputs": inputs,
+        "targets": targets,
+        "class_labels": class_labels,
+        "nn": nn,
+    }
+    exec(textwrap.dedent(EXAMPLE_FISHER), scope)
+    grads = per_sample_grads(
+        model, lambda i: nn.functional.mse_loss(model(inputs[i : i + 1]), targets[i : i + 1]), 5
+    )
+    expected = sum(sum((a**2).sum() for a in g) for g in grads) / 5
+    torch.testing.assert_close(scope["efim_trace"], expected)
+    torch.testing.assert_close(scope["gfim_trace"], categorical_fisher_reference(model, inputs)[0])
+
+
+def _mse_sum(o: Tensor, t: Tensor) -> Tensor:
+    return ((o - t) ** 2).sum()
+
+
+@pytest.mark.parametrize(
+    ("loss_fn", "reduction", "classes"),
+    [
+        (nn.MSELoss(), "mean", False),
+        (nn.MSELoss(reduction="sum"), "sum", False),
+        (nn.functional.mse_loss, "mean", False),
+        (functools.partial(nn.functional.mse_loss, reduction="sum"), "sum", False),
+        (_mse_sum, "sum", False),
+        (lambda o, t: ((o - t) ** 2).mean(), "mean", False),
+        (nn.CrossEntropyLoss(), "mean", True),
+        (nn.functional.cross_entropy, "mean", True),
+        (nn.NLLLoss(), "mean", True),
+    ],
+    ids=[
+        "MSELoss",
+        "MSELoss-sum",
+        "F.mse_loss",
+        "partial-sum",
+        "callable-sum",
+        "callable-mean",
+        "CELoss",
+        "F.ce",
+        "NLLLoss",
+    ],
+)
+# secorder/_losses.py (CallableLoss.check, fisher branch) calls float() on a loss that requires
+# grad, which warns; harmless, reported to the Fisher transforms' owner, filtered here only.
+@pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad=True to a scalar:UserWarning")
+def test_empirical_fisher_matches_definition(loss_fn: Callable, reduction: str, classes: bool) -> None:
+    model = small_mlp()
+    n = 6
+    x = torch.randn(n, 3, dtype=F64)
+    y = torch.randint(0, 2, (n,)) if classes else torch.randn(n, 2, dtype=F64)
+    net = nn.Sequential(model, nn.LogSoftmax(dim=1)) if isinstance(loss_fn, nn.NLLLoss) else model
+    grads = per_sample_grads(net, lambda i: loss_fn(net(x[i : i + 1]), y[i : i + 1]), n)
+    scale = 1.0 / n if reduction == "mean" else 1.0
+    diag_ref = [scale * sum(g[j] ** 2 for g in grads) for j in range(len(grads[0]))]
+    trace = empirical_fisher_trace(net, loss_fn, x, y)
+    torch.testing.assert_close(trace, sum(d.sum() for d in diag_ref))
+    for d, r in zip(empirical_fisher_diagonal(net, loss_fn, x, y), diag_ref):
+        torch.testing.assert_close(d, r)
+
+
+def test_empirical_fisher_frozen_and_no_mutation() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2)).double().eval()
+    model[0].bias.requires_grad_(False)
+    before = _state(model)
+    x, y = torch.randn(5, 3, dtype=F64), torch.randn(5, 2, dtype=F64)
+    diag = empirical_fisher_diagonal(model, nn.MSELoss(), x, y)
+    assert [d.shape for d in diag] == [p.shape for p in model.parameters()]
+    assert torch.count_nonzero(diag[1]) == 0
+    torch.testing.assert_close(empirical_fisher_trace(model, nn.MSELoss(), x, y), sum(d.sum() for d in diag))
+    assert all(torch.equal(v, _state(model)[k]) for k, v in before.items()) and not model.training
+
+
+def test_empirical_fisher_refuses_coupled_samples() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).double()  # train mode
+    x, y = torch.randn(5, 3, dtype=F64), torch.randn(5, 2, dtype=F64)
+    match = (
+        r"^empirical_fisher_trace\(model, loss_fn, inputs, targets\) \[via .*"
+        r"BatchNorm1d .*\(train mode\).*model.eval\(\)"
+    )
+    with pytest.raises(SecorderError, match=match):
+        empirical_fisher_trace(model, nn.MSELoss(), x, y)
+
+
+def test_generalized_fisher_matches_definition_and_fisher_transform() -> None:
+    model = small_mlp()
+    x = torch.randn(6, 3, dtype=F64)
+    labels = torch.randint(0, 2, (6,))
+    trace_ref, diag_ref = categorical_fisher_reference(model, x)
+    torch.testing.assert_close(generalized_fisher_trace(model, model(x), labels), trace_ref)
+    for d, r in zip(generalized_fisher_diagonal(model, model(x), labels), diag_ref):
+        torch.testing.assert_close(d, r)
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    ggn_sum = secorder.fisher_trace(model, "cross_entropy", reduction="sum")(params, x, labels)
+    torch.testing.assert_close(ggn_sum, trace_ref)
+    # The labels do not enter the Fisher (an expectation over the model's predictions).
+    torch.testing.assert_close(generalized_fisher_trace(model, model(x), 1 - labels), trace_ref)
+
+
+def test_generalized_fisher_keeps_graph_and_differentiates() -> None:
+    model = small_mlp()
+    x, labels = torch.randn(4, 3, dtype=F64), torch.randint(0, 2, (4,))
+    out = model(x)
+    generalized_fisher_trace(model, out, labels)
+    nn.functional.cross_entropy(out, labels).backward()  # the graph is still there
+    assert all(p.grad is not None for p in model.parameters())
+    names = [k for k, _ in model.named_parameters()]
+    params = list(model.parameters())
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+
+    def fisher_trace_of(theta: Tensor) -> Tensor:
+        f = lambda t: functional_call(model, dict(zip(names, split_like(t, params))), (x,))  # noqa: E731
+        z = f(theta)
+        J = torch.func.jacrev(f)(theta)  # (N, C, P)
+        p = torch.softmax(z, 1)
+        E = torch.eye(z.shape[1], dtype=F64)
+        g = torch.einsum("ncp,nkc->nkp", J, E.unsqueeze(0) - p.unsqueeze(1))  # J_nᵀ(e_k − p_n)
+        return (p * (g**2).sum(-1)).sum()
+
+    ref = split_like(torch.func.grad(fisher_trace_of)(flat), params)
+    t = generalized_fisher_trace(model, model(x), labels, create_graph=True)
+    for a, b in zip(torch.autograd.grad(t, params), ref):
+        torch.testing.assert_close(a, b)
+
+
+def test_generalized_fisher_chunks_over_samples(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = small_mlp()
+    x, labels = torch.randn(7, 3, dtype=F64), torch.randint(0, 2, (7,))
+    expected = generalized_fisher_diagonal(model, model(x), labels)
+    monkeypatch.setattr(closure_mod, "MAX_CHUNK_ROWS", 3)  # 1 class x 3 samples per batched call
+    for d, e in zip(generalized_fisher_diagonal(model, model(x), labels), expected):
+        torch.testing.assert_close(d, e)
+
+
+def test_approximation_errors() -> None:
+    model = nn.Linear(3, 2)
+    x, labels = torch.randn(4, 3), torch.randint(0, 2, (4,))
+    with pytest.raises(NotImplementedError, match=r"loss_type must be 'nll'.*'mse'.*kind='ggn'"):
+        generalized_fisher_trace(model, model(x), labels, loss_type="mse")
+    with pytest.raises(SecorderError, match=r"outputs must carry the autograd graph.*torch.no_grad"):
+        with torch.no_grad():
+            out = model(x)
+        generalized_fisher_trace(model, out, labels)
+    with pytest.raises(SecorderError, match=r"targets must be integer class labels of shape \(N,\) = \(4,\)"):
+        generalized_fisher_diagonal(model, model(x), labels[:3])
+    with pytest.raises(SecorderError, match=r"outputs must be floating-point logits of shape \(N, C\)"):
+        generalized_fisher_trace(model, model(x)[:, 0], labels)
+    with pytest.raises(SecorderError, match=r"num_samples must be an int >= 1"):
+        empirical_fisher_trace(model, nn.MSELoss(), x, torch.randn(4, 2), num_samples=0)
+    with pytest.raises(SecorderError, match=r"reduction 'mean' or 'sum', but received reduction='none'"):
+        empirical_fisher_trace(model, nn.MSELoss(reduction="none"), x, torch.randn(4, 2))
+    with pytest.raises(SecorderError, match=r"must be the mean or the sum of its per-sample values"):
+        empirical_fisher_trace(model, lambda o, t: ((o - t) ** 2).sum() ** 0.5, x, torch.randn(4, 2))
+    with pytest.raises(TypeError, match=r"loss_fn must be callable"):
+        empirical_fisher_diagonal(model, "mse", x, torch.randn(4, 2))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"model must be a torch.nn.Module"):
+        generalized_fisher_trace(lambda z: z, model(x), labels)  # type: ignore[arg-type]
