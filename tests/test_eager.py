@@ -730,3 +730,98 @@ def test_approximation_errors() -> None:
         empirical_fisher_diagonal(model, "mse", x, torch.randn(4, 2))  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"model must be a torch.nn.Module"):
         generalized_fisher_trace(lambda z: z, model(x), labels)  # type: ignore[arg-type]
+
+
+# -- where torch_secorder 0.0.1 differs (the "migrating" page; run where it is installed) --------------
+def _torch_secorder(module: str) -> object:
+    pytest.importorskip("torch_secorder")
+    import importlib
+
+    return importlib.import_module(f"torch_secorder.{module}")
+
+
+def _classifier() -> tuple[nn.Module, Tensor, Tensor]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    return model, torch.randn(16, 4, dtype=F64), torch.randint(0, 3, (16,))
+
+
+def test_migrating_exact_hessian_functions_agree() -> None:
+    ts_trace, ts_diag = _torch_secorder("core.hessian_trace"), _torch_secorder("core.hessian_diagonal")
+    model, x, y = _classifier()
+    params = list(model.parameters())
+    func = lambda: nn.functional.cross_entropy(model(x), y)  # noqa: E731
+    torch.testing.assert_close(ts_trace.hessian_trace(func, params), hessian_trace(func, params))  # type: ignore[attr-defined]
+    for a, b in zip(ts_diag.hessian_diagonal(func, params), hessian_diagonal(func, params)):  # type: ignore[attr-defined]
+        torch.testing.assert_close(a, b)
+
+
+def test_migrating_fisher_numbers_differ() -> None:
+    ts_fisher = _torch_secorder("approximations.fisher_trace")
+    model, x, y = _classifier()
+    params = list(model.parameters())
+    ce = nn.functional.cross_entropy
+    batch_grad = torch.autograd.grad(ce(model(x), y), params)
+    # torch_secorder: the squared norm of the batch gradient ...
+    ts_ef = ts_fisher.empirical_fisher_trace(model, ce, x, y)  # type: ignore[attr-defined]
+    assert ts_ef.dtype == torch.float32  # accumulated in float32 whatever the model's dtype
+    torch.testing.assert_close(ts_ef.double(), sum((g**2).sum() for g in batch_grad), rtol=1e-6, atol=0)
+    # ... ours: the mean of the per-sample squared gradient norms, larger by the missing cross terms.
+    ours = empirical_fisher_trace(model, ce, x, y)
+    per = per_sample_grads(model, lambda i: ce(model(x[i : i + 1]), y[i : i + 1]), 16)
+    torch.testing.assert_close(ours, sum(sum((a**2).sum() for a in g) for g in per) / 16)
+    assert ours > 5 * ts_ef
+    # Generalized: torch_secorder squares the gradient of Σ_n log p(y_n|x_n) for the given labels.
+    logp = torch.log_softmax(model(x), 1)[torch.arange(16), y].sum()
+    ts_gf = ts_fisher.generalized_fisher_trace(model, model(x), y)  # type: ignore[attr-defined]
+    expected = sum((g**2).sum() for g in torch.autograd.grad(logp, params))
+    torch.testing.assert_close(ts_gf.double(), expected, rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        generalized_fisher_trace(model, model(x), y), categorical_fisher_reference(model, x)[0]
+    )
+
+
+def test_migrating_behaviour_differences() -> None:
+    ts_hvp, ts_trace = _torch_secorder("core.hvp"), _torch_secorder("core.hessian_trace")
+    ts_diag = _torch_secorder("core.hessian_diagonal")
+    model, x, y = _classifier()
+    params = list(model.parameters())
+    func = lambda: nn.functional.cross_entropy(model(x), y)  # noqa: E731
+    v = [torch.randn_like(p) for p in params]
+    # gauss_newton_product: torch_secorder 0.0.1 returns zeros (it backpropagates through a detached copy).
+    assert all(
+        torch.count_nonzero(g) == 0
+        for g in ts_hvp.gauss_newton_product(model, nn.functional.cross_entropy, x, y, v)
+    )  # type: ignore[attr-defined]
+    assert all(
+        torch.count_nonzero(g) > 0 for g in gauss_newton_product(model, nn.functional.cross_entropy, x, y, v)
+    )
+    # Hutchinson returns a Python float there, a 0-dim tensor here.
+    assert isinstance(ts_hvp.hessian_trace(func, params, num_samples=2), float)  # type: ignore[attr-defined]
+    # model_* functions update BatchNorm running statistics there, not here.
+    bn = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)).double()
+    before = bn[1].running_mean.clone()
+    model_hessian_trace(bn, nn.functional.cross_entropy, x, y)
+    assert torch.equal(before, bn[1].running_mean)
+    ts_trace.model_hessian_trace(bn, nn.functional.cross_entropy, x, y)  # type: ignore[attr-defined]
+    assert not torch.equal(before, bn[1].running_mean)
+    # strict=True: torch_secorder raises for a frozen tensor and returns zeros for an unused one.
+    w = torch.tensor([1.0, 2.0], requires_grad=True)
+    cube = lambda: (w**3).sum()  # noqa: E731
+    unused = torch.ones(2, requires_grad=True)
+    assert ts_diag.hessian_diagonal(cube, [w, unused], strict=True)[1].abs().sum() == 0  # type: ignore[attr-defined]
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        ts_diag.hessian_diagonal(cube, [w, torch.ones(2)], strict=True)  # type: ignore[attr-defined]
+
+
+def test_migrating_sparse_probes_biased_there() -> None:
+    ts_hvp = _torch_secorder("core.hvp")
+    x = torch.linspace(0.5, 2.0, 20, dtype=F64).requires_grad_()
+    func = lambda: (x**3).sum()  # noqa: E731  (H = diag(6x): Rademacher probes are exact)
+    exact = 6 * x.detach().sum()
+    torch.manual_seed(0)
+    theirs = torch.tensor([ts_hvp.hessian_trace(func, [x], 10, sparse=True) for _ in range(200)])  # type: ignore[attr-defined]
+    ours = torch.stack([hutchinson_trace(func, [x], 10, sparse=True) for _ in range(200)])
+    # E[v vᵀ] = 0.1 I for their sparse probes: the mean is a tenth of the trace.
+    assert abs(theirs.mean() - 0.1 * exact) < 4 * theirs.std() / math.sqrt(200)
+    assert abs(ours.mean() - exact) < 4 * ours.std() / math.sqrt(200)
