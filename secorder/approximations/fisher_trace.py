@@ -5,12 +5,12 @@
   each sample's gradient. It is :func:`secorder.fisher_trace` with ``kind="empirical"``
   (conventions in :mod:`secorder.fisher`).
 * :func:`generalized_fisher_trace`: tr(F) for the Fisher of the categorical
-  likelihood with the given logits, F = Σ_n E_{y∼p(·|x_n)}[∇ log p(y|x_n) ∇ log p(y|x_n)ᵀ]
+  likelihood with the given logits, F = Σ_n E_{y∼p(·∣x_n)}[∇ log p(y∣x_n) ∇ log p(y∣x_n)ᵀ]
   = Σ_n J_nᵀ (diag p_n − p_n p_nᵀ) J_n, computed exactly through the graph that
   ``outputs`` carries (no second forward pass).
 
 torch_secorder 0.0.1 returned the squared norm of the *batch* gradient for both
-(‖∇L‖², resp. ‖∇ Σ_n log p(y_n|x_n)‖²), which is not the trace of either matrix:
+(‖∇L‖², resp. ‖∇ Σ_n log p(y_n∣x_n)‖²), which is not the trace of either matrix:
 the cross terms between samples do not cancel. See the "migrating" page of the docs.
 
 Exact or Hutchinson? Both traces here are exact. For large models, the transform
@@ -90,7 +90,7 @@ def generalized_fisher_trace(
 ) -> Tensor:
     """Compute the trace of the Fisher of the categorical likelihood with logits ``outputs``.
 
-    tr(F) = Σ_n E_{y∼p(·|x_n)} ‖∇_θ log p(y|x_n)‖² = Σ_n Σ_c p_nc ‖J_nᵀ(e_c − p_n)‖²,
+    tr(F) = Σ_n E_{y∼p(·∣x_n)} ‖∇_θ log p(y∣x_n)‖² = Σ_n Σ_c p_nc ‖J_nᵀ(e_c − p_n)‖²,
     with p_n = softmax(z_n) and J_n = ∂z_n/∂θ. It equals the GGN of the summed
     cross-entropy, ``secorder.fisher_trace(model, "cross_entropy", reduction="sum")``.
     It is computed exactly through the autograd graph that ``outputs`` carries: N·C
