@@ -31,7 +31,7 @@ from secorder import probes as _probes
 from secorder._errors import error
 from secorder._pytree import ravel, unravel
 from secorder._validate import check_bool, check_callable
-from secorder.core._closure import ClosureGraph, SparseProbeOperator, check_params, check_vectors
+from secorder.core._closure import ClosureGraph, SparseProbeOperator, check_params, check_vectors, chunk_rows
 from secorder.core._model import check_model, model_closure
 from secorder.estimators import hutchinson_trace
 from secorder.modules import module_forward
@@ -209,7 +209,8 @@ def hessian_trace(
     op = graph.operator(graph.trainable())
     gen = _probes.check_generator(call, generator, op.device)
     target = SparseProbeOperator(op, SPARSE_DENSITY, gen) if sparse else op
-    estimate, _ = hutchinson_trace(target, k, distribution="rademacher", generator=gen)
+    chunk = chunk_rows(op)
+    estimate, _ = hutchinson_trace(target, k, distribution="rademacher", generator=gen, chunk_size=chunk)
     return estimate
 
 
