@@ -41,6 +41,18 @@ def lint(session: nox.Session) -> None:
 
 
 @nox.session
+def docs(session: nox.Session) -> None:
+    """The documentation site (Sphinx: autodoc, napoleon, intersphinx, furo), warnings as errors.
+
+    Its examples are executed by the test suite (tests/test_docs.py and the doctests of
+    the package), not here.
+    """
+    session.install(TORCH)
+    session.install("-e", ".[docs]")
+    session.run("sphinx-build", "-W", "--keep-going", "-b", "html", "docs", "docs/_build/html")
+
+
+@nox.session
 def benchmarks(session: nox.Session) -> None:
     """Benchmarks against the competitors (optional extra ``bench``); BackPACK runs in its own venv."""
     session.install(TORCH)
