@@ -35,8 +35,8 @@ def lint(session: nox.Session) -> None:
     """ruff (lint and format check) and mypy."""
     session.install(TORCH)
     session.install("-e", ".[lint]")
-    session.run("ruff", "check", "secorder", "tests", "benchmarks", "examples")
-    session.run("ruff", "format", "--check", "secorder", "tests", "benchmarks", "examples")
+    session.run("ruff", "check", "secorder", "tests", "benchmarks", "examples", "docs")
+    session.run("ruff", "format", "--check", "secorder", "tests", "benchmarks", "examples", "docs")
     session.run("mypy", "secorder")
 
 

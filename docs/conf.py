@@ -16,11 +16,11 @@ import sys
 
 sys.path.insert(0, os.path.abspath(".."))
 
-import secorder  # noqa: E402 - after the path setup
+import secorder
 
 project = "secorder"
 author = "secorder developers"
-copyright = "2026, secorder developers"  # noqa: A001 - Sphinx's name
+copyright = "2026, secorder developers"
 release = secorder.__version__
 version = release
 

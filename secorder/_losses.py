@@ -464,7 +464,7 @@ class CallableLoss(LossSpec):
         combined = per.mean() if self.reduction == "mean" else per.sum()
         out = out.detach()
         tol = math.sqrt(torch.finfo(z.dtype).eps) * 10
-        if not torch.allclose(combined, out, rtol=tol, atol=tol * (1 + float(out.abs()))):
+        if not torch.allclose(combined, out, rtol=tol, atol=tol * (1 + float(out.detach().abs()))):
             other = "sum" if self.reduction == "mean" else "mean"
             raise error(
                 call,

@@ -117,7 +117,7 @@ def test_verbatim_model_example() -> None:
 def test_closure_trace_diagonal_hvp_match_dense(dtype: torch.dtype) -> None:
     g, params = closure_problem(dtype)
     H = dense_hessian_of(g, [p.double() for p in params])
-    func = lambda: g(*params)  # noqa: E731
+    func = lambda: g(*params)
     t = tol(dtype)
     trace = hessian_trace(func, params)
     assert trace.dim() == 0 and trace.dtype == dtype
@@ -173,7 +173,7 @@ def test_single_tensor_returns_tensor_and_many_return_list() -> None:
 def test_params_from_generator_and_tuple() -> None:
     model = small_mlp()
     x, y = torch.randn(4, 3, dtype=F64), torch.randn(4, 2, dtype=F64)
-    func = lambda: nn.functional.mse_loss(model(x), y)  # noqa: E731
+    func = lambda: nn.functional.mse_loss(model(x), y)
     a = hessian_trace(func, model.parameters())
     b = hessian_trace(func, tuple(model.parameters()))
     torch.testing.assert_close(a, b)
@@ -236,7 +236,7 @@ def test_gauss_newton_product_matches_dense(loss_name: str) -> None:
 def test_hutchinson_exact_on_diagonal_hessian_and_reproducible() -> None:
     x = torch.tensor([1.0, -2.0, 0.5], dtype=F64, requires_grad=True)
     w = torch.tensor([1.0, 2.0, 3.0], dtype=F64)
-    func = lambda: (w * x**2).sum() + x.sum()  # noqa: E731
+    func = lambda: (w * x**2).sum() + x.sum()
     est = hutchinson_trace(func, [x], num_samples=3, generator=torch.Generator().manual_seed(0))
     assert isinstance(est, Tensor) and est.dim() == 0
     torch.testing.assert_close(est, torch.tensor(12.0, dtype=F64))
@@ -340,7 +340,7 @@ def test_create_graph_model_hvp_and_gauss_newton() -> None:
 def test_unused_tensor_zeros_or_strict_error() -> None:
     x = torch.tensor([1.0, 2.0], dtype=F64, requires_grad=True)
     unused = torch.ones(3, dtype=F64, requires_grad=True)
-    func = lambda: x.pow(3).sum()  # noqa: E731
+    func = lambda: x.pow(3).sum()
     diag = hessian_diagonal(func, [x, unused])
     torch.testing.assert_close(diag[1], torch.zeros(3, dtype=F64))
     torch.testing.assert_close(hessian_trace(func, [x, unused]), torch.tensor(18.0, dtype=F64))
@@ -356,7 +356,7 @@ def test_unused_tensor_zeros_or_strict_error() -> None:
 def test_frozen_tensors_get_zeros_in_both_modes() -> None:
     x = torch.tensor([1.0, 2.0], dtype=F64, requires_grad=True)
     frozen = torch.tensor([3.0], dtype=F64)
-    func = lambda: (x.pow(3).sum() * frozen**2).sum()  # noqa: E731
+    func = lambda: (x.pow(3).sum() * frozen**2).sum()
     for strict in (False, True):
         diag = hessian_diagonal(func, [x, frozen], strict=strict)
         torch.testing.assert_close(diag[0], 6 * 9 * x.detach())
@@ -469,7 +469,7 @@ def test_error_func_output() -> None:
 def test_error_vectors() -> None:
     x = torch.ones(2, requires_grad=True)
     y = torch.ones(3, requires_grad=True)
-    func = lambda: (x.sum() * y.sum()) ** 2  # noqa: E731
+    func = lambda: (x.sum() * y.sum()) ** 2
     with pytest.raises(
         SecorderError,
         match=r"exact_hvp\(func, params, v\): v must have one tensor per entry.*shapes \[\(2,\)\]",
@@ -517,7 +517,7 @@ def test_error_model_arguments() -> None:
 def test_mixed_dtypes_error_names_the_fix() -> None:
     x = torch.ones(2, dtype=torch.float32, requires_grad=True)
     y = torch.ones(2, dtype=F64, requires_grad=True)
-    func = lambda: (x.double() * y).pow(2).sum()  # noqa: E731
+    func = lambda: (x.double() * y).pow(2).sum()
     # The diagonal works block by block; a product over both tensors needs one dtype.
     assert [d.dtype for d in hessian_diagonal(func, [x, y])] == [torch.float32, F64]
     with pytest.raises(
@@ -615,9 +615,6 @@ def _mse_sum(o: Tensor, t: Tensor) -> Tensor:
         "NLLLoss",
     ],
 )
-# secorder/_losses.py (CallableLoss.check, fisher branch) calls float() on a loss that requires
-# grad, which warns; harmless, reported to the Fisher transforms' owner, filtered here only.
-@pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad=True to a scalar:UserWarning")
 def test_empirical_fisher_matches_definition(loss_fn: Callable, reduction: str, classes: bool) -> None:
     model = small_mlp()
     n = 6
@@ -684,7 +681,7 @@ def test_generalized_fisher_keeps_graph_and_differentiates() -> None:
     flat = torch.cat([p.detach().reshape(-1) for p in params])
 
     def fisher_trace_of(theta: Tensor) -> Tensor:
-        f = lambda t: functional_call(model, dict(zip(names, split_like(t, params))), (x,))  # noqa: E731
+        f = lambda t: functional_call(model, dict(zip(names, split_like(t, params))), (x,))
         z = f(theta)
         J = torch.func.jacrev(f)(theta)  # (N, C, P)
         p = torch.softmax(z, 1)
@@ -750,7 +747,7 @@ def test_migrating_exact_hessian_functions_agree() -> None:
     ts_trace, ts_diag = _torch_secorder("core.hessian_trace"), _torch_secorder("core.hessian_diagonal")
     model, x, y = _classifier()
     params = list(model.parameters())
-    func = lambda: nn.functional.cross_entropy(model(x), y)  # noqa: E731
+    func = lambda: nn.functional.cross_entropy(model(x), y)
     torch.testing.assert_close(ts_trace.hessian_trace(func, params), hessian_trace(func, params))  # type: ignore[attr-defined]
     for a, b in zip(ts_diag.hessian_diagonal(func, params), hessian_diagonal(func, params)):  # type: ignore[attr-defined]
         torch.testing.assert_close(a, b)
@@ -786,7 +783,7 @@ def test_migrating_behaviour_differences() -> None:
     ts_diag = _torch_secorder("core.hessian_diagonal")
     model, x, y = _classifier()
     params = list(model.parameters())
-    func = lambda: nn.functional.cross_entropy(model(x), y)  # noqa: E731
+    func = lambda: nn.functional.cross_entropy(model(x), y)
     v = [torch.randn_like(p) for p in params]
     # gauss_newton_product: torch_secorder 0.0.1 returns zeros (it backpropagates through a detached copy).
     assert all(
@@ -807,7 +804,7 @@ def test_migrating_behaviour_differences() -> None:
     assert not torch.equal(before, bn[1].running_mean)
     # strict=True: torch_secorder raises for a frozen tensor and returns zeros for an unused one.
     w = torch.tensor([1.0, 2.0], requires_grad=True)
-    cube = lambda: (w**3).sum()  # noqa: E731
+    cube = lambda: (w**3).sum()
     unused = torch.ones(2, requires_grad=True)
     assert ts_diag.hessian_diagonal(cube, [w, unused], strict=True)[1].abs().sum() == 0  # type: ignore[attr-defined]
     with pytest.raises(RuntimeError, match="does not require grad"):
@@ -817,7 +814,7 @@ def test_migrating_behaviour_differences() -> None:
 def test_migrating_sparse_probes_biased_there() -> None:
     ts_hvp = _torch_secorder("core.hvp")
     x = torch.linspace(0.5, 2.0, 20, dtype=F64).requires_grad_()
-    func = lambda: (x**3).sum()  # noqa: E731  (H = diag(6x): Rademacher probes are exact)
+    func = lambda: (x**3).sum()
     exact = 6 * x.detach().sum()
     torch.manual_seed(0)
     theirs = torch.tensor([ts_hvp.hessian_trace(func, [x], 10, sparse=True) for _ in range(200)])  # type: ignore[attr-defined]

@@ -14,17 +14,22 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
-PYTHON = [
-    (name, "py:exception", "library/exceptions.html#$")
-    for name in ("ValueError", "TypeError", "RuntimeError", "NotImplementedError")
-] + [
-    (name, "py:class", "library/stdtypes.html#$") for name in ("list", "tuple", "dict", "int", "float", "str")
-] + [
-    ("bool", "py:class", "library/functions.html#$"),
-    ("functools.partial", "py:function", "library/functools.html#$"),
-    ("functools.wraps", "py:function", "library/functools.html#$"),
-    ("doctest", "py:module", "library/doctest.html#module-doctest"),
-]
+PYTHON = (
+    [
+        (name, "py:exception", "library/exceptions.html#$")
+        for name in ("ValueError", "TypeError", "RuntimeError", "NotImplementedError")
+    ]
+    + [
+        (name, "py:class", "library/stdtypes.html#$")
+        for name in ("list", "tuple", "dict", "int", "float", "str")
+    ]
+    + [
+        ("bool", "py:class", "library/functions.html#$"),
+        ("functools.partial", "py:function", "library/functools.html#$"),
+        ("functools.wraps", "py:function", "library/functools.html#$"),
+        ("doctest", "py:module", "library/doctest.html#module-doctest"),
+    ]
+)
 
 TORCH = [
     ("torch.Tensor", "py:class", "tensors.html#$"),

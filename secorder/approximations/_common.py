@@ -297,7 +297,7 @@ def categorical_fisher(
                 totals[j] = sq if prev is None else prev + sq
         for j, t in enumerate(totals):
             if t is not None:
-                acc.add(j, c0, t)
+                acc.add_total(j, t.sum(0))
     est, _ = acc.result(average=False, scale=1.0)
     if trace:
         return est
