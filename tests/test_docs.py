@@ -44,3 +44,14 @@ def test_page_examples_run(page: Path) -> None:
     runner.run(test)
     result = runner.summarize(verbose=False)
     assert result.failed == 0, f"{result.failed} of {result.attempted} examples failed in {page}"
+
+
+def test_readme_python_blocks_run() -> None:
+    """The README's Python examples run as written (in one namespace, in order)."""
+    readme = (DOCS.parent / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    assert blocks, "the README has Python examples"
+    namespace: dict[str, object] = {}
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), namespace)
+    assert "diag" in namespace and "est" in namespace
