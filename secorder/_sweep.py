@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from secorder._errors import error
-from secorder._layers import FastCapture
+from secorder._layers import FastCapture, _LinearLayer
 from secorder._losses import LossSpec
 from secorder._persample import ColumnAccumulator
 
@@ -227,6 +227,15 @@ def sweep_diagonal(
     if capture.generic_indices:
         bad = ", ".join(names[i] for i in capture.generic_indices[:3])
         raise SweepUnsupportedError(f"parameters outside a supported Linear/Conv2d/Embedding call ({bad})")
+    for layer in capture.layers:
+        # A layer called again on something that depends on the parameters may see its own
+        # weight in its input: a bilinear term (W applied to a function of W) with no rule yet.
+        recs = layer.records
+        if len(recs) > 1 and any(isinstance(r.input, Tensor) and r.input.requires_grad for r in recs):
+            raise SweepUnsupportedError(
+                f"a {type(layer.module).__name__} called {len(recs)} times on parameter-dependent inputs "
+                "(a weight applied to something that may depend on it)"
+            )
     if not isinstance(z, Tensor) or z.dim() == 0:
         raise SweepUnsupportedError("model outputs that are not a batched tensor")
     loss.check(call, z, targets)
@@ -324,6 +333,8 @@ def sweep_diagonal(
         pull(cots_pq, signs, acc)
         for layer in capture.layers:
             layer.finish(acc)
+            if isinstance(layer, _LinearLayer):
+                layer.D2 = None  # deferred column sums belong to this probe only
         est, _ = acc.result(average=False, scale=c)
         samples.append(est)
     stack = torch.stack(samples)
