@@ -207,7 +207,10 @@ def sweep_diagonal(
     generator: torch.Generator | None,
     chunk_size: int,
 ) -> tuple[list[Tensor], list[Tensor] | None, int]:
-    """The Hessian diagonal per leaf (and per-entry stderr for curvature propagation) and R.
+    """The Hessian diagonal per leaf, and R.
+
+    For curvature propagation also the per-entry stderr per leaf, followed by one more
+    0-dim tensor: the standard error of the trace over the probes.
 
     Raises :class:`SweepUnsupportedError` when a parameter or op is not covered by the rules.
     """
@@ -344,7 +347,11 @@ def sweep_diagonal(
         if num_probes > 1
         else torch.full_like(mean, math.nan)
     )
-    return _split(mean, shapes), _split(err, shapes), num_cols
+    traces = stack.sum(1)
+    trace_err = (
+        traces.std(correction=1) / math.sqrt(num_probes) if num_probes > 1 else traces.new_tensor(math.nan)
+    )
+    return _split(mean, shapes), [*_split(err, shapes), trace_err], num_cols
 
 
 def _signs(shape: Sequence[int], generator: torch.Generator | None, like: Tensor) -> Tensor:

@@ -52,6 +52,7 @@ from secorder.modules import module_forward
 __all__ = ["METHODS", "SweepInfo", "module_hessian_diagonal", "module_hessian_trace"]
 
 METHODS = ("auto", "sweep", "hvp", "curvature_propagation")
+_TRACE_KEY = "\x00trace"  # not a valid parameter name
 
 
 class SweepInfo(NamedTuple):
@@ -183,6 +184,7 @@ def module_hessian_diagonal(
             max_hvp_params,
         )
         diag_fn.method_info = info  # type: ignore[attr-defined]
+        diag_fn.trace_stderr = err.pop(_TRACE_KEY, None)  # type: ignore[attr-defined]
         return (diag, err) if with_stderr else diag
 
     diag_fn.method_info = None  # type: ignore[attr-defined]
@@ -194,23 +196,21 @@ def module_hessian_trace(model: nn.Module, loss: str, /, **options: Any) -> Call
 
     Same options and methods as :func:`module_hessian_diagonal` (exact by the sweep or
     one-hot HVPs; curvature propagation gives an unbiased trace estimate, and with
-    ``with_stderr`` its standard error over probes). ``trace_fn.method_info`` as there.
+    ``with_stderr`` its standard error over the per-probe traces). ``trace_fn.method_info``
+    as there.
     """
     with_stderr = bool(options.pop("with_stderr", False))
     inner = module_hessian_diagonal(model, loss, with_stderr=True, **options)
 
     def trace_fn(params: Any, inputs: Any, targets: Any, generator: torch.Generator | None = None) -> Any:
-        diag, err = inner(params, inputs, targets, generator)
+        diag, _err = inner(params, inputs, targets, generator)
         trace_fn.method_info = inner.method_info  # type: ignore[attr-defined]
         total = sum(d.sum() for d in diag.values())
         assert isinstance(total, Tensor)
         if not with_stderr:
             return total
-        if inner.method_info.method == "curvature_propagation":  # type: ignore[attr-defined]
-            # stderr of the trace: per-probe traces are needed; recompute from the per-entry
-            # sums is not possible, so report the conservative bound Σ err (triangle inequality)
-            return total, sum(e.sum() for e in err.values())
-        return total, torch.zeros_like(total)
+        trace_err = inner.trace_stderr  # type: ignore[attr-defined]
+        return total, (torch.zeros_like(total) if trace_err is None else trace_err)
 
     trace_fn.method_info = None  # type: ignore[attr-defined]
     return trace_fn
@@ -295,7 +295,11 @@ def _run(
     # cheaper than an HVP, so R ≤ P keeps the sweep.
     d = unflatten(tree, diag)
     label = "curvature_propagation" if k is not None else "sweep"
-    e = unflatten(tree, err) if err is not None else {n: torch.zeros_like(v) for n, v in d.items()}
+    if err is not None:
+        e = unflatten(tree, err[:-1])
+        e[_TRACE_KEY] = err[-1]  # popped by diag_fn; read by module_hessian_trace
+    else:
+        e = {n: torch.zeros_like(v) for n, v in d.items()}
     if method == "auto" and r > p_count and p_count <= max_hvp:
         return hvp_route(f"R={r} columns > P={p_count}: one-hot HVPs are cheaper", r)
     return d, e, SweepInfo(label, r, p_count, f"method={method!r}, R={r}, P={p_count}")

@@ -264,10 +264,18 @@ def test_curvature_propagation_unbiased_and_calibrated() -> None:
     fn = secorder.module_hessian_diagonal(
         model, "cross_entropy", method="curvature_propagation", num_probes=16, with_stderr=True
     )
+    tr_fn = secorder.module_hessian_trace(
+        model, "cross_entropy", method="curvature_propagation", num_probes=16, with_stderr=True
+    )
+    exact_trace = exact_flat.sum()
     seeds = 200
-    ests, covered = [], []
+    ests, covered, traces, tr_covered = [], [], [], []
     for seed in range(seeds):
         est, err = fn(params, x, y, generator=torch.Generator().manual_seed(seed))
+        tr, tr_err = tr_fn(params, x, y, generator=torch.Generator().manual_seed(seed))
+        torch.testing.assert_close(tr, sum(v.sum() for v in est.values()))  # same probes
+        traces.append(tr)
+        tr_covered.append(float((tr - exact_trace).abs() <= 1.96 * tr_err))
         e = torch.cat([est[k].reshape(-1) for k in sorted(est)])
         s = torch.cat([err[k].reshape(-1) for k in sorted(err)])
         ests.append(e)
@@ -280,6 +288,9 @@ def test_curvature_propagation_unbiased_and_calibrated() -> None:
     coverage = float(torch.stack(covered).mean())
     # t with 15 degrees of freedom at 1.96 covers about 93%; binomial noise over 200 seeds ~1.5%
     assert 0.88 <= coverage <= 0.98, coverage
+    tr_stack = torch.stack(traces)
+    assert float((tr_stack.mean() - exact_trace).abs()) <= 4 * float(tr_stack.std()) / math.sqrt(seeds)
+    assert 0.88 <= sum(tr_covered) / seeds <= 0.99
     # same generator state => identical results
     a, _ = fn(params, x, y, generator=torch.Generator().manual_seed(7))
     b, _ = fn(params, x, y, generator=torch.Generator().manual_seed(7))
