@@ -52,7 +52,7 @@ from secorder._layers import FastCapture, _LinearLayer
 from secorder._losses import LossSpec
 from secorder._persample import ColumnAccumulator
 
-__all__ = ["ACTIVATIONS", "SweepUnsupportedError", "sweep_diagonal"]
+__all__ = ["ACTIVATIONS", "SweepTooCostlyError", "SweepUnsupportedError", "sweep_diagonal"]
 
 # Elementwise ops with curvature: their second derivative is taken by autodiff.
 ACTIVATIONS = frozenset(
@@ -84,6 +84,10 @@ _METADATA = frozenset(
 
 class SweepUnsupportedError(Exception):
     """An op of the model is not covered by the sweep's rules (``reason`` says which)."""
+
+
+class SweepTooCostlyError(SweepUnsupportedError):
+    """More columns per sample than ``max_columns`` (``args[0]`` is the count R)."""
 
 
 def _name(func: Any) -> str:
@@ -206,6 +210,7 @@ def sweep_diagonal(
     num_probes: int | None,
     generator: torch.Generator | None,
     chunk_size: int,
+    max_columns: int | None = None,
 ) -> tuple[list[Tensor], list[Tensor] | None, int]:
     """The Hessian diagonal per leaf, and R.
 
@@ -288,6 +293,8 @@ def sweep_diagonal(
         zero = [torch.zeros(s, dtype=z.dtype, device=z.device) for s in shapes]
         return zero, (None if num_probes is None else [t.clone() for t in zero]), 0
     num_cols = factor.num_columns + sum(int(w[0].numel()) for w in node_weights)
+    if max_columns is not None and num_cols > max_columns:
+        raise SweepTooCostlyError(num_cols)
 
     if num_probes is None:
         acc = ColumnAccumulator(shapes, 1, trace=False, per_column=False, like=z)

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from secorder._errors import error
 from secorder._losses import CallableLoss, LossSpec, resolve_loss
 from secorder._pytree import check_floating_tree, unflatten
-from secorder._sweep import SweepUnsupportedError, sweep_diagonal
+from secorder._sweep import SweepTooCostlyError, SweepUnsupportedError, sweep_diagonal
 from secorder._validate import check_num_probes
 from secorder.hessian import hessian_diagonal
 from secorder.modules import module_forward
@@ -267,22 +267,17 @@ def _run(
     if method == "hvp":
         return hvp_route("method='hvp'", 0)
     chunk = 64 if chunk_size is None else chunk_size
+    cheap_hvp = method == "auto" and p_count <= max_hvp
     try:
         diag, err, r = sweep_diagonal(
-            call,
-            model,
-            names,
-            leaves,
-            fwd,
-            spec,
-            targets,
-            num_probes=k,
-            generator=generator,
-            chunk_size=chunk,
-        )
+            call, model, names, leaves, fwd, spec, targets, num_probes=k, generator=generator,
+            chunk_size=chunk, max_columns=p_count if cheap_hvp else None,
+        )  # fmt: skip
+    except SweepTooCostlyError as exc:  # only raised when one-hot HVPs are the cheaper exact route
+        return hvp_route(f"R={exc.args[0]} columns > P={p_count}: one-hot HVPs are cheaper", exc.args[0])
     except SweepUnsupportedError as exc:
-        if method == "auto" and p_count <= max_hvp:
-            return hvp_route(f"sweep unsupported ({exc}); P={p_count} ≤ {max_hvp}", 0)
+        if cheap_hvp:
+            return hvp_route(f"sweep unsupported ({exc}); P={p_count} <= {max_hvp}", 0)
         raise error(
             call,
             "the structured sweep covers Linear/Conv2d/Embedding layers, elementwise activations, "
@@ -291,8 +286,6 @@ def _run(
             "Use method='hvp' (batched one-hot Hessian-vector products, cost P HVPs) or "
             "method='curvature_propagation' with num_probes (an unbiased estimate).",
         ) from exc
-    # TODO(cost model): auto could prefer HVPs when R > P; the sweep's R columns are each
-    # cheaper than an HVP, so R ≤ P keeps the sweep.
     d = unflatten(tree, diag)
     label = "curvature_propagation" if k is not None else "sweep"
     if err is not None:
@@ -300,6 +293,4 @@ def _run(
         e[_TRACE_KEY] = err[-1]  # popped by diag_fn; read by module_hessian_trace
     else:
         e = {n: torch.zeros_like(v) for n, v in d.items()}
-    if method == "auto" and r > p_count and p_count <= max_hvp:
-        return hvp_route(f"R={r} columns > P={p_count}: one-hot HVPs are cheaper", r)
     return d, e, SweepInfo(label, r, p_count, f"method={method!r}, R={r}, P={p_count}")

@@ -295,3 +295,22 @@ def test_curvature_propagation_unbiased_and_calibrated() -> None:
     a, _ = fn(params, x, y, generator=torch.Generator().manual_seed(7))
     b, _ = fn(params, x, y, generator=torch.Generator().manual_seed(7))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_auto_cost_model_prefers_hvps_when_columns_exceed_params() -> None:
+    """R = 36 MSE columns per sample against P = 10 parameters: auto takes one-hot HVPs."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 1, 3, padding=1), nn.Flatten()).double()
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    x, y = torch.randn(3, 1, 6, 6, dtype=torch.float64), torch.randn(3, 36, dtype=torch.float64)
+    fn = secorder.module_hessian_diagonal(model, "mse")
+    got = fn(params, x, y)
+    assert fn.method_info.method == "hvp"
+    assert "R=36 columns > P=10" in fn.method_info.reason
+    forced = secorder.module_hessian_diagonal(model, "mse", method="sweep")
+    swept = forced(params, x, y)
+    assert forced.method_info.num_columns == 36
+    ref = _dense_diag(model, "mse", params, x, y)
+    for k in params:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(swept[k], ref[k], rtol=1e-9, atol=1e-11)
