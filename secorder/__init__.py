@@ -6,6 +6,9 @@ from secorder._errors import SecorderError
 # Fisher / GGN / empirical Fisher transforms
 from secorder.fisher import FisherPath, fisher_diagonal, fisher_operator, fisher_trace
 from secorder.hessian import hessian_diagonal, hessian_operator, hessian_trace, hvp
+
+# exact Hessian diagonal of nn.Module losses (structured sweep, curvature propagation)
+from secorder.module_hessian import SweepInfo, module_hessian_diagonal, module_hessian_trace
 from secorder.modules import module_loss
 
 __version__ = "0.1.0"
@@ -23,6 +26,10 @@ __all__ = [
     "FisherPath",
     # nn.Module helpers
     "module_loss",
+    # exact Hessian diagonal of nn.Module losses (structured sweep, curvature propagation)
+    "module_hessian_diagonal",
+    "module_hessian_trace",
+    "SweepInfo",
     # configuration and errors
     "memory_budget",
     "set_memory_budget",
