@@ -2,6 +2,12 @@
 
 from secorder._chunking import memory_budget, set_memory_budget
 from secorder._errors import SecorderError
+from secorder.data import (
+    dataset_fisher_diagonal,
+    dataset_fisher_trace,
+    dataset_hessian_diagonal,
+    dataset_hessian_trace,
+)
 
 # Fisher / GGN / empirical Fisher transforms
 from secorder.fisher import FisherPath, fisher_diagonal, fisher_operator, fisher_trace
@@ -24,6 +30,11 @@ __all__ = [
     "fisher_diagonal",
     "fisher_operator",
     "FisherPath",
+    # whole datasets (secorder.data)
+    "dataset_hessian_trace",
+    "dataset_hessian_diagonal",
+    "dataset_fisher_trace",
+    "dataset_fisher_diagonal",
     # nn.Module helpers
     "module_loss",
     # exact Hessian diagonal of nn.Module losses (structured sweep, curvature propagation)
