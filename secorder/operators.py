@@ -168,6 +168,10 @@ def resolve_strategy(call: str, strategy: str, leaves: Sequence[Tensor]) -> str:
 
     * inside a ``torch.func`` transform, or when a parameter requires grad with grad
       mode on (the result must stay differentiable): ``"rev_rev"``;
+    * under ``torch.compile`` (while Dynamo traces): ``"fwd_rev"``, the strategy that
+      compiles (``"rev_rev"`` with freshly drawn probes fails in Inductor with "Cannot
+      access storage of TensorWrapper", and the ``"autograd"`` ones need double backward,
+      which AOTAutograd does not support; measured with torch 2.13 on CPU);
     * otherwise (plain eager evaluation) the choice is made at the first product, from
       the autograd graph of one evaluation of the function (that graph is reused, not
       wasted): ``"autograd"`` (a loop over one retained double-backward graph) if the
@@ -189,6 +193,8 @@ def resolve_strategy(call: str, strategy: str, leaves: Sequence[Tensor]) -> str:
         )
     if strategy != "auto":
         return strategy
+    if torch.compiler.is_compiling():  # inductor fails on vmap(vjp) of fresh probes; fwd_rev compiles
+        return "fwd_rev"
     needs_graph = torch.is_grad_enabled() and any(leaf.requires_grad for leaf in leaves)
     if transformed or needs_graph:
         return "rev_rev"
