@@ -64,7 +64,6 @@ multiple of the world size; shard the data yourself (e.g. ``Subset`` of
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -74,6 +73,7 @@ from torch import Tensor, nn
 from secorder import probes as _probes
 from secorder._chunking import check_chunk_size
 from secorder._errors import error
+from secorder._progress import progress_bar
 from secorder._pytree import check_floating_tree, flatten, ravel, unflatten, unravel
 from secorder._validate import check_bool, check_callable, check_method, check_num_probes
 from secorder.estimators import DIAGONAL_ESTIMATORS, TRACE_ESTIMATORS, exact_diagonal
@@ -92,24 +92,6 @@ Batch = tuple[Any, Any]
 
 
 # -- helpers ----------------------------------------------------------------------------
-def progress_bar(iterable: Iterable[Any], enabled: bool, call: str, desc: str) -> Iterable[Any]:
-    """Wrap ``iterable`` in a tqdm bar when ``enabled`` (tqdm is an optional dependency)."""
-    if not enabled:
-        return iterable
-    try:
-        tqdm = importlib.import_module("tqdm").tqdm
-    except ImportError as exc:
-        raise error(
-            call,
-            "progress=True needs the optional dependency tqdm",
-            "an ImportError when importing tqdm",
-            "Install it (pip install tqdm) or pass progress=False.",
-            cls=ImportError,
-        ) from exc
-    total = len(iterable) if hasattr(iterable, "__len__") else None  # type: ignore[arg-type]
-    return tqdm(iterable, total=total, desc=desc, leave=False)
-
-
 def _unpack(call: str, batch: object, index: int) -> Batch:
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
         raise error(
@@ -413,9 +395,15 @@ def _dataset_hessian(
 
     if num_probes is None:
         if diagonal:
-            est = passes.run(lambda x, y: exact_diagonal(make_op(x, y), chunk_size=chunk_size), "diagonal")
+            est = passes.run(
+                lambda x, y: exact_diagonal(make_op(x, y), chunk_size=chunk_size, progress=progress),
+                "diagonal",
+            )
         else:
-            est = passes.run(lambda x, y: exact_diagonal(make_op(x, y), chunk_size=chunk_size).sum(), "trace")
+            est = passes.run(
+                lambda x, y: exact_diagonal(make_op(x, y), chunk_size=chunk_size, progress=progress).sum(),
+                "trace",
+            )
         return _finish(est, torch.zeros_like(est), leaves, spec, diagonal, with_stderr)
     size = sum(int(leaf.numel()) for leaf in leaves)
     op = DatasetOperator(make_op, passes, size, leaves[0].dtype, leaves[0].device)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import secorder
+import secorder._progress
 import secorder.data
 from secorder._pytree import flatten, ravel
 
@@ -252,8 +253,17 @@ def test_progress_without_tqdm(monkeypatch) -> None:
             raise ImportError("No module named 'tqdm'")
         return real(name, *args)
 
-    monkeypatch.setattr(secorder.data.importlib, "import_module", fake)
+    monkeypatch.setattr(secorder._progress.importlib, "import_module", fake)
     with pytest.raises(
         ImportError, match=r"progress=True needs the optional dependency tqdm.*pip install tqdm"
     ):
         secorder.dataset_hessian_trace(f_mean, P, batches(), progress=True)
+
+
+def test_progress_bar_over_exact_diagonal_chunks(capsys) -> None:
+    from secorder.estimators import exact_diagonal
+
+    op, _ = secorder.hessian_operator(f_mean, P, X, Y)
+    d = exact_diagonal(op, chunk_size=3, progress=True)
+    torch.testing.assert_close(d, exact_diagonal(op), rtol=1e-12, atol=1e-12)
+    assert "exact diagonal (chunks)" in capsys.readouterr().err
