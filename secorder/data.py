@@ -42,7 +42,8 @@ When ``torch.distributed`` is initialised, each rank passes its own shard of the
 every dataset-level sum (the weighted contributions and N) is all-reduced, so all ranks
 return the value a single process would get on the union of the shards. Randomized
 estimates need identical probes on every rank: create the generator with the same seed
-on every rank (``torch.Generator(device).manual_seed(0)``). Works with ``gloo`` (CPU
+on every rank (``torch.Generator(device).manual_seed(0)``); probes that differ between ranks
+are detected (two checksums all-reduced per pass) and raise an error on every rank. Works with ``gloo`` (CPU
 tensors) and ``nccl`` (CUDA tensors). Across machines::
 
     # on each of 2 machines (node_rank 0 and 1), 4 processes per machine
@@ -162,6 +163,25 @@ def _all_reduce(total: Tensor, count: int) -> tuple[Tensor, int]:
     torch.distributed.all_reduce(total)
     torch.distributed.all_reduce(n)
     return total, round(float(n.item()))
+
+
+def _check_same_on_ranks(call: str, V: Tensor) -> None:
+    """Raise on every rank if the probe rows differ between ranks (compared by two checksums)."""
+    if not _distributed() or in_functorch_transform([V]):
+        return
+    weights = torch.linspace(1.0, 2.0, V.shape[-1], dtype=torch.float64, device=V.device)
+    sums = torch.stack([V.double().sum(), (V.double() * weights).sum()])
+    lo, hi = sums.clone(), sums.clone()
+    torch.distributed.all_reduce(lo, op=torch.distributed.ReduceOp.MIN)
+    torch.distributed.all_reduce(hi, op=torch.distributed.ReduceOp.MAX)
+    if not torch.equal(lo, hi):
+        raise error(
+            call,
+            "every rank must apply the same probes (the products are summed over ranks)",
+            f"probes that differ between ranks (checksums from {lo.tolist()} to {hi.tolist()})",
+            "Create the generator with the same seed on every rank, e.g. "
+            "torch.Generator(device).manual_seed(0), not a rank-dependent seed or None.",
+        )
 
 
 class _Pass:
@@ -292,10 +312,12 @@ class DatasetOperator:
 
     def matmat(self, V: Tensor) -> Tensor:
         """Rows Σ_b w_b A_b v_i, one pass over the data."""
+        _check_same_on_ranks(self.passes.call, V)
         return self.passes.run(lambda x, y: self.make_op(x, y).matmat(V), "products")
 
     def quadform(self, V: Tensor) -> Tensor:
         """Values Σ_b w_b v_iᵀ A_b v_i, one pass over the data."""
+        _check_same_on_ranks(self.passes.call, V)
         return self.passes.run(lambda x, y: self.make_op(x, y).quadform(V), "products")
 
 

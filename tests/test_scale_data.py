@@ -267,3 +267,17 @@ def test_progress_bar_over_exact_diagonal_chunks(capsys) -> None:
     d = exact_diagonal(op, chunk_size=3, progress=True)
     torch.testing.assert_close(d, exact_diagonal(op), rtol=1e-12, atol=1e-12)
     assert "exact diagonal (chunks)" in capsys.readouterr().err
+
+
+def test_under_vmap_over_stacked_parameters() -> None:
+    """Under vmap the per-batch products are batched; non-finite checks are skipped (NaN propagates)."""
+    stacked = {k: torch.stack([v, 2 * v]) for k, v in P.items()}
+    got = torch.func.vmap(lambda p: secorder.dataset_hessian_trace(f_mean, p, batches()))(stacked)
+    want = torch.stack(
+        [secorder.hessian_trace(f_mean)({k: v[i] for k, v in stacked.items()}, X, Y) for i in range(2)]
+    )
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    x = X.clone()
+    x[9, 0] = float("nan")
+    out = torch.func.vmap(lambda p: secorder.dataset_hessian_trace(f_mean, p, batches(x)))(stacked)
+    assert bool(torch.isnan(out).all())

@@ -58,6 +58,14 @@ def _worker(rank: int, port: int, out: str) -> None:
         X, Y, P = _problem()
         data = [(X[a:b], Y[a:b]) for a, b in SHARDS[rank]]
         torch.save(_quantities(P, data), Path(out) / f"rank{rank}.pt")
+        try:  # a rank-dependent seed: the probes differ between ranks
+            secorder.dataset_hessian_trace(
+                _f, P, data, num_probes=2, generator=torch.Generator().manual_seed(rank)
+            )
+            message = "no error"
+        except ValueError as exc:
+            message = str(exc)
+        (Path(out) / f"rank{rank}.txt").write_text(message)
     finally:
         dist.destroy_process_group()
 
@@ -86,3 +94,5 @@ def test_two_gloo_ranks_equal_single_process(tmp_path: Path) -> None:
         got = torch.load(tmp_path / f"rank{rank}.pt")
         for key, value in single.items():
             torch.testing.assert_close(got[key], value, rtol=1e-10, atol=1e-12, msg=f"rank {rank}, {key}")
+        message = (tmp_path / f"rank{rank}.txt").read_text()
+        assert "every rank must apply the same probes" in message and "same seed on every rank" in message
