@@ -143,6 +143,8 @@ def main() -> None:
     if args.worker is not None:
         print(json.dumps(worker(json.loads(args.worker))))
         return
+    if args.threads:
+        torch.set_num_threads(args.threads)  # the workers get the same count; the header reports it
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sizes = [1_000, 5_000] if args.small else [10_000, 100_000, 1_000_000]
     full_limit = 5_000 if args.small else 10_000
