@@ -73,7 +73,7 @@ from torch import Tensor, nn
 
 from secorder import probes as _probes
 from secorder._chunking import check_chunk_size
-from secorder._errors import error
+from secorder._errors import SecorderError, error
 from secorder._progress import progress_bar
 from secorder._pytree import check_floating_tree, flatten, ravel, unflatten, unravel
 from secorder._validate import check_bool, check_callable, check_method, check_num_probes
@@ -227,7 +227,10 @@ class _Pass:
             if self.check_determinism:
                 prints.append(_fingerprint(x, y))
                 self._compare(prints, b)
-            out = contribution(x, y)
+            try:
+                out = contribution(x, y)
+            except SecorderError as exc:  # a per-batch check (targets, outputs): say which batch
+                raise type(exc)(f"{exc} (in batch {b} of the data, {n_b} samples)") from exc
             if (
                 self.check_finite
                 and not in_functorch_transform([out])

@@ -281,3 +281,36 @@ def test_under_vmap_over_stacked_parameters() -> None:
     x[9, 0] = float("nan")
     out = torch.func.vmap(lambda p: secorder.dataset_hessian_trace(f_mean, p, batches(x)))(stacked)
     assert bool(torch.isnan(out).all())
+
+
+def test_per_batch_errors_name_the_batch() -> None:
+    model = _mlp()
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    y = torch.randint(0, 3, (11,))
+    x = X.clone()
+    x[10, 1] = float("nan")
+    with pytest.raises(
+        ValueError, match=r"the model outputs must be finite.*\(in batch 2 of the data, 3 samples\)"
+    ):
+        secorder.dataset_fisher_trace(model, "cross_entropy", params, batches(x, y))
+    x[10, 1] = float("inf")  # tanh saturates: finite outputs, but the layer input enters the gradients
+    with pytest.raises(ValueError, match=r"non-finite trace contributions \(finite outputs\) at batch 2"):
+        secorder.dataset_fisher_trace(model, "cross_entropy", params, batches(x, y))
+    y_bad = y.clone()
+    y_bad[5] = 7  # class index out of range in batch 1
+    with pytest.raises(ValueError, match=r"in batch 1 of the data"):
+        secorder.dataset_fisher_diagonal(model, "cross_entropy", params, batches(X, y_bad))
+
+
+def test_mc_fisher_is_the_weighted_sum_of_batch_draws() -> None:
+    """kind='mc' draws targets batch by batch from one generator: the weighted sum of per-batch MC traces."""
+    model = _mlp()
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    y = torch.randint(0, 3, (11,))
+    got = secorder.dataset_fisher_trace(
+        model, "cross_entropy", params, batches(X, y), kind="mc", num_probes=2, generator=gen(4)
+    )
+    g = gen(4)
+    per = secorder.fisher_trace(model, "cross_entropy", kind="mc", num_probes=2)
+    want = sum(n * per(params, xb, yb, generator=g) for n, (xb, yb) in zip(SIZES, batches(X, y))) / 11
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
