@@ -65,7 +65,7 @@ multiple of the world size; shard the data yourself (e.g. ``Subset`` of
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -184,6 +184,21 @@ def _check_same_on_ranks(call: str, V: Tensor) -> None:
         )
 
 
+def _agree_on_failure(call: str, device: torch.device, exc: Exception | None) -> None:
+    """All-reduce whether any rank failed this pass; raise on every rank if one did."""
+    flag = torch.tensor([0.0 if exc is None else 1.0], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    if float(flag.item()) > 0 and exc is None:
+        raise error(
+            call,
+            "every rank must complete its pass over its shard of the data",
+            "an error on another rank (its message is in that rank's output)",
+            "Fix the failing rank's data or parameters; all ranks stop together rather than "
+            "waiting at the all-reduce for the process group's timeout.",
+            cls=RuntimeError,
+        )
+
+
 class _Pass:
     """Shared bookkeeping of passes over the data: weights, fingerprints, finiteness, progress."""
 
@@ -196,6 +211,7 @@ class _Pass:
         check_finite: bool,
         progress: bool,
         diagnose: Callable[[Any, Any], str],
+        leaves: Sequence[Tensor],
     ) -> None:
         if isinstance(data, Iterator):
             raise error(
@@ -212,11 +228,30 @@ class _Pass:
         self.check_finite = check_finite
         self.progress = progress
         self.diagnose = diagnose
+        self.leaves = list(leaves)
         self.fingerprints: list[tuple[Any, ...]] | None = None
         self.passes = 0
 
     def run(self, contribution: Callable[[Any, Any], Tensor], quantity: str) -> Tensor:
-        """Σ_b w_b contribution(x_b, y_b), all-reduced over ranks."""
+        """Σ_b w_b contribution(x_b, y_b), all-reduced over ranks.
+
+        When distributed, a failure on one rank is shared (one all-reduced flag per pass),
+        so every rank raises instead of waiting at the all-reduce for the group's timeout.
+        """
+        sync = _distributed() and not in_functorch_transform(self.leaves)
+        try:
+            total, count = self._local(contribution, quantity)
+        except Exception as exc:
+            if sync:
+                _agree_on_failure(self.call, self.leaves[0].device, exc)
+            raise
+        if sync:
+            _agree_on_failure(self.call, self.leaves[0].device, None)
+            total, count = _all_reduce(total, count)
+        return total / count if self.reduction == "mean" else total
+
+    def _local(self, contribution: Callable[[Any, Any], Tensor], quantity: str) -> tuple[Tensor, int]:
+        """This process's Σ_b w_b contribution and sample count, with the per-batch checks."""
         total: Tensor | None = None
         count = 0
         prints: list[tuple[Any, ...]] = []
@@ -255,9 +290,7 @@ class _Pass:
         if self.fingerprints is None:
             self.fingerprints = prints
         self.passes += 1
-        if not in_functorch_transform([total]):
-            total, count = _all_reduce(total, count)
-        return total / count if self.reduction == "mean" else total
+        return total, count
 
     def _compare(self, prints: list[tuple[Any, ...]], b: int) -> None:
         if self.fingerprints is None:
@@ -413,7 +446,7 @@ def _dataset_hessian(
             return f"a finite loss but a non-finite gradient (in parameter leaves {bad})"
         return "a finite loss and gradient but non-finite Hessian-vector products"
 
-    passes = _Pass(call, data, reduction, check_determinism, check_finite, progress, diagnose)
+    passes = _Pass(call, data, reduction, check_determinism, check_finite, progress, diagnose, leaves)
 
     def make_op(x: Any, y: Any) -> LinearOperator:
         return hessian_operator(f, params, x, y, strategy=strategy)[0]
@@ -604,6 +637,7 @@ def _dataset_fisher(
     passes = _Pass(
         call, data, reduction, check_determinism, check_finite, progress,
         lambda x, y: f"non-finite {'diagonal' if diagonal else 'trace'} contributions (finite outputs)",
+        leaves,
     )  # fmt: skip
     if num_probes is None or kind == "mc":
         common = dict(kind=kind, num_probes=num_probes, reduction=reduction, chunk_size=chunk_size, path=path)

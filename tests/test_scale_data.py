@@ -136,7 +136,9 @@ def test_dataset_operator_works_with_any_estimator() -> None:
     """A DatasetOperator is an ordinary operator: its dense matrix is the full-batch Hessian."""
     from secorder.estimators import exact_diagonal
 
-    passes = secorder.data._Pass("test", batches(), "mean", True, True, False, lambda x, y: "")
+    passes = secorder.data._Pass(
+        "test", batches(), "mean", True, True, False, lambda x, y: "", list(P.values())
+    )
     op = secorder.data.DatasetOperator(
         lambda x, y: secorder.hessian_operator(f_mean, P, x, y)[0],
         passes,

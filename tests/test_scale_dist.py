@@ -66,6 +66,16 @@ def _worker(rank: int, port: int, out: str) -> None:
         except ValueError as exc:
             message = str(exc)
         (Path(out) / f"rank{rank}.txt").write_text(message)
+        if rank == 1:  # a NaN on one rank only: both ranks raise, neither waits for the timeout
+            x = data[0][0].clone()
+            x[0, 0] = float("nan")
+            data = [(x, data[0][1]), *data[1:]]
+        try:
+            secorder.dataset_hessian_trace(_f, P, data)
+            message = "no error"
+        except (ValueError, RuntimeError) as exc:
+            message = f"{type(exc).__name__}: {exc}"
+        (Path(out) / f"rank{rank}.failure.txt").write_text(message)
     finally:
         dist.destroy_process_group()
 
@@ -96,3 +106,8 @@ def test_two_gloo_ranks_equal_single_process(tmp_path: Path) -> None:
             torch.testing.assert_close(got[key], value, rtol=1e-10, atol=1e-12, msg=f"rank {rank}, {key}")
         message = (tmp_path / f"rank{rank}.txt").read_text()
         assert "every rank must apply the same probes" in message and "same seed on every rank" in message
+    assert "non-finite loss (nan) at batch 0" in (tmp_path / "rank1.failure.txt").read_text()
+    assert (
+        "RuntimeError: dataset_hessian_trace(f, params, data): every rank must complete its pass"
+        in (tmp_path / "rank0.failure.txt").read_text()
+    )
