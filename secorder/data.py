@@ -20,6 +20,9 @@ Two routes, chosen from ``num_probes``:
   are Σ_b w_b A_b V, one pass over the data per chunk of probes. The same probes hit every
   batch, so Hutchinson's estimate equals the full-batch estimate for the same generator,
   and estimators that need products of the full matrix (Hutch++, Lanczos, ...) get them.
+  Each pass rebuilds every batch's operator (one forward and backward pass per batch to
+  linearize it), so a larger ``chunk_size`` means fewer passes; memory holds one batch's
+  graph and one chunk of rows at a time.
 
 Determinism check (``check_determinism=True``, the default): a multi-pass estimate is only
 meaningful if every pass sees the same function. Each batch gets a cheap fingerprint
