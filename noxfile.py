@@ -35,9 +35,21 @@ def lint(session: nox.Session) -> None:
     """ruff (lint and format check) and mypy."""
     session.install(TORCH)
     session.install("-e", ".[lint]")
-    session.run("ruff", "check", "secorder", "tests", "benchmarks", "examples")
-    session.run("ruff", "format", "--check", "secorder", "tests", "benchmarks", "examples")
+    session.run("ruff", "check", "secorder", "tests", "benchmarks", "examples", "docs")
+    session.run("ruff", "format", "--check", "secorder", "tests", "benchmarks", "examples", "docs")
     session.run("mypy", "secorder")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """The documentation site (Sphinx: autodoc, napoleon, intersphinx, furo), warnings as errors.
+
+    Its examples are executed by the test suite (tests/test_docs.py and the doctests of
+    the package), not here.
+    """
+    session.install(TORCH)
+    session.install("-e", ".[docs]")
+    session.run("sphinx-build", "-W", "--keep-going", "-b", "html", "docs", "docs/_build/html")
 
 
 @nox.session

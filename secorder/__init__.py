@@ -2,6 +2,9 @@
 
 from secorder._chunking import memory_budget, set_memory_budget
 from secorder._errors import SecorderError
+
+# Fisher / GGN / empirical Fisher transforms
+from secorder.fisher import FisherPath, fisher_diagonal, fisher_operator, fisher_trace
 from secorder.hessian import (
     hessian_diagonal,
     hessian_eigenvalues,
@@ -12,7 +15,12 @@ from secorder.hessian import (
     hessian_trace_adaptive,
     hvp,
 )
+
+# exact Hessian diagonal of nn.Module losses (structured sweep, curvature propagation)
+from secorder.module_hessian import SweepInfo, module_hessian_diagonal, module_hessian_trace
 from secorder.modules import module_loss
+
+# spectra of any operator (Hessian, GGN, Fisher): Lanczos, stochastic Lanczos quadrature
 from secorder.spectra import lanczos_eigenvalues, plot_spectral_density, spectral_density
 
 __version__ = "0.1.0"
@@ -26,7 +34,13 @@ __all__ = [
     # Hessian: stopping on the standard error, squared Frobenius norm
     "hessian_trace_adaptive",
     "hessian_frobenius_norm_sq",
-    # spectra: transforms, and operator-level functions for any operator (Hessian, GGN, Fisher)
+    # Fisher / GGN / empirical Fisher transforms
+    "fisher_trace",
+    "fisher_diagonal",
+    "fisher_operator",
+    "FisherPath",
+    # spectra: Hessian transforms, and operator-level functions for any operator
+    # (e.g. lanczos_eigenvalues(fisher_operator(model, "cross_entropy")(params, x, y)[0], k=5))
     "hessian_eigenvalues",
     "hessian_spectral_density",
     "lanczos_eigenvalues",
@@ -34,6 +48,10 @@ __all__ = [
     "plot_spectral_density",
     # nn.Module helpers
     "module_loss",
+    # exact Hessian diagonal of nn.Module losses (structured sweep, curvature propagation)
+    "module_hessian_diagonal",
+    "module_hessian_trace",
+    "SweepInfo",
     # configuration and errors
     "memory_budget",
     "set_memory_budget",

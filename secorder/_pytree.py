@@ -56,7 +56,8 @@ def check_floating_tree(call: str, name: str, tree: Any) -> tuple[list[Tensor], 
         ``(leaves, spec)``.
 
     Raises:
-        TypeError: a leaf is not a tensor, or is an integer, boolean or complex tensor.
+        TypeError: a leaf is not a tensor, or is an integer, boolean, complex or
+            half-precision (float16, bfloat16, float8) tensor.
         ValueError: the tree has no leaves.
     """
     leaves, spec = flatten(tree)
@@ -68,7 +69,20 @@ def check_floating_tree(call: str, name: str, tree: Any) -> tuple[list[Tensor], 
             "Pass the parameters to differentiate, e.g. dict(model.named_parameters()).",
         )
     for i, leaf in enumerate(leaves):
+        if isinstance(leaf, Tensor) and leaf.is_floating_point() and torch.finfo(leaf.dtype).bits >= 32:
+            continue
         path = _leaf_path(spec, i)
+        if isinstance(leaf, Tensor) and leaf.is_floating_point():
+            raise error(
+                call,
+                f"every leaf of {name} must be float32 or float64 (second-order products of "
+                "half-precision values keep about 3 significant digits, and no float32 "
+                "accumulation is done for them)",
+                f"a tensor of dtype {leaf.dtype} at {name}{path}",
+                "Compute curvature in float32: cast the parameters and inputs, e.g. "
+                "model.float() or {k: v.float() for k, v in params.items()}.",
+                cls=TypeError,
+            )
         if not isinstance(leaf, Tensor):
             raise error(
                 call,

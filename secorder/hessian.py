@@ -111,7 +111,7 @@ def _check_common(call: str, f: object, argnums: object, chunk_size: object, str
 def hvp(f: Callable[..., Any], /, *, argnums: int = 0, strategy: str = "auto") -> Callable[..., Any]:
     """Transform ``f`` into a function computing Hessian-vector products H·v.
 
-    ``hvp(f)(v, *args)`` returns H v, where H = ∇²_θ f(*args) with θ = ``args[argnums]``
+    ``hvp(f)(v, *args)`` returns H v, where H = ∇²_θ ``f(*args)`` with θ = ``args[argnums]``
     and ``v`` a pytree with θ's structure (dict key order may differ). The tangent
     comes first so that ``torch.func.vmap(hvp(f), in_dims=(0, None, ...))`` maps over a
     batch of tangents. Cost: about two gradient evaluations.

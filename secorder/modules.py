@@ -75,4 +75,5 @@ def module_loss(
     def f(p: dict[str, Tensor], inputs: Any, targets: Any) -> Tensor:
         return loss_fn(forward(p, inputs), targets)
 
+    f.secorder_module = model  # type: ignore[attr-defined]  # for secorder.data's train-mode check
     return f, params

@@ -16,6 +16,10 @@ settings.register_profile(
 )
 settings.load_profile("ci" if os.environ.get("CI") else "default")
 
+# The suite's problems are tiny: one thread avoids thread-pool overhead that dominates
+# small ops (and contention when several suites share a machine). Benchmarks set their own.
+torch.set_num_threads(1)
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DTYPES = [torch.float32, torch.float64]
 

@@ -21,13 +21,16 @@ from torch import Tensor
 
 from secorder import probes as _probes
 from secorder._chunking import default_chunk_size
+from secorder._progress import progress_bar
 from secorder.operators import LinearOperator
 
 __all__ = ["exact_diagonal", "hutchinson_diagonal"]
 
 
-def exact_diagonal(op: LinearOperator, *, chunk_size: int | None = None) -> Tensor:
+def exact_diagonal(op: LinearOperator, *, chunk_size: int | None = None, progress: bool = False) -> Tensor:
     """The exact diagonal of ``op`` from P one-hot products, ``chunk_size`` at a time.
+
+    ``progress=True`` shows a tqdm bar over the chunks (tqdm is optional).
 
     Example:
         >>> import torch
@@ -39,7 +42,8 @@ def exact_diagonal(op: LinearOperator, *, chunk_size: int | None = None) -> Tens
     if chunk_size is None:
         chunk_size = default_chunk_size(size, size, op.dtype.itemsize)
     parts = []
-    for start, stop in _probes.chunks(size, chunk_size):
+    ranges = list(_probes.chunks(size, chunk_size))
+    for start, stop in progress_bar(ranges, progress, "exact_diagonal(op)", "exact diagonal (chunks)"):
         rows = torch.arange(stop - start, device=op.device)
         basis = torch.zeros(stop - start, size, dtype=op.dtype, device=op.device)
         basis[rows, rows + start] = 1

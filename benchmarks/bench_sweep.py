@@ -1,0 +1,165 @@
+"""Exact Hessian diagonal by the structured sweep vs BackPACK DiagHessian and one-hot HVPs.
+
+Workloads (seeded weights and data, float32, cross-entropy with mean reduction):
+
+* MLP 784-128-128-10 (tanh), batch 128 — BackPACK ``DiagHessian`` vs ``method="sweep"``;
+* small CNN Conv2d(3,16,3,p=1)-ReLU-Conv2d(16,16,3,p=1)-ReLU-Flatten-Linear(16384,10),
+  batch 64 — BackPACK vs sweep (ReLU: the Hessian diagonal equals the GGN diagonal here);
+* a small residual MLP (64-32, one tanh residual block, head 10; BackPACK refuses residual
+  adds), batch 32 — sweep vs batched one-hot HVPs (``secorder.hessian_diagonal``).
+
+Each row reports the median time, the ratio to one gradient (forward + backward of the same
+loss) and the largest relative difference from the reference (BackPACK, or one-hot HVPs).
+BackPACK is imported in the same process (run with an interpreter that has it, e.g.
+/work/main/.benchvenv); it extends a deep copy of the model, never the one secorder uses.
+
+Usage::
+
+    PYTHONPATH=. python benchmarks/bench_sweep.py                   # full run
+    PYTHONPATH=. python benchmarks/bench_sweep.py --repeats 1 --warmup 0   # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from _common import fmt_time, header, table, timeit, write_section
+from torch import Tensor, nn
+
+import secorder
+
+
+class ResidualMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(64, 32)
+        self.b1 = nn.Linear(32, 32)
+        self.b2 = nn.Linear(32, 32)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.inp(x))
+        h = h + self.b2(torch.tanh(self.b1(h)))
+        return self.head(torch.tanh(h))
+
+
+def workloads() -> list[tuple[str, nn.Module, Tensor, Tensor, bool]]:
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(784, 128), nn.Tanh(), nn.Linear(128, 128), nn.Tanh(), nn.Linear(128, 10))
+    cnn = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(16384, 10),
+    )
+    return [
+        ("MLP 784-128-128-10 tanh, N=128", mlp, torch.randn(128, 784), torch.randint(0, 10, (128,)), True),
+        ("CNN 2×conv3x3 + linear, N=64", cnn, torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,)), True),
+        (
+            "residual MLP 64-32-32-10 tanh, N=32",
+            ResidualMLP(),
+            torch.randn(32, 64),
+            torch.randint(0, 10, (32,)),
+            False,
+        ),
+    ]
+
+
+def backpack_diag(model: nn.Module, x: Tensor, y: Tensor) -> Callable[[], dict[str, Tensor]] | None:
+    try:
+        from backpack import backpack, extend
+        from backpack.extensions import DiagHessian
+    except ImportError:
+        return None
+    bp_model = extend(copy.deepcopy(model))
+    bp_loss = extend(nn.CrossEntropyLoss())
+
+    def run() -> dict[str, Tensor]:
+        bp_model.zero_grad()
+        loss = bp_loss(bp_model(x), y)
+        with backpack(DiagHessian()):
+            loss.backward()
+        return {k: p.diag_h.detach().clone() for k, p in bp_model.named_parameters()}
+
+    return run
+
+
+def rel(a: dict[str, Tensor], b: dict[str, Tensor]) -> float:
+    fa = torch.cat([a[k].reshape(-1) for k in sorted(a)]).double()
+    fb = torch.cat([b[k].reshape(-1) for k in sorted(b)]).double()
+    return float((fa - fb).norm() / fb.norm())
+
+
+def measure(
+    name: str, model: nn.Module, x: Tensor, y: Tensor, bp_ok: bool, args: argparse.Namespace
+) -> list[str]:
+    params = {k: p.detach() for k, p in model.named_parameters()}
+
+    def gradient() -> Any:
+        return torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+
+    t_grad, _ = timeit(gradient, repeat=args.repeats, warmup=args.warmup)
+    sweep = secorder.module_hessian_diagonal(model, "cross_entropy", method="sweep")
+    t_sweep, d_sweep = timeit(lambda: sweep(params, x, y), repeat=args.repeats, warmup=args.warmup)
+    info = sweep.method_info
+    if bp_ok:
+        bp = backpack_diag(model, x, y)
+        if bp is None:
+            ref_name, t_ref, err = "BackPACK DiagHessian", None, "n/a (BackPACK not importable)"
+        else:
+            t_ref, d_ref = timeit(bp, repeat=args.repeats, warmup=args.warmup)
+            ref_name, err = "BackPACK DiagHessian", f"{rel(d_sweep, d_ref):.1e}"
+    else:
+        f, _ = secorder.module_loss(model, F.cross_entropy)
+        hvp = secorder.hessian_diagonal(f)
+        t_ref, d_ref = timeit(lambda: hvp(params, x, y), repeat=1, warmup=0)
+        ref_name, err = "one-hot HVPs (hessian_diagonal)", f"{rel(d_sweep, d_ref):.1e}"
+    return [
+        name,
+        f"{info.num_params:,}",
+        str(info.num_columns),
+        fmt_time(t_grad),
+        f"{fmt_time(t_sweep)} ({t_sweep / t_grad:.0f}×)",
+        ref_name,
+        "n/a" if t_ref is None else f"{fmt_time(t_ref)} ({t_ref / t_grad:.0f}×)",
+        "n/a" if t_ref is None else f"{t_ref / t_sweep:.1f}×",
+        err,
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = [measure(*w, args) for w in workloads()]
+    head = [
+        "workload",
+        "P",
+        "R/sample",
+        "gradient",
+        "sweep (×grad)",
+        "reference",
+        "ref (×grad)",
+        "speed-up",
+        "rel. diff",
+    ]
+    text = header("Exact Hessian diagonal: structured sweep (bench_sweep.py)") + "\n" + table(rows, head)
+    print(text)
+    if not args.no_write:
+        write_section("bench_sweep", text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,375 @@
+"""Exact Hessian diagonal of an ``nn.Module`` loss by structured second-order backpropagation.
+
+For a loss built from operations v_k = f_k(u_k), with ḡ_k the adjoint of op k's output,
+J_k the Jacobian of its input u_k with respect to the parameters θ, and
+M_k = ∇²_u ⟨ḡ_k, f_k(u)⟩ the op's gradient-weighted local Hessian, the Hessian is exactly
+
+    H = Σ_k J_kᵀ M_k J_k
+
+(the second-order adjoint identity; Bishop 1992; Dangel, Harmeling and Hennig 2020 unroll it
+along a chain). With M_k = Σ_c σ_c s_c s_cᵀ (signed columns),
+
+    diag H = Σ_k Σ_c σ_c (J_kᵀ s_c)²,
+
+and every J_kᵀ s_c is a vector-Jacobian product. Samples are independent, so the square is
+taken per sample (of the gradient summed over every use of a shared weight, i.e. over
+positions of a Linear over a sequence or of a convolution). Which ops contribute:
+
+* the loss: M = ∇²_z L, the columns of :meth:`secorder._losses.LossSpec.factor` (the GGN);
+* elementwise activations a = φ(u) (tanh, sigmoid, GELU, SiLU, softplus, ELU, ...):
+  M = diag(ḡ ⊙ φ''(u)) per sample: one signed column e_j per unit, weight ḡ_j φ''(u_j);
+* ops linear in their tensor inputs (adds, reshapes, concatenation, pooling, ReLU and other
+  piecewise-linear maps, products with constants) and ``nn.Linear`` / ``nn.Conv2d`` /
+  ``nn.Embedding`` (linear in the weight for a fixed input; x does not depend on its own
+  layer's weight) contribute nothing.
+
+Implementation: one forward pass with the layer hooks of :class:`secorder._layers.FastCapture`
+(which records each layer's inputs and outputs) under a ``TorchFunctionMode`` that records the
+activations and refuses every op it does not know to be covered by the rules above (attention
+products of two parameter-dependent tensors, LayerNorm, train-mode BatchNorm, ...). One backward
+pass gives the activation adjoints ḡ; the columns are then pulled back to the layer outputs by
+batched backward passes (``is_grads_batched``, a chunk of columns at a time), and the layers'
+matrix-product rules of :mod:`secorder._layers` square and sum the per-sample gradients.
+
+Curvature propagation (Martens, Sutskever and Swersky 2012): with independent random signs
+v_{n,c} per sample and column, the cotangents P = Σ_{σ_c>0} v_c s_c and Q = Σ_{σ_c<0} v_c s_c
+(all ops at once) give E[(J_nᵀ P)² − (J_nᵀ Q)²] = diag H_n exactly: an unbiased estimate at
+two backward passes per probe (done as one batched pass of two cotangents).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from secorder._errors import error
+from secorder._layers import FastCapture, _LinearLayer
+from secorder._losses import LossSpec
+from secorder._persample import ColumnAccumulator
+
+__all__ = ["ACTIVATIONS", "SweepTooCostlyError", "SweepUnsupportedError", "sweep_diagonal"]
+
+# Elementwise ops with curvature: their second derivative is taken by autodiff.
+ACTIVATIONS = frozenset(
+    {"tanh", "sigmoid", "gelu", "silu", "softplus", "elu", "selu", "celu", "mish", "logsigmoid", "softsign"}
+)
+# Ops linear (or piecewise linear) in each tensor argument and jointly linear in all of them.
+_LINEAR = frozenset(
+    {
+        "add", "sub", "rsub", "neg", "cat", "concat", "concatenate", "stack", "hstack", "vstack",
+        "reshape", "view", "view_as", "flatten", "unflatten", "permute", "transpose", "t", "mT",
+        "contiguous", "squeeze", "unsqueeze", "getitem", "sum", "mean", "clone", "expand",
+        "expand_as", "repeat", "split", "chunk", "narrow", "select", "movedim", "moveaxis",
+        "unbind", "pad", "relu", "relu6", "leaky_relu", "hardtanh", "max_pool1d", "max_pool2d",
+        "max_pool3d", "max_pool1d_with_indices", "max_pool2d_with_indices", "avg_pool1d",
+        "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
+        "adaptive_max_pool2d", "adaptive_max_pool2d_with_indices", "identity", "float", "double",
+        "to", "type_as", "detach", "flip", "roll", "zero_pad2d", "constant_pad_nd",
+    }
+)  # fmt: skip
+# Products: linear as long as at most one tensor argument depends on the parameters.
+_PRODUCTS = frozenset({"mul", "rmul", "matmul", "mm", "bmm", "einsum", "outer", "linear", "conv1d", "conv2d"})
+_DIVISIONS = frozenset({"div", "truediv", "true_divide"})
+_METADATA = frozenset(
+    {"size", "dim", "numel", "is_floating_point", "shape", "dtype", "device", "ndim", "requires_grad",
+     "grad_fn", "is_leaf", "data_ptr", "stride", "storage_offset", "is_contiguous", "get_device",
+     "element_size", "__get__", "_version", "grad", "names", "layout", "is_sparse", "is_cuda"}
+)  # fmt: skip
+
+
+class SweepUnsupportedError(Exception):
+    """An op of the model is not covered by the sweep's rules (``reason`` says which)."""
+
+
+class SweepTooCostlyError(SweepUnsupportedError):
+    """More columns per sample than ``max_columns`` (``args[0]`` is the count R)."""
+
+
+def _name(func: Any) -> str:
+    name = getattr(func, "__name__", str(func))
+    if name == "__get__":
+        owner = getattr(func, "__self__", None)
+        name = getattr(owner, "__name__", name)
+    return name.strip("_")
+
+
+def _tensors(args: Sequence[Any], kwargs: dict[str, Any]) -> list[Tensor]:
+    out: list[Tensor] = []
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, Tensor):
+            out.append(a)
+        elif isinstance(a, (list, tuple)):
+            out.extend(b for b in a if isinstance(b, Tensor))
+    return out
+
+
+class _Activation:
+    __slots__ = ("func", "input", "kwargs", "output", "version")
+
+    def __init__(self, func: Any, inp: Tensor, output: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]):
+        self.func = func
+        self.input = inp
+        self.output = output
+        self.kwargs = (args, kwargs)
+        self.version = (inp._version, output._version)
+
+    def second_derivative(self) -> Tensor:
+        """φ''(u) elementwise, by differentiating Σ φ'(u) (φ acts elementwise)."""
+        args, kwargs = self.kwargs
+        with torch.enable_grad():
+            x = self.input.detach().requires_grad_(True)
+            y = self.func(x, *args, **kwargs)
+            (g,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+            (h,) = torch.autograd.grad(g.sum(), x, allow_unused=True)
+        return torch.zeros_like(x) if h is None else h
+
+
+class _Recorder(TorchFunctionMode):
+    """Records elementwise activations; raises :class:`SweepUnsupportedError` for unknown curvature."""
+
+    def __init__(self, fast: set[int], n: int | None = None) -> None:
+        super().__init__()
+        self.fast = fast
+        self.activations: list[_Activation] = []
+        self.problem: str | None = None
+
+    def _refuse(self, reason: str) -> None:
+        if self.problem is None:
+            self.problem = reason
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = _name(func)
+        if name in _METADATA or self.problem is not None:
+            return out
+        outs = [o for o in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(o, Tensor)]
+        if not any(o.requires_grad for o in outs):
+            return out
+        tensors = _tensors(args, kwargs)
+        dep = [t for t in tensors if t.requires_grad]
+        if name in ACTIVATIONS:
+            if kwargs.get("inplace") or name.endswith("_") or len(dep) != 1 or not isinstance(out, Tensor):
+                self._refuse(f"{name} in place or on several parameter-dependent tensors")
+            else:
+                self.activations.append(_Activation(func, args[0], out, tuple(args[1:]), kwargs))
+        elif name in _LINEAR or name.rstrip("_") in _LINEAR:
+            if name.endswith("_") or kwargs.get("inplace"):
+                self._refuse(f"in-place {name}")
+        elif name in ("linear", "conv1d", "conv2d", "embedding"):
+            # weight and bias must be parameters of a recorded fast layer, or constants
+            for t in tensors[1:]:
+                if t.requires_grad and id(t) not in self.fast:
+                    self._refuse(f"{name} with a weight that depends on the parameters in another way")
+        elif name in _PRODUCTS:
+            if len(dep) > 1:
+                self._refuse(f"{name} of two parameter-dependent tensors (a bilinear op, e.g. attention)")
+        elif name in _DIVISIONS:
+            if len(tensors) > 1 and tensors[1].requires_grad:
+                self._refuse(f"{name} by a parameter-dependent tensor")
+        elif name == "dropout" or name.endswith("dropout"):
+            training = kwargs.get("training", args[2] if len(args) > 2 else True)
+            p = kwargs.get("p", args[1] if len(args) > 1 else 0.5)
+            if training and p > 0:
+                self._refuse("dropout in train mode (a random function)")
+        elif name == "batch_norm":
+            training = kwargs.get("training", args[5] if len(args) > 5 else False)
+            if training:
+                raise error(
+                    "module_hessian_diagonal(model, loss)",
+                    "the structured sweep squares per-sample gradients, which needs a model that "
+                    "treats the samples of a batch independently",
+                    "BatchNorm normalizing with batch statistics (train mode or track_running_stats=False)",
+                    "Call model.eval() to use the running statistics, or use method='hvp' (one-hot "
+                    "Hessian-vector products of the whole batch loss).",
+                )
+            affine = [t for t in tensors[3:5] if t.requires_grad]
+            if affine:
+                self._refuse("BatchNorm with trainable affine parameters (no sweep rule yet)")
+        else:
+            self._refuse(f"the op '{name}' (no sweep rule)")
+        return out
+
+
+def sweep_diagonal(
+    call: str,
+    model: nn.Module,
+    names: Sequence[str],
+    leaves: Sequence[Tensor],
+    forward: Callable[[list[Tensor]], Any],
+    loss: LossSpec,
+    targets: Any,
+    *,
+    num_probes: int | None,
+    generator: torch.Generator | None,
+    chunk_size: int,
+    max_columns: int | None = None,
+) -> tuple[list[Tensor], list[Tensor] | None, int]:
+    """The Hessian diagonal per leaf, and R.
+
+    For curvature propagation also the per-entry stderr per leaf, followed by one more
+    0-dim tensor: the standard error of the trace over the probes.
+
+    Raises :class:`SweepUnsupportedError` when a parameter or op is not covered by the rules.
+    """
+    capture = FastCapture(model, names, leaves, create_graph=False)
+    fast_ids = {id(capture.leaves[i]) for i in capture.fast_indices}
+    recorder = _Recorder(fast_ids)
+
+    def run(ls: list[Tensor]) -> Any:
+        recorder.activations, recorder.problem = [], None  # FastCapture may rerun the forward
+        with recorder:
+            return forward(ls)
+
+    with torch.enable_grad():
+        z = capture.forward(run)
+    if recorder.problem is not None:
+        raise SweepUnsupportedError(recorder.problem)
+    if capture.generic_indices:
+        bad = ", ".join(names[i] for i in capture.generic_indices[:3])
+        raise SweepUnsupportedError(f"parameters outside a supported Linear/Conv2d/Embedding call ({bad})")
+    for layer in capture.layers:
+        # A layer called again on something that depends on the parameters may see its own
+        # weight in its input: a bilinear term (W applied to a function of W) with no rule yet.
+        recs = layer.records
+        if len(recs) > 1 and any(isinstance(r.input, Tensor) and r.input.requires_grad for r in recs):
+            raise SweepUnsupportedError(
+                f"a {type(layer.module).__name__} called {len(recs)} times on parameter-dependent inputs "
+                "(a weight applied to something that may depend on it)"
+            )
+    if not isinstance(z, Tensor) or z.dim() == 0:
+        raise SweepUnsupportedError("model outputs that are not a batched tensor")
+    loss.check(call, z, targets)
+    acts = [a for a in recorder.activations if a.output.requires_grad]
+    for a in acts:
+        if (a.input._version, a.output._version) != a.version:
+            raise SweepUnsupportedError("an activation input or output modified in place")
+    outs = [rec.output for layer in capture.layers for rec in layer.records]
+    c = loss.scale(z)
+    with torch.enable_grad():
+        total = loss.total(z, targets)
+    # Activation adjoints ḡ = ∂L/∂a and column weights ḡ φ''(u) / c (c is applied at the end).
+    nodes: list[Tensor] = [z]
+    node_weights: list[Tensor] = []
+    if acts:
+        gbar = torch.autograd.grad(total, [a.output for a in acts], retain_graph=True, allow_unused=True)
+        for a, g in zip(acts, gbar):
+            if g is None:
+                continue
+            nodes.append(a.input)
+            node_weights.append((g * a.second_derivative() / c).detach())
+    factor = loss.factor(z.detach(), targets)
+    n = z.shape[0]
+    shapes = [leaf.shape for leaf in capture.leaves]
+
+    def pull(node_cots: list[Tensor | None], weights: Tensor | None, acc: ColumnAccumulator) -> None:
+        """Batched VJPs of k columns (cotangents ``(k, N, ...)`` at ``nodes``) into ``acc``."""
+        used = [(nd, ct) for nd, ct in zip(nodes, node_cots) if ct is not None]
+        k = used[0][1].shape[0]
+        grads = torch.autograd.grad(
+            [u for u, _ in used],
+            outs,
+            [ct for _, ct in used],
+            retain_graph=True,
+            allow_unused=True,
+            is_grads_batched=True,
+        )
+        for j in range(k):
+            pos = 0
+            for layer in capture.layers:
+                m = len(layer.records)
+                deltas: list[Tensor | None] = [None if g is None else g[j] for g in grads[pos : pos + m]]
+                layer.column(deltas, None if weights is None else weights[j], 0, acc, True)
+                pos += m
+
+    if not outs:
+        zero = [torch.zeros(s, dtype=z.dtype, device=z.device) for s in shapes]
+        return zero, (None if num_probes is None else [t.clone() for t in zero]), 0
+    num_cols = factor.num_columns + sum(int(w[0].numel()) for w in node_weights)
+    if max_columns is not None and num_cols > max_columns:
+        raise SweepTooCostlyError(num_cols)
+
+    if num_probes is None:
+        acc = ColumnAccumulator(shapes, 1, trace=False, per_column=False, like=z)
+        for s0 in range(0, factor.num_columns, chunk_size):
+            s1 = min(factor.num_columns, s0 + chunk_size)
+            cols = factor.columns(s0, s1).detach()
+            w = factor.weights(s0, s1)  # explicit ones: layers batch columns of equal weighting
+            w = torch.ones(cols.shape[:2], dtype=z.dtype, device=z.device) if w is None else w.detach()
+            pull([cols] + [None] * len(node_weights), w, acc)
+        for i, w in enumerate(node_weights):
+            units = int(w[0].numel())
+            flat_w = w.reshape(n, units)
+            for s0 in range(0, units, chunk_size):
+                s1 = min(units, s0 + chunk_size)
+                eye = torch.zeros(s1 - s0, units, dtype=w.dtype, device=w.device)
+                eye[torch.arange(s1 - s0), torch.arange(s0, s1)] = 1.0
+                cot = eye[:, None, :].expand(s1 - s0, n, units).reshape(s1 - s0, *w.shape)
+                cots: list[Tensor | None] = [None] * len(nodes)
+                cots[i + 1] = cot
+                pull(cots, flat_w[:, s0:s1].T, acc)
+        for layer in capture.layers:
+            layer.finish(acc)
+        est, _ = acc.result(average=False, scale=c)
+        return _split(est, shapes), None, num_cols
+
+    # Curvature propagation: per probe, cotangents P (positive columns) and Q (negative ones).
+    cols_all = factor.columns(0, factor.num_columns).detach()  # (R, N, *out)
+    w_loss = factor.weights(0, factor.num_columns)
+    w_loss = (
+        torch.ones(cols_all.shape[:2], dtype=z.dtype, device=z.device) if w_loss is None else w_loss.detach()
+    )
+    wl = w_loss.reshape(*w_loss.shape, *([1] * (cols_all.dim() - 2)))
+    samples: list[Tensor] = []
+    for _ in range(num_probes):
+        acc = ColumnAccumulator(shapes, 1, trace=False, per_column=False, like=z)
+        v = _signs(w_loss.shape, generator, z)
+        vv = v.reshape(wl.shape)
+        root = wl.abs().sqrt() * vv
+        p_z = (cols_all * root * (wl > 0)).sum(0)
+        q_z = (cols_all * root * (wl < 0)).sum(0)
+        cots_pq: list[Tensor | None] = [torch.stack([p_z, q_z])]
+        for w in node_weights:
+            r = w.abs().sqrt() * _signs(w.shape, generator, z)
+            cots_pq.append(torch.stack([r * (w > 0), r * (w < 0)]))
+        signs = torch.tensor([1.0, -1.0], dtype=z.dtype, device=z.device)[:, None].expand(2, n)
+        pull(cots_pq, signs, acc)
+        for layer in capture.layers:
+            layer.finish(acc)
+            if isinstance(layer, _LinearLayer):
+                layer.D2 = None  # deferred column sums belong to this probe only
+        est, _ = acc.result(average=False, scale=c)
+        samples.append(est)
+    stack = torch.stack(samples)
+    mean = stack.mean(0)
+    err = (
+        stack.std(0, correction=1) / math.sqrt(num_probes)
+        if num_probes > 1
+        else torch.full_like(mean, math.nan)
+    )
+    traces = stack.sum(1)
+    trace_err = (
+        traces.std(correction=1) / math.sqrt(num_probes) if num_probes > 1 else traces.new_tensor(math.nan)
+    )
+    return _split(mean, shapes), [*_split(err, shapes), trace_err], num_cols
+
+
+def _signs(shape: Sequence[int], generator: torch.Generator | None, like: Tensor) -> Tensor:
+    bits = torch.randint(0, 2, tuple(shape), generator=generator, device=like.device)
+    return (2 * bits - 1).to(like.dtype)
+
+
+def _split(flat: Tensor, shapes: Sequence[torch.Size]) -> list[Tensor]:
+    out, pos = [], 0
+    for s in shapes:
+        k = math.prod(s)
+        out.append(flat[pos : pos + k].reshape(s))
+        pos += k
+    return out

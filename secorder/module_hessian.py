@@ -1,0 +1,296 @@
+"""Exact Hessian diagonal and trace of ``nn.Module`` losses: :func:`module_hessian_diagonal`.
+
+``L(θ) = loss(model(X; θ), Y)`` with a built-in loss (``"cross_entropy"``, ``"mse"``,
+``"bce_with_logits"``, conventions of :mod:`secorder.fisher`). Methods:
+
+* ``"sweep"``: the exact diagonal by structured second-order backpropagation
+  (:mod:`secorder._sweep`): diag H = Σ_k Σ_c σ_c (J_kᵀ s_c)² over the signed columns of the
+  loss Hessian (the GGN part) and of every elementwise activation's curvature
+  diag(ḡ ⊙ φ''(u)). Cost: R vector-Jacobian products, batched, with R = (loss columns) +
+  (units of curved activations) per sample, plus per-layer matrix products.
+  Supported: ``nn.Linear`` (also over extra leading dimensions), ``nn.Conv2d``,
+  ``nn.Embedding``, elementwise activations (tanh, sigmoid, GELU, SiLU, softplus, ELU, ...),
+  piecewise-linear ops (ReLU, pooling), residual adds and any graph of these, eval-mode
+  BatchNorm without trainable affine parameters. Refused: train-mode BatchNorm (samples
+  coupled), LayerNorm, attention and other products of two parameter-dependent tensors,
+  shared/tied weights, unknown ops.
+* ``"hvp"``: exact, P batched one-hot Hessian-vector products of the whole batch loss
+  (:func:`secorder.hessian_diagonal`); works for any model, cost P HVPs.
+* ``"curvature_propagation"``: Martens, Sutskever and Swersky (2012): the sweep with random
+  signed mixtures of the columns, an unbiased estimate with per-entry standard errors over
+  ``num_probes`` probes at about two gradients per probe.
+* ``"auto"``: the sweep when its rules cover the model and R ≤ P (the cost model: R batched
+  VJPs against P HVPs); else one-hot HVPs when P ≤ ``max_hvp_params``; else a clear error
+  suggesting curvature propagation. After each call ``fn.method_info`` (a :class:`SweepInfo`)
+  says which method ran and why.
+
+References:
+    C. Bishop. Exact calculation of the Hessian matrix for the multilayer perceptron.
+    Neural Computation, 1992.
+    F. Dangel, S. Harmeling, P. Hennig. Modular block-diagonal curvature approximations for
+    feedforward architectures. AISTATS 2020.
+    J. Martens, I. Sutskever, K. Swersky. Estimating the Hessian by back-propagating
+    curvature. ICML 2012.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from secorder._errors import error
+from secorder._losses import CallableLoss, LossSpec, resolve_loss
+from secorder._pytree import check_floating_tree, unflatten
+from secorder._sweep import SweepTooCostlyError, SweepUnsupportedError, sweep_diagonal
+from secorder._validate import check_num_probes
+from secorder.hessian import hessian_diagonal
+from secorder.modules import module_forward
+
+__all__ = ["METHODS", "SweepInfo", "module_hessian_diagonal", "module_hessian_trace"]
+
+METHODS = ("auto", "sweep", "hvp", "curvature_propagation")
+_TRACE_KEY = "\x00trace"  # not a valid parameter name
+
+
+class SweepInfo(NamedTuple):
+    """Which method computed the last call: ``method`` (``"sweep"``, ``"hvp"`` or
+    ``"curvature_propagation"``), ``num_columns`` R of the sweep per sample (0 if unknown),
+    ``num_params`` P, and ``reason`` (why ``"auto"`` chose it, or why the sweep was refused)."""
+
+    method: str
+    num_columns: int
+    num_params: int
+    reason: str
+
+
+def _configure(
+    call: str, model: object, loss: object, method: object, num_probes: object, reduction: object
+) -> tuple[LossSpec, int | None]:
+    if not isinstance(model, nn.Module):
+        raise error(
+            call,
+            "model must be a torch.nn.Module",
+            type(model).__name__,
+            "Pass the module; for a plain function f(params, ...) use secorder.hessian_diagonal(f).",
+            cls=TypeError,
+        )
+    if method not in METHODS:
+        raise error(
+            call,
+            f"method must be one of {', '.join(repr(m) for m in METHODS)}",
+            f"{method!r}",
+            "Use 'auto' to let the cost model choose.",
+        )
+    spec = resolve_loss(call, loss, reduction, "ggn")
+    if isinstance(spec, CallableLoss):
+        raise error(
+            call,
+            "the structured sweep needs a built-in loss ('cross_entropy', 'mse', 'bce_with_logits')",
+            "a callable loss",
+            "Use a built-in loss name, or secorder.hessian_diagonal on "
+            "secorder.module_loss(model, loss) for any loss.",
+            cls=TypeError,
+        )
+    k = check_num_probes(call, num_probes)
+    if method == "curvature_propagation" and k is None:
+        raise error(
+            call,
+            "method='curvature_propagation' needs num_probes",
+            "num_probes=None",
+            "Pass num_probes=K (e.g. 10), or method='sweep' for the exact diagonal.",
+        )
+    if method not in ("curvature_propagation",) and k is not None:
+        raise error(
+            call,
+            "num_probes is only used by method='curvature_propagation'",
+            f"num_probes={k} with method={method!r}",
+            "Drop num_probes, or pass method='curvature_propagation'.",
+        )
+    return spec, k
+
+
+def module_hessian_diagonal(
+    model: nn.Module,
+    loss: str,
+    /,
+    *,
+    method: str = "auto",
+    num_probes: int | None = None,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+    with_stderr: bool = False,
+    max_hvp_params: int = 20_000,
+) -> Callable[..., Any]:
+    """Transform ``model`` and ``loss`` into a function returning diag(∇²_θ L) as a params dict.
+
+    diag H = Σ_k Σ_c σ_c (J_kᵀ s_c)² over the signed columns s_c of each op's gradient-weighted
+    local Hessian (see :mod:`secorder.module_hessian` for the methods and their rules).
+
+    Args:
+        model: the module (never mutated).
+        loss: ``"cross_entropy"``, ``"mse"`` or ``"bce_with_logits"``.
+        method: ``"auto"``, ``"sweep"``, ``"hvp"`` or ``"curvature_propagation"``.
+        num_probes: K probes for ``"curvature_propagation"`` (``None`` otherwise).
+        reduction: ``"mean"`` or ``"sum"``, as in ``torch.nn.functional``.
+        chunk_size: columns (or one-hot tangents) per batched backward pass.
+        with_stderr: also return per-entry standard errors (zeros when exact).
+        max_hvp_params: the largest P for which ``"auto"`` falls back to one-hot HVPs.
+
+    Returns:
+        ``diag_fn(params, inputs, targets, generator=None)`` returning a dict shaped like
+        ``params`` (or ``(diagonal, stderr)``); ``diag_fn.method_info`` is a
+        :class:`SweepInfo` for the last call.
+
+    Raises:
+        SecorderError, TypeError: invalid options; at call time, a model the chosen method
+            cannot handle (train-mode BatchNorm, unsupported ops for ``"sweep"``).
+
+    Example:
+        >>> import torch, secorder
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+        >>> x, y = torch.randn(5, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1])
+        >>> model = model.double()
+        >>> params = {k: p.detach() for k, p in model.named_parameters()}
+        >>> d = secorder.module_hessian_diagonal(model, "cross_entropy", method="sweep")(params, x, y)
+        >>> f, _ = secorder.module_loss(model, torch.nn.functional.cross_entropy)
+        >>> ref = secorder.hessian_diagonal(f)(params, x, y)
+        >>> all(torch.allclose(d[k], ref[k]) for k in d)
+        True
+
+    References:
+        Bishop 1992; Dangel, Harmeling and Hennig 2020; Martens, Sutskever and Swersky 2012
+        (curvature propagation).
+    """
+    call = "module_hessian_diagonal(model, loss)(params, inputs, targets)"
+    spec, k = _configure(call, model, loss, method, num_probes, reduction)
+    forward, _ = module_forward(model)
+
+    def diag_fn(params: Any, inputs: Any, targets: Any, generator: torch.Generator | None = None) -> Any:
+        diag, err, info = _run(
+            call,
+            model,
+            forward,
+            spec,
+            params,
+            inputs,
+            targets,
+            method,
+            k,
+            generator,
+            chunk_size,
+            max_hvp_params,
+        )
+        diag_fn.method_info = info  # type: ignore[attr-defined]
+        diag_fn.trace_stderr = err.pop(_TRACE_KEY, None)  # type: ignore[attr-defined]
+        return (diag, err) if with_stderr else diag
+
+    diag_fn.method_info = None  # type: ignore[attr-defined]
+    return diag_fn
+
+
+def module_hessian_trace(model: nn.Module, loss: str, /, **options: Any) -> Callable[..., Any]:
+    """Transform ``model`` and ``loss`` into a function returning tr(∇²_θ L) = Σ diag.
+
+    Same options and methods as :func:`module_hessian_diagonal` (exact by the sweep or
+    one-hot HVPs; curvature propagation gives an unbiased trace estimate, and with
+    ``with_stderr`` its standard error over the per-probe traces). ``trace_fn.method_info``
+    as there.
+    """
+    with_stderr = bool(options.pop("with_stderr", False))
+    inner = module_hessian_diagonal(model, loss, with_stderr=True, **options)
+
+    def trace_fn(params: Any, inputs: Any, targets: Any, generator: torch.Generator | None = None) -> Any:
+        diag, _err = inner(params, inputs, targets, generator)
+        trace_fn.method_info = inner.method_info  # type: ignore[attr-defined]
+        total = sum(d.sum() for d in diag.values())
+        assert isinstance(total, Tensor)
+        if not with_stderr:
+            return total
+        trace_err = inner.trace_stderr  # type: ignore[attr-defined]
+        return total, (torch.zeros_like(total) if trace_err is None else trace_err)
+
+    trace_fn.method_info = None  # type: ignore[attr-defined]
+    return trace_fn
+
+
+def _run(
+    call: str,
+    model: nn.Module,
+    forward: Callable[..., Any],
+    spec: LossSpec,
+    params: Any,
+    inputs: Any,
+    targets: Any,
+    method: str,
+    k: int | None,
+    generator: torch.Generator | None,
+    chunk_size: int | None,
+    max_hvp: int,
+) -> tuple[Any, Any, SweepInfo]:
+    leaves, tree = check_floating_tree(call, "params", params)
+    if not isinstance(params, dict):
+        raise error(
+            call,
+            "params must be a dict of parameters (names as in model.named_parameters())",
+            type(params).__name__,
+            "Pass {k: p.detach() for k, p in model.named_parameters()}.",
+            cls=TypeError,
+        )
+    names = sorted(params)  # flatten orders dict leaves by sorted key
+    p_count = sum(leaf.numel() for leaf in leaves)
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (
+            m.training or not m.track_running_stats or m.running_mean is None
+        ):
+            raise error(
+                call,
+                "the Hessian diagonal by the sweep or per-sample rules needs samples that do not interact",
+                f"{type(m).__name__} at '{name}' normalizing with batch statistics",
+                "Call model.eval() to use the running statistics (the Hessian of a train-mode "
+                "BatchNorm loss couples samples; use secorder.hessian_diagonal on "
+                "secorder.module_loss(model, loss) for it).",
+            )
+
+    def fwd(ls: list[Tensor]) -> Any:
+        return forward(unflatten(tree, ls), inputs)
+
+    def hvp_route(reason: str, r: int) -> tuple[Any, Any, SweepInfo]:
+        def f(p: Any, x: Any, y: Any) -> Tensor:
+            return spec.total(forward(p, x), y)
+
+        diag = hessian_diagonal(f, chunk_size=chunk_size)(params, inputs, targets)
+        return diag, {n: torch.zeros_like(v) for n, v in diag.items()}, SweepInfo("hvp", r, p_count, reason)
+
+    if method == "hvp":
+        return hvp_route("method='hvp'", 0)
+    chunk = 64 if chunk_size is None else chunk_size
+    cheap_hvp = method == "auto" and p_count <= max_hvp
+    try:
+        diag, err, r = sweep_diagonal(
+            call, model, names, leaves, fwd, spec, targets, num_probes=k, generator=generator,
+            chunk_size=chunk, max_columns=p_count if cheap_hvp else None,
+        )  # fmt: skip
+    except SweepTooCostlyError as exc:  # only raised when one-hot HVPs are the cheaper exact route
+        return hvp_route(f"R={exc.args[0]} columns > P={p_count}: one-hot HVPs are cheaper", exc.args[0])
+    except SweepUnsupportedError as exc:
+        if cheap_hvp:
+            return hvp_route(f"sweep unsupported ({exc}); P={p_count} <= {max_hvp}", 0)
+        raise error(
+            call,
+            "the structured sweep covers Linear/Conv2d/Embedding layers, elementwise activations, "
+            "piecewise-linear ops and adds",
+            f"a model with {exc}",
+            "Use method='hvp' (batched one-hot Hessian-vector products, cost P HVPs) or "
+            "method='curvature_propagation' with num_probes (an unbiased estimate).",
+        ) from exc
+    d = unflatten(tree, diag)
+    label = "curvature_propagation" if k is not None else "sweep"
+    if err is not None:
+        e = unflatten(tree, err[:-1])
+        e[_TRACE_KEY] = err[-1]  # popped by diag_fn; read by module_hessian_trace
+    else:
+        e = {n: torch.zeros_like(v) for n, v in d.items()}
+    return d, e, SweepInfo(label, r, p_count, f"method={method!r}, R={r}, P={p_count}")

@@ -1,0 +1,519 @@
+"""The nn.Module fast path (secorder._layers) against the generic torch.func route and dense references.
+
+The generic route is itself checked against dense float64 references in test_fisher.py; here
+every supported layer, their combinations, the fallbacks (unsupported layers, shared and
+raw-used weights, in-place outputs, batch not in dimension 0), no-mutation and
+differentiability are compared with it (and a few with a dense reference directly).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F  # noqa: N812 - the PyTorch convention
+from torch import Tensor, nn
+
+from secorder import fisher_diagonal, fisher_trace
+from secorder._pytree import flatten, ravel
+from secorder.modules import module_forward
+from secorder.testing import flat_function
+from tests.conftest import tol
+
+TOL = tol(torch.float64)
+
+
+def _flat(tree: Any) -> Tensor:
+    return ravel(flatten(tree)[0])
+
+
+def _params(model: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
+
+
+def compare(
+    model: nn.Module,
+    loss: Any,
+    x: Any,
+    y: Tensor,
+    *,
+    kinds: tuple[str, ...] = ("ggn", "empirical", "mc"),
+    expect: str = "fast",
+    reduction: str = "mean",
+) -> dict[str, Any]:
+    """Fast vs generic for trace and diagonal of each kind; returns the last path_info."""
+    params = _params(model)
+    info = {}
+    for kind in kinds:
+        probes = 3 if kind == "mc" else None
+        for transform in (fisher_trace, fisher_diagonal):
+            gen = lambda: torch.Generator().manual_seed(0)
+            fast = transform(model, loss, kind=kind, num_probes=probes, reduction=reduction)
+            generic = transform(
+                model, loss, kind=kind, num_probes=probes, reduction=reduction, path="generic"
+            )
+            a = fast(params, x, y, generator=gen())
+            b = generic(params, x, y, generator=gen())
+            assert fast.path_info.path == expect, fast.path_info
+            assert generic.path_info.path == "generic"
+            torch.testing.assert_close(_flat(a), _flat(b), **TOL)
+            info[kind] = fast.path_info
+    return info
+
+
+def _seed(n: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(n)
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+
+
+def cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, stride=2, groups=2, bias=False),
+        nn.Tanh(),
+        nn.Conv2d(4, 2, 2, padding="same", dilation=2),
+        nn.Flatten(),
+        nn.Linear(2 * 2 * 2, 3),
+    ).double()
+
+
+class SeqModel(nn.Module):
+    def __init__(self, vocab: int = 7, dim: int = 4, classes: int = 3, rms: bool = False) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim, padding_idx=0)
+        self.norm: nn.Module = nn.RMSNorm(dim) if rms else nn.LayerNorm(dim)
+        self.out = nn.Linear(dim, classes)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        return self.out(torch.tanh(self.norm(self.emb(idx)))).transpose(1, 2)
+
+
+class ResidualLN(nn.Module):
+    def __init__(self, d: int = 4, classes: int = 3) -> None:
+        super().__init__()
+        self.inp = nn.Linear(3, d)
+        self.block = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d), nn.Tanh(), nn.Linear(d, d))
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.inp(x)
+        h = h + self.block(h)
+        return self.head(h)
+
+
+def _ce_data(n: int = 6, d: int = 4, c: int = 3) -> tuple[Tensor, Tensor]:
+    g = _seed(1)
+    return torch.randn(n, d, generator=g, dtype=torch.float64), torch.randint(0, c, (n,), generator=g)
+
+
+# --------------------------------------------------------------------------- supported layers
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse", "bce_with_logits"])
+def test_mlp_fast_equals_generic(loss: str, reduction: str) -> None:
+    x, y = _ce_data()
+    if loss != "cross_entropy":
+        y = torch.rand(6, 3, generator=_seed(2), dtype=torch.float64)
+    compare(mlp(), loss, x, y, reduction=reduction)
+
+
+def test_mlp_fast_equals_dense_reference() -> None:
+    model, (x, y) = mlp(), _ce_data()
+    params = _params(model)
+    forward, _ = module_forward(model)
+    z_of, theta = flat_function(lambda p: forward(p, x), (params,))
+    z = z_of(theta)
+    jac = torch.autograd.functional.jacobian(z_of, theta).reshape(z.numel(), -1)
+    hz = torch.autograd.functional.hessian(lambda zf: F.cross_entropy(zf.reshape(z.shape), y), z.reshape(-1))
+    ggn = jac.T @ hz @ jac
+    got = fisher_diagonal(model, "cross_entropy")(params, x, y)
+    torch.testing.assert_close(_flat(got), ggn.diagonal(), **TOL)
+    assert list(got) == list(params)
+
+
+def test_cnn_conv_variants() -> None:
+    x = torch.randn(5, 3, 6, 6, generator=_seed(1), dtype=torch.float64)
+    y = torch.randint(0, 3, (5,), generator=_seed(2))
+    info = compare(cnn(), "cross_entropy", x, y)
+    assert "0.weight" in info["ggn"].fast and "2.weight" in info["ggn"].fast and "4.bias" in info["ggn"].fast
+
+
+def test_embedding_layernorm_sequence() -> None:
+    idx = torch.tensor([[1, 2, 2, 0], [3, 3, 3, 3], [0, 0, 5, 6], [6, 1, 2, 4]])
+    y = torch.randint(0, 3, (4, 4), generator=_seed(3))
+    model = SeqModel().double()
+    info = compare(model, "cross_entropy", idx, y)
+    assert set(info["ggn"].fast) == {"emb.weight", "norm.weight", "norm.bias", "out.weight", "out.bias"}
+    diag = fisher_diagonal(model, "cross_entropy")(_params(model), idx, y)
+    assert torch.all(diag["emb.weight"][0] == 0)  # padding_idx gets no gradient
+
+
+@pytest.mark.skipif(not hasattr(nn, "RMSNorm"), reason="nn.RMSNorm needs torch >= 2.4")
+def test_rmsnorm() -> None:
+    idx = torch.tensor([[1, 2, 2], [3, 4, 3], [5, 0, 6]])
+    compare(
+        SeqModel(rms=True).double(), "cross_entropy", idx, torch.randint(0, 3, (3, 3), generator=_seed(3))
+    )
+
+
+def test_embedding_without_extra_dims() -> None:
+    model = nn.Sequential(nn.Embedding(5, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    compare(model, "cross_entropy", torch.tensor([0, 4, 4, 1]), torch.tensor([0, 1, 1, 0]))
+
+
+def test_linear_with_extra_leading_dims_mse() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    x = torch.randn(4, 2, 3, 3, generator=_seed(1), dtype=torch.float64)
+    y = torch.randn(4, 2, 3, 2, generator=_seed(2), dtype=torch.float64)
+    compare(model, "mse", x, y)
+
+
+def test_linear_sequence_trace_by_gram_matrices() -> None:
+    # T·(in+out) < in·out: the trace uses ⟨Δ Δᵀ, A Aᵀ⟩ per sample instead of per-sample gradients
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8)).double()
+    x = torch.randn(4, 2, 8, generator=_seed(1), dtype=torch.float64)
+    y = torch.randn(4, 2, 8, generator=_seed(2), dtype=torch.float64)
+    compare(model, "mse", x, y)
+    compare(model, lambda z, t: (torch.sin(z) * t).mean(), x, y, kinds=("ggn",))  # weighted columns
+
+
+def test_residual_layernorm() -> None:
+    torch.manual_seed(0)
+    x, y = _ce_data(d=3)
+    compare(ResidualLN().double(), "cross_entropy", x, y)
+
+
+def test_callable_loss_on_fast_path() -> None:
+    x5 = torch.randn(5, 3, 6, 6, generator=_seed(1), dtype=torch.float64)
+    y5 = torch.randint(0, 3, (5,), generator=_seed(2))
+    compare(cnn(), lambda z, t: F.cross_entropy(z, t), x5, y5, kinds=("ggn",))  # weighted conv columns
+    idx = torch.tensor([[1, 2, 2, 0], [3, 3, 3, 3], [0, 0, 5, 6]])
+    torch.manual_seed(0)
+    compare(
+        SeqModel().double(),
+        lambda z, t: F.cross_entropy(z, t),
+        idx,
+        torch.randint(0, 3, (3, 4)),
+        kinds=("ggn",),
+    )
+    x, y = _ce_data()
+    yy = torch.randn(6, 3, generator=_seed(4), dtype=torch.float64)
+    compare(mlp(), lambda z, t: (torch.sin(z) * t).mean(), x, yy, kinds=("ggn", "empirical"))
+    compare(mlp(), lambda z, t: F.cross_entropy(z, t), x, y, kinds=("ggn", "empirical"))
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn", "seq"])
+def test_mc_with_stderr_fast_equals_generic(arch: str) -> None:
+    if arch == "mlp":
+        model, (x, y) = mlp(), _ce_data()
+    elif arch == "seq":
+        torch.manual_seed(0)
+        model = SeqModel().double()
+        x = torch.tensor([[1, 2, 2, 0], [3, 3, 3, 3], [0, 0, 5, 6]])
+        y = torch.randint(0, 3, (3, 4), generator=_seed(3))
+    else:
+        model = cnn()
+        x = torch.randn(5, 3, 6, 6, generator=_seed(1), dtype=torch.float64)
+        y = torch.randint(0, 3, (5,), generator=_seed(2))
+    params = _params(model)
+    for transform in (fisher_trace, fisher_diagonal):
+        a = transform(model, "cross_entropy", kind="mc", num_probes=5, with_stderr=True)
+        b = transform(model, "cross_entropy", kind="mc", num_probes=5, with_stderr=True, path="generic")
+        (ea, sa), (eb, sb) = a(params, x, y, generator=_seed()), b(params, x, y, generator=_seed())
+        torch.testing.assert_close(_flat(ea), _flat(eb), **TOL)
+        torch.testing.assert_close(_flat(sa), _flat(sb), **TOL)
+
+
+# --------------------------------------------------------------------------- fallbacks
+
+
+class TwiceCalled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.lin(torch.tanh(self.lin(x))))
+
+
+class Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(5, 3)
+        self.out = nn.Linear(3, 5, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, idx: Tensor) -> Tensor:
+        return self.out(torch.tanh(self.emb(idx)))
+
+
+class RawUse(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.lin(x)) + 0.1 * x @ self.lin.weight.T  # the weight used outside its layer
+        return self.head(h)
+
+
+class Scale(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.s = nn.Parameter(torch.linspace(0.5, 1.5, d))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.s
+
+
+class TimeMajor(nn.Module):
+    """Runs a Linear on (T, N, d): the batch is not dimension 0 there."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 3)
+
+    def forward(self, x: Tensor) -> Tensor:  # x: (N, T, 2) with T != N
+        return self.lin(x.transpose(0, 1)).transpose(0, 1).transpose(1, 2)
+
+
+class Unused(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.used = nn.Linear(4, 3)
+        self.spare = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.used(x)
+
+
+def test_unused_layer_gets_zeros() -> None:
+    torch.manual_seed(0)
+    model, (x, y) = Unused().double(), _ce_data()
+    compare(model, "cross_entropy", x, y)
+    diag, err = fisher_diagonal(model, "cross_entropy", kind="mc", num_probes=3, with_stderr=True)(
+        _params(model), x, y, generator=_seed()
+    )
+    assert torch.all(diag["spare.weight"] == 0) and torch.all(err["spare.bias"] == 0)
+    assert torch.all(diag["used.weight"] > 0)
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")  # vmap of weight_norm
+@pytest.mark.parametrize("variant", ["weight_norm", "user_hook", "reflect_padding", "scaled_embedding"])
+def test_ineligible_layers_fall_back(variant: str) -> None:
+    torch.manual_seed(0)
+    if variant == "reflect_padding":
+        model = nn.Sequential(
+            nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"), nn.Flatten(), nn.Linear(32, 3)
+        )
+        x = torch.randn(4, 2, 4, 4, generator=_seed(1))
+        generic = {"0.weight", "0.bias"}
+    elif variant == "scaled_embedding":
+        model = nn.Sequential(nn.Embedding(5, 3, scale_grad_by_freq=True), nn.Flatten(), nn.Linear(6, 3))
+        x = torch.tensor([[0, 1], [2, 2], [4, 3], [1, 1]])
+        generic = {"0.weight"}
+    else:
+        model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+        x = torch.randn(4, 4, generator=_seed(1))
+        if variant == "weight_norm":
+            model[0] = torch.nn.utils.parametrizations.weight_norm(model[0])
+            generic = {"0.bias", "0.parametrizations.weight.original0", "0.parametrizations.weight.original1"}
+        else:
+            model[0].register_forward_hook(lambda m, i, o: o * 2)
+            generic = {"0.weight", "0.bias"}
+    model = model.double()
+    x = x.double() if x.is_floating_point() else x
+    info = compare(model, "cross_entropy", x, torch.tensor([0, 1, 2, 1]), expect="fast+generic")
+    assert set(info["ggn"].generic) == generic
+
+
+def test_module_called_twice_is_fast() -> None:
+    torch.manual_seed(0)
+    compare(TwiceCalled().double(), "cross_entropy", *_ce_data())
+
+
+def test_tied_weights_fall_back() -> None:
+    torch.manual_seed(0)
+    info = compare(
+        Tied().double(),
+        "cross_entropy",
+        torch.tensor([0, 2, 4, 4]),
+        torch.tensor([1, 0, 3, 4]),
+        expect="generic",
+    )
+    assert info["ggn"].generic == ("emb.weight",)
+
+
+def test_raw_use_of_a_weight_falls_back() -> None:
+    torch.manual_seed(0)
+    info = compare(RawUse().double(), "cross_entropy", *_ce_data(), expect="fast+generic")
+    assert info["ggn"].generic == ("lin.weight",)
+    assert "lin.bias" in info["ggn"].fast and "head.weight" in info["ggn"].fast
+
+
+def test_unsupported_module_falls_back() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), Scale(5), nn.Tanh(), nn.Linear(5, 3)).double()
+    info = compare(model, "cross_entropy", *_ce_data(), expect="fast+generic")
+    assert info["empirical"].generic == ("1.s",)
+
+
+def test_batch_not_in_dim0_falls_back() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 2, generator=_seed(1), dtype=torch.float64)
+    y = torch.randint(0, 3, (3, 4), generator=_seed(2))
+    info = compare(TimeMajor().double(), "cross_entropy", x, y, expect="generic")
+    assert set(info["ggn"].generic) == {"lin.weight", "lin.bias"}
+
+
+def test_inplace_relu_after_layers() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3),
+        nn.ReLU(inplace=True),
+        nn.Flatten(),
+        nn.Linear(12, 4),
+        nn.ReLU(inplace=True),
+        nn.Linear(4, 3),
+    ).double()
+    x = torch.randn(5, 2, 4, 4, generator=_seed(1), dtype=torch.float64)
+    compare(model, "cross_entropy", x, torch.randint(0, 3, (5,), generator=_seed(2)))
+
+
+def test_batchnorm_eval_mixes_routes_and_train_is_refused() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x, y = _ce_data()
+    with torch.no_grad():
+        model(x)  # move the running statistics away from their initial values
+    model.eval()
+    info = compare(model, "cross_entropy", x, y, expect="fast+generic")
+    assert set(info["ggn"].generic) == {"1.weight", "1.bias"}
+    model.train()
+    for kind, probes in (("ggn", None), ("empirical", None), ("mc", 1), ("empirical", 4)):
+        with pytest.raises(
+            ValueError, match=r"BatchNorm1d at '1' normalizing with batch statistics \(train mode\)"
+        ):
+            fisher_trace(model, "cross_entropy", kind=kind, num_probes=probes)(_params(model), x, y)
+    # the GGN through the batch Jacobian is defined; Hutchinson gives it (module left in train mode)
+    est = fisher_trace(model, "cross_entropy", num_probes=4)(_params(model), x, y, generator=_seed())
+    assert torch.isfinite(est) and model.training
+
+
+def test_module_returning_a_tuple_is_refused() -> None:
+    class Pair(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+            return self.lin(x), x
+
+    model = Pair().double()
+    with pytest.raises(TypeError, match="model_fn must return a tensor"):
+        fisher_trace(model, "cross_entropy")(_params(model), *_ce_data())
+
+
+def test_dropout_in_train_mode_is_refused() -> None:
+    model = nn.Sequential(nn.Linear(4, 5), nn.Dropout(0.5), nn.Linear(5, 3)).double()
+    with pytest.raises(ValueError, match=r"Dropout\(p=0\.5\) in train mode at '1'"):
+        fisher_trace(model, "cross_entropy", num_probes=2)(_params(model), *_ce_data())
+    model.eval()
+    compare(model, "cross_entropy", *_ce_data(), kinds=("ggn",))
+
+
+# --------------------------------------------------------------------------- contracts
+
+
+def test_model_is_not_mutated() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.ReLU(inplace=True), nn.Linear(5, 3)).double()
+    model.eval()
+    before = copy.deepcopy(model.state_dict())
+    flags = [m.training for m in model.modules()]
+    x, y = _ce_data()
+    for kind, probes in (("ggn", None), ("empirical", None), ("mc", 2), ("ggn", 3)):
+        fisher_diagonal(model, "cross_entropy", kind=kind, num_probes=probes)(
+            dict(model.named_parameters()), x, y, generator=_seed()
+        )
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert flags == [m.training for m in model.modules()]
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())
+
+
+def test_differentiable_through_fast_path() -> None:
+    model, (x, y) = mlp(), _ce_data()
+    for kind in ("ggn", "empirical"):
+        grads = {}
+        for path in ("fast", "generic"):
+            params = {k: v.detach().clone().requires_grad_(True) for k, v in model.named_parameters()}
+            fn = fisher_trace(model, "cross_entropy", kind=kind, path=path)
+            out = fn(params, x, y)
+            assert fn.path_info.path == path
+            grads[path] = torch.autograd.grad(out, list(params.values()))
+        for a, b in zip(grads["fast"], grads["generic"]):
+            torch.testing.assert_close(a, b, **TOL)
+
+
+def test_partial_params_dict() -> None:
+    model, (x, y) = mlp(), _ce_data()
+    sub = {"2.weight": model[2].weight.detach()}
+    a = fisher_diagonal(model, "cross_entropy")(sub, x, y)
+    b = fisher_diagonal(model, "cross_entropy", path="generic")(sub, x, y)
+    torch.testing.assert_close(a["2.weight"], b["2.weight"], **TOL)
+
+
+def test_float32(dtype: torch.dtype) -> None:
+    model, (x, y) = mlp().to(dtype), _ce_data()
+    x = x.to(dtype)
+    params = _params(model)
+    a = fisher_diagonal(model, "cross_entropy")(params, x, y)
+    b = fisher_diagonal(model, "cross_entropy", path="generic")(params, x, y)
+    for k in a:
+        assert a[k].dtype == dtype
+        torch.testing.assert_close(a[k], b[k], **tol(dtype))
+
+
+def test_auto_switches_to_generic_under_vmap_and_fast_refuses() -> None:
+    models = [mlp() for _ in range(2)]
+    stacked, _ = torch.func.stack_module_state(models)
+    x, y = _ce_data()
+    fn = fisher_trace(models[0], "cross_entropy", kind="empirical")
+    batched = torch.func.vmap(fn, in_dims=(0, None, None))(stacked, x, y)
+    assert fn.path_info.path == "generic"
+    torch.testing.assert_close(batched, torch.stack([fn(_params(m), x, y) for m in models]), **TOL)
+    fast = fisher_trace(models[0], "cross_entropy", kind="empirical", path="fast")
+    with pytest.raises(ValueError, match="path='fast' runs eagerly"):
+        torch.func.vmap(fast, in_dims=(0, None, None))(stacked, x, y)
+
+
+def test_chunked_samples_in_fast_products() -> None:
+    from secorder import set_memory_budget
+    from secorder._chunking import memory_budget
+
+    x = torch.randn(5, 3, 6, 6, generator=_seed(1), dtype=torch.float64)
+    y = torch.randint(0, 3, (5,), generator=_seed(2))
+    model = cnn()
+    want = fisher_diagonal(model, "cross_entropy")(_params(model), x, y)
+    old = memory_budget()
+    set_memory_budget(1)  # forces one sample per chunk in the per-sample products
+    try:
+        got = fisher_diagonal(model, "cross_entropy")(_params(model), x, y)
+    finally:
+        set_memory_budget(old)
+    torch.testing.assert_close(_flat(got), _flat(want), **TOL)
