@@ -2,6 +2,12 @@
 
 from secorder._chunking import memory_budget, set_memory_budget
 from secorder._errors import SecorderError
+from secorder.data import (
+    dataset_fisher_diagonal,
+    dataset_fisher_trace,
+    dataset_hessian_diagonal,
+    dataset_hessian_trace,
+)
 
 # Fisher / GGN / empirical Fisher transforms
 from secorder.fisher import FisherPath, fisher_diagonal, fisher_operator, fisher_trace
@@ -39,6 +45,11 @@ __all__ = [
     "fisher_diagonal",
     "fisher_operator",
     "FisherPath",
+    # whole datasets (secorder.data)
+    "dataset_hessian_trace",
+    "dataset_hessian_diagonal",
+    "dataset_fisher_trace",
+    "dataset_fisher_diagonal",
     # spectra: Hessian transforms, and operator-level functions for any operator
     # (e.g. lanczos_eigenvalues(fisher_operator(model, "cross_entropy")(params, x, y)[0], k=5))
     "hessian_eigenvalues",

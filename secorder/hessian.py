@@ -366,7 +366,7 @@ def hessian_trace_adaptive(
 ) -> Callable[..., AdaptiveResult]:
     """Transform ``f`` into a function estimating tr(∇²_θ f) until its standard error is small.
 
-    Products are drawn in rounds until stderr ≤ ``atol`` + ``rtol`` · |estimate| or
+    Products are drawn in rounds until stderr ≤ ``atol`` + ``rtol`` · abs(estimate) or
     ``max_probes`` products are spent (see :mod:`secorder.estimators.stopping`).
     Eager only: the number of rounds depends on the data, so inside ``torch.func``
     transforms use :func:`hessian_trace` with a fixed ``num_probes``.
@@ -505,7 +505,7 @@ def hessian_eigenvalues(
     """Transform ``f`` into a function returning the k extreme eigenvalues of ∇²_θ f (Lanczos).
 
     Lanczos with full reorthogonalization (:func:`secorder.spectra.lanczos_eigenvalues`)
-    runs until the k wanted Ritz pairs have residuals ‖Hx − θx‖ ≤ ``tol`` · max|θ|;
+    runs until the k wanted Ritz pairs have residuals ‖Hx − θx‖ ≤ ``tol`` · max abs(θ);
     a ``RuntimeWarning`` says so when ``max_steps`` HVPs were not enough. Eager only.
 
     Args:
@@ -600,7 +600,7 @@ def hessian_spectral_density(
     Stochastic Lanczos quadrature (:func:`secorder.spectra.spectral_density`):
     ``num_runs`` Lanczos runs of ``num_steps`` HVPs from random starts, Gauss
     quadrature nodes broadened by Gaussians of width ``sigma``. Eager only. Plot the
-    result with :func:`secorder.plot_spectral_density`.
+    result with :func:`secorder.spectra.plot_spectral_density`.
 
     Args:
         f: a function of ``*args`` returning a scalar tensor.

@@ -7,7 +7,7 @@ empirical Fisher, or a :class:`~secorder.operators.DenseOperator`) and only call
 Lanczos (Lanczos 1950) builds an orthonormal basis V_m of the Krylov space
 span{v, Av, ..., A^{m−1}v} in which A is tridiagonal, T_m = V_mᵀAV_m. Eigenpairs
 (θ, s) of T_m give Ritz pairs (θ, V_m s) whose residual is
-‖A V_m s − θ V_m s‖ = |β_m s_m|, and for a symmetric A some eigenvalue lies within that
+‖A V_m s − θ V_m s‖ = abs(β_m s_m), and for a symmetric A some eigenvalue lies within that
 residual of θ. In floating point the basis loses orthogonality as Ritz values converge
 (Paige 1971); here every new vector is re-orthogonalized against the whole basis
 ("full reorthogonalization": classical Gram–Schmidt, repeated when a pass shrinks the
@@ -78,7 +78,7 @@ class LanczosResult(NamedTuple):
     num_products: int
     """Operator products spent (one per Lanczos step)."""
     converged: bool
-    """Whether every residual is ≤ tol · max|θ|."""
+    """Whether every residual is ≤ tol · max abs(θ)."""
 
 
 def _check_int(call: str, name: str, value: object, minimum: int = 1) -> int:
@@ -219,7 +219,7 @@ def lanczos_eigenvalues(
     """The k largest (or smallest, i.e. most negative) eigenvalues of ``op`` by Lanczos.
 
     Runs Lanczos with full reorthogonalization from a Gaussian start vector until the k
-    wanted Ritz pairs have residuals ‖Ax − θx‖ ≤ ``tol`` · max|θ| (so each returned θ
+    wanted Ritz pairs have residuals ‖Ax − θx‖ ≤ ``tol`` · max abs(θ) (so each returned θ
     is within that distance of an eigenvalue of A, and typically much closer: the
     eigenvalue error is bounded by residual²/gap), or ``max_steps`` products are spent.
 

@@ -2,7 +2,7 @@
 
 ``adaptive_trace`` stops as soon as
 
-    stderr ≤ atol + rtol · |estimate|
+    stderr ≤ atol + rtol · abs(estimate)
 
 or when the next round would exceed ``max_probes`` products, and reports which of the
 two happened. With ``method="hutchinson"`` each round adds ``batch`` probes to a running
@@ -43,7 +43,7 @@ class AdaptiveResult(NamedTuple):
     num_products: int
     """Products of the operator spent in total."""
     converged: bool
-    """Whether stderr ≤ atol + rtol·|estimate| was reached (False: the budget ran out)."""
+    """Whether stderr ≤ atol + rtol·abs(estimate) was reached (False: the budget ran out)."""
 
 
 def _nonneg_float(call: str, name: str, value: object) -> float:
@@ -128,7 +128,7 @@ def adaptive_trace(
     generator: torch.Generator | None = None,
     chunk_size: int | None = None,
 ) -> AdaptiveResult:
-    """Estimate tr(A) in rounds until stderr ≤ atol + rtol·|estimate| or the budget is spent.
+    """Estimate tr(A) in rounds until stderr ≤ atol + rtol·abs(estimate) or the budget is spent.
 
     Args:
         op: a symmetric operator.
