@@ -6,12 +6,11 @@ Workload (the issue's): MLP 784-128-128-10, tanh, batch 128, cross-entropy (P = 
 same weights and data as ``/work/main/.benchvenv/snippets/common.py``. ``--small`` swaps in an
 MLP 784-16-10 (P = 12,730) for smoke runs.
 
-Operators (each row of ``OPERATORS``, pluggable): the Hessian (secorder's HessianOperator) and the
-GGN JᵀH_zJ of the same loss (a small torch.func operator defined below, until secorder's Fisher
-operators land; swap ``ggn_operator`` for them then). Exact references: the Hessian diagonal from
-secorder's exact diagonal (P HVPs: slow on the full MLP, so cached under ``benchmarks/_cache``),
-cross-checked against BackPACK's DiagHessian where importable; the GGN diagonal exactly from N·C
-vector-Jacobian products.
+Operators (each row of ``OPERATORS``, pluggable: any secorder operator and its exact diagonal): the
+Hessian (``secorder.hessian_operator``) and the GGN of the same loss (``secorder.fisher_operator``).
+Exact references: the Hessian diagonal from secorder's exact diagonal (P HVPs: slow on the full
+MLP, so cached under ``benchmarks/_cache``), the GGN diagonal from ``secorder.fisher_diagonal``;
+both cross-checked against BackPACK's DiagHessian / DiagGGNExact where importable.
 
 Run (competitors live in the bench venv, which needs optree; matplotlib for the plots)::
 
@@ -61,7 +60,6 @@ if ARGS.extra_site:
 
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
-from torch.func import functional_call, jvp, vjp, vmap  # noqa: E402
 
 try:
     import secorder
@@ -118,76 +116,14 @@ def workload(small: bool) -> Workload:
 # -- operators ----------------------------------------------------------------------------------
 
 
-class GGNOperator:
-    """G = Jᵀ (∇²_z L) J for L = cross_entropy(model(x; θ), y) with mean reduction (torch.func).
-
-    A benchmark stand-in until secorder's Fisher operators land. matmat: vmap over rows of
-    jvp (J v) → H_z → vjp (Jᵀ ·), one forward-mode and one reverse-mode pass per row.
-    """
-
-    def __init__(self, wl: Workload) -> None:
-        self.wl = wl
-        self.names = sorted(wl.params)  # secorder's flat order: dict keys sorted
-        self.leaves = [wl.params[k] for k in self.names]
-        self.shapes = [p.shape for p in self.leaves]
-
-        def logits(*leaves: Tensor) -> Tensor:
-            return functional_call(wl.model, dict(zip(self.names, leaves)), (wl.x,))
-
-        self._logits = logits
-        with torch.no_grad():
-            z = logits(*self.leaves)
-        self.p = torch.softmax(z, dim=-1)
-        self.n = z.shape[0]
-        self._vjp = vjp(logits, *self.leaves)[1]
-
-    size = property(lambda self: sum(p.numel() for p in self.leaves))
-    dtype = property(lambda self: self.leaves[0].dtype)
-    device = property(lambda self: self.leaves[0].device)
-
-    def _hz(self, u: Tensor) -> Tensor:  # per-sample CE Hessian (diag p − ppᵀ)/N applied to u
-        return (self.p * u - self.p * (self.p * u).sum(-1, keepdim=True)) / self.n
-
-    def _unravel(self, v: Tensor) -> list[Tensor]:
-        return [
-            t.reshape(s) for t, s in zip(torch.split(v, [math.prod(s) for s in self.shapes]), self.shapes)
-        ]
-
-    def matmat(self, V: Tensor) -> Tensor:
-        def one(v: Tensor) -> Tensor:
-            ju = jvp(self._logits, tuple(self.leaves), tuple(self._unravel(v)))[1]
-            return torch.cat([g.reshape(-1) for g in self._vjp(self._hz(ju))])
-
-        return vmap(one)(V)
-
-    def quadform(self, V: Tensor) -> Tensor:
-        def one(v: Tensor) -> Tensor:
-            ju = jvp(self._logits, tuple(self.leaves), tuple(self._unravel(v)))[1]
-            return (ju * self._hz(ju)).sum()
-
-        return vmap(one)(V)
-
-    def exact_diagonal(self) -> Tensor:
-        """diag(G) = Σ_n Σ_c (J_nᵀ L_n e_c)² with H_z,n = L_n L_nᵀ (symmetric square root), N·C VJPs."""
-        evals, evecs = torch.linalg.eigh(torch.diag_embed(self.p) - self.p[:, :, None] * self.p[:, None, :])
-        roots = evecs * evals.clamp_min(0).sqrt()[:, None, :] / math.sqrt(self.n)  # (N, C, C), H_z = R Rᵀ
-        diag = torch.zeros(self.size, dtype=self.dtype)
-        for c in range(roots.shape[2]):
-            for i in range(self.n):
-                u = torch.zeros_like(self.p)
-                u[i] = roots[i, :, c]
-                diag += torch.cat([g.reshape(-1) for g in self._vjp(u)]) ** 2
-        return diag
-
-
 def hessian_operator(wl: Workload) -> LinearOperator:
     op, _ = secorder.hessian_operator(wl.f, wl.params, wl.x, wl.y)
     return op
 
 
 def ggn_operator(wl: Workload) -> LinearOperator:
-    # Replace with secorder's GGN operator once the fisher branch is merged.
-    return GGNOperator(wl)
+    op, _ = secorder.fisher_operator(wl.model, "cross_entropy")(wl.params, wl.x, wl.y)
+    return op
 
 
 def exact_hessian_diagonal(wl: Workload, cache: Path) -> Tensor:
@@ -205,13 +141,9 @@ def exact_hessian_diagonal(wl: Workload, cache: Path) -> Tensor:
 
 
 def exact_ggn_diagonal(wl: Workload, cache: Path) -> Tensor:
-    path = cache / f"ggn_diag_{wl.tag}.pt"
-    if path.exists():
-        return torch.load(path)
-    flat = GGNOperator(wl).exact_diagonal()
-    cache.mkdir(parents=True, exist_ok=True)
-    torch.save(flat, path)
-    return flat
+    """secorder's exact GGN diagonal (per-layer fast path: one backward pass per class)."""
+    diag = secorder.fisher_diagonal(wl.model, "cross_entropy")(wl.params, wl.x, wl.y)
+    return torch.cat([diag[k].reshape(-1) for k in sorted(diag)])
 
 
 @dataclass
@@ -385,15 +317,21 @@ def rms(xs: list[float]) -> float:
 
 
 def transform_trace(wl: Workload, spec: OperatorSpec, method: str, m: int) -> Tensor:
-    """What a user times: the whole call, operator construction included."""
+    """What a user times: the whole transform call, operator construction included."""
     if spec.name == "hessian":
         return secorder.hessian_trace(wl.f, num_probes=m, method=method)(wl.params, wl.x, wl.y)
+    if spec.name == "ggn":
+        fn = secorder.fisher_trace(wl.model, "cross_entropy", num_probes=m, method=method)
+        return fn(wl.params, wl.x, wl.y)
     return TRACE_ESTIMATORS[method](spec.build(wl), m)[0]
 
 
 def transform_diag(wl: Workload, spec: OperatorSpec, m: int) -> Any:
     if spec.name == "hessian":
         return secorder.hessian_diagonal(wl.f, num_probes=m, method="xdiag")(wl.params, wl.x, wl.y)
+    if spec.name == "ggn":
+        fn = secorder.fisher_diagonal(wl.model, "cross_entropy", num_probes=m, method="xdiag")
+        return fn(wl.params, wl.x, wl.y)
     return DIAGONAL_ESTIMATORS["xdiag"](spec.build(wl), m)[0]
 
 
