@@ -554,7 +554,7 @@ def plot(curves_by_op: dict[str, list[Curve]], results: dict[str, Any], path: Pa
     except ImportError:
         print(f"matplotlib not importable: no plot ({path})")
         return
-    fig = Figure(figsize=(6 * len(curves_by_op), 4.5))
+    fig = Figure(figsize=(8.5 * len(curves_by_op), 4.5))
     colors = {
         "hutchinson": "tab:blue",
         "hutch++": "tab:orange",
@@ -580,11 +580,14 @@ def plot(curves_by_op: dict[str, list[Curve]], results: dict[str, Any], path: Pa
                 color=colors.get(r["method"]),
                 label=f"curvlinops {r['method']}",
             )
+        budgets = curves[0].budgets if curves else []
+        ax.set_xticks(budgets, [str(b) for b in budgets])
+        ax.minorticks_off()
         ax.set_xlabel("matrix-vector products")
         ax.set_ylabel("RMS relative error (trace; diagonal: ‖d̂−d‖/‖d‖)")
         ax.set_title(f"{name}, P = {results['P']}, {results['seeds']} seeds")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"\nwrote {path}")

@@ -625,3 +625,17 @@ def test_registries_list_every_method() -> None:
     assert list(TRACE_ESTIMATORS) == ["hutchinson", "hutch++", "xtrace", "xnystrace"]
     assert list(DIAGONAL_ESTIMATORS) == ["hutchinson", "xdiag"]
     assert set(BLOCK_TRACE_ESTIMATORS) == set(TRACE_ESTIMATORS)
+
+
+@pytest.mark.parametrize(("method", "budget"), [("xtrace", 8), ("xnystrace", 4), ("hutch++", 9)])
+def test_fisher_trace_methods_exact_on_low_rank_ggn(method: str, budget: int) -> None:
+    """The registries reach the Fisher transforms: a rank-3 GGN (3 samples, MSE) is recovered exactly."""
+    f, params, X, y = _linear_low_rank()
+    model_fn = lambda p, x: x @ p["w"] + p["b"]
+    H = dense_hessian(f, params, X, y)  # for a linear model with MSE the GGN is the Hessian
+    fn = secorder.fisher_trace(model_fn, "mse", num_probes=budget, method=method, distribution="gaussian")
+    torch.testing.assert_close(fn(params, X, y, generator=gen(0)), torch.trace(H), rtol=1e-8, atol=1e-9)
+    diag = secorder.fisher_diagonal(model_fn, "mse", num_probes=8, method="xdiag", distribution="gaussian")(
+        params, X, y, generator=gen(0)
+    )
+    torch.testing.assert_close(diag["w"], torch.diagonal(H)[1:], rtol=1e-8, atol=1e-9)
