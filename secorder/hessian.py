@@ -555,7 +555,7 @@ def hessian_eigenvalues(
             raise error(
                 call, f"k must not exceed the number of parameters {size}", f"k={k}", f"Pass k <= {size}."
             )
-        op = HessianOperator(g, leaves, resolve_strategy(call, strategy, leaves), call)
+        op = HessianOperator(g, leaves, resolve_strategy(call, strategy, leaves), call, one_at_a_time=True)
         res = lanczos_eigenvalues(
             op,
             k,
@@ -640,7 +640,7 @@ def hessian_spectral_density(
         check_eager(
             call, leaves, what="Stochastic Lanczos quadrature", fix="Call it outside torch.func transforms."
         )
-        op = HessianOperator(g, leaves, resolve_strategy(call, strategy, leaves), call)
+        op = HessianOperator(g, leaves, resolve_strategy(call, strategy, leaves), call, one_at_a_time=True)
         return spectral_density(
             op,
             num_runs=num_runs,

@@ -306,3 +306,13 @@ def test_auto_strategy_rule_is_inspectable() -> None:
     with torch.enable_grad():
         op_g, _ = secorder.hessian_operator(f, {k: v.requires_grad_(True) for k, v in params.items()}, x, y)
     assert op_g.strategy == "rev_rev"
+
+
+def test_auto_strategy_for_one_product_at_a_time() -> None:
+    """Lanczos multiplies one vector per call: the eager auto rule takes the retained-graph loop."""
+    f, params, x, y = _problem(torch.float64)
+    g, leaves = secorder.testing.flat_function(f, (params, x, y))
+    op = secorder.operators.HessianOperator(lambda ls: g(ls[0]), [leaves], "auto", one_at_a_time=True)
+    hv = op.matmat(torch.eye(op.size, dtype=torch.float64)[:1])
+    assert op.strategy == "autograd"
+    torch.testing.assert_close(hv[0], dense_hessian(f, params, x, y)[0])
