@@ -82,6 +82,16 @@ def _bind(
     return g, leaves, spec, index
 
 
+def _bound_operator(
+    call: str, f: Callable[..., Any], args: tuple[Any, ...], argnums: int, strategy: str, generator: object
+) -> tuple[HessianOperator, TreeSpec, torch.Generator | None]:
+    """The call-time steps every transform shares: bind the arguments, check the generator,
+    build the Hessian operator (strategy resolved, ``"auto"`` settled at the first product)."""
+    g, leaves, spec, _ = _bind(call, f, args, argnums)
+    gen = _probes.check_generator(call, generator, leaves[0].device)
+    return HessianOperator(g, leaves, resolve_strategy(call, strategy, leaves), call), spec, gen
+
+
 def hessian_operator(
     f: Callable[..., Any], *args: Any, argnums: int = 0, strategy: str = "auto"
 ) -> tuple[HessianOperator, TreeSpec]:
@@ -250,9 +260,8 @@ def hessian_trace(
 
     @functools.wraps(f)
     def trace_fn(*args: Any, generator: torch.Generator | None = None) -> Any:
-        g, leaves, spec, _ = _bind(call, f, args, argnums)
-        gen = _probes.check_generator(call, generator, leaves[0].device)
-        op = HessianOperator(g, leaves, resolve_strategy(call, strategy, leaves), call)
+        op, spec, gen = _bound_operator(call, f, args, argnums, strategy, generator)
+        leaves = op.leaves
         if per_block:
             sizes = [leaf.numel() for leaf in leaves]
             if num_probes is None or block_estimator is None:
@@ -331,9 +340,8 @@ def hessian_diagonal(
 
     @functools.wraps(f)
     def diag_fn(*args: Any, generator: torch.Generator | None = None) -> Any:
-        g, leaves, spec, _ = _bind(call, f, args, argnums)
-        gen = _probes.check_generator(call, generator, leaves[0].device)
-        op = HessianOperator(g, leaves, resolve_strategy(call, strategy, leaves), call)
+        op, spec, gen = _bound_operator(call, f, args, argnums, strategy, generator)
+        leaves = op.leaves
         if num_probes is None:
             diag = exact_diagonal(op, chunk_size=chunk_size)
             err = torch.zeros_like(diag)
@@ -475,9 +483,7 @@ def hessian_frobenius_norm_sq(
 
     @functools.wraps(f)
     def frobenius_fn(*args: Any, generator: torch.Generator | None = None) -> Any:
-        g, leaves, _, _ = _bind(call, f, args, argnums)
-        gen = _probes.check_generator(call, generator, leaves[0].device)
-        op = HessianOperator(g, leaves, resolve_strategy(call, strategy, leaves), call)
+        op, _spec, gen = _bound_operator(call, f, args, argnums, strategy, generator)
         if num_probes is None:
             est = exact_frobenius_norm_sq(op, chunk_size=chunk_size)
             err = torch.zeros_like(est)
