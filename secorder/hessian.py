@@ -190,8 +190,8 @@ def hessian_trace(
     * ``num_probes=None``: exact, Σ_i e_iᵀ H e_i from P one-hot Hessian-vector
       products (the sum of :func:`hessian_diagonal`). Cost: P HVPs.
     * ``num_probes=K``: Hutchinson, (1/K) Σ_k v_kᵀ H v_k with probes drawn from
-      ``generator``; unbiased since E[v vᵀ] = I. Cost: K HVPs (or K second-order
-      forward passes with ``strategy="fwd_fwd"``), ``chunk_size`` at a time.
+      ``generator``; unbiased since E[v vᵀ] = I. Cost: K HVPs (in eager mode K
+      forward passes in tangent mode, ``strategy="taylor"``), ``chunk_size`` at a time.
       ``method="hutch++"`` or ``"xtrace"`` spend the same K products on a low-rank
       sketch plus Hutchinson on the remainder, far more accurate when the spectrum
       decays fast (``"xnystrace"`` too, for positive semi-definite Hessians only).

@@ -26,16 +26,22 @@ batch of vectors in several ways, all giving the same numbers up to rounding:
 ``"fwd_rev"``
     ``vmap`` of ``torch.func.jvp(torch.func.grad(g))`` (forward over reverse): no
     stored double-backward graph, lower peak memory. Composes with ``vmap``/``grad``.
-``"fwd_fwd"``
-    for quadratic forms only: vᵀHv is the second directional derivative of g, computed
-    by ``jvp`` of ``jvp`` with no backward pass at all. ``matmat`` falls back to
-    ``"fwd_rev"``. Composes with ``vmap``/``grad``.
 ``"autograd"``
     a Python loop of ``torch.autograd.grad`` calls on one retained double-backward
     graph (the PyHessian way). Eager only.
 ``"autograd_batched"``
     one ``torch.autograd.grad(..., is_grads_batched=True)`` call per chunk on the
     retained graph. Eager only.
+
+``"taylor"``
+    for quadratic forms only: one evaluation of the function is recorded as a tape of ATen
+    operations (:mod:`secorder._tape`), one reverse pass gives the adjoint of every
+    intermediate, and vᵀHv = Σ_k ⟨ḡ_k, d²f_k[u̇_k, u̇_k]⟩ is then summed over the ops in
+    one forward-mode pass per batch of probes (:mod:`secorder._taylor`). About one tangent
+    forward pass per probe instead of a forward tangent plus a double backward, and every
+    convolution stays dense with the probes folded into its batch or channel dimension.
+    ``matmat`` uses the eager ``"auto"`` rule. Eager only; refused for functions with random
+    ops or in-place updates of aliased tensors (a replay would differ).
 
 ``"finite_difference"``
     the fallback for functions with operators that have neither a double-backward nor
@@ -66,6 +72,8 @@ from torch.func import grad, jvp, vjp, vmap
 
 from secorder._errors import error
 from secorder._pytree import numel, ravel, unravel
+from secorder._tape import TapeUnsupportedError
+from secorder._taylor import TaylorQuadform
 
 __all__ = [
     "STRATEGIES",
@@ -78,9 +86,9 @@ __all__ = [
     "resolve_strategy",
 ]
 
-STRATEGIES = ("auto", "rev_rev", "fwd_rev", "fwd_fwd", "autograd", "autograd_batched")
+STRATEGIES = ("auto", "rev_rev", "fwd_rev", "autograd", "autograd_batched", "taylor")
 FALLBACK_STRATEGIES = ("finite_difference",)
-_EAGER_ONLY = ("autograd", "autograd_batched")
+_EAGER_ONLY = ("autograd", "autograd_batched", "taylor")
 
 
 class LinearOperator(Protocol):
@@ -151,6 +159,18 @@ def in_functorch_transform(leaves: Sequence[Tensor] = ()) -> bool:
 
 def check_strategy(call: str, strategy: object) -> str:
     """Validate a strategy name."""
+    if strategy == "fwd_fwd":
+        raise error(
+            call,
+            "strategy must be one of "
+            f"{', '.join(repr(s) for s in STRATEGIES + FALLBACK_STRATEGIES)}; "
+            '"fwd_fwd" (jvp of jvp) was removed: PyTorch\'s nested forward mode returns wrong '
+            "second derivatives for layer_norm and batch_norm without raising "
+            "(pytorch/pytorch#196700, #196699, #198017)",
+            "'fwd_fwd'",
+            'Use strategy="taylor" (eager; no double backward either) or "fwd_rev" '
+            "(under torch.func transforms).",
+        )
     if strategy not in STRATEGIES + FALLBACK_STRATEGIES:
         raise error(
             call,
@@ -172,12 +192,16 @@ def resolve_strategy(call: str, strategy: str, leaves: Sequence[Tensor]) -> str:
       compiles (``"rev_rev"`` with freshly drawn probes fails in Inductor with "Cannot
       access storage of TensorWrapper", and the ``"autograd"`` ones need double backward,
       which AOTAutograd does not support; measured with torch 2.13 on CPU);
-    * otherwise (plain eager evaluation) the choice is made at the first product, from
-      the autograd graph of one evaluation of the function (that graph is reused, not
-      wasted): ``"autograd"`` (a loop over one retained double-backward graph) if the
-      function contains a convolution, whose batched double backward falls back to
-      slow grouped kernels under ``vmap``; ``"rev_rev"`` (one batched product per
-      chunk) otherwise, which is fastest on matmul-based models.
+    * otherwise (plain eager evaluation) the choice is made at the first product. Quadratic
+      forms vᵀHv (Hutchinson's trace, the quadratic-form part of Hutch++) use ``"taylor"``
+      whenever the function can be recorded (no random ops, no in-place update of an aliased
+      tensor), the fastest on the MLP and the CNN of ``benchmarks/bench_hessian.py`` (see
+      ``benchmarks/RESULTS.md``); otherwise, and for ``matmat``, the autograd graph of one
+      evaluation of the function decides (that graph is reused, not wasted):
+      ``"autograd"`` (a loop over one retained double-backward graph) if the function
+      contains a convolution, whose batched double backward falls back to slow grouped
+      kernels under ``vmap``; ``"rev_rev"`` (one batched product per chunk) otherwise,
+      which is fastest on matmul-based models.
 
     Returns:
         A concrete strategy, or ``"auto"`` when it is decided at the first product.
@@ -189,7 +213,7 @@ def resolve_strategy(call: str, strategy: str, leaves: Sequence[Tensor]) -> str:
             call,
             f'strategy="{strategy}" uses torch.autograd.grad and runs only outside torch.func transforms',
             "a call inside vmap/grad/jvp",
-            'Use strategy="rev_rev", "fwd_rev" or "fwd_fwd" (or "auto") under torch.func transforms.',
+            'Use strategy="rev_rev" or "fwd_rev" (or "auto") under torch.func transforms.',
         )
     if strategy != "auto":
         return strategy
@@ -243,6 +267,12 @@ class HessianOperator:
             ``"auto"`` rule always takes the ``"autograd"`` loop on the retained graph, which
             has the least overhead per single product (measured on the MLP of
             ``benchmarks/bench_estimators.py``: 0.16 s against 0.19 s for ``"rev_rev"``).
+
+    Attributes:
+        strategy: the strategy of ``matmat`` (``"auto"`` until the first product settles it).
+        quadform_strategy: the strategy of ``quadform`` (``None`` until the first quadratic
+            form; ``"taylor"`` or the ``matmat`` strategy).
+        taylor_skipped: why the eager ``"auto"`` rule could not use ``"taylor"`` (or ``None``).
     """
 
     def __init__(
@@ -263,12 +293,31 @@ class HessianOperator:
         self._graph: tuple[list[Tensor], list[Tensor], list[int]] | None = None
         self._has_conv = False
         self.one_at_a_time = one_at_a_time
+        self.requested = strategy
+        self.quadform_strategy: str | None = None
+        self.taylor_skipped: str | None = None
+        self._taylor: TaylorQuadform | None = None
 
     def _settle_strategy(self) -> str:
-        if self.strategy == "auto":
+        if self.strategy in ("auto", "taylor"):
             self._autograd_graph()
             self.strategy = "autograd" if self._has_conv or self.one_at_a_time else "rev_rev"
         return self.strategy
+
+    def _settle_quadform(self) -> str:
+        if self.quadform_strategy is None:
+            if self.requested == "taylor":
+                self._taylor = TaylorQuadform(self.fn, self.leaves)  # TapeUnsupportedError: caller
+                self.quadform_strategy = "taylor"
+            elif self.requested == "auto" and self.strategy == "auto" and not self.one_at_a_time:
+                try:
+                    self._taylor = TaylorQuadform(self.fn, self.leaves)
+                    self.quadform_strategy = "taylor"
+                except TapeUnsupportedError as exc:
+                    self.taylor_skipped = str(exc)
+            if self.quadform_strategy is None:
+                self.quadform_strategy = self._settle_strategy()
+        return self.quadform_strategy
 
     @property
     def size(self) -> int:
@@ -356,7 +405,7 @@ class HessianOperator:
             return self._hv_finite_difference(rows)
         if s == "rev_rev":
             return list(vmap(self._vjp_fn())(rows)[0])
-        if s in ("fwd_rev", "fwd_fwd"):
+        if s == "fwd_rev":
             gfn = grad(self.fn)
             return list(vmap(lambda v: jvp(gfn, (self.leaves,), (v,))[1])(rows))
         return self._hv_autograd(rows, batched=(s == "autograd_batched"))
@@ -372,16 +421,18 @@ class HessianOperator:
 
     def quadform(self, V: Tensor) -> Tensor:
         """The ``k`` values ``v_iᵀ H v_i`` for the rows of ``V``."""
-        if self._settle_strategy() != "fwd_fwd":
-            return (self.matmat(V) * V).sum(-1)
-        fn = self.fn
-        leaves = self.leaves
-
-        def second_directional(v: list[Tensor]) -> Tensor:
-            first = lambda p: jvp(fn, (p,), (v,))[1]  # noqa: E731 - a one-line closure
-            return jvp(first, (leaves,), (v,))[1]
-
         try:
-            return vmap(second_directional)(unravel(V, self.shapes))
-        except (RuntimeError, NotImplementedError) as exc:
-            raise _strategy_failure(self.call, self.strategy, exc) from exc
+            s = self._settle_quadform()
+        except TapeUnsupportedError as exc:
+            raise _strategy_failure(self.call, "taylor", exc) from exc
+        if s == "taylor":
+            assert self._taylor is not None
+            try:
+                return self._taylor(unravel(V, self.shapes))
+            except (RuntimeError, NotImplementedError) as exc:
+                if self.requested == "taylor":  # asked for explicitly
+                    raise _strategy_failure(self.call, "taylor", exc) from exc
+                self.taylor_skipped = f"{type(exc).__name__}: {exc}"
+                self._taylor, self.quadform_strategy = None, self._settle_strategy()
+                s = self.quadform_strategy
+        return (self.matmat(V) * V).sum(-1)

@@ -51,7 +51,7 @@ def test_exact_trace_and_diagonal_match_dense(dtype: torch.dtype, strategy: str)
     torch.testing.assert_close(ravel(flatten(diag)[0]), H.diagonal(), **tol(dtype))
 
 
-@pytest.mark.parametrize("strategy", ["auto", *[s for s in CONCRETE if s != "fwd_fwd"]])
+@pytest.mark.parametrize("strategy", ["auto", *CONCRETE])
 def test_hvp_matches_dense(strategy: str) -> None:
     f, params, x, y = _problem(torch.float64)
     H = dense_hessian(f, params, x, y)
@@ -289,11 +289,14 @@ def test_unused_leaf_gets_zeros() -> None:
 
 
 def test_auto_strategy_rule_is_inspectable() -> None:
-    """Eager "auto": a loop on one retained graph for convolutions, batched rev-over-rev otherwise."""
+    """Eager "auto": quadratic forms by the Taylor tape; products by a loop on one retained
+    graph for convolutions, batched rev-over-rev otherwise."""
     f, params, x, y = _problem(torch.float64)
     op, _ = secorder.hessian_operator(f, params, x, y)
-    assert op.strategy == "auto"
+    assert op.strategy == "auto" and op.quadform_strategy is None
     op.quadform(torch.ones(2, op.size, dtype=torch.float64))
+    assert op.quadform_strategy == "taylor" and op.strategy == "auto"
+    op.matmat(torch.ones(2, op.size, dtype=torch.float64))
     assert op.strategy == "rev_rev"
     conv = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 2)).double()
     fc, pc = secorder.module_loss(conv, nn.functional.cross_entropy)

@@ -1,0 +1,220 @@
+"""A tape of the ATen operations of one evaluation of a scalar function of parameter leaves.
+
+:func:`record` runs ``fn(leaves)`` once under a ``TorchDispatchMode`` and keeps, in order,
+every ATen operation it dispatched (after autograd's decompositions: ``F.linear`` arrives as
+``t`` + ``addmm``, ``F.cross_entropy`` as ``_log_softmax`` + ``nll_loss_forward``), with its
+tensor arguments replaced by references to earlier values: a parameter leaf, an earlier op's
+output, or a constant tensor captured by reference. The tape is exact *for this evaluation*:
+Python control flow and data-dependent branches are recorded as taken, which is all a
+Hessian at this point needs.
+
+A tape is refused (:class:`TapeUnsupportedError`) when replaying it could differ from the
+function: random ops (their draws would change), ``out=`` ops, and in-place ops on a recorded
+tensor whose storage another recorded tensor shares (a view would see the mutation). An
+in-place op on an unaliased tensor is recorded as its out-of-place twin.
+
+No ``torch.fx``/``make_fx`` on purpose: recording costs one forward pass and imports nothing
+(``make_fx`` imports Dynamo on first use, about 1.5 s).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+
+__all__ = ["Ref", "Tape", "TapeNode", "TapeUnsupportedError", "record"]
+
+
+class TapeUnsupportedError(Exception):
+    """The function cannot be recorded faithfully (``args[0]`` says why)."""
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A reference to tape value ``index`` (leaves first, then op outputs in order)."""
+
+    index: int
+
+
+@dataclass
+class TapeNode:
+    func: Any  # an OpOverload
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    outputs: list[int | None]  # value index of each output (None: not a tensor)
+    multi: bool  # the op returned a tuple/list
+
+
+@dataclass
+class Tape:
+    num_leaves: int
+    nodes: list[TapeNode]
+    output: Ref | None  # None: the result does not depend on the leaves' tape at all
+    result: Tensor
+    num_values: int
+    depends: list[bool] = field(default_factory=list)  # per value: depends on a leaf
+
+    def replay(
+        self, leaves: Sequence[Tensor], on_node: Callable[[TapeNode, Any], None] | None = None
+    ) -> list[Tensor | None]:
+        """Run the tape at ``leaves``; returns every value (leaves, then op outputs)."""
+        values: list[Tensor | None] = [None] * self.num_values
+        values[: self.num_leaves] = list(leaves)
+        for node in self.nodes:
+            out = node.func(*resolve(node.args, values), **resolve(node.kwargs, values))
+            outs = list(out) if node.multi else [out]
+            for idx, o in zip(node.outputs, outs):
+                if idx is not None:
+                    values[idx] = o
+            if on_node is not None:
+                on_node(node, out)
+        return values
+
+
+def resolve(obj: Any, values: Sequence[Any]) -> Any:
+    """Replace every :class:`Ref` in a nested args structure by ``values[ref.index]``."""
+    if isinstance(obj, Ref):
+        return values[obj.index]
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(resolve(o, values) for o in obj)
+    if isinstance(obj, dict):
+        return {k: resolve(v, values) for k, v in obj.items()}
+    return obj
+
+
+def refs_in(obj: Any) -> list[Ref]:
+    """Every :class:`Ref` in a nested args structure, in order."""
+    if isinstance(obj, Ref):
+        return [obj]
+    if isinstance(obj, (list, tuple)):
+        return [r for o in obj for r in refs_in(o)]
+    if isinstance(obj, dict):
+        return [r for v in obj.values() for r in refs_in(v)]
+    return []
+
+
+def _functional_twin(func: Any) -> Any:
+    """``aten.relu_.default`` → ``aten.relu.default`` (None if there is none)."""
+    packet = func._schema.name.split("::")[-1]
+    if not packet.endswith("_"):
+        return None
+    twin = getattr(torch.ops.aten, packet[:-1], None)
+    overload = func._overloadname
+    return None if twin is None else getattr(twin, overload, None)
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self, leaves: Sequence[Tensor]) -> None:
+        super().__init__()
+        self.ids: dict[int, int] = {id(t): i for i, t in enumerate(leaves)}
+        self.keep: list[Tensor] = list(leaves)  # keeps recorded tensors alive (stable ids)
+        self.storages: dict[int, int] = {}  # storage pointer → number of recorded tensors on it
+        for t in leaves:
+            self._count_storage(t)
+        self.nodes: list[TapeNode] = []
+        self.num_values = len(leaves)
+        self.problem: str | None = None
+
+    def _count_storage(self, t: Tensor) -> None:
+        try:
+            key = t.untyped_storage().data_ptr()
+        except (RuntimeError, NotImplementedError):  # pragma: no cover - storage-less tensors
+            return
+        self.storages[key] = self.storages.get(key, 0) + 1
+
+    def _ref(self, obj: Any) -> Any:
+        if isinstance(obj, Tensor):
+            idx = self.ids.get(id(obj))
+            return obj if idx is None else Ref(idx)
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(self._ref(o) for o in obj)
+        return obj
+
+    def __torch_dispatch__(
+        self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.problem is not None:
+            return out
+        if torch.Tag.nondeterministic_seeded in func.tags:
+            self.problem = f"the random op {func} (a replay would draw new numbers)"
+            return out
+        schema = func._schema
+        if "out" in kwargs:
+            self.problem = f"{func} with out="
+            return out
+        rargs, rkwargs = self._ref(tuple(args)), self._ref(kwargs)
+        if schema.is_mutable:
+            mutated = [
+                a
+                for a, arg in zip(args, schema.arguments)
+                if arg.alias_info is not None and arg.alias_info.is_write
+            ]
+            recorded = [t for t in mutated if isinstance(t, Tensor) and id(t) in self.ids]
+            if not recorded:  # an in-place op on a fresh buffer or a constant: replay as is
+                pass
+            else:
+                twin = _functional_twin(func)
+                t = recorded[0]
+                shared = self.storages.get(t.untyped_storage().data_ptr(), 0) > 1
+                if twin is None or len(recorded) > 1 or shared or mutated[0] is not args[0]:
+                    self.problem = f"the in-place op {func} on a tensor other recorded tensors may alias"
+                    return out
+                idx = self.num_values
+                self.num_values += 1
+                self.nodes.append(TapeNode(twin, rargs, rkwargs, [idx], False))
+                self.ids[id(t)] = idx  # later uses of this tensor see the new value
+                return out
+        multi = isinstance(out, (tuple, list))
+        outs = list(out) if multi else [out]
+        indices: list[int | None] = []
+        for o in outs:
+            if isinstance(o, Tensor):
+                self.ids[id(o)] = self.num_values
+                self.keep.append(o)
+                self._count_storage(o)
+                indices.append(self.num_values)
+                self.num_values += 1
+            else:
+                indices.append(None)
+        self.nodes.append(TapeNode(func, rargs, rkwargs, indices, multi))
+        return out
+
+
+_STOPS = frozenset({torch.ops.aten.detach.default})  # outputs carry no derivative
+
+
+def record(fn: Callable[[list[Tensor]], Tensor], leaves: Sequence[Tensor]) -> Tape:
+    """Record one evaluation of ``fn(leaves)`` (no autograd graph is built).
+
+    Raises:
+        TapeUnsupportedError: the evaluation cannot be replayed faithfully.
+    """
+    leaves = [leaf.detach() for leaf in leaves]
+    rec = _Recorder(leaves)
+    try:
+        with torch.no_grad(), rec:
+            result = fn(leaves)
+    except TapeUnsupportedError:  # pragma: no cover - not raised inside
+        raise
+    except Exception as exc:
+        raise TapeUnsupportedError(f"recording failed: {type(exc).__name__}: {exc}") from exc
+    if rec.problem is not None:
+        raise TapeUnsupportedError(rec.problem)
+    if not isinstance(result, Tensor):
+        raise TapeUnsupportedError("the function did not return a tensor")
+    idx = rec.ids.get(id(result))
+    depends = [False] * rec.num_values
+    depends[: len(leaves)] = [True] * len(leaves)
+    for node in rec.nodes:
+        dep = node.func not in _STOPS and any(depends[r.index] for r in refs_in((node.args, node.kwargs)))
+        for o in node.outputs:
+            if o is not None:
+                depends[o] = dep
+    return Tape(len(leaves), rec.nodes, None if idx is None else Ref(idx), result, rec.num_values, depends)
