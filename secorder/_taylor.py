@@ -60,6 +60,12 @@ _LINEAR = frozenset(
         aten.unflatten.int,
     }
 )  # fmt: skip
+# Ops with several outputs, linear in their inputs, whose other outputs carry no derivative.
+_LINEAR_MULTI = frozenset(
+    {aten.nll_loss_forward.default, aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int}
+)
+_VIEWS = {aten.view.default: aten.reshape.default, aten._unsafe_view.default: aten.reshape.default}
+_SOFTMAX = frozenset({aten._log_softmax.default, aten._softmax.default})
 _MATMUL = frozenset({aten.mm.default, aten.bmm.default, aten.matmul.default})
 _ADDMM = frozenset({aten.addmm.default, aten.baddbmm.default})
 
@@ -76,7 +82,10 @@ def _align(t: Tensor, ndim: int) -> Tensor:
 
 def _contract(w: Tensor, t: Tensor) -> Tensor:
     """Σ over everything but the probe dimension of ``w ⊙ t`` (w unbatched or batched)."""
-    return (w * t).reshape(t.shape[0], -1).sum(1)
+    k = t.shape[0]
+    if w.shape == t.shape[1:]:  # one matrix-vector product, no temporary
+        return t.reshape(k, -1) @ w.reshape(-1)
+    return (w * t).reshape(k, -1).sum(1)
 
 
 class _Plan:
@@ -171,8 +180,10 @@ class TaylorQuadform:
             return None
         positions = [p for p, _ in paths]
         func = node.func
-        if func in _LINEAR and not node.multi:
+        if (func in _LINEAR and not node.multi) or func in _LINEAR_MULTI:
             return _Plan("linear", node, positions)
+        if func in _SOFTMAX and not node.args[2]:  # half_to_float=False
+            return _Plan("softmax", node, positions)
         if func is aten.convolution.default:
             transposed, groups = node.args[6], node.args[8]
             if not transposed and groups == 1 and all(p[0] == 0 and p[1] in (0, 1, 2) for p in positions):
@@ -275,6 +286,10 @@ class TaylorQuadform:
         return obj
 
     def _linear(self, plan: _Plan, ts: list[Tensor | None], k: int) -> tuple[list[Tensor | None], None]:
+        view = _VIEWS.get(plan.node.func)
+        if view is not None:  # a probe-batched tangent may not be viewable: reshape copies if needed
+            (t,) = [t for t in ts if t is not None]
+            return [view(t, [k, *plan.node.args[1]])], None
         f = self._primal_fn(plan)
         zeros = [torch.zeros_like(self._arg(plan, j)) if t is None else None for j, t in enumerate(ts)]
 
@@ -282,8 +297,7 @@ class TaylorQuadform:
             it = iter(xs)
             return f(*(z if z is not None else next(it) for z in zeros))
 
-        # contiguous: a view op cannot view an expanded or transposed tangent
-        outs = vmap(g)(*[t.contiguous() for t in ts if t is not None])
+        outs = vmap(g)(*[t for t in ts if t is not None])
         return list(outs), None
 
     def _second_order(self, plan: _Plan) -> Callable[..., Any] | None:
@@ -323,6 +337,31 @@ class TaylorQuadform:
                     term = c if term is None else term + c
         return list(first), term
 
+    def _softmax(
+        self, plan: _Plan, ts: list[Tensor | None], k: int
+    ) -> tuple[list[Tensor | None], Tensor | None]:
+        """(log-)softmax along ``dim``: with s = softmax(u), m1 = Σ s u̇ and m2 = Σ s u̇²,
+        d log s = u̇ − m1, d² log s = −(m2 − m1²); ds = s (u̇ − m1), d²s = s ((u̇ − m1)² − (m2 − m1²))."""
+        node = plan.node
+        (t,) = ts
+        assert t is not None
+        out = self._out(node)
+        dim = node.args[1] % out.dim() + 1
+        log = node.func is aten._log_softmax.default
+        s = out.exp() if log else out
+        m1 = (s * t).sum(dim, keepdim=True)
+        centred = t - m1
+        g = self.adjoints.get(node.outputs[0])
+        term = None
+        if g is not None:
+            var = (s * t * t).sum(dim, keepdim=True) - m1 * m1
+            if log:
+                term = -_contract(g.sum(dim - 1, keepdim=True), var)
+            else:
+                gs = g * s
+                term = _contract(gs, centred * centred) - _contract(gs.sum(dim - 1, keepdim=True), var)
+        return [centred if log else s * centred], term
+
     def _pointwise(
         self, plan: _Plan, ts: list[Tensor | None], k: int
     ) -> tuple[list[Tensor | None], Tensor | None]:
@@ -343,7 +382,7 @@ class TaylorQuadform:
             if ai is None or aj is None:
                 continue
             prod = ai * ai if i == j else ai * aj
-            c = _contract(w, prod.expand(k, *out_val.shape) if prod.shape[1:] != out_val.shape else prod)
+            c = _contract(w, prod)
             term = c if term is None else term + c
         return [tangent], term
 

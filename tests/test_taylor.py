@@ -226,7 +226,9 @@ def test_inplace_update_of_an_aliased_tensor_is_refused() -> None:
 def test_taylor_is_eager_only_and_fwd_fwd_is_gone() -> None:
     f = lambda w: (w**3).sum()
     trace = secorder.hessian_trace(f, num_probes=2, strategy="taylor")
-    with pytest.raises(ValueError, match=r'strategy="taylor" uses torch\.autograd\.grad and runs only outside'):
+    with pytest.raises(
+        ValueError, match=r'strategy="taylor" uses torch\.autograd\.grad and runs only outside'
+    ):
         torch.func.vmap(trace, randomness="different")(torch.ones(2, 3))
     with pytest.raises(
         ValueError, match=r'"fwd_fwd" \(jvp of jvp\) was removed.*layer_norm.*Use strategy="taylor"'
