@@ -88,7 +88,7 @@ from secorder._losses import KINDS, Factor, LossSpec, resolve_loss
 from secorder._persample import ColumnAccumulator, check_same_outputs, input_dims, per_sample_columns
 from secorder._pytree import TreeSpec, check_floating_tree, flatten, unflatten, unravel
 from secorder._validate import check_bool, check_method, check_num_probes, check_same_dtype_device
-from secorder.estimators import DIAGONAL_ESTIMATORS, TRACE_ESTIMATORS
+from secorder.estimators import DIAGONAL_ESTIMATORS, TRACE_ESTIMATORS, check_min_probes
 from secorder.modules import module_forward
 from secorder.operators import in_functorch_transform
 
@@ -165,6 +165,8 @@ def _configure(
     check_chunk_size(call, chunk_size)
     check_bool(call, "with_stderr", with_stderr)
     estimator = check_method(call, method, registry)
+    if kind != "mc":  # for the MC Fisher num_probes counts sampled targets, not products
+        check_min_probes(call, str(method), probes)
     _probes.check_distribution(call, distribution)
     if path not in PATHS:
         raise error(

@@ -178,3 +178,15 @@ def test_module_loss_checks() -> None:
 def test_memory_budget_checks() -> None:
     with pytest.raises(ValueError, match=r"set_memory_budget\(num_bytes\): num_bytes must be a positive int"):
         secorder.set_memory_budget(0)
+
+
+def test_fisher_randomized_methods_check_their_smallest_budget() -> None:
+    model_fn = lambda w, x: x @ w
+    with pytest.raises(ValueError, match=r'fisher_trace\(model_fn, loss\).*method="xtrace" needs num_probes'):
+        secorder.fisher_trace(model_fn, "mse", num_probes=1, method="xtrace")
+    with pytest.raises(
+        ValueError, match=r'fisher_diagonal\(model_fn, loss\).*method="xdiag" needs num_probes'
+    ):
+        secorder.fisher_diagonal(model_fn, "mse", num_probes=1, method="xdiag")
+    # the MC Fisher counts sampled targets, not products: one sample is fine
+    secorder.fisher_trace(model_fn, "mse", kind="mc", num_probes=1)
