@@ -373,8 +373,22 @@ def graph_sweep_diagonal(
         max_columns: raise :class:`GraphSweepTooCostlyError` when R exceeds it.
         budget_bytes: memory budget that sets how many samples are processed together.
 
+    Returns:
+        The diagonal as one tensor per leaf, and R.
+
     Raises:
         GraphSweepUnsupportedError: see the module docstring.
+
+    Example:
+        >>> import torch
+        >>> w, x = torch.tensor([0.5, -1.0], dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+        >>> loss = lambda ls, s: (torch.tanh(ls[0] * s[0]).sum(1) ** 2).sum()  # sum of l_n(w)
+        >>> (d,), r = graph_sweep_diagonal(
+        ...     loss, [w], [x], scale=0.25, batch_loss=loss([w], [x]) / 4, chunk_size=8
+        ... )
+        >>> ref = torch.autograd.functional.hessian(lambda v: loss([v], [x]) / 4, w).diagonal()
+        >>> torch.allclose(d, ref), r
+        (True, 3)
     """
     leaves = [leaf.detach() for leaf in leaves]
     n_total = int(data[0].shape[0])

@@ -14,15 +14,20 @@
   BatchNorm without trainable affine parameters. Refused: train-mode BatchNorm (samples
   coupled), LayerNorm, attention and other products of two parameter-dependent tensors,
   shared/tied weights, unknown ops.
+  When these rules refuse a model, the op-level engine (:mod:`secorder._graph_sweep`) runs
+  the same identity on a per-sample ATen tape: LayerNorm, attention, tied weights, affine
+  eval BatchNorm and unknown ops, at R columns per sample (``method_info.reason`` starts
+  with ``"op-level graph sweep"``); it refuses coupled samples, data-dependent control flow
+  and non-elementwise ops with more than 4096 parameter-dependent inputs per sample.
 * ``"hvp"``: exact, P batched one-hot Hessian-vector products of the whole batch loss
   (:func:`secorder.hessian_diagonal`); works for any model, cost P HVPs.
 * ``"curvature_propagation"``: Martens, Sutskever and Swersky (2012): the sweep with random
   signed mixtures of the columns, an unbiased estimate with per-entry standard errors over
   ``num_probes`` probes at about two gradients per probe.
-* ``"auto"``: the sweep when its rules cover the model and R ≤ P (the cost model: R batched
-  VJPs against P HVPs); else one-hot HVPs when P ≤ ``max_hvp_params``; else a clear error
-  suggesting curvature propagation. After each call ``fn.method_info`` (a :class:`SweepInfo`)
-  says which method ran and why.
+* ``"auto"``: the sweep (structured, else op-level) when it covers the model and R ≤ P
+  (the cost model: R batched VJPs against P HVPs); else one-hot HVPs when
+  P ≤ ``max_hvp_params``; else a clear error suggesting curvature propagation. After each
+  call ``fn.method_info`` (a :class:`SweepInfo`) says which method ran and why.
 
 References:
     C. Bishop. Exact calculation of the Hessian matrix for the multilayer perceptron.
