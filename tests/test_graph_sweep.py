@@ -319,3 +319,35 @@ def test_large_generic_op_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     assert fn.method_info.method == "hvp" and "op-level" in fn.method_info.reason
     ref = _reference(model, "cross_entropy", "mean", _params(model), x, y)
     torch.testing.assert_close(_flat(got), ref, rtol=1e-9, atol=1e-11)
+
+
+def test_device_and_chunking_invariance(device: torch.device) -> None:
+    model = _model("tied").to(device)
+    x, y = _data("tied", "bce_with_logits")
+    x, y = x.to(device), y.to(device)
+    params = _params(model)
+    ref = _reference(model, "bce_with_logits", "mean", params, x, y)
+    for chunk in (1, 1000):
+        fn = secorder.module_hessian_diagonal(model, "bce_with_logits", method="sweep", chunk_size=chunk)
+        got = _flat(fn(params, x, y))
+        assert got.device == ref.device
+        torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-11)
+
+
+class PairInput(nn.Module):
+    """Takes a list of tensors: the op-level engine needs one batched input tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+        self.ln = nn.LayerNorm(2)
+
+    def forward(self, xs: list[Tensor]) -> Tensor:
+        return self.ln(self.fc(xs[0]))
+
+
+def test_unbatched_inputs_refused() -> None:
+    model = PairInput().double()
+    x, y = _data("mlp", "mse")
+    with pytest.raises(secorder.SecorderError, match="not batched tensors"):
+        secorder.module_hessian_diagonal(model, "mse", method="sweep")(_params(model), [x], y)
