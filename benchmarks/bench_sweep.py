@@ -6,7 +6,10 @@ Workloads (seeded weights and data, float32, cross-entropy with mean reduction):
 * small CNN Conv2d(3,16,3,p=1)-ReLU-Conv2d(16,16,3,p=1)-ReLU-Flatten-Linear(16384,10),
   batch 64 — BackPACK vs sweep (ReLU: the Hessian diagonal equals the GGN diagonal here);
 * a small residual MLP (64-32, one tanh residual block, head 10; BackPACK refuses residual
-  adds), batch 32 — sweep vs batched one-hot HVPs (``secorder.hessian_diagonal``).
+  adds), batch 32 — sweep vs batched one-hot HVPs (``secorder.hessian_diagonal``);
+* a one-block transformer (T=8 positions, width 16, single-head attention, LayerNorm, GELU
+  MLP, mean-pooled head 10), batch 16 — the structured sweep refuses it, so this row times
+  the op-level engine (``secorder._graph_sweep``) vs batched one-hot HVPs.
 
 Each row reports the median time, the ratio to one gradient (forward + backward of the same
 loss) and the largest relative difference from the reference (BackPACK, or one-hot HVPs).
@@ -48,6 +51,23 @@ class ResidualMLP(nn.Module):
         return self.head(torch.tanh(h))
 
 
+class TinyTransformer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Linear(8, 16)
+        self.q, self.k, self.v = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16)
+        self.ln = nn.LayerNorm(16)
+        self.up, self.down = nn.Linear(16, 32), nn.Linear(32, 16)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: Tensor) -> Tensor:  # (N, T, 8)
+        h = self.emb(x)
+        att = torch.softmax(self.q(h) @ self.k(h).transpose(1, 2) / 4.0, dim=-1)
+        h = self.ln(h + att @ self.v(h))
+        h = h + self.down(F.gelu(self.up(h)))
+        return self.head(h.mean(1))
+
+
 def workloads() -> list[tuple[str, nn.Module, Tensor, Tensor, bool]]:
     torch.manual_seed(0)
     mlp = nn.Sequential(nn.Linear(784, 128), nn.Tanh(), nn.Linear(128, 128), nn.Tanh(), nn.Linear(128, 10))
@@ -67,6 +87,13 @@ def workloads() -> list[tuple[str, nn.Module, Tensor, Tensor, bool]]:
             ResidualMLP(),
             torch.randn(32, 64),
             torch.randint(0, 10, (32,)),
+            False,
+        ),
+        (
+            "transformer block T=8 d=16 (op-level), N=16",
+            TinyTransformer(),
+            torch.randn(16, 8, 8),
+            torch.randint(0, 10, (16,)),
             False,
         ),
     ]

@@ -13,6 +13,13 @@ function: random ops (their draws would change), ``out=`` ops, and in-place ops 
 tensor whose storage another recorded tensor shares (a view would see the mutation). An
 in-place op on an unaliased tensor is recorded as its out-of-place twin.
 
+Per-sample data can be tape *inputs* too (``record(fn, leaves, inputs)`` calls
+``fn(leaves, inputs)``): values indices are then leaves, inputs, op outputs, and the tape of one
+sample replays for every sample (e.g. under ``torch.func.vmap``). Such a tape is refused when
+its recorded Python control flow may depend on the data (``.item()``, ``bool(t)``,
+``nonzero`` and other data-dependent scalars or shapes of a value computed from an input): the
+replay would silently take the recorded sample's branch for every sample.
+
 No ``torch.fx``/``make_fx`` on purpose: recording costs one forward pass and imports nothing
 (``make_fx`` imports Dynamo on first use, about 1.5 s).
 """
@@ -58,13 +65,19 @@ class Tape:
     result: Tensor
     num_values: int
     depends: list[bool] = field(default_factory=list)  # per value: depends on a leaf
+    num_inputs: int = 0  # data inputs, value indices num_leaves .. num_leaves + num_inputs - 1
 
     def replay(
-        self, leaves: Sequence[Tensor], on_node: Callable[[TapeNode, Any], None] | None = None
+        self,
+        leaves: Sequence[Tensor],
+        on_node: Callable[[TapeNode, Any], None] | None = None,
+        inputs: Sequence[Tensor] = (),
     ) -> list[Tensor | None]:
-        """Run the tape at ``leaves``; returns every value (leaves, then op outputs)."""
+        """Run the tape at ``leaves`` (and data ``inputs``); returns every value (leaves,
+        inputs, then op outputs)."""
         values: list[Tensor | None] = [None] * self.num_values
         values[: self.num_leaves] = list(leaves)
+        values[self.num_leaves : self.num_leaves + self.num_inputs] = list(inputs)
         for node in self.nodes:
             out = node.func(*resolve(node.args, values), **resolve(node.kwargs, values))
             outs = list(out) if node.multi else [out]
@@ -190,17 +203,41 @@ class _Recorder(TorchDispatchMode):
 _STOPS = frozenset({torch.ops.aten.detach.default})  # outputs carry no derivative
 
 
-def record(fn: Callable[[list[Tensor]], Tensor], leaves: Sequence[Tensor]) -> Tape:
-    """Record one evaluation of ``fn(leaves)`` (no autograd graph is built).
+def _data_dependent_ops() -> frozenset[Any]:
+    """Ops whose Python-visible result (a scalar, a bool or an output shape) depends on values."""
+    names = [
+        ("_local_scalar_dense", "default"), ("is_nonzero", "default"), ("equal", "default"),
+        ("nonzero", "default"), ("masked_select", "default"), ("_unique2", "default"),
+        ("unique_dim", "default"), ("unique_consecutive", "default"), ("bincount", "default"),
+        ("repeat_interleave", "Tensor"), ("allclose", "default"),
+    ]  # fmt: skip
+    ops = []
+    for packet, overload in names:
+        op = getattr(getattr(torch.ops.aten, packet, None), overload, None)
+        if op is not None:
+            ops.append(op)
+    return frozenset(ops)
+
+
+_DATA_DEPENDENT = _data_dependent_ops()
+
+
+def record(
+    fn: Callable[..., Tensor], leaves: Sequence[Tensor], inputs: Sequence[Tensor] | None = None
+) -> Tape:
+    """Record one evaluation of ``fn(leaves)``, or ``fn(leaves, inputs)`` when data ``inputs``
+    are given (no autograd graph is built).
 
     Raises:
-        TapeUnsupportedError: the evaluation cannot be replayed faithfully.
+        TapeUnsupportedError: the evaluation cannot be replayed faithfully (for a tape with
+            inputs also: Python control flow or shapes that may depend on the inputs' values).
     """
     leaves = [leaf.detach() for leaf in leaves]
-    rec = _Recorder(leaves)
+    data = [] if inputs is None else [x.detach() for x in inputs]
+    rec = _Recorder([*leaves, *data])
     try:
         with torch.no_grad(), rec:
-            result = fn(leaves)
+            result = fn(leaves) if inputs is None else fn(leaves, data)
     except TapeUnsupportedError:  # pragma: no cover - not raised inside
         raise
     except Exception as exc:
@@ -212,9 +249,22 @@ def record(fn: Callable[[list[Tensor]], Tensor], leaves: Sequence[Tensor]) -> Ta
     idx = rec.ids.get(id(result))
     depends = [False] * rec.num_values
     depends[: len(leaves)] = [True] * len(leaves)
+    on_data = [False] * rec.num_values
+    on_data[len(leaves) : len(leaves) + len(data)] = [True] * len(data)
     for node in rec.nodes:
-        dep = node.func not in _STOPS and any(depends[r.index] for r in refs_in((node.args, node.kwargs)))
+        refs = refs_in((node.args, node.kwargs))
+        dep = node.func not in _STOPS and any(depends[r.index] for r in refs)
+        data_dep = any(on_data[r.index] for r in refs)
+        if data_dep and node.func in _DATA_DEPENDENT:
+            raise TapeUnsupportedError(
+                f"{node.func} on a value computed from the per-sample data (Python control flow "
+                "or a shape that depends on the data: replaying one sample's tape for every sample "
+                "would take that sample's branch)"
+            )
         for o in node.outputs:
             if o is not None:
                 depends[o] = dep
-    return Tape(len(leaves), rec.nodes, None if idx is None else Ref(idx), result, rec.num_values, depends)
+                on_data[o] = data_dep
+    return Tape(
+        len(leaves), rec.nodes, None if idx is None else Ref(idx), result, rec.num_values, depends, len(data)
+    )

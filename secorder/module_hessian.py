@@ -14,15 +14,20 @@
   BatchNorm without trainable affine parameters. Refused: train-mode BatchNorm (samples
   coupled), LayerNorm, attention and other products of two parameter-dependent tensors,
   shared/tied weights, unknown ops.
+  When these rules refuse a model, the op-level engine (:mod:`secorder._graph_sweep`) runs
+  the same identity on a per-sample ATen tape: LayerNorm, attention, tied weights, affine
+  eval BatchNorm and unknown ops, at R columns per sample (``method_info.reason`` starts
+  with ``"op-level graph sweep"``); it refuses coupled samples, data-dependent control flow
+  and non-elementwise ops with more than 4096 parameter-dependent inputs per sample.
 * ``"hvp"``: exact, P batched one-hot Hessian-vector products of the whole batch loss
   (:func:`secorder.hessian_diagonal`); works for any model, cost P HVPs.
 * ``"curvature_propagation"``: Martens, Sutskever and Swersky (2012): the sweep with random
   signed mixtures of the columns, an unbiased estimate with per-entry standard errors over
   ``num_probes`` probes at about two gradients per probe.
-* ``"auto"``: the sweep when its rules cover the model and R ≤ P (the cost model: R batched
-  VJPs against P HVPs); else one-hot HVPs when P ≤ ``max_hvp_params``; else a clear error
-  suggesting curvature propagation. After each call ``fn.method_info`` (a :class:`SweepInfo`)
-  says which method ran and why.
+* ``"auto"``: the sweep (structured, else op-level) when it covers the model and R ≤ P
+  (the cost model: R batched VJPs against P HVPs); else one-hot HVPs when
+  P ≤ ``max_hvp_params``; else a clear error suggesting curvature propagation. After each
+  call ``fn.method_info`` (a :class:`SweepInfo`) says which method ran and why.
 
 References:
     C. Bishop. Exact calculation of the Hessian matrix for the multilayer perceptron.
@@ -42,6 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from secorder._errors import error
+from secorder._graph_sweep import GraphSweepTooCostlyError, GraphSweepUnsupportedError, graph_sweep_diagonal
 from secorder._losses import CallableLoss, LossSpec, resolve_loss
 from secorder._pytree import check_floating_tree, unflatten
 from secorder._sweep import SweepTooCostlyError, SweepUnsupportedError, sweep_diagonal
@@ -276,12 +282,34 @@ def _run(
     except SweepTooCostlyError as exc:  # only raised when one-hot HVPs are the cheaper exact route
         return hvp_route(f"R={exc.args[0]} columns > P={p_count}: one-hot HVPs are cheaper", exc.args[0])
     except SweepUnsupportedError as exc:
+        if k is None:  # the op-level sweep (exact only): LayerNorm, attention, tied weights, ...
+            try:
+                return _graph_route(
+                    call,
+                    forward,
+                    spec,
+                    tree,
+                    leaves,
+                    inputs,
+                    targets,
+                    chunk,
+                    p_count if cheap_hvp else None,
+                    exc,
+                )
+            except GraphSweepTooCostlyError as exc2:
+                return hvp_route(
+                    f"op-level sweep: R={exc2.args[0]} columns > P={p_count}: one-hot HVPs are cheaper",
+                    exc2.args[0],
+                )
+            except GraphSweepUnsupportedError as exc2:
+                exc = SweepUnsupportedError(f"{exc}; the op-level sweep refused it too: {exc2}")
         if cheap_hvp:
             return hvp_route(f"sweep unsupported ({exc}); P={p_count} <= {max_hvp}", 0)
         raise error(
             call,
             "the structured sweep covers Linear/Conv2d/Embedding layers, elementwise activations, "
-            "piecewise-linear ops and adds",
+            "piecewise-linear ops and adds; the op-level sweep any per-sample ATen graph with small "
+            "local Hessians",
             f"a model with {exc}",
             "Use method='hvp' (batched one-hot Hessian-vector products, cost P HVPs) or "
             "method='curvature_propagation' with num_probes (an unbiased estimate).",
@@ -294,3 +322,38 @@ def _run(
     else:
         e = {n: torch.zeros_like(v) for n, v in d.items()}
     return d, e, SweepInfo(label, r, p_count, f"method={method!r}, R={r}, P={p_count}")
+
+
+def _graph_route(
+    call: str,
+    forward: Callable[..., Any],
+    spec: LossSpec,
+    tree: Any,
+    leaves: list[Tensor],
+    inputs: Any,
+    targets: Any,
+    chunk: int,
+    max_columns: int | None,
+    refused: Exception,
+) -> tuple[Any, Any, SweepInfo]:
+    """The op-level sweep (:mod:`secorder._graph_sweep`) for a model the module sweep refused."""
+    if not (isinstance(inputs, Tensor) and isinstance(targets, Tensor) and inputs.dim() > 0):
+        raise GraphSweepUnsupportedError("inputs and targets that are not batched tensors")
+    with torch.no_grad():
+        z = forward(unflatten(tree, leaves), inputs)
+        if not isinstance(z, Tensor) or z.dim() == 0 or targets.dim() == 0 or z.shape[0] != inputs.shape[0]:
+            raise GraphSweepUnsupportedError("model outputs that are not a batched tensor")
+        spec.check(call, z, targets)
+        batch_loss = spec.total(z, targets)
+
+    def loss_fn(ls: list[Tensor], sample: list[Tensor]) -> Tensor:
+        return spec.total(forward(unflatten(tree, ls), sample[0]), sample[1])
+
+    diag, r = graph_sweep_diagonal(
+        loss_fn, leaves, [inputs, targets], scale=spec.scale(z), batch_loss=batch_loss,
+        chunk_size=chunk, max_columns=max_columns,
+    )  # fmt: skip
+    d = unflatten(tree, diag)
+    p_count = sum(leaf.numel() for leaf in leaves)
+    reason = f"op-level graph sweep (module sweep refused: {refused}); R={r}, P={p_count}"
+    return d, {n: torch.zeros_like(v) for n, v in d.items()}, SweepInfo("sweep", r, p_count, reason)

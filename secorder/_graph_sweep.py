@@ -1,0 +1,497 @@
+"""Exact Hessian diagonal by an op-level second-order sweep over a per-sample ATen tape.
+
+The generic path of :func:`secorder.module_hessian_diagonal` (issue 7), for models the
+module-level sweep (:mod:`secorder._sweep`) refuses: LayerNorm, attention, tied weights,
+affine eval-mode BatchNorm, unknown ops. With per-sample losses l_n(θ) and L = c Σ_n l_n, and
+for sample n ops y_k = f_k(u_k) with adjoints ḡ_k, input Jacobians J_k = ∂u_k/∂θ and local
+Hessians M_k = ∇²_u ⟨ḡ_k, f_k(u)⟩ = Σ_c σ_c s_c s_cᵀ,
+
+    diag H = c Σ_n Σ_k Σ_c σ_{n,c} (J_{n,k}ᵀ s_{n,c})²,
+
+every J_kᵀ s_c a vector-Jacobian product of θ ↦ u_k (the full per-sample gradient, so weights
+shared over positions or tied between layers are covered automatically).
+
+Implementation: the loss of ONE sample is recorded as an ATen tape (:func:`secorder._tape.record`)
+with that sample's inputs and targets as tape inputs, then replayed for every sample under
+``torch.func.vmap`` (chunks of samples). Per chunk: one reverse pass gives the adjoint of every
+node (a zero perturbation added to each node output, differentiated); the local Hessians are
+taken by reverse over reverse (never nested forward mode: it is wrong for layer_norm and
+batch_norm in PyTorch 2.x):
+
+* ops linear in their tensor inputs (views, sums, concatenation, ReLU, pooling, ``nll_loss``)
+  and multilinear ops (``mm``/``bmm``/``addmm``/convolution/eval BatchNorm, ``mul``/``div``)
+  whose parameter-dependent inputs depend on DISJOINT sets of parameter leaves contribute
+  nothing to the diagonal (for every parameter at most one Jacobian row is nonzero, and the
+  diagonal blocks of a multilinear map vanish): skipped;
+* pointwise ops: per element the m×m block ḡ ∂_i∂_j f over the m parameter-dependent inputs
+  (expanded to the output's shape), cross entries between inputs with disjoint leaf sets set to
+  zero (exact, see above); one signed column per element for m = 1, otherwise the eigenpairs of
+  each block;
+* any other op (softmax, log_softmax, layer_norm, mse_loss, multilinear ops with shared leaves,
+  ...): the dense local Hessian over its flattened parameter-dependent inputs (at most
+  ``MAX_LOCAL`` entries per sample, else refused), disjoint cross blocks zeroed, eigendecomposed
+  into signed columns, zero eigenvalues dropped.
+
+Then every column is pulled back by one vmapped VJP of θ ↦ (inputs of the contributing nodes)
+(``chunk_size`` columns at a time), squared, weighted and summed. R (columns per sample) is the
+cost: about R/chunk_size replays of the forward pass plus R batched backward passes.
+
+Refused (:class:`GraphSweepUnsupportedError`): tapes that cannot be replayed faithfully (random
+ops, aliased in-place updates), Python control flow on the data (``.item()``), train-mode
+BatchNorm and any other coupling of samples (checked: c Σ_n l_n must equal the batch loss),
+generic ops too large for a dense local Hessian.
+
+References:
+    C. Bishop. Exact calculation of the Hessian matrix for the multilayer perceptron.
+    Neural Computation, 1992.
+    F. Dangel, S. Harmeling, P. Hennig. Modular block-diagonal curvature approximations for
+    feedforward architectures. AISTATS 2020.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.func import grad, jacrev, vjp, vmap
+
+from secorder._tape import Ref, Tape, TapeNode, TapeUnsupportedError, record, refs_in, resolve
+from secorder._taylor import _LINEAR as _TAYLOR_LINEAR
+
+__all__ = ["MAX_LOCAL", "GraphSweepTooCostlyError", "GraphSweepUnsupportedError", "graph_sweep_diagonal"]
+
+aten = torch.ops.aten
+
+MAX_LOCAL = 4096  # largest per-sample input (entries) of a generic op's dense local Hessian
+
+
+class GraphSweepUnsupportedError(Exception):
+    """The op-level sweep cannot handle this loss (``args[0]`` says why)."""
+
+
+class GraphSweepTooCostlyError(GraphSweepUnsupportedError):
+    """More columns per sample than ``max_columns`` (``args[0]`` is R)."""
+
+
+def _ops(*names: str) -> frozenset[Any]:
+    out = []
+    for name in names:
+        packet, _, overload = name.partition(".")
+        op = getattr(getattr(aten, packet, None), overload or "default", None)
+        if op is not None:
+            out.append(op)
+    return frozenset(out)
+
+
+# Jointly linear (or piecewise linear) in their floating tensor arguments: no curvature.
+_LINEAR = _TAYLOR_LINEAR | _ops(
+    "_to_copy", "copy", "split.Tensor", "split_with_sizes", "unbind.int", "chunk",
+    "max_pool2d_with_indices", "max_pool1d_with_indices", "max_pool3d_with_indices",
+    "constant_pad_nd", "nll_loss_forward", "nll_loss2d_forward", "relu", "leaky_relu",
+    "hardtanh", "add.Tensor", "add.Scalar", "sub.Tensor", "sub.Scalar", "rsub.Tensor",
+    "rsub.Scalar", "mul.Scalar", "div.Scalar", "expand_copy", "lift_fresh_copy", "masked_fill.Scalar",
+    "_adaptive_avg_pool3d", "adaptive_max_pool2d", "sum.dim_IntList", "linalg_vector_norm.out",
+)  # fmt: skip
+# Linear in each floating input separately (cross terms only).
+_MULTILINEAR = _ops(
+    "mm", "bmm", "matmul", "addmm", "baddbmm", "convolution", "mul.Tensor",
+    "_native_batch_norm_legit_no_training", "dot", "mv", "einsum",
+)  # fmt: skip
+_BATCH_NORMS = frozenset(
+    {"native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_functional",
+     "cudnn_batch_norm", "miopen_batch_norm", "batch_norm"}
+)  # fmt: skip
+
+
+def _trains_batch_norm(node: TapeNode) -> bool:
+    """A batch norm normalizing with batch statistics (its ``training`` argument true)."""
+    if node.func._schema.name.split("::")[-1] not in _BATCH_NORMS:
+        return False
+    names = [a.name for a in node.func._schema.arguments]
+    if "training" not in names:
+        return False
+    i = names.index("training")
+    value = node.args[i] if i < len(node.args) else node.kwargs.get("training", False)
+    return bool(value)
+
+
+def _paths(obj: Any, prefix: tuple[int, ...] = ()) -> list[tuple[tuple[int, ...], Ref]]:
+    if isinstance(obj, Ref):
+        return [(prefix, obj)]
+    if isinstance(obj, (list, tuple)):
+        return [p for i, o in enumerate(obj) for p in _paths(o, (*prefix, i))]
+    return []
+
+
+def _replace(obj: Any, path: tuple[int, ...], value: Any) -> Any:
+    if not path:
+        return value
+    items = list(obj)
+    items[path[0]] = _replace(items[path[0]], path[1:], value)
+    return type(obj)(items)
+
+
+@dataclass
+class _Node:
+    """A tape node that may contribute curvature."""
+
+    node: TapeNode
+    kind: str  # "pointwise" or "generic"
+    positions: list[tuple[int, ...]]  # paths into (args, kwargs) of the θ-dependent inputs
+    refs: list[Ref]
+    outputs: list[int]  # floating outputs that reach the loss
+    mask: Tensor = field(default_factory=lambda: torch.ones(1, 1, dtype=torch.bool))  # i, j: keep
+    shape: tuple[int, ...] = ()  # pointwise: the output shape per sample
+    sizes: list[int] = field(default_factory=list)  # generic: entries per input
+
+
+@dataclass
+class _Plan:
+    tape: Tape
+    nodes: list[_Node]
+    adjoint: list[int]  # value indices whose adjoints are needed
+
+
+def _classify(tape: Tape, values: Sequence[Any]) -> _Plan:
+    """Which nodes contribute curvature, from the tape of one sample."""
+    assert tape.output is not None
+    nv = tape.num_values
+    deps = [0] * nv  # bit mask of parameter leaves each value depends on
+    for i in range(tape.num_leaves):
+        deps[i] = 1 << i
+    for node in tape.nodes:
+        d = 0
+        for r in refs_in((node.args, node.kwargs)):
+            d |= deps[r.index]
+        for o in node.outputs:
+            if o is not None:
+                deps[o] = d if tape.depends[o] else 0
+    reaches = [False] * nv
+    reaches[tape.output.index] = True
+    for node in reversed(tape.nodes):
+        if any(o is not None and reaches[o] for o in node.outputs):
+            for r in refs_in((node.args, node.kwargs)):
+                reaches[r.index] = True
+
+    def floating(i: int) -> bool:
+        v = values[i]
+        return isinstance(v, Tensor) and v.is_floating_point()
+
+    nodes: list[_Node] = []
+    for node in tape.nodes:
+        func = node.func
+        if _trains_batch_norm(node):
+            raise GraphSweepUnsupportedError(
+                "BatchNorm normalizing with batch statistics (train mode couples the samples)"
+            )
+        outs = [o for o in node.outputs if o is not None and reaches[o] and tape.depends[o] and floating(o)]
+        if not outs:
+            continue
+        paths = [
+            (p, r)
+            for p, r in _paths((node.args, node.kwargs))
+            if r.index < len(deps) and tape.depends[r.index] and floating(r.index)
+        ]
+        if not paths or func in _LINEAR:
+            continue
+        leaf_sets = [deps[r.index] for _, r in paths]
+        disjoint = all(leaf_sets[i] & leaf_sets[j] == 0 for i in range(len(paths)) for j in range(i))
+        if func in _MULTILINEAR and disjoint:
+            continue
+        if func is aten.div.Tensor and [p for p, _ in paths] == [(0, 0)]:
+            continue  # division by a constant
+        m = len(paths)
+        mask = torch.tensor(
+            [[leaf_sets[i] & leaf_sets[j] != 0 for j in range(m)] for i in range(m)], dtype=torch.bool
+        )
+        positions, refs = [p for p, _ in paths], [r for _, r in paths]
+        if torch.Tag.pointwise in func.tags and not node.multi:
+            shape = tuple(values[outs[0]].shape)
+            nodes.append(_Node(node, "pointwise", positions, refs, outs, mask, shape=shape))
+        else:
+            sizes = [int(values[r.index].numel()) for r in refs]
+            if sum(sizes) > MAX_LOCAL:
+                raise GraphSweepUnsupportedError(
+                    f"the op {func} on {sum(sizes)} parameter-dependent entries per sample (a dense "
+                    f"local Hessian is limited to {MAX_LOCAL})"
+                )
+            nodes.append(_Node(node, "generic", positions, refs, outs, mask, sizes=sizes))
+    adjoint = sorted({o for n in nodes for o in n.outputs})
+    return _Plan(tape, nodes, adjoint)
+
+
+def _replay(
+    tape: Tape, leaves: Sequence[Tensor], data: Sequence[Tensor], eps: dict[int, Tensor]
+) -> list[Any]:
+    values: list[Any] = [None] * tape.num_values
+    values[: tape.num_leaves] = list(leaves)
+    values[tape.num_leaves : tape.num_leaves + tape.num_inputs] = list(data)
+    for node in tape.nodes:
+        out = node.func(*resolve(node.args, values), **resolve(node.kwargs, values))
+        outs = list(out) if node.multi else [out]
+        for idx, o in zip(node.outputs, outs):
+            if idx is not None:
+                values[idx] = o + eps[idx] if idx in eps else o
+    return values
+
+
+def _op_fn(nd: _Node, values: Sequence[Any]) -> Callable[..., list[Tensor]]:
+    """The node's op as a function of its θ-dependent inputs (other arguments fixed)."""
+    node = nd.node
+    base = resolve((node.args, node.kwargs), values)
+    wanted = [node.outputs.index(o) for o in nd.outputs]
+
+    def f(*xs: Tensor) -> list[Tensor]:
+        ak = base
+        for p, x in zip(nd.positions, xs):
+            ak = _replace(ak, p, x)
+        out = node.func(*ak[0], **ak[1])
+        outs = list(out) if node.multi else [out]
+        return [outs[i] for i in wanted]
+
+    return f
+
+
+def _local(nd: _Node, values: Sequence[Any], adj: dict[int, Tensor]) -> Tensor:
+    """Per sample: pointwise (m, m, *shape) blocks ḡ ∂_i∂_j f, or the generic (d, d) local Hessian."""
+    f = _op_fn(nd, values)
+    gbars = [adj[o] for o in nd.outputs]
+    prim = [values[r.index] for r in nd.refs]
+    m = len(prim)
+    if nd.kind == "pointwise":
+        us = tuple(p.expand(nd.shape) for p in prim)
+
+        def phi(*xs: Tensor) -> Tensor:
+            return (gbars[0] * f(*xs)[0]).sum()
+
+        rows = []
+        for i in range(m):
+            gi = grad(phi, argnums=i)
+            hij = grad(lambda *xs, gi=gi: gi(*xs).sum(), argnums=tuple(range(m)))(*us)
+            rows.append(torch.stack([h.expand(nd.shape) for h in hij]))
+        block = torch.stack(rows)  # (m, m, *shape)
+        return block * nd.mask.to(block.device).reshape(m, m, *([1] * len(nd.shape)))
+    shapes = [p.shape for p in prim]
+    flat = torch.cat([p.reshape(-1) for p in prim])
+
+    def phi_flat(v: Tensor) -> Tensor:
+        xs, pos = [], 0
+        for s, k in zip(shapes, nd.sizes):
+            xs.append(v[pos : pos + k].reshape(s))
+            pos += k
+        return sum(((g * y).sum() for g, y in zip(gbars, f(*xs))), start=v.new_zeros(()))
+
+    hess = jacrev(jacrev(phi_flat))(flat)
+    hess = (hess + hess.T) / 2
+    keep = nd.mask.to(hess.device).repeat_interleave(torch.tensor(nd.sizes, device=hess.device), 0)
+    keep = keep.repeat_interleave(torch.tensor(nd.sizes, device=hess.device), 1)
+    return hess * keep
+
+
+@dataclass
+class _Columns:
+    """Signed columns of one node for a chunk of samples: ``get(a, b)`` → (cots (n, k, D), weights (n, k))."""
+
+    count: int
+    get: Callable[[int, int], tuple[Tensor, Tensor]]
+
+
+def _columns(nd: _Node, local: Tensor, tol_scale: float) -> _Columns:
+    n = local.shape[0]
+    if nd.kind == "pointwise":
+        m = local.shape[1]
+        e = math.prod(nd.shape)
+        blocks = local.reshape(n, m, m, e).permute(0, 3, 1, 2)  # (n, E, m, m)
+        if m == 1:
+            lam, vec = blocks[..., 0, 0], None
+            lam_flat = lam  # (n, E)
+        else:
+            lam, vec = torch.linalg.eigh(blocks)  # (n, E, m), (n, E, m, m)
+            lam_flat = lam.reshape(n, e * m)
+        big = lam_flat.abs().amax() if lam_flat.numel() else lam_flat.new_zeros(())
+        keep = (
+            (lam_flat.abs() > tol_scale * big).any(0).nonzero().flatten()
+            if big > 0
+            else lam_flat.new_zeros(0).long()
+        )
+
+        def get_pw(a: int, b: int) -> tuple[Tensor, Tensor]:
+            idx = keep[a:b]
+            el, c = idx // m, idx % m
+            onehot = torch.nn.functional.one_hot(el, e).to(local.dtype)  # (k, E)
+            if vec is None:
+                cots = onehot.unsqueeze(0).expand(n, -1, -1)
+                return cots, lam_flat[:, idx]
+            comp = vec[:, el, :, c]  # (n, k, m)
+            cots = comp.unsqueeze(-1) * onehot[None, :, None, :]  # (n, k, m, E)
+            return cots.reshape(n, b - a, m * e), lam_flat[:, idx]
+
+        return _Columns(int(keep.numel()), get_pw)
+    lam, vec = torch.linalg.eigh(local)  # (n, d), (n, d, d)
+    big = lam.abs().amax() if lam.numel() else lam.new_zeros(())
+    keep = (lam.abs() > tol_scale * big).any(0).nonzero().flatten() if big > 0 else lam.new_zeros(0).long()
+
+    def get_gen(a: int, b: int) -> tuple[Tensor, Tensor]:
+        idx = keep[a:b]
+        return vec[:, :, idx].transpose(1, 2), lam[:, idx]
+
+    return _Columns(int(keep.numel()), get_gen)
+
+
+def _node_vector(nd: _Node, values: Sequence[Any]) -> Tensor:
+    prim = [values[r.index] for r in nd.refs]
+    if nd.kind == "pointwise":
+        return torch.stack([p.expand(nd.shape) for p in prim]).reshape(-1)
+    return torch.cat([p.reshape(-1) for p in prim])
+
+
+def graph_sweep_diagonal(
+    loss_fn: Callable[[list[Tensor], list[Tensor]], Tensor],
+    leaves: Sequence[Tensor],
+    data: Sequence[Tensor],
+    *,
+    scale: float,
+    batch_loss: Tensor,
+    chunk_size: int,
+    max_columns: int | None = None,
+    budget_bytes: int = 64 << 20,
+) -> tuple[list[Tensor], int]:
+    """diag ∇²_θ (scale · Σ_n l_n) per leaf, and R (columns per sample; the maximum over chunks).
+
+    Args:
+        loss_fn: ``loss_fn(leaves, sample)`` → l_n, with ``sample`` the per-sample slices
+            ``[d[n:n+1] for d in data]`` (the batch dimension kept, of size 1).
+        leaves: the parameter leaves θ.
+        data: per-sample tensors (inputs and targets), batch dimension first.
+        scale: c in L = c Σ_n l_n.
+        batch_loss: L computed on the whole batch (checks that the samples do not interact).
+        chunk_size: columns per vmapped VJP.
+        max_columns: raise :class:`GraphSweepTooCostlyError` when R exceeds it.
+        budget_bytes: memory budget that sets how many samples are processed together.
+
+    Returns:
+        The diagonal as one tensor per leaf, and R.
+
+    Raises:
+        GraphSweepUnsupportedError: see the module docstring.
+
+    Example:
+        >>> import torch
+        >>> w, x = torch.tensor([0.5, -1.0], dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+        >>> loss = lambda ls, s: (torch.tanh(ls[0] * s[0]).sum(1) ** 2).sum()  # sum of l_n(w)
+        >>> (d,), r = graph_sweep_diagonal(
+        ...     loss, [w], [x], scale=0.25, batch_loss=loss([w], [x]) / 4, chunk_size=8
+        ... )
+        >>> ref = torch.autograd.functional.hessian(lambda v: loss([v], [x]) / 4, w).diagonal()
+        >>> torch.allclose(d, ref), r
+        (True, 3)
+    """
+    leaves = [leaf.detach() for leaf in leaves]
+    n_total = int(data[0].shape[0])
+    first = [d[0:1] for d in data]
+    try:
+        tape = record(lambda ls, xs: loss_fn(ls, xs), leaves, first)
+    except TapeUnsupportedError as exc:
+        raise GraphSweepUnsupportedError(str(exc.args[0])) from exc
+    ref = tape.result
+    if tape.output is None or not tape.depends[tape.output.index]:
+        return [torch.zeros_like(leaf) for leaf in leaves], 0
+    if ref.dim() != 0:  # pragma: no cover - the losses are reductions
+        raise GraphSweepUnsupportedError("a per-sample loss that is not a scalar")
+    with torch.no_grad():
+        values0 = _replay(tape, leaves, first, {})
+    plan = _classify(tape, values0)
+    shapes0 = {i: values0[i].shape for i in plan.adjoint}
+    p_count = sum(leaf.numel() for leaf in leaves)
+    item = leaves[0].element_size()
+    node_numel = sum(_node_vector(nd, values0).numel() for nd in plan.nodes) if plan.nodes else 1
+    local_numel = sum(
+        (len(nd.refs) ** 2 * math.prod(nd.shape)) if nd.kind == "pointwise" else sum(nd.sizes) ** 2
+        for nd in plan.nodes
+    )
+    per_sample = item * max(chunk_size * (p_count + node_numel), 4 * local_numel + 1)
+    step = max(1, min(n_total, budget_bytes // per_sample))
+    tol_scale = 64 * torch.finfo(leaves[0].dtype).eps
+    batched_data = [d.unsqueeze(1) for d in data]  # (N, 1, ...): one sample keeps a batch of one
+
+    def pass1(sample: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        eps = {
+            i: torch.zeros(shapes0[i], dtype=values0[i].dtype, device=values0[i].device) for i in plan.adjoint
+        }
+
+        def total(e: dict[int, Tensor]) -> tuple[Tensor, tuple[Tensor, list[Any]]]:
+            vals = _replay(tape, leaves, sample, e)
+            out = vals[tape.output.index]  # type: ignore[union-attr]
+            return out, (out, vals)
+
+        adj, (out, vals) = grad(total, has_aux=True)(eps)
+        return out, [_local(nd, vals, adj) for nd in plan.nodes]
+
+    diag = [torch.zeros_like(leaf) for leaf in leaves]
+    r_max = 0
+    loss_sum = batch_loss.new_zeros(())
+    for s0 in range(0, n_total, step):
+        chunk = [d[s0 : s0 + step] for d in batched_data]
+        n = chunk[0].shape[0]
+        try:
+            losses, locals_ = vmap(pass1)(chunk)
+        except (RuntimeError, ValueError, NotImplementedError) as exc:
+            raise GraphSweepUnsupportedError(
+                f"replaying the per-sample tape under vmap failed ({type(exc).__name__}: {exc})"
+            ) from exc
+        loss_sum = loss_sum + losses.sum()
+        cols = [_columns(nd, loc, tol_scale) for nd, loc in zip(plan.nodes, locals_)]
+        r = sum(c.count for c in cols)
+        r_max = max(r_max, r)
+        if max_columns is not None and r > max_columns:
+            raise GraphSweepTooCostlyError(r)
+        # global column order: node by node
+        spans: list[tuple[int, int, int]] = []  # (node, start, stop) within the node
+        pos = 0
+        for j, c in enumerate(cols):
+            spans.append((j, pos, pos + c.count))
+            pos += c.count
+        for c0 in range(0, r, chunk_size):
+            c1 = min(r, c0 + chunk_size)
+            used: list[int] = []
+            cots: list[Tensor] = []
+            weights: list[Tensor] = []
+            for j, a, b in spans:
+                lo, hi = max(a, c0), min(b, c1)
+                if lo >= hi:
+                    continue
+                ct, w = cols[j].get(lo - a, hi - a)
+                used.append(j)
+                pad_l, pad_r = lo - c0, c1 - hi
+                full = ct.new_zeros(n, c1 - c0, ct.shape[2])
+                full[:, pad_l : c1 - c0 - pad_r] = ct
+                cots.append(full)
+                weights.append(w)
+            w_all = torch.cat(weights, 1)  # (n, k), in column order (nodes in order)
+            sub = [plan.nodes[j] for j in used]
+
+            def pass2(
+                sample: list[Tensor], cts: list[Tensor], w: Tensor, sub: list[_Node] = sub
+            ) -> list[Tensor]:
+                def phi(ls: list[Tensor]) -> list[Tensor]:
+                    vals = _replay(tape, ls, sample, {})
+                    return [_node_vector(nd, vals) for nd in sub]
+
+                pull = vjp(phi, leaves)[1]
+                (g,) = vmap(pull)(cts)  # per leaf (k, *shape)
+                return [torch.einsum("k,k...->...", w, gl * gl) for gl in g]
+
+            part = vmap(pass2)(chunk, cots, w_all)
+            diag = [d + p.sum(0) for d, p in zip(diag, part)]
+    tol = math.sqrt(torch.finfo(batch_loss.dtype).eps) * 10
+    combined = loss_sum * scale
+    if not torch.allclose(combined, batch_loss.detach(), rtol=tol, atol=tol * (1 + float(batch_loss.abs()))):
+        raise GraphSweepUnsupportedError(
+            f"a model whose samples interact: the per-sample losses combine to {float(combined):.6g} "
+            f"but the batch loss is {float(batch_loss):.6g} (e.g. batch statistics)"
+        )
+    return [d * scale for d in diag], r_max

@@ -1,0 +1,353 @@
+"""The op-level sweep (secorder._graph_sweep) against dense float64 Hessian diagonals.
+
+Models the module-level sweep refuses (LayerNorm, attention, tied weights, affine eval-mode
+BatchNorm) go through module_hessian_diagonal(method="sweep"/"auto"); models it accepts (an
+MLP: the disjoint-dependency skip of every matmul) through graph_sweep_diagonal directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import Tensor, nn
+
+import secorder
+from secorder import _graph_sweep
+from secorder._graph_sweep import GraphSweepUnsupportedError, graph_sweep_diagonal
+from secorder._pytree import flatten, unflatten
+from secorder._tape import TapeUnsupportedError, record
+from secorder.testing import dense_hessian
+
+LOSS_FNS: dict[str, Callable[..., Tensor]] = {
+    "cross_entropy": F.cross_entropy,
+    "mse": F.mse_loss,
+    "bce_with_logits": F.binary_cross_entropy_with_logits,
+}
+
+
+class Attention(nn.Module):
+    """Single-head attention (q·kᵀ softmax ·v) on a projection shared over positions, residual
+    adds, LayerNorm, GELU, mean pooling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Linear(3, 4)
+        self.q = nn.Linear(4, 4)
+        self.k = nn.Linear(4, 4, bias=False)
+        self.v = nn.Linear(4, 4)
+        self.ln = nn.LayerNorm(4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:  # x: (N, T, 3)
+        h = self.emb(x)
+        att = torch.softmax(self.q(h) @ self.k(h).transpose(-1, -2) / 2.0, dim=-1)
+        h = self.ln(h + att @ self.v(h))
+        return self.head(F.gelu(h).mean(1))
+
+
+class BatchNormNet(nn.Module):
+    """Eval-mode BatchNorm WITH affine parameters between tanh layers, ReLU kinks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(3, 4)
+        self.bn = nn.BatchNorm1d(4)
+        self.fc2 = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(torch.relu(torch.tanh(self.bn(self.fc1(x)))))
+
+
+class Tied(nn.Module):
+    """A tied weight: embedding and output head share W; also h @ W @ Wᵀ."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(5, 3)
+        self.mix = nn.Linear(3, 3)
+
+    def forward(self, idx: Tensor) -> Tensor:  # idx: (N, T) integer tokens
+        h = torch.tanh(self.mix(self.emb(idx)))  # (N, T, 3)
+        h = h @ self.mix.weight @ self.mix.weight.T + h
+        return (h.mean(1) @ self.emb.weight.T).contiguous()  # (N, 5) logits by the tied table
+
+
+class LayerNormSeq(nn.Module):
+    """A Linear shared over positions, LayerNorm with affine params, ReLU and a residual."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(3, 4)
+        self.ln = nn.LayerNorm(4)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:  # (N, T, 3) -> (N, T, 2)
+        h = self.proj(x)
+        return self.out(torch.relu(self.ln(h)) + h)
+
+
+def _params(model: nn.Module) -> dict[str, Tensor]:
+    return {k: p.detach().clone() for k, p in model.named_parameters()}
+
+
+def _reference(
+    model: nn.Module, loss: str, reduction: str, params: dict[str, Tensor], x: Tensor, y: Tensor
+) -> Tensor:
+    f, _ = secorder.module_loss(model, lambda z, t: LOSS_FNS[loss](z, t, reduction=reduction))
+    return dense_hessian(f, params, x, y).diagonal()
+
+
+def _flat(d: dict[str, Tensor]) -> Tensor:
+    return torch.cat([d[k].reshape(-1) for k in sorted(d)])
+
+
+def _data(name: str, loss: str, n: int = 5) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(1)
+    if name == "tied":
+        x = torch.randint(0, 5, (n, 3), generator=g)
+        out: tuple[int, ...] = (n, 5)
+    elif name in ("attention",):
+        x, out = torch.randn(n, 3, 3, generator=g, dtype=torch.float64), (n, 2)
+    elif name == "layernorm_seq":
+        x, out = torch.randn(n, 3, 3, generator=g, dtype=torch.float64), (n, 3, 2)
+    else:
+        x, out = torch.randn(n, 3, generator=g, dtype=torch.float64), (n, 2)
+    if loss == "cross_entropy":
+        y = torch.randint(0, out[1], (n,), generator=g)
+    elif loss == "mse":
+        y = torch.randn(out, generator=g, dtype=torch.float64)
+    else:
+        y = torch.rand(out, generator=g, dtype=torch.float64)
+    return x, y
+
+
+def _model(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    model: nn.Module = {
+        "attention": Attention,
+        "batchnorm": BatchNormNet,
+        "tied": Tied,
+        "layernorm_seq": LayerNormSeq,
+    }[name]().double()
+    if name == "batchnorm":
+        with torch.no_grad():  # non-trivial running statistics and affine parameters
+            model.bn.running_mean.uniform_(-0.5, 0.5)  # type: ignore[union-attr, operator]
+            model.bn.running_var.uniform_(0.5, 2.0)  # type: ignore[union-attr, operator]
+            model.bn.weight.uniform_(0.5, 1.5)  # type: ignore[union-attr]
+            model.bn.bias.uniform_(-0.5, 0.5)  # type: ignore[union-attr]
+        model.eval()
+    return model
+
+
+CASES = [
+    ("attention", "cross_entropy", "mean"),
+    ("attention", "mse", "sum"),
+    ("batchnorm", "bce_with_logits", "mean"),
+    ("batchnorm", "cross_entropy", "sum"),
+    ("tied", "cross_entropy", "mean"),
+    ("tied", "bce_with_logits", "sum"),
+    ("layernorm_seq", "mse", "mean"),
+    ("layernorm_seq", "cross_entropy", "mean"),
+]
+
+
+@pytest.mark.parametrize(("name", "loss", "reduction"), CASES)
+def test_exact_against_dense(name: str, loss: str, reduction: str) -> None:
+    model = _model(name)
+    x, y = _data(name, loss)
+    if name == "layernorm_seq" and loss == "cross_entropy":
+        model.out = nn.Linear(4, 3).double()  # (N, T, 3): classes moved to dim 1 below
+        inner = model
+
+        class Moved(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.inner = inner
+
+            def forward(self, x: Tensor) -> Tensor:
+                return self.inner(x).transpose(1, 2)  # (N, C=3, T=3)
+
+        model = Moved()
+        y = torch.randint(0, 3, (x.shape[0], 3), generator=torch.Generator().manual_seed(2))
+    params = _params(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    fn = secorder.module_hessian_diagonal(model, loss, method="sweep", reduction=reduction, chunk_size=7)
+    got = fn(params, x, y)
+    ref = _reference(model, loss, reduction, params, x, y)
+    torch.testing.assert_close(_flat(got), ref, rtol=1e-9, atol=1e-11)
+    info = fn.method_info
+    assert info.method == "sweep" and "op-level" in info.reason and info.num_columns > 0
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())  # not mutated
+
+
+def test_auto_and_trace_use_the_op_level_sweep() -> None:
+    model = _model("attention")
+    x, y = _data("attention", "cross_entropy")
+    params = _params(model)
+    ref = _reference(model, "cross_entropy", "mean", params, x, y)
+    fn = secorder.module_hessian_trace(model, "cross_entropy")
+    tr = fn(params, x, y)
+    torch.testing.assert_close(tr, ref.sum(), rtol=1e-9, atol=1e-11)
+    assert fn.method_info.method == "sweep" and "op-level" in fn.method_info.reason
+    # "auto": R <= P here, so the cost model picks the op-level sweep over one-hot HVPs
+    auto = secorder.module_hessian_diagonal(model, "cross_entropy")
+    torch.testing.assert_close(_flat(auto(params, x, y)), ref, rtol=1e-9, atol=1e-11)
+    info = auto.method_info
+    assert info.method == "sweep" and "op-level" in info.reason and 0 < info.num_columns <= info.num_params
+
+
+def test_float32_close_to_float64() -> None:
+    model = _model("attention")
+    x, y = _data("attention", "cross_entropy")
+    params = _params(model)
+    ref = _reference(model, "cross_entropy", "mean", params, x, y)
+    m32 = _model("attention").float()
+    got = secorder.module_hessian_diagonal(m32, "cross_entropy", method="sweep")(
+        {k: v.float() for k, v in params.items()}, x.float(), y
+    )
+    assert _flat(got).dtype == torch.float32
+    torch.testing.assert_close(_flat(got).double(), ref, rtol=1e-4, atol=1e-5)
+
+
+def _direct(
+    model: nn.Module, loss: str, reduction: str, x: Tensor, y: Tensor, **kw: object
+) -> tuple[Tensor, int]:
+    """graph_sweep_diagonal on a model (also ones the module sweep accepts)."""
+    forward, _ = secorder.modules.module_forward(model)
+    params = _params(model)
+    leaves, tree = flatten(params)
+    fn = LOSS_FNS[loss]
+
+    def loss_fn(ls: list[Tensor], sample: list[Tensor]) -> Tensor:
+        return fn(forward(unflatten(tree, ls), sample[0]), sample[1], reduction=reduction)
+
+    with torch.no_grad():
+        batch = fn(forward(params, x), y, reduction=reduction)
+    scale = 1.0 / x.shape[0] if reduction == "mean" else 1.0
+    diag, r = graph_sweep_diagonal(loss_fn, leaves, [x, y], scale=scale, batch_loss=batch, chunk_size=5, **kw)  # type: ignore[arg-type]
+    return torch.cat([d.reshape(-1) for d in diag]), r
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+def test_mlp_disjoint_skip_is_exact(loss: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    x, _ = _data("mlp", "mse", n=6)
+    y = torch.randint(0, 3, (6,)) if loss == "cross_entropy" else torch.randn(6, 3, dtype=torch.float64)
+    got, r = _direct(model, loss, "mean", x, y, budget_bytes=1)  # budget 1: one sample per chunk
+    ref = _reference(model, loss, "mean", _params(model), x, y)
+    torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-11)
+    # columns: the 4 tanh units, plus the loss (3 softmax eigencolumns at most, or 3 for mse);
+    # no column from any matmul (disjoint leaves) or ReLU (no curvature)
+    assert 4 < r <= 7
+
+
+def test_train_batchnorm_refused() -> None:
+    model = BatchNormNet().double().train()
+    x, y = _data("batchnorm", "mse")
+    with pytest.raises(secorder.SecorderError, match="samples that do not interact"):
+        secorder.module_hessian_diagonal(model, "mse", method="sweep")(_params(model), x, y)
+
+    def loss_fn(ls: list[Tensor], sample: list[Tensor]) -> Tensor:  # (1, C=3, L=4) per sample
+        h = F.batch_norm(sample[0], None, None, training=True)
+        return ((h.sum(2) * ls[0]).sum() - sample[1].sum()) ** 2
+
+    w = torch.randn(3, dtype=torch.float64)
+    x = torch.randn(5, 3, 4, dtype=torch.float64)
+    with pytest.raises(GraphSweepUnsupportedError, match="batch statistics"):
+        graph_sweep_diagonal(
+            loss_fn, [w], [x, y], scale=1.0, batch_loss=torch.zeros((), dtype=torch.float64), chunk_size=4
+        )
+
+
+class Branchy(nn.Module):
+    """Python control flow on a per-sample value (.item() through bool())."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+        self.ln = nn.LayerNorm(2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.ln(self.fc(x))
+        return h * 2 if bool(x.sum() > 0) else h
+
+
+def test_data_dependent_control_flow_refused() -> None:
+    model = Branchy().double()
+    x, y = _data("mlp", "mse")
+    with pytest.raises(secorder.SecorderError, match="per-sample data"):
+        secorder.module_hessian_diagonal(model, "mse", method="sweep")(_params(model), x, y)
+    with pytest.raises(TapeUnsupportedError, match="per-sample data"):
+        record(lambda ls, xs: (ls[0] * xs[0]).sum() * xs[0].sum().item(), [torch.ones(3)], [torch.ones(3)])
+    # without data inputs .item() is recorded as taken (the tape is exact at this point)
+    tape = record(lambda ls: ls[0].sum() * ls[0].sum().item(), [torch.ones(3)])
+    assert tape.num_inputs == 0 and tape.output is not None
+
+
+class Coupled(nn.Module):
+    """Centering over the batch: the samples interact (no per-sample decomposition)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc(x)
+        return F.layer_norm(h - h.mean(0), (2,))
+
+
+def test_coupled_samples_refused() -> None:
+    model = Coupled().double()
+    x, y = _data("mlp", "mse")
+    with pytest.raises(secorder.SecorderError, match="samples interact"):
+        secorder.module_hessian_diagonal(model, "mse", method="sweep")(_params(model), x, y)
+
+
+def test_large_generic_op_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_graph_sweep, "MAX_LOCAL", 4)
+    model = _model("attention")
+    x, y = _data("attention", "cross_entropy")
+    with pytest.raises(secorder.SecorderError, match="dense local Hessian is limited to 4"):
+        secorder.module_hessian_diagonal(model, "cross_entropy", method="sweep")(_params(model), x, y)
+    # "auto" falls back to one-hot HVPs (P is small) and says why
+    fn = secorder.module_hessian_diagonal(model, "cross_entropy")
+    got = fn(_params(model), x, y)
+    assert fn.method_info.method == "hvp" and "op-level" in fn.method_info.reason
+    ref = _reference(model, "cross_entropy", "mean", _params(model), x, y)
+    torch.testing.assert_close(_flat(got), ref, rtol=1e-9, atol=1e-11)
+
+
+def test_device_and_chunking_invariance(device: torch.device) -> None:
+    model = _model("tied").to(device)
+    x, y = _data("tied", "bce_with_logits")
+    x, y = x.to(device), y.to(device)
+    params = _params(model)
+    ref = _reference(model, "bce_with_logits", "mean", params, x, y)
+    for chunk in (1, 1000):
+        fn = secorder.module_hessian_diagonal(model, "bce_with_logits", method="sweep", chunk_size=chunk)
+        got = _flat(fn(params, x, y))
+        assert got.device == ref.device
+        torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-11)
+
+
+class PairInput(nn.Module):
+    """Takes a list of tensors: the op-level engine needs one batched input tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+        self.ln = nn.LayerNorm(2)
+
+    def forward(self, xs: list[Tensor]) -> Tensor:
+        return self.ln(self.fc(xs[0]))
+
+
+def test_unbatched_inputs_refused() -> None:
+    model = PairInput().double()
+    x, y = _data("mlp", "mse")
+    with pytest.raises(secorder.SecorderError, match="not batched tensors"):
+        secorder.module_hessian_diagonal(model, "mse", method="sweep")(_params(model), [x], y)
