@@ -59,7 +59,17 @@ import torch
 from torch import Tensor
 from torch.func import grad, jacrev, vjp, vmap
 
-from secorder._tape import Ref, Tape, TapeNode, TapeUnsupportedError, record, refs_in, resolve
+from secorder._tape import (
+    Ref,
+    Tape,
+    TapeNode,
+    TapeUnsupportedError,
+    paths,
+    record,
+    refs_in,
+    replace_at,
+    resolve,
+)
 from secorder._taylor import _LINEAR as _TAYLOR_LINEAR
 
 __all__ = ["MAX_LOCAL", "GraphSweepTooCostlyError", "GraphSweepUnsupportedError", "graph_sweep_diagonal"]
@@ -119,29 +129,13 @@ def _trains_batch_norm(node: TapeNode) -> bool:
     return bool(value)
 
 
-def _paths(obj: Any, prefix: tuple[int, ...] = ()) -> list[tuple[tuple[int, ...], Ref]]:
-    if isinstance(obj, Ref):
-        return [(prefix, obj)]
-    if isinstance(obj, (list, tuple)):
-        return [p for i, o in enumerate(obj) for p in _paths(o, (*prefix, i))]
-    return []
-
-
-def _replace(obj: Any, path: tuple[int, ...], value: Any) -> Any:
-    if not path:
-        return value
-    items = list(obj)
-    items[path[0]] = _replace(items[path[0]], path[1:], value)
-    return type(obj)(items)
-
-
 @dataclass
 class _Node:
     """A tape node that may contribute curvature."""
 
     node: TapeNode
     kind: str  # "pointwise" or "generic"
-    positions: list[tuple[int, ...]]  # paths into (args, kwargs) of the θ-dependent inputs
+    positions: list[tuple[Any, ...]]  # paths into (args, kwargs) of the θ-dependent inputs
     refs: list[Ref]
     outputs: list[int]  # floating outputs that reach the loss
     mask: Tensor = field(default_factory=lambda: torch.ones(1, 1, dtype=torch.bool))  # i, j: keep
@@ -191,24 +185,24 @@ def _classify(tape: Tape, values: Sequence[Any]) -> _Plan:
         outs = [o for o in node.outputs if o is not None and reaches[o] and tape.depends[o] and floating(o)]
         if not outs:
             continue
-        paths = [
+        found = [
             (p, r)
-            for p, r in _paths((node.args, node.kwargs))
+            for p, r in paths((node.args, node.kwargs))
             if r.index < len(deps) and tape.depends[r.index] and floating(r.index)
         ]
-        if not paths or func in _LINEAR:
+        if not found or func in _LINEAR:
             continue
-        leaf_sets = [deps[r.index] for _, r in paths]
-        disjoint = all(leaf_sets[i] & leaf_sets[j] == 0 for i in range(len(paths)) for j in range(i))
+        leaf_sets = [deps[r.index] for _, r in found]
+        disjoint = all(leaf_sets[i] & leaf_sets[j] == 0 for i in range(len(found)) for j in range(i))
         if func in _MULTILINEAR and disjoint:
             continue
-        if func is aten.div.Tensor and [p for p, _ in paths] == [(0, 0)]:
+        if func is aten.div.Tensor and [p for p, _ in found] == [(0, 0)]:
             continue  # division by a constant
-        m = len(paths)
+        m = len(found)
         mask = torch.tensor(
             [[leaf_sets[i] & leaf_sets[j] != 0 for j in range(m)] for i in range(m)], dtype=torch.bool
         )
-        positions, refs = [p for p, _ in paths], [r for _, r in paths]
+        positions, refs = [p for p, _ in found], [r for _, r in found]
         if torch.Tag.pointwise in func.tags and not node.multi:
             shape = tuple(values[outs[0]].shape)
             nodes.append(_Node(node, "pointwise", positions, refs, outs, mask, shape=shape))
@@ -248,7 +242,7 @@ def _op_fn(nd: _Node, values: Sequence[Any]) -> Callable[..., list[Tensor]]:
     def f(*xs: Tensor) -> list[Tensor]:
         ak = base
         for p, x in zip(nd.positions, xs):
-            ak = _replace(ak, p, x)
+            ak = replace_at(ak, p, x)
         out = node.func(*ak[0], **ak[1])
         outs = list(out) if node.multi else [out]
         return [outs[i] for i in wanted]

@@ -34,7 +34,17 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["Ref", "Tape", "TapeNode", "TapeUnsupportedError", "record"]
+__all__ = [
+    "Ref",
+    "Tape",
+    "TapeNode",
+    "TapeUnsupportedError",
+    "paths",
+    "record",
+    "refs_in",
+    "replace_at",
+    "resolve",
+]
 
 
 class TapeUnsupportedError(Exception):
@@ -100,6 +110,28 @@ def resolve(obj: Any, values: Sequence[Any]) -> Any:
     return obj
 
 
+def paths(obj: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[tuple[Any, ...], Ref]]:
+    """Every :class:`Ref` in a nested args structure with its path (list indices, dict keys)."""
+    if isinstance(obj, Ref):
+        return [(prefix, obj)]
+    if isinstance(obj, (list, tuple)):
+        return [p for i, o in enumerate(obj) for p in paths(o, (*prefix, i))]
+    if isinstance(obj, dict):
+        return [p for k, o in obj.items() for p in paths(o, (*prefix, k))]
+    return []
+
+
+def replace_at(obj: Any, path: tuple[Any, ...], value: Any) -> Any:
+    """A copy of a nested args structure with the entry at ``path`` replaced by ``value``."""
+    if not path:
+        return value
+    if isinstance(obj, dict):
+        return {**obj, path[0]: replace_at(obj[path[0]], path[1:], value)}
+    items = list(obj)
+    items[path[0]] = replace_at(items[path[0]], path[1:], value)
+    return type(obj)(items)
+
+
 def refs_in(obj: Any) -> list[Ref]:
     """Every :class:`Ref` in a nested args structure, in order."""
     if isinstance(obj, Ref):
@@ -146,6 +178,8 @@ class _Recorder(TorchDispatchMode):
             return obj if idx is None else Ref(idx)
         if isinstance(obj, (list, tuple)):
             return type(obj)(self._ref(o) for o in obj)
+        if isinstance(obj, dict):  # tensor keyword arguments are tape values too
+            return {k: self._ref(v) for k, v in obj.items()}
         return obj
 
     def __torch_dispatch__(

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, jvp, vjp, vmap
 
-from secorder._tape import Ref, Tape, TapeNode, record, resolve
+from secorder._tape import Ref, Tape, TapeNode, paths, record, replace_at, resolve
 
 __all__ = ["TaylorQuadform"]
 
@@ -94,28 +94,12 @@ class _Plan:
     __slots__ = ("extra", "kind", "node", "positions")
 
     def __init__(
-        self, kind: str, node: TapeNode, positions: list[tuple[int, ...]], extra: Any = None
+        self, kind: str, node: TapeNode, positions: list[tuple[Any, ...]], extra: Any = None
     ) -> None:
         self.kind = kind
         self.node = node
         self.positions = positions  # paths into args of the parameter-dependent floating tensors
         self.extra = extra
-
-
-def _paths(obj: Any, prefix: tuple[int, ...] = ()) -> list[tuple[tuple[int, ...], Ref]]:
-    if isinstance(obj, Ref):
-        return [(prefix, obj)]
-    if isinstance(obj, (list, tuple)):
-        return [p for i, o in enumerate(obj) for p in _paths(o, (*prefix, i))]
-    return []
-
-
-def _replace(obj: Any, path: tuple[int, ...], value: Any) -> Any:
-    if not path:
-        return value
-    items = list(obj)
-    items[path[0]] = _replace(items[path[0]], path[1:], value)
-    return type(obj)(items)
 
 
 class TaylorQuadform:
@@ -175,10 +159,10 @@ class TaylorQuadform:
     def _plan(self, node: TapeNode, values: list[Any]) -> _Plan | None:
         if not any(o is not None and self.differentiable[o] for o in node.outputs):
             return None
-        paths = [(p, r) for p, r in _paths((node.args, node.kwargs)) if self.differentiable[r.index]]
-        if not paths:
+        found = [(p, r) for p, r in paths((node.args, node.kwargs)) if self.differentiable[r.index]]
+        if not found:
             return None
-        positions = [p for p, _ in paths]
+        positions = [p for p, _ in found]
         func = node.func
         if (func in _LINEAR and not node.multi) or func in _LINEAR_MULTI:
             return _Plan("linear", node, positions)
@@ -203,7 +187,7 @@ class TaylorQuadform:
         def f(*xs: Tensor) -> Any:
             args_kwargs = base
             for p, x in zip(plan.positions, xs):
-                args_kwargs = _replace(args_kwargs, p, x)
+                args_kwargs = replace_at(args_kwargs, p, x)
             out = node.func(*args_kwargs[0], **args_kwargs[1])
             outs = list(out) if node.multi else [out]
             return tuple(outs[i] for i in floats)

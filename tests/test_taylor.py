@@ -234,3 +234,15 @@ def test_taylor_is_eager_only_and_fwd_fwd_is_gone() -> None:
         ValueError, match=r'"fwd_fwd" \(jvp of jvp\) was removed.*layer_norm.*Use strategy="taylor"'
     ):
         secorder.hessian_trace(f, num_probes=2, strategy="fwd_fwd")
+
+
+def test_tape_paths_reach_keyword_arguments() -> None:
+    """Tensor keyword arguments are tape values: found, resolved and replaceable like positional ones."""
+    from secorder._tape import Ref, paths, replace_at, resolve
+
+    args_kwargs = ((Ref(0), [Ref(1), 3]), {"bias": Ref(2), "alpha": 2.0})
+    found = paths(args_kwargs)
+    assert [(p, r.index) for p, r in found] == [((0, 0), 0), ((0, 1, 0), 1), ((1, "bias"), 2)]
+    swapped = replace_at(args_kwargs, (1, "bias"), "b'")
+    assert swapped[1] == {"bias": "b'", "alpha": 2.0} and args_kwargs[1]["bias"] == Ref(2)
+    assert resolve(args_kwargs, ["x", "y", "z"]) == (("x", ["y", 3]), {"bias": "z", "alpha": 2.0})
