@@ -348,7 +348,7 @@ def graph_sweep_diagonal(
     leaves: Sequence[Tensor],
     data: Sequence[Tensor],
     *,
-    scale: float,
+    scale: float | None,
     batch_loss: Tensor,
     chunk_size: int,
     max_columns: int | None = None,
@@ -361,7 +361,8 @@ def graph_sweep_diagonal(
             ``[d[n:n+1] for d in data]`` (the batch dimension kept, of size 1).
         leaves: the parameter leaves θ.
         data: per-sample tensors (inputs and targets), batch dimension first.
-        scale: c in L = c Σ_n l_n.
+        scale: c in L = c Σ_n l_n; ``None``: the mean (1/N) or the sum (1), whichever matches
+            ``batch_loss`` (refused if neither does).
         batch_loss: L computed on the whole batch (checks that the samples do not interact).
         chunk_size: columns per vmapped VJP.
         max_columns: raise :class:`GraphSweepTooCostlyError` when R exceeds it.
@@ -482,8 +483,22 @@ def graph_sweep_diagonal(
             part = vmap(pass2)(chunk, cots, w_all)
             diag = [d + p.sum(0) for d, p in zip(diag, part)]
     tol = math.sqrt(torch.finfo(batch_loss.dtype).eps) * 10
+
+    def matches(c: float) -> bool:
+        return torch.allclose(
+            loss_sum * c, batch_loss.detach(), rtol=tol, atol=tol * (1 + float(batch_loss.abs()))
+        )
+
+    if scale is None:
+        scale = next((c for c in (1.0 / n_total, 1.0) if matches(c)), None)
+        if scale is None:
+            raise GraphSweepUnsupportedError(
+                f"a function that is neither the mean nor the sum of its per-sample values: "
+                f"Σ_n f(sample_n) = {float(loss_sum):.6g} over N = {n_total} samples, but f(batch) = "
+                f"{float(batch_loss):.6g} (samples interact, or a term is added once per batch)"
+            )
     combined = loss_sum * scale
-    if not torch.allclose(combined, batch_loss.detach(), rtol=tol, atol=tol * (1 + float(batch_loss.abs()))):
+    if not matches(scale):
         raise GraphSweepUnsupportedError(
             f"a model whose samples interact: the per-sample losses combine to {float(combined):.6g} "
             f"but the batch loss is {float(batch_loss):.6g} (e.g. batch statistics)"

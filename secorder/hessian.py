@@ -118,6 +118,85 @@ def _check_common(call: str, f: object, argnums: object, chunk_size: object, str
     check_strategy(call, strategy)
 
 
+EXACT_METHODS = ("hvp", "sweep")
+
+
+def _check_exact(call: str, exact: object, num_probes: object) -> None:
+    if exact not in EXACT_METHODS:
+        raise error(
+            call,
+            f"exact must be one of {', '.join(repr(m) for m in EXACT_METHODS)}",
+            f"{exact!r}",
+            "Use exact='hvp' (one-hot Hessian-vector products, any function) or exact='sweep' "
+            "(op-level second-order sweep over the samples of the batched arguments).",
+        )
+    if exact == "sweep" and num_probes is not None:
+        raise error(
+            call,
+            "exact='sweep' computes the exact diagonal and takes no probes",
+            f"num_probes={num_probes}",
+            "Drop num_probes, or keep num_probes and exact='hvp' for a randomized estimate.",
+        )
+
+
+def _sweep_diagonal(
+    call: str, fn: Any, f: Callable[..., Any], args: tuple[Any, ...], argnums: int, chunk_size: int | None
+) -> tuple[list[Tensor], TreeSpec]:
+    """The exact diagonal by the op-level sweep (:mod:`secorder._graph_sweep`) over the samples
+    of every argument but ``args[argnums]``; sets ``fn.method_info``."""
+    from secorder._graph_sweep import GraphSweepUnsupportedError, graph_sweep_diagonal
+    from secorder.module_hessian import SweepInfo
+
+    g, leaves, spec, index = _bind(call, f, args, argnums)
+    check_eager(
+        call,
+        leaves,
+        what="exact='sweep' (it records the function as a tape of ATen ops)",
+        fix="Inside torch.func transforms use exact='hvp'.",
+    )
+    data = [a for i, a in enumerate(args) if i != index]
+    sizes = {int(a.shape[0]) if isinstance(a, Tensor) and a.dim() > 0 else None for a in data}
+    if not data or None in sizes or len(sizes) != 1:
+        got = ", ".join(
+            f"args[{i}]: " + (f"shape {tuple(a.shape)}" if isinstance(a, Tensor) else type(a).__name__)
+            for i, a in enumerate(args)
+            if i != index
+        )
+        raise error(
+            call,
+            "exact='sweep' needs every argument but args[argnums] to be a tensor batched along "
+            "dimension 0, all with the same number of samples",
+            got or "no data arguments",
+            "Pass the inputs and targets as batched tensors, or use exact='hvp' (any function).",
+        )
+    positions = [i for i in range(len(args)) if i != index]
+
+    def loss_fn(ls: list[Tensor], sample: list[Tensor]) -> Tensor:
+        new_args = list(args)
+        new_args[index] = unflatten(spec, ls)
+        for i, x in zip(positions, sample):
+            new_args[i] = x
+        return check_scalar_output(call, f(*new_args))
+
+    with torch.no_grad():
+        batch_loss = g(leaves)
+    try:
+        diag, r = graph_sweep_diagonal(
+            loss_fn, leaves, data, scale=None, batch_loss=batch_loss, chunk_size=chunk_size or 64
+        )
+    except GraphSweepUnsupportedError as exc:
+        raise error(
+            call,
+            "exact='sweep' needs f to be the mean or the sum over samples of a per-sample loss, "
+            "recordable as ATen ops (see secorder._graph_sweep)",
+            str(exc),
+            "Use exact='hvp' (one-hot Hessian-vector products), which works for any function.",
+        ) from exc
+    p_count = sum(leaf.numel() for leaf in leaves)
+    fn.method_info = SweepInfo("sweep", r, p_count, f"op-level graph sweep; R={r}, P={p_count}")
+    return diag, spec
+
+
 def hvp(f: Callable[..., Any], /, *, argnums: int = 0, strategy: str = "auto") -> Callable[..., Any]:
     """Transform ``f`` into a function computing Hessian-vector products H·v.
 
@@ -184,6 +263,7 @@ def hessian_trace(
     strategy: str = "auto",
     method: str = "hutchinson",
     per_block: bool = False,
+    exact: str = "hvp",
 ) -> Callable[..., Any]:
     """Transform ``f`` into a function returning tr(∇²_θ f), exact or by a randomized estimator.
 
@@ -218,6 +298,8 @@ def hessian_trace(
             ``"hutch++"``, ``"xtrace"``, ``"xnystrace"``); ``num_probes`` is its total
             budget of products.
         per_block: return one trace per leaf of θ instead of the total.
+        exact: how the exact trace (``num_probes=None``) is computed: ``"hvp"`` or
+            ``"sweep"``, as for :func:`hessian_diagonal` (the sum of its exact diagonal).
 
     Returns:
         ``trace_fn(*args, generator=None)`` returning a 0-dim tensor (a pytree of them
@@ -257,9 +339,20 @@ def hessian_trace(
     _probes.check_distribution(call, distribution)
     check_bool(call, "with_stderr", with_stderr)
     check_bool(call, "per_block", per_block)
+    _check_exact(call, exact, num_probes)
 
     @functools.wraps(f)
     def trace_fn(*args: Any, generator: torch.Generator | None = None) -> Any:
+        if exact == "sweep":
+            diag, spec = _sweep_diagonal(call, trace_fn, f, args, argnums, chunk_size)
+            sums = [d.sum() for d in diag]
+            est = sum(sums[1:], start=sums[0])
+            out = unflatten(spec, sums) if per_block else est
+            if not with_stderr:
+                return out
+            return out, (
+                unflatten(spec, [torch.zeros_like(t) for t in sums]) if per_block else torch.zeros_like(est)
+            )
         op, spec, gen = _bound_operator(call, f, args, argnums, strategy, generator)
         leaves = op.leaves
         if per_block:
@@ -296,6 +389,7 @@ def hessian_diagonal(
     with_stderr: bool = False,
     strategy: str = "auto",
     method: str = "hutchinson",
+    exact: str = "hvp",
 ) -> Callable[..., Any]:
     """Transform ``f`` into a function returning diag(∇²_θ f) as a pytree shaped like θ.
 
@@ -319,6 +413,13 @@ def hessian_diagonal(
         method: the randomized estimator used when ``num_probes`` is given (a key of
             :data:`secorder.estimators.DIAGONAL_ESTIMATORS`: ``"hutchinson"`` or
             ``"xdiag"``); ``num_probes`` is its total budget of products.
+        exact: how the exact diagonal is computed: ``"hvp"`` (P one-hot Hessian-vector
+            products; any function, composes with ``torch.func`` transforms) or ``"sweep"``
+            (eager only: the op-level second-order sweep of :mod:`secorder._graph_sweep`,
+            R vector-Jacobian products per sample, R the number of signed curvature columns
+            per sample; for ``f(θ, *batch)`` that is the mean or the sum over dimension 0
+            of every other argument of a per-sample loss, which is checked on the values;
+            ``fn.method_info`` reports R and P after a call).
 
     Returns:
         ``diag_fn(*args, generator=None)`` returning a pytree with θ's structure and key
@@ -337,9 +438,16 @@ def hessian_diagonal(
     check_min_probes(call, str(method), num_probes)
     _probes.check_distribution(call, distribution)
     check_bool(call, "with_stderr", with_stderr)
+    _check_exact(call, exact, num_probes)
 
     @functools.wraps(f)
     def diag_fn(*args: Any, generator: torch.Generator | None = None) -> Any:
+        if exact == "sweep":
+            diag_leaves, spec = _sweep_diagonal(call, diag_fn, f, args, argnums, chunk_size)
+            tree = unflatten(spec, diag_leaves)
+            return (
+                (tree, unflatten(spec, [torch.zeros_like(d) for d in diag_leaves])) if with_stderr else tree
+            )
         op, spec, gen = _bound_operator(call, f, args, argnums, strategy, generator)
         leaves = op.leaves
         if num_probes is None:

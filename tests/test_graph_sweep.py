@@ -351,3 +351,68 @@ def test_unbatched_inputs_refused() -> None:
     x, y = _data("mlp", "mse")
     with pytest.raises(secorder.SecorderError, match="not batched tensors"):
         secorder.module_hessian_diagonal(model, "mse", method="sweep")(_params(model), [x], y)
+
+
+# -- functions f(θ, *batch): hessian_diagonal / hessian_trace with exact="sweep" ------------------
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_function_sweep_matches_dense_for_mean_and_sum(reduction: str) -> None:
+    torch.manual_seed(5)
+    model = Attention().double()
+    f, params = secorder.module_loss(model, lambda z, y: F.cross_entropy(z, y, reduction=reduction))
+    x, y = torch.randn(4, 3, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0])
+    H = dense_hessian(f, params, x, y)
+    diag_fn = secorder.hessian_diagonal(f, exact="sweep")
+    diag = diag_fn(params, x, y)
+    assert list(diag) == list(params)
+    expected = unflatten(
+        flatten(params)[1], list(torch.split(H.diagonal(), [p.numel() for p in flatten(params)[0]]))
+    )
+    for k in params:
+        torch.testing.assert_close(diag[k], expected[k].reshape(params[k].shape), rtol=1e-9, atol=1e-12)
+    info = diag_fn.method_info
+    assert info.method == "sweep" and info.num_columns > 0 and info.num_params == H.shape[0]
+    trace_fn = secorder.hessian_trace(f, exact="sweep", with_stderr=True)
+    est, err = trace_fn(params, x, y)
+    torch.testing.assert_close(est, H.diagonal().sum(), rtol=1e-9, atol=1e-12)
+    assert err == 0
+    blocks = secorder.hessian_trace(f, exact="sweep", per_block=True)(params, x, y)
+    torch.testing.assert_close(sum(blocks.values()), H.diagonal().sum(), rtol=1e-9, atol=1e-12)
+
+
+def test_function_sweep_on_a_pure_function_with_a_per_batch_term() -> None:
+    """mean of per-sample losses + λ‖w‖² is the mean of (l_n + λ‖w‖²): accepted and exact; the
+    sum of per-sample losses + λ‖w‖² is neither a mean nor a sum of per-sample values: refused."""
+    torch.manual_seed(6)
+    w = {"a": torch.randn(3, 2, dtype=torch.float64), "b": torch.randn(2, dtype=torch.float64)}
+    x, t = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+
+    def per_sample(w: dict[str, Tensor], x: Tensor, t: Tensor) -> Tensor:
+        return ((torch.tanh(x @ w["a"]) * w["b"] - t) ** 2).sum(1)
+
+    mean_f = lambda w, x, t: per_sample(w, x, t).mean() + 0.3 * (w["a"] ** 2).sum()
+    sum_f = lambda w, x, t: per_sample(w, x, t).sum() + 0.3 * (w["a"] ** 2).sum()
+    H = dense_hessian(mean_f, w, x, t)
+    got = secorder.hessian_diagonal(mean_f, exact="sweep")(w, x, t)
+    torch.testing.assert_close(
+        torch.cat([got["a"].flatten(), got["b"]]),
+        H.diagonal(),  # dense order: sorted keys
+    )
+    with pytest.raises(
+        ValueError, match=r"exact='sweep' needs f to be the mean or the sum.*neither the mean nor the sum"
+    ):
+        secorder.hessian_diagonal(sum_f, exact="sweep")(w, x, t)
+
+
+def test_function_sweep_errors() -> None:
+    f = lambda w, x: (torch.tanh(x @ w) ** 2).mean()
+    w, x = torch.randn(3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"exact must be one of 'hvp', 'sweep', but received 'fast'"):
+        secorder.hessian_diagonal(f, exact="fast")
+    with pytest.raises(ValueError, match=r"exact='sweep' computes the exact diagonal and takes no probes"):
+        secorder.hessian_trace(f, num_probes=4, exact="sweep")
+    with pytest.raises(ValueError, match=r"batched along dimension 0.*args\[1\]: float"):
+        secorder.hessian_diagonal(lambda w, s: (w**2).sum() * s, exact="sweep")(w, 2.0)
+    with pytest.raises(RuntimeError, match=r"exact='sweep'"):
+        torch.func.vmap(secorder.hessian_diagonal(f, exact="sweep"), in_dims=(0, None))(w.expand(2, 3), x)
