@@ -111,6 +111,9 @@ _MULTILINEAR = _ops(
     "mm", "bmm", "matmul", "addmm", "baddbmm", "convolution", "mul.Tensor",
     "_native_batch_norm_legit_no_training", "dot", "mv", "einsum",
 )  # fmt: skip
+# Row-wise along args[1] with a closed-form local Hessian; bilinear with a closed-form column set.
+_SOFTMAXES = _ops("_softmax", "_log_softmax", "_safe_softmax")
+_BILINEAR = _ops("mm", "bmm")
 _BATCH_NORMS = frozenset(
     {"native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_functional",
      "cudnn_batch_norm", "miopen_batch_norm", "batch_norm"}
@@ -141,6 +144,43 @@ class _Node:
     mask: Tensor = field(default_factory=lambda: torch.ones(1, 1, dtype=torch.bool))  # i, j: keep
     shape: tuple[int, ...] = ()  # pointwise: the output shape per sample
     sizes: list[int] = field(default_factory=list)  # generic: entries per input
+    dim: int = -1  # rows (softmax family): the normalized dimension
+    row: int = 0  # rows: entries per row of the first input (layer_norm: prod(normalized_shape))
+
+
+def _arg(node: TapeNode, i: int) -> Any:
+    return node.args[i] if i < len(node.args) else None
+
+
+def _structured(
+    node: TapeNode, found: list[tuple[Any, Ref]], leaf_sets: list[int], outs: list[int], values: Sequence[Any]
+) -> _Node | str | None:
+    """A row-wise or bilinear node (closed-form or per-row local Hessians), ``"skip"``, or None."""
+    func = node.func
+    pos = [p for p, _ in found]
+    refs = [r for _, r in found]
+    if func in _SOFTMAXES and pos == [(0, 0)] and outs == [node.outputs[0]]:
+        dim = int(_arg(node, 1)) % max(1, values[refs[0].index].dim())
+        row = int(values[refs[0].index].shape[dim]) if values[refs[0].index].dim() else 1
+        return _Node(node, "rows", pos, refs, outs, dim=dim, row=row)
+    if func is aten.native_layer_norm.default and not node.kwargs and outs == [node.outputs[0]]:
+        if (0, 0) not in pos:
+            return "skip"  # y = x̂ ⊙ w + b is linear in (w, b) when x is constant
+        i = pos.index((0, 0))
+        keep = [i]  # the bias is linear; the weight only through x̂ ⊙ w, i.e. its cross block with x
+        if (0, 2) in pos and leaf_sets[pos.index((0, 2))] & leaf_sets[i]:
+            keep.append(pos.index((0, 2)))  # disjoint leaves: the x–w block is zero on the diagonal
+        row = math.prod(int(k) for k in _arg(node, 1))
+        if row + (row if len(keep) == 2 else 0) > MAX_LOCAL:
+            raise GraphSweepUnsupportedError(
+                f"the op {func} on rows of {row} parameter-dependent entries per sample (a dense "
+                f"local Hessian per row is limited to {MAX_LOCAL})"
+            )
+        return _Node(node, "rows", [pos[k] for k in keep], [refs[k] for k in keep], outs, row=row)
+    if func in _BILINEAR and pos == [(0, 0), (0, 1)]:
+        inner = int(values[refs[0].index].shape[-1])  # K in (b, m, K) @ (b, K, n)
+        return _Node(node, "bilinear", pos, refs, outs, row=inner)
+    return None
 
 
 @dataclass
@@ -198,6 +238,12 @@ def _classify(tape: Tape, values: Sequence[Any]) -> _Plan:
             continue
         if func is aten.div.Tensor and [p for p, _ in found] == [(0, 0)]:
             continue  # division by a constant
+        structured = _structured(node, found, leaf_sets, outs, values)
+        if isinstance(structured, str):  # "skip"
+            continue
+        if structured is not None:
+            nodes.append(structured)
+            continue
         m = len(found)
         mask = torch.tensor(
             [[leaf_sets[i] & leaf_sets[j] != 0 for j in range(m)] for i in range(m)], dtype=torch.bool
@@ -207,6 +253,11 @@ def _classify(tape: Tape, values: Sequence[Any]) -> _Plan:
             shape = tuple(values[outs[0]].shape)
             nodes.append(_Node(node, "pointwise", positions, refs, outs, mask, shape=shape))
         else:
+            if func is aten.native_layer_norm.default and not disjoint:
+                raise GraphSweepUnsupportedError(
+                    "layer_norm whose weight shares parameters with its input, with its mean/rstd "
+                    "outputs used (torch.func's second derivative of native_layer_norm is wrong there)"
+                )
             sizes = [int(values[r.index].numel()) for r in refs]
             if sum(sizes) > MAX_LOCAL:
                 raise GraphSweepUnsupportedError(
@@ -250,8 +301,62 @@ def _op_fn(nd: _Node, values: Sequence[Any]) -> Callable[..., list[Tensor]]:
     return f
 
 
+def _softmax_rows(nd: _Node, values: Sequence[Any], adj: dict[int, Tensor]) -> Tensor:
+    """(rows, d, d) Hessians of ⟨ḡ_row, softmax(u_row)⟩ or ⟨ḡ_row, log_softmax(u_row)⟩, closed form.
+
+    With p = softmax(u): log_softmax gives −(Σ_j ḡ_j)(diag p − p pᵀ); softmax gives
+    diag(p ⊙ a) − (p ⊙ a) pᵀ − p (p ⊙ a)ᵀ with a = ḡ − ⟨ḡ, p⟩ 1.
+    """
+    out = nd.outputs[0]
+    y = values[out].movedim(nd.dim, -1).reshape(-1, nd.row)
+    g = adj[out].movedim(nd.dim, -1).reshape(-1, nd.row).to(y.dtype)
+    if nd.node.func is aten._log_softmax.default:
+        p = y.exp()
+        return -g.sum(-1)[:, None, None] * (torch.diag_embed(p) - p[:, :, None] * p[:, None, :])
+    pa = y * (g - (g * y).sum(-1, keepdim=True))
+    return torch.diag_embed(pa) - pa[:, :, None] * y[:, None, :] - y[:, :, None] * pa[:, None, :]
+
+
+def _layer_norm_rows(nd: _Node, values: Sequence[Any], adj: dict[int, Tensor]) -> Tensor:
+    """(rows, d + d_w, d + d_w) Hessians of ⟨ḡ_row, x̂_row ⊙ w⟩ over (x_row[, w]), x̂ the normalized row.
+
+    Differentiates the explicit normalization (x − mean) · rsqrt(var + eps) rather than
+    ``aten.native_layer_norm``: reverse-over-reverse of the latter gives a wrong (w, x) block under
+    torch.func (PyTorch 2.13).
+    """
+    node = nd.node
+    x = values[nd.refs[0].index].reshape(-1, nd.row)
+    g = adj[nd.outputs[0]].reshape(-1, nd.row).to(x.dtype)
+    weight = resolve(_arg(node, 2), values)
+    eps = float(_arg(node, 4))
+    has_w = len(nd.refs) == 2
+
+    def phi(v: Tensor, g_row: Tensor) -> Tensor:
+        xc = v[: nd.row] - v[: nd.row].mean()
+        y = xc * torch.rsqrt((xc * xc).mean() + eps)
+        if has_w:
+            y = y * v[nd.row :]
+        elif weight is not None:
+            y = y * weight.reshape(-1)
+        return (g_row * y).sum()
+
+    v = torch.cat([x, weight.reshape(1, -1).expand(x.shape[0], -1)], 1) if has_w else x
+    hess = vmap(jacrev(jacrev(phi)))(v, g)
+    return (hess + hess.transpose(1, 2)) / 2
+
+
 def _local(nd: _Node, values: Sequence[Any], adj: dict[int, Tensor]) -> Tensor:
-    """Per sample: pointwise (m, m, *shape) blocks ḡ ∂_i∂_j f, or the generic (d, d) local Hessian."""
+    """Per sample: pointwise (m, m, *shape) blocks ḡ ∂_i∂_j f, row-wise (rows, d, d) local
+    Hessians, the bilinear op's adjoint ḡ as (b, m, n), or the generic (d, d) local Hessian."""
+    if nd.kind == "rows":
+        return (
+            _softmax_rows(nd, values, adj)
+            if nd.node.func in _SOFTMAXES
+            else _layer_norm_rows(nd, values, adj)
+        )
+    if nd.kind == "bilinear":
+        g = adj[nd.outputs[0]]
+        return g.reshape(-1, *g.shape[-2:])
     f = _op_fn(nd, values)
     gbars = [adj[o] for o in nd.outputs]
     prim = [values[r.index] for r in nd.refs]
@@ -320,11 +425,15 @@ def _columns(nd: _Node, local: Tensor, tol_scale: float) -> _Columns:
             if vec is None:
                 cots = onehot.unsqueeze(0).expand(n, -1, -1)
                 return cots, lam_flat[:, idx]
-            comp = vec[:, el, :, c]  # (n, k, m)
+            comp = vec.transpose(-1, -2)[:, el, c]  # (n, k, m): the c-th eigenvector of element el
             cots = comp.unsqueeze(-1) * onehot[None, :, None, :]  # (n, k, m, E)
             return cots.reshape(n, b - a, m * e), lam_flat[:, idx]
 
         return _Columns(int(keep.numel()), get_pw)
+    if nd.kind == "rows":
+        return _row_columns(nd, local, tol_scale)
+    if nd.kind == "bilinear":
+        return _bilinear_columns(nd, local, tol_scale)
     lam, vec = torch.linalg.eigh(local)  # (n, d), (n, d, d)
     big = lam.abs().amax() if lam.numel() else lam.new_zeros(())
     keep = (lam.abs() > tol_scale * big).any(0).nonzero().flatten() if big > 0 else lam.new_zeros(0).long()
@@ -336,11 +445,83 @@ def _columns(nd: _Node, local: Tensor, tol_scale: float) -> _Columns:
     return _Columns(int(keep.numel()), get_gen)
 
 
+def _keep(lam: Tensor, tol_scale: float) -> Tensor:
+    """Indices (last dim of (n, K) ``lam``) with |λ| above tolerance for some sample."""
+    big = lam.abs().amax() if lam.numel() else lam.new_zeros(())
+    if not big > 0:
+        return lam.new_zeros(0).long()
+    return (lam.abs() > tol_scale * big).any(0).nonzero().flatten()
+
+
+def _row_columns(nd: _Node, local: Tensor, tol_scale: float) -> _Columns:
+    """Eigencolumns of each row's local Hessian, supported on that row (and the shared weight)."""
+    n, rows, m = local.shape[:3]
+    lam, vec = torch.linalg.eigh(local)  # (n, rows, m), (n, rows, m, m)
+    lam_flat = lam.reshape(n, rows * m)
+    keep = _keep(lam_flat, tol_scale)
+    vecs = vec.transpose(-1, -2)  # (n, rows, c, m): eigenvector c of each row
+
+    def get(a: int, b: int) -> tuple[Tensor, Tensor]:
+        idx = keep[a:b]
+        row, c = idx // m, idx % m
+        comp = vecs[:, row, c]  # (n, k, m)
+        k = int(idx.numel())
+        cx = comp.new_zeros(n, k, rows, nd.row)
+        cx[:, torch.arange(k, device=idx.device), row] = comp[..., : nd.row]
+        cots = torch.cat([cx.reshape(n, k, rows * nd.row), comp[..., nd.row :]], 2)
+        return cots, lam_flat[:, idx]
+
+    return _Columns(int(keep.numel()), get)
+
+
+def _bilinear_columns(nd: _Node, gbar: Tensor, tol_scale: float) -> _Columns:
+    """Columns of ⟨ḡ, A B⟩ (A: (b, m, K), B: (b, K, n)) from the SVD ḡ = Σ_r s_r u_r v_rᵀ per batch
+    matrix: ⟨ḡ, Ȧ Ḃ⟩ = Σ_r s_r Σ_j (u_rᵀ Ȧ)_j (Ḃ v_r)_j, and 2ab = ((a + b)² − (a − b)²)/2 gives the
+    columns (u_r e_jᵀ, ±e_j v_rᵀ) with weights ±s_r/2."""
+    n, bsz, rows, cols = gbar.shape
+    inner = nd.row
+    u, sv, vh = torch.linalg.svd(gbar, full_matrices=False)  # (n,b,m,q), (n,b,q), (n,b,q,n)
+    q = sv.shape[-1]
+    keep = _keep(sv.reshape(n, bsz * q), tol_scale)
+    ut = u.transpose(-1, -2)  # (n, b, q, m)
+
+    def get(a: int, b: int) -> tuple[Tensor, Tensor]:
+        t = torch.arange(a, b, device=gbar.device)
+        flat = keep[t // (2 * inner)]
+        j, sign = (t // 2) % inner, 1 - 2 * (t % 2)
+        bb, r = flat // q, flat % q
+        k = b - a
+        ar = torch.arange(k, device=gbar.device)
+        ca = gbar.new_zeros(n, k, bsz, inner, rows)
+        ca[:, ar, bb, j] = ut[:, bb, r]
+        cb = gbar.new_zeros(n, k, bsz, inner, cols)
+        cb[:, ar, bb, j] = sign.to(gbar.dtype)[:, None] * vh[:, bb, r]
+        cots = torch.cat([ca.transpose(-1, -2).reshape(n, k, -1), cb.reshape(n, k, -1)], 2)
+        return cots, sv[:, bb, r] * sign.to(gbar.dtype) / 2
+
+    return _Columns(int(keep.numel()) * 2 * inner, get)
+
+
 def _node_vector(nd: _Node, values: Sequence[Any]) -> Tensor:
     prim = [values[r.index] for r in nd.refs]
+    if nd.kind == "rows" and nd.node.func in _SOFTMAXES:
+        return prim[0].movedim(nd.dim, -1).reshape(-1)
     if nd.kind == "pointwise":
         return torch.stack([p.expand(nd.shape) for p in prim]).reshape(-1)
     return torch.cat([p.reshape(-1) for p in prim])
+
+
+def _local_numel(nd: _Node, values: Sequence[Any]) -> int:
+    """Entries per sample of the node's local quantities (for the memory budget)."""
+    if nd.kind == "pointwise":
+        return len(nd.refs) ** 2 * math.prod(nd.shape)
+    if nd.kind == "rows":
+        m = nd.row * len(nd.refs)
+        return values[nd.refs[0].index].numel() // nd.row * m * m
+    if nd.kind == "bilinear":
+        g = values[nd.outputs[0]]
+        return 3 * g.numel() + sum(values[r.index].numel() for r in nd.refs)
+    return sum(nd.sizes) ** 2
 
 
 def graph_sweep_diagonal(
@@ -404,10 +585,7 @@ def graph_sweep_diagonal(
     p_count = sum(leaf.numel() for leaf in leaves)
     item = leaves[0].element_size()
     node_numel = sum(_node_vector(nd, values0).numel() for nd in plan.nodes) if plan.nodes else 1
-    local_numel = sum(
-        (len(nd.refs) ** 2 * math.prod(nd.shape)) if nd.kind == "pointwise" else sum(nd.sizes) ** 2
-        for nd in plan.nodes
-    )
+    local_numel = sum(_local_numel(nd, values0) for nd in plan.nodes)
     per_sample = item * max(chunk_size * (p_count + node_numel), 4 * local_numel + 1)
     step = max(1, min(n_total, budget_bytes // per_sample))
     tol_scale = 64 * torch.finfo(leaves[0].dtype).eps

@@ -309,15 +309,15 @@ def test_coupled_samples_refused() -> None:
 
 def test_large_generic_op_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_graph_sweep, "MAX_LOCAL", 4)
-    model = _model("attention")
-    x, y = _data("attention", "cross_entropy")
+    model = _model("layernorm_seq")  # LayerNorm rows of 4 (allowed); mse_loss on 3·2 = 6 entries (dense)
+    x, y = _data("layernorm_seq", "mse")
     with pytest.raises(secorder.SecorderError, match="dense local Hessian is limited to 4"):
-        secorder.module_hessian_diagonal(model, "cross_entropy", method="sweep")(_params(model), x, y)
+        secorder.module_hessian_diagonal(model, "mse", method="sweep")(_params(model), x, y)
     # "auto" falls back to one-hot HVPs (P is small) and says why
-    fn = secorder.module_hessian_diagonal(model, "cross_entropy")
+    fn = secorder.module_hessian_diagonal(model, "mse")
     got = fn(_params(model), x, y)
     assert fn.method_info.method == "hvp" and "op-level" in fn.method_info.reason
-    ref = _reference(model, "cross_entropy", "mean", _params(model), x, y)
+    ref = _reference(model, "mse", "mean", _params(model), x, y)
     torch.testing.assert_close(_flat(got), ref, rtol=1e-9, atol=1e-11)
 
 
@@ -416,3 +416,178 @@ def test_function_sweep_errors() -> None:
         secorder.hessian_diagonal(lambda w, s: (w**2).sum() * s, exact="sweep")(w, 2.0)
     with pytest.raises(RuntimeError, match=r"exact='sweep'"):
         torch.func.vmap(secorder.hessian_diagonal(f, exact="sweep"), in_dims=(0, None))(w.expand(2, 3), x)
+
+
+# -- row-wise (softmax family, layer_norm) and bilinear (mm/bmm) local Hessians -----------------
+
+
+def _kinds(monkeypatch: pytest.MonkeyPatch) -> list[list[tuple[str, str]]]:
+    """Record (kind, op name) of the contributing nodes of every plan built."""
+    seen: list[list[tuple[str, str]]] = []
+    classify = _graph_sweep._classify
+
+    def spy(*args: object, **kwargs: object) -> object:
+        plan = classify(*args, **kwargs)  # type: ignore[arg-type]
+        seen.append([(nd.kind, nd.node.func._schema.name.split("::")[-1]) for nd in plan.nodes])
+        return plan
+
+    monkeypatch.setattr(_graph_sweep, "_classify", spy)
+    return seen
+
+
+def test_attention_uses_row_and_bilinear_rules(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = _kinds(monkeypatch)
+    model = _model("attention")
+    x, y = _data("attention", "cross_entropy")
+    secorder.module_hessian_diagonal(model, "cross_entropy", method="sweep")(_params(model), x, y)
+    kinds = dict((op, kind) for kind, op in seen[-1])
+    assert kinds["bmm"] == "bilinear" and kinds["_softmax"] == "rows"
+    assert kinds["native_layer_norm"] == "rows" and kinds["_log_softmax"] == "rows"
+    assert "generic" not in kinds.values()
+
+
+class MultiHead(nn.Module):
+    """Two heads (bmm over 2 batch matrices), a causal -inf mask (zero probabilities), softmax
+    and log_softmax over a non-last dim, LayerNorm over two trailing dims whose weight also
+    feeds its input (so the x–w cross blocks count), and x @ xᵀ (mm of a tensor with itself)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Linear(3, 4)
+        self.qkv = nn.Linear(4, 12)
+        self.ln = nn.LayerNorm((3, 4))
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:  # (N, T=3, 3) -> (N, 3, T)
+        n, t, _ = x.shape
+        h = self.emb(x) + self.ln.weight  # the LayerNorm weight also enters its input
+        q, k, v = self.qkv(h).view(n, t, 3, 2, 2).permute(2, 0, 3, 1, 4)  # (N, heads, T, 2) each
+        s = (q @ k.transpose(-1, -2)).masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+        att = torch.softmax(s, dim=-1) @ v  # (N, 2, T, 2)
+        h = self.ln(h + att.transpose(1, 2).reshape(n, t, 4))
+        g = h[0] @ h[0].T if n == 1 else torch.einsum("ntd,nsd->nts", h, h)  # Gram matrix
+        z = torch.tanh(h + g @ h * 0.1)
+        return torch.log_softmax(self.head(z).transpose(1, 2), dim=1) + torch.softmax(z, dim=1).sum(
+            -1, keepdim=True
+        )
+
+
+@pytest.mark.parametrize("chunk", [3, 1000])
+def test_multihead_masked_shared_layernorm_weight_exact(chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = _kinds(monkeypatch)
+    torch.manual_seed(3)
+    model = MultiHead().double()
+    with torch.no_grad():
+        model.ln.weight.uniform_(0.5, 1.5)
+        model.ln.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(4, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    y = torch.randn(4, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    params = _params(model)
+    fn = secorder.module_hessian_diagonal(model, "mse", method="sweep", chunk_size=chunk)
+    got = fn(params, x, y)
+    ref = _reference(model, "mse", "mean", params, x, y)
+    torch.testing.assert_close(_flat(got), ref, rtol=1e-9, atol=1e-11)
+    kinds = {(kind, op) for kind, op in seen[-1]}
+    assert {
+        ("bilinear", "bmm"),
+        ("rows", "_softmax"),
+        ("rows", "_log_softmax"),
+        ("rows", "native_layer_norm"),
+    } <= kinds
+
+
+def test_safe_softmax_and_fully_masked_rows() -> None:
+    """aten._safe_softmax: a fully masked row gives zeros (and no curvature)."""
+    w = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    x = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    mask = torch.tensor([[0.0, 0.0, 0.0, 0.0], [float("-inf")] * 4, [0.0, float("-inf"), 0.0, 0.0]])
+
+    def loss(ls: list[Tensor], s: list[Tensor]) -> Tensor:
+        u = (s[0] @ ls[0]).unsqueeze(1) * torch.tensor([1.0, 2.0, -1.0], dtype=torch.float64)[:, None] + mask
+        p = torch.ops.aten._safe_softmax(u, -1)
+        return (p * torch.arange(4.0, dtype=torch.float64)).sum() + (p**2).sum()
+
+    (d,), r = graph_sweep_diagonal(loss, [w], [x], scale=1.0, batch_loss=loss([w], [x]), chunk_size=4)
+    ref = torch.autograd.functional.hessian(lambda v: loss([v], [x]), w).flatten(0, 1).flatten(1).diagonal()
+    torch.testing.assert_close(d.flatten(), ref, rtol=1e-9, atol=1e-11)
+    assert r > 0
+
+
+def test_two_input_pointwise_columns_for_any_chunking() -> None:
+    """Regression: eigencolumns of 2×2 per-element blocks (h · exp(h), both inputs depend on w)
+    were indexed (k, n, m) instead of (n, k, m) when several samples and columns were batched."""
+    w = torch.randn(3, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    x = torch.randn(6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
+
+    def loss(ls: list[Tensor], s: list[Tensor]) -> Tensor:
+        h = s[0] * ls[0]
+        return (h * h.exp()).sum() + (torch.tanh(h) * torch.sin(h)).sum()
+
+    ref = torch.autograd.functional.hessian(lambda v: loss([v], [x]), w).diagonal()
+    for chunk in (1, 2, 5, 100):
+        (d,), _ = graph_sweep_diagonal(loss, [w], [x], scale=1.0, batch_loss=loss([w], [x]), chunk_size=chunk)
+        torch.testing.assert_close(d, ref, rtol=1e-9, atol=1e-11)
+
+
+class Wide(nn.Module):
+    """LayerNorm and softmax on T·d = 80·64 = 5120 > MAX_LOCAL entries per sample."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.emb = nn.Linear(3, d)
+        self.ln = nn.LayerNorm(d)
+        self.head = nn.Linear(d, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.ln(self.emb(x))
+        return self.head(torch.softmax(h, dim=-1).mean(1) * h.shape[-1])
+
+
+def test_rows_beyond_the_dense_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = _kinds(monkeypatch)
+    t, d = 80, 64
+    assert t * d > _graph_sweep.MAX_LOCAL  # a dense local Hessian of either op is refused
+    torch.manual_seed(0)
+    model = Wide(d).double()
+    with torch.no_grad():
+        model.ln.weight.uniform_(0.5, 1.5)
+        model.ln.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(2, t, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    y = torch.tensor([0, 1])
+    params = _params(model)
+    fn = secorder.module_hessian_diagonal(model, "cross_entropy", method="sweep", chunk_size=1024)
+    got = fn(params, x, y)
+    assert fn.method_info.method == "sweep" and fn.method_info.num_columns > t * d  # rows × row rank
+    assert {kind for kind, _ in seen[-1]} == {"rows"}
+    f, _ = secorder.module_loss(model, F.cross_entropy)
+    ref = secorder.hessian_diagonal(f, chunk_size=64)(params, x, y)  # one-hot HVPs, float64
+    for k in params:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-9, atol=1e-12)
+
+
+def test_row_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _model("layernorm_seq")  # LayerNorm rows of 4 entries
+    x, y = _data("layernorm_seq", "mse")
+    monkeypatch.setattr(_graph_sweep, "MAX_LOCAL", 3)
+    with pytest.raises(secorder.SecorderError, match="local Hessian per row is limited to 3"):
+        secorder.module_hessian_diagonal(model, "mse", method="sweep")(_params(model), x, y)
+
+
+@pytest.mark.parametrize("form", ["x+w", "x*w", "w only", "no weight"])
+def test_layer_norm_weight_shared_with_its_input(form: str) -> None:
+    """layer_norm(u(w), weight=w): the x–w cross blocks of every row count (torch.func's
+    jacrev(jacrev(native_layer_norm)) gets the (w, x) block wrong; the rule avoids it)."""
+    gen = torch.Generator().manual_seed(11)
+    w = torch.rand(4, dtype=torch.float64, generator=gen) + 0.5
+    x = torch.randn(5, 3, 4, dtype=torch.float64, generator=gen)
+    g = torch.randn(4, dtype=torch.float64, generator=gen)
+
+    def loss(ls: list[Tensor], s: list[Tensor]) -> Tensor:
+        u = {"x+w": s[0] + ls[0], "x*w": s[0] * ls[0], "w only": s[0], "no weight": s[0] * ls[0]}[form]
+        weight, bias = (None, None) if form == "no weight" else (ls[0], ls[0] * 0.5)
+        return (torch.tanh(F.layer_norm(u, (4,), weight, bias)) * g).sum()
+
+    (d,), r = graph_sweep_diagonal(loss, [w], [x], scale=1.0, batch_loss=loss([w], [x]), chunk_size=4)
+    ref = torch.autograd.functional.hessian(lambda v: loss([v], [x]), w).diagonal()
+    torch.testing.assert_close(d, ref, rtol=1e-9, atol=1e-12)
+    assert r > 0
