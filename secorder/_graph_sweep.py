@@ -27,10 +27,27 @@ batch_norm in PyTorch 2.x):
   (expanded to the output's shape), cross entries between inputs with disjoint leaf sets set to
   zero (exact, see above); one signed column per element for m = 1, otherwise the eigenpairs of
   each block;
-* any other op (softmax, log_softmax, layer_norm, mse_loss, multilinear ops with shared leaves,
-  ...): the dense local Hessian over its flattened parameter-dependent inputs (at most
-  ``MAX_LOCAL`` entries per sample, else refused), disjoint cross blocks zeroed, eigendecomposed
-  into signed columns, zero eigenvalues dropped.
+* row-wise ops, per row of the normalized dimension(s) (the limit ``MAX_LOCAL`` applies per
+  row): ``_softmax``/``_safe_softmax`` (p the output, a = ḡ − ⟨ḡ, p⟩ 1: the row Hessian
+  diag(p ⊙ a) − (p ⊙ a) pᵀ − p (p ⊙ a)ᵀ, closed form) and ``_log_softmax`` (−(Σ ḡ)(diag p − p pᵀ));
+  ``native_layer_norm`` (y = x̂ ⊙ w + b): per row the Hessian of ⟨ḡ_row, x̂_row ⊙ w⟩ over x_row,
+  plus the (x_row, w) cross block when the weight shares parameter leaves with the input
+  (∂²/∂w² = 0, the bias is linear), by reverse over reverse of the explicit normalization
+  vmapped over rows. Each row's Hessian is eigendecomposed (batched ``eigh``) and its columns
+  are supported on that row (and w): cost O(rows · d³) instead of O((rows · d)³), R ≤ rows · d
+  (+ d per row for a shared weight);
+* ``mm``/``bmm`` of two operands with shared parameter leaves (q kᵀ, attention · v): the local
+  Hessian of ⟨ḡ, A B⟩ is its cross block. With the SVD ḡ = Σ_r s_r u_r v_rᵀ per batch matrix,
+  ⟨ḡ, Ȧ Ḃ⟩ = Σ_r s_r Σ_j (u_rᵀ Ȧ)_j (Ḃ v_r)_j and 2ab = ((a + b)² − (a − b)²)/2 give the closed-form
+  columns (u_r e_jᵀ, ±e_j v_rᵀ) with weights ±s_r/2: R = 2 · rank(ḡ) · K for (b, m, K) @ (b, K, n),
+  no dense (|A| + |B|)² matrix and no size limit;
+* any other op (mse_loss, binary_cross_entropy_with_logits, batch norm with shared leaves,
+  other multilinear ops with shared leaves, ...): the dense local Hessian over its flattened
+  parameter-dependent inputs (at most ``MAX_LOCAL`` entries per sample, else refused), disjoint
+  cross blocks zeroed, eigendecomposed into signed columns, zero eigenvalues dropped. A
+  layer_norm whose mean/rstd outputs reach the loss would land here; it is refused when its
+  weight shares leaves with its input (torch.func's second derivative of ``native_layer_norm``
+  has a wrong (w, x) block, PyTorch 2.13).
 
 Then every column is pulled back by one vmapped VJP of θ ↦ (inputs of the contributing nodes)
 (``chunk_size`` columns at a time), squared, weighted and summed. R (columns per sample) is the
@@ -39,7 +56,7 @@ cost: about R/chunk_size replays of the forward pass plus R batched backward pas
 Refused (:class:`GraphSweepUnsupportedError`): tapes that cannot be replayed faithfully (random
 ops, aliased in-place updates), Python control flow on the data (``.item()``), train-mode
 BatchNorm and any other coupling of samples (checked: c Σ_n l_n must equal the batch loss),
-generic ops too large for a dense local Hessian.
+generic ops too large for a dense local Hessian, rows over ``MAX_LOCAL`` entries.
 
 References:
     C. Bishop. Exact calculation of the Hessian matrix for the multilayer perceptron.
