@@ -246,3 +246,21 @@ def test_tape_paths_reach_keyword_arguments() -> None:
     swapped = replace_at(args_kwargs, (1, "bias"), "b'")
     assert swapped[1] == {"bias": "b'", "alpha": 2.0} and args_kwargs[1]["bias"] == Ref(2)
     assert resolve(args_kwargs, ["x", "y", "z"]) == (("x", ["y", 3]), {"bias": "z", "alpha": 2.0})
+
+
+def test_layer_norm_whose_weight_also_feeds_its_input() -> None:
+    """torch.func.jacrev(jacrev(.)) gets the (weight, input) block of layer_norm wrong here
+    (torch 2.13); every strategy of ours must agree with torch.autograd.functional.hessian."""
+    torch.manual_seed(0)
+    x, g = torch.randn(3, 4, dtype=F64), torch.randn(3, 4, dtype=F64)
+
+    def f(p: dict[str, Tensor]) -> Tensor:
+        return (g * F.layer_norm(x + p["w"], (4,), weight=p["w"])).sum() + (p["w"] ** 4).sum()
+
+    p = {"w": torch.randn(4, dtype=F64)}
+    H = dense_hessian(f, p)
+    E = torch.eye(4, dtype=F64)
+    for strategy in ("taylor", "rev_rev", "fwd_rev", "autograd"):
+        op, _ = secorder.hessian_operator(f, p, strategy=strategy)
+        torch.testing.assert_close(op.quadform(E), H.diagonal(), rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(op.matmat(E), H, rtol=1e-10, atol=1e-10)
