@@ -286,21 +286,6 @@ def _classify(tape: Tape, values: Sequence[Any]) -> _Plan:
     return _Plan(tape, nodes, adjoint)
 
 
-def _replay(
-    tape: Tape, leaves: Sequence[Tensor], data: Sequence[Tensor], eps: dict[int, Tensor]
-) -> list[Any]:
-    values: list[Any] = [None] * tape.num_values
-    values[: tape.num_leaves] = list(leaves)
-    values[tape.num_leaves : tape.num_leaves + tape.num_inputs] = list(data)
-    for node in tape.nodes:
-        out = node.func(*resolve(node.args, values), **resolve(node.kwargs, values))
-        outs = list(out) if node.multi else [out]
-        for idx, o in zip(node.outputs, outs):
-            if idx is not None:
-                values[idx] = o + eps[idx] if idx in eps else o
-    return values
-
-
 def _op_fn(nd: _Node, values: Sequence[Any]) -> Callable[..., list[Tensor]]:
     """The node's op as a function of its θ-dependent inputs (other arguments fixed)."""
     node = nd.node
@@ -596,7 +581,7 @@ def graph_sweep_diagonal(
     if ref.dim() != 0:  # pragma: no cover - the losses are reductions
         raise GraphSweepUnsupportedError("a per-sample loss that is not a scalar")
     with torch.no_grad():
-        values0 = _replay(tape, leaves, first, {})
+        values0 = tape.replay(leaves, first, {})
     plan = _classify(tape, values0)
     shapes0 = {i: values0[i].shape for i in plan.adjoint}
     p_count = sum(leaf.numel() for leaf in leaves)
@@ -614,7 +599,7 @@ def graph_sweep_diagonal(
         }
 
         def total(e: dict[int, Tensor]) -> tuple[Tensor, tuple[Tensor, list[Any]]]:
-            vals = _replay(tape, leaves, sample, e)
+            vals = tape.replay(leaves, sample, e)
             out = vals[tape.output.index]  # type: ignore[union-attr]
             return out, (out, vals)
 
@@ -668,7 +653,7 @@ def graph_sweep_diagonal(
                 sample: list[Tensor], cts: list[Tensor], w: Tensor, sub: list[_Node] = sub
             ) -> list[Tensor]:
                 def phi(ls: list[Tensor]) -> list[Tensor]:
-                    vals = _replay(tape, ls, sample, {})
+                    vals = tape.replay(ls, sample, {})
                     return [_node_vector(nd, vals) for nd in sub]
 
                 pull = vjp(phi, leaves)[1]

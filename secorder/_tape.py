@@ -80,12 +80,13 @@ class Tape:
     def replay(
         self,
         leaves: Sequence[Tensor],
-        on_node: Callable[[TapeNode, Any], None] | None = None,
         inputs: Sequence[Tensor] = (),
-    ) -> list[Tensor | None]:
+        perturb: dict[int, Tensor] | None = None,
+    ) -> list[Any]:
         """Run the tape at ``leaves`` (and data ``inputs``); returns every value (leaves,
-        inputs, then op outputs)."""
-        values: list[Tensor | None] = [None] * self.num_values
+        inputs, then op outputs). ``perturb`` adds a tensor to the output values it names
+        (a zero perturbation differentiated gives that value's adjoint)."""
+        values: list[Any] = [None] * self.num_values
         values[: self.num_leaves] = list(leaves)
         values[self.num_leaves : self.num_leaves + self.num_inputs] = list(inputs)
         for node in self.nodes:
@@ -93,9 +94,7 @@ class Tape:
             outs = list(out) if node.multi else [out]
             for idx, o in zip(node.outputs, outs):
                 if idx is not None:
-                    values[idx] = o
-            if on_node is not None:
-                on_node(node, out)
+                    values[idx] = o + perturb[idx] if perturb and idx in perturb else o
         return values
 
 

@@ -130,7 +130,7 @@ class TaylorQuadform:
         out = values[tape.output.index]
         assert out is not None
         self.differentiable = [
-            i < tape.num_leaves or (tape.depends[i] and _floating(v) and v.requires_grad)  # type: ignore[union-attr]
+            i < tape.num_leaves or (tape.depends[i] and _floating(v) and v.requires_grad)
             for i, v in enumerate(values)
         ]
         plans: list[_Plan | None] = []
@@ -144,7 +144,7 @@ class TaylorQuadform:
                         need[o] = None
         wrt = [values[i] for i in need]
         with torch.enable_grad():
-            adj = torch.autograd.grad(out, wrt, allow_unused=True) if wrt else ()  # type: ignore[arg-type]
+            adj = torch.autograd.grad(out, wrt, allow_unused=True) if wrt else ()
         self.adjoints: dict[int | None, Tensor] = {i: a.detach() for i, a in zip(need, adj) if a is not None}
         self.values: list[Any] = [v.detach() if isinstance(v, Tensor) else v for v in values]
         for plan in plans:
