@@ -121,7 +121,7 @@ _LINEAR = _TAYLOR_LINEAR | _ops(
     "constant_pad_nd", "nll_loss_forward", "nll_loss2d_forward", "relu", "leaky_relu",
     "hardtanh", "add.Tensor", "add.Scalar", "sub.Tensor", "sub.Scalar", "rsub.Tensor",
     "rsub.Scalar", "mul.Scalar", "div.Scalar", "expand_copy", "lift_fresh_copy", "masked_fill.Scalar",
-    "_adaptive_avg_pool3d", "adaptive_max_pool2d", "sum.dim_IntList", "linalg_vector_norm.out",
+    "_adaptive_avg_pool3d", "adaptive_max_pool2d", "sum.dim_IntList",
 )  # fmt: skip
 # Linear in each floating input separately (cross terms only).
 _MULTILINEAR = _ops(
