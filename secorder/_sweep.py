@@ -30,6 +30,10 @@ products of two parameter-dependent tensors, LayerNorm, train-mode BatchNorm, ..
 pass gives the activation adjoints ḡ; the columns are then pulled back to the layer outputs by
 batched backward passes (``is_grads_batched``, a chunk of columns at a time), and the layers'
 matrix-product rules of :mod:`secorder._layers` square and sum the per-sample gradients.
+An activation's columns e_j need no backward pass at the ``nn.Linear`` that produces its input
+(the layer's deferred Σ_c w_c δ_c^⊙2 gains w itself) nor, through one more elementwise
+activation ψ of another Linear's output u', at that layer (ψ'(u')^⊙2 ⊙ (w W^⊙2)); only the
+layers further upstream get dense columns by backward passes (see :class:`_UnitPlan`).
 
 Curvature propagation (Martens, Sutskever and Swersky 2012): with independent random signs
 v_{n,c} per sample and column, the cotangents P = Σ_{σ_c>0} v_c s_c and Q = Σ_{σ_c<0} v_c s_c
@@ -109,7 +113,7 @@ def _tensors(args: Sequence[Any], kwargs: dict[str, Any]) -> list[Tensor]:
 
 
 class _Activation:
-    __slots__ = ("func", "input", "kwargs", "output", "version")
+    __slots__ = ("derivs", "func", "input", "kwargs", "output", "version")
 
     def __init__(self, func: Any, inp: Tensor, output: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]):
         self.func = func
@@ -117,16 +121,20 @@ class _Activation:
         self.output = output
         self.kwargs = (args, kwargs)
         self.version = (inp._version, output._version)
+        self.derivs: tuple[Tensor, Tensor] | None = None
 
-    def second_derivative(self) -> Tensor:
-        """φ''(u) elementwise, by differentiating Σ φ'(u) (φ acts elementwise)."""
+    def derivatives(self) -> tuple[Tensor, Tensor]:
+        """φ'(u) and φ''(u) elementwise, by differentiating Σ φ(u) and Σ φ'(u) (φ acts elementwise)."""
+        if self.derivs is not None:
+            return self.derivs
         args, kwargs = self.kwargs
         with torch.enable_grad():
             x = self.input.detach().requires_grad_(True)
             y = self.func(x, *args, **kwargs)
             (g,) = torch.autograd.grad(y.sum(), x, create_graph=True)
-            (h,) = torch.autograd.grad(g.sum(), x, allow_unused=True)
-        return torch.zeros_like(x) if h is None else h
+            (h,) = torch.autograd.grad(g.sum(), x, allow_unused=True) if g.requires_grad else (None,)
+        self.derivs = (g.detach(), torch.zeros_like(x) if h is None else h)
+        return self.derivs
 
 
 class _Recorder(TorchFunctionMode):
@@ -156,7 +164,14 @@ class _Recorder(TorchFunctionMode):
         tensors = _tensors(args, kwargs)
         dep = [t for t in tensors if t.requires_grad]
         if name in ACTIVATIONS:
-            if kwargs.get("inplace") or name.endswith("_") or len(dep) != 1 or not isinstance(out, Tensor):
+            if (
+                kwargs.get("inplace")
+                or name.endswith("_")
+                or len(dep) != 1
+                or not args
+                or dep[0] is not args[0]
+                or not isinstance(out, Tensor)
+            ):
                 self._refuse(f"{name} in place or on several parameter-dependent tensors")
             else:
                 self.activations.append(_Activation(func, args[0], out, tuple(args[1:]), kwargs))
@@ -198,6 +213,102 @@ class _Recorder(TorchFunctionMode):
         return out
 
 
+# Output-gradient bytes of the columns pulled back in one batched pass, when ``chunk_size`` is None:
+# larger batches of a CNN's (k, N, C, H, W) gradients ran slower on CPU (fresh, page-faulted memory).
+_COLUMN_BYTES = 16 << 20
+
+_Pull = Callable[[list[tuple[Tensor, Tensor]], "Tensor | None", ColumnAccumulator, frozenset[int]], None]
+
+
+class _UnitPlan:
+    """The columns e_j (weights w_j) of a curved activation, in closed form where the graph allows.
+
+    When the activation input u = W a (+ b) is the output of a ``nn.Linear`` called once on
+    ``(N, in_features)``, column e_j gives that layer the per-sample weight gradient e_j a_nᵀ,
+    i.e. Σ_n w_{n,j} a_n^⊙2 in row j: the layer's deferred Σ_c w_c δ_c^⊙2 gains w itself, with
+    no backward pass. The column's pullback to a is the row W_j. When a = ψ(u') is an
+    elementwise activation of the output u' of another such layer, the columns at u' are
+    ψ'(u') ⊙ W_j, and Σ_j w_j (ψ'(u') ⊙ W_j)^⊙2 = ψ'(u')^⊙2 ⊙ (w W^⊙2): one matrix product.
+    Beyond that the columns are dense; they are pulled back by batched backward passes
+    seeded at the first node not covered (so no pass multiplies one-hot rows). Any other
+    graph (the activation input not a layer output, residual adds in between, a Linear over
+    positions, a convolution) uses one-hot columns at the activation input.
+    """
+
+    def __init__(self, capture: FastCapture, acts: Sequence[_Activation]) -> None:
+        self.leaves = capture.leaves
+        self.single: dict[int, _LinearLayer] = {
+            id(layer.records[0].output): layer
+            for layer in capture.layers
+            if isinstance(layer, _LinearLayer) and len(layer.records) == 1 and layer.positions == 1
+        }
+        self.acts = {id(a.output): a for a in acts}
+
+    def _weight(self, layer: _LinearLayer) -> Tensor | None:
+        idx = layer.attrs.get("weight")
+        return None if idx is None else self.leaves[idx].detach()
+
+    def unit_columns(
+        self, act: _Activation, w: Tensor, chunk: int, pull: _Pull, acc: ColumnAccumulator
+    ) -> None:
+        """Add Σ_j w_j (J e_j)^⊙2 terms of the columns e_j at ``act.input`` to the layers."""
+        n = w.shape[0]
+        flat_w = w.reshape(n, -1)
+        layer = self.single.get(id(act.input))
+        if layer is None:
+            self._one_hot(act.input, flat_w, chunk, pull, acc, frozenset())
+            return
+        layer.add_diagonal(flat_w)
+        x = layer.records[0].input
+        weight = self._weight(layer)
+        if not x.requires_grad:
+            return
+        if weight is None:  # a weight outside the params: one-hot columns for the layers upstream
+            self._one_hot(act.input, flat_w, chunk, pull, acc, frozenset({id(layer)}))
+            return
+        prev = self.acts.get(id(x))
+        inner = None if prev is None else self.single.get(id(prev.input))
+        if prev is None or inner is None:  # dense rows W_j at the layer input
+            for j0, j1 in _ranges(flat_w.shape[1], chunk):
+                rows = weight[j0:j1, None, :].expand(j1 - j0, n, weight.shape[1])
+                pull([(x, rows.reshape(j1 - j0, *x.shape))], flat_w[:, j0:j1].T, acc, frozenset())
+            return
+        d1 = prev.derivatives()[0].reshape(n, -1)
+        inner.add_diagonal(d1 * d1 * (flat_w @ (weight * weight)))
+        src = inner.records[0].input
+        if not src.requires_grad:
+            return
+        inner_weight = self._weight(inner)
+        for j0, j1 in _ranges(flat_w.shape[1], chunk):
+            cols = d1 * weight[j0:j1, None, :]  # (k, N, d): the columns at u'
+            if inner_weight is None:
+                pull([(prev.input, cols.reshape(j1 - j0, *prev.input.shape))], flat_w[:, j0:j1].T, acc,
+                     frozenset({id(inner)}))  # fmt: skip
+            else:
+                cots = (cols @ inner_weight).reshape(j1 - j0, *src.shape)
+                pull([(src, cots)], flat_w[:, j0:j1].T, acc, frozenset())
+
+    def _one_hot(
+        self,
+        node: Tensor,
+        flat_w: Tensor,
+        chunk: int,
+        pull: _Pull,
+        acc: ColumnAccumulator,
+        skip: frozenset[int],
+    ) -> None:
+        n, units = flat_w.shape
+        for s0, s1 in _ranges(units, chunk):
+            eye = torch.zeros(s1 - s0, units, dtype=flat_w.dtype, device=flat_w.device)
+            eye[torch.arange(s1 - s0), torch.arange(s0, s1)] = 1.0
+            cot = eye[:, None, :].expand(s1 - s0, n, units).reshape(s1 - s0, *node.shape)
+            pull([(node, cot)], flat_w[:, s0:s1].T, acc, skip)
+
+
+def _ranges(total: int, step: int) -> list[tuple[int, int]]:
+    return [(s, min(total, s + step)) for s in range(0, total, step)]
+
+
 def sweep_diagonal(
     call: str,
     model: nn.Module,
@@ -209,7 +320,7 @@ def sweep_diagonal(
     *,
     num_probes: int | None,
     generator: torch.Generator | None,
-    chunk_size: int,
+    chunk_size: int | None,
     max_columns: int | None = None,
 ) -> tuple[list[Tensor], list[Tensor] | None, int]:
     """The Hessian diagonal per leaf, and R.
@@ -256,65 +367,62 @@ def sweep_diagonal(
     with torch.enable_grad():
         total = loss.total(z, targets)
     # Activation adjoints ḡ = ∂L/∂a and column weights ḡ φ''(u) / c (c is applied at the end).
-    nodes: list[Tensor] = [z]
-    node_weights: list[Tensor] = []
+    curved: list[tuple[_Activation, Tensor]] = []
     if acts:
         gbar = torch.autograd.grad(total, [a.output for a in acts], retain_graph=True, allow_unused=True)
         for a, g in zip(acts, gbar):
-            if g is None:
-                continue
-            nodes.append(a.input)
-            node_weights.append((g * a.second_derivative() / c).detach())
+            if g is not None:
+                curved.append((a, (g * a.derivatives()[1] / c).detach()))
     factor = loss.factor(z.detach(), targets)
     n = z.shape[0]
     shapes = [leaf.shape for leaf in capture.leaves]
 
-    def pull(node_cots: list[Tensor | None], weights: Tensor | None, acc: ColumnAccumulator) -> None:
-        """Batched VJPs of k columns (cotangents ``(k, N, ...)`` at ``nodes``) into ``acc``."""
-        used = [(nd, ct) for nd, ct in zip(nodes, node_cots) if ct is not None]
-        k = used[0][1].shape[0]
+    def pull(
+        pairs: list[tuple[Tensor, Tensor]],
+        weights: Tensor | None,
+        acc: ColumnAccumulator,
+        skip: frozenset[int] = frozenset(),
+    ) -> None:
+        """Batched VJPs of k columns (cotangents ``(k, *node.shape)`` at the nodes) into ``acc``.
+
+        Layers whose ids are in ``skip`` got these columns' contributions in closed form.
+        """
         grads = torch.autograd.grad(
-            [u for u, _ in used],
+            [nd for nd, _ in pairs],
             outs,
-            [ct for _, ct in used],
+            [ct for _, ct in pairs],
             retain_graph=True,
             allow_unused=True,
             is_grads_batched=True,
         )
-        for j in range(k):
-            pos = 0
-            for layer in capture.layers:
-                m = len(layer.records)
-                deltas: list[Tensor | None] = [None if g is None else g[j] for g in grads[pos : pos + m]]
-                layer.column(deltas, None if weights is None else weights[j], 0, acc, True)
-                pos += m
+        pos = 0
+        for layer in capture.layers:
+            m = len(layer.records)
+            deltas: list[Tensor | None] = list(grads[pos : pos + m])
+            pos += m
+            if id(layer) not in skip and any(d is not None for d in deltas):
+                layer.columns(deltas, weights, acc)
 
     if not outs:
         zero = [torch.zeros(s, dtype=z.dtype, device=z.device) for s in shapes]
         return zero, (None if num_probes is None else [t.clone() for t in zero]), 0
-    num_cols = factor.num_columns + sum(int(w[0].numel()) for w in node_weights)
+    num_cols = factor.num_columns + sum(int(w[0].numel()) for _, w in curved)
     if max_columns is not None and num_cols > max_columns:
         raise SweepTooCostlyError(num_cols)
+    if chunk_size is None:  # columns per batched pass: their output gradients should stay small
+        col_bytes = sum(int(o.numel()) for o in outs) * z.element_size()
+        chunk_size = max(1, min(64, _COLUMN_BYTES // max(1, col_bytes)))
 
     if num_probes is None:
         acc = ColumnAccumulator(shapes, 1, trace=False, per_column=False, like=z)
         for s0 in range(0, factor.num_columns, chunk_size):
             s1 = min(factor.num_columns, s0 + chunk_size)
             cols = factor.columns(s0, s1).detach()
-            w = factor.weights(s0, s1)  # explicit ones: layers batch columns of equal weighting
-            w = torch.ones(cols.shape[:2], dtype=z.dtype, device=z.device) if w is None else w.detach()
-            pull([cols] + [None] * len(node_weights), w, acc)
-        for i, w in enumerate(node_weights):
-            units = int(w[0].numel())
-            flat_w = w.reshape(n, units)
-            for s0 in range(0, units, chunk_size):
-                s1 = min(units, s0 + chunk_size)
-                eye = torch.zeros(s1 - s0, units, dtype=w.dtype, device=w.device)
-                eye[torch.arange(s1 - s0), torch.arange(s0, s1)] = 1.0
-                cot = eye[:, None, :].expand(s1 - s0, n, units).reshape(s1 - s0, *w.shape)
-                cots: list[Tensor | None] = [None] * len(nodes)
-                cots[i + 1] = cot
-                pull(cots, flat_w[:, s0:s1].T, acc)
+            w = factor.weights(s0, s1)
+            pull([(z, cols)], None if w is None else w.detach(), acc)
+        plan = _UnitPlan(capture, acts)
+        for a, w in curved:
+            plan.unit_columns(a, w, chunk_size, pull, acc)
         for layer in capture.layers:
             layer.finish(acc)
         est, _ = acc.result(average=False, scale=c)
@@ -335,10 +443,10 @@ def sweep_diagonal(
         root = wl.abs().sqrt() * vv
         p_z = (cols_all * root * (wl > 0)).sum(0)
         q_z = (cols_all * root * (wl < 0)).sum(0)
-        cots_pq: list[Tensor | None] = [torch.stack([p_z, q_z])]
-        for w in node_weights:
+        cots_pq = [(z, torch.stack([p_z, q_z]))]
+        for a, w in curved:
             r = w.abs().sqrt() * _signs(w.shape, generator, z)
-            cots_pq.append(torch.stack([r * (w > 0), r * (w < 0)]))
+            cots_pq.append((a.input, torch.stack([r * (w > 0), r * (w < 0)])))
         signs = torch.tensor([1.0, -1.0], dtype=z.dtype, device=z.device)[:, None].expand(2, n)
         pull(cots_pq, signs, acc)
         for layer in capture.layers:

@@ -266,12 +266,11 @@ def _run(
 
     if method == "hvp":
         return hvp_route("method='hvp'", 0)
-    chunk = 64 if chunk_size is None else chunk_size
     cheap_hvp = method == "auto" and p_count <= max_hvp
     try:
         diag, err, r = sweep_diagonal(
             call, model, names, leaves, fwd, spec, targets, num_probes=k, generator=generator,
-            chunk_size=chunk, max_columns=p_count if cheap_hvp else None,
+            chunk_size=chunk_size, max_columns=p_count if cheap_hvp else None,
         )  # fmt: skip
     except SweepTooCostlyError as exc:  # only raised when one-hot HVPs are the cheaper exact route
         return hvp_route(f"R={exc.args[0]} columns > P={p_count}: one-hot HVPs are cheaper", exc.args[0])
