@@ -290,6 +290,7 @@ class _Conv2dLayer(_Layer):
         self.groups = module.groups
         self.inputs = [self._in(rec.input) for rec in records]
         self.pending: list[tuple[Tensor, Tensor | None]] = []  # ((k, N, g, o, L), (k, N) or None)
+        self.unfolded: Tensor | None = None  # kept whole only when columns come one at a time
 
     def _unfold(self, x: Tensor) -> Tensor:
         conv: nn.Conv2d = self.module
@@ -307,6 +308,8 @@ class _Conv2dLayer(_Layer):
 
     def _unfolded(self, s0: int, s1: int) -> Tensor:
         """The unfolded inputs of samples s0..s1, all calls' positions concatenated: (s, g, i, L)."""
+        if self.unfolded is not None:
+            return self.unfolded[s0:s1]
         units = [self._unfold(x[s0:s1]) for x in self.inputs]
         return units[0] if len(units) == 1 else torch.cat(units, dim=-1)
 
@@ -336,7 +339,9 @@ class _Conv2dLayer(_Layer):
                 self.pending.append((d, w))
                 if sum(p[0].numel() for p in self.pending) * d.element_size() * 8 > memory_budget():
                     self._flush(acc)
-            else:
+            else:  # one column at a time (per-column statistics): unfold once for all of them
+                if self.unfolded is None:
+                    self.unfolded = self._unfolded(0, self.n)
                 self._weight_squares([(d, w)], acc, r)
         if "bias" in self.attrs:
             gb = d.sum(-1).reshape(d.shape[0], self.n, -1)
