@@ -222,7 +222,7 @@ _Pull = Callable[[list[tuple[Tensor, Tensor]], "Tensor | None", ColumnAccumulato
 
 
 class _UnitPlan:
-    """The columns e_j (weights w_j) of a curved activation, in closed form where the graph allows.
+    """The columns e_j (weights w_j) of a curved activation, in closed form along chains of layers.
 
     When the activation input u = W a (+ b) is the output of a ``nn.Linear`` called once on
     ``(N, in_features)``, column e_j gives that layer the per-sample weight gradient e_j a_nᵀ,
@@ -230,10 +230,11 @@ class _UnitPlan:
     no backward pass. The column's pullback to a is the row W_j. When a = ψ(u') is an
     elementwise activation of the output u' of another such layer, the columns at u' are
     ψ'(u') ⊙ W_j, and Σ_j w_j (ψ'(u') ⊙ W_j)^⊙2 = ψ'(u')^⊙2 ⊙ (w W^⊙2): one matrix product.
-    Beyond that the columns are dense; they are pulled back by batched backward passes
-    seeded at the first node not covered (so no pass multiplies one-hot rows). Any other
-    graph (the activation input not a layer output, residual adds in between, a Linear over
-    positions, a convolution) uses one-hot columns at the activation input.
+    Further up such a chain the columns δ_j differ per sample; they are carried explicitly
+    (δ ← ψ'(u'') ⊙ (δ W'), adding ψ'^⊙2 ⊙ Σ_j w_j (δ_j W')^⊙2 to each layer) and handed to a
+    batched backward pass only where the chain ends in another kind of node. Any other graph
+    (the activation input not a layer output, e.g. a residual add; a Linear over positions; a
+    convolution) uses one-hot columns at the activation input.
     """
 
     def __init__(self, capture: FastCapture, acts: Sequence[_Activation]) -> None:
@@ -248,6 +249,12 @@ class _UnitPlan:
     def _weight(self, layer: _LinearLayer) -> Tensor | None:
         idx = layer.attrs.get("weight")
         return None if idx is None else self.leaves[idx].detach()
+
+    def _step(self, x: Tensor) -> tuple[_Activation, _LinearLayer] | None:
+        """(ψ, layer) when x = ψ(u') is an elementwise activation of a one-position Linear's output u'."""
+        prev = self.acts.get(id(x))
+        layer = None if prev is None else self.single.get(id(prev.input))
+        return None if prev is None or layer is None else (prev, layer)
 
     def unit_columns(
         self, act: _Activation, w: Tensor, chunk: int, pull: _Pull, acc: ColumnAccumulator
@@ -267,27 +274,46 @@ class _UnitPlan:
         if weight is None:  # a weight outside the params: one-hot columns for the layers upstream
             self._one_hot(act.input, flat_w, chunk, pull, acc, frozenset({id(layer)}))
             return
-        prev = self.acts.get(id(x))
-        inner = None if prev is None else self.single.get(id(prev.input))
-        if prev is None or inner is None:  # dense rows W_j at the layer input
+        step = self._step(x)
+        if step is None:  # dense rows W_j at the layer input
             for j0, j1 in _ranges(flat_w.shape[1], chunk):
                 rows = weight[j0:j1, None, :].expand(j1 - j0, n, weight.shape[1])
                 pull([(x, rows.reshape(j1 - j0, *x.shape))], flat_w[:, j0:j1].T, acc, frozenset())
             return
+        prev, inner = step
         d1 = prev.derivatives()[0].reshape(n, -1)
         inner.add_diagonal(d1 * d1 * (flat_w @ (weight * weight)))
-        src = inner.records[0].input
-        if not src.requires_grad:
-            return
-        inner_weight = self._weight(inner)
         for j0, j1 in _ranges(flat_w.shape[1], chunk):
-            cols = d1 * weight[j0:j1, None, :]  # (k, N, d): the columns at u'
-            if inner_weight is None:
-                pull([(prev.input, cols.reshape(j1 - j0, *prev.input.shape))], flat_w[:, j0:j1].T, acc,
-                     frozenset({id(inner)}))  # fmt: skip
-            else:
-                cots = (cols @ inner_weight).reshape(j1 - j0, *src.shape)
-                pull([(src, cots)], flat_w[:, j0:j1].T, acc, frozenset())
+            self._walk(d1 * weight[j0:j1, None, :], flat_w[:, j0:j1].T, prev, inner, pull, acc)
+
+    def _walk(
+        self,
+        delta: Tensor,
+        wt: Tensor,
+        act: _Activation,
+        layer: _LinearLayer,
+        pull: _Pull,
+        acc: ColumnAccumulator,
+    ) -> None:
+        """Carry columns ``delta`` (k, N, d) at ``layer``'s output (already in its D2) upstream."""
+        k, n = delta.shape[:2]
+        while True:
+            x = layer.records[0].input
+            if not x.requires_grad:
+                return
+            weight = self._weight(layer)
+            if weight is None:
+                pull([(act.input, delta.reshape(k, *act.input.shape))], wt, acc, frozenset({id(layer)}))
+                return
+            cols = delta @ weight  # (k, N, d_in): the columns at x
+            step = self._step(x)
+            if step is None:
+                pull([(x, cols.reshape(k, *x.shape))], wt, acc, frozenset())
+                return
+            act, layer = step
+            d1 = act.derivatives()[0].reshape(n, -1)
+            layer.add_diagonal(d1 * d1 * _weighted_squares(cols, wt))
+            delta = cols * d1
 
     def _one_hot(
         self,
@@ -304,6 +330,11 @@ class _UnitPlan:
             eye[torch.arange(s1 - s0), torch.arange(s0, s1)] = 1.0
             cot = eye[:, None, :].expand(s1 - s0, n, units).reshape(s1 - s0, *node.shape)
             pull([(node, cot)], flat_w[:, s0:s1].T, acc, skip)
+
+
+def _weighted_squares(cols: Tensor, wt: Tensor) -> Tensor:
+    """Σ_j wt[j, n] cols[j, n, :]^⊙2 as an (N, d) tensor, by one batched product over the samples."""
+    return torch.bmm(wt.T.unsqueeze(1), (cols * cols).transpose(0, 1)).squeeze(1)
 
 
 def _ranges(total: int, step: int) -> list[tuple[int, int]]:
