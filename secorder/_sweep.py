@@ -15,7 +15,8 @@ and every J_kᵀ s_c is a vector-Jacobian product. Samples are independent, so t
 taken per sample (of the gradient summed over every use of a shared weight, i.e. over
 positions of a Linear over a sequence or of a convolution). Which ops contribute:
 
-* the loss: M = ∇²_z L, the columns of :meth:`secorder._losses.LossSpec.factor` (the GGN);
+* the loss: M = ∇²_z L, the columns of :meth:`secorder._losses.LossSpec.factor` (the GGN; for
+  cross-entropy on (N, C) logits C − 1 columns, its rank: see :func:`_loss_factor`);
 * elementwise activations a = φ(u) (tanh, sigmoid, GELU, SiLU, softplus, ELU, ...):
   M = diag(ḡ ⊙ φ''(u)) per sample: one signed column e_j per unit, weight ḡ_j φ''(u_j);
 * ops linear in their tensor inputs (adds, reshapes, concatenation, pooling, ReLU and other
@@ -53,7 +54,7 @@ from torch.overrides import TorchFunctionMode
 
 from secorder._errors import error
 from secorder._layers import FastCapture, _LinearLayer
-from secorder._losses import LossSpec
+from secorder._losses import CrossEntropyLoss, Factor, LossSpec
 from secorder._persample import ColumnAccumulator
 
 __all__ = ["ACTIVATIONS", "SweepTooCostlyError", "SweepUnsupportedError", "sweep_diagonal"]
@@ -332,6 +333,31 @@ class _UnitPlan:
             pull([(node, cot)], flat_w[:, s0:s1].T, acc, skip)
 
 
+def _loss_factor(loss: LossSpec, z: Tensor, targets: Any) -> Factor:
+    """The loss Hessian's columns; for cross-entropy on ``(N, C)`` logits C − 1 of them (its rank).
+
+    diag(p) − ppᵀ = Σ_{j<C} D_j l_j l_jᵀ (the LDLᵀ factorization of the multinomial
+    covariance): with the classes sorted by probability, largest last, tail masses
+    q_j = Σ_{i>j} p_i (q_{-1} = Σ p = 1), D_j = p_j q_j / q_{j-1}, (l_j)_j = 1 and (l_j)_i = −p_i / q_j
+    for i > j. Every q_j ≥ max p ≥ 1/C, so no division is ill-conditioned.
+    """
+    if not isinstance(loss, CrossEntropyLoss) or z.dim() != 2 or z.shape[1] < 2:
+        return loss.factor(z, targets)
+    c = z.shape[1]
+    p = torch.softmax(z, dim=1)
+    order = p.argsort(dim=1)
+    ps = p.gather(1, order)  # ascending: the largest probability last
+    tail = ps.flip(1).cumsum(1).flip(1)  # tail[:, j] = Σ_{i≥j} ps_i
+    q, q_prev = tail[:, 1:], tail[:, :-1]  # (N, C−1): q_j and q_{j−1}
+    d = ps[:, :-1] * q / q_prev
+    j = torch.arange(c - 1, device=z.device)[:, None]
+    i = torch.arange(c, device=z.device)[None, :]
+    low = (-ps[:, None, :] / q[:, :, None]) * (i > j)  # (N, C−1, C): −p_i / q_j below the diagonal
+    cols_sorted = d.sqrt()[:, :, None] * (low + (i == j).to(z.dtype))
+    cols = torch.zeros_like(cols_sorted).scatter(2, order[:, None, :].expand(-1, c - 1, -1), cols_sorted)
+    return Factor.from_tensor(cols.transpose(0, 1).contiguous())
+
+
 def _weighted_squares(cols: Tensor, wt: Tensor) -> Tensor:
     """Σ_j wt[j, n] cols[j, n, :]^⊙2 as an (N, d) tensor, by one batched product over the samples."""
     return torch.bmm(wt.T.unsqueeze(1), (cols * cols).transpose(0, 1)).squeeze(1)
@@ -405,7 +431,7 @@ def sweep_diagonal(
         for a, g in zip(acts, gbar):
             if g is not None:
                 curved.append((a, (g * a.derivatives()[1] / c).detach()))
-    factor = loss.factor(z.detach(), targets)
+    factor = _loss_factor(loss, z.detach(), targets)
     n = z.shape[0]
     shapes = [leaf.shape for leaf in capture.leaves]
 

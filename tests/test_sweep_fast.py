@@ -234,3 +234,31 @@ def test_conv_relu_float32() -> None:
     for k in params:
         assert got[k].dtype == torch.float32
         torch.testing.assert_close(got[k].double(), ref[k], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("scale", [0.1, 3.0, 300.0])
+def test_cross_entropy_factor_has_rank_columns(scale: float) -> None:
+    """C − 1 columns with S Sᵀ = diag(p) − ppᵀ to rounding, finite even for saturated softmax."""
+    from secorder._losses import resolve_loss
+    from secorder._sweep import _loss_factor
+
+    torch.manual_seed(9)
+    spec = resolve_loss("test", "cross_entropy", "mean", "ggn")
+    for dtype, tol in ((torch.float64, 1e-14), (torch.float32, 1e-6)):
+        z = torch.randn(40, 6, dtype=dtype) * scale
+        factor = _loss_factor(spec, z, torch.zeros(40, dtype=torch.long))
+        assert factor.num_columns == 5 and factor.weights(0, 5) is None
+        cols = factor.columns(0, 5)
+        assert bool(torch.isfinite(cols).all())
+        p = torch.softmax(z, 1)
+        ref = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+        torch.testing.assert_close(torch.einsum("rni,rnj->nij", cols, cols), ref, rtol=0, atol=tol)
+
+
+def test_cross_entropy_sweep_reports_rank_columns() -> None:
+    torch.manual_seed(10)
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3)).double()
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    fn = secorder.module_hessian_diagonal(model, "cross_entropy", method="sweep")
+    fn(params, torch.randn(4, 4, dtype=torch.float64), torch.randint(0, 3, (4,)))
+    assert fn.method_info.num_columns == 2  # C − 1 loss columns, no curved activations
