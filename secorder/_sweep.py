@@ -467,8 +467,8 @@ def sweep_diagonal(
     num_cols = factor.num_columns + sum(int(w[0].numel()) for _, w in curved)
     if max_columns is not None and num_cols > max_columns:
         raise SweepTooCostlyError(num_cols)
-    if chunk_size is None:  # columns per batched pass: their output gradients should stay small
-        col_bytes = max(int(o.numel()) for o in outs) * z.element_size()
+    if chunk_size is None:  # columns per batched pass; on CPU their output gradients should stay small
+        col_bytes = max(int(o.numel()) for o in outs) * z.element_size() if z.device.type == "cpu" else 1
         chunk_size = max(1, min(64, _COLUMN_BYTES // max(1, col_bytes)))
 
     if num_probes is None:
