@@ -363,19 +363,23 @@ class _Conv2dLayer(_Layer):
         per_sample = (g * i * positions + k_all * o * (g * positions + g * i)) * itemsize
         budget = _CACHE_BYTES if cols[0][0].device.type == "cpu" else memory_budget() // 4
         step = max(1, budget // max(1, per_sample))
+        weighted = any(w is not None for _, w in cols)
         total: Tensor | None = None
         for s0 in range(0, self.n, step):
-            s1 = min(self.n, s0 + step)
-            u = self._unfolded(s0, s1).transpose(-1, -2)  # (s, g, L, i)
-            for d, w in cols:
-                k = d.shape[0]
-                dd = d[:, s0:s1].permute(1, 2, 0, 3, 4).reshape(s1 - s0, g, k * o, positions)
-                gw = dd @ u  # (s, g, k·o, i): the per-sample gradients of k columns
-                sq = (gw * gw).reshape(s1 - s0, g, k, o, i)
-                if w is not None:
-                    sq = sq * w[:, s0:s1].T.reshape(s1 - s0, 1, k, 1, 1)
-                part = sq.sum((0, 2))
-                total = part if total is None else total + part
+            s = min(self.n, s0 + step) - s0
+            u = self._unfolded(s0, s0 + s).transpose(-1, -2)  # (s, g, L, i)
+            parts = [d[:, s0 : s0 + s].permute(1, 2, 0, 3, 4) for d, _ in cols]  # (s, g, k, o, L) each
+            dd = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+            gw = dd.reshape(s, g, k_all * o, positions) @ u  # (s, g, K·o, i): all K pending columns
+            sq = (gw * gw).reshape(s, g, k_all, o, i)
+            if weighted:
+                ws = [
+                    torch.ones_like(d[:, s0 : s0 + s, 0, 0, 0]) if w is None else w[:, s0 : s0 + s]
+                    for d, w in cols
+                ]
+                sq = sq * torch.cat(ws).T.reshape(s, 1, k_all, 1, 1)
+            part = sq.sum((0, 2))
+            total = part if total is None else total + part
         assert total is not None
         _emit(acc, self.attrs["weight"], r, total.reshape(weight_shape))
 

@@ -218,6 +218,11 @@ class _Recorder(TorchFunctionMode):
 # ``chunk_size`` is None: on CPU, 42 MB batches of a CNN's (k, N, C, H, W) gradients ran 2-3x slower
 # than batches of 2-5 columns (blocks this large are freshly mapped, page-faulted memory).
 _COLUMN_BYTES = 16 << 20
+# From this size of one column's largest layer-output gradient (CPU, ``chunk_size`` None), columns
+# go through plain backward passes one at a time: vmap runs a convolution's backward per column
+# and concatenates, and its batched ReLU backward was slower too (benchmark CNN: 39 ms for 9
+# columns one at a time against 54-68 ms in batches of 2-4, 1 thread).
+_LOOP_BYTES = 1 << 20
 
 _Pull = Callable[[list[tuple[Tensor, Tensor]], "Tensor | None", ColumnAccumulator, frozenset[int]], None]
 
@@ -441,10 +446,24 @@ def sweep_diagonal(
         acc: ColumnAccumulator,
         skip: frozenset[int] = frozenset(),
     ) -> None:
-        """Batched VJPs of k columns (cotangents ``(k, *node.shape)`` at the nodes) into ``acc``.
+        """VJPs of k columns (cotangents ``(k, *node.shape)`` at the nodes) into ``acc``.
 
-        Layers whose ids are in ``skip`` got these columns' contributions in closed form.
+        One batched pass (``is_grads_batched``), or with ``chunk_size == 1`` one plain backward
+        pass per column. Layers whose ids are in ``skip`` got these columns in closed form.
         """
+        k = pairs[0][1].shape[0]
+        if chunk_size == 1 or k == 1:
+            for j in range(k):
+                grads = torch.autograd.grad(
+                    [nd for nd, _ in pairs],
+                    outs,
+                    [ct[j] for _, ct in pairs],
+                    retain_graph=True,
+                    allow_unused=True,
+                )
+                batch: list[Tensor | None] = [None if g is None else g.unsqueeze(0) for g in grads]
+                feed(batch, None if weights is None else weights[j : j + 1], acc, skip)
+            return
         grads = torch.autograd.grad(
             [nd for nd, _ in pairs],
             outs,
@@ -453,10 +472,15 @@ def sweep_diagonal(
             allow_unused=True,
             is_grads_batched=True,
         )
+        feed(grads, weights, acc, skip)
+
+    def feed(
+        grads: Sequence[Tensor | None], weights: Tensor | None, acc: ColumnAccumulator, skip: frozenset[int]
+    ) -> None:
         pos = 0
         for layer in capture.layers:
             m = len(layer.records)
-            deltas: list[Tensor | None] = list(grads[pos : pos + m])
+            deltas = list(grads[pos : pos + m])
             pos += m
             if id(layer) not in skip and any(d is not None for d in deltas):
                 layer.columns(deltas, weights, acc)
@@ -469,7 +493,7 @@ def sweep_diagonal(
         raise SweepTooCostlyError(num_cols)
     if chunk_size is None:  # columns per batched pass; on CPU their output gradients should stay small
         col_bytes = max(int(o.numel()) for o in outs) * z.element_size() if z.device.type == "cpu" else 1
-        chunk_size = max(1, min(64, _COLUMN_BYTES // max(1, col_bytes)))
+        chunk_size = 1 if col_bytes >= _LOOP_BYTES else max(1, min(64, _COLUMN_BYTES // max(1, col_bytes)))
 
     if num_probes is None:
         acc = ColumnAccumulator(shapes, 1, trace=False, per_column=False, like=z)

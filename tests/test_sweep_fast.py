@@ -262,3 +262,29 @@ def test_cross_entropy_sweep_reports_rank_columns() -> None:
     fn = secorder.module_hessian_diagonal(model, "cross_entropy", method="sweep")
     fn(params, torch.randn(4, 4, dtype=torch.float64), torch.randint(0, 3, (4,)))
     assert fn.method_info.num_columns == 2  # C − 1 loss columns, no curved activations
+
+
+def test_one_backward_pass_per_column(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Columns pulled back one plain pass at a time (the automatic choice for large activations)."""
+    import secorder._sweep as sweep_mod
+
+    monkeypatch.setattr(sweep_mod, "_LOOP_BYTES", 1)
+    torch.manual_seed(11)
+    _check(TwoViews().double(), torch.randn(3, 4, 6, 6, dtype=torch.float64), "cross_entropy", 3)
+    _check(SharedOutputs().double(), torch.randn(4, 4, dtype=torch.float64), "bce_with_logits", 3)
+
+
+def test_curvature_propagation_same_probes_any_chunking() -> None:
+    """Per-probe passes batched (P and Q together) or one at a time give the same estimate."""
+    torch.manual_seed(12)
+    model = TwoViews().double()
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    x, y = torch.randn(3, 4, 6, 6, dtype=torch.float64), torch.randint(0, 3, (3,))
+    out = []
+    for chunk in (None, 1):
+        fn = secorder.module_hessian_diagonal(
+            model, "cross_entropy", method="curvature_propagation", num_probes=3, chunk_size=chunk
+        )
+        out.append(fn(params, x, y, generator=torch.Generator().manual_seed(5)))
+    for k in params:
+        torch.testing.assert_close(out[0][k], out[1][k], rtol=1e-12, atol=1e-14)
