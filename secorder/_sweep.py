@@ -289,6 +289,8 @@ class _UnitPlan:
         prev, inner = step
         d1 = prev.derivatives()[0].reshape(n, -1)
         inner.add_diagonal(d1 * d1 * (flat_w @ (weight * weight)))
+        if not inner.records[0].input.requires_grad:
+            return
         for j0, j1 in _ranges(flat_w.shape[1], chunk):
             self._walk(d1 * weight[j0:j1, None, :], flat_w[:, j0:j1].T, prev, inner, pull, acc)
 
@@ -301,12 +303,13 @@ class _UnitPlan:
         pull: _Pull,
         acc: ColumnAccumulator,
     ) -> None:
-        """Carry columns ``delta`` (k, N, d) at ``layer``'s output (already in its D2) upstream."""
+        """Carry columns ``delta`` (k, N, d) at ``layer``'s output (already in its D2) upstream.
+
+        ``layer``'s input requires grad (there are layers upstream).
+        """
         k, n = delta.shape[:2]
         while True:
             x = layer.records[0].input
-            if not x.requires_grad:
-                return
             weight = self._weight(layer)
             if weight is None:
                 pull([(act.input, delta.reshape(k, *act.input.shape))], wt, acc, frozenset({id(layer)}))
@@ -319,6 +322,8 @@ class _UnitPlan:
             act, layer = step
             d1 = act.derivatives()[0].reshape(n, -1)
             layer.add_diagonal(d1 * d1 * _weighted_squares(cols, wt))
+            if not layer.records[0].input.requires_grad:
+                return
             delta = cols * d1
 
     def _one_hot(
