@@ -29,12 +29,14 @@ Implementation: one forward pass with the layer hooks of :class:`secorder._layer
 activations and refuses every op it does not know to be covered by the rules above (attention
 products of two parameter-dependent tensors, LayerNorm, train-mode BatchNorm, ...). One backward
 pass gives the activation adjoints ḡ; the columns are then pulled back to the layer outputs by
-batched backward passes (``is_grads_batched``, a chunk of columns at a time), and the layers'
-matrix-product rules of :mod:`secorder._layers` square and sum the per-sample gradients.
-An activation's columns e_j need no backward pass at the ``nn.Linear`` that produces its input
-(the layer's deferred Σ_c w_c δ_c^⊙2 gains w itself) nor, through one more elementwise
-activation ψ of another Linear's output u', at that layer (ψ'(u')^⊙2 ⊙ (w W^⊙2)); only the
-layers further upstream get dense columns by backward passes (see :class:`_UnitPlan`).
+batched backward passes (``is_grads_batched``, a chunk of columns at a time; on CPU one plain
+pass per column when one column's gradients are large), and the layers' matrix-product rules
+of :mod:`secorder._layers` square and sum the per-sample gradients. An activation's columns
+e_j need no backward pass at the ``nn.Linear`` that produces its input (the layer's deferred
+Σ_c w_c δ_c^⊙2 gains w itself) nor, through one more elementwise activation ψ of another
+Linear's output u', at that layer (ψ'(u')^⊙2 ⊙ (w W^⊙2)); further up a chain of Linear layers
+and elementwise activations the per-sample columns are carried by matrix products, and only
+where the chain ends are they handed to backward passes (see :class:`_UnitPlan`).
 
 Curvature propagation (Martens, Sutskever and Swersky 2012): with independent random signs
 v_{n,c} per sample and column, the cotangents P = Σ_{σ_c>0} v_c s_c and Q = Σ_{σ_c<0} v_c s_c
