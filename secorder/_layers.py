@@ -383,6 +383,30 @@ class _Conv2dLayer(_Layer):
         assert total is not None
         _emit(acc, self.attrs["weight"], r, total.reshape(weight_shape))
 
+    def add_units(self, w: Tensor, acc: ColumnAccumulator) -> None:
+        """Columns e_(o,p) at the output of the single call, weights w ``(N, C_out, H', W')``.
+
+        Column e_(o,p) gives the per-sample weight gradient e_o ⊗ U_n[:, p]: its square adds
+        Σ_{n,p} w_{n,o,p} U_n[:, p]^⊙2 to row o, a batched product with no backward pass.
+        """
+        assert len(self.records) == 1
+        g = self.groups
+        wl = w.reshape(self.n, g, -1, w[0, 0].numel())  # (N, g, o, L)
+        if "weight" in self.attrs:
+            shape = self.module.weight.shape
+            per_sample = (2 * g * math.prod(shape[1:]) + g * wl.shape[2]) * wl.shape[3] * wl.element_size()
+            budget = _CACHE_BYTES if wl.device.type == "cpu" else memory_budget() // 4
+            step = max(1, budget // max(1, per_sample))
+            total: Tensor | None = None
+            for s0 in range(0, self.n, step):
+                u = self._unfolded(s0, min(self.n, s0 + step))  # (s, g, i, L)
+                part = (wl[s0 : s0 + step] @ (u * u).transpose(-1, -2)).sum(0)  # (g, o, i)
+                total = part if total is None else total + part
+            assert total is not None
+            _emit(acc, self.attrs["weight"], None, total.reshape(shape))
+        if "bias" in self.attrs:
+            _emit(acc, self.attrs["bias"], None, wl.sum((0, 3)).reshape(-1))
+
     def _flush(self, acc: ColumnAccumulator) -> None:
         if self.pending:
             self._weight_squares(self.pending, acc, None)

@@ -55,7 +55,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from secorder._errors import error
-from secorder._layers import FastCapture, _LinearLayer
+from secorder._layers import FastCapture, _Conv2dLayer, _LinearLayer
 from secorder._losses import CrossEntropyLoss, Factor, LossSpec
 from secorder._persample import ColumnAccumulator
 
@@ -240,9 +240,11 @@ class _UnitPlan:
     ψ'(u') ⊙ W_j, and Σ_j w_j (ψ'(u') ⊙ W_j)^⊙2 = ψ'(u')^⊙2 ⊙ (w W^⊙2): one matrix product.
     Further up such a chain the columns δ_j differ per sample; they are carried explicitly
     (δ ← ψ'(u'') ⊙ (δ W'), adding ψ'^⊙2 ⊙ Σ_j w_j (δ_j W')^⊙2 to each layer) and handed to a
-    batched backward pass only where the chain ends in another kind of node. Any other graph
-    (the activation input not a layer output, e.g. a residual add; a Linear over positions; a
-    convolution) uses one-hot columns at the activation input.
+    batched backward pass only where the chain ends in another kind of node. When u is the
+    output of a ``nn.Conv2d`` called once, that layer's part is closed too (Σ_{n,p} w U_n^⊙2 per
+    output channel) and only the layers upstream get one-hot columns. Any other graph (the
+    activation input not a layer output, e.g. a residual add; a Linear over positions) uses
+    one-hot columns at the activation input.
     """
 
     def __init__(self, capture: FastCapture, acts: Sequence[_Activation]) -> None:
@@ -251,6 +253,11 @@ class _UnitPlan:
             id(layer.records[0].output): layer
             for layer in capture.layers
             if isinstance(layer, _LinearLayer) and len(layer.records) == 1 and layer.positions == 1
+        }
+        self.convs: dict[int, _Conv2dLayer] = {
+            id(layer.records[0].output): layer
+            for layer in capture.layers
+            if isinstance(layer, _Conv2dLayer) and len(layer.records) == 1
         }
         self.acts = {id(a.output): a for a in acts}
 
@@ -270,6 +277,12 @@ class _UnitPlan:
         """Add Σ_j w_j (J e_j)^⊙2 terms of the columns e_j at ``act.input`` to the layers."""
         n = w.shape[0]
         flat_w = w.reshape(n, -1)
+        conv = self.convs.get(id(act.input))
+        if conv is not None:  # the convolution producing u in closed form, one-hot columns upstream
+            conv.add_units(w, acc)
+            if conv.records[0].input.requires_grad:
+                self._one_hot(act.input, flat_w, chunk, pull, acc, frozenset({id(conv)}))
+            return
         layer = self.single.get(id(act.input))
         if layer is None:
             self._one_hot(act.input, flat_w, chunk, pull, acc, frozenset())

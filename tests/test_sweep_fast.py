@@ -288,3 +288,26 @@ def test_curvature_propagation_same_probes_any_chunking() -> None:
         out.append(fn(params, x, y, generator=torch.Generator().manual_seed(5)))
     for k in params:
         torch.testing.assert_close(out[0][k], out[1][k], rtol=1e-12, atol=1e-14)
+
+
+class CurvedConvs(nn.Module):
+    """Curved activations right after single-call convolutions (grouped, strided, 'same', dilated)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=2)
+        self.conv2 = nn.Conv2d(4, 3, 3, padding="same", dilation=2)
+        self.head = nn.Linear(3 * 9, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.conv1(x))  # input without grad: the closed form is all
+        h = torch.sigmoid(self.conv2(h))  # closed form for conv2, one-hot columns for conv1
+        return self.head(h.flatten(1))
+
+
+@pytest.mark.parametrize("cache_bytes", [1, 1 << 22])
+def test_curved_activation_after_convolution(monkeypatch: pytest.MonkeyPatch, cache_bytes: int) -> None:
+    monkeypatch.setattr(layers_mod, "_CACHE_BYTES", cache_bytes)
+    torch.manual_seed(13)
+    _check(CurvedConvs().double(), torch.randn(3, 4, 6, 6, dtype=torch.float64), "cross_entropy", 3)
+    _check(CurvedConvs().double(), torch.randn(2, 4, 5, 5, dtype=torch.float64), "mse", 3)
