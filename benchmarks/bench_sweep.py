@@ -3,6 +3,8 @@
 Workloads (seeded weights and data, float32, cross-entropy with mean reduction):
 
 * MLP 784-128-128-10 (tanh), batch 128 — BackPACK ``DiagHessian`` vs ``method="sweep"``;
+* deeper MLP 784-128-128-128-10 (tanh), batch 128 — the same (the last activation's columns
+  reach the first layer as dense per-sample columns, not in closed form);
 * small CNN Conv2d(3,16,3,p=1)-ReLU-Conv2d(16,16,3,p=1)-ReLU-Flatten-Linear(16384,10),
   batch 64 — BackPACK vs sweep (ReLU: the Hessian diagonal equals the GGN diagonal here);
 * a small residual MLP (64-32, one tanh residual block, head 10; BackPACK refuses residual
@@ -71,6 +73,10 @@ class TinyTransformer(nn.Module):
 def workloads() -> list[tuple[str, nn.Module, Tensor, Tensor, bool]]:
     torch.manual_seed(0)
     mlp = nn.Sequential(nn.Linear(784, 128), nn.Tanh(), nn.Linear(128, 128), nn.Tanh(), nn.Linear(128, 10))
+    deep = nn.Sequential(
+        nn.Linear(784, 128), nn.Tanh(), nn.Linear(128, 128), nn.Tanh(), nn.Linear(128, 128), nn.Tanh(),
+        nn.Linear(128, 10),
+    )  # fmt: skip
     cnn = nn.Sequential(
         nn.Conv2d(3, 16, 3, padding=1),
         nn.ReLU(),
@@ -81,6 +87,7 @@ def workloads() -> list[tuple[str, nn.Module, Tensor, Tensor, bool]]:
     )
     return [
         ("MLP 784-128-128-10 tanh, N=128", mlp, torch.randn(128, 784), torch.randint(0, 10, (128,)), True),
+        ("MLP 784-128×3-10 tanh, N=128", deep, torch.randn(128, 784), torch.randint(0, 10, (128,)), True),
         ("CNN 2×conv3x3 + linear, N=64", cnn, torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,)), True),
         (
             "residual MLP 64-32-32-10 tanh, N=32",

@@ -144,6 +144,10 @@ def _sample_chunk(per_sample_numel: int, itemsize: int) -> int:
     return max(1, memory_budget() // max(1, 4 * per_sample_numel * itemsize))
 
 
+# Bytes of a chunk of samples whose unfolded inputs and per-sample gradients should stay in cache (CPU).
+_CACHE_BYTES = 4 << 20
+
+
 def _cat_positions(parts: list[Tensor]) -> Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
@@ -170,6 +174,13 @@ class _Layer:
 
     def finish(self, acc: ColumnAccumulator) -> None:
         """Emit contributions deferred over columns (only when ``defer`` was passed)."""
+
+    def columns(self, deltas: list[Tensor | None], w: Tensor | None, acc: ColumnAccumulator) -> None:
+        """Deferred contributions of k columns: ``deltas`` with a leading column dimension, ``w`` (k, N)."""
+        k = next(d for d in deltas if d is not None).shape[0]
+        for j in range(k):
+            ds = [None if d is None else d[j] for d in deltas]
+            self.column(ds, None if w is None else w[j], 0, acc, True)
 
     def _deltas(self, deltas: list[Tensor | None], shape: Callable[[Tensor], Tensor]) -> Tensor:
         parts = [
@@ -243,23 +254,46 @@ class _LinearLayer(_Layer):
             gb = d.sum(1)
             _emit(acc, self.attrs["bias"], None if defer else r, _weighted_sum(gb * gb, w))
 
+    def columns(self, deltas: list[Tensor | None], w: Tensor | None, acc: ColumnAccumulator) -> None:
+        if self.positions != 1:
+            super().columns(deltas, w, acc)
+            return
+        (d,) = deltas  # one position: a single call
+        assert d is not None
+        d2 = d.reshape(d.shape[0], self.n, -1) ** 2
+        if w is not None:
+            d2 = d2 * w[:, :, None]
+        self.add_diagonal(d2.sum(0))
+
+    def add_diagonal(self, d2: Tensor) -> None:
+        """Add Σ_c w_c δ_c^⊙2 ``(N, out_features)`` of some columns (one position only)."""
+        assert self.positions == 1
+        self.D2 = d2 if self.D2 is None else self.D2 + d2
+
     def finish(self, acc: ColumnAccumulator) -> None:
         if self.D2 is not None:
             self._emit_single(self.D2, None, acc)
 
 
 class _Conv2dLayer(_Layer):
+    """Per-sample weight gradients Δ_n U_nᵀ of the unfolded input U_n, formed a chunk of samples at a time.
+
+    The unfolded input (kernel-size times the input) is never stored whole: each chunk of
+    samples is unfolded, multiplied with the pending columns' output gradients of the same
+    samples and squared while it is still in cache.
+    """
+
     def __init__(
         self, module: Any, attrs: dict[str, int], records: list[_Record], n: int, graph: bool
     ) -> None:
         super().__init__(module, attrs, records, n, graph)
-        conv: nn.Conv2d = module
-        self.groups = conv.groups
-        units = [self._unfold(conv, self._in(rec.input)) for rec in records]
-        self.u = units[0] if len(units) == 1 else torch.cat(units, dim=-1)  # (N, g, i, L)
-        self.pending = []
+        self.groups = module.groups
+        self.inputs = [self._in(rec.input) for rec in records]
+        self.pending: list[tuple[Tensor, Tensor | None]] = []  # ((k, N, g, o, L), (k, N) or None)
+        self.unfolded: Tensor | None = None  # kept whole only when columns come one at a time
 
-    def _unfold(self, conv: nn.Conv2d, x: Tensor) -> Tensor:
+    def _unfold(self, x: Tensor) -> Tensor:
+        conv: nn.Conv2d = self.module
         padding: Any = conv.padding
         if isinstance(padding, str):
             if padding == "same":
@@ -270,56 +304,108 @@ class _Conv2dLayer(_Layer):
                 x = F.pad(x, pads)
             padding = 0
         u = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride)
-        return u.reshape(self.n, self.groups, -1, u.shape[-1])
+        return u.reshape(x.shape[0], self.groups, -1, u.shape[-1])
+
+    def _unfolded(self, s0: int, s1: int) -> Tensor:
+        """The unfolded inputs of samples s0..s1, all calls' positions concatenated: (s, g, i, L)."""
+        if self.unfolded is not None:
+            return self.unfolded[s0:s1]
+        units = [self._unfold(x[s0:s1]) for x in self.inputs]
+        return units[0] if len(units) == 1 else torch.cat(units, dim=-1)
+
+    def _deltas_k(self, deltas: list[Tensor | None], k: int) -> Tensor:
+        """Output gradients of k columns, all calls' positions concatenated: (k, N, g, o, L)."""
+        parts = []
+        for dd, rec in zip(deltas, self.records):
+            out = rec.output
+            if dd is None:
+                dd = torch.zeros((k, *out.shape), dtype=out.dtype, device=out.device)
+            parts.append(dd.reshape(k, self.n, self.groups, -1, out[0, 0].numel()))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
     def column(
         self, deltas: list[Tensor | None], w: Tensor | None, r: int, acc: ColumnAccumulator, defer: bool
     ) -> None:
-        g = self.groups
-        parts = [
-            (dd if dd is not None else torch.zeros_like(rec.output)).reshape(
-                self.n, g, -1, rec.output[0, 0].numel()
-            )
-            for dd, rec in zip(deltas, self.records)
-        ]
-        d = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)  # (N, g, o, L)
-        col = None if defer else r
+        d = self._deltas_k([None if x is None else x.unsqueeze(0) for x in deltas], 1)
+        self._add(d, None if w is None else w.unsqueeze(0), acc, None if defer else r)
+
+    def columns(self, deltas: list[Tensor | None], w: Tensor | None, acc: ColumnAccumulator) -> None:
+        k = next(d for d in deltas if d is not None).shape[0]
+        self._add(self._deltas_k(deltas, k), w, acc, None)
+
+    def _add(self, d: Tensor, w: Tensor | None, acc: ColumnAccumulator, r: int | None) -> None:
         if "weight" in self.attrs:
-            if defer:  # batch several columns into one product (better matrix shapes)
+            if r is None:  # batch several columns into one product (better matrix shapes)
                 self.pending.append((d, w))
                 if sum(p[0].numel() for p in self.pending) * d.element_size() * 8 > memory_budget():
                     self._flush(acc)
-            else:
+            else:  # one column at a time (per-column statistics): unfold once for all of them
+                if self.unfolded is None:
+                    self.unfolded = self._unfolded(0, self.n)
                 self._weight_squares([(d, w)], acc, r)
         if "bias" in self.attrs:
-            gb = d.sum(-1).reshape(self.n, -1)
-            _emit(acc, self.attrs["bias"], col, _weighted_sum(gb * gb, w))
-
-    pending: list[tuple[Tensor, Tensor | None]]
+            gb = d.sum(-1).reshape(d.shape[0], self.n, -1)
+            sq = gb * gb
+            if w is not None:
+                sq = sq * w[:, :, None]
+            _emit(acc, self.attrs["bias"], r, sq.sum((0, 1)))
 
     def _weight_squares(
         self, cols: list[tuple[Tensor, Tensor | None]], acc: ColumnAccumulator, r: int | None
     ) -> None:
-        """Σ_n Σ_k w_{n,k} (Δ_{n,k} U_nᵀ)^⊙2 for the k pending columns, in chunks of samples."""
-        u = self.u
-        k = len(cols)
-        d = cols[0][0] if k == 1 else torch.cat([c[0] for c in cols], dim=2)  # (N, g, k·o, L)
-        ws = [c[1] for c in cols]
-        w = None if ws[0] is None else torch.stack([x for x in ws if x is not None], dim=1)  # (N, k)
-        weight = self.module.weight
-        g, o, i = self.groups, d.shape[2] // k, u.shape[2]
+        """Σ_n Σ_c w_{c,n} (Δ_{c,n} U_nᵀ)^⊙2 over the pending columns c, in chunks of samples."""
+        g = self.groups
+        o, positions = cols[0][0].shape[3], cols[0][0].shape[4]
+        weight_shape = self.module.weight.shape
+        i = math.prod(weight_shape[1:])
+        k_all = sum(d.shape[0] for d, _ in cols)
+        itemsize = cols[0][0].element_size()
+        per_sample = (g * i * positions + k_all * o * (g * positions + g * i)) * itemsize
+        budget = _CACHE_BYTES if cols[0][0].device.type == "cpu" else memory_budget() // 4
+        step = max(1, budget // max(1, per_sample))
+        weighted = any(w is not None for _, w in cols)
+        total: Tensor | None = None
+        for s0 in range(0, self.n, step):
+            s = min(self.n, s0 + step) - s0
+            u = self._unfolded(s0, s0 + s).transpose(-1, -2)  # (s, g, L, i)
+            parts = [d[:, s0 : s0 + s].permute(1, 2, 0, 3, 4) for d, _ in cols]  # (s, g, k, o, L) each
+            dd = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+            gw = dd.reshape(s, g, k_all * o, positions) @ u  # (s, g, K·o, i): all K pending columns
+            sq = (gw * gw).reshape(s, g, k_all, o, i)
+            if weighted:
+                ws = [
+                    torch.ones_like(d[:, s0 : s0 + s, 0, 0, 0]) if w is None else w[:, s0 : s0 + s]
+                    for d, w in cols
+                ]
+                sq = sq * torch.cat(ws).T.reshape(s, 1, k_all, 1, 1)
+            part = sq.sum((0, 2))
+            total = part if total is None else total + part
+        assert total is not None
+        _emit(acc, self.attrs["weight"], r, total.reshape(weight_shape))
 
-        def squares(s0: int, s1: int) -> Tensor:
-            gw = (d[s0:s1] @ u[s0:s1].transpose(2, 3)).reshape(s1 - s0, g, k, o, i)
-            sq = gw * gw
-            if w is not None:
-                sq = sq * w[s0:s1].reshape(s1 - s0, 1, k, 1, 1)
-            return sq.sum((0, 2))
+    def add_units(self, w: Tensor, acc: ColumnAccumulator) -> None:
+        """Columns e_(o,p) at the output of the single call, weights w ``(N, C_out, H', W')``.
 
-        step = _sample_chunk(int(weight.numel()) * k, u.element_size())
-        total = sum(squares(s0, min(self.n, s0 + step)) for s0 in range(0, self.n, step))
-        assert isinstance(total, Tensor)
-        _emit(acc, self.attrs["weight"], r, total.reshape(weight.shape))
+        Column e_(o,p) gives the per-sample weight gradient e_o ⊗ U_n[:, p]: its square adds
+        Σ_{n,p} w_{n,o,p} U_n[:, p]^⊙2 to row o, a batched product with no backward pass.
+        """
+        assert len(self.records) == 1
+        g = self.groups
+        wl = w.reshape(self.n, g, -1, w[0, 0].numel())  # (N, g, o, L)
+        if "weight" in self.attrs:
+            shape = self.module.weight.shape
+            per_sample = (2 * g * math.prod(shape[1:]) + g * wl.shape[2]) * wl.shape[3] * wl.element_size()
+            budget = _CACHE_BYTES if wl.device.type == "cpu" else memory_budget() // 4
+            step = max(1, budget // max(1, per_sample))
+            total: Tensor | None = None
+            for s0 in range(0, self.n, step):
+                u = self._unfolded(s0, min(self.n, s0 + step))  # (s, g, i, L)
+                part = (wl[s0 : s0 + step] @ (u * u).transpose(-1, -2)).sum(0)  # (g, o, i)
+                total = part if total is None else total + part
+            assert total is not None
+            _emit(acc, self.attrs["weight"], None, total.reshape(shape))
+        if "bias" in self.attrs:
+            _emit(acc, self.attrs["bias"], None, wl.sum((0, 3)).reshape(-1))
 
     def _flush(self, acc: ColumnAccumulator) -> None:
         if self.pending:

@@ -15,7 +15,8 @@ and every J_kᵀ s_c is a vector-Jacobian product. Samples are independent, so t
 taken per sample (of the gradient summed over every use of a shared weight, i.e. over
 positions of a Linear over a sequence or of a convolution). Which ops contribute:
 
-* the loss: M = ∇²_z L, the columns of :meth:`secorder._losses.LossSpec.factor` (the GGN);
+* the loss: M = ∇²_z L, the columns of :meth:`secorder._losses.LossSpec.factor` (the GGN; for
+  cross-entropy on (N, C) logits C − 1 columns, its rank: see :func:`_loss_factor`);
 * elementwise activations a = φ(u) (tanh, sigmoid, GELU, SiLU, softplus, ELU, ...):
   M = diag(ḡ ⊙ φ''(u)) per sample: one signed column e_j per unit, weight ḡ_j φ''(u_j);
 * ops linear in their tensor inputs (adds, reshapes, concatenation, pooling, ReLU and other
@@ -28,8 +29,14 @@ Implementation: one forward pass with the layer hooks of :class:`secorder._layer
 activations and refuses every op it does not know to be covered by the rules above (attention
 products of two parameter-dependent tensors, LayerNorm, train-mode BatchNorm, ...). One backward
 pass gives the activation adjoints ḡ; the columns are then pulled back to the layer outputs by
-batched backward passes (``is_grads_batched``, a chunk of columns at a time), and the layers'
-matrix-product rules of :mod:`secorder._layers` square and sum the per-sample gradients.
+batched backward passes (``is_grads_batched``, a chunk of columns at a time; on CPU one plain
+pass per column when one column's gradients are large), and the layers' matrix-product rules
+of :mod:`secorder._layers` square and sum the per-sample gradients. An activation's columns
+e_j need no backward pass at the ``nn.Linear`` that produces its input (the layer's deferred
+Σ_c w_c δ_c^⊙2 gains w itself) nor, through one more elementwise activation ψ of another
+Linear's output u', at that layer (ψ'(u')^⊙2 ⊙ (w W^⊙2)); further up a chain of Linear layers
+and elementwise activations the per-sample columns are carried by matrix products, and only
+where the chain ends are they handed to backward passes (see :class:`_UnitPlan`).
 
 Curvature propagation (Martens, Sutskever and Swersky 2012): with independent random signs
 v_{n,c} per sample and column, the cotangents P = Σ_{σ_c>0} v_c s_c and Q = Σ_{σ_c<0} v_c s_c
@@ -48,8 +55,8 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from secorder._errors import error
-from secorder._layers import FastCapture, _LinearLayer
-from secorder._losses import LossSpec
+from secorder._layers import FastCapture, _Conv2dLayer, _LinearLayer
+from secorder._losses import CrossEntropyLoss, Factor, LossSpec
 from secorder._persample import ColumnAccumulator
 
 __all__ = ["ACTIVATIONS", "SweepTooCostlyError", "SweepUnsupportedError", "sweep_diagonal"]
@@ -109,7 +116,7 @@ def _tensors(args: Sequence[Any], kwargs: dict[str, Any]) -> list[Tensor]:
 
 
 class _Activation:
-    __slots__ = ("func", "input", "kwargs", "output", "version")
+    __slots__ = ("derivs", "func", "input", "kwargs", "output", "version")
 
     def __init__(self, func: Any, inp: Tensor, output: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]):
         self.func = func
@@ -117,16 +124,20 @@ class _Activation:
         self.output = output
         self.kwargs = (args, kwargs)
         self.version = (inp._version, output._version)
+        self.derivs: tuple[Tensor, Tensor] | None = None
 
-    def second_derivative(self) -> Tensor:
-        """φ''(u) elementwise, by differentiating Σ φ'(u) (φ acts elementwise)."""
+    def derivatives(self) -> tuple[Tensor, Tensor]:
+        """φ'(u) and φ''(u) elementwise, by differentiating Σ φ(u) and Σ φ'(u) (φ acts elementwise)."""
+        if self.derivs is not None:
+            return self.derivs
         args, kwargs = self.kwargs
         with torch.enable_grad():
             x = self.input.detach().requires_grad_(True)
             y = self.func(x, *args, **kwargs)
             (g,) = torch.autograd.grad(y.sum(), x, create_graph=True)
-            (h,) = torch.autograd.grad(g.sum(), x, allow_unused=True)
-        return torch.zeros_like(x) if h is None else h
+            (h,) = torch.autograd.grad(g.sum(), x, allow_unused=True) if g.requires_grad else (None,)
+        self.derivs = (g.detach(), torch.zeros_like(x) if h is None else h)
+        return self.derivs
 
 
 class _Recorder(TorchFunctionMode):
@@ -156,7 +167,14 @@ class _Recorder(TorchFunctionMode):
         tensors = _tensors(args, kwargs)
         dep = [t for t in tensors if t.requires_grad]
         if name in ACTIVATIONS:
-            if kwargs.get("inplace") or name.endswith("_") or len(dep) != 1 or not isinstance(out, Tensor):
+            if (
+                kwargs.get("inplace")
+                or name.endswith("_")
+                or len(dep) != 1
+                or not args
+                or dep[0] is not args[0]
+                or not isinstance(out, Tensor)
+            ):
                 self._refuse(f"{name} in place or on several parameter-dependent tensors")
             else:
                 self.activations.append(_Activation(func, args[0], out, tuple(args[1:]), kwargs))
@@ -198,6 +216,182 @@ class _Recorder(TorchFunctionMode):
         return out
 
 
+# Bytes of the largest layer-output gradient of the columns pulled back in one batched pass, when
+# ``chunk_size`` is None: on CPU, 42 MB batches of a CNN's (k, N, C, H, W) gradients ran 2-3x slower
+# than batches of 2-5 columns (blocks this large are freshly mapped, page-faulted memory).
+_COLUMN_BYTES = 16 << 20
+# From this size of one column's largest layer-output gradient (CPU, ``chunk_size`` None), columns
+# go through plain backward passes one at a time: vmap runs a convolution's backward per column
+# and concatenates, and its batched ReLU backward was slower too (benchmark CNN: 39 ms for 9
+# columns one at a time against 54-68 ms in batches of 2-4, 1 thread).
+_LOOP_BYTES = 1 << 20
+
+_Pull = Callable[[list[tuple[Tensor, Tensor]], "Tensor | None", ColumnAccumulator, frozenset[int]], None]
+
+
+class _UnitPlan:
+    """The columns e_j (weights w_j) of a curved activation, in closed form along chains of layers.
+
+    When the activation input u = W a (+ b) is the output of a ``nn.Linear`` called once on
+    ``(N, in_features)``, column e_j gives that layer the per-sample weight gradient e_j a_nᵀ,
+    i.e. Σ_n w_{n,j} a_n^⊙2 in row j: the layer's deferred Σ_c w_c δ_c^⊙2 gains w itself, with
+    no backward pass. The column's pullback to a is the row W_j. When a = ψ(u') is an
+    elementwise activation of the output u' of another such layer, the columns at u' are
+    ψ'(u') ⊙ W_j, and Σ_j w_j (ψ'(u') ⊙ W_j)^⊙2 = ψ'(u')^⊙2 ⊙ (w W^⊙2): one matrix product.
+    Further up such a chain the columns δ_j differ per sample; they are carried explicitly
+    (δ ← ψ'(u'') ⊙ (δ W'), adding ψ'^⊙2 ⊙ Σ_j w_j (δ_j W')^⊙2 to each layer) and handed to a
+    batched backward pass only where the chain ends in another kind of node. When u is the
+    output of a ``nn.Conv2d`` called once, that layer's part is closed too (Σ_{n,p} w U_n^⊙2 per
+    output channel) and only the layers upstream get one-hot columns. Any other graph (the
+    activation input not a layer output, e.g. a residual add; a Linear over positions) uses
+    one-hot columns at the activation input.
+    """
+
+    def __init__(self, capture: FastCapture, acts: Sequence[_Activation]) -> None:
+        self.leaves = capture.leaves
+        self.single: dict[int, _LinearLayer] = {
+            id(layer.records[0].output): layer
+            for layer in capture.layers
+            if isinstance(layer, _LinearLayer) and len(layer.records) == 1 and layer.positions == 1
+        }
+        self.convs: dict[int, _Conv2dLayer] = {
+            id(layer.records[0].output): layer
+            for layer in capture.layers
+            if isinstance(layer, _Conv2dLayer) and len(layer.records) == 1
+        }
+        self.acts = {id(a.output): a for a in acts}
+
+    def _weight(self, layer: _LinearLayer) -> Tensor | None:
+        idx = layer.attrs.get("weight")
+        return None if idx is None else self.leaves[idx].detach()
+
+    def _step(self, x: Tensor) -> tuple[_Activation, _LinearLayer] | None:
+        """(ψ, layer) when x = ψ(u') is an elementwise activation of a one-position Linear's output u'."""
+        prev = self.acts.get(id(x))
+        layer = None if prev is None else self.single.get(id(prev.input))
+        return None if prev is None or layer is None else (prev, layer)
+
+    def unit_columns(
+        self, act: _Activation, w: Tensor, chunk: int, pull: _Pull, acc: ColumnAccumulator
+    ) -> None:
+        """Add Σ_j w_j (J e_j)^⊙2 terms of the columns e_j at ``act.input`` to the layers."""
+        n = w.shape[0]
+        flat_w = w.reshape(n, -1)
+        conv = self.convs.get(id(act.input))
+        if conv is not None:  # the convolution producing u in closed form, one-hot columns upstream
+            conv.add_units(w, acc)
+            if conv.records[0].input.requires_grad:
+                self._one_hot(act.input, flat_w, chunk, pull, acc, frozenset({id(conv)}))
+            return
+        layer = self.single.get(id(act.input))
+        if layer is None:
+            self._one_hot(act.input, flat_w, chunk, pull, acc, frozenset())
+            return
+        layer.add_diagonal(flat_w)
+        x = layer.records[0].input
+        weight = self._weight(layer)
+        if not x.requires_grad:
+            return
+        if weight is None:  # a weight outside the params: one-hot columns for the layers upstream
+            self._one_hot(act.input, flat_w, chunk, pull, acc, frozenset({id(layer)}))
+            return
+        step = self._step(x)
+        if step is None:  # dense rows W_j at the layer input
+            for j0, j1 in _ranges(flat_w.shape[1], chunk):
+                rows = weight[j0:j1, None, :].expand(j1 - j0, n, weight.shape[1])
+                pull([(x, rows.reshape(j1 - j0, *x.shape))], flat_w[:, j0:j1].T, acc, frozenset())
+            return
+        prev, inner = step
+        d1 = prev.derivatives()[0].reshape(n, -1)
+        inner.add_diagonal(d1 * d1 * (flat_w @ (weight * weight)))
+        if not inner.records[0].input.requires_grad:
+            return
+        for j0, j1 in _ranges(flat_w.shape[1], chunk):
+            self._walk(d1 * weight[j0:j1, None, :], flat_w[:, j0:j1].T, prev, inner, pull, acc)
+
+    def _walk(
+        self,
+        delta: Tensor,
+        wt: Tensor,
+        act: _Activation,
+        layer: _LinearLayer,
+        pull: _Pull,
+        acc: ColumnAccumulator,
+    ) -> None:
+        """Carry columns ``delta`` (k, N, d) at ``layer``'s output (already in its D2) upstream.
+
+        ``layer``'s input requires grad (there are layers upstream).
+        """
+        k, n = delta.shape[:2]
+        while True:
+            x = layer.records[0].input
+            weight = self._weight(layer)
+            if weight is None:
+                pull([(act.input, delta.reshape(k, *act.input.shape))], wt, acc, frozenset({id(layer)}))
+                return
+            cols = delta @ weight  # (k, N, d_in): the columns at x
+            step = self._step(x)
+            if step is None:
+                pull([(x, cols.reshape(k, *x.shape))], wt, acc, frozenset())
+                return
+            act, layer = step
+            d1 = act.derivatives()[0].reshape(n, -1)
+            layer.add_diagonal(d1 * d1 * _weighted_squares(cols, wt))
+            if not layer.records[0].input.requires_grad:
+                return
+            delta = cols * d1
+
+    def _one_hot(
+        self,
+        node: Tensor,
+        flat_w: Tensor,
+        chunk: int,
+        pull: _Pull,
+        acc: ColumnAccumulator,
+        skip: frozenset[int],
+    ) -> None:
+        n, units = flat_w.shape
+        for s0, s1 in _ranges(units, chunk):
+            eye = torch.zeros(s1 - s0, units, dtype=flat_w.dtype, device=flat_w.device)
+            eye[torch.arange(s1 - s0), torch.arange(s0, s1)] = 1.0
+            cot = eye[:, None, :].expand(s1 - s0, n, units).reshape(s1 - s0, *node.shape)
+            pull([(node, cot)], flat_w[:, s0:s1].T, acc, skip)
+
+
+def _loss_factor(loss: LossSpec, z: Tensor, targets: Any) -> Factor:
+    """The loss Hessian's columns; for cross-entropy on ``(N, C)`` logits C − 1 of them (its rank).
+
+    diag(p) − ppᵀ = Σ_{j<C} D_j l_j l_jᵀ (the LDLᵀ factorization of the multinomial
+    covariance): with the classes sorted by probability, largest last, tail masses
+    q_j = Σ_{i>j} p_i (q_{-1} = Σ p = 1), D_j = p_j q_j / q_{j-1}, (l_j)_j = 1 and (l_j)_i = −p_i / q_j
+    for i > j. Every q_j ≥ max p ≥ 1/C, so no division is ill-conditioned.
+    """
+    if not isinstance(loss, CrossEntropyLoss) or z.dim() != 2 or z.shape[1] < 2:
+        return loss.factor(z, targets)
+    c = z.shape[1]
+    p = torch.softmax(z, dim=1)
+    order = p.argsort(dim=1)
+    ps = p.gather(1, order)  # ascending: the largest probability last
+    tail = ps.flip(1).cumsum(1).flip(1)  # tail[:, j] = Σ_{i≥j} ps_i
+    q, q_prev = tail[:, 1:], tail[:, :-1]  # (N, C−1): q_j and q_{j−1}
+    d = ps[:, :-1] * q / q_prev
+    j = torch.arange(c - 1, device=z.device)[:, None]
+    i = torch.arange(c, device=z.device)[None, :]
+    low = (-ps[:, None, :] / q[:, :, None]) * (i > j)  # (N, C−1, C): −p_i / q_j below the diagonal
+    cols_sorted = d.sqrt()[:, :, None] * (low + (i == j).to(z.dtype))
+    cols = torch.zeros_like(cols_sorted).scatter(2, order[:, None, :].expand(-1, c - 1, -1), cols_sorted)
+    return Factor.from_tensor(cols.transpose(0, 1).contiguous())
+
+
+def _weighted_squares(cols: Tensor, wt: Tensor) -> Tensor:
+    """Σ_j wt[j, n] cols[j, n, :]^⊙2 as an (N, d) tensor, by one batched product over the samples."""
+    return torch.bmm(wt.T.unsqueeze(1), (cols * cols).transpose(0, 1)).squeeze(1)
+
+
+def _ranges(total: int, step: int) -> list[tuple[int, int]]:
+    return [(s, min(total, s + step)) for s in range(0, total, step)]
+
+
 def sweep_diagonal(
     call: str,
     model: nn.Module,
@@ -209,7 +403,7 @@ def sweep_diagonal(
     *,
     num_probes: int | None,
     generator: torch.Generator | None,
-    chunk_size: int,
+    chunk_size: int | None,
     max_columns: int | None = None,
 ) -> tuple[list[Tensor], list[Tensor] | None, int]:
     """The Hessian diagonal per leaf, and R.
@@ -256,65 +450,81 @@ def sweep_diagonal(
     with torch.enable_grad():
         total = loss.total(z, targets)
     # Activation adjoints ḡ = ∂L/∂a and column weights ḡ φ''(u) / c (c is applied at the end).
-    nodes: list[Tensor] = [z]
-    node_weights: list[Tensor] = []
+    curved: list[tuple[_Activation, Tensor]] = []
     if acts:
         gbar = torch.autograd.grad(total, [a.output for a in acts], retain_graph=True, allow_unused=True)
         for a, g in zip(acts, gbar):
-            if g is None:
-                continue
-            nodes.append(a.input)
-            node_weights.append((g * a.second_derivative() / c).detach())
-    factor = loss.factor(z.detach(), targets)
+            if g is not None:
+                curved.append((a, (g * a.derivatives()[1] / c).detach()))
+    factor = _loss_factor(loss, z.detach(), targets)
     n = z.shape[0]
     shapes = [leaf.shape for leaf in capture.leaves]
 
-    def pull(node_cots: list[Tensor | None], weights: Tensor | None, acc: ColumnAccumulator) -> None:
-        """Batched VJPs of k columns (cotangents ``(k, N, ...)`` at ``nodes``) into ``acc``."""
-        used = [(nd, ct) for nd, ct in zip(nodes, node_cots) if ct is not None]
-        k = used[0][1].shape[0]
+    def pull(
+        pairs: list[tuple[Tensor, Tensor]],
+        weights: Tensor | None,
+        acc: ColumnAccumulator,
+        skip: frozenset[int] = frozenset(),
+    ) -> None:
+        """VJPs of k columns (cotangents ``(k, *node.shape)`` at the nodes) into ``acc``.
+
+        One batched pass (``is_grads_batched``), or with ``chunk_size == 1`` one plain backward
+        pass per column. Layers whose ids are in ``skip`` got these columns in closed form.
+        """
+        k = pairs[0][1].shape[0]
+        if chunk_size == 1 or k == 1:
+            for j in range(k):
+                grads = torch.autograd.grad(
+                    [nd for nd, _ in pairs],
+                    outs,
+                    [ct[j] for _, ct in pairs],
+                    retain_graph=True,
+                    allow_unused=True,
+                )
+                batch: list[Tensor | None] = [None if g is None else g.unsqueeze(0) for g in grads]
+                feed(batch, None if weights is None else weights[j : j + 1], acc, skip)
+            return
         grads = torch.autograd.grad(
-            [u for u, _ in used],
+            [nd for nd, _ in pairs],
             outs,
-            [ct for _, ct in used],
+            [ct for _, ct in pairs],
             retain_graph=True,
             allow_unused=True,
             is_grads_batched=True,
         )
-        for j in range(k):
-            pos = 0
-            for layer in capture.layers:
-                m = len(layer.records)
-                deltas: list[Tensor | None] = [None if g is None else g[j] for g in grads[pos : pos + m]]
-                layer.column(deltas, None if weights is None else weights[j], 0, acc, True)
-                pos += m
+        feed(grads, weights, acc, skip)
+
+    def feed(
+        grads: Sequence[Tensor | None], weights: Tensor | None, acc: ColumnAccumulator, skip: frozenset[int]
+    ) -> None:
+        pos = 0
+        for layer in capture.layers:
+            m = len(layer.records)
+            deltas = list(grads[pos : pos + m])
+            pos += m
+            if id(layer) not in skip and any(d is not None for d in deltas):
+                layer.columns(deltas, weights, acc)
 
     if not outs:
         zero = [torch.zeros(s, dtype=z.dtype, device=z.device) for s in shapes]
         return zero, (None if num_probes is None else [t.clone() for t in zero]), 0
-    num_cols = factor.num_columns + sum(int(w[0].numel()) for w in node_weights)
+    num_cols = factor.num_columns + sum(int(w[0].numel()) for _, w in curved)
     if max_columns is not None and num_cols > max_columns:
         raise SweepTooCostlyError(num_cols)
+    if chunk_size is None:  # columns per batched pass; on CPU their output gradients should stay small
+        col_bytes = max(int(o.numel()) for o in outs) * z.element_size() if z.device.type == "cpu" else 1
+        chunk_size = 1 if col_bytes >= _LOOP_BYTES else max(1, min(64, _COLUMN_BYTES // max(1, col_bytes)))
 
     if num_probes is None:
         acc = ColumnAccumulator(shapes, 1, trace=False, per_column=False, like=z)
         for s0 in range(0, factor.num_columns, chunk_size):
             s1 = min(factor.num_columns, s0 + chunk_size)
             cols = factor.columns(s0, s1).detach()
-            w = factor.weights(s0, s1)  # explicit ones: layers batch columns of equal weighting
-            w = torch.ones(cols.shape[:2], dtype=z.dtype, device=z.device) if w is None else w.detach()
-            pull([cols] + [None] * len(node_weights), w, acc)
-        for i, w in enumerate(node_weights):
-            units = int(w[0].numel())
-            flat_w = w.reshape(n, units)
-            for s0 in range(0, units, chunk_size):
-                s1 = min(units, s0 + chunk_size)
-                eye = torch.zeros(s1 - s0, units, dtype=w.dtype, device=w.device)
-                eye[torch.arange(s1 - s0), torch.arange(s0, s1)] = 1.0
-                cot = eye[:, None, :].expand(s1 - s0, n, units).reshape(s1 - s0, *w.shape)
-                cots: list[Tensor | None] = [None] * len(nodes)
-                cots[i + 1] = cot
-                pull(cots, flat_w[:, s0:s1].T, acc)
+            w = factor.weights(s0, s1)
+            pull([(z, cols)], None if w is None else w.detach(), acc)
+        plan = _UnitPlan(capture, acts)
+        for a, w in curved:
+            plan.unit_columns(a, w, chunk_size, pull, acc)
         for layer in capture.layers:
             layer.finish(acc)
         est, _ = acc.result(average=False, scale=c)
@@ -335,10 +545,10 @@ def sweep_diagonal(
         root = wl.abs().sqrt() * vv
         p_z = (cols_all * root * (wl > 0)).sum(0)
         q_z = (cols_all * root * (wl < 0)).sum(0)
-        cots_pq: list[Tensor | None] = [torch.stack([p_z, q_z])]
-        for w in node_weights:
+        cots_pq = [(z, torch.stack([p_z, q_z]))]
+        for a, w in curved:
             r = w.abs().sqrt() * _signs(w.shape, generator, z)
-            cots_pq.append(torch.stack([r * (w > 0), r * (w < 0)]))
+            cots_pq.append((a.input, torch.stack([r * (w > 0), r * (w < 0)])))
         signs = torch.tensor([1.0, -1.0], dtype=z.dtype, device=z.device)[:, None].expand(2, n)
         pull(cots_pq, signs, acc)
         for layer in capture.layers:

@@ -6,8 +6,10 @@
 * ``"sweep"``: the exact diagonal by structured second-order backpropagation
   (:mod:`secorder._sweep`): diag H = Σ_k Σ_c σ_c (J_kᵀ s_c)² over the signed columns of the
   loss Hessian (the GGN part) and of every elementwise activation's curvature
-  diag(ḡ ⊙ φ''(u)). Cost: R vector-Jacobian products, batched, with R = (loss columns) +
-  (units of curved activations) per sample, plus per-layer matrix products.
+  diag(ḡ ⊙ φ''(u)). Cost: at most R vector-Jacobian products, batched, with R = (loss
+  columns; C − 1 for cross-entropy) + (units of curved activations) per sample, plus
+  per-layer matrix products; activation columns inside a chain of ``nn.Linear`` layers and
+  elementwise activations (an MLP) cost matrix products only, no backward pass.
   Supported: ``nn.Linear`` (also over extra leading dimensions), ``nn.Conv2d``,
   ``nn.Embedding``, elementwise activations (tanh, sigmoid, GELU, SiLU, softplus, ELU, ...),
   piecewise-linear ops (ReLU, pooling), residual adds and any graph of these, eval-mode
@@ -272,12 +274,11 @@ def _run(
 
     if method == "hvp":
         return hvp_route("method='hvp'", 0)
-    chunk = 64 if chunk_size is None else chunk_size
     cheap_hvp = method == "auto" and p_count <= max_hvp
     try:
         diag, err, r = sweep_diagonal(
             call, model, names, leaves, fwd, spec, targets, num_probes=k, generator=generator,
-            chunk_size=chunk, max_columns=p_count if cheap_hvp else None,
+            chunk_size=chunk_size, max_columns=p_count if cheap_hvp else None,
         )  # fmt: skip
     except SweepTooCostlyError as exc:  # only raised when one-hot HVPs are the cheaper exact route
         return hvp_route(f"R={exc.args[0]} columns > P={p_count}: one-hot HVPs are cheaper", exc.args[0])
