@@ -293,7 +293,7 @@ def _run(
                     leaves,
                     inputs,
                     targets,
-                    chunk,
+                    64 if chunk_size is None else chunk_size,
                     p_count if cheap_hvp else None,
                     exc,
                 )

@@ -169,8 +169,9 @@ def test_weight_outside_params(frozen: str) -> None:
     assert frozen not in got
 
 
-def test_activation_input_by_keyword_is_refused() -> None:
-    """torch.tanh(input=u): the sweep cannot tell which argument is the unit input; auto falls back."""
+def test_activation_input_by_keyword_goes_to_the_op_level_engine() -> None:
+    """torch.tanh(input=u): the module sweep cannot tell which argument is the unit input and
+    refuses; the op-level engine (ATen tape, where the keyword is gone) takes the model, exactly."""
 
     class Keyword(nn.Module):
         def __init__(self) -> None:
@@ -185,14 +186,15 @@ def test_activation_input_by_keyword_is_refused() -> None:
     model = Keyword().double()
     params = {k: p.detach() for k, p in model.named_parameters()}
     x, y = torch.randn(4, 4, dtype=torch.float64), torch.randint(0, 3, (4,))
-    with pytest.raises(secorder.SecorderError, match=r"tanh.*method='hvp'"):
-        secorder.module_hessian_diagonal(model, "cross_entropy", method="sweep")(params, x, y)
-    fn = secorder.module_hessian_diagonal(model, "cross_entropy")
-    got = fn(params, x, y)
-    assert fn.method_info.method == "hvp"
     ref = _dense_diag(model, "cross_entropy", params, x, y)
-    for k in params:
-        torch.testing.assert_close(got[k], ref[k], rtol=1e-9, atol=1e-11)
+    for method in ("sweep", "auto"):
+        fn = secorder.module_hessian_diagonal(model, "cross_entropy", method=method)
+        got = fn(params, x, y)
+        assert fn.method_info.method == "sweep"
+        assert fn.method_info.reason.startswith("op-level graph sweep (module sweep refused:")
+        assert "tanh" in fn.method_info.reason
+        for k in params:
+            torch.testing.assert_close(got[k], ref[k], rtol=1e-9, atol=1e-11)
 
 
 class TwoViews(nn.Module):
