@@ -373,8 +373,7 @@ class TaylorQuadform:
         tangent: Tensor | None = None
         for a, p in zip(aligned, firsts):
             if a is not None:
-                c = p * a
-                tangent = c if tangent is None else tangent + c
+                tangent = p * a if tangent is None else tangent.addcmul_(p, a)
         if tangent is not None and tangent.shape[1:] != out_val.shape:
             tangent = tangent.expand(k, *out_val.shape)
         term: Tensor | None = None
@@ -439,10 +438,10 @@ class TaylorQuadform:
                 x, dw.reshape(k * o, *w.shape[1:]), None, stride, padding, dilation, False, out_pad, 1
             )
             y = y.view(n, k, o, *spatial).transpose(0, 1)
-            tangent = y if tangent is None else tangent + y
+            tangent = y.contiguous() if tangent is None else tangent.add_(y)  # fresh: in place
         if db is not None:
             c = db.reshape(k, 1, o, *([1] * len(spatial)))
-            tangent = c.expand(k, n, o, *spatial) if tangent is None else tangent + c
+            tangent = c.expand(k, n, o, *spatial) if tangent is None else tangent.add_(c)
         term = None
         g = self.adjoints.get(node.outputs[0])
         if dx is not None and dw is not None and g is not None:
