@@ -118,7 +118,7 @@ def _ops(*names: str) -> frozenset[Any]:
 _LINEAR = _TAYLOR_LINEAR | _ops(
     "_to_copy", "copy", "split.Tensor", "split_with_sizes", "unbind.int", "chunk",
     "max_pool2d_with_indices", "max_pool1d_with_indices", "max_pool3d_with_indices",
-    "constant_pad_nd", "nll_loss_forward", "nll_loss2d_forward", "relu", "leaky_relu",
+    "constant_pad_nd", "relu", "leaky_relu",
     "hardtanh", "add.Tensor", "add.Scalar", "sub.Tensor", "sub.Scalar", "rsub.Tensor",
     "rsub.Scalar", "mul.Scalar", "div.Scalar", "expand_copy", "lift_fresh_copy", "masked_fill.Scalar",
     "_adaptive_avg_pool3d", "adaptive_max_pool2d", "sum.dim_IntList",
@@ -127,6 +127,7 @@ _LINEAR = _TAYLOR_LINEAR | _ops(
 _MULTILINEAR = _ops(
     "mm", "bmm", "matmul", "addmm", "baddbmm", "convolution", "mul.Tensor",
     "_native_batch_norm_legit_no_training", "dot", "mv", "einsum",
+    "nll_loss_forward", "nll_loss2d_forward",  # linear in the input, times the class weights
 )  # fmt: skip
 # Row-wise along args[1] with a closed-form local Hessian; bilinear with a closed-form column set.
 _SOFTMAXES = _ops("_softmax", "_log_softmax", "_safe_softmax")

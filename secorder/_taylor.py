@@ -60,7 +60,8 @@ _LINEAR = frozenset(
         aten.unflatten.int,
     }
 )  # fmt: skip
-# Ops with several outputs, linear in their inputs, whose other outputs carry no derivative.
+# Ops with several outputs, linear in args[0] (other arguments, e.g. nll_loss's class weights,
+# are constants), whose other outputs carry no derivative; only when args[0] alone depends on θ.
 _LINEAR_MULTI = frozenset(
     {aten.nll_loss_forward.default, aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int}
 )
@@ -68,6 +69,17 @@ _VIEWS = {aten.view.default: aten.reshape.default, aten._unsafe_view.default: at
 _SOFTMAX = frozenset({aten._log_softmax.default, aten._softmax.default})
 _MATMUL = frozenset({aten.mm.default, aten.bmm.default, aten.matmul.default})
 _ADDMM = frozenset({aten.addmm.default, aten.baddbmm.default})
+
+
+def _zero_floats(obj: Any) -> Any:
+    """A nested args structure with every floating tensor replaced by zeros (others kept)."""
+    if isinstance(obj, Tensor):
+        return torch.zeros_like(obj) if obj.is_floating_point() else obj
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_zero_floats(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _zero_floats(v) for k, v in obj.items()}
+    return obj
 
 
 def _floating(x: object) -> bool:
@@ -168,7 +180,7 @@ class TaylorQuadform:
             return None
         positions = [p for p, _ in found]
         func = node.func
-        if (func in _LINEAR and not node.multi) or func in _LINEAR_MULTI:
+        if (func in _LINEAR and not node.multi) or (func in _LINEAR_MULTI and positions == [(0, 0)]):
             return _Plan("linear", node, positions)
         if func in _SOFTMAX and not node.args[2]:  # half_to_float=False
             return _Plan("softmax", node, positions)
@@ -182,10 +194,14 @@ class TaylorQuadform:
             return _Plan("pointwise", node, positions)
         return _Plan("generic", node, positions)
 
-    def _primal_fn(self, plan: _Plan) -> Callable[..., Any]:
-        """The op as a function of its parameter-dependent floating arguments."""
+    def _primal_fn(self, plan: _Plan, zero_constants: bool = False) -> Callable[..., Any]:
+        """The op as a function of its parameter-dependent floating arguments; with
+        ``zero_constants`` every other floating tensor argument is replaced by zeros (the
+        tangent of a jointly linear op such as ``cat`` gets nothing from its constant pieces)."""
         node = plan.node
         base = resolve((node.args, node.kwargs), self.values)
+        if zero_constants:
+            base = _zero_floats(base)
         floats = [i for i, o in enumerate(node.outputs) if o is not None and self.differentiable[o]]
 
         def f(*xs: Tensor) -> Any:
@@ -291,7 +307,8 @@ class TaylorQuadform:
         if view is not None:  # a probe-batched tangent may not be viewable: reshape copies if needed
             (t,) = [t for t in ts if t is not None]
             return [view(t, [k, *plan.node.args[1]])], None
-        f = self._primal_fn(plan)
+        # jointly linear ops: constant floating pieces (cat with a constant) contribute no tangent
+        f = self._primal_fn(plan, zero_constants=plan.node.func in _LINEAR)
         zeros = [torch.zeros_like(self._arg(plan, j)) if t is None else None for j, t in enumerate(ts)]
 
         def g(*xs: Tensor) -> Any:

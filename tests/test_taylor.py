@@ -264,3 +264,24 @@ def test_layer_norm_whose_weight_also_feeds_its_input() -> None:
         op, _ = secorder.hessian_operator(f, p, strategy=strategy)
         torch.testing.assert_close(op.quadform(E), H.diagonal(), rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(op.matmat(E), H, rtol=1e-10, atol=1e-10)
+
+
+def test_constant_pieces_and_class_weights() -> None:
+    """cat/stack with a constant piece (its tangent is zero, not the constant) and nll_loss with
+    constant class weights (PyTorch does not differentiate nll_loss in its weights)."""
+    torch.manual_seed(3)
+    c = torch.randn(3, dtype=F64)
+    x, y = torch.randn(5, 4, dtype=F64), torch.tensor([0, 1, 2, 1, 0])
+    cw = torch.tensor([0.5, 2.0, 1.0], dtype=F64)
+
+    def f(p: dict[str, Tensor]) -> Tensor:
+        z = torch.cat([p["w"][0], c])
+        pieces = (torch.tanh(z) ** 2).sum() + torch.stack([p["w"][1, :3], c]).sin().sum()
+        logits = torch.tanh(x @ p["w"][:, :3])
+        return pieces + F.cross_entropy(logits, y, weight=cw)
+
+    p = {"w": torch.randn(4, 4, dtype=F64)}
+    H = dense_hessian(f, p)
+    V = torch.randn(5, H.shape[0], dtype=F64)
+    op, _ = secorder.hessian_operator(f, p, strategy="taylor")
+    torch.testing.assert_close(op.quadform(V), torch.einsum("ki,ij,kj->k", V, H, V), rtol=1e-10, atol=1e-10)
