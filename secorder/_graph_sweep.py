@@ -89,7 +89,13 @@ from secorder._tape import (
 )
 from secorder._taylor import _LINEAR as _TAYLOR_LINEAR
 
-__all__ = ["MAX_LOCAL", "GraphSweepTooCostlyError", "GraphSweepUnsupportedError", "graph_sweep_diagonal"]
+__all__ = [
+    "MAX_LOCAL",
+    "GraphSweepTooCostlyError",
+    "GraphSweepUnsupportedError",
+    "graph_sweep_cp_diagonal",
+    "graph_sweep_diagonal",
+]
 
 aten = torch.ops.aten
 
@@ -527,6 +533,144 @@ def _local_numel(nd: _Node, values: Sequence[Any]) -> int:
     return sum(nd.sizes) ** 2
 
 
+_Chunk = Callable[[list[Tensor], int, "_Plan", list[_Columns]], list[Tensor]]
+
+
+def _pull_reduce(
+    plan: _Plan,
+    leaves: Sequence[Tensor],
+    sub: list[_Node],
+    chunk: list[Tensor],
+    cots: list[Tensor],
+    extra: Tensor,
+    reduce: Callable[[Tensor, Tensor], Tensor],
+) -> list[Tensor]:
+    """Per sample of ``chunk``: the rows of ``cots`` (one (n, k, D_j) tensor per node of ``sub``)
+    pulled back by one vmapped VJP of θ ↦ (inputs of the nodes), each leaf's (k, *shape) gradients
+    reduced by ``reduce(g, extra_n)``; returns the per-sample results (n, ...) per leaf."""
+    tape = plan.tape
+
+    def pass2(sample: list[Tensor], cts: list[Tensor], ex: Tensor) -> list[Tensor]:
+        def phi(ls: list[Tensor]) -> list[Tensor]:
+            vals = tape.replay(ls, sample, {})
+            return [_node_vector(nd, vals) for nd in sub]
+
+        pull = vjp(phi, list(leaves))[1]
+        (g,) = vmap(pull)(cts)  # per leaf (k, *shape)
+        return [reduce(gl, ex) for gl in g]
+
+    out: list[Tensor] = vmap(pass2)(chunk, cots, extra)
+    return out
+
+
+def _sweep(
+    loss_fn: Callable[[list[Tensor], list[Tensor]], Tensor],
+    leaves: list[Tensor],
+    data: Sequence[Tensor],
+    *,
+    scale: float | None,
+    batch_loss: Tensor,
+    chunk_size: int,
+    max_columns: int | None,
+    budget_bytes: int,
+    rows: int,
+    make_chunk: Callable[[_Plan], _Chunk],
+) -> tuple[list[Tensor] | None, int, float]:
+    """The shared machinery: tape, plan, per sample chunk pass 1 (adjoints, local Hessians) and
+    the signed columns, handed to ``make_chunk(plan)(chunk, n, plan, columns)`` whose per-leaf
+    results are summed over sample chunks. Returns (sums or None when the loss does not depend
+    on θ, R, scale); ``rows`` cotangents per sample are pulled back at once (memory budget)."""
+    n_total = int(data[0].shape[0])
+    first = [d[0:1] for d in data]
+    try:
+        tape = record(lambda ls, xs: loss_fn(ls, xs), leaves, first)
+    except TapeUnsupportedError as exc:
+        raise GraphSweepUnsupportedError(str(exc.args[0])) from exc
+    ref = tape.result
+    if tape.output is None or not tape.depends[tape.output.index]:
+        return None, 0, 1.0 if scale is None else scale
+    if ref.dim() != 0:  # pragma: no cover - the losses are reductions
+        raise GraphSweepUnsupportedError("a per-sample loss that is not a scalar")
+    with torch.no_grad():
+        values0 = tape.replay(leaves, first, {})
+    plan = _classify(tape, values0)
+    shapes0 = {i: values0[i].shape for i in plan.adjoint}
+    p_count = sum(leaf.numel() for leaf in leaves)
+    item = leaves[0].element_size()
+    node_numel = sum(_node_vector(nd, values0).numel() for nd in plan.nodes) if plan.nodes else 1
+    local_numel = sum(_local_numel(nd, values0) for nd in plan.nodes)
+    per_sample = item * max(rows * (p_count + node_numel), 4 * local_numel + 1)
+    step = max(1, min(n_total, budget_bytes // per_sample))
+    tol_scale = 64 * torch.finfo(leaves[0].dtype).eps
+    batched_data = [d.unsqueeze(1) for d in data]  # (N, 1, ...): one sample keeps a batch of one
+
+    def pass1(sample: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        eps = {
+            i: torch.zeros(shapes0[i], dtype=values0[i].dtype, device=values0[i].device) for i in plan.adjoint
+        }
+
+        def total(e: dict[int, Tensor]) -> tuple[Tensor, tuple[Tensor, list[Any]]]:
+            vals = tape.replay(leaves, sample, e)
+            out = vals[tape.output.index]  # type: ignore[union-attr]
+            return out, (out, vals)
+
+        adj, (out, vals) = grad(total, has_aux=True)(eps)
+        return out, [_local(nd, vals, adj) for nd in plan.nodes]
+
+    on_chunk = make_chunk(plan)
+    acc: list[Tensor] | None = None
+    r_max = 0
+    loss_sum = batch_loss.new_zeros(())
+    for s0 in range(0, n_total, step):
+        chunk = [d[s0 : s0 + step] for d in batched_data]
+        n = chunk[0].shape[0]
+        try:
+            losses, locals_ = vmap(pass1)(chunk)
+        except (RuntimeError, ValueError, NotImplementedError) as exc:
+            raise GraphSweepUnsupportedError(
+                f"replaying the per-sample tape under vmap failed ({type(exc).__name__}: {exc})"
+            ) from exc
+        loss_sum = loss_sum + losses.sum()
+        cols = [_columns(nd, loc, tol_scale) for nd, loc in zip(plan.nodes, locals_)]
+        r = sum(c.count for c in cols)
+        r_max = max(r_max, r)
+        if max_columns is not None and r > max_columns:
+            raise GraphSweepTooCostlyError(r)
+        part = on_chunk(chunk, n, plan, cols)
+        acc = part if acc is None else [a + p for a, p in zip(acc, part)]
+    tol = math.sqrt(torch.finfo(batch_loss.dtype).eps) * 10
+
+    def matches(c: float) -> bool:
+        return torch.allclose(
+            loss_sum * c, batch_loss.detach(), rtol=tol, atol=tol * (1 + float(batch_loss.abs()))
+        )
+
+    if scale is None:
+        scale = next((c for c in (1.0 / n_total, 1.0) if matches(c)), None)
+        if scale is None:
+            raise GraphSweepUnsupportedError(
+                f"a function that is neither the mean nor the sum of its per-sample values: "
+                f"Σ_n f(sample_n) = {float(loss_sum):.6g} over N = {n_total} samples, but f(batch) = "
+                f"{float(batch_loss):.6g} (samples interact, or a term is added once per batch)"
+            )
+    combined = loss_sum * scale
+    if not matches(scale):
+        raise GraphSweepUnsupportedError(
+            f"a model whose samples interact: the per-sample losses combine to {float(combined):.6g} "
+            f"but the batch loss is {float(batch_loss):.6g} (e.g. batch statistics)"
+        )
+    return acc, r_max, scale
+
+
+def _spans(cols: list[_Columns]) -> list[tuple[int, int, int]]:
+    """(node, start, stop) of each node's columns in the global column order (node by node)."""
+    spans, pos = [], 0
+    for j, c in enumerate(cols):
+        spans.append((j, pos, pos + c.count))
+        pos += c.count
+    return spans
+
+
 def graph_sweep_diagonal(
     loss_fn: Callable[[list[Tensor], list[Tensor]], Tensor],
     leaves: Sequence[Tensor],
@@ -570,118 +714,162 @@ def graph_sweep_diagonal(
         (True, 3)
     """
     leaves = [leaf.detach() for leaf in leaves]
-    n_total = int(data[0].shape[0])
-    first = [d[0:1] for d in data]
-    try:
-        tape = record(lambda ls, xs: loss_fn(ls, xs), leaves, first)
-    except TapeUnsupportedError as exc:
-        raise GraphSweepUnsupportedError(str(exc.args[0])) from exc
-    ref = tape.result
-    if tape.output is None or not tape.depends[tape.output.index]:
+
+    def make_chunk(plan: _Plan) -> _Chunk:
+        def on_chunk(chunk: list[Tensor], n: int, plan: _Plan, cols: list[_Columns]) -> list[Tensor]:
+            diag = [torch.zeros_like(leaf) for leaf in leaves]
+            spans = _spans(cols)
+            r = spans[-1][2] if spans else 0
+            for c0 in range(0, r, chunk_size):
+                c1 = min(r, c0 + chunk_size)
+                used: list[int] = []
+                cots: list[Tensor] = []
+                weights: list[Tensor] = []
+                for j, a, b in spans:
+                    lo, hi = max(a, c0), min(b, c1)
+                    if lo >= hi:
+                        continue
+                    ct, w = cols[j].get(lo - a, hi - a)
+                    used.append(j)
+                    pad_l, pad_r = lo - c0, c1 - hi
+                    full = ct.new_zeros(n, c1 - c0, ct.shape[2])
+                    full[:, pad_l : c1 - c0 - pad_r] = ct
+                    cots.append(full)
+                    weights.append(w)
+                w_all = torch.cat(weights, 1)  # (n, k), in column order (nodes in order)
+                part = _pull_reduce(
+                    plan, leaves, [plan.nodes[j] for j in used], chunk, cots, w_all,
+                    lambda g, w: torch.einsum("k,k...->...", w, g * g),
+                )  # fmt: skip
+                diag = [d + p.sum(0) for d, p in zip(diag, part)]
+            return diag
+
+        return on_chunk
+
+    acc, r_max, c = _sweep(
+        loss_fn, leaves, data, scale=scale, batch_loss=batch_loss, chunk_size=chunk_size,
+        max_columns=max_columns, budget_bytes=budget_bytes, rows=chunk_size, make_chunk=make_chunk,
+    )  # fmt: skip
+    if acc is None:
         return [torch.zeros_like(leaf) for leaf in leaves], 0
-    if ref.dim() != 0:  # pragma: no cover - the losses are reductions
-        raise GraphSweepUnsupportedError("a per-sample loss that is not a scalar")
-    with torch.no_grad():
-        values0 = tape.replay(leaves, first, {})
-    plan = _classify(tape, values0)
-    shapes0 = {i: values0[i].shape for i in plan.adjoint}
-    p_count = sum(leaf.numel() for leaf in leaves)
-    item = leaves[0].element_size()
-    node_numel = sum(_node_vector(nd, values0).numel() for nd in plan.nodes) if plan.nodes else 1
-    local_numel = sum(_local_numel(nd, values0) for nd in plan.nodes)
-    per_sample = item * max(chunk_size * (p_count + node_numel), 4 * local_numel + 1)
-    step = max(1, min(n_total, budget_bytes // per_sample))
-    tol_scale = 64 * torch.finfo(leaves[0].dtype).eps
-    batched_data = [d.unsqueeze(1) for d in data]  # (N, 1, ...): one sample keeps a batch of one
+    return [d * c for d in acc], r_max
 
-    def pass1(sample: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
-        eps = {
-            i: torch.zeros(shapes0[i], dtype=values0[i].dtype, device=values0[i].device) for i in plan.adjoint
-        }
 
-        def total(e: dict[int, Tensor]) -> tuple[Tensor, tuple[Tensor, list[Any]]]:
-            vals = tape.replay(leaves, sample, e)
-            out = vals[tape.output.index]  # type: ignore[union-attr]
-            return out, (out, vals)
+def graph_sweep_cp_diagonal(
+    loss_fn: Callable[[list[Tensor], list[Tensor]], Tensor],
+    leaves: Sequence[Tensor],
+    data: Sequence[Tensor],
+    *,
+    num_probes: int,
+    generator: torch.Generator | None,
+    scale: float | None,
+    batch_loss: Tensor,
+    chunk_size: int,
+    budget_bytes: int = 64 << 20,
+) -> tuple[list[Tensor], list[Tensor], Tensor, int]:
+    """Curvature propagation on the op-level tape: an unbiased estimate of diag ∇²_θ L.
 
-        adj, (out, vals) = grad(total, has_aux=True)(eps)
-        return out, [_local(nd, vals, adj) for nd in plan.nodes]
+    Per sample n and probe k, independent Rademacher signs v_c ∈ {±1} mix the signed columns
+    (s_c, w_c) of every contributing node into two cotangents
 
-    diag = [torch.zeros_like(leaf) for leaf in leaves]
-    r_max = 0
-    loss_sum = batch_loss.new_zeros(())
-    for s0 in range(0, n_total, step):
-        chunk = [d[s0 : s0 + step] for d in batched_data]
-        n = chunk[0].shape[0]
-        try:
-            losses, locals_ = vmap(pass1)(chunk)
-        except (RuntimeError, ValueError, NotImplementedError) as exc:
-            raise GraphSweepUnsupportedError(
-                f"replaying the per-sample tape under vmap failed ({type(exc).__name__}: {exc})"
-            ) from exc
-        loss_sum = loss_sum + losses.sum()
-        cols = [_columns(nd, loc, tol_scale) for nd, loc in zip(plan.nodes, locals_)]
-        r = sum(c.count for c in cols)
-        r_max = max(r_max, r)
-        if max_columns is not None and r > max_columns:
-            raise GraphSweepTooCostlyError(r)
-        # global column order: node by node
-        spans: list[tuple[int, int, int]] = []  # (node, start, stop) within the node
-        pos = 0
-        for j, c in enumerate(cols):
-            spans.append((j, pos, pos + c.count))
-            pos += c.count
-        for c0 in range(0, r, chunk_size):
-            c1 = min(r, c0 + chunk_size)
-            used: list[int] = []
-            cots: list[Tensor] = []
-            weights: list[Tensor] = []
-            for j, a, b in spans:
-                lo, hi = max(a, c0), min(b, c1)
-                if lo >= hi:
-                    continue
-                ct, w = cols[j].get(lo - a, hi - a)
-                used.append(j)
-                pad_l, pad_r = lo - c0, c1 - hi
-                full = ct.new_zeros(n, c1 - c0, ct.shape[2])
-                full[:, pad_l : c1 - c0 - pad_r] = ct
-                cots.append(full)
-                weights.append(w)
-            w_all = torch.cat(weights, 1)  # (n, k), in column order (nodes in order)
-            sub = [plan.nodes[j] for j in used]
+        P = Σ_{w_c > 0} v_c √w_c s_c,    Q = Σ_{w_c < 0} v_c √(−w_c) s_c,
 
-            def pass2(
-                sample: list[Tensor], cts: list[Tensor], w: Tensor, sub: list[_Node] = sub
-            ) -> list[Tensor]:
-                def phi(ls: list[Tensor]) -> list[Tensor]:
-                    vals = tape.replay(ls, sample, {})
-                    return [_node_vector(nd, vals) for nd in sub]
+    and (J_nᵀ P)² − (J_nᵀ Q)² estimates diag H_n without bias, since E[(Jᵀ P)²] = Σ_{w_c>0}
+    w_c (Jᵀ s_c)² (Martens, Sutskever and Swersky 2012). The estimate is c Σ_n of these, averaged
+    over the K probes. Cost: pass 1 as for the exact sweep, then 2K vector-Jacobian products per
+    sample (instead of R), ``chunk_size`` of them per vmapped VJP; P and Q are built from
+    ``chunk_size`` columns at a time (never all R dense columns).
 
-                pull = vjp(phi, leaves)[1]
-                (g,) = vmap(pull)(cts)  # per leaf (k, *shape)
-                return [torch.einsum("k,k...->...", w, gl * gl) for gl in g]
+    Randomness: the signs of one chunk of samples are drawn at once from ``generator`` as an
+    (n, K, R) tensor, so results do not depend on ``chunk_size``; they may depend on the
+    sample chunking (set by ``budget_bytes``) through R, the columns kept per sample chunk.
 
-            part = vmap(pass2)(chunk, cots, w_all)
-            diag = [d + p.sum(0) for d, p in zip(diag, part)]
-    tol = math.sqrt(torch.finfo(batch_loss.dtype).eps) * 10
+    Args:
+        loss_fn, leaves, data, scale, batch_loss, budget_bytes: as in :func:`graph_sweep_diagonal`.
+        num_probes: K ≥ 1.
+        generator: source of the signs (``None``: the global RNG); same state ⇒ same result.
+        chunk_size: cotangents per vmapped VJP (at least 2: one probe's P and Q) and columns per
+            mixing step.
 
-    def matches(c: float) -> bool:
-        return torch.allclose(
-            loss_sum * c, batch_loss.detach(), rtol=tol, atol=tol * (1 + float(batch_loss.abs()))
-        )
+    Returns:
+        The estimate per leaf, its per-entry standard errors (std over the K probes / √K, NaN
+        for K = 1), the standard error of the trace estimate (the same over the per-probe
+        traces), and R.
 
-    if scale is None:
-        scale = next((c for c in (1.0 / n_total, 1.0) if matches(c)), None)
-        if scale is None:
-            raise GraphSweepUnsupportedError(
-                f"a function that is neither the mean nor the sum of its per-sample values: "
-                f"Σ_n f(sample_n) = {float(loss_sum):.6g} over N = {n_total} samples, but f(batch) = "
-                f"{float(batch_loss):.6g} (samples interact, or a term is added once per batch)"
-            )
-    combined = loss_sum * scale
-    if not matches(scale):
-        raise GraphSweepUnsupportedError(
-            f"a model whose samples interact: the per-sample losses combine to {float(combined):.6g} "
-            f"but the batch loss is {float(batch_loss):.6g} (e.g. batch statistics)"
-        )
-    return [d * scale for d in diag], r_max
+    Raises:
+        GraphSweepUnsupportedError: see the module docstring.
+
+    Example:
+        >>> import torch
+        >>> w, x = torch.tensor([0.5, -1.0], dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+        >>> loss = lambda ls, s: torch.tanh(ls[0] * s[0]).sum()  # one column per element: exact
+        >>> (d,), (e,), t, r = graph_sweep_cp_diagonal(
+        ...     loss, [w], [x], num_probes=3, generator=torch.Generator().manual_seed(0),
+        ...     scale=1.0, batch_loss=loss([w], [x]), chunk_size=8,
+        ... )
+        >>> ref = torch.autograd.functional.hessian(lambda v: loss([v], [x]), w).diagonal()
+        >>> torch.allclose(d, ref), bool(e.abs().max() < 1e-12), r
+        (True, True, 2)
+
+    References:
+        J. Martens, I. Sutskever, K. Swersky. Estimating the Hessian by back-propagating
+        curvature. ICML 2012.
+    """
+    leaves = [leaf.detach() for leaf in leaves]
+    k_all = num_probes
+    per_vjp = max(1, chunk_size // 2)  # probes per vmapped VJP (2 cotangents each)
+    like = leaves[0]
+
+    def make_chunk(plan: _Plan) -> _Chunk:
+        def on_chunk(chunk: list[Tensor], n: int, plan: _Plan, cols: list[_Columns]) -> list[Tensor]:
+            spans = [s for s in _spans(cols) if s[2] > s[1]]
+            r = spans[-1][2] if spans else 0
+            bits = torch.randint(0, 2, (n, k_all, r), generator=generator, device=like.device)
+            signs = (2 * bits - 1).to(like.dtype)
+            out = [leaf.new_zeros(k_all, *leaf.shape) for leaf in leaves]
+            if not spans:
+                return out
+            sub = [plan.nodes[j] for j, _, _ in spans]
+            for k0 in range(0, k_all, per_vjp):
+                k1 = min(k_all, k0 + per_vjp)
+                kk = k1 - k0
+                cots = []
+                for j, a, b in spans:
+                    p: Tensor | None = None
+                    q: Tensor | None = None
+                    for c0 in range(0, b - a, chunk_size):
+                        c1 = min(b - a, c0 + chunk_size)
+                        ct, w = cols[j].get(c0, c1)  # (n, k, D), (n, k)
+                        v = signs[:, k0:k1, a + c0 : a + c1].to(ct.dtype)  # (n, kk, k)
+                        dp = torch.einsum("nqk,nk,nkd->nqd", v, w.clamp(min=0).sqrt(), ct)
+                        dq = torch.einsum("nqk,nk,nkd->nqd", v, (-w).clamp(min=0).sqrt(), ct)
+                        p, q = (dp, dq) if p is None or q is None else (p + dp, q + dq)
+                    assert p is not None and q is not None
+                    cots.append(torch.cat([p, q], 1))  # (n, 2 kk, D)
+
+                def difference(g: Tensor, _unused: Tensor, kk: int = kk) -> Tensor:
+                    return g[:kk] * g[:kk] - g[kk:] * g[kk:]  # (J^T P)^2 - (J^T Q)^2 per probe
+
+                part = _pull_reduce(plan, leaves, sub, chunk, cots, signs.new_zeros(n), difference)
+                for o, p_ in zip(out, part):
+                    o[k0:k1] += p_.sum(0)
+            return out
+
+        return on_chunk
+
+    acc, r_max, c = _sweep(
+        loss_fn, leaves, data, scale=scale, batch_loss=batch_loss, chunk_size=chunk_size,
+        max_columns=None, budget_bytes=budget_bytes, rows=max(2, chunk_size), make_chunk=make_chunk,
+    )  # fmt: skip
+    if acc is None:
+        acc = [leaf.new_zeros(k_all, *leaf.shape) for leaf in leaves]
+    per_probe = [a * c for a in acc]  # (K, *shape) per leaf
+    mean = [a.mean(0) for a in per_probe]
+    traces = sum((a.reshape(k_all, -1).sum(1) for a in per_probe), start=like.new_zeros(k_all))
+    if k_all > 1:
+        err = [a.std(0, correction=1) / math.sqrt(k_all) for a in per_probe]
+        trace_err = traces.std(correction=1) / math.sqrt(k_all)
+    else:
+        err = [torch.full_like(m, math.nan) for m in mean]
+        trace_err = like.new_tensor(math.nan)
+    return mean, err, trace_err, r_max

@@ -49,7 +49,12 @@ import torch
 from torch import Tensor, nn
 
 from secorder._errors import error
-from secorder._graph_sweep import GraphSweepTooCostlyError, GraphSweepUnsupportedError, graph_sweep_diagonal
+from secorder._graph_sweep import (
+    GraphSweepTooCostlyError,
+    GraphSweepUnsupportedError,
+    graph_sweep_cp_diagonal,
+    graph_sweep_diagonal,
+)
 from secorder._losses import CallableLoss, LossSpec, resolve_loss
 from secorder._pytree import check_floating_tree, unflatten
 from secorder._sweep import SweepTooCostlyError, SweepUnsupportedError, sweep_diagonal
@@ -283,37 +288,40 @@ def _run(
     except SweepTooCostlyError as exc:  # only raised when one-hot HVPs are the cheaper exact route
         return hvp_route(f"R={exc.args[0]} columns > P={p_count}: one-hot HVPs are cheaper", exc.args[0])
     except SweepUnsupportedError as exc:
-        if k is None:  # the op-level sweep (exact only): LayerNorm, attention, tied weights, ...
-            try:
-                return _graph_route(
-                    call,
-                    forward,
-                    spec,
-                    tree,
-                    leaves,
-                    inputs,
-                    targets,
-                    64 if chunk_size is None else chunk_size,
-                    p_count if cheap_hvp else None,
-                    exc,
-                )
-            except GraphSweepTooCostlyError as exc2:
-                return hvp_route(
-                    f"op-level sweep: R={exc2.args[0]} columns > P={p_count}: one-hot HVPs are cheaper",
-                    exc2.args[0],
-                )
-            except GraphSweepUnsupportedError as exc2:
-                exc = SweepUnsupportedError(f"{exc}; the op-level sweep refused it too: {exc2}")
+        # the op-level engine: LayerNorm, attention, tied weights, ... (exact, or CP with probes)
+        try:
+            return _graph_route(
+                call,
+                forward,
+                spec,
+                tree,
+                leaves,
+                inputs,
+                targets,
+                64 if chunk_size is None else chunk_size,
+                p_count if cheap_hvp else None,
+                exc,
+                k,
+                generator,
+            )
+        except GraphSweepTooCostlyError as exc2:
+            return hvp_route(
+                f"op-level sweep: R={exc2.args[0]} columns > P={p_count}: one-hot HVPs are cheaper",
+                exc2.args[0],
+            )
+        except GraphSweepUnsupportedError as exc2:
+            exc = SweepUnsupportedError(f"{exc}; the op-level sweep refused it too: {exc2}")
         if cheap_hvp:
             return hvp_route(f"sweep unsupported ({exc}); P={p_count} <= {max_hvp}", 0)
         raise error(
             call,
-            "the structured sweep covers Linear/Conv2d/Embedding layers, elementwise activations, "
-            "piecewise-linear ops and adds; the op-level sweep any per-sample ATen graph with small "
-            "local Hessians",
+            "the structured sweep and curvature propagation cover Linear/Conv2d/Embedding layers, "
+            "elementwise activations, piecewise-linear ops and adds; the op-level engine any "
+            "per-sample ATen graph with small local Hessians",
             f"a model with {exc}",
-            "Use method='hvp' (batched one-hot Hessian-vector products, cost P HVPs) or "
-            "method='curvature_propagation' with num_probes (an unbiased estimate).",
+            "Use method='hvp' (batched one-hot Hessian-vector products of the batch loss, cost P "
+            "HVPs; works for any model), or for an estimate secorder.hessian_diagonal(f, "
+            "num_probes=K) (Hutchinson) with f from secorder.module_loss(model, loss).",
         ) from exc
     d = unflatten(tree, diag)
     label = "curvature_propagation" if k is not None else "sweep"
@@ -336,8 +344,11 @@ def _graph_route(
     chunk: int,
     max_columns: int | None,
     refused: Exception,
+    num_probes: int | None,
+    generator: torch.Generator | None,
 ) -> tuple[Any, Any, SweepInfo]:
-    """The op-level sweep (:mod:`secorder._graph_sweep`) for a model the module sweep refused."""
+    """The op-level engine (:mod:`secorder._graph_sweep`) for a model the module sweep refused:
+    the exact sweep, or curvature propagation when ``num_probes`` is given."""
     if not (isinstance(inputs, Tensor) and isinstance(targets, Tensor) and inputs.dim() > 0):
         raise GraphSweepUnsupportedError("inputs and targets that are not batched tensors")
     with torch.no_grad():
@@ -350,11 +361,23 @@ def _graph_route(
     def loss_fn(ls: list[Tensor], sample: list[Tensor]) -> Tensor:
         return spec.total(forward(unflatten(tree, ls), sample[0]), sample[1])
 
+    p_count = sum(leaf.numel() for leaf in leaves)
+    if num_probes is not None:
+        mean, err, trace_err, r = graph_sweep_cp_diagonal(
+            loss_fn, leaves, [inputs, targets], num_probes=num_probes, generator=generator,
+            scale=spec.scale(z), batch_loss=batch_loss, chunk_size=chunk,
+        )  # fmt: skip
+        e = unflatten(tree, err)
+        e[_TRACE_KEY] = trace_err  # popped by diag_fn; read by module_hessian_trace
+        reason = (
+            f"op-level curvature propagation (module sweep refused: {refused}); "
+            f"K={num_probes}, R={r}, P={p_count}"
+        )
+        return unflatten(tree, mean), e, SweepInfo("curvature_propagation", r, p_count, reason)
     diag, r = graph_sweep_diagonal(
         loss_fn, leaves, [inputs, targets], scale=spec.scale(z), batch_loss=batch_loss,
         chunk_size=chunk, max_columns=max_columns,
     )  # fmt: skip
     d = unflatten(tree, diag)
-    p_count = sum(leaf.numel() for leaf in leaves)
     reason = f"op-level graph sweep (module sweep refused: {refused}); R={r}, P={p_count}"
     return d, {n: torch.zeros_like(v) for n, v in d.items()}, SweepInfo("sweep", r, p_count, reason)

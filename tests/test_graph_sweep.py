@@ -591,3 +591,135 @@ def test_layer_norm_weight_shared_with_its_input(form: str) -> None:
     ref = torch.autograd.functional.hessian(lambda v: loss([v], [x]), w).diagonal()
     torch.testing.assert_close(d, ref, rtol=1e-9, atol=1e-12)
     assert r > 0
+
+
+# --- curvature propagation on the op-level engine (graph_sweep_cp_diagonal) ------------------
+
+CP_CASES = [("attention", "cross_entropy"), ("layernorm_seq", "mse"), ("tied", "cross_entropy")]
+
+
+@pytest.mark.parametrize(("name", "loss"), CP_CASES)
+def test_cp_unbiased_and_stderr_calibrated(name: str, loss: str) -> None:
+    """200 seeds of K=8 probes: every entry's (and the trace's) mean estimate within 4 standard
+    errors of the exact dense value, and the reported stderr covers it in ~95% of the pairs
+    (a t-statistic with 7 degrees of freedom: about 0.91 expected)."""
+    model = _model(name)
+    x, y = _data(name, loss, n=3)
+    params = _params(model)
+    exact = _reference(model, loss, "mean", params, x, y)
+    fn = secorder.module_hessian_diagonal(
+        model, loss, method="curvature_propagation", num_probes=8, with_stderr=True
+    )
+    seeds = 200
+    ests, errs, trace_errs = [], [], []
+    for s in range(seeds):
+        d, e = fn(params, x, y, torch.Generator().manual_seed(s))
+        ests.append(_flat(d))
+        errs.append(_flat(e))
+        trace_errs.append(fn.trace_stderr)
+    est, err = torch.stack(ests), torch.stack(errs)
+    assert fn.method_info.method == "curvature_propagation"
+    # unbiasedness, per entry: entries with zero spread must be exact
+    spread = est.std(0) / seeds**0.5
+    random = spread > 1e-12
+    assert random.sum() > exact.numel() // 2  # the estimate is genuinely random here
+    assert ((est.mean(0) - exact).abs() <= 4 * spread + 1e-10).all()
+    torch.testing.assert_close(est[:, ~random], exact[~random].expand(seeds, -1), rtol=1e-9, atol=1e-11)
+    traces = est.sum(1)
+    assert (traces.mean() - exact.sum()).abs() <= 4 * traces.std() / seeds**0.5
+    # stderr calibration over (entry, seed) pairs, and for the trace over seeds
+    covered = ((est - exact).abs() <= 1.96 * err)[:, random].double().mean()
+    assert 0.88 <= float(covered) <= 0.99, float(covered)
+    t_err = torch.stack(trace_errs)
+    t_cov = ((traces - exact.sum()).abs() <= 1.96 * t_err).double().mean()
+    assert 0.85 <= float(t_cov) <= 0.99, float(t_cov)
+
+
+def test_cp_same_generator_state_same_result_any_chunk_size() -> None:
+    model = _model("attention")
+    x, y = _data("attention", "cross_entropy", n=4)
+    params = _params(model)
+    out = []
+    for chunk in (2, 5, 64, 64):
+        fn = secorder.module_hessian_diagonal(
+            model, "cross_entropy", method="curvature_propagation", num_probes=3, chunk_size=chunk,
+            with_stderr=True,
+        )  # fmt: skip
+        d, e = fn(params, x, y, torch.Generator().manual_seed(7))
+        out.append((_flat(d), _flat(e), fn.trace_stderr))
+    assert all(torch.equal(a, b) for a, b in zip(out[2], out[3]))  # bitwise: same state, same call
+    for other in out[:2]:  # other chunk sizes: the same signs, summed in another order
+        for a, b in zip(out[2], other):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+    fn = secorder.module_hessian_diagonal(
+        model, "cross_entropy", method="curvature_propagation", num_probes=3
+    )
+    assert not torch.equal(_flat(fn(params, x, y, torch.Generator().manual_seed(8))), out[2][0])
+
+
+def test_cp_trace_with_stderr_on_a_refused_model() -> None:
+    model = _model("layernorm_seq")
+    x, y = _data("layernorm_seq", "mse", n=4)
+    params = _params(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    tr_fn = secorder.module_hessian_trace(
+        model, "mse", method="curvature_propagation", num_probes=6, with_stderr=True
+    )
+    tr, tr_err = tr_fn(params, x, y, torch.Generator().manual_seed(3))
+    diag_fn = secorder.module_hessian_diagonal(model, "mse", method="curvature_propagation", num_probes=6)
+    d = diag_fn(params, x, y, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(tr, _flat(d).sum(), rtol=1e-12, atol=1e-12)
+    assert torch.isfinite(tr_err) and tr_err > 0 and tr_err == diag_fn.trace_stderr
+    assert tr_fn.method_info.method == "curvature_propagation"
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())  # not mutated
+    # one probe: no spread to estimate the error from
+    one = secorder.module_hessian_trace(
+        model, "mse", method="curvature_propagation", num_probes=1, with_stderr=True
+    )
+    assert torch.isnan(one(params, x, y, torch.Generator().manual_seed(0))[1])
+
+
+@pytest.mark.parametrize("name", ["attention", "tied", "batchnorm"])
+def test_cp_routes_to_the_op_level_engine(name: str) -> None:
+    loss = "cross_entropy"
+    model = _model(name)
+    x, y = _data(name, loss, n=3)
+    fn = secorder.module_hessian_diagonal(model, loss, method="curvature_propagation", num_probes=2)
+    fn(_params(model), x, y, torch.Generator().manual_seed(0))
+    info = fn.method_info
+    assert info.method == "curvature_propagation"
+    assert info.reason.startswith("op-level curvature propagation (module sweep refused: ")
+    assert "K=2" in info.reason and info.num_columns > 0
+    assert info.num_params == sum(p.numel() for p in model.parameters())
+
+
+def test_cp_refused_by_both_engines_suggests_a_working_method() -> None:
+    model = Branchy().double()
+    x, y = _data("mlp", "mse")
+    fn = secorder.module_hessian_diagonal(model, "mse", method="curvature_propagation", num_probes=2)
+    with pytest.raises(secorder.SecorderError, match="per-sample data") as info:
+        fn(_params(model), x, y)
+    fix = str(info.value).split("per-sample data", 1)[1]
+    assert "method='hvp'" in fix and "curvature_propagation" not in fix
+    # and the exact route's error does not suggest curvature propagation either
+    with pytest.raises(secorder.SecorderError, match="method='hvp'") as info2:
+        secorder.module_hessian_diagonal(model, "mse", method="sweep")(_params(model), x, y)
+    assert "curvature_propagation" not in str(info2.value)
+
+
+def test_cp_exact_when_columns_do_not_overlap() -> None:
+    """One elementwise op on disjoint parameter entries: every column reaches its own entry, so the
+    estimate is exact for any signs, with zero standard errors (the docstring's case, K=4)."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(3, generator=g, dtype=torch.float64)
+    x = torch.randn(5, 3, generator=g, dtype=torch.float64)
+
+    def loss(ls: list[Tensor], s: list[Tensor]) -> Tensor:
+        return torch.sin(ls[0] * s[0]).sum()
+
+    (d,), (e,), t_err, r = _graph_sweep.graph_sweep_cp_diagonal(
+        loss, [w], [x], num_probes=4, generator=g, scale=None, batch_loss=loss([w], [x]) / 5, chunk_size=3
+    )
+    ref = torch.autograd.functional.hessian(lambda v: loss([v], [x]) / 5, w).diagonal()
+    torch.testing.assert_close(d, ref, rtol=1e-12, atol=1e-14)
+    assert e.abs().max() < 1e-12 and t_err.abs() < 1e-12 and r == 3
