@@ -53,6 +53,12 @@ Then every column is pulled back by one vmapped VJP of θ ↦ (inputs of the con
 (``chunk_size`` columns at a time), squared, weighted and summed. R (columns per sample) is the
 cost: about R/chunk_size replays of the forward pass plus R batched backward passes.
 
+Curvature propagation (:func:`graph_sweep_cp_diagonal`; Martens, Sutskever and Swersky 2012):
+the same tape, plan and columns, but per sample and probe the columns are mixed by Rademacher
+signs into two cotangents P = Σ_{w_c>0} v_c √w_c s_c and Q = Σ_{w_c<0} v_c √(−w_c) s_c (built
+``chunk_size`` columns at a time), pulled back by the same vmapped VJP: (JᵀP)² − (JᵀQ)² is an
+unbiased estimate of diag H_n at 2 VJPs per probe instead of R, with standard errors over probes.
+
 Refused (:class:`GraphSweepUnsupportedError`): tapes that cannot be replayed faithfully (random
 ops, aliased in-place updates), Python control flow on the data (``.item()``), train-mode
 BatchNorm and any other coupling of samples (checked: c Σ_n l_n must equal the batch loss),
@@ -63,6 +69,8 @@ References:
     Neural Computation, 1992.
     F. Dangel, S. Harmeling, P. Hennig. Modular block-diagonal curvature approximations for
     feedforward architectures. AISTATS 2020.
+    J. Martens, I. Sutskever, K. Swersky. Estimating the Hessian by back-propagating
+    curvature. ICML 2012.
 """
 
 from __future__ import annotations

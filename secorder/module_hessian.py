@@ -25,10 +25,14 @@
   (:func:`secorder.hessian_diagonal`); works for any model, cost P HVPs.
 * ``"curvature_propagation"``: Martens, Sutskever and Swersky (2012): the sweep with random
   signed mixtures of the columns, an unbiased estimate with per-entry standard errors over
-  ``num_probes`` probes at about two gradients per probe.
+  ``num_probes`` probes at about two gradients per probe. Models the module sweep refuses
+  (LayerNorm, attention, tied weights, affine eval BatchNorm, ...) run it on the op-level
+  engine (2 VJPs per probe and sample instead of R; ``method_info.reason`` starts with
+  ``"op-level curvature propagation"``), where R can exceed P and no exact method is cheap.
 * ``"auto"``: the sweep (structured, else op-level) when it covers the model and R ≤ P
   (the cost model: R batched VJPs against P HVPs); else one-hot HVPs when
-  P ≤ ``max_hvp_params``; else a clear error suggesting curvature propagation. After each
+  P ≤ ``max_hvp_params``; else the exact sweep whatever R (when both engines refuse the
+  model: a clear error suggesting ``method="hvp"``). After each
   call ``fn.method_info`` (a :class:`SweepInfo`) says which method ran and why.
 
 References:
