@@ -65,6 +65,7 @@ from secorder._sweep import SweepTooCostlyError, SweepUnsupportedError, sweep_di
 from secorder._validate import check_num_probes
 from secorder.hessian import hessian_diagonal
 from secorder.modules import module_forward
+from secorder.probes import check_generator
 
 __all__ = ["METHODS", "SweepInfo", "module_hessian_diagonal", "module_hessian_trace"]
 
@@ -258,6 +259,7 @@ def _run(
         )
     names = sorted(params)  # flatten orders dict leaves by sorted key
     p_count = sum(leaf.numel() for leaf in leaves)
+    generator = check_generator(call, generator, leaves[0].device)
     for name, m in model.named_modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and (
             m.training or not m.track_running_stats or m.running_mean is None

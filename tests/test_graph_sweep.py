@@ -723,3 +723,14 @@ def test_cp_exact_when_columns_do_not_overlap() -> None:
     ref = torch.autograd.functional.hessian(lambda v: loss([v], [x]) / 5, w).diagonal()
     torch.testing.assert_close(d, ref, rtol=1e-12, atol=1e-14)
     assert e.abs().max() < 1e-12 and t_err.abs() < 1e-12 and r == 3
+
+
+def test_curvature_propagation_checks_its_generator() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2)).double()
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    x, y = torch.randn(3, 3, dtype=torch.float64), torch.tensor([0, 1, 1])
+    fn = secorder.module_hessian_diagonal(
+        model, "cross_entropy", method="curvature_propagation", num_probes=2
+    )
+    with pytest.raises(TypeError, match=r"generator must be a torch.Generator or None, but received int"):
+        fn(params, x, y, generator=0)
