@@ -264,6 +264,7 @@ def hessian_trace(
     method: str = "hutchinson",
     per_block: bool = False,
     exact: str = "hvp",
+    progress: bool = False,
 ) -> Callable[..., Any]:
     """Transform ``f`` into a function returning tr(∇²_θ f), exact or by a randomized estimator.
 
@@ -300,6 +301,8 @@ def hessian_trace(
         per_block: return one trace per leaf of θ instead of the total.
         exact: how the exact trace (``num_probes=None``) is computed: ``"hvp"`` or
             ``"sweep"``, as for :func:`hessian_diagonal` (the sum of its exact diagonal).
+        progress: show a tqdm bar over the chunks of one-hot products of the exact trace
+            (``exact="hvp"``; tqdm is an optional dependency).
 
     Returns:
         ``trace_fn(*args, generator=None)`` returning a 0-dim tensor (a pytree of them
@@ -339,6 +342,7 @@ def hessian_trace(
     _probes.check_distribution(call, distribution)
     check_bool(call, "with_stderr", with_stderr)
     check_bool(call, "per_block", per_block)
+    check_bool(call, "progress", progress)
     _check_exact(call, exact, num_probes)
 
     @functools.wraps(f)
@@ -358,7 +362,7 @@ def hessian_trace(
         if per_block:
             sizes = [leaf.numel() for leaf in leaves]
             if num_probes is None or block_estimator is None:
-                blocks = exact_block_traces(op, sizes, chunk_size=chunk_size)
+                blocks = exact_block_traces(op, sizes, chunk_size=chunk_size, progress=progress)
                 block_err = torch.zeros_like(blocks)
             else:
                 blocks, block_err = block_estimator(
@@ -367,7 +371,7 @@ def hessian_trace(
             tree = unflatten(spec, list(blocks.unbind()))
             return (tree, unflatten(spec, list(block_err.unbind()))) if with_stderr else tree
         if num_probes is None:
-            est = exact_diagonal(op, chunk_size=chunk_size).sum()
+            est = exact_diagonal(op, chunk_size=chunk_size, progress=progress).sum()
             err = torch.zeros_like(est)
         else:
             est, err = estimator(
@@ -390,6 +394,7 @@ def hessian_diagonal(
     strategy: str = "auto",
     method: str = "hutchinson",
     exact: str = "hvp",
+    progress: bool = False,
 ) -> Callable[..., Any]:
     """Transform ``f`` into a function returning diag(∇²_θ f) as a pytree shaped like θ.
 
@@ -420,6 +425,8 @@ def hessian_diagonal(
             per sample; for ``f(θ, *batch)`` that is the mean or the sum over dimension 0
             of every other argument of a per-sample loss, which is checked on the values;
             ``fn.method_info`` reports R and P after a call).
+        progress: show a tqdm bar over the chunks of one-hot products of the exact diagonal
+            (``exact="hvp"``; tqdm is an optional dependency).
 
     Returns:
         ``diag_fn(*args, generator=None)`` returning a pytree with θ's structure and key
@@ -438,6 +445,7 @@ def hessian_diagonal(
     check_min_probes(call, str(method), num_probes)
     _probes.check_distribution(call, distribution)
     check_bool(call, "with_stderr", with_stderr)
+    check_bool(call, "progress", progress)
     _check_exact(call, exact, num_probes)
 
     @functools.wraps(f)
@@ -451,7 +459,7 @@ def hessian_diagonal(
         op, spec, gen = _bound_operator(call, f, args, argnums, strategy, generator)
         leaves = op.leaves
         if num_probes is None:
-            diag = exact_diagonal(op, chunk_size=chunk_size)
+            diag = exact_diagonal(op, chunk_size=chunk_size, progress=progress)
             err = torch.zeros_like(diag)
         else:
             diag, err = estimator(

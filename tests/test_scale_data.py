@@ -316,3 +316,16 @@ def test_mc_fisher_is_the_weighted_sum_of_batch_draws() -> None:
     per = secorder.fisher_trace(model, "cross_entropy", kind="mc", num_probes=2)
     want = sum(n * per(params, xb, yb, generator=g) for n, (xb, yb) in zip(SIZES, batches(X, y))) / 11
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_progress_bar_on_the_exact_transforms(capsys) -> None:
+    """hessian_diagonal / hessian_trace (exact, one-hot products) show a bar over their chunks."""
+    d = secorder.hessian_diagonal(f_mean, chunk_size=2, progress=True)(P, X, Y)
+    assert "exact diagonal (chunks)" in capsys.readouterr().err
+    torch.testing.assert_close(d, secorder.hessian_diagonal(f_mean)(P, X, Y))
+    blocks = secorder.hessian_trace(f_mean, per_block=True, chunk_size=3, progress=True)(P, X, Y)
+    assert "exact diagonal (chunks)" in capsys.readouterr().err
+    total = secorder.hessian_trace(f_mean, progress=True)(P, X, Y)
+    torch.testing.assert_close(sum(flatten(blocks)[0]), total)
+    with pytest.raises(TypeError, match=r"progress must be True or False, but received 1"):
+        secorder.hessian_diagonal(f_mean, progress=1)

@@ -30,9 +30,10 @@ __all__ = ["check_block_sizes", "exact_block_traces", "hutchinson_block_traces"]
 
 
 def exact_block_traces(
-    op: LinearOperator, block_sizes: Sequence[int], *, chunk_size: int | None = None
+    op: LinearOperator, block_sizes: Sequence[int], *, chunk_size: int | None = None, progress: bool = False
 ) -> Tensor:
-    """The exact traces of the diagonal blocks, from the exact diagonal (P products).
+    """The exact traces of the diagonal blocks, from the exact diagonal (P products;
+    ``progress=True`` shows a tqdm bar over its chunks).
 
     Example:
         >>> import torch
@@ -41,7 +42,7 @@ def exact_block_traces(
         tensor([1., 5.])
     """
     sizes = check_block_sizes("exact_block_traces(op, block_sizes)", block_sizes, op.size)
-    return _products.block_sums(exact_diagonal(op, chunk_size=chunk_size), sizes)
+    return _products.block_sums(exact_diagonal(op, chunk_size=chunk_size, progress=progress), sizes)
 
 
 def hutchinson_block_traces(
