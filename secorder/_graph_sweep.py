@@ -32,10 +32,11 @@ batch_norm in PyTorch 2.x):
   diag(p ⊙ a) − (p ⊙ a) pᵀ − p (p ⊙ a)ᵀ, closed form) and ``_log_softmax`` (−(Σ ḡ)(diag p − p pᵀ));
   ``native_layer_norm`` (y = x̂ ⊙ w + b): per row the Hessian of ⟨ḡ_row, x̂_row ⊙ w⟩ over x_row,
   plus the (x_row, w) cross block when the weight shares parameter leaves with the input
-  (∂²/∂w² = 0, the bias is linear), by reverse over reverse of the explicit normalization
-  vmapped over rows. Each row's Hessian is eigendecomposed (batched ``eigh``) and its columns
-  are supported on that row (and w): cost O(rows · d³) instead of O((rows · d)³), R ≤ rows · d
-  (+ d per row for a shared weight);
+  (∂²/∂w² = 0, the bias is linear), closed form: with x̂ = (x − μ)/σ, c = ḡ ⊙ w, a = ⟨c, x̂⟩ and
+  P = I − 11ᵀ/d, ∂²/∂x² = −σ⁻²/d · (a (P − 3 x̂x̂ᵀ/d) + Pc x̂ᵀ + x̂ (Pc)ᵀ) and
+  ∂²/∂x∂w = σ⁻¹ (P − x̂x̂ᵀ/d) diag(ḡ) (no autodiff, O(d²) per row). Each row's Hessian is
+  eigendecomposed (batched ``eigh``) and its columns are supported on that row (and w): cost
+  O(rows · d³) instead of O((rows · d)³), R ≤ rows · d (+ d per row for a shared weight);
 * ``mm``/``bmm`` of two operands with shared parameter leaves (q kᵀ, attention · v): the local
   Hessian of ⟨ḡ, A B⟩ is its cross block. With the SVD ḡ = Σ_r s_r u_r v_rᵀ per batch matrix,
   ⟨ḡ, Ȧ Ḃ⟩ = Σ_r s_r Σ_j (u_rᵀ Ȧ)_j (Ḃ v_r)_j and 2ab = ((a + b)² − (a − b)²)/2 give the closed-form
@@ -335,31 +336,48 @@ def _softmax_rows(nd: _Node, values: Sequence[Any], adj: dict[int, Tensor]) -> T
 
 
 def _layer_norm_rows(nd: _Node, values: Sequence[Any], adj: dict[int, Tensor]) -> Tensor:
-    """(rows, d + d_w, d + d_w) Hessians of ⟨ḡ_row, x̂_row ⊙ w⟩ over (x_row[, w]), x̂ the normalized row.
+    """(rows, d + d_w, d + d_w) Hessians of ⟨ḡ_row, x̂_row ⊙ w⟩ over (x_row[, w]), closed form.
 
-    Differentiates the explicit normalization (x − mean) · rsqrt(var + eps) rather than
-    ``aten.native_layer_norm``: reverse-over-reverse of the latter gives a wrong (w, x) block under
-    torch.func (PyTorch 2.13).
+    Per row of d entries (d = prod(normalized_shape)) with x̂ = (x − μ)/σ, σ = sqrt(var(x) + eps)
+    (biased variance), c = ḡ ⊙ w (w = 1 without a weight), a = ⟨c, x̂⟩, P = I − 11ᵀ/d and
+    Pc = c − mean(c) 1: ∂x̂/∂x = J = σ⁻¹ (P − x̂x̂ᵀ/d) (symmetric), ∇φ = Jc = σ⁻¹ (Pc − a x̂/d) and
+
+        ∂²φ/∂x² = −σ⁻²/d · (a (P − 3 x̂x̂ᵀ/d) + Pc x̂ᵀ + x̂ Pcᵀ),
+        ∂²φ/∂x∂w = J diag(ḡ),   ∂²φ/∂w² = 0
+
+    (the last two only when the weight shares parameter leaves with x). O(rows · d²), no autodiff:
+    torch.func's reverse over reverse of ``aten.native_layer_norm`` has a wrong (w, x) block
+    (PyTorch 2.13), and differentiating the explicit normalization costs d reverse passes per row.
     """
     node = nd.node
     x = values[nd.refs[0].index].reshape(-1, nd.row)
     g = adj[nd.outputs[0]].reshape(-1, nd.row).to(x.dtype)
     weight = resolve(_arg(node, 2), values)
-    eps = float(_arg(node, 4))
-    has_w = len(nd.refs) == 2
+    return _layer_norm_row_hessian(x, g, weight, float(_arg(node, 4)), shared=len(nd.refs) == 2)
 
-    def phi(v: Tensor, g_row: Tensor) -> Tensor:
-        xc = v[: nd.row] - v[: nd.row].mean()
-        y = xc * torch.rsqrt((xc * xc).mean() + eps)
-        if has_w:
-            y = y * v[nd.row :]
-        elif weight is not None:
-            y = y * weight.reshape(-1)
-        return (g_row * y).sum()
 
-    v = torch.cat([x, weight.reshape(1, -1).expand(x.shape[0], -1)], 1) if has_w else x
-    hess = vmap(jacrev(jacrev(phi)))(v, g)
-    return (hess + hess.transpose(1, 2)) / 2
+def _layer_norm_row_hessian(x: Tensor, g: Tensor, weight: Tensor | None, eps: float, shared: bool) -> Tensor:
+    """The closed form of :func:`_layer_norm_rows` for rows x, adjoints g (rows, d) and the weight
+    (d entries, or None): (rows, d, d), or (rows, 2d, 2d) over (x_row, w) when ``shared``."""
+    d = x.shape[-1]
+    weight = None if weight is None else weight.reshape(1, d).to(x.dtype)
+    xc = x - x.mean(-1, keepdim=True)
+    rstd = torch.rsqrt((xc * xc).mean(-1, keepdim=True) + eps)  # (rows, 1)
+    xh = xc * rstd
+    c = g if weight is None else g * weight
+    pc = c - c.mean(-1, keepdim=True)
+    a = (c * xh).sum(-1)[:, None, None]  # (rows, 1, 1)
+    proj = torch.eye(d, dtype=x.dtype, device=x.device) - 1.0 / d  # P
+    xx = xh[:, :, None] * xh[:, None, :]  # x̂x̂ᵀ
+    cross = pc[:, :, None] * xh[:, None, :]  # Pc x̂ᵀ
+    scale = (rstd * rstd / d)[:, :, None]  # σ⁻²/d
+    hxx = -scale * (a * (proj - (3.0 / d) * xx) + cross + cross.transpose(1, 2))
+    if not shared:
+        return hxx
+    hxw = rstd[:, :, None] * (proj - xx / d) * g[:, None, :]  # [x_k, w_j] = J_kj ḡ_j
+    top = torch.cat([hxx, hxw], 2)
+    bottom = torch.cat([hxw.transpose(1, 2), torch.zeros_like(hxx)], 2)
+    return torch.cat([top, bottom], 1)
 
 
 def _local(nd: _Node, values: Sequence[Any], adj: dict[int, Tensor]) -> Tensor:

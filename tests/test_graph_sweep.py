@@ -593,6 +593,74 @@ def test_layer_norm_weight_shared_with_its_input(form: str) -> None:
     assert r > 0
 
 
+def _ln_phi(v: Tensor, g: Tensor, w: Tensor | None, b: Tensor, eps: float, shared: bool) -> Tensor:
+    """⟨ḡ, x̂ ⊙ w + b⟩ of one row by the explicit normalization; v = (x, w) when ``shared``."""
+    d = g.numel()
+    x = v[:d]
+    xc = x - x.mean()
+    y = xc / torch.sqrt((xc * xc).mean() + eps)
+    weight = v[d:] if shared else w
+    return (g * (y if weight is None else y * weight + b)).sum()
+
+
+@pytest.mark.parametrize("d", [1, 2, 5, 16])
+@pytest.mark.parametrize("eps", [1e-5, 0.3])
+@pytest.mark.parametrize("weight", ["none", "constant", "shared"])
+def test_layer_norm_closed_form_equals_autodiff_row_hessian(d: int, eps: float, weight: str) -> None:
+    """The closed-form row Hessian equals reverse over reverse of the explicit normalization
+    (float64, rows of several scales); without a shared weight also torch's own layer_norm."""
+    gen = torch.Generator().manual_seed(100 + d)
+    rows = 6
+    x = torch.randn(rows, d, dtype=torch.float64, generator=gen)
+    x = x * torch.tensor([1e-2, 0.1, 1.0, 1.0, 10.0, 1e3], dtype=torch.float64)[:, None] + 3.0
+    g = torch.randn(rows, d, dtype=torch.float64, generator=gen)
+    w = None if weight == "none" else torch.rand(d, dtype=torch.float64, generator=gen) + 0.5
+    b = torch.randn(d, dtype=torch.float64, generator=gen)
+    shared = weight == "shared"
+    got = _graph_sweep._layer_norm_row_hessian(x, g, w, eps, shared=shared)
+    assert got.shape == ((rows, 2 * d, 2 * d) if shared else (rows, d, d))
+    for r in range(rows):
+        v = torch.cat([x[r], w]) if shared and w is not None else x[r]
+        ref = torch.autograd.functional.hessian(lambda u, r=r: _ln_phi(u, g[r], w, b, eps, shared), v)
+        # relative to the size of the terms: the row Hessian itself can be a cancellation (d = 2
+        # with var ≫ eps: O(eps/σ⁴)), where both computations keep only digits relative to σ⁻²
+        var = x[r].var(unbiased=False) + eps
+        c = g[r] if w is None else g[r] * w
+        scale = torch.stack([ref.abs().max(), c.abs().max() / var, g[r].abs().max() / var.sqrt()]).max()
+        torch.testing.assert_close(got[r] / scale, ref / scale, rtol=0, atol=1e-10)
+        if not shared:
+
+            def native(u: Tensor, r: int = r) -> Tensor:
+                return (g[r] * F.layer_norm(u, (d,), w, b if w is not None else None, eps)).sum()
+
+            ref2 = torch.autograd.functional.hessian(native, x[r])  # its own variance algorithm
+            torch.testing.assert_close(got[r] / scale, ref2 / scale, rtol=0, atol=1e-8)
+
+
+def test_layer_norm_closed_form_structure_and_d2_by_hand() -> None:
+    """Each row Hessian is symmetric, H 1 = 0 (shifting a row changes nothing), and for d = 2 it
+    matches the Hessian derived by hand."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(4, 8, dtype=torch.float64, generator=gen)
+    g = torch.randn(4, 8, dtype=torch.float64, generator=gen)
+    w = torch.rand(8, dtype=torch.float64, generator=gen) + 0.5
+    h = _graph_sweep._layer_norm_row_hessian(x, g, w, 1e-5, shared=True)
+    torch.testing.assert_close(h, h.transpose(1, 2), rtol=0, atol=1e-12)
+    ones = torch.cat([torch.ones(8, dtype=torch.float64), torch.zeros(8, dtype=torch.float64)])
+    torch.testing.assert_close(h @ ones, torch.zeros(4, 16, dtype=torch.float64), rtol=0, atol=1e-12)
+    assert h[:, :8, :8].abs().amax() > 1e-3 and h[:, :8, 8:].abs().amax() > 1e-3  # not trivially zero
+    # d = 2, no weight: x̂ = ±δ/sqrt(δ² + eps) (1, −1) with δ = (x₁ − x₂)/2, so the Hessian is
+    # (ḡ₁ − ḡ₂) f''(δ)/4 [[1, −1], [−1, 1]] with f''(δ) = −3 eps δ (δ² + eps)^(−5/2)
+    x2, g2, eps = x[:, :2], g[:, :2], 0.05
+    delta = (x2[:, 0] - x2[:, 1]) / 2
+    fpp = -3 * eps * delta / (delta**2 + eps) ** 2.5
+    pattern = torch.tensor([[1.0, -1.0], [-1.0, 1.0]], dtype=torch.float64)
+    exact = ((g2[:, 0] - g2[:, 1]) * fpp / 4)[:, None, None] * pattern
+    torch.testing.assert_close(
+        _graph_sweep._layer_norm_row_hessian(x2, g2, None, eps, shared=False), exact, rtol=1e-12, atol=0
+    )
+
+
 # --- curvature propagation on the op-level engine (graph_sweep_cp_diagonal) ------------------
 
 CP_CASES = [("attention", "cross_entropy"), ("layernorm_seq", "mse"), ("tied", "cross_entropy")]
