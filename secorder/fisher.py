@@ -88,7 +88,12 @@ from secorder._losses import KINDS, Factor, LossSpec, resolve_loss
 from secorder._persample import ColumnAccumulator, check_same_outputs, input_dims, per_sample_columns
 from secorder._pytree import TreeSpec, check_floating_tree, flatten, unflatten, unravel
 from secorder._validate import check_bool, check_method, check_num_probes, check_same_dtype_device
-from secorder.estimators import DIAGONAL_ESTIMATORS, TRACE_ESTIMATORS, check_min_probes
+from secorder.estimators import (
+    BLOCK_TRACE_ESTIMATORS,
+    DIAGONAL_ESTIMATORS,
+    TRACE_ESTIMATORS,
+    check_min_probes,
+)
 from secorder.modules import module_forward
 from secorder.operators import in_functorch_transform
 
@@ -437,6 +442,7 @@ def fisher_trace(
     method: str = "hutchinson",
     distribution: str = "rademacher",
     path: str = "auto",
+    per_block: bool = False,
 ) -> Callable[..., Any]:
     """Transform a model and a loss into a function returning the trace of the GGN/Fisher.
 
@@ -448,7 +454,10 @@ def fisher_trace(
     {args}
     Returns:
         ``trace_fn(params, inputs, targets, generator=None)`` returning a 0-dim tensor (or
-        ``(estimate, stderr)``); ``generator`` drives the probes and MC samples (same state,
+        ``(estimate, stderr)``); with ``per_block=True`` a pytree shaped like ``params`` of
+        the traces of the diagonal blocks, one per leaf (per-layer curvature; exact from the
+        diagonal, or by the block variant of ``method`` from one set of probes; the MC Fisher
+        without standard errors). ``generator`` drives the probes and MC samples (same state,
         same result). ``trace_fn.path_info`` describes the route of the last call. Composes
         with ``torch.func.vmap`` over stacked parameters (generic route).
     {raises}
@@ -493,10 +502,38 @@ def fisher_trace(
         TRACE_ESTIMATORS,
     )
 
+    check_bool(call, "per_block", per_block)
+    if per_block and kind == "mc" and with_stderr:
+        raise error(
+            call,
+            "per_block=True with with_stderr=True is available for kind='ggn' and 'empirical' "
+            "(exact, or from the block estimators); the MC Fisher has per-entry errors only",
+            "kind='mc', per_block=True, with_stderr=True",
+            "Drop with_stderr for per-block MC traces, or use fisher_diagonal(..., kind='mc', "
+            "with_stderr=True) for per-entry errors.",
+        )
+
     def trace_fn(params: Any, inputs: Any, targets: Any, generator: torch.Generator | None = None) -> Any:
-        est, err, _, _, info = _run(setup, params, inputs, targets, generator, trace=True)
+        if not per_block:
+            est, err, _, _, info = _run(setup, params, inputs, targets, generator, trace=True)
+            trace_fn.path_info = info  # type: ignore[attr-defined]
+            return (est, err) if setup.with_stderr else est
+        randomized = setup.num_probes is not None and setup.kind != "mc"
+        blocks_setup = setup
+        if randomized:  # one set of probes; the block estimator sums v ⊙ Av per leaf
+
+            def estimator(op: Any, k: int, **kw: Any) -> tuple[Tensor, Tensor]:
+                sizes = [int(torch.Size(sh).numel()) for sh in op.shapes]
+                return BLOCK_TRACE_ESTIMATORS[str(method)](op, k, sizes, **kw)
+
+            blocks_setup = setup._replace(estimator=estimator)
+        est, err, leaves, spec, info = _run(blocks_setup, params, inputs, targets, generator, trace=False)
         trace_fn.path_info = info  # type: ignore[attr-defined]
-        return (est, err) if setup.with_stderr else est
+        if not randomized:  # the exact (or MC) diagonal, summed per leaf; exact: no error
+            est = torch.stack([part.sum() for part in est.split([leaf.numel() for leaf in leaves])])
+            err = torch.zeros_like(est)
+        tree = unflatten(spec, list(est.unbind()))
+        return (tree, unflatten(spec, list(err.unbind()))) if setup.with_stderr else tree
 
     _finish(trace_fn, model_fn)
     return trace_fn
