@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import datetime
+import os
 import socket
+import sys
 import time
+import traceback
 from pathlib import Path
 
 import pytest
@@ -49,6 +52,22 @@ def _quantities(P, data):
 
 
 def _worker(rank: int, port: int, out: str) -> None:
+    """Run the rank's work, then leave with os._exit: at interpreter finalization Gloo's C++
+    threads can still hold objects whose destruction aborts the process ("terminate called without
+    an active exception", SIGABRT with no Python frame, about 1 run in 4 here; see the abandoned
+    fix pytorch/pytorch#179291). Every result is written to disk before that point."""
+    try:
+        _work(rank, port, out)
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _work(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
