@@ -30,13 +30,18 @@ from secorder._chunking import check_chunk_size
 from secorder._errors import error
 from secorder._pytree import TreeSpec, check_floating_tree, flatten, ravel, unflatten, unravel
 from secorder._validate import (
+    call_deterministic,
     check_argnums,
+    check_call_inputs,
+    check_requires_no_grad,
     check_bool,
     check_callable,
+    check_finite_result,
     check_method,
     check_num_probes,
     check_same_dtype_device,
     check_scalar_output,
+    diagnose_nonfinite,
 )
 from secorder.estimators import (
     BLOCK_TRACE_ESTIMATORS,
@@ -73,11 +78,12 @@ def _bind(
     index = check_argnums(call, argnums, len(args))
     leaves, spec = check_floating_tree(call, f"args[{index}]", args[index])
     check_same_dtype_device(call, f"args[{index}]", leaves)
+    check_call_inputs(call, args, index, leaves)
 
     def g(new_leaves: list[Tensor]) -> Tensor:
         new_args = list(args)
         new_args[index] = unflatten(spec, new_leaves)
-        return check_scalar_output(call, f(*new_args))
+        return check_scalar_output(call, call_deterministic(call, f, new_leaves, *new_args))
 
     return g, leaves, spec, index
 
@@ -154,6 +160,13 @@ def _sweep_diagonal(
         what="exact='sweep' (it records the function as a tape of ATen ops)",
         fix="Inside torch.func transforms use exact='hvp'.",
     )
+    check_requires_no_grad(
+        call,
+        leaves,
+        "exact='sweep'",
+        "For a differentiable exact value use exact='hvp' (the default), or differentiate "
+        "through torch.func.grad of the transform.",
+    )
     data = [a for i, a in enumerate(args) if i != index]
     sizes = {int(a.shape[0]) if isinstance(a, Tensor) and a.dim() > 0 else None for a in data}
     if not data or None in sizes or len(sizes) != 1:
@@ -192,6 +205,7 @@ def _sweep_diagonal(
             str(exc),
             "Use exact='hvp' (one-hot Hessian-vector products), which works for any function.",
         ) from exc
+    check_finite_result(call, "Hessian diagonal", ravel(diag), lambda: diagnose_nonfinite(g, leaves))
     p_count = sum(leaf.numel() for leaf in leaves)
     fn.method_info = SweepInfo("sweep", r, p_count, f"op-level graph sweep; R={r}, P={p_count}")
     return diag, spec
@@ -244,8 +258,12 @@ def hvp(f: Callable[..., Any], /, *, argnums: int = 0, strategy: str = "auto") -
                 "{k: torch.randn_like(p) for k, p in params.items()}.",
             )
         op = HessianOperator(g, leaves, resolve_strategy(call, strategy, leaves), call)
-        flat_v = ravel([a.to(leaves[0].dtype) for a in v_leaves]).unsqueeze(0)
-        out = op.matmat(flat_v)[0]
+        flat_v = ravel(list(v_leaves))
+        if flat_v.is_complex():  # H is real: H(a + ib) = Ha + i·Hb, both parts in one batch
+            both = op.matmat(torch.stack([flat_v.real, flat_v.imag]).to(leaves[0].dtype))
+            out = torch.complex(both[0], both[1])
+        else:
+            out = op.matmat(flat_v.to(leaves[0].dtype).unsqueeze(0))[0]
         return unflatten(spec, unravel(out, [leaf.shape for leaf in leaves]))
 
     return hvp_fn

@@ -74,6 +74,7 @@ from secorder._errors import error
 from secorder._pytree import numel, ravel, unravel
 from secorder._tape import TapeUnsupportedError
 from secorder._taylor import TaylorQuadform
+from secorder._validate import check_finite_enabled, check_finite_result, diagnose_nonfinite
 
 __all__ = [
     "STRATEGIES",
@@ -253,6 +254,17 @@ def _strategy_failure(call: str, strategy: str, exc: Exception) -> Exception:
     )
 
 
+def _detached_output(call: str) -> Exception:
+    return error(
+        call,
+        "f's output must depend on the differentiated argument through autograd",
+        "an output that does not require grad (f detached it: .detach(), .item(), numpy, "
+        "torch.no_grad inside f; or it does not depend on the argument at all)",
+        "Compute the loss from the argument with torch operations and without detaching; if f is "
+        "constant in the argument, its Hessian is 0 and needs no computing.",
+    )
+
+
 class HessianOperator:
     """The Hessian of a scalar function of a list of tensors, as a batched operator.
 
@@ -314,7 +326,14 @@ class HessianOperator:
                     self._taylor = TaylorQuadform(self.fn, self.leaves)
                     self.quadform_strategy = "taylor"
                 except TapeUnsupportedError as exc:
+                    other = self._not_the_strategy()  # the user's own error is not swallowed
+                    if other is not None:
+                        raise other from None
                     self.taylor_skipped = str(exc)
+                if self._taylor is not None and self._taylor.zero:
+                    other = self._not_the_strategy()  # a detached output, not H = 0
+                    if other is not None:
+                        raise other
             if self.quadform_strategy is None:
                 self.quadform_strategy = self._settle_strategy()
         return self.quadform_strategy
@@ -342,6 +361,8 @@ class HessianOperator:
             inputs = [leaf.detach().requires_grad_(True) for leaf in self.leaves]
             with torch.enable_grad():
                 out = self.fn(inputs)
+                if not out.requires_grad:
+                    raise _detached_output(self.call)
                 self._has_conv = _graph_has_convolution(out)
                 grads = torch.autograd.grad(out, inputs, create_graph=True, allow_unused=True)
             keep = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
@@ -410,28 +431,71 @@ class HessianOperator:
             return list(vmap(lambda v: jvp(gfn, (self.leaves,), (v,))[1])(rows))
         return self._hv_autograd(rows, batched=(s == "autograd_batched"))
 
+    # -- failures: the user's, the input's, or the strategy's -------------------------------
+    def _not_the_strategy(self) -> BaseException | None:
+        """After a failed product: the error to raise instead of blaming the strategy, if any.
+
+        One plain evaluation of the function with grad on (eager only): an exception there is
+        the user's own and passes through; an output that autograd cannot differentiate
+        (detached, computed under no_grad) is reported as such. ``None``: the plain evaluation
+        is sound, so the failure is one of the strategy's (a missing double-backward or
+        forward-mode formula) and another strategy may avoid it.
+        """
+        if in_functorch_transform(self.leaves):
+            return None
+        inputs = [leaf.detach().requires_grad_(True) for leaf in self.leaves]
+        try:
+            with torch.enable_grad():
+                out = self.fn(inputs)
+        except Exception as exc:  # the user's own error: pass it through unchanged
+            return exc
+        if not out.requires_grad:
+            return _detached_output(self.call)
+        return None
+
+    def _fail(self, strategy: str, exc: Exception) -> BaseException:
+        other = self._not_the_strategy()
+        return other if other is not None else _strategy_failure(self.call, strategy, exc)
+
+    def _check_rows(self, V: object) -> None:
+        if not isinstance(V, Tensor) or V.dim() != 2 or V.shape[1] != self.size:
+            shape = tuple(V.shape) if isinstance(V, Tensor) else type(V).__name__
+            raise error(
+                f"{type(self).__name__}.matmat(V) in {self.call}",
+                f"V must be a (k, P) tensor of k row vectors over the P={self.size} flattened parameters",
+                f"{shape}",
+                "Pass V of shape (k, P), e.g. V.unsqueeze(0) for a single vector.",
+            )
+
+    def _check_result(self, out: Tensor, what: str) -> Tensor:
+        if check_finite_enabled() and not in_functorch_transform([out]):
+            check_finite_result(self.call, what, out, lambda: diagnose_nonfinite(self.fn, self.leaves))
+        return out
+
     # -- public ----------------------------------------------------------------
     def matmat(self, V: Tensor) -> Tensor:
         """Rows ``H v_i`` for the rows ``v_i`` of the ``(k, P)`` tensor ``V``."""
+        self._check_rows(V)
         try:
             out = self._matmat_leaves(unravel(V, self.shapes))
         except (RuntimeError, NotImplementedError) as exc:
-            raise _strategy_failure(self.call, self.strategy, exc) from exc
-        return ravel(out, batch_dims=1)
+            raise self._fail(self.strategy, exc) from exc
+        return self._check_result(ravel(out, batch_dims=1), "Hessian-vector products")
 
     def quadform(self, V: Tensor) -> Tensor:
         """The ``k`` values ``v_iᵀ H v_i`` for the rows of ``V``."""
+        self._check_rows(V)
         try:
             s = self._settle_quadform()
         except TapeUnsupportedError as exc:
-            raise _strategy_failure(self.call, "taylor", exc) from exc
+            raise self._fail("taylor", exc) from exc
         if s == "taylor":
             assert self._taylor is not None
             try:
-                return self._taylor(unravel(V, self.shapes))
+                return self._check_result(self._taylor(unravel(V, self.shapes)), "quadratic forms vᵀHv")
             except (RuntimeError, NotImplementedError) as exc:
                 if self.requested == "taylor":  # asked for explicitly
-                    raise _strategy_failure(self.call, "taylor", exc) from exc
+                    raise self._fail("taylor", exc) from exc
                 self.taylor_skipped = f"{type(exc).__name__}: {exc}"
                 self._taylor, self.quadform_strategy = None, self._settle_strategy()
                 s = self.quadform_strategy
