@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -13,6 +14,8 @@ from secorder._errors import error
 T = TypeVar("T")
 
 __all__ = [
+    "finite_checks",
+    "check_module_call",
     "diagnose_nonfinite",
     "check_call_inputs",
     "call_deterministic",
@@ -181,6 +184,9 @@ def check_finite_enabled() -> bool:
 
 
 def _inspectable(t: Tensor) -> bool:
+    """Whether ``t``'s values can be read here (not under torch.compile or a torch.func transform)."""
+    if torch.compiler.is_compiling():
+        return False
     try:
         if torch._C._functorch.is_functorch_wrapped_tensor(t):
             return False
@@ -189,18 +195,23 @@ def _inspectable(t: Tensor) -> bool:
     return t.device.type != "meta"
 
 
-def nonfinite_report(t: Tensor) -> str | None:
-    """``None`` if ``t`` is finite, else how many NaN/Inf entries it has and the first position."""
+def nonfinite_report(t: Tensor, samples: bool = False) -> str | None:
+    """``None`` if ``t`` is finite, else how many NaN/Inf entries it has and the first position
+    (with ``samples``, also which indices along dimension 0, the samples of a batch)."""
     finite = torch.isfinite(t)
     if bool(finite.all()):
         return None
     n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
-    first = tuple(int(i) for i in (~finite).nonzero()[0]) if t.dim() else ()
+    bad = (~finite).nonzero()
+    first = tuple(int(i) for i in bad[0]) if t.dim() else ()
     where = f", first at index {first}" if first else ""
+    if samples and t.dim():
+        rows = sorted({int(i) for i in bad[:, 0]})
+        where += f", in samples [{', '.join(str(r) for r in rows[:10])}{', ...' if len(rows) > 10 else ''}]"
     return f"{n_nan} NaN and {n_inf} infinite entries (of {t.numel()}){where}"
 
 
-def check_finite_tree(call: str, name: str, tree: Any, fix: str | None = None) -> None:
+def check_finite_tree(call: str, name: str, tree: Any, fix: str | None = None, samples: bool = False) -> None:
     """Raise if a floating tensor leaf of ``tree`` holds NaN or Inf (when the checks are on)."""
     if not _CHECK_FINITE[0]:
         return
@@ -212,7 +223,7 @@ def check_finite_tree(call: str, name: str, tree: Any, fix: str | None = None) -
             continue
         if not _inspectable(leaf) or leaf.numel() == 0:
             continue
-        report = nonfinite_report(leaf.detach())
+        report = nonfinite_report(leaf.detach(), samples)
         if report is not None:
             raise error(
                 call,
@@ -290,7 +301,9 @@ def check_grad_context(call: str, leaves: Sequence[Tensor]) -> None:
             )
 
 
-def check_nonempty_batch(call: str, args: Sequence[Any], skip: int | None = None) -> None:
+def check_nonempty_batch(
+    call: str, args: Sequence[Any], skip: int | None = None, names: Sequence[str] | None = None
+) -> None:
     """Refuse an empty batch: a tensor argument (other than ``args[skip]``) with 0 samples."""
     from secorder._pytree import flatten
 
@@ -303,7 +316,7 @@ def check_nonempty_batch(call: str, args: Sequence[Any], skip: int | None = None
                     call,
                     "every batch must hold at least one sample (the mean of a loss over 0 samples "
                     "is NaN, and its curvature is not defined)",
-                    f"a tensor of shape {tuple(leaf.shape)} in args[{i}]",
+                    f"a tensor of shape {tuple(leaf.shape)} in {names[i] if names else f'args[{i}]'}",
                     "Skip empty batches before the call (e.g. drop_last=True, or `if len(x):`).",
                 )
 
@@ -358,7 +371,8 @@ def check_param_names(call: str, expected: Sequence[str], given: Mapping[Any, An
             "or {k.removeprefix('module.'): v for k, v in params.items()}."
             if prefixed
             else "Build params from the same model, e.g. the params returned by "
-            "secorder.module_loss(model, loss), or {k: p.detach() for k, p in model.named_parameters()}."
+            "secorder.module_loss(model, loss), or {k: p.detach() for k, p in model.named_parameters()}; "
+            "for the curvature of a subset, freeze the other parameters first (p.requires_grad_(False))."
         ),
     )
 
@@ -380,6 +394,8 @@ def call_deterministic(call: str, fn: Any, leaves: Sequence[Tensor], *args: Any)
     generator would be consumed. secorder's own randomness comes only from the ``generator``
     argument, so any change of the global state during ``f`` is ``f``'s own.
     """
+    if torch.compiler.is_compiling():  # Dynamo traces f once; random ops are its concern there
+        return fn(*args)
     devices = {leaf.device for leaf in leaves if isinstance(leaf, Tensor)}
     before = _rng_snapshot(devices)
     out = fn(*args)
@@ -397,7 +413,9 @@ def call_deterministic(call: str, fn: Any, leaves: Sequence[Tensor], *args: Any)
     return out
 
 
-def check_call_inputs(call: str, args: Sequence[Any], index: int, leaves: Sequence[Tensor]) -> None:
+def check_call_inputs(
+    call: str, args: Sequence[Any], index: int, leaves: Sequence[Tensor], names: Sequence[str] | None = None
+) -> None:
     """The call-time policies of every transform, on θ = ``args[index]`` (``leaves``) and the data.
 
     Context (inference mode, autocast: :func:`check_grad_context`), parameters with values
@@ -419,12 +437,13 @@ def check_call_inputs(call: str, args: Sequence[Any], index: int, leaves: Sequen
             "tensors on the meta device",
             "Materialize the model first, e.g. model.to_empty(device='cpu') and load its state dict.",
         )
-    check_nonempty_batch(call, args, index)
+    label = list(names) if names is not None else [f"args[{i}]" for i in range(len(args))]
+    check_nonempty_batch(call, args, index, label)
     if any(_inspectable(leaf) for leaf in leaves):
-        check_finite_tree(call, f"args[{index}]", args[index])
+        check_finite_tree(call, label[index], args[index])
         for i, a in enumerate(args):
             if i != index:
-                check_finite_tree(call, f"args[{i}]", a)
+                check_finite_tree(call, label[i], a, samples=True)
 
 
 def diagnose_nonfinite(fn: Any, leaves: Sequence[Tensor]) -> str:
@@ -442,3 +461,30 @@ def diagnose_nonfinite(fn: Any, leaves: Sequence[Tensor]) -> str:
     if bad:
         return f"a finite loss but a non-finite gradient (at parameter leaves {bad[:10]})"
     return "a finite loss and gradient but non-finite second-order products"
+
+
+def check_module_call(call: str, model: Any, params: Any, leaves: Sequence[Tensor], data: Sequence[Any]) -> None:
+    """The call-time policies of the ``nn.Module`` entry points (Fisher, module Hessian).
+
+    The params keys against ``model``'s trainable parameter names (:func:`check_param_names`),
+    then :func:`check_call_inputs` on ``(params, *data)``.
+    """
+    if model is not None and isinstance(params, Mapping):
+        names = [k for k, p in model.named_parameters() if p.requires_grad]
+        check_param_names(call, names, params)
+    check_call_inputs(call, [params, *data], 0, leaves, ["params", "inputs", "targets"][: 1 + len(data)])
+
+
+@contextlib.contextmanager
+def finite_checks(enabled: bool) -> Iterator[None]:
+    """Within the block, the non-finite checks are ``enabled`` (then restored).
+
+    For entry points that check their own results with more context (``secorder.data``
+    names the batch).
+    """
+    old = _CHECK_FINITE[0]
+    _CHECK_FINITE[0] = bool(enabled)
+    try:
+        yield
+    finally:
+        _CHECK_FINITE[0] = old

@@ -68,6 +68,7 @@ multiple of the world size; shard the data yourself (e.g. ``Subset`` of
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -79,7 +80,15 @@ from secorder._chunking import check_chunk_size
 from secorder._errors import SecorderError, error
 from secorder._progress import progress_bar
 from secorder._pytree import check_floating_tree, flatten, ravel, unflatten, unravel
-from secorder._validate import check_bool, check_callable, check_method, check_num_probes
+from secorder._validate import (
+    check_bool,
+    check_callable,
+    check_finite_enabled,
+    check_finite_tree,
+    check_method,
+    check_num_probes,
+    finite_checks,
+)
 from secorder.estimators import DIAGONAL_ESTIMATORS, TRACE_ESTIMATORS, exact_diagonal
 from secorder.operators import LinearOperator, check_strategy, in_functorch_transform
 
@@ -121,17 +130,59 @@ def _batch_size(call: str, inputs: Any, index: int) -> int:
     return int(tensors[0].shape[0])
 
 
-def _fingerprint(x: Any, y: Any) -> tuple[Any, ...]:
-    """Shapes, sums and sums of squares of a batch's tensors (float64): cheap, order-insensitive."""
-    leaves, _ = flatten((x, y))
-    out: list[Any] = []
+def _fingerprint(x: Any, y: Any, n: int) -> tuple[Any, ...]:
+    """An exact, per-sample, order-insensitive fingerprint of a batch.
+
+    Each sample i gets a hash of the bytes of its rows ``t[i]`` of every tensor batched along
+    dimension 0 (inputs and targets together, so re-pairing inputs with other targets changes
+    it; any change of any bit, e.g. a random flip, changes it); the fingerprint is the sorted
+    multiset of these hashes (so reordering samples within a batch does not change it) plus
+    the shapes, dtypes and bytes of the unbatched tensors and the reprs of non-tensors.
+    """
+    leaves, spec = flatten((x, y))
+    rows: list[Any] = []
+    shared: list[Any] = [str(spec)]
     for leaf in leaves:
         if isinstance(leaf, Tensor):
-            d = leaf.detach().to(torch.float64)
-            out.append((tuple(leaf.shape), float(d.sum()), float((d * d).sum())))
+            t = leaf.detach().contiguous().cpu()
+            if t.dim() > 0 and t.shape[0] == n:
+                rows.append(t.reshape(n, -1).view(torch.uint8).numpy() if t.numel() else None)
+                shared.append((tuple(t.shape), str(t.dtype)))
+            else:
+                shared.append((tuple(t.shape), str(t.dtype), _digest(t.reshape(-1).view(torch.uint8).numpy())))
         else:
-            out.append(repr(leaf))
-    return tuple(out)
+            shared.append(repr(leaf))
+    per_sample = sorted(
+        _digest(*[r[i] for r in rows if r is not None]) for i in range(n)
+    )
+    return (tuple(shared), tuple(per_sample))
+
+
+def _digest(*arrays: Any) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    for a in arrays:
+        h.update(a.tobytes())
+        h.update(b"|")
+    return h.digest()
+
+
+def check_batch(call: str, x: Any, y: Any, b: int, n: int) -> None:
+    """A batch must be non-empty, and its inputs and targets must have the same number of samples."""
+    if n == 0:
+        raise error(
+            call,
+            "every batch must hold at least one sample (the mean of a loss over 0 samples is NaN)",
+            f"an empty batch at batch {b}",
+            "Drop empty batches from the data (e.g. DataLoader(..., drop_last=True) or a filter).",
+        )
+    sizes = [int(t.shape[0]) for t in flatten(y)[0] if isinstance(t, Tensor) and t.dim() > 0]
+    if sizes and any(s != n for s in sizes):
+        raise error(
+            call,
+            "the inputs and targets of each batch must hold the same number of samples along dimension 0",
+            f"{n} input samples and targets with {sizes} samples at batch {b}",
+            "Yield matching (x, y) pairs, e.g. from a TensorDataset(X, Y).",
+        )
 
 
 def _check_model_mode(call: str, model: nn.Module | None) -> None:
@@ -262,15 +313,21 @@ class _Pass:
         for b, batch in enumerate(progress_bar(self.data, self.progress, self.call, desc)):
             x, y = _unpack(self.call, batch, b)
             n_b = _batch_size(self.call, x, b)
+            check_batch(self.call, x, y, b, n_b)
+            checks = self.check_finite and check_finite_enabled()
+            if checks and not in_functorch_transform(self.leaves):
+                check_finite_tree(self.call, f"the inputs of batch {b}", x, samples=True)
+                check_finite_tree(self.call, f"the targets of batch {b}", y, samples=True)
             if self.check_determinism:
-                prints.append(_fingerprint(x, y))
+                prints.append(_fingerprint(x, y, n_b))
                 self._compare(prints, b)
             try:
-                out = contribution(x, y)
+                with finite_checks(False):  # checked below, naming the batch
+                    out = contribution(x, y)
             except SecorderError as exc:  # a per-batch check (targets, outputs): say which batch
                 raise type(exc)(f"{exc} (in batch {b} of the data, {n_b} samples)") from exc
             if (
-                self.check_finite
+                checks
                 and not in_functorch_transform([out])
                 and not bool(torch.isfinite(out).all())
             ):

@@ -87,7 +87,14 @@ from secorder._layers import FastCapture
 from secorder._losses import KINDS, Factor, LossSpec, resolve_loss
 from secorder._persample import ColumnAccumulator, check_same_outputs, input_dims, per_sample_columns
 from secorder._pytree import TreeSpec, check_floating_tree, flatten, unflatten, unravel
-from secorder._validate import check_bool, check_method, check_num_probes, check_same_dtype_device
+from secorder._validate import (
+    check_bool,
+    check_finite_enabled,
+    check_method,
+    check_module_call,
+    check_num_probes,
+    check_same_dtype_device,
+)
 from secorder.estimators import (
     BLOCK_TRACE_ESTIMATORS,
     DIAGONAL_ESTIMATORS,
@@ -251,7 +258,7 @@ def _check_outputs(call: str, z: object, eager: bool) -> Tensor:
             f"a tensor of shape {tuple(z.shape)} and dtype {z.dtype}",
             "Return per-sample outputs (not the loss) in floating point.",
         )
-    if eager:
+    if eager and check_finite_enabled():
         finite = torch.isfinite(z)
         if not bool(finite.all()):
             bad = (~finite).nonzero()
@@ -303,6 +310,7 @@ def _run(
     call = s.call
     leaves, spec = check_floating_tree(call, "params", params)
     check_same_dtype_device(call, "params", leaves)
+    check_module_call(call, s.module, params, leaves, (inputs, targets))
     gen = _probes.check_generator(call, generator, leaves[0].device)
     transformed = in_functorch_transform(leaves)
     hutchinson = s.num_probes is not None and s.kind != "mc"

@@ -60,9 +60,17 @@ from secorder._graph_sweep import (
     graph_sweep_diagonal,
 )
 from secorder._losses import CallableLoss, LossSpec, resolve_loss
-from secorder._pytree import check_floating_tree, unflatten
+from secorder._pytree import check_floating_tree, ravel, unflatten
 from secorder._sweep import SweepTooCostlyError, SweepUnsupportedError, sweep_diagonal
-from secorder._validate import check_num_probes
+from secorder._chunking import check_chunk_size
+from secorder._validate import (
+    check_bool,
+    check_finite_result,
+    check_module_call,
+    check_num_probes,
+    check_requires_no_grad,
+    diagnose_nonfinite,
+)
 from secorder.hessian import hessian_diagonal
 from secorder.modules import module_forward
 from secorder.probes import check_generator
@@ -184,6 +192,16 @@ def module_hessian_diagonal(
     """
     call = "module_hessian_diagonal(model, loss)(params, inputs, targets)"
     spec, k = _configure(call, model, loss, method, num_probes, reduction)
+    check_chunk_size(call, chunk_size)
+    check_bool(call, "with_stderr", with_stderr)
+    if not isinstance(max_hvp_params, int) or isinstance(max_hvp_params, bool) or max_hvp_params < 0:
+        raise error(
+            call,
+            "max_hvp_params must be an int >= 0 (the largest P for which method='auto' may use "
+            "one-hot HVPs)",
+            f"{max_hvp_params!r}",
+            "Pass e.g. max_hvp_params=20_000 (the default), or 0 to never fall back to HVPs.",
+        )
     forward, _ = module_forward(model)
 
     def diag_fn(params: Any, inputs: Any, targets: Any, generator: torch.Generator | None = None) -> Any:
@@ -201,6 +219,14 @@ def module_hessian_diagonal(
             chunk_size,
             max_hvp_params,
         )
+        check_finite_result(
+            call,
+            "Hessian diagonal",
+            ravel(list(diag.values())),
+            lambda: diagnose_nonfinite(
+                lambda ls: spec.total(forward(dict(zip(params, ls)), inputs), targets), list(params.values())
+            ),
+        )
         diag_fn.method_info = info  # type: ignore[attr-defined]
         diag_fn.trace_stderr = err.pop(_TRACE_KEY, None)  # type: ignore[attr-defined]
         return (diag, err) if with_stderr else diag
@@ -217,7 +243,18 @@ def module_hessian_trace(model: nn.Module, loss: str, /, **options: Any) -> Call
     ``with_stderr`` its standard error over the per-probe traces). ``trace_fn.method_info``
     as there.
     """
-    with_stderr = bool(options.pop("with_stderr", False))
+    call = "module_hessian_trace(model, loss)"
+    allowed = ("method", "num_probes", "reduction", "chunk_size", "with_stderr", "max_hvp_params")
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise error(
+            call,
+            f"the options are those of module_hessian_diagonal: {', '.join(allowed)}",
+            f"unknown keyword arguments {unknown}",
+            "Drop or correct them (see help(secorder.module_hessian_trace)).",
+            cls=TypeError,
+        )
+    with_stderr = check_bool(call, "with_stderr", options.pop("with_stderr", False))
     inner = module_hessian_diagonal(model, loss, with_stderr=True, **options)
 
     def trace_fn(params: Any, inputs: Any, targets: Any, generator: torch.Generator | None = None) -> Any:
@@ -256,6 +293,15 @@ def _run(
             type(params).__name__,
             "Pass {k: p.detach() for k, p in model.named_parameters()}.",
             cls=TypeError,
+        )
+    check_module_call(call, model, params, leaves, (inputs, targets))
+    if method != "hvp":
+        check_requires_no_grad(
+            call,
+            leaves,
+            f"method={method!r} (the structured sweep, or one-hot HVPs on detached parameters)",
+            "For a differentiable value use method='hvp', or secorder.hessian_diagonal / "
+            "hessian_trace on f from secorder.module_loss(model, loss).",
         )
     names = sorted(params)  # flatten orders dict leaves by sorted key
     p_count = sum(leaf.numel() for leaf in leaves)

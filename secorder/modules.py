@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from secorder._errors import error
-from secorder._validate import check_callable
+from secorder._validate import check_callable, check_param_names
 
 __all__ = ["module_forward", "module_loss"]
 
@@ -34,14 +34,29 @@ def module_forward(model: nn.Module, /) -> tuple[Callable[[dict[str, Tensor], An
     enter each call as they are; buffers are cloned on every call, so train-mode
     BatchNorm updates a throw-away copy and the module's running statistics never
     change. The module is never mutated (parameters, buffers, train/eval flag).
-    ``inputs`` is a tensor or a tuple of positional inputs.
+    ``inputs`` is a tensor or a tuple of positional inputs. The keys of the params passed to
+    ``forward`` must be exactly those of ``params`` (any order): a misspelled or missing key
+    raises, naming the nearest expected names, instead of being ignored (curvature 0) or
+    silently replaced by the model's own live parameter.
     """
     model = _check_module("module_forward(model)", model)
     params = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
     frozen = {k: p.detach() for k, p in model.named_parameters() if not p.requires_grad}
     buffers = dict(model.named_buffers())
 
+    names = list(params)
+
     def forward(p: dict[str, Tensor], inputs: Any) -> Any:
+        if not isinstance(p, Mapping):
+            raise error(
+                "module_forward(model)(params, inputs)",
+                "params must be a dict keyed by the model's parameter names",
+                f"a {type(p).__name__}",
+                "Pass the params dict returned with the function, or "
+                "{k: p.detach() for k, p in model.named_parameters()}.",
+                cls=TypeError,
+            )
+        check_param_names("module_loss(model, loss_fn) -> f(params, ...)", names, p)
         state = {**frozen, **{k: b.clone() for k, b in buffers.items()}, **p}
         args = inputs if isinstance(inputs, tuple) else (inputs,)
         return functional_call(model, state, args)

@@ -468,7 +468,7 @@ class HessianOperator:
             )
 
     def _check_result(self, out: Tensor, what: str) -> Tensor:
-        if check_finite_enabled() and not in_functorch_transform([out]):
+        if check_finite_enabled() and not torch.compiler.is_compiling() and not in_functorch_transform([out]):
             check_finite_result(self.call, what, out, lambda: diagnose_nonfinite(self.fn, self.leaves))
         return out
 

@@ -473,6 +473,12 @@ def test_differentiable_through_fast_path() -> None:
 def test_partial_params_dict() -> None:
     model, (x, y) = mlp(), _ce_data()
     sub = {"2.weight": model[2].weight.detach()}
+    # a dict missing keys is refused (it would silently use the live parameters) ...
+    with pytest.raises(ValueError, match=r"missing keys \['0.bias', '0.weight', '2.bias'\]"):
+        fisher_diagonal(model, "cross_entropy")(sub, x, y)
+    # ... a subset is chosen by freezing the other parameters
+    for name, p in model.named_parameters():
+        p.requires_grad_(name == "2.weight")
     a = fisher_diagonal(model, "cross_entropy")(sub, x, y)
     b = fisher_diagonal(model, "cross_entropy", path="generic")(sub, x, y)
     torch.testing.assert_close(a["2.weight"], b["2.weight"], **TOL)
