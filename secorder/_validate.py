@@ -236,7 +236,9 @@ def check_finite_tree(call: str, name: str, tree: Any, fix: str | None = None, s
             )
 
 
-def check_finite_result(call: str, quantity: str, value: Tensor, diagnose: Any = None) -> None:
+def check_finite_result(
+    call: str, quantity: str, value: Tensor, diagnose: Any = None, fix: str | None = None
+) -> None:
     """Raise if a computed ``value`` is non-finite; ``diagnose()`` says where it first went wrong."""
     if not _CHECK_FINITE[0] or not isinstance(value, Tensor) or not _inspectable(value):
         return
@@ -249,7 +251,8 @@ def check_finite_result(call: str, quantity: str, value: Tensor, diagnose: Any =
         f"the {quantity} must be finite (secorder checks NaN/Inf everywhere; "
         "secorder.set_check_finite(False) turns the checks off)",
         f"{report} in the {quantity}" + (f", from {where}" if where else ""),
-        "The parameters and inputs were finite: the loss overflowed or has a singular point "
+        fix
+        or "The parameters and inputs were finite: the loss overflowed or has a singular point "
         "here (a log or division at 0); compute in float64, or check the loss function.",
     )
 

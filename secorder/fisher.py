@@ -101,7 +101,7 @@ from secorder.estimators import (
     TRACE_ESTIMATORS,
     check_min_probes,
 )
-from secorder.modules import module_forward
+from secorder.modules import module_forward, unwrap_module
 from secorder.operators import in_functorch_transform
 
 __all__ = ["PATHS", "FisherPath", "fisher_diagonal", "fisher_operator", "fisher_trace"]
@@ -148,6 +148,7 @@ def _configure(
     registry: Mapping[str, Callable[..., tuple[Tensor, Tensor]]],
 ) -> _Setup:
     """Construction-time validation shared by the transforms."""
+    model_fn = unwrap_module(model_fn)
     module = model_fn if isinstance(model_fn, nn.Module) else None
     if module is None and not callable(model_fn):
         raise error(

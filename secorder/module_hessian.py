@@ -72,7 +72,7 @@ from secorder._validate import (
     diagnose_nonfinite,
 )
 from secorder.hessian import hessian_diagonal
-from secorder.modules import module_forward
+from secorder.modules import module_forward, unwrap_module
 from secorder.probes import check_generator
 
 __all__ = ["METHODS", "SweepInfo", "module_hessian_diagonal", "module_hessian_trace"]
@@ -191,6 +191,7 @@ def module_hessian_diagonal(
         (curvature propagation).
     """
     call = "module_hessian_diagonal(model, loss)(params, inputs, targets)"
+    model = unwrap_module(model)  # type: ignore[assignment]
     spec, k = _configure(call, model, loss, method, num_probes, reduction)
     check_chunk_size(call, chunk_size)
     check_bool(call, "with_stderr", with_stderr)

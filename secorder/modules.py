@@ -11,7 +11,7 @@ from torch.func import functional_call
 from secorder._errors import error
 from secorder._validate import check_callable, check_param_names
 
-__all__ = ["module_forward", "module_loss"]
+__all__ = ["module_forward", "module_loss", "unwrap_module"]
 
 
 def _check_module(call: str, model: object) -> nn.Module:
@@ -23,6 +23,22 @@ def _check_module(call: str, model: object) -> nn.Module:
             "Pass the module itself; for a plain function use the transforms directly.",
             cls=TypeError,
         )
+    return model
+
+
+def unwrap_module(model: object) -> object:
+    """The module a ``torch.compile`` wrapper holds (``model._orig_mod``), else ``model`` itself.
+
+    secorder evaluates models through :func:`torch.func.functional_call` and its own tapes;
+    the compiled wrapper adds nothing there and prefixes every parameter name with
+    ``_orig_mod.``, so the wrapped module is used (same parameters, same function).
+    """
+    try:
+        from torch._dynamo.eval_frame import OptimizedModule
+    except ImportError:  # pragma: no cover - torch without dynamo
+        return model
+    while isinstance(model, OptimizedModule):
+        model = model._orig_mod
     return model
 
 
@@ -39,7 +55,7 @@ def module_forward(model: nn.Module, /) -> tuple[Callable[[dict[str, Tensor], An
     raises, naming the nearest expected names, instead of being ignored (curvature 0) or
     silently replaced by the model's own live parameter.
     """
-    model = _check_module("module_forward(model)", model)
+    model = _check_module("module_forward(model)", unwrap_module(model))
     params = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
     frozen = {k: p.detach() for k, p in model.named_parameters() if not p.requires_grad}
     buffers = dict(model.named_buffers())
@@ -83,7 +99,7 @@ def module_loss(
         True
     """
     call = "module_loss(model, loss_fn)"
-    _check_module(call, model)
+    model = _check_module(call, unwrap_module(model))
     check_callable(call, "loss_fn", loss_fn)
     forward, params = module_forward(model)
 

@@ -48,7 +48,7 @@ from torch import Tensor
 from secorder import probes as _probes
 from secorder._chunking import memory_budget
 from secorder._errors import error
-from secorder._validate import check_bool
+from secorder._validate import check_bool, check_finite_result
 from secorder.estimators.stopping import check_eager
 from secorder.operators import LinearOperator
 
@@ -206,6 +206,29 @@ class _Lanczos:
         return T
 
 
+_NONFINITE_OP = (
+    "The operator's products op.matmat(V) hold NaN/Inf: check the matrix (or the parameters and "
+    "data it was built from) for non-finite entries."
+)
+
+
+def check_operator(call: str, op: object) -> int:
+    """Check that ``op`` is a :class:`~secorder.operators.LinearOperator`; return its size."""
+    missing = [a for a in ("size", "dtype", "device", "matmat") if not hasattr(op, a)]
+    size = getattr(op, "size", None)
+    if missing or not isinstance(size, int) or isinstance(size, bool):
+        got = f"a {type(op).__name__}" + (f" without {', '.join(missing)}" if missing else f" with size {size!r}")
+        raise error(
+            call,
+            "op must be a linear operator (int size, dtype, device, matmat(V) for (k, P) rows V)",
+            got,
+            "Wrap an explicit matrix as secorder.operators.DenseOperator(matrix), or pass "
+            "hessian_operator(f, *args)[0] / fisher_operator(...)(...)[0].",
+            cls=TypeError,
+        )
+    return size
+
+
 def lanczos_eigenvalues(
     op: LinearOperator,
     k: int = 1,
@@ -258,7 +281,7 @@ def lanczos_eigenvalues(
         ([10.0, 9.0], True)
     """
     call = "lanczos_eigenvalues(op, k)"
-    size = op.size
+    size = check_operator(call, op)
     check_lanczos_options(call, k, which, tol, max_steps)
     if k > size:
         raise error(call, f"k must not exceed the operator size {size}", f"k={k}", f"Pass k <= {size}.")
@@ -279,6 +302,7 @@ def lanczos_eigenvalues(
         if bool(lz.exhausted[0]) and not final:
             continue  # an invariant subspace: the next block may hold further copies of eigenvalues
         T = lz.tridiagonal()[0]
+        check_finite_result(call, "Lanczos tridiagonal matrix (products of op)", T, fix=_NONFINITE_OP)
         theta, S = torch.linalg.eigh(T)
         idx = torch.arange(m - 1, m - 1 - k, -1) if which == "largest" else torch.arange(k)
         residuals = (lz.residual_beta[0] * S[-1, idx]).abs()
@@ -336,6 +360,7 @@ def slq_nodes_weights(
         RuntimeError: called inside a ``torch.func`` transform.
     """
     call = "slq_nodes_weights(op)"
+    check_operator(call, op)
     num_runs = _check_int(call, "num_runs", num_runs)
     steps = min(_check_int(call, "num_steps", num_steps), op.size)
     _probes.check_distribution(call, distribution)
@@ -350,7 +375,9 @@ def slq_nodes_weights(
         lz = _Lanczos(op, start, steps, generator, reorthogonalize)
         for _ in range(steps):
             lz.step()
-        theta, S = torch.linalg.eigh(lz.tridiagonal())
+        T = lz.tridiagonal()
+        check_finite_result(call, "Lanczos tridiagonal matrices (products of op)", T, fix=_NONFINITE_OP)
+        theta, S = torch.linalg.eigh(T)
         nodes.append(theta)
         weights.append(S[:, 0, :] ** 2)
     return torch.cat(nodes), torch.cat(weights)
@@ -396,6 +423,7 @@ def spectral_density(
         1.0
     """
     call = "spectral_density(op)"
+    check_operator(call, op)
     _check_int(call, "num_points", num_points, 2)
     width = _check_positive(call, "sigma", sigma)
     nodes, weights = slq_nodes_weights(
@@ -452,6 +480,14 @@ def plot_spectral_density(
             'Install it with pip install "secorder[plot]" (or pip install matplotlib).',
             cls=ImportError,
         ) from exc
+    shapes = [tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__ for t in (grid, density)]
+    if not all(isinstance(t, Tensor) and t.dim() == 1 for t in (grid, density)) or shapes[0] != shapes[1]:
+        raise error(
+            "plot_spectral_density(grid, density, path)",
+            "grid and density must be 1-d tensors of the same length",
+            f"grid {shapes[0]} and density {shapes[1]}",
+            "Pass the (grid, density) pair returned by spectral_density / hessian_spectral_density.",
+        )
     fig = Figure(figsize=(6, 4))
     ax = fig.add_subplot()
     x = grid.detach().cpu().double().numpy()
