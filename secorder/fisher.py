@@ -88,6 +88,7 @@ from secorder._losses import KINDS, Factor, LossSpec, resolve_loss
 from secorder._persample import ColumnAccumulator, check_same_outputs, input_dims, per_sample_columns
 from secorder._pytree import TreeSpec, check_floating_tree, flatten, unflatten, unravel
 from secorder._validate import (
+    call_deterministic,
     check_bool,
     check_finite_enabled,
     check_method,
@@ -326,7 +327,7 @@ def _run(
         forward = s.model_fn
 
     def fn(ls: list[Tensor], x: Any) -> Any:
-        return forward(unflatten(spec, ls), x)
+        return call_deterministic(call, forward, leaves, unflatten(spec, ls), x)
 
     use_fast = (
         s.module is not None
@@ -683,6 +684,7 @@ def fisher_operator(
     ) -> tuple[Any, TreeSpec]:
         leaves, spec = check_floating_tree(call, "params", params)
         check_same_dtype_device(call, "params", leaves)
+        check_module_call(call, setup.module, params, leaves, (inputs, targets))
         gen = _probes.check_generator(call, generator, leaves[0].device)
         transformed = in_functorch_transform(leaves)
         if setup.module is not None:
@@ -693,7 +695,7 @@ def fisher_operator(
             forward = setup.model_fn
 
         def fn(ls: list[Tensor]) -> Any:
-            return forward(unflatten(spec, ls), inputs)
+            return call_deterministic(call, forward, leaves, unflatten(spec, ls), inputs)
 
         z = _check_outputs(call, fn(leaves), eager=not transformed)
         setup.loss.check(call, z, targets)
