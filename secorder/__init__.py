@@ -2,6 +2,7 @@
 
 from secorder._chunking import memory_budget, set_memory_budget
 from secorder._errors import SecorderError
+from secorder._validate import check_finite_enabled, set_check_finite
 from secorder.data import (
     dataset_fisher_diagonal,
     dataset_fisher_trace,
@@ -66,5 +67,7 @@ __all__ = [
     # configuration and errors
     "memory_budget",
     "set_memory_budget",
+    "set_check_finite",
+    "check_finite_enabled",
     "SecorderError",
 ]

@@ -14,6 +14,7 @@ from secorder._errors import error
 T = TypeVar("T")
 
 __all__ = [
+    "inspectable",
     "finite_checks",
     "check_module_call",
     "diagnose_nonfinite",
@@ -183,7 +184,7 @@ def check_finite_enabled() -> bool:
     return _CHECK_FINITE[0]
 
 
-def _inspectable(t: Tensor) -> bool:
+def inspectable(t: Tensor) -> bool:
     """Whether ``t``'s values can be read here (not under torch.compile or a torch.func transform)."""
     if torch.compiler.is_compiling():
         return False
@@ -221,7 +222,7 @@ def check_finite_tree(call: str, name: str, tree: Any, fix: str | None = None, s
     for i, leaf in enumerate(leaves):
         if not isinstance(leaf, Tensor) or not (leaf.is_floating_point() or leaf.is_complex()):
             continue
-        if not _inspectable(leaf) or leaf.numel() == 0:
+        if not inspectable(leaf) or leaf.numel() == 0:
             continue
         report = nonfinite_report(leaf.detach(), samples)
         if report is not None:
@@ -240,7 +241,7 @@ def check_finite_result(
     call: str, quantity: str, value: Tensor, diagnose: Any = None, fix: str | None = None
 ) -> None:
     """Raise if a computed ``value`` is non-finite; ``diagnose()`` says where it first went wrong."""
-    if not _CHECK_FINITE[0] or not isinstance(value, Tensor) or not _inspectable(value):
+    if not _CHECK_FINITE[0] or not isinstance(value, Tensor) or not inspectable(value):
         return
     report = nonfinite_report(value.detach())
     if report is None:
@@ -442,7 +443,7 @@ def check_call_inputs(
         )
     label = list(names) if names is not None else [f"args[{i}]" for i in range(len(args))]
     check_nonempty_batch(call, args, index, label)
-    if any(_inspectable(leaf) for leaf in leaves):
+    if any(inspectable(leaf) for leaf in leaves):
         check_finite_tree(call, label[index], args[index])
         for i, a in enumerate(args):
             if i != index:

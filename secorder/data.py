@@ -81,10 +81,12 @@ from secorder._errors import SecorderError, error
 from secorder._progress import progress_bar
 from secorder._pytree import check_floating_tree, flatten, ravel, unflatten, unravel
 from secorder._validate import (
+    inspectable,
     check_bool,
     check_callable,
     check_finite_enabled,
     check_finite_tree,
+    check_grad_context,
     check_method,
     check_num_probes,
     finite_checks,
@@ -488,6 +490,9 @@ def _dataset_hessian(
     estimator = check_method(call, method, registry)
     _probes.check_distribution(call, distribution)
     leaves, spec = check_floating_tree(call, "params", params)
+    check_grad_context(call, leaves)
+    if check_finite and any(inspectable(leaf) for leaf in leaves):
+        check_finite_tree(call, "params", params)
     gen = _probes.check_generator(call, generator, leaves[0].device)
     if model is None:
         model = getattr(f, "secorder_module", None)
@@ -684,6 +689,9 @@ def _dataset_fisher(
     registry = DIAGONAL_ESTIMATORS if diagonal else TRACE_ESTIMATORS
     estimator = check_method(call, method, registry)
     leaves, spec = check_floating_tree(call, "params", params)
+    check_grad_context(call, leaves)
+    if check_finite and any(inspectable(leaf) for leaf in leaves):
+        check_finite_tree(call, "params", params)
     gen = _probes.check_generator(call, generator, leaves[0].device)
     if kind == "mc" and with_stderr:
         raise error(
