@@ -430,3 +430,33 @@ def test_raw_pytorch_errors_are_explained(problem, tmp_path) -> None:
         op.matmat(torch.ones(3, dtype=F64))
     with pytest.raises(ValueError, match=r"at least one sample.*in inputs"):
         secorder.fisher_trace(model, "cross_entropy")(params, x[:0], y[:0])
+
+
+# -- XNysTrace on rank-deficient PSD operators -----------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("m", [30, 48, 60, 73])
+def test_xnystrace_is_exact_on_rank_deficient_psd_operators(m, dtype) -> None:
+    from secorder.estimators import xnystrace
+
+    for seed in range(6):
+        g = torch.Generator().manual_seed(seed)
+        B = torch.randn(73, 14, dtype=dtype, generator=g)
+        A = B @ B.T  # PSD of rank 14 in 73 dimensions: m > 14 probes recover it exactly
+        est, _ = xnystrace(DenseOperator(A), m, generator=torch.Generator().manual_seed(seed))
+        rtol = 1e-3 if dtype == torch.float32 else 1e-8
+        torch.testing.assert_close(est, torch.trace(A), rtol=rtol, atol=0)
+
+
+def test_xnystrace_on_a_ggn_and_still_refuses_negative_curvature() -> None:
+    from secorder.estimators import xnystrace
+
+    model = _model()
+    x, y = _data(n=4)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    op, _ = secorder.fisher_operator(model, "cross_entropy")(params, x, y)  # rank <= 4·2 of P = 31
+    exact = secorder.fisher_trace(model, "cross_entropy")(params, x, y)
+    est, _ = xnystrace(op, 28, generator=_gen())
+    torch.testing.assert_close(est, exact, rtol=1e-8, atol=0)
+    indefinite = DenseOperator(torch.diag(torch.linspace(-1.0, 1.0, 20, dtype=F64)))
+    with pytest.raises(ValueError, match=r"XNysTrace needs a positive semi-definite operator.*negative curvature"):
+        xnystrace(indefinite, 10, generator=_gen())
