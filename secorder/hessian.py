@@ -655,8 +655,9 @@ def hessian_eigenvalues(
         which: ``"largest"`` or ``"smallest"`` (most negative: directions of negative
             curvature).
         tol: relative residual tolerance (``None``: √ε of the dtype).
-        max_steps: the most HVPs (``None``: max(300, 20k), capped by P and by the
-            memory budget for the m × P Lanczos basis).
+        max_steps: the most HVPs of each Lanczos run (the first one and each deflated run that
+            certifies the multiset; ``None``: max(300, 20k), capped by P and by the memory budget
+            for the m × P Lanczos basis).
         return_eigenvectors: also return the eigenvectors.
         strategy: how Hessian-vector products are formed (:mod:`secorder.operators`).
 

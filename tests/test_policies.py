@@ -460,3 +460,32 @@ def test_xnystrace_on_a_ggn_and_still_refuses_negative_curvature() -> None:
     indefinite = DenseOperator(torch.diag(torch.linspace(-1.0, 1.0, 20, dtype=F64)))
     with pytest.raises(ValueError, match=r"XNysTrace needs a positive semi-definite operator.*negative curvature"):
         xnystrace(indefinite, 10, generator=_gen())
+
+
+# -- Lanczos: the full multiset of the top k ---------------------------------------------------------
+@pytest.mark.parametrize("which", ["largest", "smallest"])
+def test_lanczos_returns_every_copy_of_repeated_eigenvalues(which) -> None:
+    n = 200
+    g = torch.Generator().manual_seed(7)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, dtype=F64, generator=g))
+    lam = torch.cat([torch.tensor([5.0, 5.0, 5.0, 4.0], dtype=F64), 3.0 * 0.97 ** torch.arange(n - 4, dtype=F64)])
+    if which == "smallest":
+        lam = -lam
+    A = (Q * lam) @ Q.T
+    ref = torch.linalg.eigvalsh(A)
+    ref = ref.flip(0)[:4] if which == "largest" else ref[:4]
+    res = secorder.lanczos_eigenvalues(DenseOperator(A), 4, which=which, generator=_gen(), return_eigenvectors=True)
+    assert res.converged
+    torch.testing.assert_close(res.eigenvalues, ref, rtol=0, atol=1e-7)
+    X = res.eigenvectors
+    assert X is not None
+    torch.testing.assert_close(X @ X.T, torch.eye(4, dtype=F64), rtol=0, atol=1e-8)
+    torch.testing.assert_close(torch.linalg.vector_norm(X @ A - res.eigenvalues[:, None] * X, dim=1), res.residuals, rtol=1e-2, atol=1e-9)
+
+
+def test_hessian_eigenvalues_with_a_repeated_top_eigenvalue() -> None:
+    c = torch.cat([torch.tensor([7.0, 7.0], dtype=F64), torch.linspace(0.1, 6.0, 60, dtype=F64)])
+    f = lambda w: 0.5 * (c * w**2).sum() + 0.1 * (w**4).sum()  # noqa: E731
+    w = torch.full((62,), 0.0, dtype=F64)
+    got = secorder.hessian_eigenvalues(f, k=3)(w, generator=_gen())
+    torch.testing.assert_close(got, torch.tensor([7.0, 7.0, 6.0], dtype=F64), rtol=0, atol=1e-7)
