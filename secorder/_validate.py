@@ -350,7 +350,7 @@ def check_param_names(call: str, expected: Sequence[str], given: Mapping[Any, An
     got = set(given)
     if got == exp:
         return
-    unknown = sorted((str(k) for k in got - exp))
+    unknown = sorted(str(k) for k in got - exp)
     missing = sorted(exp - got)
     parts = []
     if unknown:
@@ -467,7 +467,9 @@ def diagnose_nonfinite(fn: Any, leaves: Sequence[Tensor]) -> str:
     return "a finite loss and gradient but non-finite second-order products"
 
 
-def check_module_call(call: str, model: Any, params: Any, leaves: Sequence[Tensor], data: Sequence[Any]) -> None:
+def check_module_call(
+    call: str, model: Any, params: Any, leaves: Sequence[Tensor], data: Sequence[Any]
+) -> None:
     """The call-time policies of the ``nn.Module`` entry points (Fisher, module Hessian).
 
     The params keys against ``model``'s trainable parameter names (:func:`check_param_names`),

@@ -81,7 +81,6 @@ from secorder._errors import SecorderError, error
 from secorder._progress import progress_bar
 from secorder._pytree import check_floating_tree, flatten, ravel, unflatten, unravel
 from secorder._validate import (
-    inspectable,
     check_bool,
     check_callable,
     check_finite_enabled,
@@ -90,6 +89,7 @@ from secorder._validate import (
     check_method,
     check_num_probes,
     finite_checks,
+    inspectable,
 )
 from secorder.estimators import DIAGONAL_ESTIMATORS, TRACE_ESTIMATORS, exact_diagonal
 from secorder.operators import LinearOperator, check_strategy, in_functorch_transform
@@ -151,12 +151,12 @@ def _fingerprint(x: Any, y: Any, n: int) -> tuple[Any, ...]:
                 rows.append(t.reshape(n, -1).view(torch.uint8).numpy() if t.numel() else None)
                 shared.append((tuple(t.shape), str(t.dtype)))
             else:
-                shared.append((tuple(t.shape), str(t.dtype), _digest(t.reshape(-1).view(torch.uint8).numpy())))
+                shared.append(
+                    (tuple(t.shape), str(t.dtype), _digest(t.reshape(-1).view(torch.uint8).numpy()))
+                )
         else:
             shared.append(repr(leaf))
-    per_sample = sorted(
-        _digest(*[r[i] for r in rows if r is not None]) for i in range(n)
-    )
+    per_sample = sorted(_digest(*[r[i] for r in rows if r is not None]) for i in range(n))
     return (tuple(shared), tuple(per_sample))
 
 
@@ -328,11 +328,7 @@ class _Pass:
                     out = contribution(x, y)
             except SecorderError as exc:  # a per-batch check (targets, outputs): say which batch
                 raise type(exc)(f"{exc} (in batch {b} of the data, {n_b} samples)") from exc
-            if (
-                checks
-                and not in_functorch_transform([out])
-                and not bool(torch.isfinite(out).all())
-            ):
+            if checks and not in_functorch_transform([out]) and not bool(torch.isfinite(out).all()):
                 raise error(
                     self.call,
                     f"the loss, gradients and {quantity} of every batch must be finite",

@@ -52,6 +52,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from secorder._chunking import check_chunk_size
 from secorder._errors import error
 from secorder._graph_sweep import (
     GraphSweepTooCostlyError,
@@ -62,7 +63,6 @@ from secorder._graph_sweep import (
 from secorder._losses import CallableLoss, LossSpec, resolve_loss
 from secorder._pytree import check_floating_tree, ravel, unflatten
 from secorder._sweep import SweepTooCostlyError, SweepUnsupportedError, sweep_diagonal
-from secorder._chunking import check_chunk_size
 from secorder._validate import (
     check_bool,
     check_finite_result,
@@ -198,8 +198,7 @@ def module_hessian_diagonal(
     if not isinstance(max_hvp_params, int) or isinstance(max_hvp_params, bool) or max_hvp_params < 0:
         raise error(
             call,
-            "max_hvp_params must be an int >= 0 (the largest P for which method='auto' may use "
-            "one-hot HVPs)",
+            "max_hvp_params must be an int >= 0 (the largest P for which method='auto' may use one-hot HVPs)",
             f"{max_hvp_params!r}",
             "Pass e.g. max_hvp_params=20_000 (the default), or 0 to never fall back to HVPs.",
         )

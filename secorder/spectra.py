@@ -220,7 +220,9 @@ def check_operator(call: str, op: object) -> int:
     missing = [a for a in ("size", "dtype", "device", "matmat") if not hasattr(op, a)]
     size = getattr(op, "size", None)
     if missing or not isinstance(size, int) or isinstance(size, bool):
-        got = f"a {type(op).__name__}" + (f" without {', '.join(missing)}" if missing else f" with size {size!r}")
+        got = f"a {type(op).__name__}" + (
+            f" without {', '.join(missing)}" if missing else f" with size {size!r}"
+        )
         raise error(
             call,
             "op must be a linear operator (int size, dtype, device, matmat(V) for (k, P) rows V)",

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as F  # noqa: N812  # the conventional alias
 from torch import Tensor, nn
 
 import secorder
@@ -25,7 +25,7 @@ from secorder.operators import DenseOperator
 from secorder.testing import dense_hessian
 
 F64 = torch.float64
-GEN = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+GEN = lambda: torch.Generator().manual_seed(0)
 
 
 class Problem:
@@ -48,7 +48,9 @@ ENTRIES: dict[str, tuple[Entry, bool]] = {
         True,
     ),
     "hessian_trace_xtrace": (
-        lambda P, p, x, y: secorder.hessian_trace(P.f, num_probes=6, method="xtrace")(p, x, y, generator=GEN()),
+        lambda P, p, x, y: secorder.hessian_trace(P.f, num_probes=6, method="xtrace")(
+            p, x, y, generator=GEN()
+        ),
         True,
     ),
     "hessian_trace_sweep": (lambda P, p, x, y: secorder.hessian_trace(P.f, exact="sweep")(p, x, y), True),
@@ -206,13 +208,20 @@ for _name, (_entry, _module) in ENTRIES.items():
     _case(f"{_name}-autocast", _in_autocast(_entry), RuntimeError, r"not under torch\.autocast")
     if _module and _name != "hvp":  # hvp's tangent check comes first: covered below
         _case(f"{_name}-typo-key", _with_params(_entry, _typo), ValueError, r"did you mean '2\.bias'\?")
-        _case(f"{_name}-missing-key", _with_params(_entry, _missing), ValueError, r"missing keys \['0\.weight'\]")
+        _case(
+            f"{_name}-missing-key",
+            _with_params(_entry, _missing),
+            ValueError,
+            r"missing keys \['0\.weight'\]",
+        )
         _case(f"{_name}-extra-key", _with_params(_entry, _extra), ValueError, r"unknown keys '3\.weight'")
 
 
 # -- the eager (torch_secorder-shaped) API ----------------------------------------------------
 def _closure(P: Problem, params: list[Tensor]) -> Callable[[], Tensor]:
-    return lambda: F.cross_entropy(torch.func.functional_call(P.model, dict(zip(P.params, params)), (P.x,)), P.y)
+    return lambda: F.cross_entropy(
+        torch.func.functional_call(P.model, dict(zip(P.params, params)), (P.x,)), P.y
+    )
 
 
 def _eager_nan(fn: Callable[[Callable[[], Tensor], list[Tensor]], Any]) -> Callable[[Problem], Any]:
@@ -255,43 +264,240 @@ def _dropout_problem(P: Problem) -> tuple[Any, Any]:
 
 RANDOM = r"deterministic function.*global random generator"
 ONE_OFF = [
-    ("hessian_trace-dropout", lambda P: secorder.hessian_trace(_dropout_problem(P)[0])(_dropout_problem(P)[1], P.x, P.y), ValueError, RANDOM),
-    ("hessian_diagonal-dropout", lambda P: secorder.hessian_diagonal(_dropout_problem(P)[0], num_probes=2)(_dropout_problem(P)[1], P.x, P.y, generator=GEN()), ValueError, RANDOM),
-    ("hessian_spectral_density-randn", lambda P: secorder.hessian_spectral_density(lambda w: (w * torch.randn(3, dtype=F64)).pow(2).sum(), num_runs=1, num_steps=2)(torch.ones(3, dtype=F64), generator=GEN()), ValueError, RANDOM),
-    ("fisher_trace-dropout-module", lambda P: secorder.fisher_trace(nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.3)).double(), "cross_entropy")(dict(nn.Sequential(nn.Linear(3, 3)).double().named_parameters()), P.x, P.y), ValueError, r"deterministic|Dropout"),
-    ("hvp-tangent-shape", lambda P: secorder.hvp(P.f)({k: v[..., :1] for k, v in P.params.items()}, P.params, P.x, P.y), ValueError, r"v must have the structure and shapes"),
-    ("hvp-tangent-keys", lambda P: secorder.hvp(P.f)({"a": torch.ones(1)}, P.params, P.x, P.y), ValueError, r"v must have the structure"),
-    ("hessian_trace-empty-params", lambda P: secorder.hessian_trace(lambda w: w.sum())(torch.zeros(0)), ValueError, r"at least one parameter entry"),
-    ("hessian_trace-meta", lambda P: secorder.hessian_trace(lambda w: (w**2).sum())(torch.ones(2, device="meta")), ValueError, r"meta device"),
-    ("hessian_trace-ddp-prefix", lambda P: secorder.hessian_trace(P.f)({"module." + k: v for k, v in P.params.items()}, P.x, P.y), ValueError, r"Strip the wrapper prefix"),
-    ("hessian_trace-list-params", lambda P: secorder.hessian_trace(P.f)(list(P.params.values()), P.x, P.y), TypeError, r"params must be a dict"),
-    ("hessian_trace-user-error", lambda P: secorder.hessian_trace(lambda w: w.reshape(7).sum())(torch.ones(3)), RuntimeError, r"shape '\[7\]' is invalid"),
-    ("hessian_trace-detached", lambda P: secorder.hessian_trace(lambda w: (w**2).sum().detach(), num_probes=2)(torch.ones(3), generator=GEN()), ValueError, r"depend on the differentiated argument"),
-    ("hessian_trace-item", lambda P: secorder.hessian_trace(lambda w: torch.tensor((w**2).sum().item()))(torch.ones(3)), ValueError, r"depend on the differentiated argument"),
-    ("hessian_trace-vector-output", lambda P: secorder.hessian_trace(lambda w: w**2)(torch.ones(3)), ValueError, r"scalar \(0-dim\)"),
-    ("hessian_trace-with_stderr-str", lambda P: secorder.hessian_trace(P.f, with_stderr="yes"), TypeError, r"with_stderr must be True or False"),
-    ("hessian_trace-num_probes-0", lambda P: secorder.hessian_trace(P.f, num_probes=0), ValueError, r"num_probes must be"),
-    ("hessian_trace-generator-int", lambda P: secorder.hessian_trace(P.f, num_probes=2)(P.params, P.x, P.y, generator=3), TypeError, r"generator"),
-    ("hessian_eigenvalues-k-too-big", lambda P: secorder.hessian_eigenvalues(P.f, k=40)(P.params, P.x, P.y), ValueError, r"k must not exceed"),
-    ("module_hessian_diagonal-chunk0", lambda P: secorder.module_hessian_diagonal(P.model, "cross_entropy", chunk_size=0), ValueError, r"chunk_size must be"),
-    ("module_hessian_diagonal-max_hvp", lambda P: secorder.module_hessian_diagonal(P.model, "cross_entropy", max_hvp_params=-1), ValueError, r"max_hvp_params must be an int >= 0"),
-    ("module_hessian_trace-bogus", lambda P: secorder.module_hessian_trace(P.model, "cross_entropy", bogus=1), TypeError, r"module_hessian_trace\(model, loss\).*\['bogus'\]"),
-    ("module_hessian_trace-stderr-str", lambda P: secorder.module_hessian_trace(P.model, "cross_entropy", with_stderr="yes"), TypeError, r"with_stderr must be True or False"),
-    ("module_hessian_trace-live-params", lambda P: secorder.module_hessian_trace(P.model, "cross_entropy")(dict(P.model.named_parameters()), P.x, P.y), ValueError, r"without a gradient.*method='hvp'"),
-    ("hessian_trace-sweep-live-params", lambda P: secorder.hessian_trace(P.f, exact="sweep")(dict(P.model.named_parameters()), P.x, P.y), ValueError, r"without a gradient.*exact='hvp'"),
-    ("lanczos_eigenvalues-tensor", lambda P: secorder.lanczos_eigenvalues(torch.eye(3), 1), TypeError, r"op must be a linear operator"),
-    ("lanczos_eigenvalues-nan-operator", lambda P: secorder.lanczos_eigenvalues(DenseOperator(torch.full((3, 3), float("nan"))), 1, generator=GEN()), ValueError, r"must be finite"),
-    ("spectral_density-tensor", lambda P: secorder.spectral_density(torch.eye(3)), TypeError, r"op must be a linear operator"),
-    ("plot_spectral_density-mismatch", lambda P: secorder.plot_spectral_density(torch.zeros(4), torch.zeros(3), "unused.png"), ValueError, r"same length"),
-    ("dataset-mismatched-sizes", lambda P: secorder.dataset_hessian_trace(P.f, P.params, [(P.x, P.y[:4])]), ValueError, r"at batch 0"),
-    ("dataset-empty-iterable", lambda P: secorder.dataset_hessian_trace(P.f, P.params, []), ValueError, r"at least one batch"),
-    ("dataset-generator", lambda P: secorder.dataset_hessian_trace(P.f, P.params, iter([(P.x, P.y)])), TypeError, r"re-iterable"),
-    ("fisher_trace-bad-targets", lambda P: secorder.fisher_trace(P.model, "cross_entropy")(P.params, P.x, P.y + 5), ValueError, r"batch|class|target"),
-    ("set_memory_budget-negative", lambda P: secorder.set_memory_budget(-1), ValueError, r"memory|budget|bytes"),
-    ("set_check_finite-str", lambda P: secorder.set_check_finite("off"), TypeError, r"enabled must be True or False"),
-    ("hessian_operator-matmat-shape", lambda P: secorder.hessian_operator(P.f, P.params, P.x, P.y)[0].matmat(torch.ones(31, dtype=F64)), ValueError, r"V must be a \(k, P\) tensor"),
-    ("module_loss-not-module", lambda P: secorder.module_loss(lambda x: x, F.mse_loss), TypeError, r"model must be a torch\.nn\.Module"),
-    ("approx.empirical_fisher_trace-nan", lambda P: approx.empirical_fisher_trace(_nan_model(P), F.cross_entropy, P.x, P.y), ValueError, r"finite"),
+    (
+        "hessian_trace-dropout",
+        lambda P: secorder.hessian_trace(_dropout_problem(P)[0])(_dropout_problem(P)[1], P.x, P.y),
+        ValueError,
+        RANDOM,
+    ),
+    (
+        "hessian_diagonal-dropout",
+        lambda P: secorder.hessian_diagonal(_dropout_problem(P)[0], num_probes=2)(
+            _dropout_problem(P)[1], P.x, P.y, generator=GEN()
+        ),
+        ValueError,
+        RANDOM,
+    ),
+    (
+        "hessian_spectral_density-randn",
+        lambda P: secorder.hessian_spectral_density(
+            lambda w: (w * torch.randn(3, dtype=F64)).pow(2).sum(), num_runs=1, num_steps=2
+        )(torch.ones(3, dtype=F64), generator=GEN()),
+        ValueError,
+        RANDOM,
+    ),
+    (
+        "fisher_trace-dropout-module",
+        lambda P: secorder.fisher_trace(
+            nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.3)).double(), "cross_entropy"
+        )(dict(nn.Sequential(nn.Linear(3, 3)).double().named_parameters()), P.x, P.y),
+        ValueError,
+        r"deterministic|Dropout",
+    ),
+    (
+        "hvp-tangent-shape",
+        lambda P: secorder.hvp(P.f)({k: v[..., :1] for k, v in P.params.items()}, P.params, P.x, P.y),
+        ValueError,
+        r"v must have the structure and shapes",
+    ),
+    (
+        "hvp-tangent-keys",
+        lambda P: secorder.hvp(P.f)({"a": torch.ones(1)}, P.params, P.x, P.y),
+        ValueError,
+        r"v must have the structure",
+    ),
+    (
+        "hessian_trace-empty-params",
+        lambda P: secorder.hessian_trace(lambda w: w.sum())(torch.zeros(0)),
+        ValueError,
+        r"at least one parameter entry",
+    ),
+    (
+        "hessian_trace-meta",
+        lambda P: secorder.hessian_trace(lambda w: (w**2).sum())(torch.ones(2, device="meta")),
+        ValueError,
+        r"meta device",
+    ),
+    (
+        "hessian_trace-ddp-prefix",
+        lambda P: secorder.hessian_trace(P.f)({"module." + k: v for k, v in P.params.items()}, P.x, P.y),
+        ValueError,
+        r"Strip the wrapper prefix",
+    ),
+    (
+        "hessian_trace-list-params",
+        lambda P: secorder.hessian_trace(P.f)(list(P.params.values()), P.x, P.y),
+        TypeError,
+        r"params must be a dict",
+    ),
+    (
+        "hessian_trace-user-error",
+        lambda P: secorder.hessian_trace(lambda w: w.reshape(7).sum())(torch.ones(3)),
+        RuntimeError,
+        r"shape '\[7\]' is invalid",
+    ),
+    (
+        "hessian_trace-detached",
+        lambda P: secorder.hessian_trace(lambda w: (w**2).sum().detach(), num_probes=2)(
+            torch.ones(3), generator=GEN()
+        ),
+        ValueError,
+        r"depend on the differentiated argument",
+    ),
+    (
+        "hessian_trace-item",
+        lambda P: secorder.hessian_trace(lambda w: torch.tensor((w**2).sum().item()))(torch.ones(3)),
+        ValueError,
+        r"depend on the differentiated argument",
+    ),
+    (
+        "hessian_trace-vector-output",
+        lambda P: secorder.hessian_trace(lambda w: w**2)(torch.ones(3)),
+        ValueError,
+        r"scalar \(0-dim\)",
+    ),
+    (
+        "hessian_trace-with_stderr-str",
+        lambda P: secorder.hessian_trace(P.f, with_stderr="yes"),
+        TypeError,
+        r"with_stderr must be True or False",
+    ),
+    (
+        "hessian_trace-num_probes-0",
+        lambda P: secorder.hessian_trace(P.f, num_probes=0),
+        ValueError,
+        r"num_probes must be",
+    ),
+    (
+        "hessian_trace-generator-int",
+        lambda P: secorder.hessian_trace(P.f, num_probes=2)(P.params, P.x, P.y, generator=3),
+        TypeError,
+        r"generator",
+    ),
+    (
+        "hessian_eigenvalues-k-too-big",
+        lambda P: secorder.hessian_eigenvalues(P.f, k=40)(P.params, P.x, P.y),
+        ValueError,
+        r"k must not exceed",
+    ),
+    (
+        "module_hessian_diagonal-chunk0",
+        lambda P: secorder.module_hessian_diagonal(P.model, "cross_entropy", chunk_size=0),
+        ValueError,
+        r"chunk_size must be",
+    ),
+    (
+        "module_hessian_diagonal-max_hvp",
+        lambda P: secorder.module_hessian_diagonal(P.model, "cross_entropy", max_hvp_params=-1),
+        ValueError,
+        r"max_hvp_params must be an int >= 0",
+    ),
+    (
+        "module_hessian_trace-bogus",
+        lambda P: secorder.module_hessian_trace(P.model, "cross_entropy", bogus=1),
+        TypeError,
+        r"module_hessian_trace\(model, loss\).*\['bogus'\]",
+    ),
+    (
+        "module_hessian_trace-stderr-str",
+        lambda P: secorder.module_hessian_trace(P.model, "cross_entropy", with_stderr="yes"),
+        TypeError,
+        r"with_stderr must be True or False",
+    ),
+    (
+        "module_hessian_trace-live-params",
+        lambda P: secorder.module_hessian_trace(P.model, "cross_entropy")(
+            dict(P.model.named_parameters()), P.x, P.y
+        ),
+        ValueError,
+        r"without a gradient.*method='hvp'",
+    ),
+    (
+        "hessian_trace-sweep-live-params",
+        lambda P: secorder.hessian_trace(P.f, exact="sweep")(dict(P.model.named_parameters()), P.x, P.y),
+        ValueError,
+        r"without a gradient.*exact='hvp'",
+    ),
+    (
+        "lanczos_eigenvalues-tensor",
+        lambda P: secorder.lanczos_eigenvalues(torch.eye(3), 1),
+        TypeError,
+        r"op must be a linear operator",
+    ),
+    (
+        "lanczos_eigenvalues-nan-operator",
+        lambda P: secorder.lanczos_eigenvalues(
+            DenseOperator(torch.full((3, 3), float("nan"))), 1, generator=GEN()
+        ),
+        ValueError,
+        r"must be finite",
+    ),
+    (
+        "spectral_density-tensor",
+        lambda P: secorder.spectral_density(torch.eye(3)),
+        TypeError,
+        r"op must be a linear operator",
+    ),
+    (
+        "plot_spectral_density-mismatch",
+        lambda P: secorder.plot_spectral_density(torch.zeros(4), torch.zeros(3), "unused.png"),
+        ValueError,
+        r"same length",
+    ),
+    (
+        "dataset-mismatched-sizes",
+        lambda P: secorder.dataset_hessian_trace(P.f, P.params, [(P.x, P.y[:4])]),
+        ValueError,
+        r"at batch 0",
+    ),
+    (
+        "dataset-empty-iterable",
+        lambda P: secorder.dataset_hessian_trace(P.f, P.params, []),
+        ValueError,
+        r"at least one batch",
+    ),
+    (
+        "dataset-generator",
+        lambda P: secorder.dataset_hessian_trace(P.f, P.params, iter([(P.x, P.y)])),
+        TypeError,
+        r"re-iterable",
+    ),
+    (
+        "fisher_trace-bad-targets",
+        lambda P: secorder.fisher_trace(P.model, "cross_entropy")(P.params, P.x, P.y + 5),
+        ValueError,
+        r"batch|class|target",
+    ),
+    (
+        "set_memory_budget-negative",
+        lambda P: secorder.set_memory_budget(-1),
+        ValueError,
+        r"memory|budget|bytes",
+    ),
+    (
+        "set_check_finite-str",
+        lambda P: secorder.set_check_finite("off"),
+        TypeError,
+        r"enabled must be True or False",
+    ),
+    (
+        "hessian_operator-matmat-shape",
+        lambda P: secorder.hessian_operator(P.f, P.params, P.x, P.y)[0].matmat(torch.ones(31, dtype=F64)),
+        ValueError,
+        r"V must be a \(k, P\) tensor",
+    ),
+    (
+        "module_loss-not-module",
+        lambda P: secorder.module_loss(lambda x: x, F.mse_loss),
+        TypeError,
+        r"model must be a torch\.nn\.Module",
+    ),
+    (
+        "approx.empirical_fisher_trace-nan",
+        lambda P: approx.empirical_fisher_trace(_nan_model(P), F.cross_entropy, P.x, P.y),
+        ValueError,
+        r"finite",
+    ),
 ]
 
 
@@ -338,7 +544,11 @@ def test_unusual_valid_inputs_give_dense_references() -> None:
 def test_suite_size() -> None:
     assert len(CASES) >= 100
     ids = [str(c.id) for c in CASES]
-    public = {n for n in secorder.__all__ if callable(getattr(secorder, n)) and not isinstance(getattr(secorder, n), type)}
+    public = {
+        n
+        for n in secorder.__all__
+        if callable(getattr(secorder, n)) and not isinstance(getattr(secorder, n), type)
+    }
     getters = {"memory_budget", "check_finite_enabled"}  # no input to get wrong
     missing = {n for n in public - getters if not any(i.startswith(n) for i in ids)}
     assert not missing, f"public functions without adversarial cases: {sorted(missing)}"

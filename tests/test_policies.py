@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as F  # noqa: N812  # the conventional alias
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
@@ -60,12 +60,16 @@ def _module_entry_points(model, f):
             model, "cross_entropy", kind="empirical"
         )(p, x, y),
         "fisher_operator": lambda p, x, y: secorder.fisher_operator(model, "cross_entropy")(p, x, y),
-        "module_hessian_trace": lambda p, x, y: secorder.module_hessian_trace(model, "cross_entropy")(p, x, y),
+        "module_hessian_trace": lambda p, x, y: secorder.module_hessian_trace(model, "cross_entropy")(
+            p, x, y
+        ),
         "module_hessian_diagonal": lambda p, x, y: secorder.module_hessian_diagonal(
             model, "cross_entropy", method="sweep"
         )(p, x, y),
         "dataset_hessian_trace": lambda p, x, y: secorder.dataset_hessian_trace(f, p, [(x, y)]),
-        "dataset_fisher_trace": lambda p, x, y: secorder.dataset_fisher_trace(model, "cross_entropy", p, [(x, y)]),
+        "dataset_fisher_trace": lambda p, x, y: secorder.dataset_fisher_trace(
+            model, "cross_entropy", p, [(x, y)]
+        ),
     }
 
 
@@ -77,7 +81,10 @@ def test_misspelled_and_missing_parameter_names_raise(problem, entry) -> None:
     model, f, params, x, y = problem
     fn = _module_entry_points(model, f)[entry]
     typo = {("0.weights" if k == "0.weight" else k): v for k, v in params.items()}
-    with pytest.raises(ValueError, match=r"unknown keys '0\.weights' \(did you mean '0\.weight'\?\); missing keys \['0\.weight'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown keys '0\.weights' \(did you mean '0\.weight'\?\); missing keys \['0\.weight'\]",
+    ):
         fn(typo, x, y)
     partial = {k: v for k, v in params.items() if k != "2.bias"}
     with pytest.raises(ValueError, match=r"missing keys \['2\.bias'\].*freeze the other parameters"):
@@ -115,14 +122,16 @@ def test_inference_mode_is_refused_and_outside_is_exact(problem) -> None:
             lambda: secorder.hessian_trace_adaptive(f)(params, x, y, generator=_gen()),
             lambda: secorder.fisher_trace(_model(), "cross_entropy")(params, x, y),
         ):
-            with pytest.raises(RuntimeError, match=r"records nothing under torch\.inference_mode\(\).*outside"):
+            with pytest.raises(
+                RuntimeError, match=r"records nothing under torch\.inference_mode\(\).*outside"
+            ):
                 fn()
         frozen = {k: v.clone() for k, v in params.items()}
     with pytest.raises(RuntimeError, match=r"must not be inference tensors.*leaves \[0, 1, 2, 3\]"):
         secorder.hessian_trace(f, num_probes=4)(frozen, x, y, generator=_gen())
     # the quadratic f(x) = Σ c_i x_i², H = diag(2c): Hutchinson with Rademacher probes is exact
     c = torch.arange(1.0, 13.0, dtype=F64)
-    q = lambda w: (c * w**2).sum()  # noqa: E731
+    q = lambda w: (c * w**2).sum()
     expected = 2 * c.sum()  # 156
     got = secorder.hessian_trace(q, num_probes=3)(torch.ones(12, dtype=F64), generator=_gen())
     torch.testing.assert_close(got, expected)
@@ -153,9 +162,20 @@ def test_differentiable_routes_carry_the_dense_gradient(problem) -> None:
         shapes = [params[k].shape for k in flat_keys]
         parts = torch.split(flat, [int(torch.Size(s).numel()) for s in shapes])
         p = {k: t.reshape(s) for k, t, s in zip(flat_keys, parts, shapes)}
-        return torch.trace(torch.func.hessian(lambda z: f(
-            {k: t.reshape(s) for k, t, s in zip(flat_keys, torch.split(z, [int(torch.Size(s).numel()) for s in shapes]), shapes)}, x, y
-        ))(torch.cat([p[k].reshape(-1) for k in flat_keys])))
+        return torch.trace(
+            torch.func.hessian(
+                lambda z: f(
+                    {
+                        k: t.reshape(s)
+                        for k, t, s in zip(
+                            flat_keys, torch.split(z, [int(torch.Size(s).numel()) for s in shapes]), shapes
+                        )
+                    },
+                    x,
+                    y,
+                )
+            )(torch.cat([p[k].reshape(-1) for k in flat_keys]))
+        )
 
     flat = torch.cat([params[k].reshape(-1) for k in flat_keys])
     ref = torch.func.grad(dense_trace_of)(flat)
@@ -175,19 +195,28 @@ def test_nonfinite_parameters_are_reported_with_their_leaf(problem, entry, value
     bad = {k: v.clone() for k, v in params.items()}
     bad["2.weight"][1, 2] = value
     kind = "1 NaN and 0 infinite" if math.isnan(value) else "0 NaN and 1 infinite"
-    with pytest.raises(ValueError, match=rf"must be finite.*{kind} entries \(of 12\), first at index \(1, 2\).*\['2\.weight'\]"):
+    with pytest.raises(
+        ValueError,
+        match=rf"must be finite.*{kind} entries \(of 12\), first at index \(1, 2\).*\['2\.weight'\]",
+    ):
         _module_entry_points(model, f)[entry](bad, x, y)
 
 
 def test_nonfinite_result_is_diagnosed_and_the_switch_turns_it_off() -> None:
-    f = lambda w: (w.abs() ** 1.5).sum()  # noqa: E731  # finite loss and gradient, H = ∞ at 0
+    f = lambda w: (w.abs() ** 1.5).sum()  # finite loss and gradient, H = ∞ at 0
     w = torch.tensor([0.0, 1.0], dtype=F64)
-    with pytest.raises(ValueError, match=r"Hessian-vector products must be finite.*from a finite loss and gradient"):
+    with pytest.raises(
+        ValueError, match=r"Hessian-vector products must be finite.*from a finite loss and gradient"
+    ):
         secorder.hessian_trace(f)(w)
-    with pytest.raises(ValueError, match=r"quadratic forms vᵀHv must be finite|Hessian-vector products must be finite"):
+    with pytest.raises(
+        ValueError, match=r"quadratic forms vᵀHv must be finite|Hessian-vector products must be finite"
+    ):
         secorder.hessian_trace(f, num_probes=2)(w, generator=_gen())
-    g = lambda w: w.abs().sqrt().sum()  # noqa: E731  # finite loss, infinite gradient at 0
-    with pytest.raises(ValueError, match=r"from a finite loss but a non-finite gradient \(at parameter leaves \[0\]\)"):
+    g = lambda w: w.abs().sqrt().sum()  # finite loss, infinite gradient at 0
+    with pytest.raises(
+        ValueError, match=r"from a finite loss but a non-finite gradient \(at parameter leaves \[0\]\)"
+    ):
         secorder.hessian_diagonal(g)(w)
     secorder.set_check_finite(False)
     try:
@@ -295,7 +324,9 @@ def test_fingerprint_is_exact_per_sample_and_order_insensitive() -> None:
     with pytest.raises(ValueError, match=r"different contents at batch"):
         secorder.dataset_hessian_trace(f, w, _Reordering(x, y, pair=False), **kw)
     # a harmless reordering of (input, target) pairs inside a batch passes, with the same value
-    ref = secorder.dataset_hessian_trace(f, w, [(x[i : i + 4], y[i : i + 4]) for i in range(0, 12, 4)], **{**kw, "generator": _gen()})
+    ref = secorder.dataset_hessian_trace(
+        f, w, [(x[i : i + 4], y[i : i + 4]) for i in range(0, 12, 4)], **{**kw, "generator": _gen()}
+    )
     got = secorder.dataset_hessian_trace(f, w, _Reordering(x, y), **{**kw, "generator": _gen()})
     torch.testing.assert_close(got, ref)
     # one ulp in one sample is seen
@@ -320,7 +351,9 @@ def test_fingerprint_is_exact_per_sample_and_order_insensitive() -> None:
 def test_dataset_batch_size_mismatch_names_the_batch() -> None:
     x, y = _data()
     f, params = secorder.module_loss(_model(), F.cross_entropy)
-    with pytest.raises(ValueError, match=r"same number of samples.*6 input samples and targets with \[5\] samples at batch 1"):
+    with pytest.raises(
+        ValueError, match=r"same number of samples.*6 input samples and targets with \[5\] samples at batch 1"
+    ):
         secorder.dataset_hessian_trace(f, params, [(x, y), (x, y[:5])])
 
 
@@ -333,7 +366,9 @@ def test_autocast_is_refused(problem) -> None:
             lambda: secorder.module_hessian_trace(model, "cross_entropy")(params, x, y),
             lambda: secorder.fisher_trace(model, "cross_entropy")(params, x, y),
         ):
-            with pytest.raises(RuntimeError, match=r"not under torch\.autocast.*torch\.bfloat16.*enabled=False"):
+            with pytest.raises(
+                RuntimeError, match=r"not under torch\.autocast.*torch\.bfloat16.*enabled=False"
+            ):
                 fn()
         with torch.autocast("cpu", enabled=False):  # the documented way out, inside the block
             got = secorder.module_hessian_trace(model, "cross_entropy")(params, x, y)
@@ -342,7 +377,7 @@ def test_autocast_is_refused(problem) -> None:
 
 
 # -- 9. the user's own exceptions ----------------------------------------------------------------
-class MyBug(RuntimeError):
+class MyBugError(RuntimeError):
     pass
 
 
@@ -353,24 +388,26 @@ def test_user_exception_passes_through(strategy) -> None:
     def f(w):
         calls.append(1)
         if len(calls) >= 1:
-            raise MyBug("my own bug in f")
+            raise MyBugError("my own bug in f")
         return (w**2).sum()
 
-    with pytest.raises(MyBug, match="my own bug in f"):
+    with pytest.raises(MyBugError, match="my own bug in f"):
         secorder.hessian_trace(f, num_probes=2, strategy=strategy)(torch.ones(3), generator=_gen())
     calls.clear()
-    with pytest.raises(MyBug, match="my own bug in f"):
+    with pytest.raises(MyBugError, match="my own bug in f"):
         secorder.hessian_trace(f, strategy=strategy)(torch.ones(3))
 
 
 def test_detached_output_is_reported_not_blamed_on_a_strategy() -> None:
-    f = lambda w: (w**2).sum().detach()  # noqa: E731
+    f = lambda w: (w**2).sum().detach()
     for fn in (
         secorder.hessian_trace(f),
         secorder.hessian_trace(f, num_probes=2),
         secorder.hessian_trace(f, num_probes=2, strategy="autograd"),
     ):
-        with pytest.raises(ValueError, match=r"output must depend on the differentiated argument through autograd"):
+        with pytest.raises(
+            ValueError, match=r"output must depend on the differentiated argument through autograd"
+        ):
             fn(torch.ones(3), generator=_gen())
 
 
@@ -387,9 +424,11 @@ def test_missing_derivative_still_names_the_strategy() -> None:
             (x,) = ctx.saved_tensors
             return g * 3 * x**2
 
-    f = lambda w: NoDouble.apply(w).sum()  # noqa: E731
+    f = lambda w: NoDouble.apply(w).sum()
     # f evaluates and differentiates once; the failure is the strategy's, so it is named
-    with pytest.raises(RuntimeError, match=r'strategy="fwd_rev" failed.*Pass another strategy.*finite_difference'):
+    with pytest.raises(
+        RuntimeError, match=r'strategy="fwd_rev" failed.*Pass another strategy.*finite_difference'
+    ):
         secorder.hessian_trace(f, strategy="fwd_rev")(torch.ones(3, dtype=F64))
     got = secorder.hessian_trace(f, strategy="finite_difference")(torch.ones(3, dtype=F64))
     torch.testing.assert_close(got, torch.tensor(18.0, dtype=F64), rtol=1e-6, atol=1e-6)
@@ -397,7 +436,7 @@ def test_missing_derivative_still_names_the_strategy() -> None:
 
 # -- 10. complex tangents ------------------------------------------------------------------------
 def test_hvp_with_a_complex_tangent_keeps_the_imaginary_part() -> None:
-    f = lambda w: (w**3).sum() + w[0] * w[1]  # noqa: E731
+    f = lambda w: (w**3).sum() + w[0] * w[1]
     w = torch.tensor([1.0, 2.0, -1.0], dtype=F64)
     v = torch.tensor([1 + 2j, -1j, 0.5 + 0j], dtype=torch.complex128)
     H = dense_hessian(f, w).to(torch.complex128)
@@ -413,7 +452,9 @@ def test_raw_pytorch_errors_are_explained(problem, tmp_path) -> None:
         secorder.hessian_trace(lambda w: (w**2).sum())(torch.zeros(3, device="meta"))
     with pytest.raises(ValueError, match=r"chunk_size must be None \(automatic\) or an int >= 1"):
         secorder.module_hessian_diagonal(model, "cross_entropy", chunk_size=0)
-    with pytest.raises(TypeError, match=r"module_hessian_trace\(model, loss\): .*unknown keyword arguments \['bogus'\]"):
+    with pytest.raises(
+        TypeError, match=r"module_hessian_trace\(model, loss\): .*unknown keyword arguments \['bogus'\]"
+    ):
         secorder.module_hessian_trace(model, "cross_entropy", bogus=1)
     with pytest.raises(TypeError, match=r"with_stderr must be True or False, but received 'yes'"):
         secorder.module_hessian_trace(model, "cross_entropy", with_stderr="yes")
@@ -423,7 +464,9 @@ def test_raw_pytorch_errors_are_explained(problem, tmp_path) -> None:
         secorder.lanczos_eigenvalues(torch.eye(3), 1)
     with pytest.raises(TypeError, match=r"op must be a linear operator"):
         secorder.spectral_density(torch.eye(3))
-    with pytest.raises(ValueError, match=r"grid and density must be 1-d tensors of the same length.*\(10,\).*\(5,\)"):
+    with pytest.raises(
+        ValueError, match=r"grid and density must be 1-d tensors of the same length.*\(10,\).*\(5,\)"
+    ):
         secorder.plot_spectral_density(torch.linspace(0, 1, 10), torch.ones(5), tmp_path / "p.png")
     op, _ = secorder.hessian_operator(f, params, x, y)
     with pytest.raises(ValueError, match=r"matmat\(V\).*V must be a \(k, P\) tensor.*P=31.*received \(3,\)"):
@@ -458,7 +501,9 @@ def test_xnystrace_on_a_ggn_and_still_refuses_negative_curvature() -> None:
     est, _ = xnystrace(op, 28, generator=_gen())
     torch.testing.assert_close(est, exact, rtol=1e-8, atol=0)
     indefinite = DenseOperator(torch.diag(torch.linspace(-1.0, 1.0, 20, dtype=F64)))
-    with pytest.raises(ValueError, match=r"XNysTrace needs a positive semi-definite operator.*negative curvature"):
+    with pytest.raises(
+        ValueError, match=r"XNysTrace needs a positive semi-definite operator.*negative curvature"
+    ):
         xnystrace(indefinite, 10, generator=_gen())
 
 
@@ -468,24 +513,33 @@ def test_lanczos_returns_every_copy_of_repeated_eigenvalues(which) -> None:
     n = 200
     g = torch.Generator().manual_seed(7)
     Q, _ = torch.linalg.qr(torch.randn(n, n, dtype=F64, generator=g))
-    lam = torch.cat([torch.tensor([5.0, 5.0, 5.0, 4.0], dtype=F64), 3.0 * 0.97 ** torch.arange(n - 4, dtype=F64)])
+    lam = torch.cat(
+        [torch.tensor([5.0, 5.0, 5.0, 4.0], dtype=F64), 3.0 * 0.97 ** torch.arange(n - 4, dtype=F64)]
+    )
     if which == "smallest":
         lam = -lam
     A = (Q * lam) @ Q.T
     ref = torch.linalg.eigvalsh(A)
     ref = ref.flip(0)[:4] if which == "largest" else ref[:4]
-    res = secorder.lanczos_eigenvalues(DenseOperator(A), 4, which=which, generator=_gen(), return_eigenvectors=True)
+    res = secorder.lanczos_eigenvalues(
+        DenseOperator(A), 4, which=which, generator=_gen(), return_eigenvectors=True
+    )
     assert res.converged
     torch.testing.assert_close(res.eigenvalues, ref, rtol=0, atol=1e-7)
     X = res.eigenvectors
     assert X is not None
     torch.testing.assert_close(X @ X.T, torch.eye(4, dtype=F64), rtol=0, atol=1e-8)
-    torch.testing.assert_close(torch.linalg.vector_norm(X @ A - res.eigenvalues[:, None] * X, dim=1), res.residuals, rtol=1e-2, atol=1e-9)
+    torch.testing.assert_close(
+        torch.linalg.vector_norm(X @ A - res.eigenvalues[:, None] * X, dim=1),
+        res.residuals,
+        rtol=1e-2,
+        atol=1e-9,
+    )
 
 
 def test_hessian_eigenvalues_with_a_repeated_top_eigenvalue() -> None:
     c = torch.cat([torch.tensor([7.0, 7.0], dtype=F64), torch.linspace(0.1, 6.0, 60, dtype=F64)])
-    f = lambda w: 0.5 * (c * w**2).sum() + 0.1 * (w**4).sum()  # noqa: E731
+    f = lambda w: 0.5 * (c * w**2).sum() + 0.1 * (w**4).sum()
     w = torch.full((62,), 0.0, dtype=F64)
     got = secorder.hessian_eigenvalues(f, k=3)(w, generator=_gen())
     torch.testing.assert_close(got, torch.tensor([7.0, 7.0, 6.0], dtype=F64), rtol=0, atol=1e-7)

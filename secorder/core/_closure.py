@@ -204,8 +204,11 @@ class ClosureGraph:
         with torch.enable_grad():
             loss = _check_loss(call, what, func())
             check_finite_result(
-                call, f"loss {what}", loss, fix="Check the inputs and the parameters for NaN/Inf, "
-                "or compute in float64 if the loss overflows."
+                call,
+                f"loss {what}",
+                loss,
+                fix="Check the inputs and the parameters for NaN/Inf, "
+                "or compute in float64 if the loss overflows.",
             )
             first: Sequence[Tensor | None] = [None] * len(active)
             if active and loss.requires_grad:
