@@ -366,8 +366,43 @@ class HessianOperator:
                 self._has_conv = _graph_has_convolution(out)
                 grads = torch.autograd.grad(out, inputs, create_graph=True, allow_unused=True)
             keep = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+            constant = [i for i, g in enumerate(grads) if g is not None and not g.requires_grad]
+            if constant:
+                self._check_constant_gradient(constant, [grads[i] for i in constant])
             self._graph = (inputs, [grads[i] for i in keep], keep)
         return self._graph
+
+    def _check_constant_gradient(self, indices: list[int], grads: list[Tensor]) -> None:
+        """Verify a gradient that autograd recorded as constant in θ (its Hessian rows would be 0).
+
+        A gradient that truly does not depend on θ is computed from the same θ-free values at
+        any point, so it comes out bitwise equal at a moved θ. If it changes, autograd lost the
+        second derivative (a custom ``autograd.Function`` with ``@once_differentiable``, or a
+        backward run under ``no_grad``), and the zero rows would be silently wrong.
+        """
+        flat = ravel([leaf.detach() for leaf in self.leaves])
+        index = torch.arange(flat.numel(), dtype=flat.dtype, device=flat.device)
+        direction = (index * 0.6180339887) % 1 - 0.5  # deterministic, in no symmetry's null space
+        step = torch.finfo(flat.dtype).eps ** (1 / 3) * torch.clamp(torch.linalg.vector_norm(flat), min=1.0)
+        moved = [x.requires_grad_(True) for x in unravel(flat + step * direction, self.shapes)]
+        with torch.enable_grad():
+            again = torch.autograd.grad(self.fn(moved), moved, allow_unused=True)
+        changed = [
+            i
+            for i, g in zip(indices, grads)
+            if again[i] is None or not torch.equal(again[i].detach(), g.detach())
+        ]
+        if changed:
+            raise _strategy_failure(
+                self.call,
+                self.strategy if self.strategy != "auto" else "autograd",
+                RuntimeError(
+                    f"autograd recorded the gradient of parameter leaves {changed[:10]} as constant "
+                    "(no second derivative), yet it changes with the parameters: f contains an "
+                    "operation whose backward is not differentiable (a custom autograd.Function "
+                    "with @once_differentiable, or a backward computed under torch.no_grad)"
+                ),
+            )
 
     def _hv_autograd(self, rows: list[Tensor], batched: bool) -> list[Tensor]:
         inputs, grads, keep = self._autograd_graph()

@@ -411,6 +411,15 @@ def test_detached_output_is_reported_not_blamed_on_a_strategy() -> None:
             fn(torch.ones(3), generator=_gen())
 
 
+def test_constant_gradient_claims_are_verified() -> None:
+    c = torch.tensor([1.0, -2.0, 3.0], dtype=F64)
+    f = lambda p: (c * p["lin"]).sum() + (p["sq"] ** 3).sum()  # "lin": constant gradient
+    p = {"lin": torch.ones(3, dtype=F64), "sq": torch.tensor([1.0, 2.0], dtype=F64)}
+    d = secorder.hessian_diagonal(f, strategy="autograd")(p)
+    torch.testing.assert_close(d["lin"], torch.zeros(3, dtype=F64))
+    torch.testing.assert_close(d["sq"], torch.tensor([6.0, 12.0], dtype=F64))
+
+
 def test_missing_derivative_still_names_the_strategy() -> None:
     class NoDouble(torch.autograd.Function):
         @staticmethod
@@ -425,6 +434,12 @@ def test_missing_derivative_still_names_the_strategy() -> None:
             return g * 3 * x**2
 
     f = lambda w: NoDouble.apply(w).sum()
+    # autograd records no second derivative through @once_differentiable: the gradient looks
+    # constant (H = 0) but changes with θ, so the strategy is named instead of returning 0
+    with pytest.raises(
+        RuntimeError, match=r'strategy="autograd" failed.*recorded the gradient.*once_differentiable'
+    ):
+        secorder.hessian_trace(f, strategy="autograd")(torch.ones(3, dtype=F64))
     # f evaluates and differentiates once; the failure is the strategy's, so it is named
     with pytest.raises(
         RuntimeError, match=r'strategy="fwd_rev" failed.*Pass another strategy.*finite_difference'
