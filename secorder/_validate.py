@@ -14,6 +14,7 @@ from secorder._errors import error
 T = TypeVar("T")
 
 __all__ = [
+    "check_deterministic_module",
     "inspectable",
     "finite_checks",
     "check_module_call",
@@ -494,3 +495,17 @@ def finite_checks(enabled: bool) -> Iterator[None]:
         yield
     finally:
         _CHECK_FINITE[0] = old
+
+
+def check_deterministic_module(call: str, model: Any) -> None:
+    """Refuse a module with train-mode Dropout (a mask redrawn on every evaluation)."""
+    from torch import nn
+
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0:
+            raise error(
+                call,
+                "the model must be deterministic: curvature is taken of one fixed function",
+                f"{type(m).__name__}(p={m.p}) in train mode at '{name}'",
+                "Call model.eval() first (a dropout mask is redrawn on every pass).",
+            )

@@ -90,6 +90,7 @@ from secorder._pytree import TreeSpec, check_floating_tree, flatten, unflatten, 
 from secorder._validate import (
     call_deterministic,
     check_bool,
+    check_deterministic_module,
     check_finite_enabled,
     check_method,
     check_module_call,
@@ -222,14 +223,8 @@ def _configure(
 
 def _check_module(call: str, model: nn.Module, per_sample: bool) -> None:
     """Refuse modules whose outputs are random or couple the samples of a batch."""
+    check_deterministic_module(call, model)
     for name, m in model.named_modules():
-        if isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0:
-            raise error(
-                call,
-                "the model must be deterministic: curvature is taken of one fixed function",
-                f"{type(m).__name__}(p={m.p}) in train mode at '{name}'",
-                "Call model.eval() first (a dropout mask is redrawn on every pass).",
-            )
         if per_sample and isinstance(m, nn.modules.batchnorm._BatchNorm):
             batch_stats = m.training or not m.track_running_stats or m.running_mean is None
             if batch_stats:

@@ -65,6 +65,7 @@ from secorder._pytree import check_floating_tree, ravel, unflatten
 from secorder._sweep import SweepTooCostlyError, SweepUnsupportedError, sweep_diagonal
 from secorder._validate import (
     check_bool,
+    check_deterministic_module,
     check_finite_result,
     check_module_call,
     check_num_probes,
@@ -295,6 +296,7 @@ def _run(
             cls=TypeError,
         )
     check_module_call(call, model, params, leaves, (inputs, targets))
+    check_deterministic_module(call, model)
     if method != "hvp":
         check_requires_no_grad(
             call,

@@ -262,6 +262,11 @@ def _dropout_problem(P: Problem) -> tuple[Any, Any]:
     return secorder.module_loss(m, F.cross_entropy)
 
 
+def _dropout_model() -> nn.Module:
+    torch.manual_seed(5)
+    return nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.3)).double()
+
+
 RANDOM = r"deterministic function.*global random generator"
 ONE_OFF = [
     (
@@ -293,6 +298,14 @@ ONE_OFF = [
         )(dict(nn.Sequential(nn.Linear(3, 3)).double().named_parameters()), P.x, P.y),
         ValueError,
         r"deterministic|Dropout",
+    ),
+    (
+        "module_hessian_trace-dropout",
+        lambda P: secorder.module_hessian_trace(_dropout_model(), "cross_entropy")(
+            {k: v.detach() for k, v in _dropout_model().named_parameters()}, P.x, P.y
+        ),
+        ValueError,
+        r"module_hessian_diagonal\(model, loss\).*Dropout\(p=0\.3\) in train mode.*model\.eval\(\)",
     ),
     (
         "hvp-tangent-shape",
