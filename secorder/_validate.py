@@ -339,10 +339,13 @@ def check_requires_no_grad(call: str, leaves: Sequence[Tensor], route: str, fix:
         )
 
 
-def check_param_names(call: str, expected: Sequence[str], given: Mapping[Any, Any]) -> None:
+def check_param_names(
+    call: str, expected: Sequence[str], given: Mapping[Any, Any], optional: Sequence[str] = ()
+) -> None:
     """Refuse a params dict whose keys differ from the model's parameter names.
 
-    A misspelled key would otherwise be ignored by ``functional_call`` (its curvature would be
+    ``expected`` (the trainable parameters) must all be there; ``optional`` names (frozen
+    parameters, buffers) may be. A misspelled key would otherwise be ignored by ``functional_call`` (its curvature would be
     0) and a missing one silently replaced by the model's own live parameter.
     """
     import difflib
@@ -351,8 +354,11 @@ def check_param_names(call: str, expected: Sequence[str], given: Mapping[Any, An
     got = set(given)
     if got == exp:
         return
-    unknown = sorted(str(k) for k in got - exp)
+    unknown = sorted(str(k) for k in got - exp - set(optional))
     missing = sorted(exp - got)
+    if not unknown and not missing:
+        return
+    exp = exp | set(optional)
     parts = []
     if unknown:
         hints = []
@@ -368,8 +374,8 @@ def check_param_names(call: str, expected: Sequence[str], given: Mapping[Any, An
     prefixed = any(str(k).startswith(("module.", "_orig_mod.")) for k in unknown)
     raise error(
         call,
-        "the keys of params must be exactly the names of the model's parameters that require "
-        f"grad ({len(exp)} names, e.g. {sorted(exp)[:3]})",
+        "the keys of params must be the names of all the model's parameters that require grad "
+        f"({len(expected)} names, e.g. {sorted(expected)[:3]}), optionally with frozen ones",
         "; ".join(parts),
         (
             "Strip the wrapper prefix: pass the unwrapped module (ddp.module, compiled._orig_mod) "
@@ -478,7 +484,8 @@ def check_module_call(
     """
     if model is not None and isinstance(params, Mapping):
         names = [k for k, p in model.named_parameters() if p.requires_grad]
-        check_param_names(call, names, params)
+        frozen = [k for k, p in model.named_parameters() if not p.requires_grad]
+        check_param_names(call, names, params, [*frozen, *(k for k, _ in model.named_buffers())])
     check_call_inputs(call, [params, *data], 0, leaves, ["params", "inputs", "targets"][: 1 + len(data)])
 
 

@@ -51,8 +51,8 @@ def module_forward(model: nn.Module, /) -> tuple[Callable[[dict[str, Tensor], An
     BatchNorm updates a throw-away copy and the module's running statistics never
     change. The module is never mutated (parameters, buffers, train/eval flag).
     ``inputs`` is a tensor or a tuple of positional inputs. The keys of the params passed to
-    ``forward`` must be exactly those of ``params`` (any order): a misspelled or missing key
-    raises, naming the nearest expected names, instead of being ignored (curvature 0) or
+    ``forward`` must include all those of ``params`` (any order; names of frozen parameters
+    and buffers may be added): a misspelled or missing key raises, naming the nearest expected names, instead of being ignored (curvature 0) or
     silently replaced by the model's own live parameter.
     """
     model = _check_module("module_forward(model)", unwrap_module(model))
@@ -61,6 +61,7 @@ def module_forward(model: nn.Module, /) -> tuple[Callable[[dict[str, Tensor], An
     buffers = dict(model.named_buffers())
 
     names = list(params)
+    optional = [*frozen, *buffers]  # may be passed too (they then override the module's)
 
     def forward(p: dict[str, Tensor], inputs: Any) -> Any:
         if not isinstance(p, Mapping):
@@ -72,7 +73,7 @@ def module_forward(model: nn.Module, /) -> tuple[Callable[[dict[str, Tensor], An
                 "{k: p.detach() for k, p in model.named_parameters()}.",
                 cls=TypeError,
             )
-        check_param_names("module_loss(model, loss_fn) -> f(params, ...)", names, p)
+        check_param_names("module_loss(model, loss_fn) -> f(params, ...)", names, p, optional)
         state = {**frozen, **{k: b.clone() for k, b in buffers.items()}, **p}
         args = inputs if isinstance(inputs, tuple) else (inputs,)
         return functional_call(model, state, args)

@@ -558,3 +558,16 @@ def test_hessian_eigenvalues_with_a_repeated_top_eigenvalue() -> None:
     w = torch.full((62,), 0.0, dtype=F64)
     got = secorder.hessian_eigenvalues(f, k=3)(w, generator=_gen())
     torch.testing.assert_close(got, torch.tensor([7.0, 7.0, 6.0], dtype=F64), rtol=0, atol=1e-7)
+
+
+def test_frozen_parameters_may_be_passed_too() -> None:
+    model = _model()
+    model[0].weight.requires_grad_(False)
+    f, params = secorder.module_loss(model, F.cross_entropy)
+    assert "0.weight" not in params
+    x, y = _data()
+    full = {k: v.detach() for k, v in model.named_parameters()}  # the frozen one included: θ grows
+    torch.testing.assert_close(secorder.hessian_trace(f)(full, x, y), _dense_trace(f, full, x, y))
+    torch.testing.assert_close(secorder.hessian_trace(f)(params, x, y), _dense_trace(f, params, x, y))
+    with pytest.raises(ValueError, match=r"missing keys \['2\.bias'\]"):
+        secorder.hessian_trace(f)({k: v for k, v in full.items() if k != "2.bias"}, x, y)
