@@ -345,8 +345,9 @@ def check_param_names(
     """Refuse a params dict whose keys differ from the model's parameter names.
 
     ``expected`` (the trainable parameters) must all be there; ``optional`` names (frozen
-    parameters, buffers) may be. A misspelled key would otherwise be ignored by ``functional_call`` (its curvature would be
-    0) and a missing one silently replaced by the model's own live parameter.
+    parameters, buffers) may be. A misspelled key would otherwise be ignored by
+    ``functional_call`` (its curvature would be 0) and a missing one silently replaced by the
+    model's own live parameter.
     """
     import difflib
 

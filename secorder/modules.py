@@ -52,8 +52,9 @@ def module_forward(model: nn.Module, /) -> tuple[Callable[[dict[str, Tensor], An
     change. The module is never mutated (parameters, buffers, train/eval flag).
     ``inputs`` is a tensor or a tuple of positional inputs. The keys of the params passed to
     ``forward`` must include all those of ``params`` (any order; names of frozen parameters
-    and buffers may be added): a misspelled or missing key raises, naming the nearest expected names, instead of being ignored (curvature 0) or
-    silently replaced by the model's own live parameter.
+    and buffers may be added): a misspelled or missing key raises, naming the nearest
+    expected names, instead of being ignored (curvature 0) or silently replaced by the
+    model's own live parameter.
     """
     model = _check_module("module_forward(model)", unwrap_module(model))
     params = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
