@@ -389,13 +389,27 @@ def check_param_names(
     )
 
 
-def _rng_snapshot(devices: set[torch.device]) -> list[bytes]:
+def _rng_snapshot(devices: set[torch.device]) -> list[tuple[str, Tensor]]:
     with torch._C._DisableFuncTorch():  # plain state tensors, also inside torch.func transforms
-        states = [torch.random.default_generator.get_state().numpy().tobytes()]
+        states = [("cpu", torch.random.default_generator.get_state())]
         for dev in sorted(devices, key=str):
             if dev.type == "cuda":
-                states.append(torch.cuda.get_rng_state(dev).cpu().numpy().tobytes())
+                states.append((str(dev), torch.cuda.get_rng_state(dev)))
     return states
+
+
+def _same_states(a: list[tuple[str, Tensor]], b: list[tuple[str, Tensor]]) -> bool:
+    with torch._C._DisableFuncTorch():
+        return all((x.numpy() == y.numpy()).all() for (_, x), (_, y) in zip(a, b))
+
+
+def _restore(states: list[tuple[str, Tensor]]) -> None:
+    with torch._C._DisableFuncTorch():
+        for dev, state in states:
+            if dev == "cpu":
+                torch.random.default_generator.set_state(state)
+            else:
+                torch.cuda.set_rng_state(state, dev)
 
 
 def call_deterministic(call: str, fn: Any, leaves: Sequence[Tensor], *args: Any) -> Any:
@@ -404,14 +418,16 @@ def call_deterministic(call: str, fn: Any, leaves: Sequence[Tensor], *args: Any)
     Dropout in train mode (or any ``torch.rand*`` inside ``f``) would make every product see a
     different function: the same ``generator`` would give different numbers, and the global
     generator would be consumed. secorder's own randomness comes only from the ``generator``
-    argument, so any change of the global state during ``f`` is ``f``'s own.
+    argument, so any change of the global state during ``f`` is ``f``'s own. On refusal the
+    global generator states are restored, so the failed call consumed nothing.
     """
     if torch.compiler.is_compiling():  # Dynamo traces f once; random ops are its concern there
         return fn(*args)
     devices = {leaf.device for leaf in leaves if isinstance(leaf, Tensor)}
     before = _rng_snapshot(devices)
     out = fn(*args)
-    if _rng_snapshot(devices) != before:
+    if not _same_states(_rng_snapshot(devices), before):
+        _restore(before)
         raise error(
             call,
             "f must be a deterministic function of its arguments (secorder draws randomness only "

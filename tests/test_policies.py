@@ -279,6 +279,10 @@ def test_random_f_is_refused_and_eval_mode_is_exact() -> None:
     ):
         with pytest.raises(ValueError, match=msg):
             fn()
+    state = torch.get_rng_state()
+    with pytest.raises(ValueError, match=msg):
+        secorder.hessian_trace(f)(params, x, y)
+    assert torch.equal(torch.get_rng_state(), state)  # the refused call consumed nothing
     model.eval()
     torch.testing.assert_close(secorder.hessian_trace(f)(params, x, y), _dense_trace(f, params, x, y))
 
