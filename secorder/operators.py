@@ -326,7 +326,13 @@ class HessianOperator:
                     self._taylor = TaylorQuadform(self.fn, self.leaves)
                     self.quadform_strategy = "taylor"
                 except TapeUnsupportedError as exc:
-                    other = self._not_the_strategy()  # the user's own error is not swallowed
+                    cause = exc.__cause__
+                    if isinstance(cause, Exception) and type(cause) not in (
+                        RuntimeError,
+                        NotImplementedError,
+                    ):
+                        raise cause from None  # the user's own exception, raised while f ran
+                    other = self._not_the_strategy()  # ... or one that a plain evaluation raises too
                     if other is not None:
                         raise other from None
                     self.taylor_skipped = str(exc)

@@ -402,6 +402,19 @@ def test_user_exception_passes_through(strategy) -> None:
         secorder.hessian_trace(f, strategy=strategy)(torch.ones(3))
 
 
+def test_user_exception_on_the_first_call_only_is_not_swallowed() -> None:
+    calls = []
+
+    def f(w):
+        calls.append(1)
+        if len(calls) == 1:  # the first call of f is the "taylor" recording
+            raise KeyError("lazy initialization failed")
+        return (w**2).sum()
+
+    with pytest.raises(KeyError, match="lazy initialization failed"):
+        secorder.hessian_trace(f, num_probes=2)(torch.ones(3), generator=_gen())
+
+
 def test_detached_output_is_reported_not_blamed_on_a_strategy() -> None:
     f = lambda w: (w**2).sum().detach()
     for fn in (
