@@ -36,12 +36,14 @@ from secorder._validate import (
     check_call_inputs,
     check_callable,
     check_finite_result,
+    check_finite_tree,
     check_method,
     check_num_probes,
     check_requires_no_grad,
     check_same_dtype_device,
     check_scalar_output,
     diagnose_nonfinite,
+    inspectable,
 )
 from secorder.estimators import (
     BLOCK_TRACE_ESTIMATORS,
@@ -257,6 +259,8 @@ def hvp(f: Callable[..., Any], /, *, argnums: int = 0, strategy: str = "auto") -
                 "Build v with the same keys and shapes, e.g. "
                 "{k: torch.randn_like(p) for k, p in params.items()}.",
             )
+        if any(inspectable(a) for a in v_leaves):
+            check_finite_tree(call, "v", v)
         op = HessianOperator(g, leaves, resolve_strategy(call, strategy, leaves), call)
         flat_v = ravel(list(v_leaves))
         if flat_v.is_complex():  # H is real: H(a + ib) = Ha + i·Hb, both parts in one batch

@@ -308,6 +308,12 @@ ONE_OFF = [
         r"module_hessian_diagonal\(model, loss\).*Dropout\(p=0\.3\) in train mode.*model\.eval\(\)",
     ),
     (
+        "hvp-nan-tangent",
+        lambda P: secorder.hvp(P.f)(_nan(P), P.params, P.x, P.y),
+        ValueError,
+        r"v must be finite.*at v\['0\.bias'\]",
+    ),
+    (
         "hvp-tangent-shape",
         lambda P: secorder.hvp(P.f)({k: v[..., :1] for k, v in P.params.items()}, P.params, P.x, P.y),
         ValueError,
