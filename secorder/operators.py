@@ -70,10 +70,10 @@ import torch
 from torch import Tensor
 from torch.func import grad, jvp, vjp, vmap
 
-from secorder._errors import error
-from secorder._pytree import numel, ravel, unravel
 from secorder._engine.tape import TapeUnsupportedError
 from secorder._engine.taylor import TaylorQuadform
+from secorder._errors import error
+from secorder._pytree import numel, ravel, unravel
 
 __all__ = [
     "STRATEGIES",

@@ -16,9 +16,9 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 import secorder
-from secorder._pytree import flatten, unravel
 from secorder._engine.tape import TapeUnsupportedError, record
 from secorder._engine.taylor import TaylorQuadform
+from secorder._pytree import flatten, unravel
 from secorder.testing import dense_hessian
 
 F64 = torch.float64

@@ -43,6 +43,7 @@ __all__ = ["TaylorQuadform"]
 
 aten = torch.ops.aten
 
+
 def _zero_floats(obj: Any) -> Any:
     """A nested args structure with every floating tensor replaced by zeros (others kept)."""
     if isinstance(obj, Tensor):
