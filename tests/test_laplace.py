@@ -9,16 +9,16 @@ from torch.utils.data import DataLoader, TensorDataset
 
 pytest.importorskip("laplace", reason="laplace-torch is an optional extra (secorder[laplace])")
 
-from laplace import Laplace  # noqa: E402
-from laplace.curvature import BackPackEF, BackPackGGN, CurvlinopsGGN, CurvlinopsHessian  # noqa: E402
+from laplace import Laplace
+from laplace.curvature import BackPackEF, BackPackGGN, CurvlinopsGGN, CurvlinopsHessian
 
-from secorder.laplace import (  # noqa: E402
+from secorder.laplace import (
     NegativeCurvatureWarning,
     SecorderEF,
     SecorderGGN,
     SecorderHessian,
 )
-from secorder.testing import dense_hessian  # noqa: E402
+from secorder.testing import dense_hessian
 
 # BackPACK's hooks warn that no input requires grad; it is theirs and harmless.
 BACKPACK_WARNING = "ignore:Full backward hook is firing:UserWarning"
@@ -48,12 +48,20 @@ class ResidualLN(nn.Module):
 def data(likelihood: str, n: int = 40, batch_size: int = 16) -> DataLoader:
     g = torch.Generator().manual_seed(1)
     X = torch.randn(n, 5, generator=g, dtype=torch.float64)
-    y = torch.randint(0, 3, (n,), generator=g) if likelihood == "classification" else torch.randn(n, 3, generator=g).double()
+    y = (
+        torch.randint(0, 3, (n,), generator=g)
+        if likelihood == "classification"
+        else torch.randn(n, 3, generator=g).double()
+    )
     return DataLoader(TensorDataset(X, y), batch_size=batch_size)
 
 
-def fit(model: nn.Module, likelihood: str, backend: type, structure: str = "diag", weights: str = "all", **kw):
-    la = Laplace(model, likelihood, subset_of_weights=weights, hessian_structure=structure, backend=backend, **kw)
+def fit(
+    model: nn.Module, likelihood: str, backend: type, structure: str = "diag", weights: str = "all", **kw
+):
+    la = Laplace(
+        model, likelihood, subset_of_weights=weights, hessian_structure=structure, backend=backend, **kw
+    )
     la.fit(data(likelihood))
     return la
 
@@ -64,7 +72,9 @@ def close(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 @pytest.mark.parametrize("likelihood", ["classification", "regression"])
 @pytest.mark.parametrize(
-    ("ours", "theirs"), [(SecorderGGN, BackPackGGN), (SecorderGGN, CurvlinopsGGN), (SecorderEF, BackPackEF)], ids=["ggn-backpack", "ggn-curvlinops", "ef-backpack"]
+    ("ours", "theirs"),
+    [(SecorderGGN, BackPackGGN), (SecorderGGN, CurvlinopsGGN), (SecorderEF, BackPackEF)],
+    ids=["ggn-backpack", "ggn-curvlinops", "ef-backpack"],
 )
 def test_diag_fit_equals_laplace_backends(likelihood: str, ours: type, theirs: type) -> None:
     a, b = fit(mlp(), likelihood, ours), fit(mlp(), likelihood, theirs)
@@ -81,16 +91,23 @@ def test_diag_fit_equals_laplace_backends(likelihood: str, ours: type, theirs: t
 
 def test_diag_fit_residual_layernorm_equals_curvlinops() -> None:
     """BackPACK refuses this model; laplace-torch's curvlinops backend falls back to the full Jacobian."""
-    with pytest.raises(Exception):  # noqa: B017, PT011 - whatever BackPACK raises
+    with pytest.raises(Exception):  # noqa: B017 - whatever BackPACK raises
         fit(ResidualLN().double(), "classification", BackPackGGN)
-    a, b = fit(ResidualLN().double(), "classification", SecorderGGN), fit(ResidualLN().double(), "classification", CurvlinopsGGN)
+    a, b = (
+        fit(ResidualLN().double(), "classification", SecorderGGN),
+        fit(ResidualLN().double(), "classification", CurvlinopsGGN),
+    )
     assert close(a.H, b.H)
     x = torch.randn(7, 5, dtype=torch.float64)
     assert close(a(x, pred_type="glm"), b(x, pred_type="glm"))
 
 
 @pytest.mark.parametrize("likelihood", ["classification", "regression"])
-@pytest.mark.parametrize(("ours", "theirs"), [(SecorderGGN, BackPackGGN), (SecorderEF, BackPackEF), (SecorderHessian, CurvlinopsHessian)], ids=["ggn", "ef", "hessian"])
+@pytest.mark.parametrize(
+    ("ours", "theirs"),
+    [(SecorderGGN, BackPackGGN), (SecorderEF, BackPackEF), (SecorderHessian, CurvlinopsHessian)],
+    ids=["ggn", "ef", "hessian"],
+)
 def test_full_fit_equals_laplace_backends(likelihood: str, ours: type, theirs: type) -> None:
     a, b = fit(mlp(), likelihood, ours, "full"), fit(mlp(), likelihood, theirs, "full")
     # curvlinops forms its dense matrix with float32 basis vectors
@@ -112,7 +129,11 @@ def _model_and_loss(likelihood: str):
     model = mlp()
     X, y = next(iter(data(likelihood, n=16)))
     params = {k: p.detach() for k, p in model.named_parameters()}
-    lossfunc = nn.CrossEntropyLoss(reduction="sum") if likelihood == "classification" else nn.MSELoss(reduction="sum")
+    lossfunc = (
+        nn.CrossEntropyLoss(reduction="sum")
+        if likelihood == "classification"
+        else nn.MSELoss(reduction="sum")
+    )
     factor = 1.0 if likelihood == "classification" else 0.5
 
     def f(p):
@@ -134,7 +155,9 @@ def test_hessian_diag_equals_dense_float64(likelihood: str) -> None:
     with pytest.warns(NegativeCurvatureWarning, match=r"entries below zero .*set to zero"):
         _, clipped = SecorderHessian(model, likelihood).diag(X, y)
     assert close(clipped, ref.clamp_min(0))
-    with pytest.raises(ValueError, match=r"SecorderHessian.diag\(x, y\): a diagonal posterior precision needs a non-negative"):
+    with pytest.raises(
+        ValueError, match=r"SecorderHessian.diag\(x, y\): a diagonal posterior precision needs a non-negative"
+    ):
         SecorderHessian(model, likelihood, negative="raise").diag(X, y)
 
 
@@ -147,7 +170,9 @@ def test_hessian_diag_fit_clips_with_warning() -> None:
 def test_mc_fisher_is_unbiased_and_reproducible() -> None:
     model, X, y, _, _ = _model_and_loss("classification")
     exact = SecorderGGN(model, "classification").diag(X, y)[1]
-    draw = lambda seed: SecorderGGN(model, "classification", stochastic=True, num_samples=4, generator=torch.Generator().manual_seed(seed)).diag(X, y)[1]
+    draw = lambda seed: SecorderGGN(
+        model, "classification", stochastic=True, num_samples=4, generator=torch.Generator().manual_seed(seed)
+    ).diag(X, y)[1]
     assert torch.equal(draw(3), draw(3))
     samples = torch.stack([draw(s) for s in range(200)])
     mean, stderr = samples.mean(0), samples.std(0) / 200**0.5
@@ -157,15 +182,26 @@ def test_mc_fisher_is_unbiased_and_reproducible() -> None:
 
 def test_errors() -> None:
     model, X, y, _, _ = _model_and_loss("classification")
-    with pytest.raises(TypeError, match=r"SecorderGGN\(model, likelihood, stochastic=True\): the MC Fisher draws .* generator=None"):
+    with pytest.raises(
+        TypeError,
+        match=r"SecorderGGN\(model, likelihood, stochastic=True\): the MC Fisher draws .* generator=None",
+    ):
         SecorderGGN(model, "classification", stochastic=True)
-    with pytest.raises(ValueError, match=r"negative must be one of 'clip', 'raise', 'keep', but received 'abs'"):
+    with pytest.raises(
+        ValueError, match=r"negative must be one of 'clip', 'raise', 'keep', but received 'abs'"
+    ):
         SecorderHessian(model, "classification", negative="abs")
-    with pytest.raises(ValueError, match=r"method must be an exact method .* but received 'curvature_propagation'"):
+    with pytest.raises(
+        ValueError, match=r"method must be an exact method .* but received 'curvature_propagation'"
+    ):
         SecorderHessian(model, "classification", method="curvature_propagation")
-    with pytest.raises(NotImplementedError, match=r"SecorderGGN.kron\(x, y\): Kronecker-factored curvature is not available"):
+    with pytest.raises(
+        NotImplementedError, match=r"SecorderGGN.kron\(x, y\): Kronecker-factored curvature is not available"
+    ):
         fit(mlp(), "classification", SecorderGGN, "kron")
-    with pytest.raises(NotImplementedError, match=r"SecorderEF.diag\(x, y\): inputs must be a tensor .* dict-like batch"):
+    with pytest.raises(
+        NotImplementedError, match=r"SecorderEF.diag\(x, y\): inputs must be a tensor .* dict-like batch"
+    ):
         SecorderEF(model, "classification").diag({"input_ids": X}, y)
     seq = nn.Sequential(nn.Linear(5, 3), nn.Unflatten(1, (1, 3))).double()
     with pytest.raises(ValueError, match=r"classification needs model outputs of shape \(batch, classes\)"):
