@@ -208,7 +208,9 @@ class _SecorderCurvature:
 class SecorderGGN(_SecorderCurvature, GGNInterface):  # type: ignore[misc]
     """The GGN (= Fisher for these likelihoods) through secorder; ``stochastic=True`` for the MC Fisher.
 
-    Args (laplace-torch passes the first six; the rest go in ``backend_kwargs``):
+    laplace-torch passes the first six arguments; the others go in ``backend_kwargs``.
+
+    Args:
         model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y: as for
             laplace-torch's ``GGNInterface``.
         stochastic: the Monte-Carlo Fisher with ``num_samples`` sampled targets per datum
