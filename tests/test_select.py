@@ -143,3 +143,25 @@ def test_select_errors() -> None:
 
     with pytest.raises(KeyError, match="user predicate failed"):  # the user's own exception passes through
         secorder.hessian_trace(f, select=boom)(params, x, y)
+
+
+def test_dataset_functions_with_select() -> None:
+    model, f, params, x, y = setup()
+    data = [(x[:6], y[:6]), (x[6:], y[6:])]
+    names = ["2.weight", "2.bias"]
+    ref = dense_diag_of_subset(f, params, names, x, y)  # the full batch = the dataset (mean)
+    out = secorder.dataset_hessian_diagonal(f, params, data, select="2.*")
+    assert list(out) == names and all(torch.allclose(out[k], ref[k]) for k in names)
+    tr = secorder.dataset_hessian_trace(f, params, data, select="2.*")
+    assert torch.allclose(tr, sum(r.sum() for r in ref.values()))
+    functional = lambda p, inp: torch.func.functional_call(model, p, (inp,))
+    for model_fn in (model, functional):
+        full = secorder.fisher_diagonal(model_fn, "cross_entropy")(params, x, y)
+        sub = secorder.dataset_fisher_diagonal(model_fn, "cross_entropy", params, data, select=names)
+        assert list(sub) == names and all(torch.allclose(sub[k], full[k]) for k in names)
+        tr = secorder.dataset_fisher_trace(model_fn, "cross_entropy", params, data, select=names)
+        assert torch.allclose(tr, sum(full[k].sum() for k in names))
+    with pytest.raises(
+        ValueError, match=r"dataset_fisher_trace\(model_fn, loss, params, data\): select= must match"
+    ):
+        secorder.dataset_fisher_trace(model, "cross_entropy", params, data, select="x*")
