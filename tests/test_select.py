@@ -165,3 +165,19 @@ def test_dataset_functions_with_select() -> None:
         ValueError, match=r"dataset_fisher_trace\(model_fn, loss, params, data\): select= must match"
     ):
         secorder.dataset_fisher_trace(model, "cross_entropy", params, data, select="x*")
+
+
+def test_operators_and_spectra_with_select() -> None:
+    model, f, params, x, y = setup()
+    names = ["2.weight", "2.bias"]
+    fixed = {k: v for k, v in params.items() if k not in names}
+    sub = {k: params[k] for k in names}
+    H = dense_hessian(lambda p: f({**fixed, **p}, x, y), sub)
+    top = secorder.hessian_eigenvalues(f, select="2.*", k=2)(params, x, y)
+    assert torch.allclose(top, torch.linalg.eigvalsh(H).flip(0)[:2], rtol=1e-6)
+    from secorder.estimators import exact_diagonal
+
+    op, _ = secorder.fisher_operator(model, "cross_entropy", select="2.*")(params, x, y)
+    full = secorder.fisher_diagonal(model, "cross_entropy")(params, x, y)
+    ref = torch.cat([full[k].reshape(-1) for k in sorted(names)])  # operators: keys sorted
+    assert op.size == ref.numel() and torch.allclose(exact_diagonal(op), ref)
