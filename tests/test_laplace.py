@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 pytest.importorskip("laplace", reason="laplace-torch is an optional extra (secorder[laplace])")
 
 from laplace import Laplace
-from laplace.curvature import BackPackEF, BackPackGGN, CurvlinopsGGN, CurvlinopsHessian
+from laplace.curvature import BackPackEF, BackPackGGN, CurvlinopsEF, CurvlinopsGGN, CurvlinopsHessian
 
 from secorder.laplace import (
     NegativeCurvatureWarning,
@@ -206,3 +206,40 @@ def test_errors() -> None:
     seq = nn.Sequential(nn.Linear(5, 3), nn.Unflatten(1, (1, 3))).double()
     with pytest.raises(ValueError, match=r"classification needs model outputs of shape \(batch, classes\)"):
         SecorderGGN(seq, "classification").diag(X, y)
+
+
+def test_residual_layernorm_ef_and_hessian() -> None:
+    """The empirical Fisher against laplace-torch's torch.func route, the Hessian against dense float64."""
+    a, b = (
+        fit(ResidualLN().double(), "classification", SecorderEF),
+        fit(ResidualLN().double(), "classification", CurvlinopsEF),
+    )
+    assert close(a.H, b.H)
+    model = ResidualLN().double()
+    X, y = next(iter(data("classification", n=16)))
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    f = lambda p: nn.functional.cross_entropy(torch.func.functional_call(model, p, (X,)), y, reduction="sum")
+    H = dense_hessian(f, params)
+    sizes = {k: p.numel() for k, p in params.items()}
+    pieces = dict(zip(sorted(params), torch.diagonal(H).split([sizes[k] for k in sorted(params)])))
+    ref = torch.cat([pieces[k] for k in params])
+    _, d = SecorderHessian(model, "classification", negative="keep").diag(X, y)
+    assert close(d, ref)
+
+
+@pytest.mark.parametrize("likelihood", ["classification", "regression"])
+def test_subnetwork_laplace_equals_backpack(likelihood: str) -> None:
+    idx = torch.tensor([0, 3, 17, 80, 150, 200, 230])
+    fits = []
+    for backend in (SecorderGGN, BackPackGGN):
+        la = Laplace(
+            mlp(),
+            likelihood,
+            subset_of_weights="subnetwork",
+            hessian_structure="full",
+            backend=backend,
+            subnetwork_indices=idx,
+        )
+        la.fit(data(likelihood))
+        fits.append(la)
+    assert fits[0].H.shape == (7, 7) and close(fits[0].H, fits[1].H)
