@@ -79,6 +79,7 @@ from secorder._chunking import check_chunk_size
 from secorder._errors import SecorderError, error
 from secorder._progress import progress_bar
 from secorder._pytree import check_floating_tree, flatten, ravel, unflatten, unravel
+from secorder._select import check_select, split
 from secorder._validate import check_bool, check_callable, check_method, check_num_probes
 from secorder.estimators import DIAGONAL_ESTIMATORS, TRACE_ESTIMATORS, exact_diagonal
 from secorder.operators import LinearOperator, check_strategy, in_functorch_transform
@@ -410,10 +411,20 @@ def _dataset_hessian(
     check_determinism: bool,
     check_finite: bool,
     progress: bool,
+    select: Any = None,
 ) -> Any:
     from secorder.hessian import hessian_operator  # local: hessian imports nothing from here
 
     check_callable(call, "f", f)
+    if model is None:
+        model = getattr(f, "secorder_module", None)
+    params, restore = split(call, check_select(call, select), params)
+    if select is not None:
+        f_all = f
+
+        def f(p: Any, *batch: Any) -> Tensor:  # the unselected parameters held fixed
+            return f_all(restore(p), *batch)
+
     _check_options(
         call,
         reduction,
@@ -495,6 +506,9 @@ _HESSIAN_ARGS = """
             passes (see :mod:`secorder.data`).
         check_finite: raise on a non-finite batch contribution (eager mode).
         progress: show a tqdm progress bar over the batches of each pass.
+        select: the curvature of a subset of ``params`` (a dict keyed by name) picked by a
+            glob, a list of globs, a compiled regex or a predicate; the other parameters are
+            held fixed and results hold only the selected entries (:mod:`secorder._select`).
 
     Raises:
         SecorderError, TypeError: invalid options or data; a non-finite batch (naming the
@@ -522,6 +536,7 @@ def dataset_hessian_trace(
     check_determinism: bool = True,
     check_finite: bool = True,
     progress: bool = False,
+    select: Any = None,
 ) -> Any:
     """The trace of the Hessian of the loss over a whole dataset, exact or estimated.
 
@@ -543,7 +558,7 @@ def dataset_hessian_trace(
     return _dataset_hessian(
         "dataset_hessian_trace(f, params, data)", f, params, data, False, num_probes, reduction,
         generator, with_stderr, chunk_size, strategy, method, distribution, model,
-        check_determinism, check_finite, progress,
+        check_determinism, check_finite, progress, select,
     )  # fmt: skip
 
 
@@ -565,6 +580,7 @@ def dataset_hessian_diagonal(
     check_determinism: bool = True,
     check_finite: bool = True,
     progress: bool = False,
+    select: Any = None,
 ) -> Any:
     """The diagonal of the Hessian of the loss over a whole dataset, exact or estimated.
 
@@ -585,7 +601,7 @@ def dataset_hessian_diagonal(
     return _dataset_hessian(
         "dataset_hessian_diagonal(f, params, data)", f, params, data, True, num_probes, reduction,
         generator, with_stderr, chunk_size, strategy, method, distribution, model,
-        check_determinism, check_finite, progress,
+        check_determinism, check_finite, progress, select,
     )  # fmt: skip
 
 
@@ -609,8 +625,16 @@ def _dataset_fisher(
     check_determinism: bool,
     check_finite: bool,
     progress: bool,
+    select: Any = None,
 ) -> Any:
     from secorder.fisher import fisher_diagonal, fisher_operator, fisher_trace
+
+    params, restore = split(call, check_select(call, select), params)
+    if select is not None and not isinstance(model_fn, nn.Module):  # a module holds the rest fixed itself
+        model_fn_all = model_fn
+
+        def model_fn(p: Any, x: Any) -> Any:
+            return model_fn_all(restore(p), x)
 
     _check_options(
         call,
@@ -691,6 +715,9 @@ _FISHER_ARGS = """
             passes.
         check_finite: raise on a non-finite batch contribution (eager mode).
         progress: show a tqdm progress bar over the batches of each pass.
+        select: the curvature of a subset of ``params`` (a dict keyed by name) picked by a
+            glob, a list of globs, a compiled regex or a predicate; the other parameters are
+            held fixed and results hold only the selected entries (:mod:`secorder._select`).
 
     Raises:
         SecorderError, TypeError: as :func:`secorder.fisher_trace`, plus invalid data, a
@@ -719,6 +746,7 @@ def dataset_fisher_trace(
     check_determinism: bool = True,
     check_finite: bool = True,
     progress: bool = False,
+    select: Any = None,
 ) -> Any:
     """The trace of the GGN, empirical Fisher or MC Fisher of the loss over a whole dataset.
 
@@ -739,7 +767,7 @@ def dataset_fisher_trace(
     return _dataset_fisher(
         "dataset_fisher_trace(model_fn, loss, params, data)", model_fn, loss, params, data, False,
         kind, num_probes, reduction, generator, with_stderr, chunk_size, method, distribution, path,
-        check_determinism, check_finite, progress,
+        check_determinism, check_finite, progress, select,
     )  # fmt: skip
 
 
@@ -762,6 +790,7 @@ def dataset_fisher_diagonal(
     check_determinism: bool = True,
     check_finite: bool = True,
     progress: bool = False,
+    select: Any = None,
 ) -> Any:
     """The diagonal of the GGN, empirical Fisher or MC Fisher of the loss over a whole dataset.
 
@@ -782,7 +811,7 @@ def dataset_fisher_diagonal(
     return _dataset_fisher(
         "dataset_fisher_diagonal(model_fn, loss, params, data)", model_fn, loss, params, data, True,
         kind, num_probes, reduction, generator, with_stderr, chunk_size, method, distribution, path,
-        check_determinism, check_finite, progress,
+        check_determinism, check_finite, progress, select,
     )  # fmt: skip
 
 

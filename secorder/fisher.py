@@ -87,6 +87,7 @@ from secorder._layers import FastCapture
 from secorder._losses import KINDS, Factor, LossSpec, resolve_loss
 from secorder._persample import ColumnAccumulator, check_same_outputs, input_dims, per_sample_columns
 from secorder._pytree import TreeSpec, check_floating_tree, flatten, unflatten, unravel
+from secorder._select import Selector, check_select, split
 from secorder._validate import check_bool, check_method, check_num_probes, check_same_dtype_device
 from secorder.estimators import (
     BLOCK_TRACE_ESTIMATORS,
@@ -124,6 +125,7 @@ class _Setup(NamedTuple):
     estimator: Callable[..., tuple[Tensor, Tensor]]
     distribution: str
     path: str
+    selector: Selector | None
 
 
 def _configure(
@@ -139,6 +141,7 @@ def _configure(
     distribution: object,
     path: object,
     registry: Mapping[str, Callable[..., tuple[Tensor, Tensor]]],
+    select: object = None,
 ) -> _Setup:
     """Construction-time validation shared by the transforms."""
     module = model_fn if isinstance(model_fn, nn.Module) else None
@@ -208,6 +211,7 @@ def _configure(
         estimator,
         str(distribution),
         str(path),
+        check_select(call, select),
     )
 
 
@@ -301,6 +305,7 @@ def _run(
 ) -> tuple[Tensor, Tensor, list[Tensor], TreeSpec, FisherPath]:
     """Evaluate the configured quantity: flat diagonal (or 0-dim trace), stderr, leaves, spec, path."""
     call = s.call
+    params, restore = split(call, s.selector, params)
     leaves, spec = check_floating_tree(call, "params", params)
     check_same_dtype_device(call, "params", leaves)
     gen = _probes.check_generator(call, generator, leaves[0].device)
@@ -317,7 +322,7 @@ def _run(
         forward = s.model_fn
 
     def fn(ls: list[Tensor], x: Any) -> Any:
-        return forward(unflatten(spec, ls), x)
+        return forward(restore(unflatten(spec, ls)), x)
 
     use_fast = (
         s.module is not None
@@ -418,6 +423,10 @@ _COMMON_ARGS = """
             :mod:`secorder.estimators`).
         distribution: the probe distribution for ``method``.
         path: ``"auto"``, ``"generic"`` or ``"fast"`` (see :mod:`secorder.fisher`).
+        select: compute over a subset of ``params`` (a dict keyed by name): a glob, a list
+            of globs, a compiled regex or a predicate on names; the other parameters are
+            held fixed and results hold only the selected entries; the cost scales with the
+            selection (e.g. ``select="fc.*"`` for the last layer; :mod:`secorder._select`).
 """
 
 _RAISES = """
@@ -443,6 +452,7 @@ def fisher_trace(
     distribution: str = "rademacher",
     path: str = "auto",
     per_block: bool = False,
+    select: Any = None,
 ) -> Callable[..., Any]:
     """Transform a model and a loss into a function returning the trace of the GGN/Fisher.
 
@@ -500,6 +510,7 @@ def fisher_trace(
         distribution,
         path,
         TRACE_ESTIMATORS,
+        select,
     )
 
     check_bool(call, "per_block", per_block)
@@ -552,6 +563,7 @@ def fisher_diagonal(
     method: str = "hutchinson",
     distribution: str = "rademacher",
     path: str = "auto",
+    select: Any = None,
 ) -> Callable[..., Any]:
     """Transform a model and a loss into a function returning the diagonal of the GGN/Fisher.
 
@@ -593,6 +605,7 @@ def fisher_diagonal(
         distribution,
         path,
         DIAGONAL_ESTIMATORS,
+        select,
     )
 
     def diag_fn(params: Any, inputs: Any, targets: Any, generator: torch.Generator | None = None) -> Any:
@@ -627,6 +640,7 @@ def fisher_operator(
     kind: str = "ggn",
     reduction: str = "mean",
     num_samples: int = 1,
+    select: Any = None,
 ) -> Callable[..., tuple[Any, TreeSpec]]:
     """The GGN, empirical Fisher or MC Fisher at a point as a batched operator (lower level).
 
@@ -667,11 +681,13 @@ def fisher_operator(
         "rademacher",
         "generic",
         TRACE_ESTIMATORS,
+        select,
     )
 
     def op_fn(
         params: Any, inputs: Any, targets: Any, generator: torch.Generator | None = None
     ) -> tuple[Any, TreeSpec]:
+        params, restore = split(call, setup.selector, params)
         leaves, spec = check_floating_tree(call, "params", params)
         check_same_dtype_device(call, "params", leaves)
         gen = _probes.check_generator(call, generator, leaves[0].device)
@@ -684,12 +700,12 @@ def fisher_operator(
             forward = setup.model_fn
 
         def fn(ls: list[Tensor]) -> Any:
-            return forward(unflatten(spec, ls), inputs)
+            return forward(restore(unflatten(spec, ls)), inputs)
 
         z = _check_outputs(call, fn(leaves), eager=not transformed)
         setup.loss.check(call, z, targets)
         if setup.kind != "ggn" and setup.module is None and not transformed:
-            _check_independent(call, lambda x: forward(unflatten(spec, leaves), x), inputs, z)
+            _check_independent(call, lambda x: forward(restore(unflatten(spec, leaves)), x), inputs, z)
         op: Any
         if setup.kind == "ggn":
             op = GGNOperator(fn, leaves, setup.loss, z, targets, call)

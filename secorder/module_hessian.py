@@ -61,6 +61,7 @@ from secorder._graph_sweep import (
 )
 from secorder._losses import CallableLoss, LossSpec, resolve_loss
 from secorder._pytree import check_floating_tree, unflatten
+from secorder._select import check_select, split
 from secorder._sweep import SweepTooCostlyError, SweepUnsupportedError, sweep_diagonal
 from secorder._validate import check_num_probes
 from secorder.hessian import hessian_diagonal
@@ -141,6 +142,7 @@ def module_hessian_diagonal(
     chunk_size: int | None = None,
     with_stderr: bool = False,
     max_hvp_params: int = 20_000,
+    select: Any = None,
 ) -> Callable[..., Any]:
     """Transform ``model`` and ``loss`` into a function returning diag(∇²_θ L) as a params dict.
 
@@ -156,6 +158,9 @@ def module_hessian_diagonal(
         chunk_size: columns (or one-hot tangents) per batched backward pass.
         with_stderr: also return per-entry standard errors (zeros when exact).
         max_hvp_params: the largest P for which ``"auto"`` falls back to one-hot HVPs.
+        select: the diagonal over a subset of ``params`` by name (a glob, a list of globs, a
+            compiled regex or a predicate; :mod:`secorder._select`): the other parameters
+            are held fixed and the result holds only the selected entries.
 
     Returns:
         ``diag_fn(params, inputs, targets, generator=None)`` returning a dict shaped like
@@ -184,9 +189,11 @@ def module_hessian_diagonal(
     """
     call = "module_hessian_diagonal(model, loss)(params, inputs, targets)"
     spec, k = _configure(call, model, loss, method, num_probes, reduction)
+    selector = check_select(call, select)
     forward, _ = module_forward(model)
 
     def diag_fn(params: Any, inputs: Any, targets: Any, generator: torch.Generator | None = None) -> Any:
+        params, _ = split(call, selector, params)  # forward holds the others fixed
         diag, err, info = _run(
             call,
             model,
