@@ -484,3 +484,42 @@ def test_batch_stat_ops_return_none() -> None:
         N,
     )
     assert _none(train) is None
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["linear-weight-g3", "linear-bias-g1", "conv2d-weight-g2", "conv1d-weight-g1", "layer_norm-weight-seq",
+     "embedding-repeats-pad1", "mul-seq", "bmm-rows-g2"],
+)  # fmt: skip
+def test_result_carries_the_gradient(name: str) -> None:
+    """With leaves, columns and weights that require grad, the squares are differentiable and
+    their gradient is the reference's (a curvature regularizer must never get a silently detached value)."""
+    case = CASES[name]
+    leaves = [t.clone().requires_grad_(t.is_floating_point()) for t in case.leaves]
+    tape = record(case.fn, leaves)
+    node = next(nd for nd in tape.nodes if nd.func == case.func)
+    values = tape.replay(leaves)
+    cols = _randn(2, *values[node.outputs[0]].shape, seed=7).requires_grad_(True)
+    w = torch.rand(2, generator=_g(8), dtype=DT).requires_grad_(True)
+    got = param_squares(node, values, case.position, case.axes, case.out_axis, cols, w, case.n)
+    assert got is not None and got.requires_grad
+    ref = _reference(node, values, case, cols, w).sum(0)
+    probe = _randn(*ref.shape, seed=9)
+    floating = [t for t in leaves if t.requires_grad] + [cols, w]
+    g_got = torch.autograd.grad((got * probe).sum(), floating, allow_unused=True, materialize_grads=True)
+    g_ref = torch.autograd.grad((ref * probe).sum(), floating, allow_unused=True, materialize_grads=True)
+    for a, b in zip(g_got, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_keyword_argument_positions() -> None:
+    """Positions and axes given as keyword paths ``(1, name)`` bind like positional ones."""
+    case = CASES["addmm-alpha-beta-weight"]
+    node, values = _node(case)
+    kw_node = TapeNode(node.func, node.args[:1], {"mat1": node.args[1], "mat2": node.args[2], **node.kwargs},
+                       node.outputs, node.multi)  # fmt: skip
+    cols = _randn(3, *values[node.outputs[0]].shape, seed=3)
+    ref = param_squares(node, values, (0, 2), {(0, 1): (0, 2)}, (0, 2), cols, None, N)
+    got = param_squares(kw_node, values, (1, "mat2"), {(1, "mat1"): (0, 2)}, (0, 2), cols, None, N)
+    assert ref is not None and got is not None
+    torch.testing.assert_close(got, ref)

@@ -50,6 +50,7 @@ different sample (squares do not commute with the sum over the copies of one sam
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -66,7 +67,7 @@ SampleAxis = tuple[int, int]
 aten = torch.ops.aten
 
 # Bytes of per-(column, sample) gradients formed at once on CPU (kept in cache).
-_CACHE_BYTES = 8 << 20
+_CACHE_BYTES = 4 << 20
 
 
 class _Ctx:
@@ -218,6 +219,22 @@ def _wsum(sq: Tensor, w: Tensor | None) -> Tensor:
     return torch.tensordot(w.to(sq.dtype), sq, dims=1)
 
 
+_SQ_CACHE: list[Any] = [None]
+
+
+def _col_squares(cols: Tensor, w: Tensor | None) -> Tensor:
+    """Σ_c w_c cols[c]^⊙2, remembered for the last (cols, w) pair: the weight and the bias of
+    one layer are two calls with the same columns (held by weak reference, never kept alive)."""
+    hit = _SQ_CACHE[0]
+    if hit is not None:
+        cref, version, wref, value = hit
+        if cref() is cols and version == cols._version and (wref() if wref is not None else None) is w:
+            return value
+    value = _wsum(cols * cols, w)
+    _SQ_CACHE[0] = (weakref.ref(cols), cols._version, None if w is None else weakref.ref(w), value)
+    return value
+
+
 def _sum_squares(
     grads: Callable[[int, int, int, int], Tensor],
     num_cols: int,
@@ -226,15 +243,21 @@ def _sum_squares(
     ctx: _Ctx,
     like: Tensor,
     extra: int = 0,
+    squared: bool = False,
 ) -> Tensor:
     """Σ_c w_c Σ_n G_{c,n}^⊙2 (or rows over n) with G from ``grads(c0, c1, s0, s1)``
-    shaped ``(c1 - c0, s1 - s0, *shape)``, in chunks of columns and samples whose
-    gradients take at most the chunk budget (``per``: entries of one G_{c,n}; ``extra``:
-    entries per sample that do not depend on the column, e.g. an unfolded input)."""
+    shaped ``(c1 - c0, s1 - s0, *shape)`` (with ``squared``: ``grads`` returns the weighted
+    squares summed over its columns, ``(s1 - s0, *shape)``), in chunks of columns and samples
+    whose gradients take at most the chunk budget (``per``: entries of one G_{c,n} with its
+    temporaries; ``extra``: entries per sample that do not depend on the column, e.g. an
+    unfolded input). All columns go in one chunk when one sample allows it (larger products)."""
     entries = max(1, _budget(like) // like.element_size())
-    per_cols = 3 * per  # the gradients, their squares and a temporary
-    s_step = n if n * (extra + per_cols) <= entries else max(1, entries // (extra + per_cols))
-    c_step = max(1, min(num_cols, (entries - s_step * extra) // max(1, s_step * per_cols)))
+    s_step = entries // max(1, extra + num_cols * per)
+    c_step = num_cols
+    if s_step < 1:
+        s_step = 1
+        c_step = max(1, min(num_cols, (entries - extra) // max(1, per)))
+    s_step = min(n, s_step)
     w = ctx.weights
     rows: list[Tensor] = []
     total: Tensor | None = None
@@ -244,7 +267,7 @@ def _sum_squares(
         for c0 in range(0, num_cols, c_step):
             c1 = min(num_cols, c0 + c_step)
             g = grads(c0, c1, s0, s1)
-            sq = _wsum(g * g, None if w is None else w[c0:c1])
+            sq = g if squared else _wsum(g * g, None if w is None else w[c0:c1])
             part = sq if part is None else part + sq
         assert part is not None
         if ctx.per_sample:
@@ -292,7 +315,7 @@ def _broadcast(ctx: _Ctx, factor: Any, pshape: Sequence[int], arg_shape: Sequenc
     w = ctx.weights
 
     if not summed and (g == 1 or not split):  # one entry of θ per sample entry: sum the columns first
-        d2 = _wsum(cols * cols, w)
+        d2 = _col_squares(cols, w)
         sq = d2 * (factor * factor) if factor is not None else d2
         sq = sq.expand(out_shape)
         if split:
@@ -331,10 +354,13 @@ def _broadcast(ctx: _Ctx, factor: Any, pshape: Sequence[int], arg_shape: Sequenc
 # Matrix products
 
 
-def _bmm_right(x: Tensor, x_axis: SampleAxis, cols: Tensor, ctx: _Ctx) -> Tensor | None:
+def _bmm_right(
+    x: Tensor, x_axis: SampleAxis, cols: Tensor, ctx: _Ctx, col_sq: Callable[[], Tensor]
+) -> Tensor | None:
     """y = x @ P with x ``(B, M, k)`` per-sample along dim 0 (batch) or 1 (rows), P ``(B, k, m)``
-    the same for every sample, cols ``(R, B, M, m)``: the squares shaped ``(B, k, m)``."""
-    n, w = ctx.n, ctx.weights
+    the same for every sample, cols ``(R, B, M, m)``: the squares shaped ``(B, k, m)``.
+    ``col_sq()`` gives Σ_c w_c cols[c]^⊙2 ``(B, M, m)``."""
+    n = ctx.n
     dim, g = x_axis
     if dim not in (0, 1) or ctx.out_axis != x_axis:
         return None
@@ -346,7 +372,7 @@ def _bmm_right(x: Tensor, x_axis: SampleAxis, cols: Tensor, ctx: _Ctx) -> Tensor
         ds = cols.reshape(r, b, n, g, m)
         if g == 1:  # one row per sample and slice: sum the columns before squaring
             x2 = xs[:, :, 0] ** 2  # (B, N, k)
-            d2 = _wsum(ds[:, :, :, 0] ** 2, w)  # (B, N, m)
+            d2 = col_sq()  # (B, N, m)
             if ctx.per_sample:
                 return torch.einsum("bnk,bnm->nbkm", x2, d2)
             return x2.transpose(1, 2) @ d2
@@ -356,13 +382,13 @@ def _bmm_right(x: Tensor, x_axis: SampleAxis, cols: Tensor, ctx: _Ctx) -> Tensor
             dd = ds[c0:c1, :, s0:s1].permute(0, 2, 1, 3, 4)  # (c, s, B, g, m)
             return xt[s0:s1] @ dd  # (c, s, B, k, m)
 
-        return _sum_squares(grads, r, n, b * k * m, ctx, cols)
+        return _sum_squares(grads, r, n, 3 * b * k * m + b * g * m, ctx, cols)
     # samples along the batch: every slice belongs to one sample
     xs = x.reshape(n, g, rows, k)
     ds = cols.reshape(r, n, g, rows, m)
     if rows == 1:
         x2 = xs[:, :, 0] ** 2  # (N, g, k)
-        d2 = _wsum(ds[:, :, :, 0] ** 2, w)  # (N, g, m)
+        d2 = col_sq().reshape(n, g, m)
         sq = x2.unsqueeze(-1) * d2.unsqueeze(-2)  # (N, g, k, m)
     else:
         xt = xs.transpose(-1, -2)  # (N, g, k, M)
@@ -372,7 +398,7 @@ def _bmm_right(x: Tensor, x_axis: SampleAxis, cols: Tensor, ctx: _Ctx) -> Tensor
         def grads(c0: int, c1: int, s0: int, s1: int) -> Tensor:
             return xt[s0:s1] @ ds[c0:c1, s0:s1]  # (c, s, g, k, m)
 
-        sq = _sum_squares(grads, r, n, g * k * m, ctx, cols)
+        sq = _sum_squares(grads, r, n, 3 * g * k * m, ctx, cols)
         ctx.per_sample = ctx_rows
     sq = sq.reshape(b, k, m)
     return _block_rows(sq, 0, n) if ctx.per_sample else sq
@@ -392,25 +418,37 @@ def _matmul_interface(ctx: _Ctx) -> Tensor | None:
     else:
         left, right, scale = "self", "mat2", 1
     batched = func is aten.bmm.default
-    cols = ctx.cols if scale == 1 else ctx.cols * scale
+    res = _matmul_squares(ctx, left, right, batched)
+    return res if res is None or scale == 1 else res * (scale * scale)
+
+
+def _matmul_squares(ctx: _Ctx, left: str, right: str, batched: bool) -> Tensor | None:
+    cols, w = ctx.cols, ctx.weights
+    squeeze = 1 if ctx.per_sample else 0
     if ctx.name == right:  # y = x @ P
         if left not in ctx.axes:
             return None
         x, axis = ctx.arg(left), ctx.axes[left]
-        if not batched:
-            x, axis, cols = x.unsqueeze(0), (axis[0] + 1, axis[1]), cols.unsqueeze(1)
-            out_axis = ctx.out_axis
-            ctx.out_axis = (out_axis[0] + 1, out_axis[1])
-            res = _bmm_right(x, axis, cols, ctx)
-            ctx.out_axis = out_axis
-            return None if res is None else res.squeeze(1 if ctx.per_sample else 0)
-        return _bmm_right(x, axis, cols, ctx)
+        if batched:
+            return _bmm_right(x, axis, cols, ctx, lambda: _col_squares(cols, w))
+        out_axis = ctx.out_axis
+        ctx.out_axis = (out_axis[0] + 1, out_axis[1])
+        res = _bmm_right(
+            x.unsqueeze(0),
+            (axis[0] + 1, axis[1]),
+            cols.unsqueeze(1),
+            ctx,
+            lambda: _col_squares(cols, w)[None],
+        )
+        ctx.out_axis = out_axis
+        return None if res is None else res.squeeze(squeeze)
     if ctx.name == left:  # y = P @ x, i.e. yᵀ = xᵀ Pᵀ
         if right not in ctx.axes:
             return None
         x, axis = ctx.arg(right), ctx.axes[right]
+        bcols = cols
         if not batched:
-            x, cols = x.unsqueeze(0), cols.unsqueeze(1)
+            x, bcols = x.unsqueeze(0), cols.unsqueeze(1)
             axis = (axis[0] + 1, axis[1])
         nd = x.dim()
         t_axis = {nd - 1: (nd - 2, axis[1]), 0: (0, axis[1])}.get(axis[0])  # columns of x: rows of xᵀ
@@ -418,14 +456,19 @@ def _matmul_interface(ctx: _Ctx) -> Tensor | None:
         t_out = {nd - 1: (nd - 2, ctx.out_axis[1]), 0: (0, ctx.out_axis[1])}.get(o_dim)
         if t_axis is None or t_out is None:
             return None
+
+        def col_sq() -> Tensor:
+            sq = _col_squares(cols, w)
+            return (sq if batched else sq[None]).transpose(-1, -2)
+
         out_axis = ctx.out_axis
         ctx.out_axis = t_out
-        res = _bmm_right(x.transpose(-1, -2), t_axis, cols.transpose(-1, -2), ctx)
+        res = _bmm_right(x.transpose(-1, -2), t_axis, bcols.transpose(-1, -2), ctx, col_sq)
         ctx.out_axis = out_axis
         if res is None:
             return None
         res = res.transpose(-1, -2)
-        return res if batched else res.squeeze(1 if ctx.per_sample else 0)
+        return res if batched else res.squeeze(squeeze)
     return None
 
 
@@ -474,7 +517,7 @@ def _conv2d_weight(ctx: _Ctx, x: Tensor, weight: Tensor) -> Tensor:
         return u.reshape(s1 - s0, groups, i, positions)
 
     if positions == 1:  # one position per sample: sum the columns before squaring
-        d2 = _wsum(ds[..., 0] ** 2, w)  # (N, groups, o)
+        d2 = _col_squares(cols, w).reshape(n, groups, o)
         u2 = unfold(0, n)[..., 0] ** 2  # (N, groups, i)
         sq = d2.unsqueeze(-1) * u2.unsqueeze(-2)  # (N, groups, o, i)
         return (sq if ctx.per_sample else sq.sum(0)).reshape(
@@ -491,9 +534,13 @@ def _conv2d_weight(ctx: _Ctx, x: Tensor, weight: Tensor) -> Tensor:
         k = c1 - c0
         dd = ds[c0:c1, s0:s1].permute(1, 2, 0, 3, 4).reshape(s1 - s0, groups, k * o, positions)
         gw = dd @ u  # (s, groups, k·o, i): all k columns in one product
-        return gw.reshape(s1 - s0, groups, k, o, i).permute(2, 0, 1, 3, 4)
+        sq = (gw * gw).reshape(s1 - s0, groups, k, o, i)
+        if w is not None:
+            sq = sq * w[c0:c1].to(sq.dtype).reshape(1, 1, k, 1, 1)
+        return sq.sum(2)
 
-    sq = _sum_squares(grads, r, n, groups * o * i, ctx, cols, extra=2 * groups * i * positions)
+    per = cout * positions + 2 * cout * i  # the columns' deltas, the gradients and their squares
+    sq = _sum_squares(grads, r, n, per, ctx, cols, extra=2 * groups * i * positions, squared=True)
     return sq.reshape(*((n,) if ctx.per_sample else ()), *weight.shape)
 
 
@@ -514,7 +561,7 @@ def _conv_weight_vmap(ctx: _Ctx, x: Tensor, weight: Tensor) -> Tensor:
     def grads(c0: int, c1: int, s0: int, s1: int) -> Tensor:
         return per_pair(xs[s0:s1], ds[c0:c1, s0:s1])
 
-    sq = _sum_squares(grads, r, n, weight.numel() * 2, ctx, cols)
+    sq = _sum_squares(grads, r, n, 3 * weight.numel() + cols[0, 0].numel() * g, ctx, cols)
     return sq.reshape(*((n,) if ctx.per_sample else ()), *weight.shape)
 
 
@@ -541,7 +588,7 @@ def _embedding_interface(ctx: _Ctx) -> Tensor | None:
     keys = (owner * vocab + ids).reshape(-1)
     uniq, inverse = torch.unique(keys, return_inverse=True)
     if uniq.numel() == keys.numel():  # no sample repeats an index: sum the columns first
-        sq = _wsum(ds * ds, w).reshape(-1, dim)  # (N·L, D)
+        sq = _split(_col_squares(cols, w), axis, n).reshape(-1, dim)  # (N·L, D)
         rows_of, owners = ids.reshape(-1), owner.reshape(-1)
     else:  # per-(column, sample) row sums over repeated indices
         sq_total: Tensor | None = None
