@@ -79,17 +79,21 @@ def _reference(
         theta, masked
     )  # (R, N, *theta)
     sq = grads**2
-    if w is not None:
-        sq = sq * w.reshape(-1, *([1] * (sq.dim() - 1)))
+    if w is not None:  # (R,) or (R, N)
+        sq = sq * w.reshape(*w.shape, *([1] * (sq.dim() - w.dim())))
     return sq.sum(0)
 
 
 def _check(case: Case, num_cols: int = 3) -> None:
     node, values = _node(case)
     out0 = values[node.outputs[0]]
-    for seed, weighted in ((1, False), (2, True)):
+    for seed, weighted in ((1, None), (2, "columns"), (3, "signed (column, sample)")):
         cols = _randn(num_cols, *out0.shape, seed=seed)
-        w = torch.rand(num_cols, generator=_g(seed + 10), dtype=DT) if weighted else None
+        w = None
+        if weighted == "columns":
+            w = torch.rand(num_cols, generator=_g(seed + 10), dtype=DT)
+        elif weighted is not None:  # e.g. the signs of curvature columns, per sample
+            w = torch.randn(num_cols, case.n, generator=_g(seed + 10), dtype=DT)
         ref = _reference(node, values, case, cols, w)
         total = param_squares(node, values, case.position, case.axes, case.out_axis, cols, w, case.n)
         rows = param_squares(
@@ -393,14 +397,18 @@ def test_rule_matches_vmap_grad(name: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["mm-x@W-g3", "conv2d-weight-g2", "conv1d-weight-g1", "embedding-repeats-padNone"]
-)
-def test_chunked_equals_unchunked(name: str) -> None:
+    "name",
+    ["mm-x@W-g3", "conv2d-weight-g2", "conv1d-weight-g1", "embedding-repeats-padNone", "bmm-rows-g2",
+     "layer_norm-weight-seq", "add-per-entry-bcast"],
+)  # fmt: skip
+@pytest.mark.parametrize("per_sample_weights", [False, True], ids=["w(R)", "w(R,N)"])
+def test_chunked_equals_unchunked(name: str, per_sample_weights: bool) -> None:
     """A tiny memory budget forces one column and one sample per chunk: same result."""
     case = CASES[name]
     node, values = _node(case)
     cols = _randn(5, *values[node.outputs[0]].shape, seed=3)
-    w = torch.rand(5, generator=_g(4), dtype=DT)
+    shape = (5, case.n) if per_sample_weights else (5,)
+    w = torch.randn(shape, generator=_g(4), dtype=DT)
     full = param_squares(node, values, case.position, case.axes, case.out_axis, cols, w, case.n)
     old = memory_budget()
     try:

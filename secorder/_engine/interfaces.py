@@ -91,6 +91,7 @@ class _Ctx:
         self.name = name  # the parameter-side argument
         self.axes = axes  # argument name -> sample axis
         self.out_axis = out_axis
+        self.base_out_axis = out_axis  # out_axis as given (rules may rewrite out_axis)
         self.cols = cols
         self.weights = weights
         self.n = num_samples
@@ -153,7 +154,8 @@ def param_squares(
         axes: the sample axis of each per-sample tensor argument, keyed by its path.
         out_axis: the sample axis of the node's first output.
         cols: ``(R, *out_shape)`` cotangent columns at the node's first output.
-        weights: ``(R,)`` column weights, or ``None`` (all ones).
+        weights: ``(R,)`` column weights, ``(R, N)`` weights of each column and sample (e.g.
+            the signs of curvature columns), or ``None`` (all ones).
         num_samples: N.
         per_sample: keep a leading sample axis (row n: sample n's squares alone).
 
@@ -178,7 +180,7 @@ def param_squares(
     ctx = _Ctx(node, values, name, named, out_axis, cols, weights, num_samples, per_sample)
     if ctx.name in named:
         return None  # the parameter side must be the same for every sample
-    ctx.out_axis = _norm_axis(out_axis, cols.dim() - 1)
+    ctx.out_axis = ctx.base_out_axis = _norm_axis(out_axis, cols.dim() - 1)
     result = fn(ctx)
     return None if result is None else result.to(cols.dtype)
 
@@ -213,25 +215,51 @@ def _split(t: Tensor, axis: SampleAxis, n: int, lead: int = 0) -> Tensor:
 
 
 def _wsum(sq: Tensor, w: Tensor | None) -> Tensor:
-    """Σ_c w_c sq[c] over the leading column dimension."""
+    """Σ_c w_c sq[c] over the leading column dimension (``w`` ``(k,)``, or ``(k, s)`` weights
+    of each column and sample aligned with the two leading dimensions of ``sq``)."""
     if w is None:
         return sq.sum(0)
-    return torch.tensordot(w.to(sq.dtype), sq, dims=1)
+    if w.dim() == 1:
+        return torch.tensordot(w.to(sq.dtype), sq, dims=1)
+    return (sq * w.to(sq.dtype).reshape(*w.shape, *[1] * (sq.dim() - w.dim()))).sum(0)
+
+
+def _wchunk(w: Tensor | None, c0: int, c1: int, s0: int, s1: int) -> Tensor | None:
+    """The weights of columns c0..c1 (and samples s0..s1 for per-sample weights)."""
+    if w is None:
+        return None
+    return w[c0:c1] if w.dim() == 1 else w[c0:c1, s0:s1]
+
+
+def _at_sample_dim(w: Tensor, d: int, group: int, ndim: int) -> Tensor:
+    """Per-(column, sample) weights ``(k, N)`` broadcastable to ``(k, *shape)`` whose dimension
+    ``d`` (of ``ndim``) holds the samples, ``group`` entries each."""
+    if group > 1:
+        w = w.repeat_interleave(group, dim=1)
+    return w.reshape(w.shape[0], *[1] * d, w.shape[1], *[1] * (ndim - d - 1))
 
 
 _SQ_CACHE: list[Any] = [None]
 
 
-def _col_squares(cols: Tensor, w: Tensor | None) -> Tensor:
-    """Σ_c w_c cols[c]^⊙2, remembered for the last (cols, w) pair: the weight and the bias of
-    one layer are two calls with the same columns (held by weak reference, never kept alive)."""
+def _col_squares(ctx: _Ctx) -> Tensor:
+    """Σ_c w_c cols[c]^⊙2 of the call's columns, remembered for the last (cols, weights) pair:
+    the weight and the bias of one layer are two calls with the same columns (held by weak
+    reference, never kept alive)."""
+    cols, w = ctx.cols, ctx.weights
     hit = _SQ_CACHE[0]
     if hit is not None:
-        cref, version, wref, value = hit
-        if cref() is cols and version == cols._version and (wref() if wref is not None else None) is w:
+        cref, version, wref, axis, value = hit
+        same_w = (wref() if wref is not None else None) is w
+        if cref() is cols and version == cols._version and same_w and axis == ctx.base_out_axis:
             return value
-    value = _wsum(cols * cols, w)
-    _SQ_CACHE[0] = (weakref.ref(cols), cols._version, None if w is None else weakref.ref(w), value)
+    if w is not None and w.dim() == 2:
+        d, g = ctx.base_out_axis
+        value = (cols * cols * _at_sample_dim(w, d, g, cols.dim() - 1).to(cols.dtype)).sum(0)
+    else:
+        value = _wsum(cols * cols, w)
+    wref = None if w is None else weakref.ref(w)
+    _SQ_CACHE[0] = (weakref.ref(cols), cols._version, wref, ctx.base_out_axis, value)
     return value
 
 
@@ -267,7 +295,7 @@ def _sum_squares(
         for c0 in range(0, num_cols, c_step):
             c1 = min(num_cols, c0 + c_step)
             g = grads(c0, c1, s0, s1)
-            sq = g if squared else _wsum(g * g, None if w is None else w[c0:c1])
+            sq = g if squared else _wsum(g * g, _wchunk(w, c0, c1, s0, s1))
             part = sq if part is None else part + sq
         assert part is not None
         if ctx.per_sample:
@@ -315,7 +343,7 @@ def _broadcast(ctx: _Ctx, factor: Any, pshape: Sequence[int], arg_shape: Sequenc
     w = ctx.weights
 
     if not summed and (g == 1 or not split):  # one entry of θ per sample entry: sum the columns first
-        d2 = _col_squares(cols, w)
+        d2 = _col_squares(ctx)
         sq = d2 * (factor * factor) if factor is not None else d2
         sq = sq.expand(out_shape)
         if split:
@@ -340,7 +368,10 @@ def _broadcast(ctx: _Ctx, factor: Any, pshape: Sequence[int], arg_shape: Sequenc
         c1 = min(cols.shape[0], c0 + step)
         e = cols[c0:c1] if factor is None else cols[c0:c1] * factor
         gr = reduce(e)
-        sq = _wsum(gr * gr, None if w is None else w[c0:c1])
+        if w is not None and w.dim() == 2:
+            sq = (gr * gr * _at_sample_dim(w[c0:c1], d, 1 if split else g, nd).to(gr.dtype)).sum(0)
+        else:
+            sq = _wsum(gr * gr, None if w is None else w[c0:c1])
         total = sq if total is None else total + sq
     assert total is not None
     if split:
@@ -423,14 +454,14 @@ def _matmul_interface(ctx: _Ctx) -> Tensor | None:
 
 
 def _matmul_squares(ctx: _Ctx, left: str, right: str, batched: bool) -> Tensor | None:
-    cols, w = ctx.cols, ctx.weights
+    cols = ctx.cols
     squeeze = 1 if ctx.per_sample else 0
     if ctx.name == right:  # y = x @ P
         if left not in ctx.axes:
             return None
         x, axis = ctx.arg(left), ctx.axes[left]
         if batched:
-            return _bmm_right(x, axis, cols, ctx, lambda: _col_squares(cols, w))
+            return _bmm_right(x, axis, cols, ctx, lambda: _col_squares(ctx))
         out_axis = ctx.out_axis
         ctx.out_axis = (out_axis[0] + 1, out_axis[1])
         res = _bmm_right(
@@ -438,7 +469,7 @@ def _matmul_squares(ctx: _Ctx, left: str, right: str, batched: bool) -> Tensor |
             (axis[0] + 1, axis[1]),
             cols.unsqueeze(1),
             ctx,
-            lambda: _col_squares(cols, w)[None],
+            lambda: _col_squares(ctx)[None],
         )
         ctx.out_axis = out_axis
         return None if res is None else res.squeeze(squeeze)
@@ -458,7 +489,7 @@ def _matmul_squares(ctx: _Ctx, left: str, right: str, batched: bool) -> Tensor |
             return None
 
         def col_sq() -> Tensor:
-            sq = _col_squares(cols, w)
+            sq = _col_squares(ctx)
             return (sq if batched else sq[None]).transpose(-1, -2)
 
         out_axis = ctx.out_axis
@@ -517,7 +548,7 @@ def _conv2d_weight(ctx: _Ctx, x: Tensor, weight: Tensor) -> Tensor:
         return u.reshape(s1 - s0, groups, i, positions)
 
     if positions == 1:  # one position per sample: sum the columns before squaring
-        d2 = _col_squares(cols, w).reshape(n, groups, o)
+        d2 = _col_squares(ctx).reshape(n, groups, o)
         u2 = unfold(0, n)[..., 0] ** 2  # (N, groups, i)
         sq = d2.unsqueeze(-1) * u2.unsqueeze(-2)  # (N, groups, o, i)
         return (sq if ctx.per_sample else sq.sum(0)).reshape(
@@ -536,7 +567,8 @@ def _conv2d_weight(ctx: _Ctx, x: Tensor, weight: Tensor) -> Tensor:
         gw = dd @ u  # (s, groups, k·o, i): all k columns in one product
         sq = (gw * gw).reshape(s1 - s0, groups, k, o, i)
         if w is not None:
-            sq = sq * w[c0:c1].to(sq.dtype).reshape(1, 1, k, 1, 1)
+            wk = w[c0:c1].reshape(k, 1) if w.dim() == 1 else w[c0:c1, s0:s1]
+            sq = sq * wk.T.to(sq.dtype).reshape(-1, 1, k, 1, 1)
         return sq.sum(2)
 
     per = cout * positions + 2 * cout * i  # the columns' deltas, the gradients and their squares
@@ -588,7 +620,7 @@ def _embedding_interface(ctx: _Ctx) -> Tensor | None:
     keys = (owner * vocab + ids).reshape(-1)
     uniq, inverse = torch.unique(keys, return_inverse=True)
     if uniq.numel() == keys.numel():  # no sample repeats an index: sum the columns first
-        sq = _split(_col_squares(cols, w), axis, n).reshape(-1, dim)  # (N·L, D)
+        sq = _split(_col_squares(ctx), axis, n).reshape(-1, dim)  # (N·L, D)
         rows_of, owners = ids.reshape(-1), owner.reshape(-1)
     else:  # per-(column, sample) row sums over repeated indices
         sq_total: Tensor | None = None
@@ -597,7 +629,8 @@ def _embedding_interface(ctx: _Ctx) -> Tensor | None:
         for c0 in range(0, r, step):
             c1 = min(r, c0 + step)
             summed = flat.new_zeros(c1 - c0, uniq.numel(), dim).index_add_(1, inverse, flat[c0:c1])
-            part = _wsum(summed * summed, None if w is None else w[c0:c1])
+            wk = None if w is None else w[c0:c1] if w.dim() == 1 else w[c0:c1][:, uniq // vocab]
+            part = _wsum(summed * summed, wk)
             sq_total = part if sq_total is None else sq_total + part
         assert sq_total is not None
         sq = sq_total
