@@ -9,6 +9,8 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812 - the PyTorch convention
+from hypothesis import given
+from hypothesis import strategies as st
 
 from secorder._chunking import memory_budget, set_memory_budget
 from secorder._engine import interfaces
@@ -38,7 +40,7 @@ def _g(seed: int) -> torch.Generator:
 
 
 def _randn(*shape: int, seed: int = 0) -> torch.Tensor:
-    return torch.randn(*shape, generator=_g(seed), dtype=DT)
+    return torch.randn(shape, generator=_g(seed), dtype=DT)
 
 
 def _node(case: Case) -> tuple[TapeNode, list[Any]]:
@@ -175,6 +177,16 @@ def _mm_cases() -> dict[str, Case]:
         (1, 2),
         N,
     )
+    for target, pos in (("batch2", (0, 2)), ("bias", (0, 0))):
+        cases[f"baddbmm-{target}"] = Case(
+            lambda lv: torch.baddbmm(lv[1], lv[2], lv[0], beta=0.5, alpha=3.0),
+            [_randn(2, k, m), _randn(1, 1, m, seed=2), _randn(2, N * 2, k, seed=1)],
+            aten.baddbmm.default,
+            pos,
+            {(0, 1): (1, 2)},
+            (1, 2),
+            N,
+        )
     for rows in (1, 3):
         for g in (1, 2):
             cases[f"bmm-batch-rows{rows}-g{g}"] = Case(
@@ -346,6 +358,17 @@ def _norm_cases() -> dict[str, Case]:
                 (0, 1),
                 N,
             )
+        cases[f"batch_norm_legit_no_training-{target}"] = Case(
+            lambda lv, rm=rm, rv=rv: aten._native_batch_norm_legit_no_training(
+                lv[2], lv[0], lv[1], rm, rv, 0.1, 1e-5
+            )[0],
+            [_randn(4), _randn(4, seed=2), _randn(N, 4, 3, seed=1)],
+            aten._native_batch_norm_legit_no_training.default,
+            pos,
+            {(0, 0): (0, 1)},
+            (0, 1),
+            N,
+        )
     return cases
 
 
@@ -367,6 +390,7 @@ def _elementwise_cases() -> dict[str, Case]:
         "sample-dim-1": ((3, N, 5), (3, 1, 5), (1, 1)),
         "per-entry": ((N * 2, 5), (N * 2, 5), (0, 2)),
         "per-entry-bcast": ((N * 2, 5), (N * 2, 1), (0, 2)),
+        "scalar": ((N, 5), (), (0, 1)),
     }
     cases = {}
     for oname, (op, func, pos) in ops.items():
@@ -531,3 +555,88 @@ def test_keyword_argument_positions() -> None:
     got = param_squares(kw_node, values, (1, "mat2"), {(1, "mat1"): (0, 2)}, (0, 2), cols, None, N)
     assert ref is not None and got is not None
     torch.testing.assert_close(got, ref)
+
+
+@st.composite
+def _elementwise_layouts(draw: st.DrawFn) -> tuple[Case, str]:
+    """A random output shape, sample dimension and group, and a parameter broadcast to it
+    (each dimension 1 or full, leading dimensions possibly dropped) met by add/mul/div."""
+    n = draw(st.integers(1, 3))
+    g = draw(st.integers(1, 3))
+    ndim = draw(st.integers(1, 3))
+    d = draw(st.integers(0, ndim - 1))
+    shape = [draw(st.integers(1, 3)) for _ in range(ndim)]
+    shape[d] = n * g
+    pshape = [s if draw(st.booleans()) else 1 for s in shape]
+    pshape = pshape[draw(st.integers(0, ndim - 1)) :]
+    op = draw(st.sampled_from(["add", "mul", "div"]))
+    fns = {"add": (lambda x, p: x + p), "mul": (lambda x, p: x * p), "div": (lambda x, p: x / (p.abs() + 1))}
+    funcs = {"add": aten.add.Tensor, "mul": aten.mul.Tensor, "div": aten.div.Tensor}
+    seed = draw(st.integers(0, 2**16))
+    case = Case(
+        lambda lv, f=fns[op]: f(lv[1], lv[0]),
+        [_randn(*pshape, seed=seed), _randn(*shape, seed=seed + 1)],
+        funcs[op],
+        (0, 1),
+        {(0, 0): (d, g)},
+        (d, g),
+        n,
+    )
+    return case, f"{op} x{tuple(shape)} p{tuple(pshape)} axis{(d, g)}"
+
+
+@given(_elementwise_layouts())
+def test_elementwise_random_layouts(layout: tuple[Case, str]) -> None:
+    case, _ = layout
+    _check(case, num_cols=2)
+
+
+@st.composite
+def _matmul_layouts(draw: st.DrawFn) -> Case:
+    """mm/bmm with the parameter on either side and samples along any admissible dimension."""
+    n, g = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    k, m, b, rows = (draw(st.integers(1, 3)) for _ in range(4))
+    batched = draw(st.booleans())
+    right = draw(st.booleans())  # the parameter on the right: y = x @ P
+    seed = draw(st.integers(0, 2**16))
+    if not batched:
+        x_shape, p_shape = ((n * g, k), (k, m)) if right else ((k, n * g), (m, k))
+        axis = (0, g) if right else (1, g)
+        func = aten.mm.default
+    else:
+        along_batch = draw(st.booleans())
+        if right:
+            x_shape = (n * g, rows, k) if along_batch else (b, n * g, k)
+            p_shape, axis = ((n * g, k, m) if along_batch else (b, k, m)), ((0, g) if along_batch else (1, g))
+        else:
+            x_shape = (n * g, k, rows) if along_batch else (b, k, n * g)
+            p_shape, axis = ((n * g, m, k) if along_batch else (b, m, k)), ((0, g) if along_batch else (2, g))
+        func = aten.bmm.default
+    op = torch.bmm if batched else torch.mm
+    fn = (lambda lv: op(lv[1], lv[0])) if right else (lambda lv: op(lv[0], lv[1]))
+    return Case(
+        fn,
+        [_randn(*p_shape, seed=seed), _randn(*x_shape, seed=seed + 1)],
+        func,
+        (0, 1) if right else (0, 0),
+        {(0, 0) if right else (0, 1): axis},
+        axis,
+        n,
+    )
+
+
+@given(_matmul_layouts())
+def test_matmul_random_layouts(case: Case) -> None:
+    _check(case, num_cols=2)
+
+
+def test_column_squares_cache_follows_in_place_updates() -> None:
+    """The weight and bias calls share Σ_c cols², but never across an in-place change of cols."""
+    case = CASES["linear-bias-g1"]
+    node, values = _node(case)
+    cols = _randn(3, *values[node.outputs[0]].shape, seed=3)
+    first = param_squares(node, values, case.position, case.axes, case.out_axis, cols, None, N)
+    cols.mul_(2.0)
+    second = param_squares(node, values, case.position, case.axes, case.out_axis, cols, None, N)
+    assert first is not None and second is not None
+    torch.testing.assert_close(second, 4 * first)

@@ -12,8 +12,8 @@ each rule below works on the whole batch, and sums the columns *before* squaring
 algebra allows (the squares of a product of a column-independent factor and a column only
 need Σ_c w_c δ_c^⊙2):
 
-* ``mm`` / ``bmm`` / ``addmm`` (either operand the parameter side; ``addmm``'s ``alpha``,
-  ``beta`` and bias): with one row per sample, Σ_n (δ_{cn} x_nᵀ)^⊙2 summed over columns is
+* ``mm`` / ``bmm`` / ``addmm`` / ``baddbmm`` (either operand the parameter side; ``alpha``,
+  ``beta`` and the bias): with one row per sample, Σ_n (δ_{cn} x_nᵀ)^⊙2 summed over columns is
   (Σ_c w_c δ_c^⊙2)ᵀ x^⊙2, one matrix product; with T rows per sample the per-(column, sample)
   products x_nᵀ δ_{cn} are formed in chunks.
 * ``convolution`` of any dimension: 2-d non-transposed by products with the unfolded input
@@ -436,19 +436,19 @@ def _bmm_right(
 
 
 def _matmul_interface(ctx: _Ctx) -> Tensor | None:
-    """``mm(self, mat2)``, ``bmm(self, mat2)``, ``addmm(self, mat1, mat2, beta, alpha)``.
-
-    (``addmm``'s ``self`` is the bias.)"""
+    """``mm(self, mat2)``, ``bmm(self, mat2)``, ``addmm(self, mat1, mat2, beta, alpha)``,
+    ``baddbmm(self, batch1, batch2, beta, alpha)`` (``self``: the bias)."""
     func = ctx.node.func
-    if func is aten.addmm.default:
-        left, right, scale = "mat1", "mat2", ctx.arg("alpha")
+    if func in (aten.addmm.default, aten.baddbmm.default):
+        left, right = ("mat1", "mat2") if func is aten.addmm.default else ("batch1", "batch2")
+        scale = ctx.arg("alpha")
         if ctx.name == "self":  # the bias
             beta = ctx.arg("beta")
             bias = ctx.arg("self")
             return _broadcast(ctx, None if beta == 1 else beta, bias.shape, bias.shape)
     else:
         left, right, scale = "self", "mat2", 1
-    batched = func is aten.bmm.default
+    batched = func in (aten.bmm.default, aten.baddbmm.default)
     res = _matmul_squares(ctx, left, right, batched)
     return res if res is None or scale == 1 else res * (scale * scale)
 
@@ -719,6 +719,7 @@ INTERFACES: dict[str, Callable[[_Ctx], Tensor | None]] = {
     "mm": _matmul_interface,
     "bmm": _matmul_interface,
     "addmm": _matmul_interface,
+    "baddbmm": _matmul_interface,
     "convolution": _conv_interface,
     "embedding": _embedding_interface,
     "native_layer_norm": _layer_norm_interface,
