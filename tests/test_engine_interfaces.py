@@ -640,3 +640,33 @@ def test_column_squares_cache_follows_in_place_updates() -> None:
     second = param_squares(node, values, case.position, case.axes, case.out_axis, cols, None, N)
     assert first is not None and second is not None
     torch.testing.assert_close(second, 4 * first)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["linear-weight-g3", "bmm-rows-g2", "conv2d-weight-g2", "conv3d-weight-g1", "embedding-repeats-pad1",
+     "layer_norm-weight-seq", "group_norm-weight", "mul-per-entry-bcast"],
+)  # fmt: skip
+def test_device_is_kept(name: str, device: torch.device) -> None:
+    """The rules run where the values live and agree with the CPU result."""
+    case = CASES[name]
+    node, values = _node(case)
+    cols = _randn(3, *values[node.outputs[0]].shape, seed=3)
+    w = torch.randn((3, case.n), generator=_g(4), dtype=DT)
+    ref = param_squares(
+        node, values, case.position, case.axes, case.out_axis, cols, w, case.n, per_sample=True
+    )
+    moved = [v.to(device) if isinstance(v, torch.Tensor) else v for v in values]
+    got = param_squares(
+        node,
+        moved,
+        case.position,
+        case.axes,
+        case.out_axis,
+        cols.to(device),
+        w.to(device),
+        case.n,
+        per_sample=True,
+    )
+    assert ref is not None and got is not None and got.device.type == device.type
+    torch.testing.assert_close(got.cpu(), ref, rtol=1e-10, atol=1e-12)
