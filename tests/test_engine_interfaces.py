@@ -657,6 +657,15 @@ def test_device_is_kept(name: str, device: torch.device) -> None:
         node, values, case.position, case.axes, case.out_axis, cols, w, case.n, per_sample=True
     )
     moved = [v.to(device) if isinstance(v, torch.Tensor) else v for v in values]
+
+    def to(obj: Any) -> Any:  # constants captured in the node (e.g. embedding indices)
+        if isinstance(obj, torch.Tensor):
+            return obj.to(device)
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(to(o) for o in obj)
+        return {k: to(v) for k, v in obj.items()} if isinstance(obj, dict) else obj
+
+    node = TapeNode(node.func, to(node.args), to(node.kwargs), node.outputs, node.multi)
     got = param_squares(
         node,
         moved,
