@@ -12,8 +12,8 @@ For one layer at a time (seeded weights, data and cotangent columns, float32), e
   and summed (the generic per-sample route).
 
 Workloads: Linear 784→128 and 128→128 (batch 128, one row per sample) with R = 9 (a
-cross-entropy factor) and R = 265 (the Hessian sweep's columns of the MLP); Linear 32→32 on
-a sequence (batch 16, T = 16); Conv2d 3→16 and 16→16 (3×3, padding 1, batch 64 of 32×32);
+cross-entropy factor) and R = 265 (the Hessian sweep's columns of the MLP); Linear 32→32 and
+128→32 on a sequence (batch 16, T = 16; R = 9 and 265: the Gram form of the rows); Conv2d 3→16 and 16→16 (3×3, padding 1, batch 64 of 32×32);
 Embedding (vocabulary 100, width 32, batch 16, T = 16); LayerNorm(32) on (16, 16, 32).
 The last column is the largest relative difference of ``tape`` from ``hooks``.
 
@@ -125,10 +125,12 @@ def main() -> None:
                 (f"Linear {d_in}→128, N=128", nn.Linear(d_in, 128), randn(128, d_in), aten.addmm.default,
                  [(0, 2), (0, 0)], {(0, 1): (0, 1)}, (0, 1), _layers._LinearLayer, False, r)
             )  # fmt: skip
-    workloads.append(
-        ("Linear 32→32, N=16, T=16", nn.Linear(32, 32), randn(16, 16, 32), aten.addmm.default,
-         [(0, 2), (0, 0)], {(0, 1): (0, 16)}, (0, 16), _layers._LinearLayer, True, 9)
-    )  # fmt: skip
+    for d_in, d_out in ((32, 32), (128, 32)):
+        for r in (9, 265):
+            workloads.append(
+                (f"Linear {d_in}→{d_out}, N=16, T=16", nn.Linear(d_in, d_out), randn(16, 16, d_in),
+                 aten.addmm.default, [(0, 2), (0, 0)], {(0, 1): (0, 16)}, (0, 16), _layers._LinearLayer, True, r)
+            )  # fmt: skip
     for c_in in (3, 16):
         workloads.append(
             (f"Conv2d {c_in}→16 3×3, N=64", nn.Conv2d(c_in, 16, 3, padding=1), randn(64, c_in, 32, 32),
