@@ -21,6 +21,10 @@ Fields:
 * ``family``: a closed form an engine has for the op (``"softmax"``, ``"matmul"``,
   ``"addmm"``, ``"conv"``, ``"layer_norm"``, ``"batch_norm"``).
 * ``view_twin``: the reshape an aliasing view is replayed as.
+* ``interface``: where a parameter meets per-sample data (matrix products, convolutions,
+  embedding, norm affines, elementwise ops with a broadcast parameter), the rule giving the
+  squared per-sample gradients of the parameter-side argument
+  (:func:`secorder._engine.interfaces.param_squares`).
 """
 
 from __future__ import annotations
@@ -46,6 +50,9 @@ class OpRule:
     multilinear: bool = False
     family: str | None = None
     view_twin: Any = None
+    interface: Any = (
+        None  # Callable[[interfaces._Ctx], Tensor | None]: squared per-sample parameter gradients
+    )
 
     @property
     def curvature_free(self) -> bool:
@@ -114,3 +121,13 @@ _register(("addmm", "baddbmm"), family="addmm")
 _register(("convolution",), family="conv")
 _register(("native_layer_norm",), family="layer_norm")
 _register(("view", "_unsafe_view"), view_twin=aten.reshape.default)
+
+
+# ---- parameter interfaces (helper B, issue 11): squared per-sample parameter gradients ----
+# ``OpRule.interface``: the rule of :mod:`secorder._engine.interfaces` for the op (where a
+# parameter meets per-sample data), called through ``interfaces.param_squares``.
+from secorder._engine import interfaces as _interfaces  # noqa: E402 - the rules refer to the registry
+
+for _name, _fn in _interfaces.INTERFACES.items():
+    _register((_name,), interface=_fn)
+# ---- end of parameter interfaces ----
