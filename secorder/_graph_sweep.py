@@ -11,7 +11,7 @@ Hessians M_k = ∇²_u ⟨ḡ_k, f_k(u)⟩ = Σ_c σ_c s_c s_cᵀ,
 every J_kᵀ s_c a vector-Jacobian product of θ ↦ u_k (the full per-sample gradient, so weights
 shared over positions or tied between layers are covered automatically).
 
-Implementation: the loss of ONE sample is recorded as an ATen tape (:func:`secorder._tape.record`)
+Implementation: the loss of ONE sample is recorded as an ATen tape (:func:`secorder._engine.tape.record`)
 with that sample's inputs and targets as tape inputs, then replayed for every sample under
 ``torch.func.vmap`` (chunks of samples). Per chunk: one reverse pass gives the adjoint of every
 node (a zero perturbation added to each node output, differentiated); the local Hessians are
@@ -85,7 +85,8 @@ import torch
 from torch import Tensor
 from torch.func import grad, jacrev, vjp, vmap
 
-from secorder._tape import (
+from secorder._engine.rules import rule
+from secorder._engine.tape import (
     Ref,
     Tape,
     TapeNode,
@@ -96,7 +97,6 @@ from secorder._tape import (
     replace_at,
     resolve,
 )
-from secorder._taylor import _LINEAR as _TAYLOR_LINEAR
 
 __all__ = [
     "MAX_LOCAL",
@@ -119,34 +119,6 @@ class GraphSweepTooCostlyError(GraphSweepUnsupportedError):
     """More columns per sample than ``max_columns`` (``args[0]`` is R)."""
 
 
-def _ops(*names: str) -> frozenset[Any]:
-    out = []
-    for name in names:
-        packet, _, overload = name.partition(".")
-        op = getattr(getattr(aten, packet, None), overload or "default", None)
-        if op is not None:
-            out.append(op)
-    return frozenset(out)
-
-
-# Jointly linear (or piecewise linear) in their floating tensor arguments: no curvature.
-_LINEAR = _TAYLOR_LINEAR | _ops(
-    "_to_copy", "copy", "split.Tensor", "split_with_sizes", "unbind.int", "chunk",
-    "max_pool2d_with_indices", "max_pool1d_with_indices", "max_pool3d_with_indices",
-    "constant_pad_nd", "relu", "leaky_relu",
-    "hardtanh", "add.Tensor", "add.Scalar", "sub.Tensor", "sub.Scalar", "rsub.Tensor",
-    "rsub.Scalar", "mul.Scalar", "div.Scalar", "expand_copy", "lift_fresh_copy", "masked_fill.Scalar",
-    "_adaptive_avg_pool3d", "adaptive_max_pool2d", "sum.dim_IntList",
-)  # fmt: skip
-# Linear in each floating input separately (cross terms only).
-_MULTILINEAR = _ops(
-    "mm", "bmm", "matmul", "addmm", "baddbmm", "convolution", "mul.Tensor",
-    "_native_batch_norm_legit_no_training", "dot", "mv", "einsum",
-    "nll_loss_forward", "nll_loss2d_forward",  # linear in the input, times the class weights
-)  # fmt: skip
-# Row-wise along args[1] with a closed-form local Hessian; bilinear with a closed-form column set.
-_SOFTMAXES = _ops("_softmax", "_log_softmax", "_safe_softmax")
-_BILINEAR = _ops("mm", "bmm")
 _BATCH_NORMS = frozenset(
     {"native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_functional",
      "cudnn_batch_norm", "miopen_batch_norm", "batch_norm"}
@@ -192,7 +164,7 @@ def _structured(
     func = node.func
     pos = [p for p, _ in found]
     refs = [r for _, r in found]
-    if func in _SOFTMAXES and pos == [(0, 0)] and outs == [node.outputs[0]]:
+    if rule(func).family == "softmax" and pos == [(0, 0)] and outs == [node.outputs[0]]:
         dim = int(_arg(node, 1)) % max(1, values[refs[0].index].dim())
         row = int(values[refs[0].index].shape[dim]) if values[refs[0].index].dim() else 1
         return _Node(node, "rows", pos, refs, outs, dim=dim, row=row)
@@ -210,7 +182,7 @@ def _structured(
                 f"local Hessian per row is limited to {MAX_LOCAL})"
             )
         return _Node(node, "rows", [pos[k] for k in keep], [refs[k] for k in keep], outs, row=row)
-    if func in _BILINEAR and pos == [(0, 0), (0, 1)]:
+    if func in (aten.mm.default, aten.bmm.default) and pos == [(0, 0), (0, 1)]:
         inner = int(values[refs[0].index].shape[-1])  # K in (b, m, K) @ (b, K, n)
         return _Node(node, "bilinear", pos, refs, outs, row=inner)
     return None
@@ -263,11 +235,11 @@ def _classify(tape: Tape, values: Sequence[Any]) -> _Plan:
             for p, r in paths((node.args, node.kwargs))
             if r.index < len(deps) and tape.depends[r.index] and floating(r.index)
         ]
-        if not found or func in _LINEAR:
+        if not found or rule(func).curvature_free:
             continue
         leaf_sets = [deps[r.index] for _, r in found]
         disjoint = all(leaf_sets[i] & leaf_sets[j] == 0 for i in range(len(found)) for j in range(i))
-        if func in _MULTILINEAR and disjoint:
+        if rule(func).multilinear and disjoint:
             continue
         if func is aten.div.Tensor and [p for p, _ in found] == [(0, 0)]:
             continue  # division by a constant
@@ -386,7 +358,7 @@ def _local(nd: _Node, values: Sequence[Any], adj: dict[int, Tensor]) -> Tensor:
     if nd.kind == "rows":
         return (
             _softmax_rows(nd, values, adj)
-            if nd.node.func in _SOFTMAXES
+            if rule(nd.node.func).family == "softmax"
             else _layer_norm_rows(nd, values, adj)
         )
     if nd.kind == "bilinear":
@@ -539,7 +511,7 @@ def _bilinear_columns(nd: _Node, gbar: Tensor, tol_scale: float) -> _Columns:
 
 def _node_vector(nd: _Node, values: Sequence[Any]) -> Tensor:
     prim = [values[r.index] for r in nd.refs]
-    if nd.kind == "rows" and nd.node.func in _SOFTMAXES:
+    if nd.kind == "rows" and rule(nd.node.func).family == "softmax":
         return prim[0].movedim(nd.dim, -1).reshape(-1)
     if nd.kind == "pointwise":
         return torch.stack([p.expand(nd.shape) for p in prim]).reshape(-1)

@@ -14,6 +14,7 @@ from secorder._errors import error
 T = TypeVar("T")
 
 __all__ = [
+    "check_module_names",
     "check_deterministic_module",
     "inspectable",
     "finite_checks",
@@ -499,10 +500,8 @@ def check_module_call(
     The params keys against ``model``'s trainable parameter names (:func:`check_param_names`),
     then :func:`check_call_inputs` on ``(params, *data)``.
     """
-    if model is not None and isinstance(params, Mapping):
-        names = [k for k, p in model.named_parameters() if p.requires_grad]
-        frozen = [k for k, p in model.named_parameters() if not p.requires_grad]
-        check_param_names(call, names, params, [*frozen, *(k for k, _ in model.named_buffers())])
+    if model is not None:
+        check_module_names(call, model, params)
     check_call_inputs(call, [params, *data], 0, leaves, ["params", "inputs", "targets"][: 1 + len(data)])
 
 
@@ -533,3 +532,12 @@ def check_deterministic_module(call: str, model: Any) -> None:
                 f"{type(m).__name__}(p={m.p}) in train mode at '{name}'",
                 "Call model.eval() first (a dropout mask is redrawn on every pass).",
             )
+
+
+def check_module_names(call: str, model: Any, params: Any) -> None:
+    """:func:`check_param_names` of a params dict against ``model``'s trainable parameters
+    (frozen parameter and buffer names may be added)."""
+    if isinstance(params, Mapping):
+        names = [k for k, p in model.named_parameters() if p.requires_grad]
+        frozen = [k for k, p in model.named_parameters() if not p.requires_grad]
+        check_param_names(call, names, params, [*frozen, *(k for k, _ in model.named_buffers())])

@@ -80,6 +80,7 @@ from secorder._chunking import check_chunk_size
 from secorder._errors import SecorderError, error
 from secorder._progress import progress_bar
 from secorder._pytree import check_floating_tree, flatten, ravel, unflatten, unravel
+from secorder._select import check_select, split
 from secorder._validate import (
     check_bool,
     check_callable,
@@ -465,10 +466,20 @@ def _dataset_hessian(
     check_determinism: bool,
     check_finite: bool,
     progress: bool,
+    select: Any = None,
 ) -> Any:
     from secorder.hessian import hessian_operator  # local: hessian imports nothing from here
 
     check_callable(call, "f", f)
+    if model is None:
+        model = getattr(f, "secorder_module", None)
+    params, restore = split(call, check_select(call, select), params)
+    if select is not None:
+        f_all = f
+
+        def f(p: Any, *batch: Any) -> Tensor:  # the unselected parameters held fixed
+            return f_all(restore(p), *batch)
+
     _check_options(
         call,
         reduction,
@@ -553,6 +564,9 @@ _HESSIAN_ARGS = """
             passes (see :mod:`secorder.data`).
         check_finite: raise on a non-finite batch contribution (eager mode).
         progress: show a tqdm progress bar over the batches of each pass.
+        select: the curvature of a subset of ``params`` (a dict keyed by name) picked by a
+            glob, a list of globs, a compiled regex or a predicate; the other parameters are
+            held fixed and results hold only the selected entries (:mod:`secorder._select`).
 
     Raises:
         SecorderError, TypeError: invalid options or data; a non-finite batch (naming the
@@ -580,6 +594,7 @@ def dataset_hessian_trace(
     check_determinism: bool = True,
     check_finite: bool = True,
     progress: bool = False,
+    select: Any = None,
 ) -> Any:
     """The trace of the Hessian of the loss over a whole dataset, exact or estimated.
 
@@ -601,7 +616,7 @@ def dataset_hessian_trace(
     return _dataset_hessian(
         "dataset_hessian_trace(f, params, data)", f, params, data, False, num_probes, reduction,
         generator, with_stderr, chunk_size, strategy, method, distribution, model,
-        check_determinism, check_finite, progress,
+        check_determinism, check_finite, progress, select,
     )  # fmt: skip
 
 
@@ -623,6 +638,7 @@ def dataset_hessian_diagonal(
     check_determinism: bool = True,
     check_finite: bool = True,
     progress: bool = False,
+    select: Any = None,
 ) -> Any:
     """The diagonal of the Hessian of the loss over a whole dataset, exact or estimated.
 
@@ -643,7 +659,7 @@ def dataset_hessian_diagonal(
     return _dataset_hessian(
         "dataset_hessian_diagonal(f, params, data)", f, params, data, True, num_probes, reduction,
         generator, with_stderr, chunk_size, strategy, method, distribution, model,
-        check_determinism, check_finite, progress,
+        check_determinism, check_finite, progress, select,
     )  # fmt: skip
 
 
@@ -667,8 +683,21 @@ def _dataset_fisher(
     check_determinism: bool,
     check_finite: bool,
     progress: bool,
+    select: Any = None,
 ) -> Any:
     from secorder.fisher import fisher_diagonal, fisher_operator, fisher_trace
+
+    full = params
+    params, restore = split(call, check_select(call, select), params)
+    # a module gets the full params and select= (its transforms check the names, then hold
+    # the rest fixed); a function gets the selected params with the rest restored around it
+    module_select = select if isinstance(model_fn, nn.Module) else None
+    given = full if module_select is not None else params
+    if select is not None and not isinstance(model_fn, nn.Module):
+        model_fn_all = model_fn
+
+        def model_fn(p: Any, x: Any) -> Any:
+            return model_fn_all(restore(p), x)
 
     _check_options(
         call,
@@ -704,25 +733,32 @@ def _dataset_fisher(
         leaves,
     )  # fmt: skip
     if num_probes is None or kind == "mc":
-        common = dict(kind=kind, num_probes=num_probes, reduction=reduction, chunk_size=chunk_size, path=path)
+        common = dict(
+            kind=kind,
+            num_probes=num_probes,
+            reduction=reduction,
+            chunk_size=chunk_size,
+            path=path,
+            select=module_select,
+        )
         if diagonal:
             fn = fisher_diagonal(model_fn, loss, **common)  # type: ignore[arg-type]
 
             def contribution(x: Any, y: Any) -> Tensor:
-                return ravel(flatten(fn(params, x, y, generator=gen))[0])
+                return ravel(flatten(fn(given, x, y, generator=gen))[0])
 
         else:
             fn = fisher_trace(model_fn, loss, **common)  # type: ignore[arg-type]
 
             def contribution(x: Any, y: Any) -> Tensor:
-                return fn(params, x, y, generator=gen)
+                return fn(given, x, y, generator=gen)
 
         est = passes.run(contribution, "diagonal" if diagonal else "trace")
         return _finish(est, torch.zeros_like(est), leaves, spec, diagonal, with_stderr)
-    op_fn = fisher_operator(model_fn, loss, kind=kind, reduction=reduction)
+    op_fn = fisher_operator(model_fn, loss, kind=kind, reduction=reduction, select=module_select)
 
     def make_op(x: Any, y: Any) -> LinearOperator:
-        return op_fn(params, x, y)[0]
+        return op_fn(given, x, y)[0]
 
     size = sum(int(leaf.numel()) for leaf in leaves)
     op = DatasetOperator(make_op, passes, size, leaves[0].dtype, leaves[0].device)
@@ -752,6 +788,9 @@ _FISHER_ARGS = """
             passes.
         check_finite: raise on a non-finite batch contribution (eager mode).
         progress: show a tqdm progress bar over the batches of each pass.
+        select: the curvature of a subset of ``params`` (a dict keyed by name) picked by a
+            glob, a list of globs, a compiled regex or a predicate; the other parameters are
+            held fixed and results hold only the selected entries (:mod:`secorder._select`).
 
     Raises:
         SecorderError, TypeError: as :func:`secorder.fisher_trace`, plus invalid data, a
@@ -780,6 +819,7 @@ def dataset_fisher_trace(
     check_determinism: bool = True,
     check_finite: bool = True,
     progress: bool = False,
+    select: Any = None,
 ) -> Any:
     """The trace of the GGN, empirical Fisher or MC Fisher of the loss over a whole dataset.
 
@@ -800,7 +840,7 @@ def dataset_fisher_trace(
     return _dataset_fisher(
         "dataset_fisher_trace(model_fn, loss, params, data)", model_fn, loss, params, data, False,
         kind, num_probes, reduction, generator, with_stderr, chunk_size, method, distribution, path,
-        check_determinism, check_finite, progress,
+        check_determinism, check_finite, progress, select,
     )  # fmt: skip
 
 
@@ -823,6 +863,7 @@ def dataset_fisher_diagonal(
     check_determinism: bool = True,
     check_finite: bool = True,
     progress: bool = False,
+    select: Any = None,
 ) -> Any:
     """The diagonal of the GGN, empirical Fisher or MC Fisher of the loss over a whole dataset.
 
@@ -843,7 +884,7 @@ def dataset_fisher_diagonal(
     return _dataset_fisher(
         "dataset_fisher_diagonal(model_fn, loss, params, data)", model_fn, loss, params, data, True,
         kind, num_probes, reduction, generator, with_stderr, chunk_size, method, distribution, path,
-        check_determinism, check_finite, progress,
+        check_determinism, check_finite, progress, select,
     )  # fmt: skip
 
 

@@ -87,6 +87,7 @@ from secorder._layers import FastCapture
 from secorder._losses import KINDS, Factor, LossSpec, resolve_loss
 from secorder._persample import ColumnAccumulator, check_same_outputs, input_dims, per_sample_columns
 from secorder._pytree import TreeSpec, check_floating_tree, flatten, unflatten, unravel
+from secorder._select import Selector, check_select, split
 from secorder._validate import (
     call_deterministic,
     check_bool,
@@ -133,6 +134,7 @@ class _Setup(NamedTuple):
     estimator: Callable[..., tuple[Tensor, Tensor]]
     distribution: str
     path: str
+    selector: Selector | None
 
 
 def _configure(
@@ -148,6 +150,7 @@ def _configure(
     distribution: object,
     path: object,
     registry: Mapping[str, Callable[..., tuple[Tensor, Tensor]]],
+    select: object = None,
 ) -> _Setup:
     """Construction-time validation shared by the transforms."""
     model_fn = unwrap_module(model_fn)
@@ -218,6 +221,7 @@ def _configure(
         estimator,
         str(distribution),
         str(path),
+        check_select(call, select),
     )
 
 
@@ -305,9 +309,11 @@ def _run(
 ) -> tuple[Tensor, Tensor, list[Tensor], TreeSpec, FisherPath]:
     """Evaluate the configured quantity: flat diagonal (or 0-dim trace), stderr, leaves, spec, path."""
     call = s.call
+    full = params
+    params, restore = split(call, s.selector, params)
     leaves, spec = check_floating_tree(call, "params", params)
     check_same_dtype_device(call, "params", leaves)
-    check_module_call(call, s.module, params, leaves, (inputs, targets))
+    check_module_call(call, s.module, full, leaves, (inputs, targets))
     gen = _probes.check_generator(call, generator, leaves[0].device)
     transformed = in_functorch_transform(leaves)
     hutchinson = s.num_probes is not None and s.kind != "mc"
@@ -322,7 +328,7 @@ def _run(
         forward = s.model_fn
 
     def fn(ls: list[Tensor], x: Any) -> Any:
-        return call_deterministic(call, forward, leaves, unflatten(spec, ls), x)
+        return call_deterministic(call, forward, leaves, restore(unflatten(spec, ls)), x)
 
     use_fast = (
         s.module is not None
@@ -423,6 +429,10 @@ _COMMON_ARGS = """
             :mod:`secorder.estimators`).
         distribution: the probe distribution for ``method``.
         path: ``"auto"``, ``"generic"`` or ``"fast"`` (see :mod:`secorder.fisher`).
+        select: compute over a subset of ``params`` (a dict keyed by name): a glob, a list
+            of globs, a compiled regex or a predicate on names; the other parameters are
+            held fixed and results hold only the selected entries; the cost scales with the
+            selection (e.g. ``select="fc.*"`` for the last layer; :mod:`secorder._select`).
 """
 
 _RAISES = """
@@ -448,6 +458,7 @@ def fisher_trace(
     distribution: str = "rademacher",
     path: str = "auto",
     per_block: bool = False,
+    select: Any = None,
 ) -> Callable[..., Any]:
     """Transform a model and a loss into a function returning the trace of the GGN/Fisher.
 
@@ -505,6 +516,7 @@ def fisher_trace(
         distribution,
         path,
         TRACE_ESTIMATORS,
+        select,
     )
 
     check_bool(call, "per_block", per_block)
@@ -557,6 +569,7 @@ def fisher_diagonal(
     method: str = "hutchinson",
     distribution: str = "rademacher",
     path: str = "auto",
+    select: Any = None,
 ) -> Callable[..., Any]:
     """Transform a model and a loss into a function returning the diagonal of the GGN/Fisher.
 
@@ -598,6 +611,7 @@ def fisher_diagonal(
         distribution,
         path,
         DIAGONAL_ESTIMATORS,
+        select,
     )
 
     def diag_fn(params: Any, inputs: Any, targets: Any, generator: torch.Generator | None = None) -> Any:
@@ -632,6 +646,7 @@ def fisher_operator(
     kind: str = "ggn",
     reduction: str = "mean",
     num_samples: int = 1,
+    select: Any = None,
 ) -> Callable[..., tuple[Any, TreeSpec]]:
     """The GGN, empirical Fisher or MC Fisher at a point as a batched operator (lower level).
 
@@ -672,14 +687,17 @@ def fisher_operator(
         "rademacher",
         "generic",
         TRACE_ESTIMATORS,
+        select,
     )
 
     def op_fn(
         params: Any, inputs: Any, targets: Any, generator: torch.Generator | None = None
     ) -> tuple[Any, TreeSpec]:
+        full = params
+        params, restore = split(call, setup.selector, params)
         leaves, spec = check_floating_tree(call, "params", params)
         check_same_dtype_device(call, "params", leaves)
-        check_module_call(call, setup.module, params, leaves, (inputs, targets))
+        check_module_call(call, setup.module, full, leaves, (inputs, targets))
         gen = _probes.check_generator(call, generator, leaves[0].device)
         transformed = in_functorch_transform(leaves)
         if setup.module is not None:
@@ -690,12 +708,12 @@ def fisher_operator(
             forward = setup.model_fn
 
         def fn(ls: list[Tensor]) -> Any:
-            return call_deterministic(call, forward, leaves, unflatten(spec, ls), inputs)
+            return call_deterministic(call, forward, leaves, restore(unflatten(spec, ls)), inputs)
 
         z = _check_outputs(call, fn(leaves), eager=not transformed)
         setup.loss.check(call, z, targets)
         if setup.kind != "ggn" and setup.module is None and not transformed:
-            _check_independent(call, lambda x: forward(unflatten(spec, leaves), x), inputs, z)
+            _check_independent(call, lambda x: forward(restore(unflatten(spec, leaves)), x), inputs, z)
         op: Any
         if setup.kind == "ggn":
             op = GGNOperator(fn, leaves, setup.loss, z, targets, call)

@@ -29,6 +29,7 @@ from secorder import probes as _probes
 from secorder._chunking import check_chunk_size
 from secorder._errors import error
 from secorder._pytree import TreeSpec, check_floating_tree, flatten, ravel, unflatten, unravel
+from secorder._select import Selector, check_select, split
 from secorder._validate import (
     call_deterministic,
     check_argnums,
@@ -90,6 +91,21 @@ def _bind(
     return g, leaves, spec, index
 
 
+def _select_args(
+    call: str, selector: Selector | None, f: Callable[..., Any], args: tuple[Any, ...], argnums: int
+) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+    """``select=``: θ = the selected entries of ``args[argnums]``, ``f`` sees the others fixed."""
+    if selector is None:
+        return f, args
+    index = check_argnums(call, argnums, len(args))
+    chosen, restore = split(call, selector, args[index])
+
+    def f_selected(*a: Any) -> Any:
+        return f(*a[:index], restore(a[index]), *a[index + 1 :])
+
+    return f_selected, (*args[:index], chosen, *args[index + 1 :])
+
+
 def _bound_operator(
     call: str, f: Callable[..., Any], args: tuple[Any, ...], argnums: int, strategy: str, generator: object
 ) -> tuple[HessianOperator, TreeSpec, torch.Generator | None]:
@@ -101,7 +117,7 @@ def _bound_operator(
 
 
 def hessian_operator(
-    f: Callable[..., Any], *args: Any, argnums: int = 0, strategy: str = "auto"
+    f: Callable[..., Any], *args: Any, argnums: int = 0, select: Any = None, strategy: str = "auto"
 ) -> tuple[HessianOperator, TreeSpec]:
     """The Hessian of ``f`` at ``args`` as a batched operator over the flattened θ.
 
@@ -113,7 +129,9 @@ def hessian_operator(
         pieces rebuilds θ's structure.
     """
     call = "hessian_operator(f, *args)"
-    g, leaves, spec, _ = _bind(call, f, args, argnums)
+    g, leaves, spec, _ = _bind(
+        call, *_select_args(call, check_select(call, select), f, args, argnums), argnums
+    )
     concrete = resolve_strategy(call, strategy, leaves)
     return HessianOperator(g, leaves, concrete, call), spec
 
@@ -213,7 +231,9 @@ def _sweep_diagonal(
     return diag, spec
 
 
-def hvp(f: Callable[..., Any], /, *, argnums: int = 0, strategy: str = "auto") -> Callable[..., Any]:
+def hvp(
+    f: Callable[..., Any], /, *, argnums: int = 0, select: Any = None, strategy: str = "auto"
+) -> Callable[..., Any]:
     """Transform ``f`` into a function computing Hessian-vector products H·v.
 
     ``hvp(f)(v, *args)`` returns H v, where H = ∇²_θ ``f(*args)`` with θ = ``args[argnums]``
@@ -224,6 +244,10 @@ def hvp(f: Callable[..., Any], /, *, argnums: int = 0, strategy: str = "auto") -
     Args:
         f: a function returning a scalar tensor.
         argnums: which positional argument of ``f`` is θ.
+        select: compute over a subset of the parameters ``args[argnums]`` (a dict keyed
+            by name): a glob, a list of globs, a compiled regex or a predicate on names; the
+            others are held fixed and results hold only the selected entries
+            (:mod:`secorder._select`).
         strategy: how to form the product (see :mod:`secorder.operators`); ``"auto"``
             uses forward-over-reverse under ``torch.func`` transforms and when the
             result must be differentiable, and one retained double-backward otherwise.
@@ -242,10 +266,11 @@ def hvp(f: Callable[..., Any], /, *, argnums: int = 0, strategy: str = "auto") -
     """
     call = "hvp(f)(v, *args)"
     _check_common(call, f, argnums, None, strategy)
+    selector = check_select(call, select)
 
     @functools.wraps(f)
     def hvp_fn(v: Any, *args: Any) -> Any:
-        g, leaves, spec, index = _bind(call, f, args, argnums)
+        g, leaves, spec, index = _bind(call, *_select_args(call, selector, f, args, argnums), argnums)
         v_leaves, v_spec = flatten(v)
         if v_spec != spec or any(
             not isinstance(a, Tensor) or a.shape != b.shape for a, b in zip(v_leaves, leaves)
@@ -278,6 +303,7 @@ def hessian_trace(
     /,
     *,
     argnums: int = 0,
+    select: Any = None,
     num_probes: int | None = None,
     distribution: str = "rademacher",
     chunk_size: int | None = None,
@@ -306,6 +332,10 @@ def hessian_trace(
     Args:
         f: a function of ``*args`` returning a scalar tensor.
         argnums: which positional argument of ``f`` is θ (any pytree of floating tensors).
+        select: compute over a subset of the parameters ``args[argnums]`` (a dict keyed
+            by name): a glob, a list of globs, a compiled regex or a predicate on names; the
+            others are held fixed and results hold only the selected entries
+            (:mod:`secorder._select`).
         num_probes: ``None`` for the exact trace, or the number K of random probes.
         distribution: ``"rademacher"`` (default, lowest variance) or ``"gaussian"``.
         chunk_size: probes (or one-hot rows) per batched product; ``None`` sizes chunks
@@ -357,6 +387,7 @@ def hessian_trace(
     """
     call = "hessian_trace(f)(*args)"
     _check_common(call, f, argnums, chunk_size, strategy)
+    selector = check_select(call, select)
     check_num_probes(call, num_probes)
     estimator = check_method(call, method, TRACE_ESTIMATORS)
     block_estimator = BLOCK_TRACE_ESTIMATORS.get(str(method))
@@ -370,7 +401,9 @@ def hessian_trace(
     @functools.wraps(f)
     def trace_fn(*args: Any, generator: torch.Generator | None = None) -> Any:
         if exact == "sweep":
-            diag, spec = _sweep_diagonal(call, trace_fn, f, args, argnums, chunk_size)
+            diag, spec = _sweep_diagonal(
+                call, trace_fn, *_select_args(call, selector, f, args, argnums), argnums, chunk_size
+            )
             sums = [d.sum() for d in diag]
             est = sum(sums[1:], start=sums[0])
             out = unflatten(spec, sums) if per_block else est
@@ -379,7 +412,9 @@ def hessian_trace(
             return out, (
                 unflatten(spec, [torch.zeros_like(t) for t in sums]) if per_block else torch.zeros_like(est)
             )
-        op, spec, gen = _bound_operator(call, f, args, argnums, strategy, generator)
+        op, spec, gen = _bound_operator(
+            call, *_select_args(call, selector, f, args, argnums), argnums, strategy, generator
+        )
         leaves = op.leaves
         if per_block:
             sizes = [leaf.numel() for leaf in leaves]
@@ -409,6 +444,7 @@ def hessian_diagonal(
     /,
     *,
     argnums: int = 0,
+    select: Any = None,
     num_probes: int | None = None,
     distribution: str = "rademacher",
     chunk_size: int | None = None,
@@ -432,6 +468,10 @@ def hessian_diagonal(
     Args:
         f: a function of ``*args`` returning a scalar tensor.
         argnums: which positional argument of ``f`` is θ.
+        select: compute over a subset of the parameters ``args[argnums]`` (a dict keyed
+            by name): a glob, a list of globs, a compiled regex or a predicate on names; the
+            others are held fixed and results hold only the selected entries
+            (:mod:`secorder._select`).
         num_probes: ``None`` for the exact diagonal, or the number of random probes.
         distribution: ``"rademacher"`` or ``"gaussian"`` (randomized method only).
         chunk_size: one-hot rows or probes per batched product (``None``: automatic).
@@ -462,6 +502,7 @@ def hessian_diagonal(
     """
     call = "hessian_diagonal(f)(*args)"
     _check_common(call, f, argnums, chunk_size, strategy)
+    selector = check_select(call, select)
     check_num_probes(call, num_probes)
     estimator = check_method(call, method, DIAGONAL_ESTIMATORS)
     check_min_probes(call, str(method), num_probes)
@@ -473,12 +514,16 @@ def hessian_diagonal(
     @functools.wraps(f)
     def diag_fn(*args: Any, generator: torch.Generator | None = None) -> Any:
         if exact == "sweep":
-            diag_leaves, spec = _sweep_diagonal(call, diag_fn, f, args, argnums, chunk_size)
+            diag_leaves, spec = _sweep_diagonal(
+                call, diag_fn, *_select_args(call, selector, f, args, argnums), argnums, chunk_size
+            )
             tree = unflatten(spec, diag_leaves)
             return (
                 (tree, unflatten(spec, [torch.zeros_like(d) for d in diag_leaves])) if with_stderr else tree
             )
-        op, spec, gen = _bound_operator(call, f, args, argnums, strategy, generator)
+        op, spec, gen = _bound_operator(
+            call, *_select_args(call, selector, f, args, argnums), argnums, strategy, generator
+        )
         leaves = op.leaves
         if num_probes is None:
             diag = exact_diagonal(op, chunk_size=chunk_size, progress=progress)
@@ -501,6 +546,7 @@ def hessian_trace_adaptive(
     /,
     *,
     argnums: int = 0,
+    select: Any = None,
     atol: float = 0.0,
     rtol: float = 1e-2,
     max_probes: int = 1000,
@@ -520,6 +566,10 @@ def hessian_trace_adaptive(
     Args:
         f: a function of ``*args`` returning a scalar tensor.
         argnums: which positional argument of ``f`` is θ.
+        select: compute over a subset of the parameters ``args[argnums]`` (a dict keyed
+            by name): a glob, a list of globs, a compiled regex or a predicate on names; the
+            others are held fixed and results hold only the selected entries
+            (:mod:`secorder._select`).
         atol: absolute tolerance on the standard error.
         rtol: relative tolerance on the standard error.
         max_probes: the most Hessian-vector products to spend.
@@ -547,12 +597,13 @@ def hessian_trace_adaptive(
     """
     call = "hessian_trace_adaptive(f)(*args)"
     _check_common(call, f, argnums, chunk_size, strategy)
+    selector = check_select(call, select)
     check_adaptive_options(call, atol, rtol, max_probes, batch, method)
     _probes.check_distribution(call, distribution)
 
     @functools.wraps(f)
     def adaptive_fn(*args: Any, generator: torch.Generator | None = None) -> AdaptiveResult:
-        g, leaves, _, _ = _bind(call, f, args, argnums)
+        g, leaves, _, _ = _bind(call, *_select_args(call, selector, f, args, argnums), argnums)
         gen = _probes.check_generator(call, generator, leaves[0].device)
         check_eager(
             call,
@@ -581,6 +632,7 @@ def hessian_frobenius_norm_sq(
     /,
     *,
     argnums: int = 0,
+    select: Any = None,
     num_probes: int | None = None,
     distribution: str = "rademacher",
     chunk_size: int | None = None,
@@ -597,6 +649,10 @@ def hessian_frobenius_norm_sq(
     Args:
         f: a function of ``*args`` returning a scalar tensor.
         argnums: which positional argument of ``f`` is θ.
+        select: compute over a subset of the parameters ``args[argnums]`` (a dict keyed
+            by name): a glob, a list of globs, a compiled regex or a predicate on names; the
+            others are held fixed and results hold only the selected entries
+            (:mod:`secorder._select`).
         num_probes: ``None`` for the exact value, or the number K of probes.
         distribution: ``"rademacher"``, ``"gaussian"`` or ``"sphere"``.
         chunk_size: products per batched call (``None``: automatic).
@@ -615,13 +671,16 @@ def hessian_frobenius_norm_sq(
     """
     call = "hessian_frobenius_norm_sq(f)(*args)"
     _check_common(call, f, argnums, chunk_size, strategy)
+    selector = check_select(call, select)
     check_num_probes(call, num_probes)
     _probes.check_distribution(call, distribution)
     check_bool(call, "with_stderr", with_stderr)
 
     @functools.wraps(f)
     def frobenius_fn(*args: Any, generator: torch.Generator | None = None) -> Any:
-        op, _spec, gen = _bound_operator(call, f, args, argnums, strategy, generator)
+        op, _spec, gen = _bound_operator(
+            call, *_select_args(call, selector, f, args, argnums), argnums, strategy, generator
+        )
         if num_probes is None:
             est = exact_frobenius_norm_sq(op, chunk_size=chunk_size)
             err = torch.zeros_like(est)
@@ -639,6 +698,7 @@ def hessian_eigenvalues(
     /,
     *,
     argnums: int = 0,
+    select: Any = None,
     k: int = 1,
     which: str = "largest",
     tol: float | None = None,
@@ -655,6 +715,10 @@ def hessian_eigenvalues(
     Args:
         f: a function of ``*args`` returning a scalar tensor.
         argnums: which positional argument of ``f`` is θ.
+        select: compute over a subset of the parameters ``args[argnums]`` (a dict keyed
+            by name): a glob, a list of globs, a compiled regex or a predicate on names; the
+            others are held fixed and results hold only the selected entries
+            (:mod:`secorder._select`).
         k: how many eigenvalues.
         which: ``"largest"`` or ``"smallest"`` (most negative: directions of negative
             curvature).
@@ -687,12 +751,13 @@ def hessian_eigenvalues(
     """
     call = "hessian_eigenvalues(f)(*args)"
     _check_common(call, f, argnums, None, strategy)
+    selector = check_select(call, select)
     check_lanczos_options(call, k, which, tol, max_steps)
     check_bool(call, "return_eigenvectors", return_eigenvectors)
 
     @functools.wraps(f)
     def eig_fn(*args: Any, generator: torch.Generator | None = None) -> Any:
-        g, leaves, spec, _ = _bind(call, f, args, argnums)
+        g, leaves, spec, _ = _bind(call, *_select_args(call, selector, f, args, argnums), argnums)
         gen = _probes.check_generator(call, generator, leaves[0].device)
         check_eager(call, leaves, what="Lanczos", fix="Call it outside torch.func transforms.")
         size = sum(leaf.numel() for leaf in leaves)
@@ -731,6 +796,7 @@ def hessian_spectral_density(
     /,
     *,
     argnums: int = 0,
+    select: Any = None,
     num_runs: int = 10,
     num_steps: int = 80,
     num_points: int = 1024,
@@ -750,6 +816,10 @@ def hessian_spectral_density(
     Args:
         f: a function of ``*args`` returning a scalar tensor.
         argnums: which positional argument of ``f`` is θ.
+        select: compute over a subset of the parameters ``args[argnums]`` (a dict keyed
+            by name): a glob, a list of globs, a compiled regex or a predicate on names; the
+            others are held fixed and results hold only the selected entries
+            (:mod:`secorder._select`).
         num_runs: independent Lanczos runs.
         num_steps: Lanczos steps (HVPs) per run.
         num_points: grid points.
@@ -775,12 +845,13 @@ def hessian_spectral_density(
     """
     call = "hessian_spectral_density(f)(*args)"
     _check_common(call, f, argnums, chunk_size, strategy)
+    selector = check_select(call, select)
     _probes.check_distribution(call, distribution)
     check_bool(call, "reorthogonalize", reorthogonalize)
 
     @functools.wraps(f)
     def density_fn(*args: Any, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        g, leaves, _, _ = _bind(call, f, args, argnums)
+        g, leaves, _, _ = _bind(call, *_select_args(call, selector, f, args, argnums), argnums)
         gen = _probes.check_generator(call, generator, leaves[0].device)
         check_eager(
             call, leaves, what="Stochastic Lanczos quadrature", fix="Call it outside torch.func transforms."

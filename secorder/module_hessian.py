@@ -62,12 +62,14 @@ from secorder._graph_sweep import (
 )
 from secorder._losses import CallableLoss, LossSpec, resolve_loss
 from secorder._pytree import check_floating_tree, ravel, unflatten
+from secorder._select import check_select, split
 from secorder._sweep import SweepTooCostlyError, SweepUnsupportedError, sweep_diagonal
 from secorder._validate import (
     check_bool,
     check_deterministic_module,
     check_finite_result,
     check_module_call,
+    check_module_names,
     check_num_probes,
     check_requires_no_grad,
     diagnose_nonfinite,
@@ -150,6 +152,7 @@ def module_hessian_diagonal(
     chunk_size: int | None = None,
     with_stderr: bool = False,
     max_hvp_params: int = 20_000,
+    select: Any = None,
 ) -> Callable[..., Any]:
     """Transform ``model`` and ``loss`` into a function returning diag(∇²_θ L) as a params dict.
 
@@ -165,6 +168,9 @@ def module_hessian_diagonal(
         chunk_size: columns (or one-hot tangents) per batched backward pass.
         with_stderr: also return per-entry standard errors (zeros when exact).
         max_hvp_params: the largest P for which ``"auto"`` falls back to one-hot HVPs.
+        select: the diagonal over a subset of ``params`` by name (a glob, a list of globs, a
+            compiled regex or a predicate; :mod:`secorder._select`): the other parameters
+            are held fixed and the result holds only the selected entries.
 
     Returns:
         ``diag_fn(params, inputs, targets, generator=None)`` returning a dict shaped like
@@ -203,9 +209,12 @@ def module_hessian_diagonal(
             f"{max_hvp_params!r}",
             "Pass e.g. max_hvp_params=20_000 (the default), or 0 to never fall back to HVPs.",
         )
-    forward, _ = module_forward(model)
+    selector = check_select(call, select)
+    forward, _ = module_forward(model, strict=False)  # names are checked here, subsets passed on
 
     def diag_fn(params: Any, inputs: Any, targets: Any, generator: torch.Generator | None = None) -> Any:
+        check_module_names(call, model, params)
+        params, _ = split(call, selector, params)  # forward holds the others fixed
         diag, err, info = _run(
             call,
             model,
@@ -295,7 +304,7 @@ def _run(
             "Pass {k: p.detach() for k, p in model.named_parameters()}.",
             cls=TypeError,
         )
-    check_module_call(call, model, params, leaves, (inputs, targets))
+    check_module_call(call, None, params, leaves, (inputs, targets))  # names: in diag_fn
     check_deterministic_module(call, model)
     if method != "hvp":
         check_requires_no_grad(

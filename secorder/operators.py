@@ -35,9 +35,9 @@ batch of vectors in several ways, all giving the same numbers up to rounding:
 
 ``"taylor"``
     for quadratic forms only: one evaluation of the function is recorded as a tape of ATen
-    operations (:mod:`secorder._tape`), one reverse pass gives the adjoint of every
+    operations (:mod:`secorder._engine.tape`), one reverse pass gives the adjoint of every
     intermediate, and vᵀHv = Σ_k ⟨ḡ_k, d²f_k[u̇_k, u̇_k]⟩ is then summed over the ops in
-    one forward-mode pass per batch of probes (:mod:`secorder._taylor`). About one tangent
+    one forward-mode pass per batch of probes (:mod:`secorder._engine.taylor`). About one tangent
     forward pass per probe instead of a forward tangent plus a double backward, and every
     convolution stays dense with the probes folded into its batch or channel dimension.
     ``matmat`` uses the eager ``"auto"`` rule. Eager only; refused for functions with random
@@ -70,10 +70,10 @@ import torch
 from torch import Tensor
 from torch.func import grad, jvp, vjp, vmap
 
+from secorder._engine.tape import TapeUnsupportedError
+from secorder._engine.taylor import TaylorQuadform
 from secorder._errors import error
 from secorder._pytree import numel, ravel, unravel
-from secorder._tape import TapeUnsupportedError
-from secorder._taylor import TaylorQuadform
 from secorder._validate import check_finite_enabled, check_finite_result, diagnose_nonfinite
 
 __all__ = [

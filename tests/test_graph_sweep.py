@@ -16,9 +16,9 @@ from torch import Tensor, nn
 
 import secorder
 from secorder import _graph_sweep
+from secorder._engine.tape import TapeUnsupportedError, record
 from secorder._graph_sweep import GraphSweepUnsupportedError, graph_sweep_diagonal
 from secorder._pytree import flatten, unflatten
-from secorder._tape import TapeUnsupportedError, record
 from secorder.testing import dense_hessian
 
 LOSS_FNS: dict[str, Callable[..., Tensor]] = {

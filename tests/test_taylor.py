@@ -16,9 +16,9 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 import secorder
+from secorder._engine.tape import TapeUnsupportedError, record
+from secorder._engine.taylor import TaylorQuadform
 from secorder._pytree import flatten, unravel
-from secorder._tape import TapeUnsupportedError, record
-from secorder._taylor import TaylorQuadform
 from secorder.testing import dense_hessian
 
 F64 = torch.float64
@@ -238,7 +238,7 @@ def test_taylor_is_eager_only_and_fwd_fwd_is_gone() -> None:
 
 def test_tape_paths_reach_keyword_arguments() -> None:
     """Tensor keyword arguments are tape values: found, resolved and replaceable like positional ones."""
-    from secorder._tape import Ref, paths, replace_at, resolve
+    from secorder._engine.tape import Ref, paths, replace_at, resolve
 
     args_kwargs = ((Ref(0), [Ref(1), 3]), {"bias": Ref(2), "alpha": 2.0})
     found = paths(args_kwargs)

@@ -1,6 +1,6 @@
 """Quadratic forms vᵀHv by one reverse pass and a forward (Taylor) pass per batch of probes.
 
-For a scalar function built from operations y_k = f_k(u_k) (a recorded :class:`~secorder._tape.Tape`),
+For a scalar function built from operations y_k = f_k(u_k) (a recorded :class:`~secorder._engine.tape.Tape`),
 the second derivative along a direction v is
 
     vᵀHv = d²/dt² g(θ + t v) |_{t=0} = Σ_k ⟨ḡ_k, d²f_k(u_k)[u̇_k, u̇_k]⟩,
@@ -36,39 +36,12 @@ import torch
 from torch import Tensor
 from torch.func import grad, jvp, vjp, vmap
 
-from secorder._tape import Ref, Tape, TapeNode, paths, record, replace_at, resolve
+from secorder._engine.rules import rule
+from secorder._engine.tape import Ref, Tape, TapeNode, paths, record, replace_at, resolve
 
 __all__ = ["TaylorQuadform"]
 
 aten = torch.ops.aten
-
-# Ops jointly linear in all their floating tensor arguments (a parameter-independent floating
-# argument contributes a zero tangent); integer arguments (indices) are kept.
-_LINEAR = frozenset(
-    {
-        aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.t.default,
-        aten.transpose.int, aten.permute.default, aten.expand.default, aten.squeeze.dim,
-        aten.squeeze.dims, aten.squeeze.default, aten.unsqueeze.default, aten.select.int,
-        aten.slice.Tensor, aten.clone.default, aten.alias.default, aten.cat.default,
-        aten.stack.default, aten.sum.dim_IntList, aten.sum.default, aten.mean.dim,
-        aten.mean.default, aten.index_select.default, aten.embedding.default,
-        aten.avg_pool2d.default, aten.avg_pool1d.default, aten.avg_pool3d.default,
-        aten._adaptive_avg_pool2d.default, aten.repeat.default, aten.flip.default,
-        aten.roll.default, aten.narrow.default, aten.gather.default, aten.diagonal.default,
-        aten.tril.default, aten.triu.default, aten.neg.default, aten.unfold.default,
-        aten.im2col.default, aten.col2im.default, aten.flatten.using_ints,
-        aten.unflatten.int,
-    }
-)  # fmt: skip
-# Ops with several outputs, linear in args[0] (other arguments, e.g. nll_loss's class weights,
-# are constants), whose other outputs carry no derivative; only when args[0] alone depends on θ.
-_LINEAR_MULTI = frozenset(
-    {aten.nll_loss_forward.default, aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int}
-)
-_VIEWS = {aten.view.default: aten.reshape.default, aten._unsafe_view.default: aten.reshape.default}
-_SOFTMAX = frozenset({aten._log_softmax.default, aten._softmax.default})
-_MATMUL = frozenset({aten.mm.default, aten.bmm.default, aten.matmul.default})
-_ADDMM = frozenset({aten.addmm.default, aten.baddbmm.default})
 
 
 def _zero_floats(obj: Any) -> Any:
@@ -117,7 +90,7 @@ class _Plan:
 class TaylorQuadform:
     """vᵀHv for batches of probes v, for ``fn(leaves) -> scalar`` at ``leaves``.
 
-    Raises :class:`secorder._tape.TapeUnsupportedError` at construction when the function
+    Raises :class:`secorder._engine.tape.TapeUnsupportedError` at construction when the function
     cannot be recorded faithfully (random ops, aliased in-place updates, no tensor result).
     """
 
@@ -180,15 +153,16 @@ class TaylorQuadform:
             return None
         positions = [p for p, _ in found]
         func = node.func
-        if (func in _LINEAR and not node.multi) or (func in _LINEAR_MULTI and positions == [(0, 0)]):
+        r = rule(func)
+        if (r.linear and not node.multi) or (r.linear_first and positions == [(0, 0)]):
             return _Plan("linear", node, positions)
-        if func in _SOFTMAX and not node.args[2]:  # half_to_float=False
+        if r.family == "softmax" and (len(node.args) < 3 or not node.args[2]):  # half_to_float=False
             return _Plan("softmax", node, positions)
-        if func is aten.convolution.default:
+        if r.family == "conv":
             transposed, groups = node.args[6], node.args[8]
             if not transposed and groups == 1 and all(p[0] == 0 and p[1] in (0, 1, 2) for p in positions):
                 return _Plan("conv", node, positions)
-        if func in _MATMUL | _ADDMM and all(p[0] == 0 for p in positions) and not node.kwargs:
+        if r.family in ("matmul", "addmm") and all(p[0] == 0 for p in positions) and not node.kwargs:
             return _Plan("matmul", node, positions)
         if torch.Tag.pointwise in func.tags and not node.multi:
             return _Plan("pointwise", node, positions)
@@ -303,12 +277,12 @@ class TaylorQuadform:
         return obj
 
     def _linear(self, plan: _Plan, ts: list[Tensor | None], k: int) -> tuple[list[Tensor | None], None]:
-        view = _VIEWS.get(plan.node.func)
+        view = rule(plan.node.func).view_twin
         if view is not None:  # a probe-batched tangent may not be viewable: reshape copies if needed
             (t,) = [t for t in ts if t is not None]
             return [view(t, [k, *plan.node.args[1]])], None
         # jointly linear ops: constant floating pieces (cat with a constant) contribute no tangent
-        f = self._primal_fn(plan, zero_constants=plan.node.func in _LINEAR)
+        f = self._primal_fn(plan, zero_constants=rule(plan.node.func).linear)
         zeros = [torch.zeros_like(self._arg(plan, j)) if t is None else None for j, t in enumerate(ts)]
 
         def g(*xs: Tensor) -> Any:
@@ -408,7 +382,7 @@ class TaylorQuadform:
     ) -> tuple[list[Tensor | None], Tensor | None]:
         node = plan.node
         args = resolve(node.args, self.values)
-        addmm = node.func in _ADDMM
+        addmm = rule(node.func).family == "addmm"
         beta = args[3] if addmm and len(args) > 3 else 1
         alpha = args[4] if addmm and len(args) > 4 else 1
         off = 1 if addmm else 0
