@@ -55,3 +55,54 @@ def test_readme_python_blocks_run() -> None:
     for block in blocks:
         exec(compile(block, "README.md", "exec"), namespace)
     assert "diag" in namespace and "est" in namespace
+
+
+GALLERY = sorted((DOCS / "gallery").glob("*.py"))
+
+
+@pytest.mark.parametrize("script", GALLERY, ids=[p.stem for p in GALLERY])
+def test_gallery_script_runs_and_draws(script: Path) -> None:
+    """Each gallery script is shown on the gallery page, runs, and draws data into a figure."""
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    assert f".. plot:: gallery/{script.name}" in (DOCS / "gallery.rst").read_text(encoding="utf-8")
+    plt.close("all")
+    try:
+        exec(compile(script.read_text(encoding="utf-8"), str(script), "exec"), {"__name__": "__gallery__"})
+        figs = [plt.figure(n) for n in plt.get_fignums()]
+        assert figs, f"{script.name} drew no figure"
+        for fig in figs:
+            for ax in fig.axes:
+                data = [line.get_xydata() for line in ax.lines] + [c.get_offsets() for c in ax.collections]
+                assert any(len(d) > 1 for d in data), f"{script.name}: an empty axes"
+    finally:
+        plt.close("all")
+
+
+def test_performance_page_carries_every_result() -> None:
+    """The performance page is generated from benchmarks/RESULTS.md and loses no section or number."""
+    import sys
+
+    sys.path.insert(0, str(DOCS))
+    try:
+        from _results_page import results_to_rst
+    finally:
+        sys.path.remove(str(DOCS))
+    markdown = (DOCS.parent / "benchmarks" / "RESULTS.md").read_text(encoding="utf-8")
+    rst = results_to_rst(markdown)
+    sections = re.findall(r"<!-- (\w+):start -->", markdown)
+    assert len(sections) >= 5
+    assert rst.count(".. list-table::") == sum(
+        1 for a, b in zip(markdown.splitlines(), markdown.splitlines()[1:]) if a.startswith("|") and b.startswith("|---")
+    )
+    for row in (line for line in markdown.splitlines() if line.startswith("|") and not line.startswith("|---")):
+        for cell in row.strip().strip("|").split("|"):
+            words = re.findall(r"\d[\d.,]*(?:e[+-]\d+)?", cell)
+            for w in words:
+                assert w in rst, f"{w!r} of {cell.strip()!r} missing from the performance page"
+    # the machine, date and versions of every section reach the page
+    for stamp in re.findall(r"^\d{4}-\d{2}-\d{2} · .*$", markdown, re.MULTILINE):
+        assert stamp in rst
+    assert ".. include:: _generated/results.rst" in (DOCS / "performance.rst").read_text(encoding="utf-8")
