@@ -488,7 +488,7 @@ _HESSIAN_ARGS = """
         strategy: how Hessian-vector products are formed (:mod:`secorder.operators`),
             including ``"finite_difference"`` for operators without double backward.
         method: the randomized estimator (a key of :mod:`secorder.estimators`' registries).
-        distribution: the probe distribution.
+        distribution: the probe distribution, ``"rademacher"``, ``"gaussian"`` or ``"sphere"``.
         model: the ``nn.Module`` inside ``f``, for the train-mode check (found
             automatically for functions made by :func:`secorder.module_loss`).
         check_determinism: refuse train-mode Dropout/BatchNorm and data that change between
@@ -685,7 +685,7 @@ _FISHER_ARGS = """
         with_stderr: also return the standard error (not for ``"mc"``).
         chunk_size: rows per batched product (``None``: from the memory budget).
         method: the randomized estimator for ``num_probes``.
-        distribution: the probe distribution.
+        distribution: the probe distribution, ``"rademacher"``, ``"gaussian"`` or ``"sphere"``.
         path: ``"auto"``, ``"generic"`` or ``"fast"`` for the exact routes.
         check_determinism: refuse train-mode Dropout/BatchNorm and data that change between
             passes.

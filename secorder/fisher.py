@@ -416,7 +416,8 @@ _COMMON_ARGS = """
             K draws for ``"mc"`` (NaN for K = 1), zeros when exact).
         method: the randomized estimator for ``num_probes`` (a key of the registries in
             :mod:`secorder.estimators`).
-        distribution: the probe distribution for ``method``.
+        distribution: the probe distribution for ``method``: ``"rademacher"``, ``"gaussian"``
+            or ``"sphere"`` (:mod:`secorder.probes`).
         path: ``"auto"``, ``"generic"`` or ``"fast"`` (see :mod:`secorder.fisher`).
 """
 

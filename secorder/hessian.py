@@ -209,8 +209,11 @@ def hvp(f: Callable[..., Any], /, *, argnums: int = 0, strategy: str = "auto") -
         f: a function returning a scalar tensor.
         argnums: which positional argument of ``f`` is θ.
         strategy: how to form the product (see :mod:`secorder.operators`); ``"auto"``
-            uses forward-over-reverse under ``torch.func`` transforms and when the
-            result must be differentiable, and one retained double-backward otherwise.
+            uses reverse-over-reverse (``"rev_rev"``) under ``torch.func`` transforms and
+            when the result must stay differentiable, and otherwise decides at the first
+            product: one retained double-backward graph (``"autograd"``) for functions
+            with convolutions, ``"rev_rev"`` for the rest
+            (:func:`secorder.operators.resolve_strategy`).
 
     Returns:
         ``hvp_fn(v, *args)`` returning a pytree shaped like θ.
@@ -221,8 +224,9 @@ def hvp(f: Callable[..., Any], /, *, argnums: int = 0, strategy: str = "auto") -
     Example:
         >>> import torch
         >>> f = lambda x: (x**3).sum()
-        >>> hvp(f)(torch.ones(3), torch.tensor([1.0, 2.0, 3.0]))   # H = diag(6 x)
-        tensor([ 6., 12., 18.])
+        >>> v, x = torch.tensor([1.0, 0.0, -1.0]), torch.tensor([1.0, 2.0, 3.0])
+        >>> hvp(f)(v, x)                                         # H v = diag(6 x) v
+        tensor([  6.,   0., -18.])
     """
     call = "hvp(f)(v, *args)"
     _check_common(call, f, argnums, None, strategy)
@@ -285,7 +289,9 @@ def hessian_trace(
         f: a function of ``*args`` returning a scalar tensor.
         argnums: which positional argument of ``f`` is θ (any pytree of floating tensors).
         num_probes: ``None`` for the exact trace, or the number K of random probes.
-        distribution: ``"rademacher"`` (default, lowest variance) or ``"gaussian"``.
+        distribution: ``"rademacher"`` (default, lowest variance), ``"gaussian"`` or
+            ``"sphere"`` (uniform on the sphere of radius √P; XTrace's improved variant),
+            see :mod:`secorder.probes`.
         chunk_size: probes (or one-hot rows) per batched product; ``None`` sizes chunks
             from the memory budget (:func:`secorder.set_memory_budget`). The result does
             not depend on it beyond rounding.
@@ -411,7 +417,8 @@ def hessian_diagonal(
         f: a function of ``*args`` returning a scalar tensor.
         argnums: which positional argument of ``f`` is θ.
         num_probes: ``None`` for the exact diagonal, or the number of random probes.
-        distribution: ``"rademacher"`` or ``"gaussian"`` (randomized method only).
+        distribution: ``"rademacher"``, ``"gaussian"`` or ``"sphere"`` (randomized method
+            only; :mod:`secorder.probes`).
         chunk_size: one-hot rows or probes per batched product (``None``: automatic).
         with_stderr: also return a pytree of per-entry standard errors (zeros if exact).
         strategy: how Hessian-vector products are formed (:mod:`secorder.operators`).
@@ -731,7 +738,8 @@ def hessian_spectral_density(
         num_steps: Lanczos steps (HVPs) per run.
         num_points: grid points.
         sigma: Gaussian width (``None``: 1% of the spectral spread).
-        distribution: of the start vectors (``"rademacher"`` or ``"gaussian"``).
+        distribution: of the start vectors (``"rademacher"``, ``"gaussian"`` or
+            ``"sphere"``; they are normalized, so the choice matters little).
         chunk_size: runs advanced together (``None``: by the memory budget).
         strategy: how Hessian-vector products are formed (:mod:`secorder.operators`).
         reorthogonalize: full reorthogonalization of each Lanczos run (default);
