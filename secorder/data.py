@@ -733,7 +733,8 @@ def dataset_fisher_trace(
         >>> import torch
         >>> X, Y = torch.eye(3), torch.zeros(3, 1)
         >>> data = [(X[:2], Y[:2]), (X[2:], Y[2:])]
-        >>> dataset_fisher_trace(lambda w, x: x @ w, "mse", torch.zeros(3, 1), data)  # (1/N) Σ 2‖x_n‖²
+        >>> # (1/N) Σ 2‖x_n‖²
+        >>> dataset_fisher_trace(lambda w, x: x @ w, "mse", torch.zeros(3, 1), data)
         tensor(2.)
     """
     return _dataset_fisher(

@@ -325,7 +325,8 @@ def hessian_trace(
         >>> hessian_trace(f)(torch.ones(3))                 # H = [[2,1,0],[1,2,0],[0,0,2]]
         tensor(6.)
         >>> g = lambda x: (x**2 * torch.tensor([1.0, 2.0, 3.0])).sum()
-        >>> hessian_trace(g, num_probes=5)(torch.ones(3), generator=torch.Generator().manual_seed(0))
+        >>> gen = torch.Generator().manual_seed(0)
+        >>> hessian_trace(g, num_probes=5)(torch.ones(3), generator=gen)
         tensor(12.)
         >>> h = lambda p: (p["w"] ** 2).sum() + 3 * p["b"] ** 2
         >>> hessian_trace(h, per_block=True)({"w": torch.ones(2), "b": torch.tensor(0.0)})
@@ -663,7 +664,8 @@ def hessian_eigenvalues(
         >>> import torch
         >>> f = lambda x: (torch.arange(1.0, 6.0, dtype=torch.float64) * x**2).sum() / 2
         >>> x, gen = torch.ones(5, dtype=torch.float64), torch.Generator().manual_seed(0)
-        >>> [round(v, 8) for v in hessian_eigenvalues(f, k=2)(x, generator=gen).tolist()]  # H = diag(1..5)
+        >>> # H = diag(1..5)
+        >>> [round(v, 8) for v in hessian_eigenvalues(f, k=2)(x, generator=gen).tolist()]
         [5.0, 4.0]
 
     References:

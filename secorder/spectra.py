@@ -390,7 +390,7 @@ def spectral_density(
     Example:
         >>> import torch
         >>> from secorder.operators import DenseOperator
-        >>> A = DenseOperator(torch.diag(torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=torch.float64)))
+        >>> A = DenseOperator(torch.diag(torch.tensor([0.0, 0.0, 1.0, 1.0]).double()))
         >>> t, phi = spectral_density(A, sigma=0.05, generator=torch.Generator().manual_seed(0))
         >>> round(float(torch.trapezoid(phi, t)), 6)
         1.0

@@ -1,7 +1,8 @@
-"""Relative error of randomized trace estimators against the budget of matrix-vector products.
+"""Relative error of randomized trace estimators against the budget of products.
 
-The GGN of a small classifier (exact trace from ``fisher_trace``); RMS relative error over
-20 seeds for each budget. Its spectrum decays fast, where Hutch++ and XTrace gain most.
+The GGN of a small classifier (exact trace from ``fisher_trace``); RMS relative
+error over 20 seeds for each budget. Its spectrum decays fast, where Hutch++ and
+XTrace gain most.
 """
 
 import matplotlib.pyplot as plt
@@ -22,12 +23,24 @@ for method in ("hutchinson", "hutch++", "xtrace"):
     rms = []
     for m in budgets:
         fn = secorder.fisher_trace(model, "cross_entropy", num_probes=m, method=method)
-        errs = torch.stack([fn(params, x, y, generator=torch.Generator().manual_seed(s)) for s in range(20)])
+        errs = torch.stack(
+            [
+                fn(params, x, y, generator=torch.Generator().manual_seed(s))
+                for s in range(20)
+            ]
+        )
         rms.append(float(((errs - exact) / exact).pow(2).mean().sqrt()))
     ax.loglog(budgets, rms, "o-", label=method)
     if method == "hutchinson":
-        ax.loglog(budgets, [rms[0] * (budgets[0] / m) ** 0.5 for m in budgets], "k:", label="∝ 1/√m")
+        ax.loglog(
+            budgets,
+            [rms[0] * (budgets[0] / m) ** 0.5 for m in budgets],
+            "k:",
+            label="∝ 1/√m",
+        )
 ax.set_xlabel("matrix-vector products m")
 ax.set_ylabel("RMS relative error")
-ax.set_title(f"GGN trace, {sum(p.numel() for p in params.values())} parameters, 20 seeds")
+ax.set_title(
+    f"GGN trace, {sum(p.numel() for p in params.values())} parameters, 20 seeds"
+)
 ax.legend()

@@ -1,4 +1,4 @@
-"""A diagonal Laplace approximation of a small regression network, from the exact GGN diagonal.
+"""A diagonal Laplace approximation of a small regression network (exact GGN diagonal).
 
 Posterior precision = GGN diagonal / σ² + prior precision (the GGN of the summed squared
 error is 2 JᵀJ, hence the factor 1/2); predictive band from 200 weight samples.
@@ -11,7 +11,11 @@ from torch import nn
 import secorder
 
 torch.manual_seed(0)
-x = torch.cat([torch.linspace(-3, -1, 20), torch.linspace(1, 3, 20)]).double().unsqueeze(1)
+x = (
+    torch.cat([torch.linspace(-3, -1, 20), torch.linspace(1, 3, 20)])
+    .double()
+    .unsqueeze(1)
+)
 y = torch.sin(2 * x) + 0.1 * torch.randn_like(x)
 model = nn.Sequential(nn.Linear(1, 32), nn.Tanh(), nn.Linear(32, 1)).double()
 opt = torch.optim.Adam(model.parameters(), lr=0.02)
@@ -32,7 +36,9 @@ samples = torch.stack(
         torch.func.functional_call(
             model,
             {
-                k: v + post_var[k].sqrt() * torch.randn(v.shape, generator=gen, dtype=v.dtype)
+                k: v
+                + post_var[k].sqrt()
+                * torch.randn(v.shape, generator=gen, dtype=v.dtype)
                 for k, v in params.items()
             },
             (grid,),
@@ -44,7 +50,9 @@ mean, std = samples.mean(0), samples.std(0)
 
 fig, ax = plt.subplots()
 g = grid.squeeze(1)
-ax.fill_between(g, mean - 2 * std, mean + 2 * std, alpha=0.3, label="±2 std (diagonal Laplace)")
+ax.fill_between(
+    g, mean - 2 * std, mean + 2 * std, alpha=0.3, label="±2 std (diagonal Laplace)"
+)
 ax.plot(g, model(grid).detach().squeeze(1), label="MAP fit")
 ax.plot(x.squeeze(1), y.squeeze(1), "k.", label="data")
 ax.set_ylim(-3, 3)
