@@ -490,13 +490,16 @@ def test_float32(dtype: torch.dtype) -> None:
 
 
 def test_auto_switches_to_generic_under_vmap_and_fast_refuses() -> None:
-    models = [mlp() for _ in range(2)]
+    models = [mlp()]
+    models.append(nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double())  # another init
     stacked, _ = torch.func.stack_module_state(models)
     x, y = _ce_data()
     fn = fisher_trace(models[0], "cross_entropy", kind="empirical")
     batched = torch.func.vmap(fn, in_dims=(0, None, None))(stacked, x, y)
     assert fn.path_info.path == "generic"
-    torch.testing.assert_close(batched, torch.stack([fn(_params(m), x, y) for m in models]), **TOL)
+    loop = torch.stack([fn(_params(m), x, y) for m in models])
+    assert (loop[0] - loop[1]).abs() > 1e-3 * loop.abs().max()  # a mix-up of members would show
+    torch.testing.assert_close(batched, loop, **TOL)
     fast = fisher_trace(models[0], "cross_entropy", kind="empirical", path="fast")
     with pytest.raises(ValueError, match="path='fast' runs eagerly"):
         torch.func.vmap(fast, in_dims=(0, None, None))(stacked, x, y)
