@@ -757,7 +757,7 @@ def test_coupled_plain_model_refused_for_per_sample_quantities() -> None:
         with pytest.raises(ValueError, match="treats the samples of a batch independently"):
             _call(fisher_trace(coupled, "cross_entropy", kind=kind, num_probes=probes), prob)
     # the GGN through the whole batch's Jacobian is well defined: Hutchinson estimates it
-    est, err = fisher_trace(coupled, "cross_entropy", num_probes=200, with_stderr=True)(
+    est, err = fisher_trace(coupled, "cross_entropy", num_probes=2000, with_stderr=True)(
         prob.params, prob.x, prob.y, generator=torch.Generator().manual_seed(0)
     )
     coupled_prob = Problem("ce", coupled, prob.params, prob.x, prob.y, prob.loss, prob.ref)

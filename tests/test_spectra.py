@@ -272,7 +272,7 @@ def test_hessian_spectral_density_on_mlp() -> None:
 def test_plot_writes_png(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     grid = torch.linspace(-1, 1, 50, dtype=torch.float64)
-    density = torch.exp(-(grid**2))
+    density = torch.exp(-((grid - 0.3) ** 2))  # not symmetric: a reversed axis would show
     path = tmp_path / "density.png"
     fig = plot_spectral_density(grid, density, path, eigenvalues=torch.tensor([0.5]), title="test")
     ax = fig.axes[0]
