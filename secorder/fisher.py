@@ -344,6 +344,11 @@ def _run(
     z = _check_outputs(call, z, eager=not transformed)
     s.loss.check(call, z, targets)
     scale = s.loss.scale(z)
+    if per_sample and s.module is None and not transformed:
+        # Every per-sample route (exact GGN by columns, empirical, MC, Hutchinson on the
+        # empirical Fisher) evaluates samples apart: one check for all of them, so a model
+        # tied to its batch size gets the same clear error on every route.
+        _check_independent(call, lambda x: fn(leaves, x), inputs, z)
 
     if hutchinson:
         assert s.num_probes is not None
@@ -351,8 +356,6 @@ def _run(
         if s.kind == "ggn":
             op = GGNOperator(lambda ls: fn(ls, inputs), leaves, s.loss, z, targets, call)
         else:
-            if s.module is None and not transformed:
-                _check_independent(call, lambda x: fn(leaves, x), inputs, z)
             cols = s.loss.per_sample_grads(z, targets).unsqueeze(0)
             op = EmpiricalFisherOperator(lambda ls: fn(ls, inputs), leaves, cols, scale, z, call=call)
         est, err = s.estimator(

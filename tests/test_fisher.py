@@ -819,3 +819,26 @@ def test_per_block_traces_of_the_mc_fisher() -> None:
         torch.testing.assert_close(blocks[k], diag[k].sum())
     with pytest.raises(ValueError, match=r"per_block=True with with_stderr=True is available for kind='ggn'"):
         fisher_trace(prob.model_fn, prob.loss, kind="mc", num_probes=3, per_block=True, with_stderr=True)
+
+
+def test_batch_size_dependent_model_gets_one_clear_error_on_every_per_sample_route() -> None:
+    """A model tied to its batch size: the same message on every per-sample route (it was a raw
+    reshape RuntimeError on the exact GGN, exact empirical and MC routes); the whole-batch GGN
+    by Hutchinson, which needs no per-sample evaluation, still works and matches the dense GGN."""
+    prob = make_problem("ce")
+    n = prob.x.shape[0]
+    tied = lambda p, x: _mlp(p, x.reshape(n, -1))  # only runs on batches of n
+    for kind, probes in (("empirical", None), ("ggn", None), ("mc", 2), ("empirical", 3)):
+        for transform in (fisher_trace, fisher_diagonal):
+            with pytest.raises(
+                ValueError, match=r"runs on any batch size.*first 4 samples: RuntimeError"
+            ) as info:
+                transform(tied, "cross_entropy", kind=kind, num_probes=probes)(
+                    prob.params, prob.x, prob.y, generator=torch.Generator().manual_seed(0)
+                )
+            assert isinstance(info.value.__cause__, RuntimeError)  # the model's own error, chained
+    est, err = fisher_trace(tied, "cross_entropy", num_probes=2000, with_stderr=True)(
+        prob.params, prob.x, prob.y, generator=torch.Generator().manual_seed(0)
+    )
+    exact = torch.trace(dense_reference(prob, "mean")["ggn"])
+    assert abs(float(est - exact)) < 5 * float(err)
