@@ -20,8 +20,16 @@ FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 
 def test_pages_exist() -> None:
     names = {p.relative_to(DOCS).as_posix() for p in PAGES}
+    # the task page, the gallery and the performance page are one click from the index
+    index = (DOCS / "index.rst").read_text(encoding="utf-8")
+    toctree = index[index.index(".. toctree::") :]
+    for page in ("tasks", "gallery", "performance"):
+        assert f"\n   {page}\n" in toctree, page
     for page in (
         "index.rst",
+        "tasks.rst",
+        "gallery.rst",
+        "performance.rst",
         "getting_started.rst",
         "transforms.rst",
         "fisher.rst",
