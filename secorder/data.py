@@ -557,7 +557,7 @@ _HESSIAN_ARGS = """
         strategy: how Hessian-vector products are formed (:mod:`secorder.operators`),
             including ``"finite_difference"`` for operators without double backward.
         method: the randomized estimator (a key of :mod:`secorder.estimators`' registries).
-        distribution: the probe distribution.
+        distribution: the probe distribution, ``"rademacher"``, ``"gaussian"`` or ``"sphere"``.
         model: the ``nn.Module`` inside ``f``, for the train-mode check (found
             automatically for functions made by :func:`secorder.module_loss`).
         check_determinism: refuse train-mode Dropout/BatchNorm and data that change between
@@ -782,7 +782,7 @@ _FISHER_ARGS = """
         with_stderr: also return the standard error (not for ``"mc"``).
         chunk_size: rows per batched product (``None``: from the memory budget).
         method: the randomized estimator for ``num_probes``.
-        distribution: the probe distribution.
+        distribution: the probe distribution, ``"rademacher"``, ``"gaussian"`` or ``"sphere"``.
         path: ``"auto"``, ``"generic"`` or ``"fast"`` for the exact routes.
         check_determinism: refuse train-mode Dropout/BatchNorm and data that change between
             passes.
@@ -834,7 +834,8 @@ def dataset_fisher_trace(
         >>> import torch
         >>> X, Y = torch.eye(3), torch.zeros(3, 1)
         >>> data = [(X[:2], Y[:2]), (X[2:], Y[2:])]
-        >>> dataset_fisher_trace(lambda w, x: x @ w, "mse", torch.zeros(3, 1), data)  # (1/N) Σ 2‖x_n‖²
+        >>> # (1/N) Σ 2‖x_n‖²
+        >>> dataset_fisher_trace(lambda w, x: x @ w, "mse", torch.zeros(3, 1), data)
         tensor(2.)
     """
     return _dataset_fisher(

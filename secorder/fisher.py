@@ -355,6 +355,11 @@ def _run(
     z = _check_outputs(call, z, eager=not transformed)
     s.loss.check(call, z, targets)
     scale = s.loss.scale(z)
+    if per_sample and s.module is None and not transformed:
+        # Every per-sample route (exact GGN by columns, empirical, MC, Hutchinson on the
+        # empirical Fisher) evaluates samples apart: one check for all of them, so a model
+        # tied to its batch size gets the same clear error on every route.
+        _check_independent(call, lambda x: fn(leaves, x), inputs, z)
 
     if hutchinson:
         assert s.num_probes is not None
@@ -362,8 +367,6 @@ def _run(
         if s.kind == "ggn":
             op = GGNOperator(lambda ls: fn(ls, inputs), leaves, s.loss, z, targets, call)
         else:
-            if s.module is None and not transformed:
-                _check_independent(call, lambda x: fn(leaves, x), inputs, z)
             cols = s.loss.per_sample_grads(z, targets).unsqueeze(0)
             op = EmpiricalFisherOperator(lambda ls: fn(ls, inputs), leaves, cols, scale, z, call=call)
         est, err = s.estimator(
@@ -427,7 +430,8 @@ _COMMON_ARGS = """
             K draws for ``"mc"`` (NaN for K = 1), zeros when exact).
         method: the randomized estimator for ``num_probes`` (a key of the registries in
             :mod:`secorder.estimators`).
-        distribution: the probe distribution for ``method``.
+        distribution: the probe distribution for ``method``: ``"rademacher"``, ``"gaussian"``
+            or ``"sphere"`` (:mod:`secorder.probes`).
         path: ``"auto"``, ``"generic"`` or ``"fast"`` (see :mod:`secorder.fisher`).
         select: compute over a subset of ``params`` (a dict keyed by name): a glob, a list
             of globs, a compiled regex or a predicate on names; the other parameters are

@@ -249,8 +249,11 @@ def hvp(
             others are held fixed and results hold only the selected entries
             (:mod:`secorder._select`).
         strategy: how to form the product (see :mod:`secorder.operators`); ``"auto"``
-            uses forward-over-reverse under ``torch.func`` transforms and when the
-            result must be differentiable, and one retained double-backward otherwise.
+            uses reverse-over-reverse (``"rev_rev"``) under ``torch.func`` transforms and
+            when the result must stay differentiable, and otherwise decides at the first
+            product: one retained double-backward graph (``"autograd"``) for functions
+            with convolutions, ``"rev_rev"`` for the rest
+            (:func:`secorder.operators.resolve_strategy`).
 
     Returns:
         ``hvp_fn(v, *args)`` returning a pytree shaped like θ.
@@ -261,8 +264,9 @@ def hvp(
     Example:
         >>> import torch
         >>> f = lambda x: (x**3).sum()
-        >>> hvp(f)(torch.ones(3), torch.tensor([1.0, 2.0, 3.0]))   # H = diag(6 x)
-        tensor([ 6., 12., 18.])
+        >>> v, x = torch.tensor([1.0, 0.0, -1.0]), torch.tensor([1.0, 2.0, 3.0])
+        >>> hvp(f)(v, x)                                         # H v = diag(6 x) v
+        tensor([  6.,   0., -18.])
     """
     call = "hvp(f)(v, *args)"
     _check_common(call, f, argnums, None, strategy)
@@ -337,7 +341,9 @@ def hessian_trace(
             others are held fixed and results hold only the selected entries
             (:mod:`secorder._select`).
         num_probes: ``None`` for the exact trace, or the number K of random probes.
-        distribution: ``"rademacher"`` (default, lowest variance) or ``"gaussian"``.
+        distribution: ``"rademacher"`` (default, lowest variance), ``"gaussian"`` or
+            ``"sphere"`` (uniform on the sphere of radius √P; XTrace's improved variant),
+            see :mod:`secorder.probes`.
         chunk_size: probes (or one-hot rows) per batched product; ``None`` sizes chunks
             from the memory budget (:func:`secorder.set_memory_budget`). The result does
             not depend on it beyond rounding.
@@ -371,7 +377,8 @@ def hessian_trace(
         >>> hessian_trace(f)(torch.ones(3))                 # H = [[2,1,0],[1,2,0],[0,0,2]]
         tensor(6.)
         >>> g = lambda x: (x**2 * torch.tensor([1.0, 2.0, 3.0])).sum()
-        >>> hessian_trace(g, num_probes=5)(torch.ones(3), generator=torch.Generator().manual_seed(0))
+        >>> gen = torch.Generator().manual_seed(0)
+        >>> hessian_trace(g, num_probes=5)(torch.ones(3), generator=gen)
         tensor(12.)
         >>> h = lambda p: (p["w"] ** 2).sum() + 3 * p["b"] ** 2
         >>> hessian_trace(h, per_block=True)({"w": torch.ones(2), "b": torch.tensor(0.0)})
@@ -473,7 +480,8 @@ def hessian_diagonal(
             others are held fixed and results hold only the selected entries
             (:mod:`secorder._select`).
         num_probes: ``None`` for the exact diagonal, or the number of random probes.
-        distribution: ``"rademacher"`` or ``"gaussian"`` (randomized method only).
+        distribution: ``"rademacher"``, ``"gaussian"`` or ``"sphere"`` (randomized method
+            only; :mod:`secorder.probes`).
         chunk_size: one-hot rows or probes per batched product (``None``: automatic).
         with_stderr: also return a pytree of per-entry standard errors (zeros if exact).
         strategy: how Hessian-vector products are formed (:mod:`secorder.operators`).
@@ -743,7 +751,8 @@ def hessian_eigenvalues(
         >>> import torch
         >>> f = lambda x: (torch.arange(1.0, 6.0, dtype=torch.float64) * x**2).sum() / 2
         >>> x, gen = torch.ones(5, dtype=torch.float64), torch.Generator().manual_seed(0)
-        >>> [round(v, 8) for v in hessian_eigenvalues(f, k=2)(x, generator=gen).tolist()]  # H = diag(1..5)
+        >>> # H = diag(1..5)
+        >>> [round(v, 8) for v in hessian_eigenvalues(f, k=2)(x, generator=gen).tolist()]
         [5.0, 4.0]
 
     References:
@@ -824,7 +833,8 @@ def hessian_spectral_density(
         num_steps: Lanczos steps (HVPs) per run.
         num_points: grid points.
         sigma: Gaussian width (``None``: 1% of the spectral spread).
-        distribution: of the start vectors (``"rademacher"`` or ``"gaussian"``).
+        distribution: of the start vectors (``"rademacher"``, ``"gaussian"`` or
+            ``"sphere"``; they are normalized, so the choice matters little).
         chunk_size: runs advanced together (``None``: by the memory budget).
         strategy: how Hessian-vector products are formed (:mod:`secorder.operators`).
         reorthogonalize: full reorthogonalization of each Lanczos run (default);

@@ -183,11 +183,13 @@ def module_hessian_diagonal(
 
     Example:
         >>> import torch, secorder
-        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
         >>> x, y = torch.randn(5, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1])
         >>> model = model.double()
         >>> params = {k: p.detach() for k, p in model.named_parameters()}
-        >>> d = secorder.module_hessian_diagonal(model, "cross_entropy", method="sweep")(params, x, y)
+        >>> sweep = secorder.module_hessian_diagonal(model, "cross_entropy", method="sweep")
+        >>> d = sweep(params, x, y)
         >>> f, _ = secorder.module_loss(model, torch.nn.functional.cross_entropy)
         >>> ref = secorder.hessian_diagonal(f)(params, x, y)
         >>> all(torch.allclose(d[k], ref[k]) for k in d)

@@ -488,7 +488,7 @@ def spectral_density(
     Example:
         >>> import torch
         >>> from secorder.operators import DenseOperator
-        >>> A = DenseOperator(torch.diag(torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=torch.float64)))
+        >>> A = DenseOperator(torch.diag(torch.tensor([0.0, 0.0, 1.0, 1.0]).double()))
         >>> t, phi = spectral_density(A, sigma=0.05, generator=torch.Generator().manual_seed(0))
         >>> round(float(torch.trapezoid(phi, t)), 6)
         1.0
@@ -522,21 +522,27 @@ def spectral_density(
 def plot_spectral_density(
     grid: Tensor,
     density: Tensor,
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | None = None,
     *,
     log_scale: bool = True,
     eigenvalues: Tensor | None = None,
     title: str | None = None,
-) -> None:
-    """Write a PNG plot of a spectral density (needs matplotlib, an optional extra).
+    ax: Any = None,
+) -> Any:
+    """Plot a spectral density (needs matplotlib, an optional extra), optionally to a PNG.
 
     Args:
         grid: the evaluation points, as returned by :func:`spectral_density`.
         density: the density on ``grid``.
-        path: where to write the PNG.
+        path: where to write the PNG (``None``: write nothing).
         log_scale: logarithmic density axis (Hessian spectra span many decades).
         eigenvalues: optional eigenvalues to mark (e.g. from :func:`lanczos_eigenvalues`).
         title: optional plot title.
+        ax: a matplotlib ``Axes`` to draw into (e.g. from ``plt.subplots()``); by default a
+            new figure, independent of pyplot's state.
+
+    Returns:
+        The matplotlib ``Figure`` drawn into.
 
     Raises:
         ImportError: matplotlib is not installed.
@@ -559,8 +565,11 @@ def plot_spectral_density(
             f"grid {shapes[0]} and density {shapes[1]}",
             "Pass the (grid, density) pair returned by spectral_density / hessian_spectral_density.",
         )
-    fig = Figure(figsize=(6, 4))
-    ax = fig.add_subplot()
+    if ax is None:
+        fig = Figure(figsize=(6, 4))
+        ax = fig.add_subplot()
+    else:
+        fig = ax.figure
     x = grid.detach().cpu().double().numpy()
     y = density.detach().cpu().double().numpy()
     if log_scale:
@@ -576,4 +585,6 @@ def plot_spectral_density(
     if title:
         ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(os.fspath(path), format="png", dpi=120)
+    if path is not None:
+        fig.savefig(os.fspath(path), format="png", dpi=120)
+    return fig

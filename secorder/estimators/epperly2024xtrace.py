@@ -180,8 +180,9 @@ def xtrace(
     Example:
         >>> import torch
         >>> from secorder.operators import DenseOperator
-        >>> A = DenseOperator(torch.diag(torch.tensor([4.0, 2.0, 1.0, 0.0, 0.0], dtype=torch.float64)))
-        >>> est, err = xtrace(A, 8, distribution="gaussian", generator=torch.Generator().manual_seed(0))
+        >>> A = DenseOperator(torch.diag(torch.tensor([4.0, 2.0, 1.0, 0.0, 0.0]).double()))
+        >>> gen = torch.Generator().manual_seed(0)
+        >>> est, err = xtrace(A, 8, distribution="gaussian", generator=gen)
         >>> round(est.item(), 8), round(err.item(), 8)   # 4 probes > rank 3: exact
         (7.0, 0.0)
     """
@@ -339,8 +340,9 @@ def xnystrace(
     Example:
         >>> import torch
         >>> from secorder.operators import DenseOperator
-        >>> A = DenseOperator(torch.diag(torch.tensor([4.0, 2.0, 1.0, 0.0, 0.0], dtype=torch.float64)))
-        >>> est, err = xnystrace(A, 4, distribution="gaussian", generator=torch.Generator().manual_seed(0))
+        >>> A = DenseOperator(torch.diag(torch.tensor([4.0, 2.0, 1.0, 0.0, 0.0]).double()))
+        >>> gen = torch.Generator().manual_seed(0)
+        >>> est, err = xnystrace(A, 4, distribution="gaussian", generator=gen)
         >>> round(est.item(), 6), round(err.item(), 6)   # 4 probes > rank 3: exact
         (7.0, 0.0)
     """
