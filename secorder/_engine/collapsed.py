@@ -60,7 +60,5 @@ def _apply(ctx: _jet.Ctx, func: Any, args: tuple[Any, ...], kwargs: dict[str, An
     if r.no_curvature or r.linear_first or (r.multilinear and len(_jet._jet_paths((args, kwargs))) == 1):
         return _jet.no_curvature(ctx, func, args, kwargs)
     if torch.Tag.pointwise in func.tags:
-        name = str(func)
-        ctx.fallbacks[name] = ctx.fallbacks.get(name, 0) + 1
         return _jet.pointwise_generic(ctx, func, args, kwargs)
     return _jet.fallback(ctx, func, args, kwargs)

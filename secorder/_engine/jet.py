@@ -15,8 +15,9 @@ y2 = f'(u)[u2] + Σ_k f''(u)[u1_k, u1_k], summed per group (:func:`pair`); the r
 from differentiable torch ops, so a result can be differentiated in the parameters.
 
 The rules are registered in :mod:`secorder._engine.rules` (field ``collapsed``); an op with no
-rule goes through :func:`fallback` (nested forward-mode AD on that op alone) and is counted in
-:attr:`Ctx.fallbacks`.
+rule goes through :func:`fallback` (nested forward-mode AD on that op alone), or for an
+elementwise op :func:`pointwise_generic` (its partials by nested forward-mode AD), and is
+counted in :attr:`Ctx.fallbacks`.
 """
 
 from __future__ import annotations
@@ -330,6 +331,8 @@ def pointwise_generic(ctx: Ctx, func: Any, args: tuple[Any, ...], kwargs: dict[s
     f, (out0, multi, keep) = _float_fn(func, args, kwargs, found)
     if multi or len(keep) != 1:  # pragma: no cover - no multi-output pointwise op has a rule
         return fallback(ctx, func, args, kwargs)
+    name = str(func)
+    ctx.fallbacks[name] = ctx.fallbacks.get(name, 0) + 1
     y = out0
     shape = y.shape
     xs = tuple(j.v0.expand(shape) for _, j in found)
