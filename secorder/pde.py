@@ -203,9 +203,9 @@ def _directions(
     if num_probes is None:
         if s is None:
             eye = torch.eye(d, dtype=x.dtype, device=x.device)
-            return eye.reshape(d, 1, *e).expand(d, n, *e), 1
+            return eye.reshape(d, 1, *e), 1  # the same at every point: broadcast, not copied
         r = s.shape[2]
-        return s.permute(2, 0, 1).reshape(r, s.shape[0], *e).expand(r, n, *e), 1
+        return s.permute(2, 0, 1).reshape(r, s.shape[0], *e), 1
     size = n * (d if s is None else s.shape[2])
     z = _probes.draw(num_probes, size, distribution, generator, x.dtype, x.device)
     if s is None:
@@ -226,7 +226,7 @@ def _nested(
     def both(v: Tensor) -> tuple[Tensor, Tensor]:
         return jvp(lambda z: jvp(f, (z,), (v,))[1], (x,), (v,))
 
-    firsts, seconds = vmap(both)(dirs)
+    firsts, seconds = vmap(both)(dirs.expand(dirs.shape[0], *x.shape))
     k = dirs.shape[0]
     v2 = seconds.reshape(groups, k // groups, *seconds.shape[1:]).sum(1)
     return f(x), firsts, v2
@@ -242,6 +242,7 @@ def _collapsed(
     if not isinstance(out, _jet.Jet):  # the output does not depend on x
         v0 = out
         return v0, v0.new_zeros(ctx.K, *v0.shape), v0.new_zeros(groups, *v0.shape)
+    out = out.full(ctx)
     v2 = out.v2 if out.v2 is not None else out.v0.new_zeros(groups, *out.v0.shape)
     return out.v0, out.v1, v2
 
@@ -261,6 +262,11 @@ def _common_checks(call: str, u: object, argnums: object, num_probes: object, di
             f"num_probes={num_probes}",
             "Use num_probes >= 2, or with_stderr=False.",
         )
+
+
+def _rows(dirs: Tensor, sl: slice) -> Tensor:
+    """The directions of the points ``sl`` (directions shared by all points stay shared)."""
+    return dirs if dirs.shape[1] == 1 else dirs[:, sl]
 
 
 def _chunked(x: Tensor, chunk_size: int | None) -> list[slice]:
@@ -361,7 +367,7 @@ def laplacian(
         info = PDEInfo("collapsed")
         vals, grads, laps, errs = [], [], [], []
         for sl in _chunked(x, chunk_size):
-            xc, dc = x[sl], dirs[:, sl]
+            xc, dc = x[sl], _rows(dirs, sl)
             tape, why = _record(fn, leaves, xc)
             if tape is None:
                 info = PDEInfo("nested", why)
@@ -377,6 +383,7 @@ def laplacian(
                     grads.append(v1.movedim(0, -1).reshape(*v0.shape, *x.shape[1:]))
                 else:  # the directions are not the unit vectors: D forward-mode products
                     eye, _ = _directions(xc, None, None, distribution, None)
+                    eye = eye.expand(eye.shape[0], *xc.shape)
                     first = vmap(lambda v: jvp(lambda z: fn(leaves, [z]), (xc,), (v,))[1])(eye)  # noqa: B023
                     grads.append(first.movedim(0, -1).reshape(*v0.shape, *x.shape[1:]))
         lap_fn.method_info = info  # type: ignore[attr-defined]
@@ -451,7 +458,7 @@ def biharmonic(
         info = PDEInfo("collapsed")
         results, errs = [], []
         for sl in _chunked(x, chunk_size):
-            xc, din, dout = x[sl], inner[:, sl], outer[:, sl]
+            xc, din, dout = x[sl], _rows(inner, sl), _rows(outer, sl)
             tape, why = _record(fn, leaves, xc)
 
             def lap(ls: list[Tensor], ins: list[Tensor], tape: Tape | None = tape, din: Tensor = din) -> Tensor:

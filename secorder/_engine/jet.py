@@ -4,7 +4,9 @@ A :class:`Jet` carries, for one tape value y(x) of shape ``S`` at the point, alo
 directions ``v_k`` grouped into G groups of m = K / G:
 
 * ``v0``: the value y (shape ``S``);
-* ``v1``: the K directional derivatives ``∂_{v_k} y`` (shape ``(K, *S)``);
+* ``v1``: the K directional derivatives ``∂_{v_k} y`` (shape ``(K, *S)``, or a shape that
+  broadcasts to it: unit directions are the same at every point, so until the first
+  nonlinearity the derivatives have size 1 along the batch axis and cost nothing per point);
 * ``v2``: the *collapsed* second-order channel, per group g the sum
   Σ_{k ∈ g} ∂²_{v_k} y (shape ``(G, *S)``); ``None`` stands for zeros.
 
@@ -54,8 +56,13 @@ class Jet:
     """A value with K directional derivatives and G collapsed second-order sums."""
 
     v0: Tensor
-    v1: Tensor  # (K, *v0.shape)
-    v2: Tensor | None  # (G, *v0.shape), None: zeros
+    v1: Tensor  # (K, *v0.shape), or any shape that broadcasts to it
+    v2: Tensor | None  # (G, *v0.shape) or broadcasting to it; None: zeros
+
+    def full(self, ctx: Ctx) -> Jet:
+        """The jet with ``v1`` and ``v2`` expanded to their full shapes (views, no copies)."""
+        v2 = None if self.v2 is None else _full(_align(self.v2, self.v0.dim()), ctx.G, self.v0.shape)
+        return Jet(self.v0, _full(_align(self.v1, self.v0.dim()), ctx.K, self.v0.shape), v2)
 
 
 def primal(obj: Any) -> Any:
@@ -141,7 +148,7 @@ def make(ctx: Ctx, v0: Tensor, v1: Tensor | None, v2: Tensor | None) -> Jet | Te
     """A jet of value ``v0`` (full shapes), or ``v0`` itself when it has no derivative."""
     if v1 is None:
         return v0
-    return Jet(v0, _full(v1, ctx.K, v0.shape), None if v2 is None else _full(v2, ctx.G, v0.shape))
+    return Jet(v0, v1, v2)
 
 
 # -- compositions used by the rules --------------------------------------------------------------
@@ -201,7 +208,7 @@ def linear(ctx: Ctx, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -
     """An op jointly linear in its floating arguments: derivatives pass through the op itself
     (floating arguments that carry no jet contribute zeros)."""
     base = _zero_floats(primal((args, kwargs)))
-    found = _jet_paths((args, kwargs))
+    found = [(p, j.full(ctx)) for p, j in _jet_paths((args, kwargs))]
     out0 = func(*primal(args), **primal(kwargs))
 
     def f(*ts: Tensor) -> Any:
@@ -258,7 +265,7 @@ def _assemble(ctx: Ctx, out0: Any, multi: bool, keep: list[int], v1s: Any, v2s: 
 def no_curvature(ctx: Ctx, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """An op with no second derivative (affine or piecewise linear in its jet arguments):
     y1 = J u1, y2 = J u2 by forward-mode products."""
-    found = _jet_paths((args, kwargs))
+    found = [(p, j.full(ctx)) for p, j in _jet_paths((args, kwargs))]
     f, (out0, multi, keep) = _float_fn(func, args, kwargs, found)
     prims = tuple(j.v0 for _, j in found)
 
@@ -279,7 +286,7 @@ def fallback(ctx: Ctx, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any])
     y2 = J u2 + Σ_k d²/dt² f(u + t u1_k) per group. Counted in ``ctx.fallbacks``."""
     name = str(func)
     ctx.fallbacks[name] = ctx.fallbacks.get(name, 0) + 1
-    found = _jet_paths((args, kwargs))
+    found = [(p, j.full(ctx)) for p, j in _jet_paths((args, kwargs))]
     f, (out0, multi, keep) = _float_fn(func, args, kwargs, found)
     prims = tuple(j.v0 for _, j in found)
 
@@ -484,6 +491,7 @@ def scalar_affine_rule(ctx: Ctx, func: Any, args: tuple[Any, ...], kwargs: dict[
 
 def view_rule(ctx: Ctx, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     x, only = _first_jet(args)
+    x = x.full(ctx)
     shape = list(args[1])
     y = aten.reshape.default(x.v0, shape)
     v2 = None if x.v2 is None else x.v2.reshape(ctx.G, *y.shape)
@@ -538,6 +546,7 @@ def softmax_rule(ctx: Ctx, func: Any, args: tuple[Any, ...], kwargs: dict[str, A
     x, only = _first_jet(args)
     if not only or (len(args) > 2 and args[2]):
         return fallback(ctx, func, args, kwargs)
+    x = x.full(ctx)
     y = func(*primal(args), **kwargs)
     log = func is aten._log_softmax.default
     s = y.exp() if log else y
@@ -563,6 +572,7 @@ def layer_norm_rule(ctx: Ctx, func: Any, args: tuple[Any, ...], kwargs: dict[str
     n = math.prod(shape)
 
     def mean(j: Jet) -> Jet | Tensor:
+        j = j.full(ctx)
         v0 = j.v0.mean(dims, keepdim=True)
         v1 = j.v1.sum(dims, keepdim=True) / n
         v2 = None if j.v2 is None else j.v2.sum(dims, keepdim=True) / n
@@ -593,6 +603,7 @@ def conv_rule(ctx: Ctx, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     x, only = _first_jet(args)
     if not only:
         return fallback(ctx, func, args, kwargs)
+    x = x.full(ctx)
     y = func(*primal(args), **kwargs)
     rest = list(args[1:])
     rest[1] = None  # bias: affine part, no derivative
@@ -609,6 +620,7 @@ def max_pool_rule(ctx: Ctx, func: Any, args: tuple[Any, ...], kwargs: dict[str, 
     x, only = _first_jet(args)
     if not only:
         return fallback(ctx, func, args, kwargs)
+    x = x.full(ctx)
     y, idx = func(*primal(args), **kwargs)
     nsp = len(args[1])
 
