@@ -45,11 +45,11 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as F  # noqa: N812 (PyTorch's conventional alias)
 from torch.func import hessian, jacrev, jvp, vmap
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import secorder  # noqa: E402
+import secorder
 
 N_POINTS, WIDTH, PROBES = 64, 256, 16
 
@@ -60,7 +60,7 @@ def _jet() -> Any:
         sys.path.insert(0, path)
     try:
         import jet  # type: ignore[import-not-found]
-    except Exception:  # noqa: BLE001 - absent, or not importable on this Python
+    except Exception:
         return None
     return jet
 
@@ -75,7 +75,14 @@ def params(d: int, ln: bool, seed: int = 0) -> dict[str, torch.Tensor]:
         "w3": torch.randn(1, WIDTH, generator=g) / math.sqrt(WIDTH),
     }
     if ln:
-        p.update({"g1": torch.ones(WIDTH), "h1": torch.zeros(WIDTH), "g2": torch.ones(WIDTH), "h2": torch.zeros(WIDTH)})
+        p.update(
+            {
+                "g1": torch.ones(WIDTH),
+                "h1": torch.zeros(WIDTH),
+                "g2": torch.ones(WIDTH),
+                "h2": torch.zeros(WIDTH),
+            }
+        )
     return p
 
 
@@ -102,14 +109,16 @@ def contenders(kind: str, net: Callable[..., torch.Tensor], d: int) -> dict[str,
         lap = secorder.laplacian(u)
         today = vmap(secorder.hessian_trace(u_point, argnums=1), in_dims=(None, 0))
         out["secorder"] = lambda: lap(p, x)
-        out["torch.func"] = lambda: vmap(hessian(lambda xn: u_point(p, xn)))(x).diagonal(dim1=-2, dim2=-1).sum(-1)
+        out["torch.func"] = lambda: (
+            vmap(hessian(lambda xn: u_point(p, xn)))(x).diagonal(dim1=-2, dim2=-1).sum(-1)
+        )
         out["today"] = lambda: today(p, x)
         if jet is not None:
             try:
                 jl = jet.laplacian(lambda xn: net(p, xn), (x[0],))
                 vmap(jl)(x)
                 out["jet"] = lambda: vmap(jl)(x)
-            except Exception:  # noqa: BLE001 - an op without a jet rule
+            except Exception:
                 pass
     elif kind == "stochastic":
         gen = torch.Generator().manual_seed(0)
@@ -134,7 +143,7 @@ def contenders(kind: str, net: Callable[..., torch.Tensor], d: int) -> dict[str,
                 jl = jet.laplacian(lambda xn: net(p, xn), (x[0],), randomization=("rademacher", PROBES))
                 vmap(jl, randomness="different")(x)
                 out["jet"] = lambda: vmap(jl, randomness="different")(x)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 pass
     else:  # biharmonic
         bih = secorder.biharmonic(u)
@@ -149,7 +158,7 @@ def contenders(kind: str, net: Callable[..., torch.Tensor], d: int) -> dict[str,
                 jb = jet.bilaplacian(lambda xn: net(p, xn), (x[0],))
                 vmap(jb)(x)
                 out["jet"] = lambda: vmap(jb)(x)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 pass
     return out
 
@@ -166,7 +175,7 @@ def _time(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
     for k, f in list(fns.items()):
         try:
             f()
-        except Exception as exc:  # noqa: BLE001 - a contender that cannot run this workload
+        except Exception as exc:
             print(f"{k} fails: {type(exc).__name__}: {str(exc)[:200]}", file=sys.stderr)
             del fns[k]
     best = {k: math.inf for k in fns}
@@ -179,7 +188,7 @@ def _time(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
 
 
 def _memory_child(index: int, name: str) -> None:
-    label, kind, net, d = WORKLOADS[index]
+    _, kind, net, d = WORKLOADS[index]
     fn = contenders(kind, net, d)[name]
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     fn()
@@ -206,7 +215,14 @@ def main() -> None:
         _memory_child(int(args.child[0]), args.child[1])
         return
     names = ["secorder", "torch.func", "today", "jet"]
-    head = ["workload", "kind", *[f"{n} (ms)" for n in names], "torch.func / secorder", "today / secorder", "jet / secorder"]
+    head = [
+        "workload",
+        "kind",
+        *[f"{n} (ms)" for n in names],
+        "torch.func / secorder",
+        "today / secorder",
+        "jet / secorder",
+    ]
     rows, mem_rows = [], []
     for i, (label, kind, net, d) in enumerate(WORKLOADS):
         if args.only and args.only not in label:
@@ -214,9 +230,9 @@ def main() -> None:
         fns = contenders(kind, net, d)
         t = _time(fns, args.repeats)
         ours = t["secorder"]
-        cell = lambda n: f"{t[n] * 1e3:.1f}" if n in t else "—"  # noqa: E731
-        ratio = lambda n: f"{t[n] / ours:.2f}×" if n in t else "—"  # noqa: E731
-        rows.append([label, kind, *[cell(n) for n in names], ratio("torch.func"), ratio("today"), ratio("jet")])
+        cells = [f"{t[n] * 1e3:.1f}" if n in t else "—" for n in names]
+        ratios = [f"{t[n] / ours:.2f}×" if n in t else "—" for n in ("torch.func", "today", "jet")]
+        rows.append([label, kind, *cells, *ratios])
         print(" | ".join(rows[-1]), file=sys.stderr)
         if args.memory:
             m = {n: _memory(i, n, args.threads) for n in fns}

@@ -28,7 +28,13 @@ extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.napoleon",
     "sphinx.ext.intersphinx",
+    "matplotlib.sphinxext.plot_directive",  # figures drawn at build time (pinn.rst)
 ]
+
+plot_include_source = False
+plot_html_show_source_link = False
+plot_html_show_formats = False
+plot_formats = [("png", 100)]
 
 exclude_patterns = ["_build", "_inventories", "Thumbs.db", ".DS_Store"]
 templates_path: list[str] = []

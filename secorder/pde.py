@@ -216,7 +216,11 @@ def _directions(
 
 # -- the two routes --------------------------------------------------------------------------------
 def _nested(
-    fn: Callable[[list[Tensor], list[Tensor]], Tensor], leaves: list[Tensor], x: Tensor, dirs: Tensor, groups: int
+    fn: Callable[[list[Tensor], list[Tensor]], Tensor],
+    leaves: list[Tensor],
+    x: Tensor,
+    dirs: Tensor,
+    groups: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(value, K first derivatives, G summed second derivatives) by ``vmap`` of ``jvp`` of ``jvp``."""
 
@@ -224,7 +228,8 @@ def _nested(
         return fn(leaves, [z])
 
     def both(v: Tensor) -> tuple[Tensor, Tensor]:
-        return jvp(lambda z: jvp(f, (z,), (v,))[1], (x,), (v,))
+        out = jvp(lambda z: jvp(f, (z,), (v,))[1], (x,), (v,))
+        return out[0], out[1]
 
     firsts, seconds = vmap(both)(dirs.expand(dirs.shape[0], *x.shape))
     k = dirs.shape[0]
@@ -251,11 +256,11 @@ def _common_checks(call: str, u: object, argnums: object, num_probes: object, di
                    with_stderr: object, chunk_size: object) -> None:  # fmt: skip
     check_callable(call, "u", u)
     check_argnums(call, argnums)
-    check_num_probes(call, num_probes)
+    probes = check_num_probes(call, num_probes)
     _probes.check_distribution(call, distribution)
     check_bool(call, "with_stderr", with_stderr)
     check_chunk_size(call, chunk_size)
-    if with_stderr and (num_probes is not None and num_probes < 2):
+    if with_stderr and (probes is not None and probes < 2):
         raise error(
             call,
             "a standard error needs at least 2 probes",
@@ -461,7 +466,13 @@ def biharmonic(
             xc, din, dout = x[sl], _rows(inner, sl), _rows(outer, sl)
             tape, why = _record(fn, leaves, xc)
 
-            def lap(ls: list[Tensor], ins: list[Tensor], tape: Tape | None = tape, din: Tensor = din) -> Tensor:
+            def lap(
+                ls: list[Tensor],
+                ins: list[Tensor],
+                tape: Tape | None = tape,
+                din: Tensor = din,
+                info: PDEInfo = info,
+            ) -> Tensor:
                 if tape is None:
                     return _nested(fn, ls, ins[0], din, g_in)[2]
                 return _collapsed(tape, ls, ins[0], din, g_in, info)[2]

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as F  # noqa: N812 (PyTorch's conventional alias)
 from torch.func import grad, hessian, vmap
 
 import secorder
@@ -58,14 +58,23 @@ ACTIVATIONS = {
     "exp": lambda z: torch.exp(0.3 * z),
     "log": lambda z: torch.log(z * z + 1),
     "pow": lambda z: (z * z + 1) ** 1.5,
-    "sqrt_rsqrt_recip": lambda z: torch.sqrt(z * z + 1) + torch.rsqrt(z * z + 2) + torch.reciprocal(z * z + 3),
+    "sqrt_rsqrt_recip": lambda z: (
+        torch.sqrt(z * z + 1) + torch.rsqrt(z * z + 2) + torch.reciprocal(z * z + 3)
+    ),
     "relu": torch.relu,
     "silu": F.silu,
     "softplus": F.softplus,
     "softplus_beta": lambda z: F.softplus(z, beta=2.0, threshold=1.0),
     "gelu": F.gelu,
     "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
-    "layer_norm": lambda z: torch.tanh(F.layer_norm(z, z.shape[-1:], torch.linspace(0.5, 1.5, z.shape[-1], dtype=z.dtype), torch.linspace(-1, 1, z.shape[-1], dtype=z.dtype))),  # noqa: E501
+    "layer_norm": lambda z: torch.tanh(
+        F.layer_norm(
+            z,
+            z.shape[-1:],
+            torch.linspace(0.5, 1.5, z.shape[-1], dtype=z.dtype),
+            torch.linspace(-1, 1, z.shape[-1], dtype=z.dtype),
+        )
+    ),
     "softmax": lambda z: torch.softmax(z, -1) * z.shape[-1],
     "log_softmax": lambda z: torch.log_softmax(z, -1),
     "product": lambda z: torch.sin(z) * torch.tanh(z),
@@ -111,7 +120,10 @@ def test_exact_structured_ops(net):
     g = torch.Generator().manual_seed(3)
     dt = torch.float64
     if net == "conv2d_pool":
-        params = {"k": torch.randn(3, 1, 3, 3, generator=g, dtype=dt), "c": torch.randn(3, generator=g, dtype=dt)}
+        params = {
+            "k": torch.randn(3, 1, 3, 3, generator=g, dtype=dt),
+            "c": torch.randn(3, generator=g, dtype=dt),
+        }
         u, d = _conv_net, 16
     elif net == "conv1d":
         params = {"k1": torch.randn(2, 1, 3, generator=g, dtype=dt)}
@@ -340,17 +352,21 @@ def test_generator_reproducible():
 
 # -- errors ---------------------------------------------------------------------------------------
 def test_error_points_not_a_batch():
-    with pytest.raises(ValueError, match=r"laplacian\(u\)\(\*args\): args\[1\] must be a real floating tensor of points"):
+    with pytest.raises(
+        ValueError, match=r"laplacian\(u\)\(\*args\): args\[1\] must be a real floating tensor of points"
+    ):
         laplacian(lambda p, x: x)(torch.ones(1), torch.ones(3))
 
 
 def test_error_output_not_per_point():
-    with pytest.raises(ValueError, match=r"u must return a tensor of shape \(N, \*O\) for N = 3 points.*mean"):
+    with pytest.raises(
+        ValueError, match=r"u must return a tensor of shape \(N, \*O\) for N = 3 points.*mean"
+    ):
         laplacian(lambda p, x: (p * x).sum())(torch.ones(2), torch.ones(3, 2))
 
 
 def test_error_weighting_shape_and_type():
-    u = lambda p, x: (p * x).sum(-1)  # noqa: E731
+    u = lambda p, x: (p * x).sum(-1)
     with pytest.raises(TypeError, match=r"weighting must be a tensor of shape \(D, D\)"):
         laplacian(u, weighting=[[1.0]])
     with pytest.raises(ValueError, match=r"not both"):
@@ -360,7 +376,7 @@ def test_error_weighting_shape_and_type():
 
 
 def test_error_weighting_not_symmetric_or_not_psd():
-    u = lambda p, x: (p * x).sum(-1)  # noqa: E731
+    u = lambda p, x: (p * x).sum(-1)
     with pytest.raises(ValueError, match=r"must be symmetric"):
         laplacian(u, weighting=torch.tensor([[1.0, 1.0], [0.0, 1.0]]))(torch.ones(2), torch.ones(3, 2))
     with pytest.raises(ValueError, match=r"positive semi-definite.*C₊ − C₋"):
@@ -384,13 +400,13 @@ def test_error_bad_options():
 
 
 def test_user_exception_passes_through():
-    class Boom(Exception):
+    class BoomError(Exception):
         pass
 
     def u(p, x):
-        raise Boom("mine")
+        raise BoomError("mine")
 
-    with pytest.raises(Boom, match="mine"):
+    with pytest.raises(BoomError, match="mine"):
         laplacian(u)(torch.ones(1), torch.ones(2, 2))
 
 

@@ -220,16 +220,16 @@ def linear(ctx: Ctx, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -
     v1 = _lin(f, [j.v1 for _, j in found])
     v2 = None
     if any(j.v2 is not None for _, j in found):
-        v2 = _lin(
-            f, [j.v2 if j.v2 is not None else j.v0.new_zeros(ctx.G, *j.v0.shape) for _, j in found]
-        )
+        v2 = _lin(f, [j.v2 if j.v2 is not None else j.v0.new_zeros(ctx.G, *j.v0.shape) for _, j in found])
     return _outputs(ctx, out0, v1, v2)
 
 
 def _outputs(ctx: Ctx, out0: Any, v1: Any, v2: Any) -> Any:
     if isinstance(out0, (tuple, list)):
         return type(out0)(
-            make(ctx, o, a, None if v2 is None else b) if isinstance(o, Tensor) and o.is_floating_point() else o
+            make(ctx, o, a, None if v2 is None else b)
+            if isinstance(o, Tensor) and o.is_floating_point()
+            else o
             for o, a, b in zip(out0, v1, v2 if v2 is not None else v1)
         )
     return make(ctx, out0, v1, v2)
@@ -275,9 +275,7 @@ def no_curvature(ctx: Ctx, func: Any, args: tuple[Any, ...], kwargs: dict[str, A
     v1s = vmap(lin)(*[j.v1 for _, j in found])
     v2s = None
     if any(j.v2 is not None for _, j in found):
-        v2s = vmap(lin)(
-            *[j.v2 if j.v2 is not None else j.v0.new_zeros(ctx.G, *j.v0.shape) for _, j in found]
-        )
+        v2s = vmap(lin)(*[j.v2 if j.v2 is not None else j.v0.new_zeros(ctx.G, *j.v0.shape) for _, j in found])
     return _assemble(ctx, out0, multi, keep, v1s, v2s)
 
 
@@ -486,12 +484,13 @@ def scalar_affine_rule(ctx: Ctx, func: Any, args: tuple[Any, ...], kwargs: dict[
     y = func(x.v0, *args[1:], **kwargs)
     if func in (aten.add.Scalar, aten.sub.Scalar):
         return make(ctx, y, x.v1, x.v2)
-    return make(ctx, y, func(x.v1, *args[1:], **kwargs), None if x.v2 is None else func(x.v2, *args[1:], **kwargs))
+    return make(
+        ctx, y, func(x.v1, *args[1:], **kwargs), None if x.v2 is None else func(x.v2, *args[1:], **kwargs)
+    )
 
 
 def view_rule(ctx: Ctx, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    x, only = _first_jet(args)
-    x = x.full(ctx)
+    x = args[0].full(ctx)  # a view has one tensor argument
     shape = list(args[1])
     y = aten.reshape.default(x.v0, shape)
     v2 = None if x.v2 is None else x.v2.reshape(ctx.G, *y.shape)
@@ -542,7 +541,8 @@ def matmul_rule(ctx: Ctx, func: Any, args: tuple[Any, ...], kwargs: dict[str, An
 
 def softmax_rule(ctx: Ctx, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """(log-)softmax along ``dim``: with s = softmax(u), m1_k = Σ s u1_k,
-    (log s)1 = u1 − m1, (log s)2 = u2 − Σ s u2 − (Σ s Σ_k u1_k² − Σ_k m1_k²), s2 = s((log s)2 + Σ_k (log s)1_k²)."""
+    (log s)1 = u1 − m1, (log s)2 = u2 − Σ s u2 − (Σ s Σ_k u1_k² − Σ_k m1_k²),
+    s2 = s((log s)2 + Σ_k (log s)1_k²)."""
     x, only = _first_jet(args)
     if not only or (len(args) > 2 and args[2]):
         return fallback(ctx, func, args, kwargs)
@@ -630,6 +630,11 @@ def max_pool_rule(ctx: Ctx, func: Any, args: tuple[Any, ...], kwargs: dict[str, 
         return flat.gather(-1, i).view(lead, *y.shape)
 
     return (make(ctx, y, gather(x.v1, ctx.K), None if x.v2 is None else gather(x.v2, ctx.G)), idx)
+
+
+def constant_rule(ctx: Ctx, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """zeros_like / ones_like / full_like / empty_like: the result does not depend on the values."""
+    return func(*primal(args), **primal(kwargs))
 
 
 DERIVS: dict[str, Callable[..., Any]] = {

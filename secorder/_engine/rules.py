@@ -127,6 +127,7 @@ from secorder._engine import jet as _jet  # noqa: E402  (the rules need the regi
 for _name, _derivs in _jet.DERIVS.items():
     _register((_name,), collapsed=_jet.pointwise_rule(_derivs))
 _register(("gelu",), collapsed=_jet.gelu_rule)
+_register(("zeros_like", "ones_like", "full_like", "empty_like"), collapsed=_jet.constant_rule)
 _register(("mul.Tensor",), collapsed=_jet.mul_rule)
 _register(("div.Tensor",), collapsed=_jet.div_rule)
 _register(("add.Tensor", "sub.Tensor", "rsub.Tensor"), collapsed=_jet.add_rule)
