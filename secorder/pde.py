@@ -269,6 +269,36 @@ def _common_checks(call: str, u: object, argnums: object, num_probes: object, di
         )
 
 
+def _check_independent(
+    call: str, fn: Callable[..., Tensor], leaves: list[Tensor], x: Tensor, y: Tensor
+) -> None:
+    """Refuse ``u`` whose output at a point changes with the other points of the batch (batch
+    statistics, attention across points): one pass over the batch would mix the points'
+    derivatives. Checked on the first point evaluated twice in a batch of its own (one extra
+    forward pass of two points; batch statistics of two equal points differ from the batch's)."""
+    if x.shape[0] < 2:
+        return
+    with torch.no_grad():
+        first = x[:1].detach()
+        alone = fn([leaf.detach() for leaf in leaves], [torch.cat([first, first])])[:1]
+        batched = y[:1].detach()
+        scale = float(batched.abs().max()) if batched.numel() else 0.0
+        tol = 1e-3 if x.dtype in (torch.float16, torch.bfloat16, torch.float32) else 1e-8
+        if alone.shape != batched.shape or not torch.allclose(
+            alone, batched, rtol=tol, atol=tol * max(1.0, scale)
+        ):
+            raise error(
+                call,
+                "u must treat the points independently (output n depends on x[n] only), as "
+                "torch.func.vmap over points would",
+                "a function whose output at the first point changes when the other points are "
+                "dropped (batch statistics such as BatchNorm in training mode, or mixing across "
+                "points)",
+                "Put the model in eval mode, or compute per point: "
+                "torch.func.vmap(lambda xn: u(params, xn[None])[0]) inside u.",
+            )
+
+
 def _rows(dirs: Tensor, sl: slice) -> Tensor:
     """The directions of the points ``sl`` (directions shared by all points stay shared)."""
     return dirs if dirs.shape[1] == 1 else dirs[:, sl]
@@ -336,7 +366,8 @@ def laplacian(
         ``lap_fn.method_info`` (a :class:`PDEInfo`) says how the last call ran.
 
     Raises:
-        ValueError, TypeError: invalid options (at construction) or arguments (at call).
+        ValueError, TypeError: invalid options (at construction) or arguments (at call); a
+            ``u`` whose output at a point depends on the other points (checked on one point).
 
     Example:
         >>> import torch
@@ -379,6 +410,8 @@ def laplacian(
                 v0, v1, v2 = _nested(fn, leaves, xc, dc, groups)
             else:
                 v0, v1, v2 = _collapsed(tape, leaves, xc, dc, groups, info)
+                if sl.start == 0:
+                    _check_independent(call, fn, leaves, xc, v0)
             laps.append(v2.sum(0) / scale)
             if with_stderr:
                 errs.append(_stderr(v2, scale // groups) if groups > 1 else torch.zeros_like(v2[0]))
@@ -437,7 +470,7 @@ def biharmonic(
         says how the last call ran.
 
     Raises:
-        ValueError, TypeError: invalid options or arguments.
+        ValueError, TypeError: invalid options or arguments; a ``u`` that mixes the points.
 
     Example:
         >>> import torch
@@ -478,6 +511,8 @@ def biharmonic(
                 return _collapsed(tape, ls, ins[0], din, g_in, info)[2]
 
             v2: Tensor | None = None
+            if tape is not None and sl.start == 0:
+                _check_independent(call, fn, leaves, xc, tape.result)
             if tape is not None:
                 tape2, why2 = _record(lap, leaves, xc)
                 if tape2 is not None:

@@ -413,3 +413,47 @@ def test_user_exception_passes_through():
 def test_public_api():
     assert secorder.laplacian is laplacian and secorder.biharmonic is biharmonic
     assert "laplacian" in secorder.__all__ and "biharmonic" in secorder.__all__
+
+
+def test_error_points_not_independent():
+    bn = torch.nn.BatchNorm1d(3)  # training mode: batch statistics mix the points
+
+    def u(w, x):
+        return torch.tanh(bn(x) @ w)
+
+    with pytest.raises(ValueError, match=r"u must treat the points independently.*eval mode"):
+        laplacian(u)(torch.ones(3), torch.randn(5, 3))
+    with pytest.raises(ValueError, match=r"biharmonic\(u\)\(\*args\): u must treat the points independently"):
+        biharmonic(u)(torch.ones(3), torch.randn(5, 3))
+    bn.eval()
+    torch.testing.assert_close(
+        laplacian(u)(torch.ones(3), torch.zeros(2, 3)),
+        _ref_laplacian(lambda w, x: u(w, x), torch.ones(3), torch.zeros(2, 3)),
+    )
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_generated_networks(seed):
+    """Random compositions of the supported ops: residual sums, products of two branches,
+    scalar affine maps, constant quotients, a second matmul of two point-dependent values."""
+    g = torch.Generator().manual_seed(seed)
+    names = sorted(ACTIVATIONS)
+    picks = [names[int(i)] for i in torch.randint(0, len(names), (3,), generator=g)]
+    d, h = 3, 5
+    p = {
+        "a": torch.randn(d, h, generator=g, dtype=torch.float64) / 2,
+        "b": torch.randn(h, h, generator=g, dtype=torch.float64) / 2,
+        "c": torch.rand(h, generator=g, dtype=torch.float64) + 0.5,
+    }
+
+    def u(p, x):
+        z = x @ p["a"]
+        y1 = ACTIVATIONS[picks[0]](z)
+        y2 = ACTIVATIONS[picks[1]](z @ p["b"] - 0.3) * 0.5 + 1.0
+        z = y1 * y2 + z / p["c"] - 2.0 * y1
+        gram = torch.bmm(z.unsqueeze(2), z.unsqueeze(1))  # (N, h, h): products of two jets
+        z = ACTIVATIONS[picks[2]](gram.sum(1) / h) + (-z)
+        return z.sum(-1)
+
+    x = torch.randn(4, d, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(laplacian(u)(p, x), _ref_laplacian(u, p, x), rtol=1e-8, atol=1e-8)
