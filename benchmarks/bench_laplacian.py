@@ -22,10 +22,10 @@ Contenders:
   Its column is skipped when it is absent or cannot run the network.
 
 Time: the minimum wall time over ``--repeats`` calls after one warm-up, contenders alternated.
-Memory (``--memory``): each contender runs in a fresh subprocess; the figure is the growth of the
-peak resident set size (``ru_maxrss``) over its first call, measured after building the workload
-(so it includes one-time allocations of that call); CPU only, coarse (page granularity, allocator
-caching).
+Memory (``--memory``): each contender runs in a fresh subprocess: one warm-up call, then the peak
+resident set size is reset (``/proc/self/clear_refs``, Linux) and the figure is the growth of the
+peak (``VmHWM``) over the resident size before a second call: the call's working memory, coarse
+(page granularity; memory the allocator kept from the warm-up is not counted again). Linux only.
 
 Run: ``PYTHONPATH=. python benchmarks/bench_laplacian.py [--repeats R] [--threads T] [--memory]``;
 ``python benchmarks/record.py bench_laplacian.py --memory`` writes the tables into RESULTS.md.
@@ -34,10 +34,10 @@ Run: ``PYTHONPATH=. python benchmarks/bench_laplacian.py [--repeats R] [--thread
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -187,13 +187,24 @@ def _time(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
     return best
 
 
+def _status(key: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(key)  # pragma: no cover
+
+
 def _memory_child(index: int, name: str) -> None:
     _, kind, net, d = WORKLOADS[index]
     fn = contenders(kind, net, d)[name]
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fn()  # warm-up: one-time allocations (tracing, caches) are not the call's working memory
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as fh:  # reset the peak RSS (VmHWM) to the current RSS
+        fh.write("5")
+    before = _status("VmRSS")
     fn()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"kib": after - before}))
+    print(json.dumps({"kib": _status("VmHWM") - before}))
 
 
 def _memory(index: int, name: str, threads: int) -> float:
@@ -207,6 +218,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--memory", action="store_true")
+    ap.add_argument("--no-time", action="store_true", help="memory only (with --memory)")
     ap.add_argument("--only", default=None, help="run workloads whose label contains this")
     ap.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -228,23 +240,26 @@ def main() -> None:
         if args.only and args.only not in label:
             continue
         fns = contenders(kind, net, d)
-        t = _time(fns, args.repeats)
-        ours = t["secorder"]
-        cells = [f"{t[n] * 1e3:.1f}" if n in t else "—" for n in names]
-        ratios = [f"{t[n] / ours:.2f}×" if n in t else "—" for n in ("torch.func", "today", "jet")]
-        rows.append([label, kind, *cells, *ratios])
-        print(" | ".join(rows[-1]), file=sys.stderr)
+        t = _time(fns, 0 if args.no_time else args.repeats)
+        if not args.no_time:
+            ours = t["secorder"]
+            cells = [f"{t[n] * 1e3:.1f}" if n in t else "—" for n in names]
+            ratios = [f"{t[n] / ours:.2f}×" if n in t else "—" for n in ("torch.func", "today", "jet")]
+            rows.append([label, kind, *cells, *ratios])
+            print(" | ".join(rows[-1]), file=sys.stderr)
         if args.memory:
             m = {n: _memory(i, n, args.threads) for n in fns}
-            mem_rows.append([label, kind, *[f"{m[n]:.1f}" if n in m else "—" for n in names]])
-    print("| " + " | ".join(head) + " |")
-    print("|" + "---|" * len(head))
-    for r in rows:
-        print("| " + " | ".join(r) + " |")
-    print(f"\nTimes: minimum over {args.repeats} alternated calls after a warm-up, {args.threads} thread(s), "
+            share = f"{m['secorder'] / m['today']:.2f}" if m.get("today") else "—"
+            mem_rows.append([label, kind, *[f"{m[n]:.1f}" if n in m else "—" for n in names], share])
+    if rows:
+        print("| " + " | ".join(head) + " |")
+        print("|" + "---|" * len(head))
+        for r in rows:
+            print("| " + " | ".join(r) + " |")
+        print(f"\nTimes: minimum over {args.repeats} alternated calls after a warm-up, {args.threads} thread(s), "
           f"float32, N = {N_POINTS} points; ratios > 1: secorder is faster.")  # fmt: skip
     if mem_rows:
-        mh = ["workload", "kind", *[f"{n} (MiB)" for n in names]]
+        mh = ["workload", "kind", *[f"{n} (MiB)" for n in names], "secorder / today"]
         print("\n| " + " | ".join(mh) + " |")
         print("|" + "---|" * len(mh))
         for r in mem_rows:

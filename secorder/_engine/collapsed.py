@@ -24,7 +24,7 @@ from torch import Tensor
 
 from secorder._engine import jet as _jet
 from secorder._engine.rules import rule
-from secorder._engine.tape import _STOPS, Tape, resolve
+from secorder._engine.tape import _STOPS, Tape, refs_in, resolve
 
 __all__ = ["evaluate"]
 
@@ -35,9 +35,12 @@ def evaluate(tape: Tape, leaves: Sequence[Tensor], inputs: Sequence[Any], ctx: _
     values: list[Any] = [None] * tape.num_values
     values[: tape.num_leaves] = list(leaves)
     values[tape.num_leaves : tape.num_leaves + tape.num_inputs] = list(inputs)
-    for node in tape.nodes:
+    last = _last_uses(tape)
+    for i, node in enumerate(tape.nodes):
         args = resolve(node.args, values)
         kwargs = resolve(node.kwargs, values)
+        for r in last.get(i, ()):  # dropped after their last use: only autograd keeps what it needs
+            values[r] = None
         if not _jet.has_jet((args, kwargs)) or node.func in _STOPS:
             out = node.func(*_jet.primal(args), **_jet.primal(kwargs))
         else:
@@ -49,6 +52,20 @@ def evaluate(tape: Tape, leaves: Sequence[Tensor], inputs: Sequence[Any], ctx: _
     if tape.output is None:
         return tape.result
     return values[tape.output.index]
+
+
+def _last_uses(tape: Tape) -> dict[int, list[int]]:
+    """Node index → the values whose last use it is (the output is never dropped)."""
+    last: dict[int, int] = {}
+    for i, node in enumerate(tape.nodes):
+        for r in refs_in((node.args, node.kwargs)):
+            last[r.index] = i
+    if tape.output is not None:
+        last.pop(tape.output.index, None)
+    out: dict[int, list[int]] = {}
+    for v, i in last.items():
+        out.setdefault(i, []).append(v)
+    return out
 
 
 def _apply(ctx: _jet.Ctx, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
