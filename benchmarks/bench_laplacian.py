@@ -22,10 +22,10 @@ Contenders:
   Its column is skipped when it is absent or cannot run the network.
 
 Time: the minimum wall time over ``--repeats`` calls after one warm-up, contenders alternated.
-Memory (``--memory``): each contender runs in a fresh subprocess: one warm-up call, then the peak
-resident set size is reset (``/proc/self/clear_refs``, Linux) and the figure is the growth of the
-peak (``VmHWM``) over the resident size before a second call: the call's working memory, coarse
-(page granularity; memory the allocator kept from the warm-up is not counted again). Linux only.
+Memory (``--memory``): the peak of the tensor memory allocated during one call (after a warm-up),
+from ``torch.profiler``'s allocation and free events (``profile_memory=True``) summed in time
+order; inputs and parameters are not counted. (Peak RSS was tried first: after a warm-up the
+allocator reuses freed pages and the growth reads as 0, so it measures nothing on CPU.)
 
 Run: ``PYTHONPATH=. python benchmarks/bench_laplacian.py [--repeats R] [--threads T] [--memory]``;
 ``python benchmarks/record.py bench_laplacian.py --memory`` writes the tables into RESULTS.md.
@@ -34,11 +34,8 @@ Run: ``PYTHONPATH=. python benchmarks/bench_laplacian.py [--repeats R] [--thread
 from __future__ import annotations
 
 import argparse
-import gc
-import json
 import math
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -187,30 +184,22 @@ def _time(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
     return best
 
 
-def _status(key: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(key)  # pragma: no cover
-
-
-def _memory_child(index: int, name: str) -> None:
-    _, kind, net, d = WORKLOADS[index]
-    fn = contenders(kind, net, d)[name]
-    fn()  # warm-up: one-time allocations (tracing, caches) are not the call's working memory
-    gc.collect()
-    with open("/proc/self/clear_refs", "w") as fh:  # reset the peak RSS (VmHWM) to the current RSS
-        fh.write("5")
-    before = _status("VmRSS")
+def _peak_mib(fn: Callable[[], Any]) -> float:
+    """Peak of the tensor memory allocated during one call of ``fn`` (after a warm-up), from the
+    allocation and free events of ``torch.profiler`` (``profile_memory=True``) in time order."""
     fn()
-    print(json.dumps({"kib": _status("VmHWM") - before}))
-
-
-def _memory(index: int, name: str, threads: int) -> float:
-    cmd = [sys.executable, __file__, "--child", str(index), name, "--threads", str(threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=True, env=os.environ.copy())
-    return json.loads(proc.stdout.strip().splitlines()[-1])["kib"] / 1024
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+    ) as prof:
+        fn()
+    events = sorted(
+        (e for e in prof.events() if e.self_cpu_memory_usage != 0), key=lambda e: e.time_range.start
+    )
+    cur = peak = 0
+    for e in events:
+        cur += e.self_cpu_memory_usage
+        peak = max(peak, cur)
+    return peak / 2**20
 
 
 def main() -> None:
@@ -220,12 +209,8 @@ def main() -> None:
     ap.add_argument("--memory", action="store_true")
     ap.add_argument("--no-time", action="store_true", help="memory only (with --memory)")
     ap.add_argument("--only", default=None, help="run workloads whose label contains this")
-    ap.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    if args.child is not None:
-        _memory_child(int(args.child[0]), args.child[1])
-        return
     names = ["secorder", "torch.func", "today", "jet"]
     head = [
         "workload",
@@ -236,7 +221,7 @@ def main() -> None:
         "jet / secorder",
     ]
     rows, mem_rows = [], []
-    for i, (label, kind, net, d) in enumerate(WORKLOADS):
+    for label, kind, net, d in WORKLOADS:
         if args.only and args.only not in label:
             continue
         fns = contenders(kind, net, d)
@@ -248,7 +233,7 @@ def main() -> None:
             rows.append([label, kind, *cells, *ratios])
             print(" | ".join(rows[-1]), file=sys.stderr)
         if args.memory:
-            m = {n: _memory(i, n, args.threads) for n in fns}
+            m = {n: _peak_mib(f) for n, f in fns.items()}
             share = f"{m['secorder'] / m['today']:.2f}" if m.get("today") else "—"
             mem_rows.append([label, kind, *[f"{m[n]:.1f}" if n in m else "—" for n in names], share])
     if rows:
@@ -264,7 +249,7 @@ def main() -> None:
         print("|" + "---|" * len(mh))
         for r in mem_rows:
             print("| " + " | ".join(r) + " |")
-        print("\nMemory: growth of the peak RSS over the first call, each contender in a fresh process.")
+        print("\nMemory: peak tensor memory allocated during one call (torch.profiler, after a warm-up).")
 
 
 if __name__ == "__main__":

@@ -126,8 +126,19 @@ def _full(t: Tensor, lead: int, shape: torch.Size) -> Tensor:
     return t if t.shape == (lead, *shape) else t.expand(lead, *shape)
 
 
+_PAIR_BLOCK = 8  # directions per block of the collapsed sum: the temporary is K / 8 of a tangent
+
+
 def pair(ctx: Ctx, a: Tensor, b: Tensor) -> Tensor:
     """Σ_{k ∈ g} a_k ⊙ b_k per group: ``(K, *S)`` × ``(K, *S)`` → ``(G, *S)``."""
+    if ctx.G == 1 and max(a.shape[0], b.shape[0]) > 2 * _PAIR_BLOCK:  # no (K, *S) temporary
+        k = max(a.shape[0], b.shape[0])
+        total: Tensor | None = None
+        for s in range(0, k, _PAIR_BLOCK):
+            part = (a[s : s + _PAIR_BLOCK] * b[s : s + _PAIR_BLOCK]).sum(0, keepdim=True)
+            total = part if total is None else total + part
+        assert total is not None
+        return total
     p = a * b
     if ctx.G == 1:
         return p.sum(0, keepdim=True)
@@ -155,11 +166,10 @@ def make(ctx: Ctx, v0: Tensor, v1: Tensor | None, v2: Tensor | None) -> Jet | Te
 def unary(ctx: Ctx, x: Jet, y: Tensor, d1: Tensor, d2: Tensor | None) -> Jet | Tensor:
     """y = f(x) elementwise with f'(x) = d1 and f''(x) = d2 (None: zero)."""
     nd = y.dim()
+    curv = None if d2 is None else d2 * pair(ctx, x.v1, x.v1)  # before v1: one tangent less alive
     v1 = d1 * _align(x.v1, nd)
     v2 = None if x.v2 is None else d1 * _align(x.v2, nd)
-    if d2 is not None:
-        v2 = _add2(v2, d2 * pair(ctx, x.v1, x.v1))
-    return make(ctx, y, v1, v2)
+    return make(ctx, y, v1, _add2(v2, curv))
 
 
 def mul(ctx: Ctx, a: Any, b: Any) -> Jet | Tensor:
