@@ -168,12 +168,16 @@ WORKLOADS: list[tuple[str, str, Callable[..., torch.Tensor], int]] = [
 ]
 
 
+FAILURES: list[str] = []
+
+
 def _time(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
     for k, f in list(fns.items()):
         try:
             f()
         except Exception as exc:
             print(f"{k} fails: {type(exc).__name__}: {str(exc)[:200]}", file=sys.stderr)
+            FAILURES.append(f"{k} cannot run this workload: {type(exc).__name__}: {str(exc)[:160]}…")
             del fns[k]
     best = {k: math.inf for k in fns}
     for _ in range(repeats):
@@ -243,6 +247,8 @@ def main() -> None:
             print("| " + " | ".join(r) + " |")
         print(f"\nTimes: minimum over {args.repeats} alternated calls after a warm-up, {args.threads} thread(s), "
           f"float32, N = {N_POINTS} points; ratios > 1: secorder is faster.")  # fmt: skip
+    for note in dict.fromkeys(FAILURES):
+        print(f"\n{note}")
     if mem_rows:
         mh = ["workload", "kind", *[f"{n} (MiB)" for n in names], "secorder / today"]
         print("\n| " + " | ".join(mh) + " |")
