@@ -457,3 +457,37 @@ def test_generated_networks(seed):
 
     x = torch.randn(4, d, generator=g, dtype=torch.float64)
     torch.testing.assert_close(laplacian(u)(p, x), _ref_laplacian(u, p, x), rtol=1e-8, atol=1e-8)
+
+
+def test_biharmonic_under_vmap_takes_nested_route():
+    d = 2
+    ens = [_mlp_params(d, 3, torch.float64, seed=s) for s in range(2)]
+    stacked = {k: torch.stack([p[k] for p in ens]) for k in ens[0]}
+    x = torch.randn(3, d, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    u = _mlp(torch.tanh)
+    fn = biharmonic(u)
+    got = vmap(fn, in_dims=(0, None))(stacked, x)
+    assert fn.method_info.route == "nested"
+    torch.testing.assert_close(got, torch.stack([biharmonic(u)(p, x) for p in ens]))
+
+
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_device_and_dtype_kept(device, dtype):
+    params = {k: v.to(device=device, dtype=dtype) for k, v in _mlp_params(3, 4, torch.float64).items()}
+    x = torch.randn(5, 3, dtype=dtype, device=device)
+    u = _mlp(torch.sin)
+    gen = torch.Generator(device).manual_seed(0)
+    est, err = laplacian(u, num_probes=4, with_stderr=True)(params, x, generator=gen)
+    exact = laplacian(u, weighting=torch.eye(3))(params, x)
+    assert est.device.type == exact.device.type == err.device.type == torch.device(device).type
+    assert est.dtype == exact.dtype == dtype
+    tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {}
+    ref = _ref_laplacian(u, {k: v.double() for k, v in params.items()}, x.double()).to(dtype)
+    torch.testing.assert_close(exact, ref, **tol)
