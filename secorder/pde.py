@@ -238,10 +238,17 @@ def _nested(
 
 
 def _collapsed(
-    tape: Tape, leaves: list[Tensor], x: Tensor, dirs: Tensor, groups: int, info: PDEInfo
-) -> tuple[Tensor, Tensor, Tensor]:
+    tape: Tape,
+    leaves: list[Tensor],
+    x: Tensor,
+    dirs: Tensor,
+    groups: int,
+    info: PDEInfo,
+    first_order: bool = False,
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """(value, K first derivatives or None unless ``first_order``, G summed second derivatives)."""
     ctx = _jet.Ctx(dirs.shape[0], groups)
-    out = evaluate(tape, leaves, [_jet.Jet(x, dirs, None)], ctx)
+    out = evaluate(tape, leaves, [_jet.Jet(x, dirs, None)], ctx, first_order=first_order)
     for name, c in ctx.fallbacks.items():
         info.fallbacks[name] = info.fallbacks.get(name, 0) + c
     if not isinstance(out, _jet.Jet):  # the output does not depend on x
@@ -400,16 +407,18 @@ def laplacian(
         s = _factor(call, x, weighting, weighting_factor)
         dirs, scale = _directions(x, s, num_probes, distribution, gen)
         groups = dirs.shape[0] if with_stderr and num_probes is not None else 1
+        exact_unit = num_probes is None and s is None  # the first-order channel is ∇ₓu
         info = PDEInfo("collapsed")
         vals, grads, laps, errs = [], [], [], []
         for sl in _chunked(x, chunk_size):
             xc, dc = x[sl], _rows(dirs, sl)
             tape, why = _record(fn, leaves, xc)
+            v1: Tensor | None
             if tape is None:
                 info = PDEInfo("nested", why)
                 v0, v1, v2 = _nested(fn, leaves, xc, dc, groups)
             else:
-                v0, v1, v2 = _collapsed(tape, leaves, xc, dc, groups, info)
+                v0, v1, v2 = _collapsed(tape, leaves, xc, dc, groups, info, return_derivatives and exact_unit)
                 if sl.start == 0:
                     _check_independent(call, fn, leaves, xc, v0)
             laps.append(v2.sum(0) / scale)
@@ -417,7 +426,8 @@ def laplacian(
                 errs.append(_stderr(v2, scale // groups) if groups > 1 else torch.zeros_like(v2[0]))
             if return_derivatives:
                 vals.append(v0)
-                if num_probes is None and s is None:
+                if exact_unit:
+                    assert v1 is not None
                     grads.append(v1.movedim(0, -1).reshape(*v0.shape, *x.shape[1:]))
                 else:  # the directions are not the unit vectors: D forward-mode products
                     eye, _ = _directions(xc, None, None, distribution, None)

@@ -24,17 +24,23 @@ from torch import Tensor
 
 from secorder._engine import jet as _jet
 from secorder._engine.rules import rule
-from secorder._engine.tape import _STOPS, Tape, refs_in, resolve
+from secorder._engine.tape import _STOPS, Ref, Tape, refs_in, resolve
 
 __all__ = ["evaluate"]
 
 
-def evaluate(tape: Tape, leaves: Sequence[Tensor], inputs: Sequence[Any], ctx: _jet.Ctx) -> Any:
+def evaluate(
+    tape: Tape, leaves: Sequence[Tensor], inputs: Sequence[Any], ctx: _jet.Ctx, *, first_order: bool = True
+) -> Any:
     """Replay ``tape`` at ``leaves`` with ``inputs`` (tensors, or :class:`~secorder._engine.jet.Jet`
-    for the point-dependent ones); returns the output value (a jet if it depends on a jet input)."""
+    for the point-dependent ones); returns the output value (a jet if it depends on a jet input).
+    ``first_order=False``: the output's directional derivatives are not wanted, and ops whose
+    first-order part feeds nothing else skip it (see :func:`_skippable`)."""
     values: list[Any] = [None] * tape.num_values
     values[: tape.num_leaves] = list(leaves)
     values[tape.num_leaves : tape.num_leaves + tape.num_inputs] = list(inputs)
+    jet_inputs = {tape.num_leaves + i for i, x in enumerate(inputs) if isinstance(x, _jet.Jet)}
+    skip = set() if first_order else _skippable(tape, jet_inputs)
     last = _last_uses(tape)
     for i, node in enumerate(tape.nodes):
         args = resolve(node.args, values)
@@ -44,7 +50,11 @@ def evaluate(tape: Tape, leaves: Sequence[Tensor], inputs: Sequence[Any], ctx: _
         if not _jet.has_jet((args, kwargs)) or node.func in _STOPS:
             out = node.func(*_jet.primal(args), **_jet.primal(kwargs))
         else:
-            out = _apply(ctx, node.func, args, kwargs)
+            ctx.skip_v1 = i in skip
+            try:
+                out = _apply(ctx, node.func, args, kwargs)
+            finally:
+                ctx.skip_v1 = False
         outs = list(out) if node.multi else [out]
         for idx, o in zip(node.outputs, outs):
             if idx is not None:
@@ -52,6 +62,63 @@ def evaluate(tape: Tape, leaves: Sequence[Tensor], inputs: Sequence[Any], ctx: _
     if tape.output is None:
         return tape.result
     return values[tape.output.index]
+
+
+_SKIP_RULES = frozenset(
+    {_jet.add_rule, _jet.scalar_affine_rule, _jet.view_rule, _jet.matmul_rule, _jet.mul_rule, _jet.gelu_rule}
+)
+_AFFINE_RULES = frozenset({_jet.add_rule, _jet.scalar_affine_rule, _jet.view_rule, _jet.constant_rule})
+_BILINEAR_RULES = frozenset({_jet.matmul_rule, _jet.mul_rule, _jet.div_rule})
+
+
+def _skippable(tape: Tape, jet_inputs: set[int]) -> set[int]:
+    """Nodes whose first-order output (the K directional derivatives) nothing downstream uses.
+
+    Liveness backwards from the output, whose first-order part is not wanted: an op's inputs need
+    theirs if its own is needed, or if the op is not affine in them (the second-order term of a
+    nonlinear op is built from its inputs' first-order parts). Only rules that know how to skip
+    (``Ctx.skip_v1``) are listed; e.g. the last hidden layer of an MLP then computes its summed
+    second-order channel without the K directional derivatives nothing reads."""
+    dep = [False] * tape.num_values
+    for i in jet_inputs:
+        dep[i] = True
+    node_deps: list[list[int]] = []
+    for node in tape.nodes:
+        refs = [r.index for r in refs_in((node.args, node.kwargs)) if dep[r.index]]
+        node_deps.append(refs)
+        if refs and node.func not in _STOPS:
+            for o in node.outputs:
+                if o is not None:
+                    dep[o] = True
+    need: set[int] = set()
+    skip: set[int] = set()
+    for i in range(len(tape.nodes) - 1, -1, -1):
+        node, refs = tape.nodes[i], node_deps[i]
+        if not refs or node.func in _STOPS:
+            continue
+        r = rule(node.func)
+        out_needed = any(o in need for o in node.outputs if o is not None)
+        one_input = len(refs) == 1  # x * x has one distinct input but is not affine
+        if r.collapsed is not None:
+            affine = r.collapsed in _AFFINE_RULES or (r.collapsed in _BILINEAR_RULES and one_input)
+            if r.collapsed is _jet.div_rule:  # affine only in the numerator
+                affine = affine and isinstance(node.args[0], Ref) and dep[node.args[0].index]
+            can_skip = r.collapsed in _SKIP_RULES or (
+                r.collapsed is not None and _is_pointwise_rule(r.collapsed)
+            )
+        else:
+            affine = r.linear and not node.multi
+            can_skip = affine
+        can_skip = can_skip or affine  # an affine op whose output is dead gets dead inputs
+        if out_needed or not affine:
+            need.update(refs)
+        if not out_needed and can_skip and not node.multi:
+            skip.add(i)
+    return skip
+
+
+def _is_pointwise_rule(f: Any) -> bool:
+    return getattr(f, "__qualname__", "").startswith("pointwise_rule.")
 
 
 def _last_uses(tape: Tape) -> dict[int, list[int]]:

@@ -45,6 +45,7 @@ class Ctx:
     K: int  # first-order directions
     G: int  # second-order groups (G divides K)
     fallbacks: dict[str, int] = field(default_factory=dict)  # op name → times nested AD was used
+    skip_v1: bool = False  # the current op's first-order output is never used: rules may skip it
 
     @property
     def m(self) -> int:
@@ -56,13 +57,21 @@ class Jet:
     """A value with K directional derivatives and G collapsed second-order sums."""
 
     v0: Tensor
-    v1: Tensor  # (K, *v0.shape), or any shape that broadcasts to it
+    v1: Tensor | None  # (K, *v0.shape), or any shape that broadcasts to it; None: never used
     v2: Tensor | None  # (G, *v0.shape) or broadcasting to it; None: zeros
 
     def full(self, ctx: Ctx) -> Jet:
         """The jet with ``v1`` and ``v2`` expanded to their full shapes (views, no copies)."""
         v2 = None if self.v2 is None else _full(_align(self.v2, self.v0.dim()), ctx.G, self.v0.shape)
-        return Jet(self.v0, _full(_align(self.v1, self.v0.dim()), ctx.K, self.v0.shape), v2)
+        v1 = None if self.v1 is None else _full(_align(self.v1, self.v0.dim()), ctx.K, self.v0.shape)
+        return Jet(self.v0, v1, v2)
+
+    @property
+    def d1(self) -> Tensor:
+        """``v1``, for rules that need it (the analysis of :mod:`~secorder._engine.collapsed`
+        keeps it for every input of an op that is not affine)."""
+        assert self.v1 is not None
+        return self.v1
 
 
 def primal(obj: Any) -> Any:
@@ -156,8 +165,8 @@ def _add2(a: Tensor | None, b: Tensor | None) -> Tensor | None:
 
 
 def make(ctx: Ctx, v0: Tensor, v1: Tensor | None, v2: Tensor | None) -> Jet | Tensor:
-    """A jet of value ``v0`` (full shapes), or ``v0`` itself when it has no derivative."""
-    if v1 is None:
+    """A jet of value ``v0``, or ``v0`` itself when it carries no derivative that is used."""
+    if v1 is None and v2 is None:
         return v0
     return Jet(v0, v1, v2)
 
@@ -166,8 +175,8 @@ def make(ctx: Ctx, v0: Tensor, v1: Tensor | None, v2: Tensor | None) -> Jet | Te
 def unary(ctx: Ctx, x: Jet, y: Tensor, d1: Tensor, d2: Tensor | None) -> Jet | Tensor:
     """y = f(x) elementwise with f'(x) = d1 and f''(x) = d2 (None: zero)."""
     nd = y.dim()
-    curv = None if d2 is None else d2 * pair(ctx, x.v1, x.v1)  # before v1: one tangent less alive
-    v1 = d1 * _align(x.v1, nd)
+    curv = None if d2 is None else d2 * pair(ctx, x.d1, x.d1)  # before v1: one tangent less alive
+    v1 = None if ctx.skip_v1 else d1 * _align(x.d1, nd)
     v2 = None if x.v2 is None else d1 * _align(x.v2, nd)
     return make(ctx, y, v1, _add2(v2, curv))
 
@@ -180,13 +189,13 @@ def mul(ctx: Ctx, a: Any, b: Any) -> Jet | Tensor:
     v1: Tensor | None = None
     v2: Tensor | None = None
     if isinstance(a, Jet):
-        v1 = _align(a.v1, nd) * b0
+        v1 = None if ctx.skip_v1 else _align(a.d1, nd) * b0
         v2 = None if a.v2 is None else _align(a.v2, nd) * b0
     if isinstance(b, Jet):
-        v1 = _add2(v1, a0 * _align(b.v1, nd))
+        v1 = None if ctx.skip_v1 else _add2(v1, a0 * _align(b.d1, nd))
         v2 = _add2(v2, None if b.v2 is None else a0 * _align(b.v2, nd))
     if isinstance(a, Jet) and isinstance(b, Jet):
-        v2 = _add2(v2, 2 * pair(ctx, _align(a.v1, nd), _align(b.v1, nd)))
+        v2 = _add2(v2, 2 * pair(ctx, _align(a.d1, nd), _align(b.d1, nd)))
     return make(ctx, y, v1, v2)
 
 
@@ -197,8 +206,9 @@ def add(ctx: Ctx, a: Any, b: Any, alpha: Any = 1) -> Jet | Tensor:
     v1 = v2 = None
     for x, c in ((a, 1), (b, alpha)):
         if isinstance(x, Jet):
-            t1 = _align(x.v1, nd)
-            v1 = _add2(v1, t1 if c == 1 else c * t1)
+            if not ctx.skip_v1:
+                t1 = _align(x.d1, nd)
+                v1 = _add2(v1, t1 if c == 1 else c * t1)
             if x.v2 is not None:
                 t2 = _align(x.v2, nd)
                 v2 = _add2(v2, t2 if c == 1 else c * t2)
@@ -227,7 +237,7 @@ def linear(ctx: Ctx, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -
             ak = _replace(ak, p, t)
         return func(*ak[0], **ak[1])
 
-    v1 = _lin(f, [j.v1 for _, j in found])
+    v1 = None if ctx.skip_v1 else _lin(f, [j.d1 for _, j in found])
     v2 = None
     if any(j.v2 is not None for _, j in found):
         v2 = _lin(f, [j.v2 if j.v2 is not None else j.v0.new_zeros(ctx.G, *j.v0.shape) for _, j in found])
@@ -236,11 +246,12 @@ def linear(ctx: Ctx, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -
 
 def _outputs(ctx: Ctx, out0: Any, v1: Any, v2: Any) -> Any:
     if isinstance(out0, (tuple, list)):
+        v1 = v1 if v1 is not None else [None] * len(out0)
         return type(out0)(
             make(ctx, o, a, None if v2 is None else b)
             if isinstance(o, Tensor) and o.is_floating_point()
             else o
-            for o, a, b in zip(out0, v1, v2 if v2 is not None else v1)
+            for o, a, b in zip(out0, v1, v2 if v2 is not None else [None] * len(out0))
         )
     return make(ctx, out0, v1, v2)
 
@@ -282,7 +293,7 @@ def no_curvature(ctx: Ctx, func: Any, args: tuple[Any, ...], kwargs: dict[str, A
     def lin(*ts: Tensor) -> Any:
         return jvp(f, prims, ts)[1]
 
-    v1s = vmap(lin)(*[j.v1 for _, j in found])
+    v1s = vmap(lin)(*[j.d1 for _, j in found])
     v2s = None
     if any(j.v2 is not None for _, j in found):
         v2s = vmap(lin)(*[j.v2 if j.v2 is not None else j.v0.new_zeros(ctx.G, *j.v0.shape) for _, j in found])
@@ -304,8 +315,8 @@ def fallback(ctx: Ctx, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any])
     def second(*ts: Tensor) -> Any:
         return jvp(lambda *xs: jvp(f, xs, ts)[1], prims, ts)[1]
 
-    v1s = vmap(lin)(*[j.v1 for _, j in found])
-    sec = vmap(second)(*[j.v1 for _, j in found])
+    v1s = vmap(lin)(*[j.d1 for _, j in found])
+    sec = vmap(second)(*[j.d1 for _, j in found])
     v2s = []
     for s in sec:
         v2s.append(s.sum(0, keepdim=True) if ctx.G == 1 else s.reshape(ctx.G, ctx.m, *s.shape[1:]).sum(1))
@@ -364,13 +375,13 @@ def pointwise_generic(ctx: Ctx, func: Any, args: tuple[Any, ...], kwargs: dict[s
     v1: Tensor | None = None
     v2: Tensor | None = None
     for (_, j), d in zip(found, firsts):
-        v1 = _add2(v1, d * _align(j.v1, nd))
+        v1 = _add2(v1, d * _align(j.d1, nd))
         if j.v2 is not None:
             v2 = _add2(v2, d * _align(j.v2, nd))
     for i in range(n):
         for k in range(i, n):
             d2 = jvp(g(i), xs, e(k))[1]
-            a, b = _align(found[i][1].v1, nd), _align(found[k][1].v1, nd)
+            a, b = _align(found[i][1].d1, nd), _align(found[k][1].d1, nd)
             term = d2 * pair(ctx, a, b)
             v2 = _add2(v2, term if i == k else 2 * term)
     return make(ctx, y, v1, v2)
@@ -493,10 +504,9 @@ def scalar_affine_rule(ctx: Ctx, func: Any, args: tuple[Any, ...], kwargs: dict[
     x = args[0]
     y = func(x.v0, *args[1:], **kwargs)
     if func in (aten.add.Scalar, aten.sub.Scalar):
-        return make(ctx, y, x.v1, x.v2)
-    return make(
-        ctx, y, func(x.v1, *args[1:], **kwargs), None if x.v2 is None else func(x.v2, *args[1:], **kwargs)
-    )
+        return make(ctx, y, None if ctx.skip_v1 else x.v1, x.v2)
+    v1 = None if ctx.skip_v1 else func(x.d1, *args[1:], **kwargs)
+    return make(ctx, y, v1, None if x.v2 is None else func(x.v2, *args[1:], **kwargs))
 
 
 def view_rule(ctx: Ctx, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -504,7 +514,7 @@ def view_rule(ctx: Ctx, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     shape = list(args[1])
     y = aten.reshape.default(x.v0, shape)
     v2 = None if x.v2 is None else x.v2.reshape(ctx.G, *y.shape)
-    return make(ctx, y, x.v1.reshape(ctx.K, *y.shape), v2)
+    return make(ctx, y, None if ctx.skip_v1 else x.d1.reshape(ctx.K, *y.shape), v2)
 
 
 def _mm_pair(ctx: Ctx, a: Tensor, b: Tensor) -> Tensor:
@@ -530,20 +540,21 @@ def matmul_rule(ctx: Ctx, func: Any, args: tuple[Any, ...], kwargs: dict[str, An
     v1: Tensor | None = None
     v2: Tensor | None = None
     if isinstance(a, Jet):
-        v1 = torch.matmul(a.v1, b0)
+        v1 = None if ctx.skip_v1 else torch.matmul(a.d1, b0)
         v2 = None if a.v2 is None else torch.matmul(a.v2, b0)
     if isinstance(b, Jet):
-        v1 = _add2(v1, torch.matmul(a0, b.v1))
+        v1 = None if ctx.skip_v1 else _add2(v1, torch.matmul(a0, b.d1))
         v2 = _add2(v2, None if b.v2 is None else torch.matmul(a0, b.v2))
     if isinstance(a, Jet) and isinstance(b, Jet):
-        v2 = _add2(v2, 2 * _mm_pair(ctx, a.v1, b.v1))
+        v2 = _add2(v2, 2 * _mm_pair(ctx, a.d1, b.d1))
     if alpha != 1:
         v1 = None if v1 is None else alpha * v1
         v2 = None if v2 is None else alpha * v2
     if addmm and isinstance(args[0], Jet):
         c = args[0]
         nd = y.dim()
-        v1 = _add2(v1, beta * _align(c.v1, nd))
+        if not ctx.skip_v1:
+            v1 = _add2(v1, beta * _align(c.d1, nd))
         if c.v2 is not None:
             v2 = _add2(v2, beta * _align(c.v2, nd))
     return make(ctx, y, v1, v2)
@@ -561,9 +572,9 @@ def softmax_rule(ctx: Ctx, func: Any, args: tuple[Any, ...], kwargs: dict[str, A
     log = func is aten._log_softmax.default
     s = y.exp() if log else y
     d = args[1] % y.dim() + 1
-    m1 = (s * x.v1).sum(d, keepdim=True)
-    c = x.v1 - m1
-    l2 = -((s * pair(ctx, x.v1, x.v1)).sum(d, keepdim=True) - pair(ctx, m1, m1))
+    m1 = (s * x.d1).sum(d, keepdim=True)
+    c = x.d1 - m1
+    l2 = -((s * pair(ctx, x.d1, x.d1)).sum(d, keepdim=True) - pair(ctx, m1, m1))
     if x.v2 is not None:
         l2 = l2 + x.v2 - (s * x.v2).sum(d, keepdim=True)
     l2 = _full(l2, ctx.G, y.shape)
@@ -584,7 +595,7 @@ def layer_norm_rule(ctx: Ctx, func: Any, args: tuple[Any, ...], kwargs: dict[str
     def mean(j: Jet) -> Jet | Tensor:
         j = j.full(ctx)
         v0 = j.v0.mean(dims, keepdim=True)
-        v1 = j.v1.sum(dims, keepdim=True) / n
+        v1 = j.d1.sum(dims, keepdim=True) / n
         v2 = None if j.v2 is None else j.v2.sum(dims, keepdim=True) / n
         return make(ctx, v0, v1, v2)
 
@@ -622,7 +633,7 @@ def conv_rule(ctx: Ctx, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
         out = func(t.reshape(lead * x.v0.shape[0], *x.v0.shape[1:]), *rest, **kwargs)
         return out.view(lead, *y.shape)
 
-    return make(ctx, y, conv(x.v1, ctx.K), None if x.v2 is None else conv(x.v2, ctx.G))
+    return make(ctx, y, conv(x.d1, ctx.K), None if x.v2 is None else conv(x.v2, ctx.G))
 
 
 def max_pool_rule(ctx: Ctx, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -639,7 +650,7 @@ def max_pool_rule(ctx: Ctx, func: Any, args: tuple[Any, ...], kwargs: dict[str, 
         i = idx.flatten(-nsp).unsqueeze(0).expand(lead, *idx.shape[: idx.dim() - nsp], -1)
         return flat.gather(-1, i).view(lead, *y.shape)
 
-    return (make(ctx, y, gather(x.v1, ctx.K), None if x.v2 is None else gather(x.v2, ctx.G)), idx)
+    return (make(ctx, y, gather(x.d1, ctx.K), None if x.v2 is None else gather(x.v2, ctx.G)), idx)
 
 
 def constant_rule(ctx: Ctx, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
