@@ -491,3 +491,22 @@ def test_device_and_dtype_kept(device, dtype):
     tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {}
     ref = _ref_laplacian(u, {k: v.double() for k, v in params.items()}, x.double()).to(dtype)
     torch.testing.assert_close(exact, ref, **tol)
+
+
+def test_dead_first_order_channel_is_skipped_and_results_unchanged():
+    """The last hidden layer's K directional derivatives feed nothing when only Δu is wanted."""
+    from secorder._engine.collapsed import _skippable
+    from secorder._engine.tape import record
+
+    params = _mlp_params(3, 6, torch.float64)
+    x = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    u = _mlp(torch.tanh)
+    tape = record(
+        lambda ls, ins: u(dict(zip(sorted(params), ls)), ins[0]), [params[k] for k in sorted(params)], [x]
+    )
+    skipped = {str(tape.nodes[i].func) for i in _skippable(tape, {tape.num_leaves})}
+    assert "aten.tanh.default" in skipped  # the second tanh
+    assert sum(str(n.func) == "aten.tanh.default" for n in tape.nodes) == 2
+    _, _, lap = laplacian(u, return_derivatives=True)(params, x)
+    torch.testing.assert_close(lap, laplacian(u)(params, x))
+    torch.testing.assert_close(lap, _ref_laplacian(u, params, x))
