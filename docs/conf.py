@@ -36,7 +36,7 @@ extensions = [
     "sphinx.ext.napoleon",
     "sphinx.ext.intersphinx",
     "sphinx.ext.mathjax",
-    "matplotlib.sphinxext.plot_directive",
+    "matplotlib.sphinxext.plot_directive",  # figures drawn at build time (gallery, pinn.rst)
 ]
 
 exclude_patterns = ["_build", "_inventories", "_generated", "gallery/*.py", "Thumbs.db", ".DS_Store"]
