@@ -267,7 +267,12 @@ def check_grad_context(call: str, leaves: Sequence[Tensor]) -> None:
       so every product would be 0;
     * ``torch.autocast``: the products would be computed in the autocast dtype (bfloat16,
       float16), with 2-3 significant digits, and results could come back in it.
+
+    Nothing is checked while Dynamo traces (``torch.compile``): these queries break its graph,
+    and a compiled call cannot run under inference mode's autograd-free dispatch anyway.
     """
+    if torch.compiler.is_compiling():
+        return
     if torch.is_inference_mode_enabled():
         raise error(
             call,
