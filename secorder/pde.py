@@ -38,9 +38,9 @@ from torch import Tensor
 from torch.func import jvp, vmap
 
 from secorder import probes as _probes
-from secorder._chunking import check_chunk_size
+from secorder._chunking import ROW_OVERHEAD, check_chunk_size, memory_budget
 from secorder._engine import jet as _jet
-from secorder._engine.collapsed import evaluate
+from secorder._engine.collapsed import evaluate, plan
 from secorder._engine.tape import Tape, TapeUnsupportedError, record
 from secorder._errors import error
 from secorder._validate import check_argnums, check_bool, check_callable, check_num_probes
@@ -221,8 +221,10 @@ def _nested(
     x: Tensor,
     dirs: Tensor,
     groups: int,
+    chunk_size: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(value, K first derivatives, G summed second derivatives) by ``vmap`` of ``jvp`` of ``jvp``."""
+    """(value, K first derivatives, G summed second derivatives) by ``vmap`` of ``jvp`` of ``jvp``
+    (``chunk_size`` directions at a time)."""
 
     def f(z: Tensor) -> Tensor:
         return fn(leaves, [z])
@@ -231,10 +233,29 @@ def _nested(
         out = jvp(lambda z: jvp(f, (z,), (v,))[1], (x,), (v,))
         return out[0], out[1]
 
-    firsts, seconds = vmap(both)(dirs.expand(dirs.shape[0], *x.shape))
+    firsts, seconds = vmap(both, chunk_size=chunk_size)(dirs.expand(dirs.shape[0], *x.shape))
     k = dirs.shape[0]
     v2 = seconds.reshape(groups, k // groups, *seconds.shape[1:]).sum(1)
     return f(x), firsts, v2
+
+
+# Default directions per collapsed pass. One pass holds about two first-order tangents of K
+# directions at its peak (a layer's input and output), as nested AD over the points does; K / 4
+# directions per pass bring that to about half (the value and the summed second-order channel
+# are recomputed per pass, a cost that only pays off when the tangents are not small). Measured
+# in benchmarks/RESULTS.md (bench_laplacian).
+PASSES = 4
+SMALL_TANGENTS = 256 << 10  # bytes of all K tangents of the widest intermediate: one pass
+
+
+def _direction_step(tape: Tape, x: Tensor, k: int, m: int, chunk_size: int | None) -> int:
+    """Directions per pass, a multiple of the group size ``m``: ``chunk_size``, or by default
+    all K when their tangents are small, else K / ``PASSES``, within the memory budget."""
+    if chunk_size is None:
+        per_direction = max(1, tape.widest) * x.element_size()
+        chunk_size = k if k * per_direction <= SMALL_TANGENTS else -(-k // PASSES)
+        chunk_size = max(1, min(chunk_size, memory_budget() // (per_direction * ROW_OVERHEAD)))
+    return min(k, max(m, chunk_size // m * m))
 
 
 def _collapsed(
@@ -245,18 +266,43 @@ def _collapsed(
     groups: int,
     info: PDEInfo,
     first_order: bool = False,
+    chunk_size: int | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor]:
-    """(value, K first derivatives or None unless ``first_order``, G summed second derivatives)."""
-    ctx = _jet.Ctx(dirs.shape[0], groups)
-    out = evaluate(tape, leaves, [_jet.Jet(x, dirs, None)], ctx, first_order=first_order)
-    for name, c in ctx.fallbacks.items():
-        info.fallbacks[name] = info.fallbacks.get(name, 0) + c
-    if not isinstance(out, _jet.Jet):  # the output does not depend on x
-        v0 = out
-        return v0, v0.new_zeros(ctx.K, *v0.shape), v0.new_zeros(groups, *v0.shape)
-    out = out.full(ctx)
-    v2 = out.v2 if out.v2 is not None else out.v0.new_zeros(groups, *out.v0.shape)
-    return out.v0, out.v1, v2
+    """(value, K first derivatives or None unless ``first_order``, G summed second derivatives).
+
+    The K directions go through in chunks (:func:`_direction_step`); each chunk's second-order
+    sums are added (one group, G = 1) or concatenated (G groups of m = K / G directions)."""
+    k = dirs.shape[0]
+    m = 1 if groups == 1 else k // groups  # a chunk holds whole groups
+    step = _direction_step(tape, x, k, m, chunk_size)
+    prepared = plan(tape, [0], first_order=first_order)
+    v0: Tensor | None = None
+    v1s: list[Tensor] = []
+    v2s: list[Tensor] = []
+    for s in range(0, k, step):
+        part = dirs[s : s + step]
+        g = 1 if groups == 1 else part.shape[0] // m
+        ctx = _jet.Ctx(part.shape[0], g)
+        jet = _jet.Jet(x, part, None)
+        out = evaluate(tape, leaves, [jet], ctx, first_order=first_order, prepared=prepared)
+        for name, c in ctx.fallbacks.items():
+            info.fallbacks[name] = info.fallbacks.get(name, 0) + c
+        if not isinstance(out, _jet.Jet):  # the output does not depend on x
+            return out, out.new_zeros(k, *out.shape), out.new_zeros(groups, *out.shape)
+        out = out.full(ctx)
+        v0 = out.v0
+        if out.v1 is not None:
+            v1s.append(out.v1)
+        v2s.append(out.v2 if out.v2 is not None else out.v0.new_zeros(g, *out.v0.shape))
+    assert v0 is not None
+    v1 = (v1s[0] if len(v1s) == 1 else torch.cat(v1s)) if v1s else None
+    if len(v2s) == 1:
+        v2 = v2s[0]
+    elif groups == 1:
+        v2 = functools.reduce(torch.add, v2s)
+    else:
+        v2 = torch.cat(v2s)
+    return v0, v1, v2
 
 
 def _common_checks(call: str, u: object, argnums: object, num_probes: object, distribution: object,
@@ -306,17 +352,6 @@ def _check_independent(
             )
 
 
-def _rows(dirs: Tensor, sl: slice) -> Tensor:
-    """The directions of the points ``sl`` (directions shared by all points stay shared)."""
-    return dirs if dirs.shape[1] == 1 else dirs[:, sl]
-
-
-def _chunked(x: Tensor, chunk_size: int | None) -> list[slice]:
-    n = x.shape[0]
-    step = n if chunk_size is None else chunk_size
-    return [slice(s, min(s + step, n)) for s in range(0, n, step)]
-
-
 def _stderr(v2: Tensor, per_group: int) -> Tensor:
     """Standard error of the mean of the G per-group estimates ``v2 / per_group``."""
     g = v2.shape[0]
@@ -362,8 +397,11 @@ def laplacian(
         with_stderr: also return per-point standard errors of the estimate (zeros if exact).
         return_derivatives: also return the value u and the gradient ∇ₓu (shape ``(N, *O, *E)``),
             as PDE residuals need them.
-        chunk_size: points per forward pass (``None``: all at once); bounds memory to
-            ``chunk_size``·K tangents per intermediate.
+        chunk_size: directions per collapsed pass (of the K above), their second-order sums
+            added; bounds the first-order tangents to ``chunk_size`` per point and intermediate.
+            ``None``: all K when their tangents are small (256 KiB for the widest
+            intermediate), else K / 4 per pass (about half the peak memory of one pass), within
+            :func:`secorder.set_memory_budget`.
 
     Returns:
         ``lap_fn(*args, generator=None)`` returning Δu of shape ``(N, *O)``; with
@@ -409,38 +447,32 @@ def laplacian(
         groups = dirs.shape[0] if with_stderr and num_probes is not None else 1
         exact_unit = num_probes is None and s is None  # the first-order channel is ∇ₓu
         info = PDEInfo("collapsed")
-        vals, grads, laps, errs = [], [], [], []
-        for sl in _chunked(x, chunk_size):
-            xc, dc = x[sl], _rows(dirs, sl)
-            tape, why = _record(fn, leaves, xc)
-            v1: Tensor | None
-            if tape is None:
-                info = PDEInfo("nested", why)
-                v0, v1, v2 = _nested(fn, leaves, xc, dc, groups)
-            else:
-                v0, v1, v2 = _collapsed(tape, leaves, xc, dc, groups, info, return_derivatives and exact_unit)
-                if sl.start == 0:
-                    _check_independent(call, fn, leaves, xc, v0)
-            laps.append(v2.sum(0) / scale)
-            if with_stderr:
-                errs.append(_stderr(v2, scale // groups) if groups > 1 else torch.zeros_like(v2[0]))
-            if return_derivatives:
-                vals.append(v0)
-                if exact_unit:
-                    assert v1 is not None
-                    grads.append(v1.movedim(0, -1).reshape(*v0.shape, *x.shape[1:]))
-                else:  # the directions are not the unit vectors: D forward-mode products
-                    eye, _ = _directions(xc, None, None, distribution, None)
-                    eye = eye.expand(eye.shape[0], *xc.shape)
-                    first = vmap(lambda v: jvp(lambda z: fn(leaves, [z]), (xc,), (v,))[1])(eye)  # noqa: B023
-                    grads.append(first.movedim(0, -1).reshape(*v0.shape, *x.shape[1:]))
-        lap_fn.method_info = info  # type: ignore[attr-defined]
-        lap = torch.cat(laps)
+        tape, why = _record(fn, leaves, x)
+        v1: Tensor | None
+        if tape is None:
+            info = PDEInfo("nested", why)
+            v0, v1, v2 = _nested(fn, leaves, x, dirs, groups, chunk_size)
+        else:
+            want_v1 = return_derivatives and exact_unit
+            v0, v1, v2 = _collapsed(tape, leaves, x, dirs, groups, info, want_v1, chunk_size)
+            _check_independent(call, fn, leaves, x, v0)
+        lap = v2.sum(0) / scale
         out: tuple[Tensor, ...] = (lap,)
         if return_derivatives:
-            out = (torch.cat(vals), torch.cat(grads), lap)
+            if exact_unit:
+                assert v1 is not None
+                grad = v1.movedim(0, -1).reshape(*v0.shape, *x.shape[1:])
+            else:  # the directions are not the unit vectors: D forward-mode products
+                eye, _ = _directions(x, None, None, distribution, None)
+                eye = eye.expand(eye.shape[0], *x.shape)
+                first = vmap(lambda v: jvp(lambda z: fn(leaves, [z]), (x,), (v,))[1], chunk_size=chunk_size)(
+                    eye
+                )
+                grad = first.movedim(0, -1).reshape(*v0.shape, *x.shape[1:])
+            out = (v0, grad, lap)
         if with_stderr:
-            out = (*out, torch.cat(errs))
+            out = (*out, _stderr(v2, scale // groups) if groups > 1 else torch.zeros_like(lap))
+        lap_fn.method_info = info  # type: ignore[attr-defined]
         return out[0] if len(out) == 1 else out
 
     lap_fn.method_info = None  # type: ignore[attr-defined]
@@ -472,7 +504,7 @@ def biharmonic(
         num_probes: ``None`` for the exact value, or K probes per point at each level.
         distribution: ``"rademacher"`` or ``"gaussian"``.
         with_stderr: also return per-point standard errors (zeros if exact).
-        chunk_size: points per pass (``None``: all at once).
+        chunk_size: directions per collapsed pass at each level, as in :func:`laplacian`.
 
     Returns:
         ``bih_fn(*args, generator=None)`` returning Δ²u of shape ``(N, *O)`` (``(Δ²u, stderr)``
@@ -504,45 +536,33 @@ def biharmonic(
         g_in = inner.shape[0] if stoch else 1
         g_out = outer.shape[0] if stoch else 1
         info = PDEInfo("collapsed")
-        results, errs = [], []
-        for sl in _chunked(x, chunk_size):
-            xc, din, dout = x[sl], _rows(inner, sl), _rows(outer, sl)
-            tape, why = _record(fn, leaves, xc)
+        tape, why = _record(fn, leaves, x)
 
-            def lap(
-                ls: list[Tensor],
-                ins: list[Tensor],
-                tape: Tape | None = tape,
-                din: Tensor = din,
-                info: PDEInfo = info,
-            ) -> Tensor:
-                if tape is None:
-                    return _nested(fn, ls, ins[0], din, g_in)[2]
-                return _collapsed(tape, ls, ins[0], din, g_in, info)[2]
+        def lap(ls: list[Tensor], ins: list[Tensor]) -> Tensor:
+            if tape is None:
+                return _nested(fn, ls, ins[0], inner, g_in, chunk_size)[2]
+            return _collapsed(tape, ls, ins[0], inner, g_in, info, chunk_size=chunk_size)[2]
 
-            v2: Tensor | None = None
-            if tape is not None and sl.start == 0:
-                _check_independent(call, fn, leaves, xc, tape.result)
-            if tape is not None:
-                tape2, why2 = _record(lap, leaves, xc)
-                if tape2 is not None:
-                    v2 = _collapsed(tape2, leaves, xc, dout, g_out, info)[2]
-                else:
-                    why = why2
-            if v2 is None:
-                info = PDEInfo("nested", why)
-                v2 = _nested(lap, leaves, xc, dout, g_out)[2]
-            # v2: (g_out, g_in, *O): sums over the directions of each group at both levels
-            est = v2.sum((0, 1)) / (scale_out * scale_in)
-            results.append(est)
-            if stoch:
-                rows, cols = v2.mean(1), v2.mean(0)
-                errs.append((rows.var(0) / rows.shape[0] + cols.var(0) / cols.shape[0]).sqrt())
-            elif with_stderr:
-                errs.append(torch.zeros_like(est))
+        v2: Tensor | None = None
+        if tape is not None:
+            _check_independent(call, fn, leaves, x, tape.result)
+            tape2, why2 = _record(lap, leaves, x)
+            if tape2 is not None:
+                v2 = _collapsed(tape2, leaves, x, outer, g_out, info, chunk_size=chunk_size)[2]
+            else:
+                why = why2
+        if v2 is None:
+            info = PDEInfo("nested", why)
+            v2 = _nested(lap, leaves, x, outer, g_out, chunk_size)[2]
+        # v2: (g_out, g_in, *O): sums over the directions of each group at both levels
+        res = v2.sum((0, 1)) / (scale_out * scale_in)
         bih_fn.method_info = info  # type: ignore[attr-defined]
-        res = torch.cat(results)
-        return (res, torch.cat(errs)) if with_stderr else res
+        if not with_stderr:
+            return res
+        if not stoch:
+            return res, torch.zeros_like(res)
+        rows, cols = v2.mean(1), v2.mean(0)
+        return res, (rows.var(0) / rows.shape[0] + cols.var(0) / cols.shape[0]).sqrt()
 
     bih_fn.method_info = None  # type: ignore[attr-defined]
     return bih_fn

@@ -510,3 +510,59 @@ def test_dead_first_order_channel_is_skipped_and_results_unchanged():
     _, _, lap = laplacian(u, return_derivatives=True)(params, x)
     torch.testing.assert_close(lap, laplacian(u)(params, x))
     torch.testing.assert_close(lap, _ref_laplacian(u, params, x))
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 3, 5, None], ids=lambda c: f"chunk{c}")
+def test_direction_chunks_give_the_same_results(chunk_size):
+    """chunk_size = directions per collapsed pass: second-order sums added across passes (or
+    concatenated per probe for the stderr), gradients concatenated; nothing else changes."""
+    d = 5
+    params = _mlp_params(d, 7, torch.float64)
+    x = torch.randn(6, d, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    u = _mlp(torch.tanh)
+    val, grd, lap = laplacian(u, return_derivatives=True, chunk_size=chunk_size)(params, x)
+    torch.testing.assert_close(lap, _ref_laplacian(u, params, x))
+    torch.testing.assert_close(grd, vmap(grad(lambda xn: u(params, xn[None])[0]))(x))
+    torch.testing.assert_close(val, u(params, x))
+    one = laplacian(u, num_probes=4, with_stderr=True, chunk_size=4)
+    many = laplacian(u, num_probes=4, with_stderr=True, chunk_size=chunk_size)
+    gen = lambda: torch.Generator().manual_seed(7)
+    for a, b in zip(one(params, x, generator=gen()), many(params, x, generator=gen())):
+        torch.testing.assert_close(a, b)
+    bih = biharmonic(u, chunk_size=chunk_size)(params, x)
+    torch.testing.assert_close(bih, biharmonic(u, chunk_size=d)(params, x))
+
+
+def test_default_direction_chunks_bound_the_tangents(monkeypatch):
+    """By default K / PASSES directions per pass once the K tangents are not small, and never
+    more than the memory budget allows; the results do not change."""
+    import secorder.pde as pde
+
+    passes = []
+    real = pde.evaluate
+
+    def counting(tape, leaves, inputs, ctx, **kw):
+        passes.append(ctx.K)
+        return real(tape, leaves, inputs, ctx, **kw)
+
+    monkeypatch.setattr(pde, "evaluate", counting)
+    d, h = 8, 16
+    params = _mlp_params(d, h, torch.float64)
+    x = torch.randn(3, d, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    u = _mlp(torch.tanh)
+    ref = laplacian(u, chunk_size=d)(params, x)
+    passes.clear()
+    laplacian(u)(params, x)
+    assert passes == [d]  # 8 directions × 3 points × 16 features × 8 bytes: small, one pass
+    monkeypatch.setattr(pde, "SMALL_TANGENTS", 0)
+    passes.clear()
+    torch.testing.assert_close(laplacian(u)(params, x), ref)
+    assert passes == [d // pde.PASSES] * pde.PASSES
+    budget = secorder.memory_budget()
+    try:
+        secorder.set_memory_budget(3 * h * 8 * secorder._chunking.ROW_OVERHEAD)  # one direction
+        passes.clear()
+        torch.testing.assert_close(laplacian(u)(params, x), ref)
+        assert passes == [1] * d
+    finally:
+        secorder.set_memory_budget(budget)

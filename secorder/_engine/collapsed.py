@@ -17,6 +17,7 @@ which is exact when the function treats the points independently (the same contr
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,22 +27,47 @@ from secorder._engine import jet as _jet
 from secorder._engine.rules import rule
 from secorder._engine.tape import _STOPS, Ref, Tape, refs_in, resolve
 
-__all__ = ["evaluate"]
+__all__ = ["Plan", "evaluate", "plan"]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What :func:`evaluate` needs to know about a tape before it runs, computed once per call
+    (not per op, and not again for every chunk of directions): which nodes may skip their
+    first-order output and after which node each value is dropped."""
+
+    skip: frozenset[int]
+    last: dict[int, list[int]]
+
+
+def plan(tape: Tape, jet_positions: Sequence[int], *, first_order: bool = True) -> Plan:
+    """The :class:`Plan` of ``tape`` when the inputs at ``jet_positions`` carry jets."""
+    jet_inputs = {tape.num_leaves + i for i in jet_positions}
+    skip = frozenset() if first_order else frozenset(_skippable(tape, jet_inputs))
+    return Plan(skip, _last_uses(tape))
 
 
 def evaluate(
-    tape: Tape, leaves: Sequence[Tensor], inputs: Sequence[Any], ctx: _jet.Ctx, *, first_order: bool = True
+    tape: Tape,
+    leaves: Sequence[Tensor],
+    inputs: Sequence[Any],
+    ctx: _jet.Ctx,
+    *,
+    first_order: bool = True,
+    prepared: Plan | None = None,
 ) -> Any:
     """Replay ``tape`` at ``leaves`` with ``inputs`` (tensors, or :class:`~secorder._engine.jet.Jet`
     for the point-dependent ones); returns the output value (a jet if it depends on a jet input).
     ``first_order=False``: the output's directional derivatives are not wanted, and ops whose
-    first-order part feeds nothing else skip it (see :func:`_skippable`)."""
+    first-order part feeds nothing else skip it (see :func:`_skippable`). ``prepared``: the
+    :func:`plan` of this tape and these jet inputs (computed here when not given)."""
     values: list[Any] = [None] * tape.num_values
     values[: tape.num_leaves] = list(leaves)
     values[tape.num_leaves : tape.num_leaves + tape.num_inputs] = list(inputs)
-    jet_inputs = {tape.num_leaves + i for i, x in enumerate(inputs) if isinstance(x, _jet.Jet)}
-    skip = set() if first_order else _skippable(tape, jet_inputs)
-    last = _last_uses(tape)
+    if prepared is None:
+        jets = [i for i, x in enumerate(inputs) if isinstance(x, _jet.Jet)]
+        prepared = plan(tape, jets, first_order=first_order)
+    skip, last = prepared.skip, prepared.last
     for i, node in enumerate(tape.nodes):
         args = resolve(node.args, values)
         kwargs = resolve(node.kwargs, values)

@@ -76,6 +76,7 @@ class Tape:
     num_values: int
     depends: list[bool] = field(default_factory=list)  # per value: depends on a leaf
     num_inputs: int = 0  # data inputs, value indices num_leaves .. num_leaves + num_inputs - 1
+    widest: int = 0  # the most elements of a floating value computed from the inputs (sizes tangents)
 
     def replay(
         self,
@@ -298,6 +299,15 @@ def record(
             if o is not None:
                 depends[o] = dep
                 on_data[o] = data_dep
+    sizes = {rec.ids[id(t)]: t.numel() for t in rec.keep if t.is_floating_point()}
+    widest = max((n for i, n in sizes.items() if on_data[i]), default=0)
     return Tape(
-        len(leaves), rec.nodes, None if idx is None else Ref(idx), result, rec.num_values, depends, len(data)
+        len(leaves),
+        rec.nodes,
+        None if idx is None else Ref(idx),
+        result,
+        rec.num_values,
+        depends,
+        len(data),
+        widest,
     )
