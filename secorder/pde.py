@@ -276,13 +276,14 @@ def _collapsed(
     m = 1 if groups == 1 else k // groups  # a chunk holds whole groups
     step = _direction_step(tape, x, k, m, chunk_size)
     prepared = plan(tape, [0], first_order=first_order)
+    memo: dict[tuple[int, str], Any] | None = {} if step < k else None  # kept across passes
     v0: Tensor | None = None
     v1s: list[Tensor] = []
     v2s: list[Tensor] = []
     for s in range(0, k, step):
         part = dirs[s : s + step]
         g = 1 if groups == 1 else part.shape[0] // m
-        ctx = _jet.Ctx(part.shape[0], g)
+        ctx = _jet.Ctx(part.shape[0], g, memo=memo)
         jet = _jet.Jet(x, part, None)
         out = evaluate(tape, leaves, [jet], ctx, first_order=first_order, prepared=prepared)
         for name, c in ctx.fallbacks.items():

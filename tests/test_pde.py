@@ -531,6 +531,10 @@ def test_direction_chunks_give_the_same_results(chunk_size):
         torch.testing.assert_close(a, b)
     bih = biharmonic(u, chunk_size=chunk_size)(params, x)
     torch.testing.assert_close(bih, biharmonic(u, chunk_size=d)(params, x))
+    # values kept across passes (Ctx.memo) carry the parameters' gradients
+    loss = lambda c: lambda p: (laplacian(u, chunk_size=c)(p, x) ** 2).mean()
+    ref = grad(lambda p: (_ref_laplacian(u, p, x) ** 2).mean())(params)
+    torch.testing.assert_close(grad(loss(chunk_size))(params), ref)
 
 
 def test_default_direction_chunks_bound_the_tangents(monkeypatch):

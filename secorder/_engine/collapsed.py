@@ -73,8 +73,9 @@ def evaluate(
         kwargs = resolve(node.kwargs, values)
         for r in last.get(i, ()):  # dropped after their last use: only autograd keeps what it needs
             values[r] = None
+        ctx.node = i
         if not _jet.has_jet((args, kwargs)) or node.func in _STOPS:
-            out = node.func(*_jet.primal(args), **_jet.primal(kwargs))
+            out = ctx.once("value", lambda: node.func(*_jet.primal(args), **_jet.primal(kwargs)))  # noqa: B023
         else:
             ctx.skip_v1 = i in skip
             try:

@@ -46,6 +46,21 @@ class Ctx:
     G: int  # second-order groups (G divides K)
     fallbacks: dict[str, int] = field(default_factory=dict)  # op name → times nested AD was used
     skip_v1: bool = False  # the current op's first-order output is never used: rules may skip it
+    # Values that do not depend on the directions (ops without jets, products' values), kept
+    # across the passes over chunks of directions of one call, keyed (node index, tag): the
+    # Ctx of those passes share the dict. None: one pass, nothing kept (a kept value would
+    # outlive its last use).
+    memo: dict[tuple[int, str], Any] | None = None
+    node: int = -1  # the tape node being evaluated
+
+    def once(self, tag: str, compute: Callable[[], Any]) -> Any:
+        """``compute()`` for the current node, computed in the first pass only."""
+        if self.memo is None:
+            return compute()
+        key = (self.node, tag)
+        if key not in self.memo:
+            self.memo[key] = compute()
+        return self.memo[key]
 
     @property
     def m(self) -> int:
@@ -536,7 +551,7 @@ def matmul_rule(ctx: Ctx, func: Any, args: tuple[Any, ...], kwargs: dict[str, An
         beta = alpha = 1
     a, b = args[off], args[off + 1]
     a0, b0 = primal(a), primal(b)
-    y = func(*primal(args), **kwargs)
+    y = ctx.once("value", lambda: func(*primal(args), **kwargs))
     v1: Tensor | None = None
     v2: Tensor | None = None
     if isinstance(a, Jet):
