@@ -248,12 +248,13 @@ PASSES = 4
 SMALL_TANGENTS = 256 << 10  # bytes of all K tangents of the widest intermediate: one pass
 
 
-def _direction_step(tape: Tape, x: Tensor, k: int, m: int, chunk_size: int | None) -> int:
+def _direction_step(tape: Tape, x: Tensor, k: int, m: int, chunk_size: int | None, split: bool) -> int:
     """Directions per pass, a multiple of the group size ``m``: ``chunk_size``, or by default
-    all K when their tangents are small, else K / ``PASSES``, within the memory budget."""
+    all K when their tangents are small or ``split`` is off, else K / ``PASSES``, within the
+    memory budget."""
     if chunk_size is None:
         per_direction = max(1, tape.widest) * x.element_size()
-        chunk_size = k if k * per_direction <= SMALL_TANGENTS else -(-k // PASSES)
+        chunk_size = k if not split or k * per_direction <= SMALL_TANGENTS else -(-k // PASSES)
         chunk_size = max(1, min(chunk_size, memory_budget() // (per_direction * ROW_OVERHEAD)))
     return min(k, max(m, chunk_size // m * m))
 
@@ -267,14 +268,16 @@ def _collapsed(
     info: PDEInfo,
     first_order: bool = False,
     chunk_size: int | None = None,
+    split: bool = True,
 ) -> tuple[Tensor, Tensor | None, Tensor]:
     """(value, K first derivatives or None unless ``first_order``, G summed second derivatives).
 
-    The K directions go through in chunks (:func:`_direction_step`); each chunk's second-order
-    sums are added (one group, G = 1) or concatenated (G groups of m = K / G directions)."""
+    The K directions go through in chunks (:func:`_direction_step`; ``split=False``: by default
+    only as the memory budget requires); each chunk's second-order sums are added (one group,
+    G = 1) or concatenated (G groups of m = K / G directions)."""
     k = dirs.shape[0]
     m = 1 if groups == 1 else k // groups  # a chunk holds whole groups
-    step = _direction_step(tape, x, k, m, chunk_size)
+    step = _direction_step(tape, x, k, m, chunk_size, split)
     prepared = plan(tape, [0], first_order=first_order)
     memo: dict[tuple[int, str], Any] | None = {} if step < k else None  # kept across passes
     v0: Tensor | None = None
@@ -505,7 +508,8 @@ def biharmonic(
         num_probes: ``None`` for the exact value, or K probes per point at each level.
         distribution: ``"rademacher"`` or ``"gaussian"``.
         with_stderr: also return per-point standard errors (zeros if exact).
-        chunk_size: directions per collapsed pass at each level, as in :func:`laplacian`.
+        chunk_size: directions per collapsed pass at each level (``None``: all, within
+            :func:`secorder.set_memory_budget`; passes at the inner level repeat at the outer).
 
     Returns:
         ``bih_fn(*args, generator=None)`` returning Δ²u of shape ``(N, *O)`` (``(Δ²u, stderr)``
@@ -542,14 +546,14 @@ def biharmonic(
         def lap(ls: list[Tensor], ins: list[Tensor]) -> Tensor:
             if tape is None:
                 return _nested(fn, ls, ins[0], inner, g_in, chunk_size)[2]
-            return _collapsed(tape, ls, ins[0], inner, g_in, info, chunk_size=chunk_size)[2]
+            return _collapsed(tape, ls, ins[0], inner, g_in, info, chunk_size=chunk_size, split=False)[2]
 
         v2: Tensor | None = None
         if tape is not None:
             _check_independent(call, fn, leaves, x, tape.result)
             tape2, why2 = _record(lap, leaves, x)
             if tape2 is not None:
-                v2 = _collapsed(tape2, leaves, x, outer, g_out, info, chunk_size=chunk_size)[2]
+                v2 = _collapsed(tape2, leaves, x, outer, g_out, info, chunk_size=chunk_size, split=False)[2]
             else:
                 why = why2
         if v2 is None:
