@@ -21,6 +21,9 @@ Fields:
 * ``family``: a closed form an engine has for the op (``"softmax"``, ``"matmul"``,
   ``"addmm"``, ``"conv"``, ``"layer_norm"``, ``"batch_norm"``).
 * ``view_twin``: the reshape an aliasing view is replayed as.
+* ``batch``: the op's batch rule for the per-sample proof (:mod:`secorder._engine.batch`):
+  how a sample axis passes through it (``"pointwise"`` is the default for ops tagged
+  pointwise; an op with none refuses a batched parameter-dependent input).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ class OpRule:
     multilinear: bool = False
     family: str | None = None
     view_twin: Any = None
+    batch: str | None = None
 
     @property
     def curvature_free(self) -> bool:
@@ -114,3 +118,45 @@ _register(("addmm", "baddbmm"), family="addmm")
 _register(("convolution",), family="conv")
 _register(("native_layer_norm",), family="layer_norm")
 _register(("view", "_unsafe_view"), view_twin=aten.reshape.default)
+
+# ---- batch rules (the batch-axis proof, secorder._engine.batch) ----------------------------
+_register(("clone", "alias", "_to_copy", "lift_fresh_copy", "detach", "copy"), batch="same_shape")
+_register(
+    ("view", "_unsafe_view", "reshape", "flatten.using_ints", "unflatten.int", "view_copy"), batch="reshape"
+)
+_register(("t", "transpose.int", "permute"), batch="permute")
+_register(("unsqueeze",), batch="unsqueeze")
+_register(("squeeze.dim", "squeeze.dims", "squeeze"), batch="squeeze")
+_register(("expand",), batch="expand")
+_register(("select.int", "slice.Tensor", "narrow", "index_select", "gather"), batch="index")
+_register(("sum.dim_IntList", "sum", "mean.dim", "mean"), batch="reduce_linear")
+_register(
+    ("amax", "amin", "logsumexp", "var.correction", "std.correction", "prod.dim_int", "max.dim", "min.dim"),
+    batch="reduce",
+)
+_register(("_softmax", "_log_softmax", "_safe_softmax"), batch="softmax")
+_register(("split.Tensor", "split_with_sizes", "unbind.int", "chunk"), batch="split")
+_register(("cat", "stack"), batch="cat")
+_register(("mm", "bmm"), batch="matmul")
+_register(("addmm", "baddbmm"), batch="addmm")
+_register(
+    (
+        "convolution", "max_pool2d_with_indices", "max_pool1d_with_indices", "max_pool3d_with_indices",
+        "avg_pool2d", "avg_pool1d", "avg_pool3d", "_adaptive_avg_pool2d", "_adaptive_avg_pool3d",
+        "adaptive_max_pool2d", "_native_batch_norm_legit_no_training", "native_batch_norm",
+        "_native_batch_norm_legit", "nll_loss_forward", "nll_loss2d_forward",
+    ),
+    batch="batch_first",
+)  # fmt: skip
+_register(("native_layer_norm",), batch="layer_norm")
+_register(("embedding",), batch="embedding")
+_register(("mse_loss", "binary_cross_entropy_with_logits"), batch="loss_reduce")
+_register(("constant_pad_nd",), batch="pad")
+_register(
+    (
+        "add.Tensor", "sub.Tensor", "add.Scalar", "sub.Scalar", "rsub.Tensor", "rsub.Scalar", "neg",
+        "mul.Scalar", "div.Scalar",
+    ),
+    batch="pointwise_linear",
+)  # fmt: skip
+_register(("mul.Tensor", "div.Tensor"), batch="scale")

@@ -1,0 +1,523 @@
+"""The exact Hessian diagonal of ``f(θ, *batch)`` by a second-order sweep over a tape of the whole batch.
+
+With the batch-axis proof of :mod:`secorder._engine.batch` (f = Σ_n l_n(θ) + r(θ), slice n of
+every batched value a function of sample n's data only), adjoints ḡ_k of every op from one
+reverse pass of the batch loss, and each op's local Hessian M_k = ∇²_u ⟨ḡ_k, op_k(u)⟩ written
+as signed columns Σ_c σ_c s_c s_cᵀ (block-diagonal over the samples for a batched u),
+
+    diag H = Σ_k Σ_c Σ_n σ_{n,c} (J_{n,k}ᵀ s_{n,c})^⊙2.
+
+Columns, one *group* per op with curvature (``R`` = columns per sample, summed over groups):
+
+* pointwise ops with one parameter-dependent input (tanh, GELU, exp, pow, ...) and the
+  elementwise losses ``mse_loss``/``binary_cross_entropy_with_logits``: the local Hessian is
+  diagonal, m = ḡ ⊙ f''(u) (reverse over reverse with a ones tangent); one column per entry
+  of a sample, e_i √|m_i|, sign of m_i;
+* ``_softmax``/``_log_softmax`` rows (closed form, see :func:`_softmax_rows`), split by a
+  batched ``eigh`` per row; the null direction of log-softmax is dropped, so cross-entropy
+  has C−1 columns per row.
+
+Each group's columns, batched over the samples (column c holds every sample's s_{n,c} in its
+own slice), go through ONE batched reverse walk per chunk of columns over the tape (per-op
+vector-Jacobian products vmapped over the columns; no per-sample replay): since every op acts
+on each sample separately, the cotangent in sample n's slice is J_nᵀ s_{n,c}. Where a parameter
+meets per-sample data (an *interface*: mm/addmm/convolution/...), the squared per-sample
+gradient products Σ_c σ_c Σ_n G_{cn}^⊙2 are formed there by
+:func:`secorder._engine.interfaces.param_squares` (columns summed before squaring where the
+algebra allows) and mapped back to the parameter leaf through its views. Columns of ops on
+parameter-only values (a regularizer) are pulled back to the leaves and squared directly.
+
+Refused (:class:`EngineUnsupportedError`, the caller falls back to one-hot HVPs): a tape that
+cannot be replayed faithfully, an op that mixes samples (:class:`~secorder._engine.batch.BatchAxisError`),
+an op with curvature and no column rule yet, a parameter used at two interfaces (tied
+weights) or through non-view ops before meeting the data, an interface with no rule.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.func import vjp, vmap
+
+from secorder._chunking import memory_budget
+from secorder._engine import interfaces
+from secorder._engine.batch import SAME, SUMMED, BatchAnalysis, BatchAxisError, Tag, analyze
+from secorder._engine.rules import rule
+from secorder._engine.tape import Ref, Tape, TapeNode, TapeUnsupportedError, paths, record, replace_at, resolve
+
+__all__ = ["EngineTooCostlyError", "EngineUnsupportedError", "engine_diagonal"]
+
+aten = torch.ops.aten
+
+
+class EngineUnsupportedError(Exception):
+    """The engine cannot compute this function's diagonal (``args[0]`` says why)."""
+
+
+class EngineTooCostlyError(EngineUnsupportedError):
+    """More columns per sample than allowed (``args[0]`` says how many)."""
+
+
+_VIEWS = frozenset(
+    getattr(getattr(aten, n), o)
+    for n, o in [
+        ("t", "default"), ("transpose", "int"), ("permute", "default"), ("view", "default"),
+        ("_unsafe_view", "default"), ("reshape", "default"), ("alias", "default"), ("clone", "default"),
+        ("_to_copy", "default"), ("lift_fresh_copy", "default"), ("unsqueeze", "default"),
+        ("squeeze", "dim"), ("squeeze", "dims"), ("squeeze", "default"),
+    ]
+)  # fmt: skip
+_DIAG_LOSSES = frozenset({aten.mse_loss.default, aten.binary_cross_entropy_with_logits.default})
+
+
+def _floating(v: Any) -> bool:
+    return isinstance(v, Tensor) and v.is_floating_point()
+
+
+def _node_fn(node: TapeNode, values: Sequence[Any], positions: list[tuple[Any, ...]], outs: list[int]) -> Any:
+    """The node's op as a function of the arguments at ``positions`` (tuple of outputs ``outs``)."""
+    base = resolve((node.args, node.kwargs), values)
+
+    def fn(*xs: Tensor) -> tuple[Tensor, ...]:
+        ak = base
+        for p, x in zip(positions, xs):
+            ak = replace_at(ak, p, x)
+        out = node.func(*ak[0], **ak[1])
+        res = list(out) if node.multi else [out]
+        return tuple(res[k] for k in outs)
+
+    return fn
+
+
+@dataclass
+class _Layout:
+    """Sample-major layout of a value: ``permute(perm)`` then reshape to (N, T, C)."""
+
+    perm: list[int]
+    permuted: tuple[int, ...]
+    n: int
+    t: int
+    c: int
+
+    def to_major(self, x: Tensor) -> Tensor:
+        return x.permute(self.perm).reshape(self.n, self.t, self.c)
+
+    def from_major(self, cols: Tensor) -> Tensor:
+        """(k, N, T, C) → (k, *value shape)."""
+        inv = [0] * len(self.perm)
+        for i, p in enumerate(self.perm):
+            inv[p] = i
+        return cols.reshape(cols.shape[0], *self.permuted).permute(0, *[1 + i for i in inv])
+
+
+def _layout(shape: tuple[int, ...], tag: Tag, n: int, row_dim: int | None) -> _Layout:
+    nd = len(shape)
+    first = [] if tag is SAME else [tag[0]]
+    last = [] if row_dim is None else [row_dim]
+    perm = first + [k for k in range(nd) if k not in first and k not in last] + last
+    permuted = tuple(shape[k] for k in perm)
+    samples = 1 if tag is SAME else n
+    c = 1 if row_dim is None else shape[row_dim]
+    total = math.prod(shape)
+    return _Layout(perm, permuted, samples, total // max(1, samples * c), c)
+
+
+@dataclass
+class _Group:
+    """The signed columns of one op's local Hessian, living at tape value ``value``."""
+
+    value: int
+    tag: Tag
+    layout: _Layout
+    scale: Tensor  # (N, T, K): √|λ| per sample, row t and eigen index (K = 1 for diagonal groups)
+    sign: Tensor  # (N, T, K)
+    vecs: Tensor | None  # rows: (N, T, C, K) eigenvectors; None: one-hot (diagonal groups)
+    keep: list[tuple[int, int]]  # (t, j) of the kept columns
+
+    @property
+    def count(self) -> int:
+        return len(self.keep)
+
+    def get(self, c0: int, c1: int) -> tuple[Tensor, Tensor]:
+        """Columns ``c0:c1`` as (k, *value shape) and their signs (k, N)."""
+        sel = self.keep[c0:c1]
+        k = len(sel)
+        ts = torch.tensor([t for t, _ in sel], device=self.scale.device)
+        js = torch.tensor([j for _, j in sel], device=self.scale.device)
+        n, t, c = self.layout.n, self.layout.t, self.layout.c
+        cols = self.scale.new_zeros(k, n, t, c)
+        s = self.scale[:, ts, js].T  # (k, N)
+        ar = torch.arange(k, device=cols.device)
+        if self.vecs is None:
+            cols[ar, :, ts, 0] = s
+        else:
+            v = self.vecs[:, ts, :, js]  # (k, N, C): advanced indices first
+            cols[ar, :, ts, :] = s[:, :, None] * v
+        return self.layout.from_major(cols), self.sign[:, ts, js].T
+
+
+def _softmax_rows(func: Any, y: Tensor, g: Tensor) -> Tensor:
+    """(..., C, C) Hessians of ⟨ḡ_row, softmax(u_row)⟩ or ⟨ḡ_row, log_softmax(u_row)⟩ from the
+    output rows y: log_softmax gives −(Σ_j ḡ_j)(diag p − p pᵀ) with p = exp(y); softmax gives
+    diag(p ⊙ a) − (p ⊙ a) pᵀ − p (p ⊙ a)ᵀ with p = y, a = ḡ − ⟨ḡ, p⟩ 1."""
+    if func is aten._log_softmax.default:
+        p = y.exp()
+        return -g.sum(-1)[..., None, None] * (torch.diag_embed(p) - p[..., :, None] * p[..., None, :])
+    pa = y * (g - (g * y).sum(-1, keepdim=True))
+    return torch.diag_embed(pa) - pa[..., :, None] * y[..., None, :] - y[..., :, None] * pa[..., None, :]
+
+
+def _group_from_local(
+    value: int, tag: Tag, layout: _Layout, lam: Tensor, vecs: Tensor | None, tol_scale: float
+) -> _Group:
+    """Keep the columns (t, j) that are nonzero for some sample (relative tolerance)."""
+    mag = lam.abs()
+    tol = tol_scale * float(mag.max()) if mag.numel() else 0.0
+    alive = (mag > tol).any(0)  # (T, K)
+    keep = [(int(t), int(j)) for t, j in alive.nonzero().tolist()]
+    scale = torch.where(mag > tol, mag.sqrt(), torch.zeros_like(mag))
+    return _Group(value, tag, layout, scale, torch.sign(lam), vecs, keep)
+
+
+@dataclass
+class _Plan:
+    tape: Tape
+    values: list[Any]
+    batch: BatchAnalysis
+    producer: dict[int, int]
+    interfaces: dict[int, list[tuple[tuple[Any, ...], int, list[int]]]]  # node → (path, leaf, view chain)
+
+
+def _resolve_leaf(tape: Tape, producer: dict[int, int], ref: Ref) -> tuple[int, list[int]] | None:
+    """The parameter leaf behind ``ref`` through bijective views, and the view nodes (leaf first)."""
+    chain: list[int] = []
+    v = ref.index
+    while v >= tape.num_leaves:
+        i = producer.get(v)
+        if i is None:
+            return None
+        node = tape.nodes[i]
+        refs = [r for _, r in paths((node.args, node.kwargs))]
+        if node.func not in _VIEWS or len(refs) != 1 or not isinstance(node.args[0], Ref) or node.multi:
+            return None
+        chain.append(i)
+        v = node.args[0].index
+    return v, chain[::-1]
+
+
+def _plan(tape: Tape, values: list[Any], data: Sequence[Tensor], n: int) -> _Plan:
+    batch = analyze(tape, values, data, n)
+    producer = {o: i for i, node in enumerate(tape.nodes) for o in node.outputs if o is not None}
+    ifaces: dict[int, list[tuple[tuple[Any, ...], int, list[int]]]] = {}
+    used: dict[int, int] = {}
+    for i, node in enumerate(tape.nodes):
+        out_tags = [batch.tags[o] for o in node.outputs if o is not None]
+        if not any(isinstance(t, tuple) for t in out_tags):
+            continue
+        for p, r in paths((node.args, node.kwargs)):
+            if batch.tags[r.index] is not SAME or not tape.depends[r.index] or not _floating(values[r.index]):
+                continue
+            found = _resolve_leaf(tape, producer, r)
+            if found is None:
+                raise EngineUnsupportedError(
+                    f"the parameter-side argument {p} of {node.func} (tape position {i}) is computed "
+                    "from the parameters by ops other than views (no per-sample rule there)"
+                )
+            leaf, chain = found
+            if leaf in used and used[leaf] != i:
+                raise EngineUnsupportedError(
+                    f"parameter leaf {leaf} meets per-sample data at two ops (tape positions "
+                    f"{used[leaf]} and {i}; tied weights need per-sample gradients summed before squaring)"
+                )
+            used[leaf] = i
+            ifaces.setdefault(i, []).append((p, leaf, chain))
+    return _Plan(tape, values, batch, producer, ifaces)
+
+
+def _groups(plan: _Plan, adj: dict[int, Tensor], n: int, tol_scale: float) -> list[_Group]:
+    tape, values, tags = plan.tape, plan.values, plan.batch.tags
+    groups: list[_Group] = []
+    for i, node in enumerate(tape.nodes):
+        outs = [o for o in node.outputs if o is not None and o in adj]
+        if not outs:
+            continue
+        found = [
+            (p, r)
+            for p, r in paths((node.args, node.kwargs))
+            if tape.depends[r.index] and _floating(values[r.index])
+        ]
+        func = node.func
+        if not found or rule(func).curvature_free:
+            continue
+        if len(found) > 1 and rule(func).multilinear and _disjoint(plan, [r for _, r in found]):
+            continue
+        if len(found) == 1 and rule(func).multilinear:
+            continue  # linear in its one parameter-dependent argument
+        if func is aten.div.Tensor and [p for p, _ in found] == [(0, 0)]:
+            continue
+        if len(found) != 1:
+            raise EngineUnsupportedError(
+                f"no curvature rule yet for {func} (tape position {i}) with {len(found)} "
+                "parameter-dependent arguments"
+            )
+        (p, r), o = found[0], node.outputs[0]
+        u = values[r.index]
+        tag = tags[r.index]
+        if tag == SUMMED:  # pragma: no cover - refused by the batch analysis
+            raise EngineUnsupportedError(f"{func} after the sum over samples")
+        if rule(func).family == "softmax" and p == (0, 0) and outs == [o]:
+            dim = int(node.args[1]) % max(1, u.dim())
+            lay = _layout(tuple(u.shape), tag, n, dim)
+            hr = _softmax_rows(func, lay.to_major(values[o]), lay.to_major(adj[o].to(u.dtype)))
+            lam, vecs = torch.linalg.eigh(hr)  # (N, T, C), (N, T, C, C)
+            groups.append(_group_from_local(r.index, tag, lay, lam, vecs, tol_scale))
+            continue
+        if (torch.Tag.pointwise in func.tags and not node.multi) or (func in _DIAG_LOSSES and p == (0, 0)):
+            if outs != [o]:
+                raise EngineUnsupportedError(f"{func} (tape position {i}) with several outputs used")
+            fn = _node_fn(node, values, [p], [0])
+            with torch.enable_grad():
+                uu = u.detach().requires_grad_(True)
+                (y,) = fn(uu)
+                (gr,) = torch.autograd.grad(y, uu, adj[o].to(y.dtype), create_graph=True)
+                m = torch.autograd.grad(gr, uu, torch.ones_like(gr), allow_unused=True)[0] if gr.requires_grad else None
+            if m is None:
+                continue
+            lay = _layout(tuple(u.shape), tag, n, None)
+            lam = lay.to_major(m.detach()).reshape(lay.n, -1, 1)
+            groups.append(_group_from_local(r.index, tag, lay, lam, None, tol_scale))
+            continue
+        raise EngineUnsupportedError(f"no curvature rule yet for {func} (tape position {i})")
+    return groups
+
+
+def _disjoint(plan: _Plan, refs: list[Ref]) -> bool:
+    sets = [_leaves_of(plan, r.index) for r in refs]
+    return all(not (sets[a] & sets[b]) for a in range(len(sets)) for b in range(a))
+
+
+def _leaves_of(plan: _Plan, v: int, memo: dict[int, frozenset[int]] | None = None) -> frozenset[int]:
+    cache = plan.__dict__.setdefault("_leafsets", {})
+    if v in cache:
+        return cache[v]
+    tape = plan.tape
+    if v < tape.num_leaves:
+        res = frozenset({v})
+    elif v not in plan.producer or not tape.depends[v]:
+        res = frozenset()
+    else:
+        node = tape.nodes[plan.producer[v]]
+        res = frozenset().union(*[_leaves_of(plan, r.index) for _, r in paths((node.args, node.kwargs))])
+    cache[v] = res
+    return res
+
+
+class _Walker:
+    """One batched reverse walk per chunk of columns; accumulates the diagonal per leaf."""
+
+    def __init__(self, plan: _Plan, leaves: list[Tensor], n: int) -> None:
+        self.plan = plan
+        self.leaves = leaves
+        self.n = n
+        self.diag = [torch.zeros_like(leaf) for leaf in leaves]
+        self.pulls: dict[tuple[int, tuple[Any, ...]], tuple[Any, list[int]]] = {}
+
+    def _pull(self, i: int, positions: list[tuple[Any, ...]]) -> tuple[Any, list[int]]:
+        key = (i, tuple(positions))
+        if key not in self.pulls:
+            node = self.plan.tape.nodes[i]
+            values = self.plan.values
+            outs = [k for k, o in enumerate(node.outputs) if o is not None and _floating(values[o])]
+            xs = [values[r.index] for r in (self._ref(node, p) for p in positions)]
+            _, pull = vjp(_node_fn(node, values, positions, outs), *xs)
+            self.pulls[key] = (pull, outs)
+        return self.pulls[key]
+
+    @staticmethod
+    def _ref(node: TapeNode, path: tuple[Any, ...]) -> Ref:
+        obj: Any = (node.args, node.kwargs)
+        for p in path:
+            obj = obj[p]
+        return obj
+
+    def walk(self, group: _Group, cols: Tensor, signs: Tensor) -> None:
+        plan, tape, values, tags = self.plan, self.plan.tape, self.plan.values, self.plan.batch.tags
+        k = cols.shape[0]
+        cot: dict[int, Tensor] = {group.value: cols}
+        same = group.tag is SAME
+        start = plan.producer.get(group.value, -1)
+        for i in range(start, -1, -1):
+            node = tape.nodes[i]
+            if not any(o is not None and o in cot for o in node.outputs):
+                continue
+            cts = {o: cot.pop(o) for o in node.outputs if o is not None and o in cot}
+            if not same:
+                for path, leaf, chain in plan.interfaces.get(i, []):
+                    self._interface(i, node, path, leaf, chain, cts, signs)
+            positions = [
+                p
+                for p, r in paths((node.args, node.kwargs))
+                if tape.depends[r.index]
+                and _floating(values[r.index])
+                and (tags[r.index] is SAME) == same
+                and (r.index >= tape.num_leaves or same)
+            ]
+            if not positions:
+                continue
+            pull, outs = self._pull(i, positions)
+            ct_list = [
+                cts.get(node.outputs[j], None) if node.outputs[j] is not None else None for j in outs
+            ]
+            full = tuple(
+                c if c is not None else values[node.outputs[j]].new_zeros(k, *values[node.outputs[j]].shape)
+                for c, j in zip(ct_list, outs)
+            )
+            grads = vmap(pull)(full)
+            for p, gr in zip(positions, grads):
+                idx = self._ref(node, p).index
+                cot[idx] = cot[idx] + gr if idx in cot else gr
+        if same:
+            w = signs[:, 0]
+            for leaf in range(tape.num_leaves):
+                if leaf in cot:
+                    g = cot.pop(leaf)
+                    self.diag[leaf] += torch.einsum("k,k...->...", w.to(g.dtype), g * g)
+        elif any(idx < tape.num_leaves for idx in cot):  # pragma: no cover - interfaces cover leaves
+            raise EngineUnsupportedError("a per-sample column reached a parameter outside an interface")
+
+    def _interface(
+        self,
+        i: int,
+        node: TapeNode,
+        path: tuple[Any, ...],
+        leaf: int,
+        chain: list[int],
+        cts: dict[int, Tensor],
+        signs: Tensor,
+    ) -> None:
+        plan, values = self.plan, self.plan.values
+        out = node.outputs[0]
+        if out is None or out not in cts or len(cts) != 1:
+            raise EngineUnsupportedError(f"{node.func} (tape position {i}): columns on an output other than the first")
+        ct = cts[out]
+        out_axis = plan.batch.tags[out]
+        axes = {p: t for p, t in plan.batch.arg_tags(i, node).items() if isinstance(t, tuple)}
+        d, g = out_axis
+        s = signs.repeat_interleave(g, dim=1)
+        s = s.reshape(s.shape[0], *[1] * d, s.shape[1], *[1] * (ct.dim() - 2 - d))
+        parts = []
+        for sgn in (1, -1):
+            mask = s * sgn > 0
+            if not bool(mask.any()):
+                continue
+            sq = interfaces.param_squares(node, values, path, axes, out_axis, ct * mask, None, self.n)
+            if sq is None:
+                raise EngineUnsupportedError(
+                    f"no per-sample rule for the parameter argument {path} of {node.func} (tape position {i})"
+                )
+            parts.append(sgn * sq)
+        if not parts:
+            return
+        total = parts[0] if len(parts) == 1 else parts[0] + parts[1]
+        self.diag[leaf] += self._to_leaf(leaf, chain, total)
+
+    def _to_leaf(self, leaf: int, chain: list[int], sq: Tensor) -> Tensor:
+        """Map entries of a bijective view of the leaf back to the leaf (the views' VJP)."""
+        if not chain:
+            return sq.to(self.leaves[leaf].dtype)
+        tape, values = self.plan.tape, self.plan.values
+
+        def views(x: Tensor) -> Tensor:
+            for i in chain:
+                x = _node_fn(tape.nodes[i], values, [(0, 0)], [0])(x)[0]
+            return x
+
+        _, pull = vjp(views, self.leaves[leaf])
+        return pull(sq.to(values[tape.nodes[chain[-1]].outputs[0]].dtype))[0]
+
+
+def engine_diagonal(
+    g: Callable[[list[Tensor]], Tensor],
+    leaves: Sequence[Tensor],
+    data: Sequence[Tensor],
+    *,
+    chunk_size: int | None = None,
+    max_columns: int | None = None,
+) -> tuple[list[Tensor], int]:
+    """diag ∇²_θ g(θ) per leaf, and R (columns per sample), for ``g`` evaluated on the whole batch.
+
+    Args:
+        g: ``g(leaves)`` → the scalar batch loss; it reads the batched tensors ``data``
+            (samples along dimension 0), which the tape sees as constants.
+        leaves: the parameter leaves θ.
+        data: the batched arguments (inputs, targets, per-sample weights).
+        chunk_size: columns per batched reverse walk (``None``: from the memory budget).
+        max_columns: raise :class:`EngineTooCostlyError` when R exceeds it.
+
+    Raises:
+        EngineUnsupportedError: see the module docstring.
+
+    Example:
+        >>> import torch
+        >>> w, x = torch.tensor([0.5, -1.0], dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+        >>> loss = lambda ls: torch.tanh(x * ls[0]).sum(1).pow(2).mean()
+        >>> (d,), r = engine_diagonal(loss, [w], [x])
+        >>> ref = torch.autograd.functional.hessian(lambda v: loss([v]), w).diagonal()
+        >>> torch.allclose(d, ref), r
+        (True, 3)
+    """
+    leaves = [leaf.detach() for leaf in leaves]
+    n = int(data[0].shape[0])
+    try:
+        tape = record(g, leaves)
+    except TapeUnsupportedError as exc:
+        raise EngineUnsupportedError(str(exc.args[0])) from exc
+    if tape.output is None or not tape.depends[tape.output.index]:
+        return [torch.zeros_like(leaf) for leaf in leaves], 0
+    with torch.no_grad():
+        values = tape.replay(leaves)
+    try:
+        plan = _plan(tape, values, data, n)
+    except BatchAxisError as exc:
+        raise EngineUnsupportedError(str(exc.args[0])) from exc
+    adj = _adjoints(tape, leaves, values)
+    tol_scale = 64 * torch.finfo(leaves[0].dtype).eps
+    groups = _groups(plan, adj, n, tol_scale)
+    r_total = sum(gr.count for gr in groups)
+    if max_columns is not None and r_total > max_columns:
+        raise EngineTooCostlyError(r_total)
+    walker = _Walker(plan, leaves, n)
+    per_col = leaves[0].element_size() * sum(
+        int(v.numel()) for j, v in enumerate(values) if tape.depends[j] and isinstance(v, Tensor)
+    )
+    per_col += leaves[0].element_size() * n * max(
+        (leaves[leaf].numel() for ifs in plan.interfaces.values() for _, leaf, _ in ifs), default=0
+    )
+    step = chunk_size or max(1, memory_budget() // (4 * max(1, per_col)))
+    for group in groups:
+        for c0 in range(0, group.count, step):
+            cols, signs = group.get(c0, min(group.count, c0 + step))
+            walker.walk(group, cols, signs)
+    return walker.diag, r_total
+
+
+def _adjoints(tape: Tape, leaves: list[Tensor], values: list[Any]) -> dict[int, Tensor]:
+    """ḡ of every floating, parameter-dependent op output that reaches the loss (one reverse pass)."""
+    assert tape.output is not None
+    wanted = [
+        o
+        for node in tape.nodes
+        for o in node.outputs
+        if o is not None and tape.depends[o] and _floating(values[o]) and not rule(node.func).curvature_free
+    ]
+    with torch.enable_grad():
+        eps = {o: torch.zeros_like(values[o]).requires_grad_(True) for o in wanted}
+        vals = tape.replay(leaves, (), eps)
+        out = vals[tape.output.index]
+        grads = torch.autograd.grad(out, list(eps.values()), allow_unused=True) if eps else ()
+    return {o: gr for o, gr in zip(eps, grads) if gr is not None}
