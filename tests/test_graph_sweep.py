@@ -408,7 +408,7 @@ def test_function_sweep_on_a_pure_function_with_a_per_batch_term() -> None:
 def test_function_sweep_errors() -> None:
     f = lambda w, x: (torch.tanh(x @ w) ** 2).mean()
     w, x = torch.randn(3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
-    with pytest.raises(ValueError, match=r"exact must be one of 'hvp', 'sweep', but received 'fast'"):
+    with pytest.raises(ValueError, match=r"exact must be one of 'auto', 'hvp', 'sweep', but received 'fast'"):
         secorder.hessian_diagonal(f, exact="fast")
     with pytest.raises(ValueError, match=r"exact='sweep' computes the exact diagonal and takes no probes"):
         secorder.hessian_trace(f, num_probes=4, exact="sweep")
