@@ -345,6 +345,95 @@ class _Walker:
             obj = obj[p]
         return obj
 
+    def _linear_rows(self, i: int) -> tuple[int, tuple[Any, ...]] | None:
+        """For an interface ``mm``/``addmm`` with one row per sample (2-D, sample axis (0, 1)) and
+        the parameter on the right: (offset of the data operand, path of the weight)."""
+        node = self.plan.tape.nodes[i]
+        if node.func not in (aten.mm.default, aten.addmm.default) or node.kwargs:
+            return None
+        off = 1 if node.func is aten.addmm.default else 0
+        tags = self.plan.batch.arg_tags(i, node)
+        out = node.outputs[0]
+        if out is None or self.plan.batch.tags[out] != (0, 1) or tags.get((0, off)) != (0, 1):
+            return None
+        if {p for p, _, _ in self.plan.interfaces.get(i, [])} - {(0, 0), (0, off + 1)}:
+            return None
+        return off, (0, off + 1)
+
+    def _diagonal_squares(self, i: int, dgram: Tensor) -> None:
+        """Feed Σ_c w_c δ_c^⊙2 = ``dgram`` (signed, one row per sample) to the interfaces of node
+        ``i`` as two columns √dgram⁺, √dgram⁻ with weights +1, −1 (exact where every parameter
+        entry receives one output entry per sample: mm/addmm with one row per sample)."""
+        node = self.plan.tape.nodes[i]
+        out = node.outputs[0]
+        cols = torch.stack([dgram.clamp(min=0).sqrt(), (-dgram).clamp(min=0).sqrt()])
+        weights = torch.tensor([1.0, -1.0], dtype=cols.dtype, device=cols.device)
+        axes = {p: t for p, t in self.plan.batch.arg_tags(i, node).items() if isinstance(t, tuple)}
+        for path, leaf, chain in self.plan.interfaces.get(i, []):
+            sq = interfaces.param_squares(
+                node, self.plan.values, path, axes, self.plan.batch.tags[out], cols, weights, self.n
+            )
+            if sq is None:
+                raise EngineUnsupportedError(
+                    f"no per-sample rule for the parameter argument {path} of {node.func} (tape position {i})"
+                )
+            self.diag[leaf] += self._to_leaf(leaf, chain, sq)
+
+    def closed_form(self, group: _Group) -> bool:
+        """Closed-form transport of a diagonal group (a pointwise op's one-hot columns) at the
+        output of a Linear-like interface: there Σ_c w_c δ_c^⊙2 = m; one hop back through the
+        weight B (out = a B) the columns are m_j-scaled rows of Bᵀ, so at a, Σ_c w_c δ_c^⊙2 =
+        m (B^⊙2)ᵀ, carried through unary pointwise ops (times f'^⊙2) to the next Linear-like
+        interface. Used when no further interface lies behind (else False: explicit columns)."""
+        plan, tape, values, tags = self.plan, self.plan.tape, self.plan.values, self.plan.batch.tags
+        if group.vecs is not None or group.tag != (0, 1) or values[group.value].dim() != 2:
+            return False
+        i0 = plan.producer.get(group.value)
+        if i0 is None or self._linear_rows(i0) is None:
+            return False
+        off, wpath = self._linear_rows(i0)  # type: ignore[misc]
+        node0 = tape.nodes[i0]
+        steps: list[int] = []
+        a = node0.args[off]
+        stop: int | None = None
+        if isinstance(a, Ref) and tape.depends[a.index]:
+            v = a.index
+            while True:
+                j = plan.producer.get(v)
+                if j is None:
+                    return False
+                node = tape.nodes[j]
+                if self._linear_rows(j) is not None and node.outputs[0] == v:
+                    data = node.args[self._linear_rows(j)[0]]  # type: ignore[index]
+                    if isinstance(data, Ref) and tape.depends[data.index]:
+                        return False  # more interfaces behind: explicit columns
+                    stop = j
+                    break
+                refs = [r for _, r in paths((node.args, node.kwargs)) if tape.depends[r.index]]
+                unary = (torch.Tag.pointwise in node.func.tags or rule(node.func).batch == "same_shape") and (
+                    not node.multi
+                )
+                if not unary or len(refs) != 1 or not isinstance(node.args[0], Ref) or node.args[0] != refs[0]:
+                    return False
+                if tuple(values[refs[0].index].shape) != tuple(values[v].shape) or tags[refs[0].index] != (0, 1):
+                    return False
+                steps.append(j)
+                v = refs[0].index
+        m = (group.sign * group.scale * group.scale)[..., 0]  # (N, d): the layout is the identity
+        self._diagonal_squares(i0, m)
+        if stop is None:
+            return True
+        w = values[_Walker._ref(node0, wpath).index]
+        dgram = m @ (w * w).T
+        for j in steps:
+            node = tape.nodes[j]
+            x = values[node.args[0].index]
+            _, pull = vjp(_node_fn(node, values, [(0, 0)], [0]), x)
+            (deriv,) = pull((torch.ones_like(values[node.outputs[0]]),))
+            dgram = dgram * deriv * deriv
+        self._diagonal_squares(stop, dgram)
+        return True
+
     def walk(self, group: _Group, cols: Tensor, signs: Tensor) -> None:
         plan, tape, values, tags = self.plan, self.plan.tape, self.plan.values, self.plan.batch.tags
         k = cols.shape[0]
@@ -492,14 +581,24 @@ def engine_diagonal(
     if max_columns is not None and r_total > max_columns:
         raise EngineTooCostlyError(r_total)
     walker = _Walker(plan, leaves, n)
-    per_col = leaves[0].element_size() * sum(
-        int(v.numel()) for j, v in enumerate(values) if tape.depends[j] and isinstance(v, Tensor)
+    # bytes per column: its cotangents on the batched values, plus the per-sample gradients an
+    # interface may form per column (convolutions, several rows per sample)
+    item = leaves[0].element_size()
+    per_col = item * sum(
+        int(v.numel()) for j, v in enumerate(values) if isinstance(plan.batch.tags[j], tuple) and tape.depends[j]
     )
-    per_col += leaves[0].element_size() * n * max(
-        (leaves[leaf].numel() for ifs in plan.interfaces.values() for _, leaf, _ in ifs), default=0
-    )
+    formed = [
+        leaves[leaf].numel()
+        for i, ifs in plan.interfaces.items()
+        for _, leaf, _ in ifs
+        if tape.nodes[i].func not in (aten.mm.default, aten.addmm.default)
+        or plan.batch.tags[tape.nodes[i].outputs[0]][1] != 1  # type: ignore[index]
+    ]
+    per_col += item * n * max(formed, default=0)
     step = chunk_size or max(1, memory_budget() // (4 * max(1, per_col)))
     for group in groups:
+        if walker.closed_form(group):
+            continue
         for c0 in range(0, group.count, step):
             cols, signs = group.get(c0, min(group.count, c0 + step))
             walker.walk(group, cols, signs)
