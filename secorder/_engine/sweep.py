@@ -568,8 +568,11 @@ def engine_diagonal(
         raise EngineUnsupportedError(str(exc.args[0])) from exc
     if tape.output is None or not tape.depends[tape.output.index]:
         return [torch.zeros_like(leaf) for leaf in leaves], 0
-    with torch.no_grad():
-        values = tape.replay(leaves)
+    if tape.values is not None:
+        values = tape.values
+    else:
+        with torch.no_grad():
+            values = tape.replay(leaves)
     try:
         plan = _plan(tape, values, data, n)
     except BatchAxisError as exc:
