@@ -304,13 +304,19 @@ def _in_shape(values: Sequence[Any], node: TapeNode, path: tuple[Any, ...]) -> t
     return tuple(t.shape)
 
 
-def analyze(tape: Tape, values: Sequence[Any], data: Sequence[Tensor], num_samples: int) -> BatchAnalysis:
+def analyze(
+    tape: Tape, values: Sequence[Any], data: Sequence[Tensor], num_samples: int, *, batched_output: bool = False
+) -> BatchAnalysis:
     """Tag every value of ``tape`` (recorded on the whole batch; ``data`` are the batched
     arguments, captured on the tape as constants, samples along dimension 0).
 
+    With ``batched_output`` the output is a model's per-sample outputs (batched along
+    dimension 0) instead of a loss.
+
     Raises:
         BatchAxisError: an op mixes samples in a parameter-dependent value that reaches the
-            output, or the output is not a sum over samples plus parameter-only terms.
+            output, or the output is not a sum over samples plus parameter-only terms (with
+            ``batched_output``: not batched along dimension 0, one row per sample).
     """
     data_ids = {id(t) for t in data}
     tags: list[Tag] = [SAME] * tape.num_values
@@ -347,7 +353,12 @@ def analyze(tape: Tape, values: Sequence[Any], data: Sequence[Tensor], num_sampl
             if o is not None:
                 tags[o] = t if (tape.depends[o] or t != SUMMED) else SAME
     final = tags[tape.output.index]
-    if final not in (SUMMED, SAME):
+    if batched_output:
+        if final != (0, 1):
+            raise BatchAxisError(
+                f"the model's outputs carry the samples as {final!r}, not along dimension 0 one row each"
+            )
+    elif final not in (SUMMED, SAME):
         if num_samples == 1:
             final = SUMMED
         else:

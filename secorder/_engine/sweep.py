@@ -210,8 +210,8 @@ def _resolve_leaf(tape: Tape, producer: dict[int, int], ref: Ref) -> tuple[int, 
     return v, chain[::-1]
 
 
-def _plan(tape: Tape, values: list[Any], data: Sequence[Tensor], n: int) -> _Plan:
-    batch = analyze(tape, values, data, n)
+def _plan(tape: Tape, values: list[Any], data: Sequence[Tensor], n: int, batched_output: bool = False) -> _Plan:
+    batch = analyze(tape, values, data, n, batched_output=batched_output)
     producer = {o: i for i, node in enumerate(tape.nodes) for o in node.outputs if o is not None}
     ifaces: dict[int, list[tuple[tuple[Any, ...], int, list[int]]]] = {}
     used: dict[int, int] = {}
@@ -499,12 +499,13 @@ class _Walker:
         d, g = out_axis
         s = signs.repeat_interleave(g, dim=1)
         s = s.reshape(s.shape[0], *[1] * d, s.shape[1], *[1] * (ct.dim() - 2 - d))
+        has = {sgn: bool((s * sgn > 0).any()) for sgn in (1, -1)}
         parts = []
         for sgn in (1, -1):
-            mask = s * sgn > 0
-            if not bool(mask.any()):
+            if not has[sgn]:
                 continue
-            sq = interfaces.param_squares(node, values, path, axes, out_axis, ct * mask, None, self.n)
+            part = ct if not has[-sgn] else ct * (s * sgn > 0)  # one sign throughout: no mask
+            sq = interfaces.param_squares(node, values, path, axes, out_axis, part, None, self.n)
             if sq is None:
                 raise EngineUnsupportedError(
                     f"no per-sample rule for the parameter argument {path} of {node.func} (tape position {i})"
@@ -562,21 +563,10 @@ def engine_diagonal(
     """
     leaves = [leaf.detach() for leaf in leaves]
     n = int(data[0].shape[0])
-    try:
-        tape = record(g, leaves)
-    except TapeUnsupportedError as exc:
-        raise EngineUnsupportedError(str(exc.args[0])) from exc
-    if tape.output is None or not tape.depends[tape.output.index]:
+    prepared = _prepare(g, leaves, data, n, batched_output=False)
+    if prepared is None:
         return [torch.zeros_like(leaf) for leaf in leaves], 0
-    if tape.values is not None:
-        values = tape.values
-    else:
-        with torch.no_grad():
-            values = tape.replay(leaves)
-    try:
-        plan = _plan(tape, values, data, n)
-    except BatchAxisError as exc:
-        raise EngineUnsupportedError(str(exc.args[0])) from exc
+    tape, values, plan = prepared
     adj = _adjoints(tape, leaves, values)
     tol_scale = 64 * torch.finfo(leaves[0].dtype).eps
     groups = _groups(plan, adj, n, tol_scale)
@@ -584,8 +574,43 @@ def engine_diagonal(
     if max_columns is not None and r_total > max_columns:
         raise EngineTooCostlyError(r_total)
     walker = _Walker(plan, leaves, n)
-    # bytes per column: its cotangents on the batched values, plus the per-sample gradients an
-    # interface may form per column (convolutions, several rows per sample)
+    step = chunk_size or _default_step(plan, leaves, n)
+    for group in groups:
+        if walker.closed_form(group):
+            continue
+        for c0 in range(0, group.count, step):
+            cols, signs = group.get(c0, min(group.count, c0 + step))
+            walker.walk(group, cols, signs)
+    return walker.diag, r_total
+
+
+def _prepare(
+    g: Callable[[list[Tensor]], Tensor], leaves: list[Tensor], data: Sequence[Tensor], n: int, *, batched_output: bool
+) -> tuple[Tape, list[Any], _Plan] | None:
+    """Record, take the values and prove the per-sample structure (None: output independent of θ)."""
+    try:
+        tape = record(g, leaves)
+    except TapeUnsupportedError as exc:
+        raise EngineUnsupportedError(str(exc.args[0])) from exc
+    if tape.output is None or not tape.depends[tape.output.index]:
+        return None
+    if tape.values is not None:
+        values = tape.values
+    else:
+        with torch.no_grad():
+            values = tape.replay(leaves)
+    try:
+        plan = _plan(tape, values, data, n, batched_output)
+    except BatchAxisError as exc:
+        raise EngineUnsupportedError(str(exc.args[0])) from exc
+    return tape, values, plan
+
+
+def _default_step(plan: _Plan, leaves: list[Tensor], n: int) -> int:
+    """Columns per walk from the memory budget: each column's cotangents on the batched values,
+    plus the per-sample gradients an interface may form per column (convolutions, several
+    rows per sample)."""
+    tape, values = plan.tape, plan.values
     item = leaves[0].element_size()
     per_col = item * sum(
         int(v.numel()) for j, v in enumerate(values) if isinstance(plan.batch.tags[j], tuple) and tape.depends[j]
@@ -598,14 +623,56 @@ def engine_diagonal(
         or plan.batch.tags[tape.nodes[i].outputs[0]][1] != 1  # type: ignore[index]
     ]
     per_col += item * n * max(formed, default=0)
-    step = chunk_size or max(1, memory_budget() // (4 * max(1, per_col)))
-    for group in groups:
-        if walker.closed_form(group):
-            continue
-        for c0 in range(0, group.count, step):
-            cols, signs = group.get(c0, min(group.count, c0 + step))
-            walker.walk(group, cols, signs)
-    return walker.diag, r_total
+    return max(1, memory_budget() // (4 * max(1, per_col)))
+
+
+def engine_output_diagonal(
+    model: Callable[[list[Tensor]], Tensor],
+    leaves: Sequence[Tensor],
+    data: Sequence[Tensor],
+    columns: Callable[[int, int], Tensor],
+    weights: Callable[[int, int], Tensor | None],
+    num_columns: int,
+    *,
+    chunk_size: int | None = None,
+) -> list[Tensor]:
+    """Σ_r Σ_n w_{n,r} (J_nᵀ s_{n,r})^⊙2 per leaf, J_n the Jacobian of sample n's outputs: the
+    GGN / empirical Fisher diagonal from the loss node's columns only.
+
+    Args:
+        model: ``model(leaves)`` → the outputs (N, ...) on the whole batch (reads ``data``).
+        columns: ``columns(a, b)`` → (k, N, ...) columns s_{n,r} for r in a..b.
+        weights: ``weights(a, b)`` → (k, N) real weights w (None: all ones).
+        num_columns: R.
+
+    Raises:
+        EngineUnsupportedError: as for :func:`engine_diagonal` (the outputs must be batched along
+            dimension 0, one row per sample).
+    """
+    leaves = [leaf.detach() for leaf in leaves]
+    n = int(data[0].shape[0])
+    prepared = _prepare(model, leaves, data, n, batched_output=True)
+    if prepared is None:
+        return [torch.zeros_like(leaf) for leaf in leaves]
+    tape, values, plan = prepared
+    assert tape.output is not None
+    z = tape.output.index
+    walker = _Walker(plan, leaves, n)
+    dummy = values[z].new_zeros(1, 1, 1)
+    group = _Group(z, (0, 1), _layout(tuple(values[z].shape), (0, 1), n, None), dummy, dummy, None, [])
+    step = chunk_size or _default_step(plan, leaves, n)
+    for c0 in range(0, num_columns, step):
+        c1 = min(num_columns, c0 + step)
+        cols = columns(c0, c1).detach().to(values[z].dtype)
+        w = weights(c0, c1)
+        if w is None:
+            signs = cols.new_ones(cols.shape[0], n)
+        else:
+            w = w.detach().to(cols.dtype)
+            signs = torch.sign(w)
+            cols = cols * w.abs().sqrt().reshape(*w.shape, *[1] * (cols.dim() - 2))
+        walker.walk(group, cols, signs)
+    return walker.diag
 
 
 def _adjoints(tape: Tape, leaves: list[Tensor], values: list[Any]) -> dict[int, Tensor]:
