@@ -69,7 +69,8 @@ _VIEWS = frozenset(
         ("t", "default"), ("transpose", "int"), ("permute", "default"), ("view", "default"),
         ("_unsafe_view", "default"), ("reshape", "default"), ("alias", "default"), ("clone", "default"),
         ("_to_copy", "default"), ("lift_fresh_copy", "default"), ("unsqueeze", "default"),
-        ("squeeze", "dim"), ("squeeze", "dims"), ("squeeze", "default"),
+        ("squeeze", "dim"), ("squeeze", "dims"), ("squeeze", "default"), ("slice", "Tensor"),
+        ("select", "int"), ("narrow", "default"),
     ]
 )  # fmt: skip
 _DIAG_LOSSES = frozenset({aten.mse_loss.default, aten.binary_cross_entropy_with_logits.default})
@@ -194,7 +195,8 @@ class _Plan:
 
 
 def _resolve_leaf(tape: Tape, producer: dict[int, int], ref: Ref) -> tuple[int, list[int]] | None:
-    """The parameter leaf behind ``ref`` through bijective views, and the view nodes (leaf first)."""
+    """The parameter leaf behind ``ref`` through injective views (each entry of the argument is
+    a distinct leaf entry, so squares map back by the views' VJP), and the view nodes (leaf first)."""
     chain: list[int] = []
     v = ref.index
     while v >= tape.num_leaves:
@@ -517,7 +519,7 @@ class _Walker:
         self.diag[leaf] += self._to_leaf(leaf, chain, total)
 
     def _to_leaf(self, leaf: int, chain: list[int], sq: Tensor) -> Tensor:
-        """Map entries of a bijective view of the leaf back to the leaf (the views' VJP)."""
+        """Map entries of an injective view of the leaf back to the leaf (the views' VJP)."""
         if not chain:
             return sq.to(self.leaves[leaf].dtype)
         tape, values = self.plan.tape, self.plan.values
@@ -570,12 +572,17 @@ def engine_diagonal(
     adj = _adjoints(tape, leaves, values)
     tol_scale = 64 * torch.finfo(leaves[0].dtype).eps
     groups = _groups(plan, adj, n, tol_scale)
-    r_total = sum(gr.count for gr in groups)
-    if max_columns is not None and r_total > max_columns:
+    r_total = sum(gr.count for gr in groups if gr.tag is not SAME)  # per sample; parameter-only
+    if max_columns is not None and r_total > max_columns:  # groups cost one pullback per column
         raise EngineTooCostlyError(r_total)
     walker = _Walker(plan, leaves, n)
     step = chunk_size or _default_step(plan, leaves, n)
     for group in groups:
+        if group.tag is SAME and group.vecs is None and group.value < tape.num_leaves:
+            # a pointwise op on a leaf itself (a regularizer): its diagonal columns pull back as is
+            m = group.sign * group.scale * group.scale
+            walker.diag[group.value] += group.layout.from_major(m.reshape(1, 1, -1, 1))[0]
+            continue
         if walker.closed_form(group):
             continue
         for c0 in range(0, group.count, step):
