@@ -108,6 +108,10 @@ class _Layout:
     def to_major(self, x: Tensor) -> Tensor:
         return x.permute(self.perm).reshape(self.n, self.t, self.c)
 
+    def to_major_batched(self, x: Tensor) -> Tensor:
+        """(k, *value shape) → (k, N, T·C)."""
+        return x.permute(0, *[1 + p for p in self.perm]).reshape(x.shape[0], self.n, self.t * self.c)
+
     def from_major(self, cols: Tensor) -> Tensor:
         """(k, N, T, C) → (k, *value shape)."""
         inv = [0] * len(self.perm)
@@ -241,9 +245,9 @@ def _plan(tape: Tape, values: list[Any], data: Sequence[Tensor], n: int, batched
     return _Plan(tape, values, batch, producer, ifaces)
 
 
-def _groups(plan: _Plan, adj: dict[int, Tensor], n: int, tol_scale: float) -> list[_Group]:
+def _groups(plan: _Plan, adj: dict[int, Tensor], n: int, tol_scale: float) -> list[Any]:
     tape, values, tags = plan.tape, plan.values, plan.batch.tags
-    groups: list[_Group] = []
+    groups: list[Any] = []
     for i, node in enumerate(tape.nodes):
         outs = [o for o in node.outputs if o is not None and o in adj]
         if not outs:
@@ -262,11 +266,14 @@ def _groups(plan: _Plan, adj: dict[int, Tensor], n: int, tol_scale: float) -> li
             continue  # linear in its one parameter-dependent argument
         if func is aten.div.Tensor and [p for p, _ in found] == [(0, 0)]:
             continue
+        side = _LINEAR_SIDE.get(func, ())
+        bat = [(q, r) for q, r in found if isinstance(tags[r.index], tuple)]
+        sam = [(q, r) for q, r in found if tags[r.index] is SAME]
+        if bat and sam and all(q in side for q, _ in sam) and _disjoint_sets(plan, bat, sam):
+            found = bat  # linear in the parameter side, no shared leaves: no diagonal curvature there
         if len(found) != 1:
-            raise EngineUnsupportedError(
-                f"no curvature rule yet for {func} (tape position {i}) with {len(found)} "
-                "parameter-dependent arguments"
-            )
+            groups.append(_dense_group(plan, i, found, outs, adj, n, tol_scale))
+            continue
         (p, r), o = found[0], node.outputs[0]
         u = values[r.index]
         tag = tags[r.index]
@@ -294,8 +301,112 @@ def _groups(plan: _Plan, adj: dict[int, Tensor], n: int, tol_scale: float) -> li
             lam = lay.to_major(m.detach()).reshape(lay.n, -1, 1)
             groups.append(_group_from_local(r.index, tag, lay, lam, None, tol_scale))
             continue
-        raise EngineUnsupportedError(f"no curvature rule yet for {func} (tape position {i})")
+        groups.append(_dense_group(plan, i, found, outs, adj, n, tol_scale))
     return groups
+
+
+_LINEAR_SIDE: dict[Any, tuple[tuple[Any, ...], ...]] = {
+    aten.native_layer_norm.default: ((0, 2), (0, 3)),  # y = x̂ ⊙ w + b: linear in (w, b)
+    aten.native_group_norm.default: ((0, 1), (0, 2)),
+}
+
+
+def _disjoint_sets(plan: _Plan, a: list[tuple[Any, Ref]], b: list[tuple[Any, Ref]]) -> bool:
+    la = frozenset().union(*[_leaves_of(plan, r.index) for _, r in a])
+    lb = frozenset().union(*[_leaves_of(plan, r.index) for _, r in b])
+    return not (la & lb)
+
+
+MAX_LOCAL = 2048  # entries per sample of a dense local Hessian (generic ops)
+
+
+@dataclass
+class _DenseGroup:
+    """Columns of a dense per-sample local Hessian over several inputs (values)."""
+
+    values_: list[int]
+    tag: Tag
+    layouts: list[_Layout]
+    sizes: list[int]
+    scale: Tensor  # (N, K)
+    sign: Tensor  # (N, K)
+    vecs: Tensor  # (N, S, K)
+    keep: list[int]
+
+    @property
+    def count(self) -> int:
+        return len(self.keep)
+
+    def get(self, c0: int, c1: int) -> tuple[dict[int, Tensor], Tensor]:
+        js = torch.tensor(self.keep[c0:c1], device=self.scale.device)
+        v = (self.vecs[:, :, js] * self.scale[:, None, js]).permute(2, 0, 1)  # (k, N, S)
+        out: dict[int, Tensor] = {}
+        start = 0
+        for value, lay, size in zip(self.values_, self.layouts, self.sizes):
+            part = v[:, :, start : start + size].reshape(v.shape[0], lay.n, lay.t, lay.c)
+            piece = lay.from_major(part)
+            out[value] = out[value] + piece if value in out else piece
+            start += size
+        return out, self.sign[:, js].T
+
+
+def _dense_group(
+    plan: _Plan, i: int, found: list[tuple[Any, Ref]], outs: list[int], adj: dict[int, Tensor], n: int, tol: float
+) -> _DenseGroup:
+    """Any other op: the dense local Hessian of ⟨ḡ, op(u)⟩ per sample over its parameter-dependent
+    inputs (all batched alike, or all parameter-only), by S reverse-over-reverse products with
+    one-hot tangents placed in every sample at once (the Hessian is block-diagonal over samples),
+    then a batched ``eigh``: R ≤ S columns per sample."""
+    tape, values, tags = plan.tape, plan.values, plan.batch.tags
+    node = tape.nodes[i]
+    batched = [(p, r) for p, r in found if isinstance(tags[r.index], tuple)]
+    same = [(p, r) for p, r in found if tags[r.index] is SAME]
+    if batched and same:
+        raise EngineUnsupportedError(
+            f"no curvature rule yet for {node.func} (tape position {i}) with parameter-only and "
+            "per-sample parameter-dependent arguments together"
+        )
+    use = batched or same
+    tag = tags[use[0][1].index]
+    if any(tags[r.index] != tag for _, r in use):
+        raise EngineUnsupportedError(f"{node.func} (tape position {i}): inputs batched along different axes")
+    layouts = [_layout(tuple(values[r.index].shape), tag, n, None) for _, r in use]
+    sizes = [lay.t for lay in layouts]
+    total = sum(sizes)
+    if total > MAX_LOCAL:
+        raise EngineUnsupportedError(
+            f"no closed-form curvature rule for {node.func} (tape position {i}) and its "
+            f"{total} parameter-dependent entries per sample exceed the dense local Hessian limit {MAX_LOCAL}"
+        )
+    positions = [p for p, _ in use]
+    out_idx = [node.outputs.index(o) for o in outs]
+    fn = _node_fn(node, values, positions, out_idx)
+    xs = [values[r.index] for _, r in use]
+    gbar = tuple(adj[o].to(values[o].dtype) for o in outs)
+
+    def grad_fn(*us: Tensor) -> tuple[Tensor, ...]:
+        _, pull = vjp(fn, *us)
+        return tuple(pull(gbar))
+
+    _, hpull = vjp(grad_fn, *xs)
+    samples = layouts[0].n
+    eye = xs[0].new_zeros(total, samples, total)
+    eye[torch.arange(total), :, torch.arange(total)] = 1
+    tangents = []
+    start = 0
+    for lay, size in zip(layouts, sizes):
+        tangents.append(lay.from_major(eye[:, :, start : start + size].reshape(total, lay.n, lay.t, lay.c)))
+        start += size
+    cols = vmap(lambda *t: hpull(tuple(t)))(*tangents)  # per input: (S, *shape)
+    hs = torch.cat([lay.to_major_batched(c) for lay, c in zip(layouts, cols)], -1)  # (S, N, S)
+    h = hs.permute(1, 0, 2)
+    h = (h + h.transpose(1, 2)) / 2
+    lam, vecs = torch.linalg.eigh(h)
+    mag = lam.abs()
+    cut = tol * float(mag.max()) if mag.numel() else 0.0
+    keep = [int(j) for j in (mag > cut).any(0).nonzero().flatten().tolist()]
+    scale = torch.where(mag > cut, mag.sqrt(), torch.zeros_like(mag))
+    return _DenseGroup([r.index for _, r in use], tag, layouts, sizes, scale, torch.sign(lam), vecs, keep)
 
 
 def _disjoint(plan: _Plan, refs: list[Ref]) -> bool:
@@ -381,14 +492,14 @@ class _Walker:
                 )
             self.diag[leaf] += self._to_leaf(leaf, chain, sq)
 
-    def closed_form(self, group: _Group) -> bool:
+    def closed_form(self, group: Any) -> bool:
         """Closed-form transport of a diagonal group (a pointwise op's one-hot columns) at the
         output of a Linear-like interface: there Σ_c w_c δ_c^⊙2 = m; one hop back through the
         weight B (out = a B) the columns are m_j-scaled rows of Bᵀ, so at a, Σ_c w_c δ_c^⊙2 =
         m (B^⊙2)ᵀ, carried through unary pointwise ops (times f'^⊙2) to the next Linear-like
         interface. Used when no further interface lies behind (else False: explicit columns)."""
         plan, tape, values, tags = self.plan, self.plan.tape, self.plan.values, self.plan.batch.tags
-        if group.vecs is not None or group.tag != (0, 1) or values[group.value].dim() != 2:
+        if not isinstance(group, _Group) or group.vecs is not None or group.tag != (0, 1) or values[group.value].dim() != 2:
             return False
         i0 = plan.producer.get(group.value)
         if i0 is None or self._linear_rows(i0) is None:
@@ -436,12 +547,16 @@ class _Walker:
         self._diagonal_squares(stop, dgram)
         return True
 
-    def walk(self, group: _Group, cols: Tensor, signs: Tensor) -> None:
+    def walk(
+        self, group: Any, cols: Tensor | dict[int, Tensor], signs: Tensor, weights: Tensor | None = None
+    ) -> None:
+        """Pull a chunk of columns (at ``group.value``, or a dict value → columns) back to the
+        interfaces (batched groups) or the leaves (parameter-only groups)."""
         plan, tape, values, tags = self.plan, self.plan.tape, self.plan.values, self.plan.batch.tags
-        k = cols.shape[0]
-        cot: dict[int, Tensor] = {group.value: cols}
+        cot: dict[int, Tensor] = dict(cols) if isinstance(cols, dict) else {group.value: cols}
+        k = next(iter(cot.values())).shape[0]
         same = group.tag is SAME
-        start = plan.producer.get(group.value, -1)
+        start = max(plan.producer.get(v, -1) for v in cot)
         for i in range(start, -1, -1):
             node = tape.nodes[i]
             if not any(o is not None and o in cot for o in node.outputs):
@@ -449,7 +564,7 @@ class _Walker:
             cts = {o: cot.pop(o) for o in node.outputs if o is not None and o in cot}
             if not same:
                 for path, leaf, chain in plan.interfaces.get(i, []):
-                    self._interface(i, node, path, leaf, chain, cts, signs)
+                    self._interface(i, node, path, leaf, chain, cts, signs, weights)
             positions = [
                 p
                 for p, r in paths((node.args, node.kwargs))
@@ -490,6 +605,7 @@ class _Walker:
         chain: list[int],
         cts: dict[int, Tensor],
         signs: Tensor,
+        weights: Tensor | None = None,
     ) -> None:
         plan, values = self.plan, self.plan.values
         out = node.outputs[0]
@@ -507,7 +623,7 @@ class _Walker:
             if not has[sgn]:
                 continue
             part = ct if not has[-sgn] else ct * (s * sgn > 0)  # one sign throughout: no mask
-            sq = interfaces.param_squares(node, values, path, axes, out_axis, part, None, self.n)
+            sq = interfaces.param_squares(node, values, path, axes, out_axis, part, weights, self.n)
             if sq is None:
                 raise EngineUnsupportedError(
                     f"no per-sample rule for the parameter argument {path} of {node.func} (tape position {i})"
@@ -578,7 +694,7 @@ def engine_diagonal(
     walker = _Walker(plan, leaves, n)
     step = chunk_size or _default_step(plan, leaves, n)
     for group in groups:
-        if group.tag is SAME and group.vecs is None and group.value < tape.num_leaves:
+        if isinstance(group, _Group) and group.tag is SAME and group.vecs is None and group.value < tape.num_leaves:
             # a pointwise op on a leaf itself (a regularizer): its diagonal columns pull back as is
             m = group.sign * group.scale * group.scale
             walker.diag[group.value] += group.layout.from_major(m.reshape(1, 1, -1, 1))[0]
@@ -672,13 +788,17 @@ def engine_output_diagonal(
         c1 = min(num_columns, c0 + step)
         cols = columns(c0, c1).detach().to(values[z].dtype)
         w = weights(c0, c1)
+        per_column = None
         if w is None:
+            signs = cols.new_ones(cols.shape[0], n)
+        elif bool((w == w[:, :1]).all()):  # one weight per column (MSE): exact, no square roots
+            per_column = w[:, 0].detach().to(cols.dtype)
             signs = cols.new_ones(cols.shape[0], n)
         else:
             w = w.detach().to(cols.dtype)
             signs = torch.sign(w)
             cols = cols * w.abs().sqrt().reshape(*w.shape, *[1] * (cols.dim() - 2))
-        walker.walk(group, cols, signs)
+        walker.walk(group, cols, signs, per_column)
     return walker.diag
 
 
