@@ -417,7 +417,9 @@ def _engine_accumulate(
     structure proven on the tape); False (nothing added) where it does not apply."""
     from secorder._engine.sweep import EngineUnsupportedError, engine_output_diagonal
 
-    data = [inputs] if isinstance(inputs, Tensor) else list(inputs) if isinstance(inputs, (tuple, list)) else []
+    data = (
+        [inputs] if isinstance(inputs, Tensor) else list(inputs) if isinstance(inputs, (tuple, list)) else []
+    )
     n = int(z.shape[0]) if z.dim() > 0 else -1
     if not data or not all(isinstance(d, Tensor) and d.dim() > 0 and d.shape[0] == n for d in data):
         return False

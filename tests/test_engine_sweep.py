@@ -8,6 +8,7 @@ proof's accept and refuse lists (each refusal names the op); the public wiring o
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -64,7 +65,7 @@ class Seq(nn.Module):
 def _mlp(act: type[nn.Module] = nn.Tanh, widths: tuple[int, ...] = (5, 6, 6, 3), seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     layers: list[nn.Module] = []
-    for a, b in zip(widths[:-1], widths[1:]):
+    for a, b in itertools.pairwise(widths):
         layers += [nn.Linear(a, b), act()]
     return Seq(*layers[:-1]).to(DT)
 
@@ -73,7 +74,9 @@ def _ce(model: nn.Module, **kw: Any) -> Callable[..., Tensor]:
     return lambda p, x, y: F.cross_entropy(functional_call(model, p, (x,)), y, **kw)
 
 
-@pytest.mark.parametrize("act", [nn.Tanh, nn.Sigmoid, nn.GELU, nn.Softplus, nn.ReLU, nn.SiLU], ids=lambda a: a.__name__)
+@pytest.mark.parametrize(
+    "act", [nn.Tanh, nn.Sigmoid, nn.GELU, nn.Softplus, nn.ReLU, nn.SiLU], ids=lambda a: a.__name__
+)
 def test_mlp_exact(act: type[nn.Module]) -> None:
     model = _mlp(act)
     x, y = torch.randn(7, 5, dtype=DT), torch.randint(0, 3, (7,))
@@ -119,8 +122,14 @@ def test_weighted_losses_exact() -> None:
     x, y = torch.randn(8, 4, dtype=DT), torch.randint(0, 3, (8,))
     cw, sw = torch.rand(3, dtype=DT) + 0.1, torch.rand(8, dtype=DT)
     _check(_ce(model, weight=cw), p, x, y)
-    _check(lambda q, x, y, s: (F.cross_entropy(functional_call(model, q, (x,)), y, reduction="none") * s).sum(), p, x, y, sw)
-    reg = lambda q, x, y: _ce(model)(q, x, y) + 0.3 * sum((v**4).sum() for v in q.values())  # noqa: E731
+    _check(
+        lambda q, x, y, s: (F.cross_entropy(functional_call(model, q, (x,)), y, reduction="none") * s).sum(),
+        p,
+        x,
+        y,
+        sw,
+    )
+    reg = lambda q, x, y: _ce(model)(q, x, y) + 0.3 * sum((v**4).sum() for v in q.values())
     _check(reg, p, x, y)
 
 
@@ -130,7 +139,12 @@ def test_regression_losses_exact() -> None:
     x, t = torch.randn(6, 4, dtype=DT), torch.randn(6, 2, dtype=DT)
     _check(lambda q, x, t: F.mse_loss(functional_call(model, q, (x,)), t), p, x, t)
     _check(lambda q, x, t: ((functional_call(model, q, (x,)) - t) ** 2).sum(1).mean(), p, x, t)
-    _check(lambda q, x, t: F.binary_cross_entropy_with_logits(functional_call(model, q, (x,)), t.sigmoid()), p, x, t)
+    _check(
+        lambda q, x, t: F.binary_cross_entropy_with_logits(functional_call(model, q, (x,)), t.sigmoid()),
+        p,
+        x,
+        t,
+    )
     _check(lambda q, x, t: (functional_call(model, q, (x,)).softmax(-1) * t).sum(), p, x, t)
 
 
@@ -174,12 +188,18 @@ ACCEPT: dict[str, Callable[..., Tensor]] = {
 }
 
 REFUSE: dict[str, tuple[Callable[..., Tensor], str]] = {
-    "centering": (lambda w, x: ((x @ w) - (x @ w).mean(0)).pow(2).sum(), r"aten\.sub\.Tensor.*sum over samples"),
+    "centering": (
+        lambda w, x: ((x @ w) - (x @ w).mean(0)).pow(2).sum(),
+        r"aten\.sub\.Tensor.*sum over samples",
+    ),
     "gram": (lambda w, x: ((x @ w) @ (x @ w).T).tanh().sum(), r"aten\.mm\.default"),
     "batch_max": (lambda w, x: (x @ w).amax(0).sum(), r"aten\.amax\.default.*nonlinearly"),
     "log_of_mean_loss": (lambda w, x: torch.log((x @ w).pow(2).mean()), r"aten\.log\.default.*after the sum"),
     "softmax_over_samples": (lambda w, x: (x @ w).softmax(0).pow(2).sum(), r"_softmax.*over the sample axis"),
-    "mixing_matrix": (lambda w, x: (torch.ones(6, 6, dtype=DT) @ (x @ w)).tanh().sum(), r"aten\.mm\.default.*contracts"),
+    "mixing_matrix": (
+        lambda w, x: (torch.ones(6, 6, dtype=DT) @ (x @ w)).tanh().sum(),
+        r"aten\.mm\.default.*contracts",
+    ),
     "select_sample": (lambda w, x: (x @ w)[0].tanh().sum(), r"aten\.select\.int.*picks samples"),
 }
 
@@ -206,7 +226,9 @@ def test_accepted_programs_exact(name: str) -> None:
 
 def test_train_batch_norm_refused() -> None:
     torch.manual_seed(0)
-    model = Seq(nn.Linear(4, 5), nn.BatchNorm1d(5, track_running_stats=False), nn.Tanh(), nn.Linear(5, 3)).to(DT)
+    model = Seq(nn.Linear(4, 5), nn.BatchNorm1d(5, track_running_stats=False), nn.Tanh(), nn.Linear(5, 3)).to(
+        DT
+    )
     x, y = torch.randn(6, 4, dtype=DT), torch.randint(0, 3, (6,))
     f = _ce(model)
     p = _params(model)
@@ -253,7 +275,7 @@ def test_auto_falls_back_with_reasons() -> None:
 def test_auto_cost_model_prefers_hvps_when_columns_exceed_parameters() -> None:
     w = torch.randn(1, 40, dtype=DT)
     x = torch.randn(3, 1, dtype=DT)
-    f = lambda w, x: torch.tanh(torch.tanh(x @ w)).sum()  # noqa: E731 - R = 2 · 40 per sample > P = 40
+    f = lambda w, x: torch.tanh(torch.tanh(x @ w)).sum()
     fn = secorder.hessian_diagonal(f)
     got = fn(w, x)
     assert fn.method_info.method == "hvp" and "R=80" in fn.method_info.reason
@@ -271,7 +293,9 @@ def test_rnn_keeps_working() -> None:
 
     def f(q: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
         out, _ = functional_call(mods["rnn"], {k[4:]: v for k, v in q.items() if k.startswith("rnn.")}, (x,))
-        logits = functional_call(mods["head"], {k[5:]: v for k, v in q.items() if k.startswith("head.")}, (out[:, -1],))
+        logits = functional_call(
+            mods["head"], {k[5:]: v for k, v in q.items() if k.startswith("head.")}, (out[:, -1],)
+        )
         return F.cross_entropy(logits, y)
 
     x, y = torch.randn(4, 3, 3, dtype=DT), torch.randint(0, 2, (4,))
@@ -287,7 +311,7 @@ def test_rnn_keeps_working() -> None:
 def test_fisher_plain_model_fn_through_engine(kind: str, loss: str) -> None:
     model = Seq(nn.Conv1d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(12, 3)).to(DT)
     p = _params(model)
-    model_fn = lambda q, x: functional_call(model, q, (x,))  # noqa: E731
+    model_fn = lambda q, x: functional_call(model, q, (x,))
     x = torch.randn(5, 2, 6, dtype=DT)
     y = torch.randint(0, 3, (5,)) if loss == "cross_entropy" else torch.rand(5, 3, dtype=DT)
     for make in (secorder.fisher_diagonal, secorder.fisher_trace):
@@ -321,7 +345,7 @@ def test_random_mlps_exact(widths: list[int], act: type[nn.Module], loss: str, n
     x = torch.randn(n, 3, dtype=DT)
     if loss == "mse":
         t = torch.randn(n, 3, dtype=DT)
-        f = lambda q, x, t: F.mse_loss(functional_call(model, q, (x,)), t)  # noqa: E731
+        f = lambda q, x, t: F.mse_loss(functional_call(model, q, (x,)), t)
     else:
         t = torch.randint(0, 3, (n,))
         f = _ce(model, reduction="sum" if loss == "sum_ce" else "mean")

@@ -51,7 +51,7 @@ class BatchAxisError(Exception):
     """The tape mixes samples in a parameter-dependent value (``args[0]`` names the op and why)."""
 
 
-class _Refuse(Exception):
+class _RefuseError(Exception):
     pass
 
 
@@ -110,7 +110,7 @@ def _reshape_axis(shape: Sequence[int], axis: SampleAxis, new: Sequence[int], n:
         g2 = new[d2] // n
         if g2 * math.prod(new[d2 + 1 :]) == block:
             return (d2, g2)
-    raise _Refuse(
+    raise _RefuseError(
         f"reshapes {tuple(shape)} (samples along dim {d}) to {tuple(new)}, which interleaves the "
         "samples with other indices"
     )
@@ -127,7 +127,7 @@ def _dims(value: Any, ndim: int) -> list[int]:
 def _batch_rule(
     i: int, node: TapeNode, tags: dict[tuple[Any, ...], Tag], values: Sequence[Any], n: int
 ) -> list[Tag]:
-    """Output tags of node ``i`` (raises :class:`_Refuse` with the reason)."""
+    """Output tags of node ``i`` (raises :class:`_RefuseError` with the reason)."""
     func = node.func
     nout = len(node.outputs)
     live = {p: t for p, t in tags.items() if t is not SAME}
@@ -137,7 +137,7 @@ def _batch_rule(
     kind = rule(func).batch or ("pointwise" if torch.Tag.pointwise in func.tags else None)
     if any(t == SUMMED for t in live.values()):
         if any(t != SUMMED for t in live.values()):
-            raise _Refuse("combines a sum over samples with a per-sample value")
+            raise _RefuseError("combines a sum over samples with a per-sample value")
         if rule(func).linear or kind in ("pointwise_linear", "same_shape"):
             return [SUMMED] * nout
         if kind == "scale":  # mul/div: linear when the other operands are constants
@@ -145,7 +145,7 @@ def _batch_rule(
             deps = [p for p in others if isinstance(_ref_at(node, p), Ref)]
             if not deps:
                 return [SUMMED] * nout
-        raise _Refuse(
+        raise _RefuseError(
             "a nonlinear op after the sum over samples (only linear ops may follow it: the "
             "Hessian of a function of the summed loss is not a sum of per-sample Hessians)"
         )
@@ -156,7 +156,7 @@ def _batch_rule(
         for p, (d, g) in axes:
             found.add((d + out_nd - _ndim(values, node, p), g))
         if len(found) != 1:
-            raise _Refuse(
+            raise _RefuseError(
                 "combines tensors batched along different dimensions (an outer product across samples)"
             )
         return [found.pop()] * nout
@@ -168,9 +168,8 @@ def _batch_rule(
         src = _in_shape(values, node, p)
         return [_reshape_axis(src, ax, _out_shape(values, node), n)]
     (p0, (d, g)) = axes[0]
-    if len(axes) > 1 and kind not in ("matmul", "cat", "addmm"):
-        if any(a != (d, g) for _, a in axes):
-            raise _Refuse("combines tensors batched along different dimensions")
+    if len(axes) > 1 and kind not in ("matmul", "cat", "addmm") and any(a != (d, g) for _, a in axes):
+        raise _RefuseError("combines tensors batched along different dimensions")
     nd = _ndim(values, node, p0)
     if kind == "permute":
         if name == "t":
@@ -194,14 +193,14 @@ def _batch_rule(
         out_nd = len(_out_shape(values, node))
         d2 = d + out_nd - nd
         if _out_shape(values, node)[d2] != _in_shape(values, node, p0)[d]:
-            raise _Refuse("expands the sample axis")
+            raise _RefuseError("expands the sample axis")
         return [(d2, g)]
     if kind == "index":  # select/slice/narrow/index_select/gather along a dim
         dim = int(_arg(node, 1, "dim", 0)) % nd
         if dim == d:
             if _out_shape(values, node) == _in_shape(values, node, p0):
                 return [(d, g)]
-            raise _Refuse("indexes the sample axis (picks samples instead of acting on each)")
+            raise _RefuseError("indexes the sample axis (picks samples instead of acting on each)")
         if name == "select":
             return [(d - (dim < d), g)]
         return [(d, g)]
@@ -211,16 +210,18 @@ def _batch_rule(
         if d in dims:
             if kind == "reduce_linear":
                 return [SUMMED] * nout
-            raise _Refuse("reduces over the sample axis nonlinearly (a batch max, variance or log-sum-exp)")
+            raise _RefuseError(
+                "reduces over the sample axis nonlinearly (a batch max, variance or log-sum-exp)"
+            )
         return [(d if keep else d - sum(k < d for k in dims), g)] * nout
     if kind == "softmax":
         if int(_arg(node, 1, "dim")) % nd == d:
-            raise _Refuse("normalizes over the sample axis")
+            raise _RefuseError("normalizes over the sample axis")
         return [(d, g)]
     if kind == "split":
         dim = int(_arg(node, 1, "dim", 0) if name == "unbind" else _arg(node, 2, "dim", 0)) % nd
         if dim == d:
-            raise _Refuse("splits the sample axis")
+            raise _RefuseError("splits the sample axis")
         return [(d, g)] * nout
     if kind == "cat":
         dim = int(_arg(node, 1, "dim", 0))
@@ -228,14 +229,14 @@ def _batch_rule(
         dim %= out_nd
         found = {a for _, a in axes}
         if len(found) != 1 or {p[:1] for p, _ in axes} != {(0,)}:
-            raise _Refuse("concatenates tensors batched along different dimensions")
+            raise _RefuseError("concatenates tensors batched along different dimensions")
         (d, g) = found.pop()
         if name == "stack":
             if d >= dim:
                 d += 1
             return [(d, g)]
         if dim == d:
-            raise _Refuse("concatenates along the sample axis")
+            raise _RefuseError("concatenates along the sample axis")
         return [(d, g)]
     if kind in ("matmul", "addmm"):
         off = 1 if kind == "addmm" else 0
@@ -249,46 +250,49 @@ def _batch_rule(
             left = p == (0, off)
             contracted = k - 1 if left else k - 2
             if d == contracted:
-                raise _Refuse(
+                raise _RefuseError(
                     "contracts the sample axis in a matrix product (a Gram matrix or a mixing "
                     "matrix across samples)"
                 )
             result.add((d, g))
         if len(result) != 1 or (len(axes) > 1 + off and any(a[0] >= out_nd - 2 for a in result)):
-            raise _Refuse("multiplies two tensors batched along different dimensions (mixes samples)")
+            raise _RefuseError("multiplies two tensors batched along different dimensions (mixes samples)")
         return [result.pop()]
     if kind == "batch_first":  # convolution, pooling, eval batch norm, nll_loss: samples on dim 0
         if any(p != (0, 0) for p, _ in axes) and name not in ("nll_loss_forward", "nll_loss2d_forward"):
-            raise _Refuse("a parameter-side argument varies with the samples")
+            raise _RefuseError("a parameter-side argument varies with the samples")
         if d != 0:
-            raise _Refuse(f"expects the samples along dimension 0, got dimension {d}")
+            raise _RefuseError(f"expects the samples along dimension 0, got dimension {d}")
         if name == "_native_batch_norm_legit" or (name == "native_batch_norm" and _arg(node, 5, "training")):
-            raise _Refuse("BatchNorm in training mode normalizes with batch statistics (couples the samples)")
+            raise _RefuseError(
+                "BatchNorm in training mode normalizes with batch statistics (couples the samples)"
+            )
         if name in ("nll_loss_forward", "nll_loss2d_forward"):
             reduction = int(_arg(node, 3, "reduction", 1))
             return [(0, g) if reduction == 0 else SUMMED, SAME]
         first = _out_shape(values, node)
         rest = [
-            (0, g) if o is not None and tuple(values[o].shape[:1]) == first[:1] else SAME for o in node.outputs[1:]
+            (0, g) if o is not None and tuple(values[o].shape[:1]) == first[:1] else SAME
+            for o in node.outputs[1:]
         ]
         return [(0, g), *rest]
     if kind == "layer_norm":
         k = len(_arg(node, 1, "normalized_shape"))
         if d >= nd - k:
-            raise _Refuse("normalizes over the sample axis")
+            raise _RefuseError("normalizes over the sample axis")
         return [(d, g)] * nout
     if kind == "pad":
         if d >= nd - len(_arg(node, 1, "pad")) // 2:
-            raise _Refuse("pads the sample axis")
+            raise _RefuseError("pads the sample axis")
         return [(d, g)]
     if kind == "embedding":
         if p0 != (0, 1):
-            raise _Refuse("an embedding table that varies with the samples")
+            raise _RefuseError("an embedding table that varies with the samples")
         return [(d, g)]
     if kind == "loss_reduce":  # mse_loss, binary_cross_entropy_with_logits
         reduction = int(_arg(node, 2 if name == "mse_loss" else 4, "reduction", 1))
         return [(d, g) if reduction == 0 else SUMMED]
-    raise _Refuse("the op has no batch rule")
+    raise _RefuseError("the op has no batch rule")
 
 
 def _ref_at(node: TapeNode, path: tuple[Any, ...]) -> Any:
@@ -305,7 +309,12 @@ def _in_shape(values: Sequence[Any], node: TapeNode, path: tuple[Any, ...]) -> t
 
 
 def analyze(
-    tape: Tape, values: Sequence[Any], data: Sequence[Tensor], num_samples: int, *, batched_output: bool = False
+    tape: Tape,
+    values: Sequence[Any],
+    data: Sequence[Tensor],
+    num_samples: int,
+    *,
+    batched_output: bool = False,
 ) -> BatchAnalysis:
     """Tag every value of ``tape`` (recorded on the whole batch; ``data`` are the batched
     arguments, captured on the tape as constants, samples along dimension 0).
@@ -341,7 +350,7 @@ def analyze(
         dependent = any(tape.depends[o] for o in node.outputs if o is not None)
         try:
             out = _batch_rule(i, node, arg_tags, values, num_samples)
-        except _Refuse as exc:
+        except _RefuseError as exc:
             if not dependent or not any(o is not None and reaches[o] for o in node.outputs):
                 out = [SAME] * len(node.outputs)
             else:

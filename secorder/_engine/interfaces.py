@@ -52,7 +52,7 @@ def param_squares(
     r = cols.shape[0]
     if func in (aten.mm.default, aten.addmm.default) and not node.kwargs:
         off = 1 if func is aten.addmm.default else 0
-        a, b = args[off], args[off + 1]
+        a, _b = args[off], args[off + 1]
         if out_axis[0] != 0 or axes.get((0, off)) != out_axis:
             return None
         g = out_axis[1]
@@ -87,7 +87,7 @@ def param_squares(
         xs = x.reshape(n, g, *x.shape[1:])
 
         def one(xn: Tensor, dn: Tensor) -> Tensor:  # dn: (R, g, ...)
-            _, pull = vjp(lambda ww: aten.convolution.default(xn, ww, None, *rest), w)
+            _, pull, *_ = vjp(lambda ww: aten.convolution.default(xn, ww, None, *rest), w)
             return vmap(lambda c: pull(c)[0])(dn)
 
         grads = vmap(one)(xs, d.transpose(0, 1))  # (N, R, *w.shape)
