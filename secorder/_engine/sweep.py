@@ -195,7 +195,8 @@ def _group_from_local(
     alive = (mag > tol).any(0)  # (T, K)
     keep = [(int(t), int(j)) for t, j in alive.nonzero().tolist()]
     scale = torch.where(mag > tol, mag.sqrt(), torch.zeros_like(mag))
-    return _Group(value, tag, layout, scale, torch.sign(lam), vecs, keep)
+    sign = torch.where(lam < -tol, -torch.ones_like(lam), torch.ones_like(lam))  # dropped: +1
+    return _Group(value, tag, layout, scale, sign, vecs, keep)
 
 
 @dataclass
@@ -428,7 +429,8 @@ def _dense_group(
     cut = tol * float(mag.max()) if mag.numel() else 0.0
     keep = [int(j) for j in (mag > cut).any(0).nonzero().flatten().tolist()]
     scale = torch.where(mag > cut, mag.sqrt(), torch.zeros_like(mag))
-    return _DenseGroup([r.index for _, r in use], tag, layouts, sizes, scale, torch.sign(lam), vecs, keep)
+    sign = torch.where(lam < -cut, -torch.ones_like(lam), torch.ones_like(lam))  # dropped: +1
+    return _DenseGroup([r.index for _, r in use], tag, layouts, sizes, scale, sign, vecs, keep)
 
 
 def _disjoint(plan: _Plan, refs: list[Ref]) -> bool:
@@ -654,7 +656,7 @@ class _Walker:
         out_axis = plan.batch.tags[out]
         axes = {p: t for p, t in plan.batch.arg_tags(i, node).items() if isinstance(t, tuple)}
         d, g = out_axis
-        s = signs.repeat_interleave(g, dim=1)
+        s = signs if g == 1 else signs.repeat_interleave(g, dim=1)
         s = s.reshape(s.shape[0], *[1] * d, s.shape[1], *[1] * (ct.dim() - 2 - d))
         has = {sgn: bool((s * sgn > 0).any()) for sgn in (1, -1)}
         parts = []
@@ -727,9 +729,14 @@ def engine_diagonal(
     adj = _adjoints(tape, leaves, values)
     tol_scale = 64 * torch.finfo(leaves[0].dtype).eps
     groups = _groups(plan, adj, n, tol_scale)
-    r_total = sum(gr.count for gr in groups if gr.tag is not SAME)  # per sample; parameter-only
-    if max_columns is not None and r_total > max_columns:  # groups cost one pullback per column
-        raise EngineTooCostlyError(r_total)
+    r_total = sum(gr.count for gr in groups if gr.tag is not SAME)  # per sample
+    pulled = r_total + sum(  # parameter-only groups cost one pullback per column (not on a leaf)
+        gr.count
+        for gr in groups
+        if gr.tag is SAME and not (isinstance(gr, _Group) and gr.value < tape.num_leaves)
+    )
+    if max_columns is not None and pulled > max_columns:
+        raise EngineTooCostlyError(pulled)
     walker = _Walker(plan, leaves, n)
     step = chunk_size or _default_step(plan, leaves, n)
     for group in groups:
