@@ -90,6 +90,9 @@ def test_deep_mlp_explicit_columns() -> None:
     x, y = torch.randn(6, 4, dtype=DT), torch.randint(0, 3, (6,))
     info = _check(_ce(model), _params(model), x, y)
     assert info.num_columns == 5 + 5 + 5 + 2  # three tanh layers, cross-entropy C - 1
+    model = _mlp(nn.Sigmoid, (4, 5, 3, 6, 5, 3), seed=4)  # five layers, widths changing
+    x, y = torch.randn(7, 4, dtype=DT), torch.randint(0, 3, (7,))
+    _check(_ce(model), _params(model), x, y)
 
 
 def test_cnn_exact() -> None:

@@ -516,12 +516,14 @@ class _Walker:
                 )
             self.diag[leaf] += self._to_leaf(leaf, chain, sq)
 
-    def closed_form(self, group: Any) -> bool:
+    def closed_form(self, group: Any, step: int) -> bool:
         """Closed-form transport of a diagonal group (a pointwise op's one-hot columns) at the
         output of a Linear-like interface: there Σ_c w_c δ_c^⊙2 = m; one hop back through the
         weight B (out = a B) the columns are m_j-scaled rows of Bᵀ, so at a, Σ_c w_c δ_c^⊙2 =
         m (B^⊙2)ᵀ, carried through unary pointwise ops (times f'^⊙2) to the next Linear-like
-        interface. Used when no further interface lies behind (else False: explicit columns)."""
+        interface. When more interfaces lie behind that one, explicit columns start from its
+        output (√|m_j| B[:, j] ⊙ f', formed by broadcasting, not by a product with B) and walk
+        on, skipping the two interfaces already served (False: not applicable)."""
         plan, tape, values, tags = self.plan, self.plan.tape, self.plan.values, self.plan.batch.tags
         if (
             not isinstance(group, _Group)
@@ -538,6 +540,7 @@ class _Walker:
         steps: list[int] = []
         a = node0.args[off]
         stop: int | None = None
+        beyond = False
         if isinstance(a, Ref) and tape.depends[a.index]:
             v = a.index
             while True:
@@ -547,8 +550,7 @@ class _Walker:
                 node = tape.nodes[j]
                 if self._linear_rows(j) is not None and node.outputs[0] == v:
                     data = node.args[self._linear_rows(j)[0]]  # type: ignore[index]
-                    if isinstance(data, Ref) and tape.depends[data.index]:
-                        return False  # more interfaces behind: explicit columns
+                    beyond = isinstance(data, Ref) and tape.depends[data.index]  # more interfaces behind
                     stop = j
                     break
                 refs = [r for _, r in paths((node.args, node.kwargs)) if tape.depends[r.index]]
@@ -575,17 +577,33 @@ class _Walker:
             return True
         w = values[_Walker._ref(node0, wpath).index]
         dgram = m @ (w * w).T
+        derivs = []
         for j in steps:
             node = tape.nodes[j]
             x = values[node.args[0].index]
             _, pull, *_ = vjp(_node_fn(node, values, [(0, 0)], [0]), x)
             (deriv,) = pull((torch.ones_like(values[int(node.outputs[0] or 0)]),))
+            derivs.append(deriv)
             dgram = dgram * deriv * deriv
         self._diagonal_squares(stop, dgram)
+        if beyond:  # explicit columns from the next interface's output on: e_j √|m_j| → √|m_j| B[:, j] ⊙ f'
+            v_stop = int(tape.nodes[stop].outputs[0] or 0)
+            for c0 in range(0, group.count, step):
+                sel = torch.tensor([t for t, _ in group.keep[c0 : c0 + step]], device=w.device)
+                cols = group.scale[:, sel, 0].T[:, :, None] * w.T[sel][:, None, :]  # (k, N, d_in)
+                for deriv in derivs:
+                    cols = cols * deriv
+                stand_in = _Group(v_stop, (0, 1), group.layout, group.scale, group.sign, None, [])
+                self.walk(stand_in, cols, group.sign[:, sel, 0].T, skip={stop})
         return True
 
     def walk(
-        self, group: Any, cols: Tensor | dict[int, Tensor], signs: Tensor, weights: Tensor | None = None
+        self,
+        group: Any,
+        cols: Tensor | dict[int, Tensor],
+        signs: Tensor,
+        weights: Tensor | None = None,
+        skip: frozenset[int] | set[int] = frozenset(),
     ) -> None:
         """Pull a chunk of columns (at ``group.value``, or a dict value → columns) back to the
         interfaces (batched groups) or the leaves (parameter-only groups)."""
@@ -599,7 +617,7 @@ class _Walker:
             if not any(o is not None and o in cot for o in node.outputs):
                 continue
             cts = {o: cot.pop(o) for o in node.outputs if o is not None and o in cot}
-            if not same:
+            if not same and i not in skip:  # skip: interfaces already served in closed form
                 for path, leaf, chain in plan.interfaces.get(i, []):
                     self._interface(i, node, path, leaf, chain, cts, signs, weights)
             positions = [
@@ -750,7 +768,7 @@ def engine_diagonal(
             m = group.sign * group.scale * group.scale
             walker.diag[group.value] += group.layout.from_major(m.reshape(1, 1, -1, 1))[0]
             continue
-        if walker.closed_form(group):
+        if walker.closed_form(group, step):
             continue
         for c0 in range(0, group.count, step):
             cols, signs = group.get(c0, min(group.count, c0 + step))
