@@ -111,6 +111,16 @@ def test_cnn_exact() -> None:
     _check(_ce(model), _params(model), x, y)
 
 
+def test_max_pool_padded_exact() -> None:
+    """The column-batched max-pool VJP (a scatter by the recorded indices), padding and overlap."""
+    torch.manual_seed(5)
+    model = Seq(
+        nn.Conv2d(2, 3, 3), nn.Tanh(), nn.MaxPool2d(3, stride=2, padding=1), nn.Flatten(), nn.Linear(27, 3)
+    ).to(DT)
+    x, y = torch.randn(4, 2, 8, 8, dtype=DT), torch.randint(0, 3, (4,))
+    _check(_ce(model), _params(model), x, y)
+
+
 def test_conv1d_strided_exact() -> None:
     torch.manual_seed(2)
     model = Seq(nn.Conv1d(2, 3, 3, stride=2), nn.Tanh(), nn.Flatten(), nn.Linear(9, 2)).to(DT)

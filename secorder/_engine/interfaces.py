@@ -84,6 +84,15 @@ def param_squares(
         if position != (0, 1):
             return None
         rest = list(args[3:])
+        stride, padding, dilation, transposed, _, groups = rest
+        if x.dim() == 4 and not transposed and groups == 1:  # im2col: one batched matmul per chunk
+            cols_x = torch.nn.functional.unfold(
+                x, w.shape[2:], dilation=dilation, padding=padding, stride=stride
+            )
+            u = cols_x.reshape(n, g, cols_x.shape[1], -1)  # (N, g, I·kh·kw, L)
+            dd = d.reshape(r, n, g, d.shape[3], -1)  # (R, N, g, O, L)
+            grads = torch.einsum("rngol,ngkl->rnok", dd, u)
+            return _weighted(grads * grads, weights).sum((0, 1)).reshape(w.shape)
         xs = x.reshape(n, g, *x.shape[1:])
 
         def one(xn: Tensor, dn: Tensor) -> Tensor:  # dn: (R, g, ...)

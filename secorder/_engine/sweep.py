@@ -454,6 +454,26 @@ def _leaves_of(plan: _Plan, v: int, memo: dict[int, frozenset[int]] | None = Non
     return res
 
 
+def _batched_vjp(
+    node: TapeNode, values: Sequence[Any], positions: list[tuple[Any, ...]], cts: dict[int, Tensor]
+) -> list[Tensor] | None:
+    """Column-batched VJPs written directly for ops whose generic vmapped VJP materializes and
+    copies (max pooling: a scatter of the (k, N, C, ...) columns by the recorded indices);
+    None for every other op."""
+    if node.func is aten.max_pool2d_with_indices.default and positions == [(0, 0)]:
+        out, ind = node.outputs[0], node.outputs[1]
+        if out is None or ind is None or out not in cts or len(cts) != 1:
+            return None
+        x = values[node.args[0].index]
+        ct = cts[out]
+        k = ct.shape[0]
+        idx = values[ind].flatten(-2).expand(k, *values[ind].shape[:-2], -1)
+        grad = ct.new_zeros(k, *x.shape[:-2], x.shape[-2] * x.shape[-1])
+        grad.scatter_add_(-1, idx, ct.flatten(-2))
+        return [grad.reshape(k, *x.shape)]
+    return None
+
+
 class _Walker:
     """One batched reverse walk per chunk of columns; accumulates the diagonal per leaf."""
 
@@ -629,6 +649,12 @@ class _Walker:
                 and (r.index >= tape.num_leaves or same)
             ]
             if not positions:
+                continue
+            fast = _batched_vjp(node, values, positions, cts)
+            if fast is not None:
+                for p, gr in zip(positions, fast):
+                    idx = self._ref(node, p).index
+                    cot[idx] = cot[idx] + gr if idx in cot else gr
                 continue
             pull, outs = self._pull(i, positions)
             ct_list = [
