@@ -296,7 +296,7 @@ def _groups(plan: _Plan, adj: dict[int, Tensor], n: int, tol_scale: float) -> li
             dim = int(node.args[1]) % max(1, u.dim())
             lay = _layout(tuple(u.shape), tag, n, dim)
             hr = _softmax_rows(func, lay.to_major(values[o]), lay.to_major(adj[o].to(u.dtype)))
-            lam, vecs = torch.linalg.eigh(hr)  # (N, T, C), (N, T, C, C)
+            lam, vecs = _eigh(hr, func, i)  # (N, T, C), (N, T, C, C)
             groups.append(_group_from_local(r.index, tag, lay, lam, vecs, tol_scale))
             continue
         if (torch.Tag.pointwise in func.tags and not node.multi) or (func in _DIAG_LOSSES and p == (0, 0)):
@@ -314,6 +314,7 @@ def _groups(plan: _Plan, adj: dict[int, Tensor], n: int, tol_scale: float) -> li
                 )
             if m is None:
                 continue
+            m = torch.where(adj[o] == 0, torch.zeros_like(m), m) if m.shape == adj[o].shape else m
             lay = _layout(tuple(u.shape), tag, n, None)
             lam = lay.to_major(m.detach()).reshape(lay.n, -1, 1)
             groups.append(_group_from_local(r.index, tag, lay, lam, None, tol_scale))
@@ -332,6 +333,19 @@ def _disjoint_sets(plan: _Plan, a: list[tuple[Any, Ref]], b: list[tuple[Any, Ref
     la = frozenset().union(*[_leaves_of(plan, r.index) for _, r in a])
     lb = frozenset().union(*[_leaves_of(plan, r.index) for _, r in b])
     return not (la & lb)
+
+
+def _eigh(h: Tensor, func: Any, i: int) -> tuple[Tensor, Tensor]:
+    """Batched ``eigh`` of local Hessians, refused (not wrong) when they are not finite or it fails."""
+    if not bool(torch.isfinite(h).all()):
+        raise EngineUnsupportedError(f"the local Hessian of {func} (tape position {i}) is not finite")
+    try:
+        lam, vecs = torch.linalg.eigh(h)
+    except RuntimeError as exc:
+        raise EngineUnsupportedError(
+            f"eigh of the local Hessian of {func} (tape position {i}) failed: {exc}"
+        ) from exc
+    return lam, vecs
 
 
 MAX_LOCAL = 2048  # entries per sample of a dense local Hessian (generic ops)
@@ -424,7 +438,16 @@ def _dense_group(
     hs = torch.cat([lay.to_major_batched(c) for lay, c in zip(layouts, cols)], -1)  # (S, N, S)
     h = hs.permute(1, 0, 2)
     h = (h + h.transpose(1, 2)) / 2
-    lam, vecs = torch.linalg.eigh(h)
+    # a sample whose adjoint is zero has ⟨ḡ_n, op(u)⟩ ≡ 0: its local Hessian is exactly zero
+    # (autograd would give 0·∞ = NaN where the op's second derivative is unbounded there)
+    zero = torch.ones(samples, dtype=torch.bool, device=h.device)
+    for o in outs:
+        t = tags[o]
+        g_o = adj[o]
+        rows = g_o.reshape(1, -1) if not isinstance(t, tuple) else g_o.movedim(t[0], 0).reshape(samples, -1)
+        zero &= (rows == 0).all(1) if rows.shape[0] == samples else bool((rows == 0).all())
+    h = torch.where(zero[:, None, None], torch.zeros_like(h), h)
+    lam, vecs = _eigh(h, node.func, i)
     mag = lam.abs()
     cut = tol * float(mag.max()) if mag.numel() else 0.0
     keep = [int(j) for j in (mag > cut).any(0).nonzero().flatten().tolist()]
