@@ -380,3 +380,56 @@ def test_closure_captured_inputs_exact() -> None:
     ref = _dense_diag(f, p, y)
     for k in p:
         torch.testing.assert_close(d[k], ref[k])
+
+
+class _Block(nn.Module):
+    """Transformer block without biases or norm affines: LayerNorm rows, two-head causal
+    attention (bmm of two parameter-dependent operands, (N·heads) batch matrices per batch),
+    GELU MLP, residuals, mean pooling, linear head."""
+
+    def __init__(self, d: int = 6, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.emb = nn.Linear(5, d, bias=False)
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.fc, self.pr = nn.Linear(d, 2 * d, bias=False), nn.Linear(2 * d, d, bias=False)
+        self.head = nn.Linear(d, 3, bias=False)
+        self.ln1 = nn.LayerNorm(d, elementwise_affine=False)
+        self.ln2 = nn.LayerNorm(d, elementwise_affine=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, t, _ = x.shape
+        h = self.emb(x)
+        q, k, v = self.qkv(self.ln1(h)).chunk(3, dim=-1)
+
+        def split(z: Tensor) -> Tensor:
+            return z.reshape(n, t, self.heads, -1).transpose(1, 2).reshape(n * self.heads, t, -1)
+
+        q, k, v = split(q), split(k), split(v)
+        att = torch.bmm(q, k.transpose(1, 2)) / q.shape[-1] ** 0.5
+        mask = torch.triu(torch.ones(t, t, dtype=torch.bool), 1)
+        att = att.masked_fill(mask, float("-inf")).softmax(-1)
+        o = torch.bmm(att, v).reshape(n, self.heads, t, -1).transpose(1, 2).reshape(n, t, -1)
+        h = h + o
+        h = h + self.pr(F.gelu(self.fc(self.ln2(h))))
+        return self.head(h.mean(1))
+
+
+def test_transformer_block_exact() -> None:
+    """LayerNorm rows, closed-form bilinear columns of attention products, dense columns of the
+    rest, (N, T, d) → (N·T, d) and (N·heads) layouts: exact against the dense Hessian."""
+    torch.manual_seed(7)
+    model = _Block().to(DT)
+    x, y = torch.randn(4, 4, 5, dtype=DT), torch.randint(0, 3, (4,))
+    _check(_ce(model), _params(model), x, y)
+
+
+def test_tied_weights_fall_back_with_reason() -> None:
+    torch.manual_seed(8)
+    w = torch.randn(4, 4, dtype=DT)
+    f = lambda w, x: torch.tanh(torch.tanh(x @ w) @ w).sum()
+    x = torch.randn(5, 4, dtype=DT)
+    fn = secorder.hessian_diagonal(f)
+    got = fn(w, x)
+    assert fn.method_info.method == "hvp" and "tied weights" in fn.method_info.reason
+    torch.testing.assert_close(got, dense_hessian(lambda v: f(v, x), w).diagonal().reshape(4, 4))

@@ -283,8 +283,27 @@ def _groups(plan: _Plan, adj: dict[int, Tensor], n: int, tol_scale: float) -> li
         sam = [(q, r) for q, r in found if tags[r.index] is SAME]
         if bat and sam and all(q in side for q, _ in sam) and _disjoint_sets(plan, bat, sam):
             found = bat  # linear in the parameter side, no shared leaves: no diagonal curvature there
+        if (
+            func is aten.bmm.default
+            and [q for q, _ in found] == [(0, 0), (0, 1)]
+            and outs == [node.outputs[0]]
+            and tags[found[0][1].index] == tags[found[1][1].index]
+            and isinstance(tags[found[0][1].index], tuple)
+            and tags[found[0][1].index][0] == 0
+        ):
+            groups.append(_bilinear_group(plan, i, found, outs[0], adj, n, tol_scale))
+            continue
         if len(found) != 1:
             groups.append(_dense_group(plan, i, found, outs, adj, n, tol_scale))
+            continue
+        if (
+            func is aten.native_layer_norm.default
+            and found[0][0] == (0, 0)
+            and len(node.args[1]) == 1
+            and outs == [node.outputs[0]]
+            and tags[found[0][1].index] is not SAME
+        ):
+            groups.append(_row_group(plan, i, found[0][1], outs[0], adj, n, tol_scale))
             continue
         (p, r) = found[0]
         o = outs[0]
@@ -333,6 +352,106 @@ def _disjoint_sets(plan: _Plan, a: list[tuple[Any, Ref]], b: list[tuple[Any, Ref
     la = frozenset().union(*[_leaves_of(plan, r.index) for _, r in a])
     lb = frozenset().union(*[_leaves_of(plan, r.index) for _, r in b])
     return not (la & lb)
+
+
+@dataclass
+class _BilinearGroup:
+    """Closed-form columns of ⟨ḡ, Ȧ Ḃ⟩ for a batched product A B of two parameter-dependent
+    operands (per batch matrix, ḡ = Σ_r s_r u_r v_rᵀ by SVD): columns (u_r e_jᵀ, ±e_j v_rᵀ) with
+    weights ±s_r / 2, since ⟨ḡ, Ȧ Ḃ⟩ = Σ_r s_r Σ_j (u_rᵀ Ȧ)_j (Ḃ v_r)_j and
+    2ab = ((a + b)² − (a − b)²)/2. R = 2 · rank · K per batch matrix; no dense matrix, no eigh."""
+
+    values_: tuple[int, int]
+    tag: Tag
+    u: Tensor  # (N, g, m, r)
+    s: Tensor  # (N, g, r)
+    v: Tensor  # (N, g, n, r)
+    inner: int  # K
+    keep: list[tuple[int, int, int, int]]  # (t, r, j, ±1)
+
+    @property
+    def count(self) -> int:
+        return len(self.keep)
+
+    def get(self, c0: int, c1: int) -> tuple[dict[int, Tensor], Tensor]:
+        sel = self.keep[c0:c1]
+        k = len(sel)
+        dev = self.s.device
+        ts = torch.tensor([t for t, _, _, _ in sel], device=dev)
+        rs = torch.tensor([r for _, r, _, _ in sel], device=dev)
+        js = torch.tensor([j for _, _, j, _ in sel], device=dev)
+        pm = torch.tensor([float(q) for _, _, _, q in sel], device=dev, dtype=self.s.dtype)
+        n, g, m, _ = self.u.shape
+        nn_ = self.v.shape[2]
+        root = (self.s[:, ts, rs] / 2).sqrt()  # (N, k)
+        a = self.s.new_zeros(k, n, g, m, self.inner)
+        b = self.s.new_zeros(k, n, g, self.inner, nn_)
+        ar = torch.arange(k, device=dev)
+        a[ar, :, ts, :, js] = root.T[:, :, None] * self.u[:, ts, :, rs]  # advanced indices first: (k, N, m)
+        b[ar, :, ts, js, :] = pm[:, None, None] * root.T[:, :, None] * self.v[:, ts, :, rs]
+        av, bv = self.values_
+        a = a.reshape(k, n * g, m, self.inner)
+        b = b.reshape(k, n * g, self.inner, nn_)
+        out = {av: a} if av != bv else {av: a + b}
+        if av != bv:
+            out[bv] = b
+        return out, pm[:, None].expand(k, n)
+
+
+def _bilinear_group(
+    plan: _Plan, i: int, found: list[tuple[Any, Ref]], out: int, adj: dict[int, Tensor], n: int, tol: float
+) -> _BilinearGroup:
+    values, tags = plan.values, plan.batch.tags
+    (_, ra), (_, rb) = found
+    tag = tags[ra.index]
+    a = values[ra.index]
+    g = int(a.shape[0]) // n
+    gbar = adj[out].to(values[out].dtype)  # (N·g, m, n)
+    u, s, vh = torch.linalg.svd(gbar, full_matrices=False)  # (b, m, r), (b, r), (b, r, n)
+    r = s.shape[-1]
+    cut = tol * float(s.max()) if s.numel() else 0.0
+    s = torch.where(s > cut, s, torch.zeros_like(s))
+    inner = int(a.shape[-1])
+    s3 = s.reshape(n, g, r)
+    alive = (s3 > 0).any(0)  # (g, r)
+    keep = [(t, q, j, sg) for t, q in alive.nonzero().tolist() for j in range(inner) for sg in (1, -1)]
+    return _BilinearGroup(
+        (ra.index, rb.index),
+        tag,
+        u.reshape(n, g, *u.shape[1:]),
+        s3,
+        vh.transpose(-1, -2).reshape(n, g, vh.shape[-1], r),
+        inner,
+        keep,
+    )
+
+
+def _row_group(plan: _Plan, i: int, ref: Ref, out: int, adj: dict[int, Tensor], n: int, tol: float) -> _Group:
+    """Rows normalized independently (LayerNorm over the last dimension): the d×d local Hessian
+    of every row at once from d reverse-over-reverse products (one-hot tangent at position c of
+    every row), then a batched ``eigh`` per row: R = rows per sample · d, cost O(rows · d³)."""
+    tape, values, tags = plan.tape, plan.values, plan.batch.tags
+    node = tape.nodes[i]
+    u = values[ref.index]
+    d = int(u.shape[-1])
+    lay = _layout(tuple(u.shape), tags[ref.index], n, u.dim() - 1)
+    fn = _node_fn(node, values, [(0, 0)], [0])
+    gbar = (adj[out].to(values[out].dtype),)
+
+    def grad_fn(x: Tensor) -> Tensor:
+        _, pull, *_ = vjp(fn, x)
+        return pull(gbar)[0]
+
+    _, hpull, *_ = vjp(grad_fn, u)
+    eye = torch.eye(d, dtype=u.dtype, device=u.device)
+    tangents = eye.reshape(d, *[1] * (u.dim() - 1), d).expand(d, *u.shape)
+    cols = vmap(lambda t: hpull(t)[0])(tangents)  # (d, *shape): column c of every row's Hessian
+    h = torch.stack([lay.to_major(c) for c in cols], -2)  # (N, T, d, d)
+    h = (h + h.transpose(-1, -2)) / 2
+    zero = (lay.to_major(adj[out]) == 0).all(-1)  # rows with a zero adjoint: exactly zero
+    h = torch.where(zero[..., None, None], torch.zeros_like(h), h)
+    lam, vecs = _eigh(h, node.func, i)
+    return _group_from_local(ref.index, tags[ref.index], lay, lam, vecs, tol)
 
 
 def _eigh(h: Tensor, func: Any, i: int) -> tuple[Tensor, Tensor]:
