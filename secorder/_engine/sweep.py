@@ -15,7 +15,12 @@ Columns, one *group* per op with curvature (``R`` = columns per sample, summed o
   of a sample, e_i √|m_i|, sign of m_i;
 * ``_softmax``/``_log_softmax`` rows (closed form, see :func:`_softmax_rows`), split by a
   batched ``eigh`` per row; the null direction of log-softmax is dropped, so cross-entropy
-  has C−1 columns per row.
+  has C−1 columns per row;
+* ``native_layer_norm`` over the last dimension: per-row d×d Hessians (:func:`_row_group`);
+* ``bmm`` of two parameter-dependent operands (attention): closed-form SVD columns
+  (:class:`_BilinearGroup`);
+* any other op: the dense local Hessian per sample over its parameter-dependent inputs
+  (:func:`_dense_group`, at most ``MAX_LOCAL`` entries per sample).
 
 Each group's columns, batched over the samples (column c holds every sample's s_{n,c} in its
 own slice), go through ONE batched reverse walk per chunk of columns over the tape (per-op
@@ -29,8 +34,9 @@ parameter-only values (a regularizer) are pulled back to the leaves and squared 
 
 Refused (:class:`EngineUnsupportedError`, the caller falls back to one-hot HVPs): a tape that
 cannot be replayed faithfully, an op that mixes samples (:class:`~secorder._engine.batch.BatchAxisError`),
-an op with curvature and no column rule yet, a parameter used at two interfaces (tied
-weights) or through non-view ops before meeting the data, an interface with no rule.
+a generic op over more than ``MAX_LOCAL`` entries per sample or with a non-finite local
+Hessian, a parameter used at two interfaces (tied weights) or through non-view ops before
+meeting the data, an interface with no rule.
 """
 
 from __future__ import annotations
