@@ -213,6 +213,10 @@ REFUSE: dict[str, tuple[Callable[..., Tensor], str]] = {
         lambda w, x: (torch.ones(6, 6, dtype=DT) @ (x @ w)).tanh().sum(),
         r"aten\.mm\.default.*contracts",
     ),
+    "norm_over_samples": (
+        lambda w, x: (x @ w).norm(dim=0).sum(),
+        r"linalg_vector_norm.*over the sample axis",
+    ),
     "select_sample": (lambda w, x: (x @ w)[0].tanh().sum(), r"aten\.select\.int.*picks samples"),
 }
 
@@ -433,3 +437,18 @@ def test_tied_weights_fall_back_with_reason() -> None:
     got = fn(w, x)
     assert fn.method_info.method == "hvp" and "tied weights" in fn.method_info.reason
     torch.testing.assert_close(got, dense_hessian(lambda v: f(v, x), w).diagonal().reshape(4, 4))
+
+
+def test_vector_norm_rows_with_zero_rows_exact() -> None:
+    """Row-wise vector norms: per-row local Hessians; rows whose adjoint is zero (here rows that
+    ReLU zeroed, where the norm's second derivative is unbounded) contribute exactly zero."""
+    torch.manual_seed(9)
+    p = {"a": torch.randn(4, 4, dtype=DT), "b": torch.randn(4, 4, dtype=DT)}
+    x = torch.randn(6, 4, dtype=DT)
+
+    def f(p: dict[str, Tensor], x: Tensor) -> Tensor:
+        h = torch.relu(x @ p["a"] - 1.5)
+        g = torch.tanh(x @ p["b"])
+        return (h * h.norm(dim=1, keepdim=True)).sum() + g.norm(dim=-1).pow(3).mean()
+
+    _check(f, p, x)

@@ -214,6 +214,12 @@ def _batch_rule(
                 "reduces over the sample axis nonlinearly (a batch max, variance or log-sum-exp)"
             )
         return [(d if keep else d - sum(k < d for k in dims), g)] * nout
+    if kind == "norm":  # linalg_vector_norm(x, ord, dim, keepdim)
+        dims = _dims(_arg(node, 2, "dim"), nd)
+        keep = bool(_arg(node, 3, "keepdim", False))
+        if d in dims:
+            raise _RefuseError("takes a norm over the sample axis")
+        return [(d if keep else d - sum(k < d for k in dims), g)]
     if kind == "softmax":
         if int(_arg(node, 1, "dim")) % nd == d:
             raise _RefuseError("normalizes over the sample axis")

@@ -135,6 +135,7 @@ _register(
     batch="reduce",
 )
 _register(("_softmax", "_log_softmax", "_safe_softmax"), batch="softmax")
+_register(("linalg_vector_norm",), batch="norm")
 _register(("split.Tensor", "split_with_sizes", "unbind.int", "chunk"), batch="split")
 _register(("cat", "stack"), batch="cat")
 _register(("mm", "bmm"), batch="matmul")

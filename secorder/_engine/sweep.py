@@ -302,13 +302,7 @@ def _groups(plan: _Plan, adj: dict[int, Tensor], n: int, tol_scale: float) -> li
         if len(found) != 1:
             groups.append(_dense_group(plan, i, found, outs, adj, n, tol_scale))
             continue
-        if (
-            func is aten.native_layer_norm.default
-            and found[0][0] == (0, 0)
-            and len(node.args[1]) == 1
-            and outs == [node.outputs[0]]
-            and tags[found[0][1].index] is not SAME
-        ):
+        if found[0][0] == (0, 0) and outs == [node.outputs[0]] and _rowwise_last(node, values):
             groups.append(_row_group(plan, i, found[0][1], outs[0], adj, n, tol_scale))
             continue
         (p, r) = found[0]
@@ -432,9 +426,24 @@ def _bilinear_group(
     )
 
 
+def _rowwise_last(node: TapeNode, values: Sequence[Any]) -> bool:
+    """The op acts on each row of its first argument's last dimension separately (LayerNorm over
+    the last dimension, a vector norm over it)."""
+    x = node.args[0]
+    if not isinstance(x, Ref) or not isinstance(values[x.index], Tensor) or values[x.index].dim() < 1:
+        return False
+    nd = values[x.index].dim()
+    if node.func is aten.native_layer_norm.default:
+        return len(node.args[1]) == 1
+    if node.func is aten.linalg_vector_norm.default and not node.kwargs.get("dtype"):
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+        return isinstance(dim, (list, tuple)) and len(dim) == 1 and int(dim[0]) % nd == nd - 1
+    return False
+
+
 def _row_group(plan: _Plan, i: int, ref: Ref, out: int, adj: dict[int, Tensor], n: int, tol: float) -> _Group:
-    """Rows normalized independently (LayerNorm over the last dimension): the d×d local Hessian
-    of every row at once from d reverse-over-reverse products (one-hot tangent at position c of
+    """Rows treated independently (LayerNorm or a vector norm over the last dimension): the d×d
+    local Hessian of every row at once from d reverse-over-reverse products (one-hot tangent at position c of
     every row), then a batched ``eigh`` per row: R = rows per sample · d, cost O(rows · d³)."""
     tape, values, tags = plan.tape, plan.values, plan.batch.tags
     node = tape.nodes[i]
@@ -454,7 +463,10 @@ def _row_group(plan: _Plan, i: int, ref: Ref, out: int, adj: dict[int, Tensor], 
     cols = vmap(lambda t: hpull(t)[0])(tangents)  # (d, *shape): column c of every row's Hessian
     h = torch.stack([lay.to_major(c) for c in cols], -2)  # (N, T, d, d)
     h = (h + h.transpose(-1, -2)) / 2
-    zero = (lay.to_major(adj[out]) == 0).all(-1)  # rows with a zero adjoint: exactly zero
+    a = adj[out]
+    if a.dim() == u.dim() - 1:  # a norm without keepdim
+        a = a.unsqueeze(-1)
+    zero = (a.permute(lay.perm).reshape(lay.n, lay.t, -1) == 0).all(-1)  # zero adjoint: exactly zero
     h = torch.where(zero[..., None, None], torch.zeros_like(h), h)
     lam, vecs = _eigh(h, node.func, i)
     return _group_from_local(ref.index, tags[ref.index], lay, lam, vecs, tol)
