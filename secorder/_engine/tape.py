@@ -76,6 +76,7 @@ class Tape:
     num_values: int
     depends: list[bool] = field(default_factory=list)  # per value: depends on a leaf
     num_inputs: int = 0  # data inputs, value indices num_leaves .. num_leaves + num_inputs - 1
+    values: list[Any] | None = None  # the recorded values (None when an in-place op rewrote one)
 
     def replay(
         self,
@@ -163,6 +164,8 @@ class _Recorder(TorchDispatchMode):
         self.nodes: list[TapeNode] = []
         self.num_values = len(leaves)
         self.problem: str | None = None
+        self.values: list[Any] = list(leaves)
+        self.rewritten = False
 
     def _count_storage(self, t: Tensor) -> None:
         try:
@@ -216,6 +219,8 @@ class _Recorder(TorchDispatchMode):
                 self.num_values += 1
                 self.nodes.append(TapeNode(twin, rargs, rkwargs, [idx], False))
                 self.ids[id(t)] = idx  # later uses of this tensor see the new value
+                self.values.append(t)
+                self.rewritten = True  # the tensor of the earlier value now holds the new one
                 return out
         multi = isinstance(out, (tuple, list))
         outs = list(out) if multi else [out]
@@ -227,6 +232,7 @@ class _Recorder(TorchDispatchMode):
                 self._count_storage(o)
                 indices.append(self.num_values)
                 self.num_values += 1
+                self.values.append(o)
             else:
                 indices.append(None)
         self.nodes.append(TapeNode(func, rargs, rkwargs, indices, multi))
@@ -299,5 +305,12 @@ def record(
                 depends[o] = dep
                 on_data[o] = data_dep
     return Tape(
-        len(leaves), rec.nodes, None if idx is None else Ref(idx), result, rec.num_values, depends, len(data)
+        len(leaves),
+        rec.nodes,
+        None if idx is None else Ref(idx),
+        result,
+        rec.num_values,
+        depends,
+        len(data),
+        None if rec.rewritten else rec.values,
     )
