@@ -82,6 +82,7 @@ from torch import Tensor, nn
 from secorder import probes as _probes
 from secorder._chunking import check_chunk_size
 from secorder._errors import error
+from secorder._kernels import with_decomposed_kernels
 from secorder._fisher_operators import EmpiricalFisherOperator, GGNOperator, MCFisherOperator
 from secorder._layers import FastCapture
 from secorder._losses import KINDS, Factor, LossSpec, resolve_loss
@@ -296,6 +297,7 @@ def _leaf_names(params: Any, count: int) -> list[str]:
     return [str(i) for i in range(count)]
 
 
+@with_decomposed_kernels
 def _run(
     s: _Setup, params: Any, inputs: Any, targets: Any, generator: torch.Generator | None, trace: bool
 ) -> tuple[Tensor, Tensor, list[Tensor], TreeSpec, FisherPath]:

@@ -71,6 +71,7 @@ from torch import Tensor
 from torch.func import grad, jvp, vjp, vmap
 
 from secorder._errors import error
+from secorder._kernels import with_decomposed_kernels
 from secorder._pytree import numel, ravel, unravel
 from secorder._tape import TapeUnsupportedError
 from secorder._taylor import TaylorQuadform
@@ -411,6 +412,7 @@ class HessianOperator:
         return self._hv_autograd(rows, batched=(s == "autograd_batched"))
 
     # -- public ----------------------------------------------------------------
+    @with_decomposed_kernels
     def matmat(self, V: Tensor) -> Tensor:
         """Rows ``H v_i`` for the rows ``v_i`` of the ``(k, P)`` tensor ``V``."""
         try:
@@ -419,6 +421,7 @@ class HessianOperator:
             raise _strategy_failure(self.call, self.strategy, exc) from exc
         return ravel(out, batch_dims=1)
 
+    @with_decomposed_kernels
     def quadform(self, V: Tensor) -> Tensor:
         """The ``k`` values ``v_iᵀ H v_i`` for the rows of ``V``."""
         try:
