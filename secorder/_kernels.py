@@ -20,6 +20,17 @@ function they compute is an ordinary composition of differentiable ops:
   product of all time steps' inputs per layer and direction, then one ``linear`` of the
   hidden state per step). Packed sequences keep the native kernel.
 
+One more substitution fixes *which function* is differentiated rather than how:
+
+* ``F.embedding`` with ``padding_idx`` (BERT's ``[PAD]`` row, ``nn.Embedding(padding_idx=)``):
+  PyTorch's gradient rule freezes the padding row (zero gradient), while forward mode lets a
+  tangent through it, so reverse-mode (exact, ``rev_rev``) and forward-mode (Taylor,
+  Hutchinson of the GGN) routes differentiated different functions. secorder defines every
+  quantity for the function in which the padding row is a constant, as the gradient rule
+  says (its rows and columns of every curvature matrix are zero; the diagonal is zero
+  there): under :func:`decomposed_kernels` the lookup is ``where(ids == padding_idx,
+  out.detach(), out)`` with the same forward value.
+
 Every place that forms second derivatives or records a tape enters
 :func:`decomposed_kernels`: the Hessian operator's products, the Fisher operators' products
 and per-sample routes, and :func:`secorder._tape.record`. Entering it is cheap and
@@ -113,11 +124,34 @@ def _rnn(kind: str, args: Sequence[Any]) -> Any:
     return out, torch.stack(h_out)
 
 
-class _DecomposedRNN(TorchFunctionMode):
-    """Routes the (unpacked) ``torch._VF`` RNN kernels through :func:`_rnn`."""
+def _embedding(func: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+    """``F.embedding`` with ``padding_idx``: the padding row enters as a constant.
+
+    PyTorch's gradient rule for ``padding_idx`` gives the padding row a zero gradient, but its
+    forward-mode rule lets a tangent through; the lookup of the padding row is detached here,
+    so reverse mode, forward mode and recorded tapes all differentiate the same function
+    (see :func:`decomposed_kernels`).
+    """
+    names = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
+    bound = dict(zip(names, args))
+    bound.update(kwargs)
+    idx, weight, pad = bound["input"], bound["weight"], bound.get("padding_idx")
+    if pad is None or bound.get("max_norm") is not None or not isinstance(weight, Tensor):
+        return func(*args, **kwargs)
+    pad = int(pad) + (weight.shape[0] if int(pad) < 0 else 0)
+    bound["padding_idx"] = None
+    out = func(**bound)
+    return torch.where((idx == pad).unsqueeze(-1), out.detach(), out)
+
+
+class _Decomposed(TorchFunctionMode):
+    """Routes the (unpacked) ``torch._VF`` RNN kernels through :func:`_rnn` and freezes the
+    padding row of ``F.embedding`` (:func:`_embedding`)."""
 
     def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
+        if func is F.embedding:
+            return _embedding(func, args, kwargs)
         kind = _RNN_FUNCS.get(func)
         # packed sequences pass batch_sizes second and the params list fourth
         if kind is not None and not kwargs and len(args) == 9 and isinstance(args[2], (list, tuple)):
@@ -157,7 +191,7 @@ def decomposed_kernels() -> Iterator[None]:
 
     _depth += 1
     try:
-        with sdpa_kernel(SDPBackend.MATH), _mha_fastpath_off(), _DecomposedRNN():
+        with sdpa_kernel(SDPBackend.MATH), _mha_fastpath_off(), _Decomposed():
             yield
     finally:
         _depth -= 1
