@@ -18,10 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-try:  # optional: the ``realmodels`` test extra
-    import transformers
-except Exception:  # pragma: no cover - depends on the environment
-    transformers = None
+
+def transformers_or_none() -> Any:
+    """``transformers`` (the optional ``realmodels`` test extra), or None when it does not import."""
+    try:
+        import transformers
+    except Exception:  # pragma: no cover - depends on the environment
+        return None
+    return transformers
 
 
 @dataclass
@@ -181,6 +185,7 @@ def build(name: str, dtype: torch.dtype = torch.float64, batch: int = 2) -> Case
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     if name.startswith(("gpt2", "bert")):
+        transformers = transformers_or_none()
         if transformers is None:
             raise RuntimeError("transformers is not installed")
         attn = "eager" if name.endswith("eager") else "sdpa"
