@@ -64,6 +64,7 @@ from secorder._pytree import check_floating_tree, unflatten
 from secorder._sweep import SweepTooCostlyError, SweepUnsupportedError, sweep_diagonal
 from secorder._validate import check_num_probes
 from secorder.hessian import hessian_diagonal
+from secorder.operators import StrategyFailure
 from secorder.modules import module_forward
 from secorder.probes import check_generator
 
@@ -280,7 +281,20 @@ def _run(
         def f(p: Any, x: Any, y: Any) -> Tensor:
             return spec.total(forward(p, x), y)
 
-        diag = hessian_diagonal(f, chunk_size=chunk_size)(params, inputs, targets)
+        try:
+            diag = hessian_diagonal(f, chunk_size=chunk_size)(params, inputs, targets)
+        except StrategyFailure as exc:  # its fix names strategy=, which this call does not take
+            raise error(
+                call,
+                f"the one-hot Hessian-vector products of method='hvp' ({reason}) need double "
+                "backward through every op of the model",
+                f"{type(exc.__cause__).__name__}: {exc.__cause__}",
+                "Use secorder.hessian_diagonal(f, strategy='finite_difference') with f from "
+                "secorder.module_loss(model, loss) (first derivatives only), or an estimate "
+                "with method='curvature_propagation', num_probes=K where the op-level sweep covers "
+                "the model.",
+                cls=RuntimeError,
+            ) from exc
         return diag, {n: torch.zeros_like(v) for n, v in diag.items()}, SweepInfo("hvp", r, p_count, reason)
 
     if method == "hvp":

@@ -82,6 +82,7 @@ __all__ = [
     "DenseOperator",
     "HessianOperator",
     "LinearOperator",
+    "StrategyFailure",
     "check_strategy",
     "in_functorch_transform",
     "resolve_strategy",
@@ -241,6 +242,11 @@ def _graph_has_convolution(root: Tensor) -> bool:
     return False
 
 
+class StrategyFailure(RuntimeError):
+    """A Hessian strategy could not form its products (the message names the call and the
+    strategies to try); callers that take no ``strategy=`` re-raise it with their own fix."""
+
+
 def _strategy_failure(call: str, strategy: str, exc: Exception) -> Exception:
     others = [s for s in STRATEGIES + FALLBACK_STRATEGIES if s not in ("auto", strategy)]
     return error(
@@ -250,7 +256,7 @@ def _strategy_failure(call: str, strategy: str, exc: Exception) -> Exception:
         f"{type(exc).__name__}: {exc}",
         f"Pass another strategy: one of {', '.join(repr(s) for s in others)}; "
         'strategy="finite_difference" needs only first derivatives.',
-        cls=RuntimeError,
+        cls=StrategyFailure,
     )
 
 

@@ -294,3 +294,44 @@ def test_train_mode_batchnorm_refusal_names_call_and_fix() -> None:
     )
     assert torch.isfinite(est)
     _unchanged(case, before)
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """tanh with a first derivative that is not differentiable again (like a fused kernel)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return g * (1 - y * y)
+
+
+class _Fused(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return _NoDoubleBackward.apply(self.lin(x))
+
+
+def test_module_hessian_refusal_names_its_own_call_and_fix() -> None:
+    """A kernel without double backward: module_hessian_diagonal(method='hvp') names itself and
+    a route it or the named function accepts, not a strategy= it does not take; that route works."""
+    model = _Fused().double()
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.randint(0, 2, (4,))
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    with pytest.raises(RuntimeError, match=r"^module_hessian_diagonal\(.*strategy='finite_difference'") as info:
+        secorder.module_hessian_diagonal(model, "cross_entropy", method="hvp")(params, x, y)
+    assert "strategy=\"" not in str(info.value)
+    f, _ = secorder.module_loss(model, torch.nn.functional.cross_entropy)
+    fd = secorder.hessian_diagonal(f, strategy="finite_difference")(params, x, y)
+    plain = lambda p, x, y: torch.nn.functional.cross_entropy(torch.tanh(functional_call(model.lin, {k[4:]: v for k, v in p.items()}, (x,))), y)
+    ref = secorder.hessian_diagonal(plain)(params, x, y)  # the same function with torch.tanh
+    assert all(torch.allclose(fd[k], ref[k], rtol=1e-6, atol=1e-8) for k in ref)
