@@ -309,6 +309,8 @@ class HessianOperator:
         if self.strategy in ("auto", "taylor"):
             self._autograd_graph()
             self.strategy = "autograd" if self._has_conv or self.one_at_a_time else "rev_rev"
+            if self.strategy == "rev_rev":  # the probe graph is not used again: free it now
+                self._graph = None  # (a retained double-backward graph held 2x the memory)
         return self.strategy
 
     def _settle_quadform(self) -> str:
