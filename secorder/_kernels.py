@@ -31,6 +31,16 @@ One more substitution fixes *which function* is differentiated rather than how:
   there): under :func:`decomposed_kernels` the lookup is ``where(ids == padding_idx,
   out.detach(), out)`` with the same forward value.
 
+And one keeps the user's model as it was:
+
+* ``F.batch_norm`` in training mode updates ``running_mean``/``running_var`` in place. A
+  loss written with ``functional_call(model, params, x)`` (buffers not passed) hands it the
+  module's own buffers, so each of the many evaluations secorder makes would move them; under
+  :func:`decomposed_kernels` clones go in (the normalization uses batch statistics, so the
+  value is the same). ``nn.BatchNorm``'s own ``num_batches_tracked += 1`` happens in the
+  module's Python code and still counts (it matters only for ``momentum=None``):
+  :func:`secorder.module_loss` clones every buffer and changes nothing.
+
 Every place that forms second derivatives or records a tape enters
 :func:`decomposed_kernels`: the Hessian operator's products, the Fisher operators' products
 and per-sample routes, and :func:`secorder._tape.record`. Entering it is cheap and
@@ -144,14 +154,32 @@ def _embedding(func: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
     return torch.where((idx == pad).unsqueeze(-1), out.detach(), out)
 
 
+def _batch_norm(func: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+    """``F.batch_norm`` in training mode normalizes with the batch statistics and *updates*
+    ``running_mean``/``running_var`` in place; a user's ``f`` built on ``functional_call``
+    without buffers would pass the module's own buffers, and every one of secorder's many
+    evaluations would move them. Clones go in instead: the same value, no write-back."""
+    names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+    bound = dict(zip(names, args))
+    bound.update(kwargs)
+    if bound.get("training") and isinstance(bound.get("running_mean"), Tensor):
+        bound["running_mean"] = bound["running_mean"].clone()
+        if isinstance(bound.get("running_var"), Tensor):
+            bound["running_var"] = bound["running_var"].clone()
+    return func(**bound)
+
+
 class _Decomposed(TorchFunctionMode):
-    """Routes the (unpacked) ``torch._VF`` RNN kernels through :func:`_rnn` and freezes the
-    padding row of ``F.embedding`` (:func:`_embedding`)."""
+    """Routes the (unpacked) ``torch._VF`` RNN kernels through :func:`_rnn`, freezes the
+    padding row of ``F.embedding`` (:func:`_embedding`) and keeps train-mode ``F.batch_norm``
+    from writing running statistics back (:func:`_batch_norm`)."""
 
     def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         if func is F.embedding:
             return _embedding(func, args, kwargs)
+        if func is F.batch_norm:
+            return _batch_norm(func, args, kwargs)
         kind = _RNN_FUNCS.get(func)
         # packed sequences pass batch_sizes second and the params list fourth
         if kind is not None and not kwargs and len(args) == 9 and isinstance(args[2], (list, tuple)):

@@ -180,8 +180,10 @@ def _perturb_buffers(model: nn.Module, g: torch.Generator) -> None:
             m.running_var.copy_(1 + torch.rand(m.running_var.shape, generator=g))
 
 
-def build(name: str, dtype: torch.dtype = torch.float64, batch: int = 2) -> Case:
-    """A seeded small model with its data, in ``dtype``."""
+def build(name: str, dtype: torch.dtype = torch.float64, batch: int = 2, bench: bool = False) -> Case:
+    """A seeded small model with its data, in ``dtype`` (``bench=True``: the larger sizes of
+    ``benchmarks/bench_models.py``, e.g. GPT-2 with a 256 vocabulary, width 32, 16 tokens)."""
+    w = 8 if bench else 1  # width multiplier
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     if name.startswith(("gpt2", "bert")):
@@ -189,10 +191,10 @@ def build(name: str, dtype: torch.dtype = torch.float64, batch: int = 2) -> Case
         if transformers is None:
             raise RuntimeError("transformers is not installed")
         attn = "eager" if name.endswith("eager") else "sdpa"
-        vocab, seq = 7, 4
+        vocab, seq = (256, 16) if bench else (7, 4)
         if name.startswith("gpt2"):
             cfg = transformers.GPT2Config(
-                vocab_size=vocab, n_positions=seq, n_embd=4, n_layer=1, n_head=2,
+                vocab_size=vocab, n_positions=seq, n_embd=4 * w, n_layer=2 if bench else 1, n_head=2,
                 bos_token_id=0, eos_token_id=0, attn_implementation=attn,
             )  # fmt: skip
             model = LogitsOnly(transformers.GPT2LMHeadModel(cfg), per_token=True)
@@ -200,8 +202,8 @@ def build(name: str, dtype: torch.dtype = torch.float64, batch: int = 2) -> Case
             targets = torch.randint(0, vocab, (batch, seq), generator=g)
         else:
             cfg = transformers.BertConfig(
-                vocab_size=vocab, hidden_size=4, num_hidden_layers=1, num_attention_heads=2,
-                intermediate_size=8, max_position_embeddings=seq, type_vocab_size=1, num_labels=3,
+                vocab_size=vocab, hidden_size=4 * w, num_hidden_layers=2 if bench else 1,
+                num_attention_heads=2, intermediate_size=8 * w, max_position_embeddings=seq, type_vocab_size=1, num_labels=3,
                 pad_token_id=0, attn_implementation=attn,
             )  # fmt: skip
             model = LogitsOnly(transformers.BertForSequenceClassification(cfg), per_token=False)
@@ -211,24 +213,26 @@ def build(name: str, dtype: torch.dtype = torch.float64, batch: int = 2) -> Case
         model = model.to(dtype).eval()
         return Case(name, model, ids, targets, "cross_entropy")
     if name in ("rnn", "lstm", "gru"):
-        model = SeqClassifier(name).to(dtype)
-        ids = torch.randint(1, 11, (batch, 3), generator=g)
+        model = SeqClassifier(name, width=4 * w).to(dtype)
+        ids = torch.randint(1, 11, (batch, 16 if bench else 3), generator=g)
         ids[0, 0] = 0
         return Case(name, model, ids, torch.randint(0, 3, (batch,), generator=g), "cross_entropy")
     if name in ("mha", "sdpa"):
-        model = (MHAModel() if name == "mha" else SDPAModel()).to(dtype).eval()
-        x = torch.randn(batch, 3, 4, generator=g, dtype=dtype)
+        model = (MHAModel(4 * w) if name == "mha" else SDPAModel(4 * w)).to(dtype).eval()
+        x = torch.randn(batch, 16 if bench else 3, 4 * w, generator=g, dtype=dtype)
         return Case(name, model, x, torch.randint(0, 3, (batch,), generator=g), "cross_entropy")
     if name == "vit":
-        model = TinyViT().to(dtype).eval()
-        x = torch.randn(batch, 3, 4, 4, generator=g, dtype=dtype)
+        img = 16 if bench else 4
+        model = TinyViT(img=img, patch=4 if bench else 2, dim=4 * w).to(dtype).eval()
+        x = torch.randn(batch, 3, img, img, generator=g, dtype=dtype)
         return Case(name, model, x, torch.randint(0, 3, (batch,), generator=g), "cross_entropy")
     if name.startswith("resnet"):
-        model = TinyResNet().to(dtype)
+        model = TinyResNet(width=2 * w).to(dtype)
         with torch.no_grad():
             _perturb_buffers(model, g)
         model.train(name.endswith("train"))
-        x = torch.randn(batch, 3, 4, 4, generator=g, dtype=dtype)
+        img = 16 if bench else 4
+        x = torch.randn(batch, 3, img, img, generator=g, dtype=dtype)
         return Case(name, model, x, torch.randint(0, 3, (batch,), generator=g), "cross_entropy")
     raise KeyError(name)
 

@@ -335,3 +335,21 @@ def test_module_hessian_refusal_names_its_own_call_and_fix() -> None:
     plain = lambda p, x, y: torch.nn.functional.cross_entropy(torch.tanh(functional_call(model.lin, {k[4:]: v for k, v in p.items()}, (x,))), y)
     ref = secorder.hessian_diagonal(plain)(params, x, y)  # the same function with torch.tanh
     assert all(torch.allclose(fd[k], ref[k], rtol=1e-6, atol=1e-8) for k in ref)
+
+
+def test_plain_functional_call_of_train_mode_batchnorm_keeps_running_stats() -> None:
+    """A user's f through functional_call without buffers passes the module's own running
+    statistics to train-mode BatchNorm; secorder's evaluations must not move them."""
+    case = build("resnet_train", torch.float64)
+    params = {k: p.detach() for k, p in case.model.named_parameters()}
+
+    def f(p, x, y):
+        return torch.nn.functional.cross_entropy(functional_call(case.model, p, (x,)), y)
+
+    stats = {k: b.clone() for k, b in case.model.named_buffers() if "running" in k}
+    f(params, case.inputs, case.targets)  # the plain call moves them (PyTorch's behaviour) ...
+    moved = {k: b.clone() for k, b in case.model.named_buffers() if "running" in k}
+    assert any(not torch.equal(stats[k], moved[k]) for k in stats)
+    secorder.hessian_trace(f)(params, case.inputs, case.targets)  # ... secorder's calls do not
+    secorder.hessian_trace(f, num_probes=4)(params, case.inputs, case.targets, generator=torch.Generator().manual_seed(0))
+    assert all(torch.equal(moved[k], b) for k, b in case.model.named_buffers() if "running" in k)
