@@ -42,9 +42,9 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-import _zoo  # noqa: E402 - after the path set-up
+import _zoo
 
-import secorder  # noqa: E402
+import secorder
 
 warnings.filterwarnings("ignore")
 K = 16
@@ -155,7 +155,9 @@ def bench(name: str, repeats: int) -> tuple[list[str], list[str]]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--models", default=",".join(n for n in _zoo.NAMES if not n.endswith(("_eager", "_train"))))
+    ap.add_argument(
+        "--models", default=",".join(n for n in _zoo.NAMES if not n.endswith(("_eager", "_train")))
+    )
     a = ap.parse_args()
     torch.set_num_threads(1)
     rows, notes = [], []
@@ -172,7 +174,9 @@ def main() -> None:
         "GGN Hutch (K=16)", "curvlinops", "speed-up", "GGN exact", "H diag exact", "H top eig",
         "PyHessian",
     ]  # fmt: skip
-    print(f"float32, batch 4, 1 thread; median of {a.repeats} after a warm-up. speed-up = their time / ours.\n")
+    print(
+        f"float32, batch 4, 1 thread; median of {a.repeats} after a warm-up. speed-up = their time / ours.\n"
+    )
     print(C.table(rows, head))
     if notes:
         print("Notes:\n")

@@ -101,7 +101,7 @@ def _rnn(kind: str, args: Sequence[Any]) -> Any:
         x = x.transpose(0, 1)  # (T, B, F)
     dirs = 2 if bidirectional else 1
     per = 2 + (2 if has_biases else 0)
-    proj = kind == "lstm" and h0.shape[-1] != c0.shape[-1]  # type: ignore[union-attr]
+    proj = kind == "lstm" and h0.shape[-1] != c0.shape[-1]
     per += 1 if proj else 0
     h_out, c_out = [], []
     for layer in range(num_layers):
@@ -182,9 +182,11 @@ class _Decomposed(TorchFunctionMode):
             return _batch_norm(func, args, kwargs)
         kind = _RNN_FUNCS.get(func)
         # packed sequences pass batch_sizes second and the params list fourth
-        if kind is not None and not kwargs and len(args) == 9 and isinstance(args[2], (list, tuple)):
-            if not (kind == "lstm" and isinstance(args[3], (list, tuple))):
-                return _rnn(kind, args)
+        unpacked = len(args) == 9 and isinstance(args[2], (list, tuple))
+        if unpacked and kind == "lstm":  # packed LSTM: hx (a tuple) third, params fourth
+            unpacked = not isinstance(args[3], (list, tuple))
+        if kind is not None and not kwargs and unpacked:
+            return _rnn(kind, args)
         return func(*args, **kwargs)
 
 

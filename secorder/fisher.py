@@ -82,8 +82,8 @@ from torch import Tensor, nn
 from secorder import probes as _probes
 from secorder._chunking import check_chunk_size
 from secorder._errors import error
-from secorder._kernels import with_decomposed_kernels
 from secorder._fisher_operators import EmpiricalFisherOperator, GGNOperator, MCFisherOperator
+from secorder._kernels import with_decomposed_kernels
 from secorder._layers import FastCapture
 from secorder._losses import KINDS, Factor, LossSpec, resolve_loss
 from secorder._persample import ColumnAccumulator, check_same_outputs, input_dims, per_sample_columns

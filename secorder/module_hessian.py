@@ -64,8 +64,8 @@ from secorder._pytree import check_floating_tree, unflatten
 from secorder._sweep import SweepTooCostlyError, SweepUnsupportedError, sweep_diagonal
 from secorder._validate import check_num_probes
 from secorder.hessian import hessian_diagonal
-from secorder.operators import StrategyFailure
 from secorder.modules import module_forward
+from secorder.operators import StrategyFailedError
 from secorder.probes import check_generator
 
 __all__ = ["METHODS", "SweepInfo", "module_hessian_diagonal", "module_hessian_trace"]
@@ -283,7 +283,7 @@ def _run(
 
         try:
             diag = hessian_diagonal(f, chunk_size=chunk_size)(params, inputs, targets)
-        except StrategyFailure as exc:  # its fix names strategy=, which this call does not take
+        except StrategyFailedError as exc:  # its fix names strategy=, which this call does not take
             raise error(
                 call,
                 f"the one-hot Hessian-vector products of method='hvp' ({reason}) need double "

@@ -82,7 +82,7 @@ __all__ = [
     "DenseOperator",
     "HessianOperator",
     "LinearOperator",
-    "StrategyFailure",
+    "StrategyFailedError",
     "check_strategy",
     "in_functorch_transform",
     "resolve_strategy",
@@ -242,7 +242,7 @@ def _graph_has_convolution(root: Tensor) -> bool:
     return False
 
 
-class StrategyFailure(RuntimeError):
+class StrategyFailedError(RuntimeError):
     """A Hessian strategy could not form its products (the message names the call and the
     strategies to try); callers that take no ``strategy=`` re-raise it with their own fix."""
 
@@ -256,7 +256,7 @@ def _strategy_failure(call: str, strategy: str, exc: Exception) -> Exception:
         f"{type(exc).__name__}: {exc}",
         f"Pass another strategy: one of {', '.join(repr(s) for s in others)}; "
         'strategy="finite_difference" needs only first derivatives.',
-        cls=StrategyFailure,
+        cls=StrategyFailedError,
     )
 
 

@@ -73,7 +73,7 @@ def _padding_entries(case) -> torch.Tensor:
     return torch.tensor(idx, dtype=torch.long)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reference(name: str):
     case = build(name, torch.float64)
     theta = torch.cat([p.detach().reshape(-1) for p in case.model.parameters()])
@@ -115,7 +115,7 @@ def _operator_order(params) -> torch.Tensor:
 
     leaves, _ = flatten(params)
     starts, offset = {}, 0
-    for k, p in params.items():
+    for p in params.values():
         starts[id(p)] = torch.arange(offset, offset + p.numel())
         offset += p.numel()
     return torch.cat([starts[id(leaf)] for leaf in leaves])
@@ -181,7 +181,9 @@ def test_fisher_quantities(name: str) -> None:
     xy = (case.inputs, case.targets)
     assert close(secorder.fisher_trace(case.model, case.loss)(params, *xy), G.trace())
     assert close(_flat(secorder.fisher_diagonal(case.model, case.loss)(params, *xy)), G.diagonal())
-    assert close(_flat(secorder.fisher_diagonal(case.model, case.loss, path="generic")(params, *xy)), G.diagonal())
+    assert close(
+        _flat(secorder.fisher_diagonal(case.model, case.loss, path="generic")(params, *xy)), G.diagonal()
+    )
     emp = secorder.fisher_diagonal(case.model, case.loss, kind="empirical")(params, *xy)
     assert close(_flat(emp), E.diagonal())
     V = torch.randn(3, G.shape[0], generator=torch.Generator().manual_seed(3), dtype=G.dtype)
@@ -225,7 +227,7 @@ def test_padding_row_is_constant_on_every_route(name: str) -> None:
     of v ignored."""
     if name == "bert" and not HF:
         pytest.skip("transformers is not installed")
-    H, G, _ = reference(name)
+    H, _, _ = reference(name)
     case, f, params, _ = _setup(name)
     pad = _padding_entries(case)
     assert pad.numel() > 0
@@ -286,7 +288,9 @@ def test_train_mode_batchnorm_refusal_names_call_and_fix() -> None:
     _, params = secorder.module_loss(case.model, loss_of(case))
     before = state_snapshot(case.model)
     xy = (case.inputs, case.targets)
-    with pytest.raises(secorder.SecorderError, match=re.escape("fisher_trace(model_fn, loss)") + ".*model.eval()"):
+    with pytest.raises(
+        secorder.SecorderError, match=re.escape("fisher_trace(model_fn, loss)") + ".*model.eval()"
+    ):
         secorder.fisher_trace(case.model, case.loss)(params, *xy)
     # the GGN Hutchinson route does not need per-sample independence and runs
     est = secorder.fisher_trace(case.model, case.loss, num_probes=4)(
@@ -327,12 +331,16 @@ def test_module_hessian_refusal_names_its_own_call_and_fix() -> None:
     model = _Fused().double()
     x, y = torch.randn(4, 3, dtype=torch.float64), torch.randint(0, 2, (4,))
     params = {k: p.detach() for k, p in model.named_parameters()}
-    with pytest.raises(RuntimeError, match=r"^module_hessian_diagonal\(.*strategy='finite_difference'") as info:
+    with pytest.raises(
+        RuntimeError, match=r"^module_hessian_diagonal\(.*strategy='finite_difference'"
+    ) as info:
         secorder.module_hessian_diagonal(model, "cross_entropy", method="hvp")(params, x, y)
-    assert "strategy=\"" not in str(info.value)
+    assert 'strategy="' not in str(info.value)
     f, _ = secorder.module_loss(model, torch.nn.functional.cross_entropy)
     fd = secorder.hessian_diagonal(f, strategy="finite_difference")(params, x, y)
-    plain = lambda p, x, y: torch.nn.functional.cross_entropy(torch.tanh(functional_call(model.lin, {k[4:]: v for k, v in p.items()}, (x,))), y)
+    plain = lambda p, x, y: torch.nn.functional.cross_entropy(
+        torch.tanh(functional_call(model.lin, {k[4:]: v for k, v in p.items()}, (x,))), y
+    )
     ref = secorder.hessian_diagonal(plain)(params, x, y)  # the same function with torch.tanh
     assert all(torch.allclose(fd[k], ref[k], rtol=1e-6, atol=1e-8) for k in ref)
 
@@ -351,5 +359,7 @@ def test_plain_functional_call_of_train_mode_batchnorm_keeps_running_stats() -> 
     moved = {k: b.clone() for k, b in case.model.named_buffers() if "running" in k}
     assert any(not torch.equal(stats[k], moved[k]) for k in stats)
     secorder.hessian_trace(f)(params, case.inputs, case.targets)  # ... secorder's calls do not
-    secorder.hessian_trace(f, num_probes=4)(params, case.inputs, case.targets, generator=torch.Generator().manual_seed(0))
+    secorder.hessian_trace(f, num_probes=4)(
+        params, case.inputs, case.targets, generator=torch.Generator().manual_seed(0)
+    )
     assert all(torch.equal(moved[k], b) for k, b in case.model.named_buffers() if "running" in k)
