@@ -261,18 +261,15 @@ def _run(
     names = sorted(params)  # flatten orders dict leaves by sorted key
     p_count = sum(leaf.numel() for leaf in leaves)
     generator = check_generator(call, generator, leaves[0].device)
-    for name, m in model.named_modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (
-            m.training or not m.track_running_stats or m.running_mean is None
-        ):
-            raise error(
-                call,
-                "the Hessian diagonal by the sweep or per-sample rules needs samples that do not interact",
-                f"{type(m).__name__} at '{name}' normalizing with batch statistics",
-                "Call model.eval() to use the running statistics (the Hessian of a train-mode "
-                "BatchNorm loss couples samples; use secorder.hessian_diagonal on "
-                "secorder.module_loss(model, loss) for it).",
-            )
+    coupled = next(
+        (
+            (name, m)
+            for name, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and (m.training or not m.track_running_stats or m.running_mean is None)
+        ),
+        None,
+    )
 
     def fwd(ls: list[Tensor]) -> Any:
         return forward(unflatten(tree, ls), inputs)
@@ -299,6 +296,15 @@ def _run(
 
     if method == "hvp":
         return hvp_route("method='hvp'", 0)
+    if coupled is not None:  # the samples interact: only the batch loss's one-hot products apply
+        name, m = coupled
+        raise error(
+            call,
+            f"method={method!r} needs samples that do not interact (per-sample rules)",
+            f"{type(m).__name__} at '{name}' normalizing with batch statistics",
+            "Call model.eval() to use the running statistics, or pass method='hvp' (P one-hot "
+            "Hessian-vector products of the batch loss, exact for train-mode BatchNorm).",
+        )
     cheap_hvp = method == "auto" and p_count <= max_hvp
     try:
         diag, err, r = sweep_diagonal(

@@ -363,3 +363,28 @@ def test_plain_functional_call_of_train_mode_batchnorm_keeps_running_stats() -> 
         params, case.inputs, case.targets, generator=torch.Generator().manual_seed(0)
     )
     assert all(torch.equal(moved[k], b) for k, b in case.model.named_buffers() if "running" in k)
+
+
+def test_train_mode_resnet_hessian_quantities() -> None:
+    """Train-mode BatchNorm couples the samples: the Hessian quantities of the batch loss are
+    still exact (module_loss clones the buffers); the per-sample routes refuse, naming a fix
+    their own function accepts (exact='hvp', method='hvp'), which then works."""
+    H, _, _ = reference("resnet_train")
+    case, f, params, before = _setup("resnet_train")
+    args = (params, case.inputs, case.targets)
+    assert close(secorder.hessian_trace(f)(*args), H.trace())
+    assert close(_flat(secorder.hessian_diagonal(f)(*args)), H.diagonal())
+    with pytest.raises(
+        secorder.SecorderError, match=re.escape("hessian_diagonal(f)(*args)") + ".*exact='hvp'"
+    ):
+        secorder.hessian_diagonal(f, exact="sweep")(*args)
+    assert close(_flat(secorder.hessian_diagonal(f, exact="hvp")(*args)), H.diagonal())
+    with pytest.raises(secorder.SecorderError, match=r"^module_hessian_diagonal\(.*method='hvp'"):
+        secorder.module_hessian_diagonal(case.model, case.loss)(*args)
+    diag = secorder.module_hessian_diagonal(case.model, case.loss, method="hvp")(*args)  # the named fix
+    assert close(_flat(diag), H.diagonal())
+    V = torch.randn(2, H.shape[0], generator=torch.Generator().manual_seed(9), dtype=H.dtype)
+    op, _ = secorder.hessian_operator(f, *args)
+    Hp = _permuted(H, params)
+    assert close(op.quadform(V), ((V @ Hp) * V).sum(1))
+    _unchanged(case, before)
