@@ -388,3 +388,19 @@ def test_train_mode_resnet_hessian_quantities() -> None:
     Hp = _permuted(H, params)
     assert close(op.quadform(V), ((V @ Hp) * V).sum(1))
     _unchanged(case, before)
+
+
+@pytest.mark.parametrize("name", ["sdpa", "mha", "lstm"])
+def test_eager_closure_api_on_fused_kernels(name: str) -> None:
+    """The torch_secorder-shaped eager API builds its graph from the user's closure: it runs
+    under the same decomposed kernels (fused attention and float32 RNN kernels have no
+    double backward)."""
+    from secorder.core import hessian_trace as eager_trace
+
+    H, _, _ = reference(name)
+    case = build(name, torch.float32 if name == "lstm" else torch.float64)  # lstm: mkldnn kernels
+    params = list(case.model.parameters())
+    before = state_snapshot(case.model)
+    trace = eager_trace(lambda: loss_of(case)(case.model(case.inputs), case.targets), params)
+    assert close(trace, H.trace(), rel=1e-4 if name == "lstm" else 1e-9)
+    _unchanged(case, before)

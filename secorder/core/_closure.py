@@ -33,6 +33,7 @@ from torch.func import vmap
 
 from secorder._chunking import default_chunk_size
 from secorder._errors import error
+from secorder._kernels import decomposed_kernels
 from secorder._pytree import numel, ravel, unravel
 from secorder._validate import check_same_dtype_device
 
@@ -194,7 +195,7 @@ class ClosureGraph:
         self.params = list(params)
         self.create_graph = create_graph
         active = [i for i, p in enumerate(self.params) if p.requires_grad]
-        with torch.enable_grad():
+        with torch.enable_grad(), decomposed_kernels():  # the graph is differentiated twice
             loss = _check_loss(call, what, func())
             first: Sequence[Tensor | None] = [None] * len(active)
             if active and loss.requires_grad:
