@@ -43,7 +43,8 @@ And one keeps the user's model as it was:
 
 Every place that forms second derivatives or records a tape enters
 :func:`decomposed_kernels`: the Hessian operator's products, the Fisher operators' products
-and per-sample routes, and :func:`secorder._tape.record`. Entering it is cheap and
+and per-sample routes, :func:`secorder._tape.record`, and the eager API's closure graph
+(``secorder.core._closure.ClosureGraph``). Entering it is cheap and
 re-entrant; under ``torch.compile`` it does nothing (the flags are global Python state).
 The user's own evaluations outside secorder are untouched.
 """
