@@ -83,6 +83,7 @@ from secorder import probes as _probes
 from secorder._chunking import check_chunk_size
 from secorder._errors import error
 from secorder._fisher_operators import EmpiricalFisherOperator, GGNOperator, MCFisherOperator
+from secorder._kernels import with_decomposed_kernels
 from secorder._layers import FastCapture
 from secorder._losses import KINDS, Factor, LossSpec, resolve_loss
 from secorder._persample import ColumnAccumulator, check_same_outputs, input_dims, per_sample_columns
@@ -304,6 +305,7 @@ def _leaf_names(params: Any, count: int) -> list[str]:
     return [str(i) for i in range(count)]
 
 
+@with_decomposed_kernels
 def _run(
     s: _Setup, params: Any, inputs: Any, targets: Any, generator: torch.Generator | None, trace: bool
 ) -> tuple[Tensor, Tensor, list[Tensor], TreeSpec, FisherPath]:

@@ -34,6 +34,8 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from secorder._kernels import decomposed_kernels
+
 __all__ = [
     "Ref",
     "Tape",
@@ -275,7 +277,7 @@ def record(
     data = [] if inputs is None else [x.detach() for x in inputs]
     rec = _Recorder([*leaves, *data])
     try:
-        with torch.no_grad(), rec:
+        with decomposed_kernels(), torch.no_grad(), rec:
             result = fn(leaves) if inputs is None else fn(leaves, data)
     except TapeUnsupportedError:  # pragma: no cover - not raised inside
         raise
