@@ -12,7 +12,8 @@ Quantities: exact tr/diag of the empirical Fisher E = (1/N) Σ ∇l_n ∇l_nᵀ 
 G = Jᵀ ∇²_z L J. BackPACK: ``SumGradSquared`` (= (1/N²) Σ_n g_n², so E's diagonal is N times
 it) and ``DiagGGNExact`` (the GGN of the mean loss); each timing is forward + backward with
 the extension, one extension at a time. secorder: ``fisher_trace``/``fisher_diagonal`` with
-``path="fast"`` and ``path="generic"``, the whole call.
+``path="fast"`` and ``path="generic"``, the whole call, and the same transforms of a plain
+``model_fn`` (``functional_call``; the structured sweep over a tape of the whole batch).
 
 BackPACK runs in its own environment (it may need a different torch) as a subprocess of this
 same script (``--backpack-worker``), on the weights and data saved by the parent; its
@@ -207,6 +208,12 @@ def run_secorder(
             ms, out = timed(lambda fn=fn: fn(params, x, y), args.repeats, args.warmup)
             assert fn.path_info.path == path, fn.path_info
             results[(kind, what, path)] = (ms, out)
+        # the same quantity for a plain model_fn (the structured sweep over a tape of the batch)
+        model_fn = lambda p, inp, model=model: torch.func.functional_call(model, p, (inp,))  # noqa: E731
+        fn = transform(model_fn, "cross_entropy", kind=kind)
+        ms, out = timed(lambda fn=fn: fn(params, x, y), args.repeats, args.warmup)
+        results[(kind, what, "plain")] = (ms, out)
+        results[(kind, what, "plain_path")] = (0.0, fn.path_info.path)
     return results
 
 
@@ -265,10 +272,10 @@ def main() -> None:
     print(f"BackPACK: {python or 'not available'} ({bp.get('torch', bp.get('error', '?'))})\n")
     print("median ms over", args.repeats, "calls; ratios < 1 mean secorder's fast path is faster\n")
     print(
-        "| model | quantity | fast (ms) | generic (ms) | BackPACK (ms) | fast / BackPACK "
-        "| generic / fast | value | max rel. diff vs BackPACK |"
+        "| model | quantity | fast (ms) | plain model_fn (ms) | generic (ms) | BackPACK (ms) | fast / BackPACK "
+        "| plain / BackPACK | plain / fast | generic / fast | value | max rel. diff vs BackPACK |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in MODELS:
         entry = bp.get(name, {}) if isinstance(bp.get(name), dict) else {}
         for kind, what in QUANTITIES:
@@ -290,7 +297,15 @@ def main() -> None:
                 diff_s = f"{diff:.1e}"
             else:
                 diff_s = "n/a" if "error" not in entry else "BackPACK: " + entry["error"]
-            cells = [name, label, fmt(fast_ms), fmt(gen_ms), fmt(bp_ms), ratio(fast_ms, bp_ms)]
+            plain_ms, plain_out = ours[name][(kind, what, "plain")]
+            plain_path = ours[name][(kind, what, "plain_path")][1]
+            agree_plain = rel_err(
+                _flat([plain_out]) if what == "trace" else _flat(plain_out),
+                _flat([fast_out]) if what == "trace" else _flat(fast_out),
+            )
+            assert agree_plain < 1e-3, f"{name} {label}: plain model_fn and fast differ by {agree_plain:.2e}"
+            cells = [name, label, fmt(fast_ms), f"{fmt(plain_ms)} ({plain_path})", fmt(gen_ms), fmt(bp_ms)]
+            cells += [ratio(fast_ms, bp_ms), ratio(plain_ms, bp_ms), ratio(plain_ms, fast_ms)]
             cells += [ratio(gen_ms, fast_ms), f"{value:.4f}", diff_s]
             print("| " + " | ".join(cells) + " |")
 

@@ -13,7 +13,10 @@ Workloads (seeded weights and data, float32, cross-entropy with mean reduction):
   MLP, mean-pooled head 10), batch 16 — the structured sweep refuses it, so this row times
   the op-level engine (``secorder._graph_sweep``) vs batched one-hot HVPs.
 
-Each row reports the median time, the ratio to one gradient (forward + backward of the same
+Each row also times ``secorder.hessian_diagonal(f)`` with default options on the plain function
+``f = lambda p, x, y: F.cross_entropy(functional_call(model, p, (x,)), y)`` (``exact="auto"``:
+the structured sweep over a tape of the whole batch when it applies, else one-hot HVPs; the
+method and R are shown). Each row reports the median time, the ratio to one gradient (forward + backward of the same
 loss) and the largest relative difference from the reference (BackPACK, or one-hot HVPs).
 BackPACK is imported in the same process (run with an interpreter that has it, e.g.
 /work/main/.benchvenv); it extends a deep copy of the model, never the one secorder uses.
@@ -144,6 +147,11 @@ def measure(
     sweep = secorder.module_hessian_diagonal(model, "cross_entropy", method="sweep")
     t_sweep, d_sweep = timeit(lambda: sweep(params, x, y), repeat=args.repeats, warmup=args.warmup)
     info = sweep.method_info
+    # the plain-function route with default options (exact="auto": the structured sweep)
+    plain_f = lambda p, x, y: F.cross_entropy(torch.func.functional_call(model, p, (x,)), y)  # noqa: E731
+    plain = secorder.hessian_diagonal(plain_f)
+    t_plain, d_plain = timeit(lambda: plain(params, x, y), repeat=args.repeats, warmup=args.warmup)
+    plain_method = plain.method_info.method
     if bp_ok:
         bp = backpack_diag(model, x, y)
         if bp is None:
@@ -153,7 +161,7 @@ def measure(
             ref_name, err = "BackPACK DiagHessian", f"{rel(d_sweep, d_ref):.1e}"
     else:
         f, _ = secorder.module_loss(model, F.cross_entropy)
-        hvp = secorder.hessian_diagonal(f)
+        hvp = secorder.hessian_diagonal(f, exact="hvp")
         t_ref, d_ref = timeit(lambda: hvp(params, x, y), repeat=1, warmup=0)
         ref_name, err = "one-hot HVPs (hessian_diagonal)", f"{rel(d_sweep, d_ref):.1e}"
     return [
@@ -162,10 +170,13 @@ def measure(
         str(info.num_columns),
         fmt_time(t_grad),
         f"{fmt_time(t_sweep)} ({t_sweep / t_grad:.0f}×)",
+        f"{fmt_time(t_plain)} ({t_plain / t_grad:.0f}×, {plain_method}, R={plain.method_info.num_columns})",
         ref_name,
         "n/a" if t_ref is None else f"{fmt_time(t_ref)} ({t_ref / t_grad:.0f}×)",
         "n/a" if t_ref is None else f"{t_ref / t_sweep:.1f}×",
+        "n/a" if t_ref is None else f"{t_ref / t_plain:.1f}×",
         err,
+        f"{rel(d_plain, d_sweep):.1e}",
     ], d_sweep
 
 
@@ -220,11 +231,14 @@ def main() -> None:
         "P",
         "R/sample",
         "gradient",
-        "sweep (×grad)",
+        "module sweep (×grad)",
+        "hessian_diagonal(f) (×grad)",
         "reference",
         "ref (×grad)",
-        "speed-up",
+        "ref / module sweep",
+        "ref / hessian_diagonal(f)",
         "rel. diff",
+        "f vs module",
     ]
     est_head = [
         "workload",

@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.func import jvp, vjp, vmap
 
 from secorder._errors import error
+from secorder._kernels import with_decomposed_kernels
 from secorder._losses import LossSpec
 from secorder._pytree import numel, ravel, unravel
 
@@ -70,6 +71,7 @@ class _OutputSpaceOperator:
     def device(self) -> torch.device:
         return self.leaves[0].device
 
+    @with_decomposed_kernels
     def jvp(self, V: Tensor) -> Tensor:
         """Rows J v_i as a ``(k, N, *out)`` tensor."""
         fn, leaves = self.fn, self.leaves
@@ -78,6 +80,7 @@ class _OutputSpaceOperator:
         except (RuntimeError, NotImplementedError) as exc:
             raise _product_failure(self.call, exc) from exc
 
+    @with_decomposed_kernels
     def vjp(self, W: Tensor) -> Tensor:
         """Rows Jᵀ w_i for ``(k, N, *out)`` cotangents, as a ``(k, P)`` tensor."""
         if self._vjp_fn is None:

@@ -83,6 +83,7 @@ from secorder import probes as _probes
 from secorder._chunking import check_chunk_size
 from secorder._errors import error
 from secorder._fisher_operators import EmpiricalFisherOperator, GGNOperator, MCFisherOperator
+from secorder._kernels import with_decomposed_kernels
 from secorder._layers import FastCapture
 from secorder._losses import KINDS, Factor, LossSpec, resolve_loss
 from secorder._persample import ColumnAccumulator, check_same_outputs, input_dims, per_sample_columns
@@ -304,6 +305,7 @@ def _leaf_names(params: Any, count: int) -> list[str]:
     return [str(i) for i in range(count)]
 
 
+@with_decomposed_kernels
 def _run(
     s: _Setup, params: Any, inputs: Any, targets: Any, generator: torch.Generator | None, trace: bool
 ) -> tuple[Tensor, Tensor, list[Tensor], TreeSpec, FisherPath]:
@@ -388,9 +390,14 @@ def _run(
         [leaf.shape for leaf in leaves], factor.num_columns, trace=trace, per_column=per_column, like=z
     )
     generic = list(range(len(leaves)))
+    swept = False
     if capture is not None:
         capture.accumulate(z, factor, acc, trace=trace, per_column=per_column)
         generic = capture.generic_indices
+    elif s.kind != "mc" and s.path != "generic" and not transformed and not needs_graph:
+        swept = _engine_accumulate(s, fn, leaves, inputs, z, factor, acc)
+        if swept:
+            generic = []
     if generic:
         per_sample_columns(
             call,
@@ -405,10 +412,48 @@ def _run(
             check_independence=not transformed,
         )
     est, err = acc.result(average=s.kind == "mc", scale=scale)
-    fast = [] if capture is None else capture.fast_indices
+    fast = list(range(len(leaves))) if swept else ([] if capture is None else capture.fast_indices)
     label = "fast+generic" if fast and generic else ("fast" if fast else "generic")
     info = FisherPath(label, tuple(names[i] for i in fast), tuple(names[i] for i in generic))
     return est, err, leaves, spec, info
+
+
+def _engine_accumulate(
+    s: _Setup,
+    fn: Callable[[list[Tensor], Any], Any],
+    leaves: list[Tensor],
+    inputs: Any,
+    z: Tensor,
+    factor: Factor,
+    acc: ColumnAccumulator,
+) -> bool:
+    """The exact GGN / empirical Fisher of a plain ``model_fn`` by the structured sweep over a
+    tape of the whole batch (:func:`secorder._engine.sweep.engine_output_diagonal`: the loss
+    node's columns only, squared per-sample gradients at the layers' tape ops, the per-sample
+    structure proven on the tape); False (nothing added) where it does not apply."""
+    from secorder._engine.sweep import EngineUnsupportedError, engine_output_diagonal
+
+    data = (
+        [inputs] if isinstance(inputs, Tensor) else list(inputs) if isinstance(inputs, (tuple, list)) else []
+    )
+    n = int(z.shape[0]) if z.dim() > 0 else -1
+    if not data or not all(isinstance(d, Tensor) and d.dim() > 0 and d.shape[0] == n for d in data):
+        return False
+    try:
+        diag = engine_output_diagonal(
+            lambda ls: fn(ls, inputs),
+            leaves,
+            data,
+            factor.columns,
+            factor.weights,
+            factor.num_columns,
+            chunk_size=s.chunk_size,
+        )
+    except EngineUnsupportedError:
+        return False
+    for i, d in enumerate(diag):
+        acc.add_total(i, d)
+    return True
 
 
 _COMMON_ARGS = """

@@ -144,7 +144,7 @@ def _check_common(call: str, f: object, argnums: object, chunk_size: object, str
     check_strategy(call, strategy)
 
 
-EXACT_METHODS = ("hvp", "sweep")
+EXACT_METHODS = ("auto", "hvp", "sweep")
 
 
 def _check_exact(call: str, exact: object, num_probes: object) -> None:
@@ -153,8 +153,9 @@ def _check_exact(call: str, exact: object, num_probes: object) -> None:
             call,
             f"exact must be one of {', '.join(repr(m) for m in EXACT_METHODS)}",
             f"{exact!r}",
-            "Use exact='hvp' (one-hot Hessian-vector products, any function) or exact='sweep' "
-            "(op-level second-order sweep over the samples of the batched arguments).",
+            "Use exact='auto' (the structured sweep when it applies, else one-hot HVPs), "
+            "exact='hvp' (one-hot Hessian-vector products, any function) or exact='sweep' "
+            "(the second-order sweep over the samples of the batched arguments).",
         )
     if exact == "sweep" and num_probes is not None:
         raise error(
@@ -165,28 +166,18 @@ def _check_exact(call: str, exact: object, num_probes: object) -> None:
         )
 
 
-def _sweep_diagonal(
-    call: str, fn: Any, f: Callable[..., Any], args: tuple[Any, ...], argnums: int, chunk_size: int | None
-) -> tuple[list[Tensor], TreeSpec]:
-    """The exact diagonal by the op-level sweep (:mod:`secorder._graph_sweep`) over the samples
-    of every argument but ``args[argnums]``; sets ``fn.method_info``."""
-    from secorder._graph_sweep import GraphSweepUnsupportedError, graph_sweep_diagonal
-    from secorder.module_hessian import SweepInfo
+def _sweep_refusal(call: str, args: tuple[Any, ...], argnums: int, leaves: list[Tensor]) -> str | None:
+    """Why the structured sweep cannot run at this call (None: it may)."""
+    from secorder.operators import in_functorch_transform
 
-    g, leaves, spec, index = _bind(call, f, args, argnums)
-    check_eager(
-        call,
-        leaves,
-        what="exact='sweep' (it records the function as a tape of ATen ops)",
-        fix="Inside torch.func transforms use exact='hvp'.",
-    )
-    check_requires_no_grad(
-        call,
-        leaves,
-        "exact='sweep'",
-        "For a differentiable exact value use exact='hvp' (the default), or differentiate "
-        "through torch.func.grad of the transform.",
-    )
+    if in_functorch_transform(leaves):
+        return "inside a torch.func transform (the sweep records the function eagerly as a tape)"
+    if torch.is_grad_enabled() and any(leaf.requires_grad for leaf in leaves):
+        return (
+            "the parameters require grad (the sweep's result would be detached from them; one-hot "
+            "HVPs keep the graph)"
+        )
+    index = check_argnums(call, argnums, len(args))
     data = [a for i, a in enumerate(args) if i != index]
     sizes = {int(a.shape[0]) if isinstance(a, Tensor) and a.dim() > 0 else None for a in data}
     if not data or None in sizes or len(sizes) != 1:
@@ -195,13 +186,96 @@ def _sweep_diagonal(
             for i, a in enumerate(args)
             if i != index
         )
+        return (
+            "the sweep needs every argument but args[argnums] to be a tensor batched along dimension "
+            f"0, all with the same number of samples; got {got or 'no data arguments'}"
+        )
+    return None
+
+
+def _exact_diagonal_leaves(
+    call: str,
+    fn: Any,
+    f: Callable[..., Any],
+    args: tuple[Any, ...],
+    argnums: int,
+    chunk_size: int | None,
+    exact: str,
+) -> tuple[list[Tensor], TreeSpec] | None:
+    """The exact diagonal per leaf by the structured sweep of :mod:`secorder._engine.sweep`, or
+    None when ``exact="auto"`` (or ``"hvp"``) takes one-hot HVPs; sets ``fn.method_info``
+    (method, R, P and the reason for the choice) either way."""
+    from secorder._engine.sweep import EngineTooCostlyError, EngineUnsupportedError, engine_diagonal
+    from secorder.module_hessian import SweepInfo
+
+    g, leaves, spec, index = _bind(call, f, args, argnums)
+    p_count = sum(leaf.numel() for leaf in leaves)
+    if exact == "hvp":
+        fn.method_info = SweepInfo("hvp", 0, p_count, "exact='hvp' requested")
+        return None
+    if exact == "sweep":  # forced: the shared policies' refusals, in their words
+        check_eager(
+            call,
+            leaves,
+            what="exact='sweep' (it records the function as a tape of ATen ops)",
+            fix="Inside torch.func transforms use exact='hvp'.",
+        )
+        check_requires_no_grad(
+            call,
+            leaves,
+            "exact='sweep'",
+            "For a differentiable exact value use exact='auto' or exact='hvp', or differentiate "
+            "through torch.func.grad of the transform.",
+        )
+    why = _sweep_refusal(call, args, argnums, leaves)
+    if why is None:
+        data = [a for i, a in enumerate(args) if i != index]
+        try:
+            with torch.no_grad():
+                diag, r = engine_diagonal(
+                    g, leaves, data, chunk_size=chunk_size, max_columns=p_count if exact == "auto" else None
+                )
+        except EngineTooCostlyError as exc:
+            why = f"the sweep needs R={exc.args[0]} columns per sample, more than P={p_count} one-hot HVPs"
+        except EngineUnsupportedError as exc:
+            why = f"the structured sweep refused: {exc.args[0]}"
+        else:
+            check_finite_result(call, "Hessian diagonal", ravel(diag), lambda: diagnose_nonfinite(g, leaves))
+            fn.method_info = SweepInfo(
+                "sweep", r, p_count, f"structured sweep over the batch tape; R={r}, P={p_count}"
+            )
+            return diag, spec
+    if exact == "sweep":
+        if why.startswith("the structured sweep refused"):  # the op-level per-sample sweep covers more ops
+            return _graph_sweep_diagonal(call, fn, f, args, argnums, chunk_size, why)
         raise error(
             call,
-            "exact='sweep' needs every argument but args[argnums] to be a tensor batched along "
-            "dimension 0, all with the same number of samples",
-            got or "no data arguments",
-            "Pass the inputs and targets as batched tensors, or use exact='hvp' (any function).",
+            "exact='sweep' needs an eager call on a sum over the samples of the batched arguments "
+            "with every op covered by a rule",
+            why,
+            "Use exact='auto' or exact='hvp' (one-hot Hessian-vector products), which work for any function.",
+            cls=RuntimeError if "torch.func" in why or "require grad" in why else ValueError,
         )
+    fn.method_info = SweepInfo("hvp", 0, p_count, f"one-hot HVPs: {why}")
+    return None
+
+
+def _graph_sweep_diagonal(
+    call: str,
+    fn: Any,
+    f: Callable[..., Any],
+    args: tuple[Any, ...],
+    argnums: int,
+    chunk_size: int | None,
+    why: str,
+) -> tuple[list[Tensor], TreeSpec]:
+    """The exact diagonal by the op-level per-sample sweep (:mod:`secorder._graph_sweep`), for
+    ``exact="sweep"`` where the structured sweep has no rule yet; sets ``fn.method_info``."""
+    from secorder._graph_sweep import GraphSweepUnsupportedError, graph_sweep_diagonal
+    from secorder.module_hessian import SweepInfo
+
+    g, leaves, spec, index = _bind(call, f, args, argnums)
+    data = [a for i, a in enumerate(args) if i != index]
     positions = [i for i in range(len(args)) if i != index]
 
     def loss_fn(ls: list[Tensor], sample: list[Tensor]) -> Tensor:
@@ -222,12 +296,12 @@ def _sweep_diagonal(
             call,
             "exact='sweep' needs f to be the mean or the sum over samples of a per-sample loss, "
             "recordable as ATen ops (see secorder._graph_sweep)",
-            str(exc),
+            f"{why}; the op-level sweep: {exc}",
             "Use exact='hvp' (one-hot Hessian-vector products), which works for any function.",
         ) from exc
     check_finite_result(call, "Hessian diagonal", ravel(diag), lambda: diagnose_nonfinite(g, leaves))
     p_count = sum(leaf.numel() for leaf in leaves)
-    fn.method_info = SweepInfo("sweep", r, p_count, f"op-level graph sweep; R={r}, P={p_count}")
+    fn.method_info = SweepInfo("sweep", r, p_count, f"op-level graph sweep ({why}); R={r}, P={p_count}")
     return diag, spec
 
 
@@ -315,13 +389,13 @@ def hessian_trace(
     strategy: str = "auto",
     method: str = "hutchinson",
     per_block: bool = False,
-    exact: str = "hvp",
+    exact: str = "auto",
     progress: bool = False,
 ) -> Callable[..., Any]:
     """Transform ``f`` into a function returning tr(∇²_θ f), exact or by a randomized estimator.
 
-    * ``num_probes=None``: exact, Σ_i e_iᵀ H e_i from P one-hot Hessian-vector
-      products (the sum of :func:`hessian_diagonal`). Cost: P HVPs.
+    * ``num_probes=None``: exact, the sum of :func:`hessian_diagonal` (the structured
+      sweep when it applies, else Σ_i e_iᵀ H e_i from P one-hot Hessian-vector products).
     * ``num_probes=K``: Hutchinson, (1/K) Σ_k v_kᵀ H v_k with probes drawn from
       ``generator``; unbiased since E[v vᵀ] = I. Cost: K HVPs (in eager mode K
       forward passes in tangent mode, ``strategy="taylor"``), ``chunk_size`` at a time.
@@ -357,8 +431,9 @@ def hessian_trace(
             ``"hutch++"``, ``"xtrace"``, ``"xnystrace"``); ``num_probes`` is its total
             budget of products.
         per_block: return one trace per leaf of θ instead of the total.
-        exact: how the exact trace (``num_probes=None``) is computed: ``"hvp"`` or
-            ``"sweep"``, as for :func:`hessian_diagonal` (the sum of its exact diagonal).
+        exact: how the exact trace (``num_probes=None``) is computed: ``"auto"`` (default),
+            ``"sweep"`` or ``"hvp"``, as for :func:`hessian_diagonal` (the sum of its exact
+            diagonal); ``fn.method_info`` reports the choice.
         progress: show a tqdm bar over the chunks of one-hot products of the exact trace
             (``exact="hvp"``; tqdm is an optional dependency).
 
@@ -407,10 +482,15 @@ def hessian_trace(
 
     @functools.wraps(f)
     def trace_fn(*args: Any, generator: torch.Generator | None = None) -> Any:
-        if exact == "sweep":
-            diag, spec = _sweep_diagonal(
-                call, trace_fn, *_select_args(call, selector, f, args, argnums), argnums, chunk_size
+        swept = (
+            _exact_diagonal_leaves(
+                call, trace_fn, *_select_args(call, selector, f, args, argnums), argnums, chunk_size, exact
             )
+            if num_probes is None
+            else None
+        )
+        if swept is not None:
+            diag, spec = swept
             sums = [d.sum() for d in diag]
             est = sum(sums[1:], start=sums[0])
             out = unflatten(spec, sums) if per_block else est
@@ -458,15 +538,17 @@ def hessian_diagonal(
     with_stderr: bool = False,
     strategy: str = "auto",
     method: str = "hutchinson",
-    exact: str = "hvp",
+    exact: str = "auto",
     progress: bool = False,
 ) -> Callable[..., Any]:
     """Transform ``f`` into a function returning diag(∇²_θ f) as a pytree shaped like θ.
 
-    * ``num_probes=None``: exact, H_ii = e_iᵀ H e_i from batched one-hot Hessian-vector
-      products (``vmap`` over chunks of standard-basis tangents), never the P×P
-      Hessian. Cost: P HVPs; memory: ``chunk_size`` tangents (default from the memory
-      budget, :mod:`secorder._chunking`).
+    * ``num_probes=None``: exact. For ``f(θ, *batch)`` a sum over samples, by default the
+      structured second-order sweep (R batched reverse walks over a tape of the whole batch,
+      R the curvature columns per sample; see ``exact``); otherwise H_ii = e_iᵀ H e_i from
+      batched one-hot Hessian-vector products (``vmap`` over chunks of standard-basis
+      tangents), never the P×P Hessian. Cost: P HVPs; memory: ``chunk_size`` tangents
+      (default from the memory budget, :mod:`secorder._chunking`).
     * ``num_probes=K``: Hutchinson's diagonal estimate (1/K) Σ_k v_k ⊙ H v_k, or with
       ``method="xdiag"`` the exchangeable XDiag estimate (Epperly, Tropp, Webber
       2024) from K products, with per-entry standard errors from its leave-one-out
@@ -488,13 +570,17 @@ def hessian_diagonal(
         method: the randomized estimator used when ``num_probes`` is given (a key of
             :data:`secorder.estimators.DIAGONAL_ESTIMATORS`: ``"hutchinson"`` or
             ``"xdiag"``); ``num_probes`` is its total budget of products.
-        exact: how the exact diagonal is computed: ``"hvp"`` (P one-hot Hessian-vector
-            products; any function, composes with ``torch.func`` transforms) or ``"sweep"``
-            (eager only: the op-level second-order sweep of :mod:`secorder._graph_sweep`,
-            R vector-Jacobian products per sample, R the number of signed curvature columns
-            per sample; for ``f(θ, *batch)`` that is the mean or the sum over dimension 0
-            of every other argument of a per-sample loss, which is checked on the values;
-            ``fn.method_info`` reports R and P after a call).
+        exact: how the exact diagonal is computed. ``"auto"`` (default): the structured
+            second-order sweep of :mod:`secorder._engine.sweep` whenever it applies (an eager
+            call whose parameters do not require grad, every other argument a tensor batched
+            along dimension 0, the batch-axis proof holds — f is a sum over samples of
+            per-sample terms plus parameter-only terms, any weighting —, every op has a rule,
+            and R ≤ P), else one-hot HVPs. ``"sweep"`` forces the sweep (an error says why it
+            cannot run; where the structured sweep has no rule yet, the op-level per-sample
+            sweep of :mod:`secorder._graph_sweep`). ``"hvp"``: P one-hot Hessian-vector
+            products (any function, composes with ``torch.func`` transforms and keeps the
+            graph of parameters that require grad). ``fn.method_info`` reports the method,
+            R (columns per sample), P and the reason after each exact call.
         progress: show a tqdm bar over the chunks of one-hot products of the exact diagonal
             (``exact="hvp"``; tqdm is an optional dependency).
 
@@ -521,10 +607,15 @@ def hessian_diagonal(
 
     @functools.wraps(f)
     def diag_fn(*args: Any, generator: torch.Generator | None = None) -> Any:
-        if exact == "sweep":
-            diag_leaves, spec = _sweep_diagonal(
-                call, diag_fn, *_select_args(call, selector, f, args, argnums), argnums, chunk_size
+        swept = (
+            _exact_diagonal_leaves(
+                call, diag_fn, *_select_args(call, selector, f, args, argnums), argnums, chunk_size, exact
             )
+            if num_probes is None
+            else None
+        )
+        if swept is not None:
+            diag_leaves, spec = swept
             tree = unflatten(spec, diag_leaves)
             return (
                 (tree, unflatten(spec, [torch.zeros_like(d) for d in diag_leaves])) if with_stderr else tree

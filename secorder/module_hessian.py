@@ -76,6 +76,7 @@ from secorder._validate import (
 )
 from secorder.hessian import hessian_diagonal
 from secorder.modules import module_forward, unwrap_module
+from secorder.operators import StrategyFailedError
 from secorder.probes import check_generator
 
 __all__ = ["METHODS", "SweepInfo", "module_hessian_diagonal", "module_hessian_trace"]
@@ -319,18 +320,15 @@ def _run(
     names = sorted(params)  # flatten orders dict leaves by sorted key
     p_count = sum(leaf.numel() for leaf in leaves)
     generator = check_generator(call, generator, leaves[0].device)
-    for name, m in model.named_modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (
-            m.training or not m.track_running_stats or m.running_mean is None
-        ):
-            raise error(
-                call,
-                "the Hessian diagonal by the sweep or per-sample rules needs samples that do not interact",
-                f"{type(m).__name__} at '{name}' normalizing with batch statistics",
-                "Call model.eval() to use the running statistics (the Hessian of a train-mode "
-                "BatchNorm loss couples samples; use secorder.hessian_diagonal on "
-                "secorder.module_loss(model, loss) for it).",
-            )
+    coupled = next(
+        (
+            (name, m)
+            for name, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and (m.training or not m.track_running_stats or m.running_mean is None)
+        ),
+        None,
+    )
 
     def fwd(ls: list[Tensor]) -> Any:
         return forward(unflatten(tree, ls), inputs)
@@ -339,11 +337,33 @@ def _run(
         def f(p: Any, x: Any, y: Any) -> Tensor:
             return spec.total(forward(p, x), y)
 
-        diag = hessian_diagonal(f, chunk_size=chunk_size)(params, inputs, targets)
+        try:
+            diag = hessian_diagonal(f, chunk_size=chunk_size)(params, inputs, targets)
+        except StrategyFailedError as exc:  # its fix names strategy=, which this call does not take
+            raise error(
+                call,
+                f"the one-hot Hessian-vector products of method='hvp' ({reason}) need double "
+                "backward through every op of the model",
+                f"{type(exc.__cause__).__name__}: {exc.__cause__}",
+                "Use secorder.hessian_diagonal(f, strategy='finite_difference') with f from "
+                "secorder.module_loss(model, loss) (first derivatives only), or an estimate "
+                "with method='curvature_propagation', num_probes=K where the op-level sweep covers "
+                "the model.",
+                cls=RuntimeError,
+            ) from exc
         return diag, {n: torch.zeros_like(v) for n, v in diag.items()}, SweepInfo("hvp", r, p_count, reason)
 
     if method == "hvp":
         return hvp_route("method='hvp'", 0)
+    if coupled is not None:  # the samples interact: only the batch loss's one-hot products apply
+        name, m = coupled
+        raise error(
+            call,
+            f"method={method!r} needs samples that do not interact (per-sample rules)",
+            f"{type(m).__name__} at '{name}' normalizing with batch statistics",
+            "Call model.eval() to use the running statistics, or pass method='hvp' (P one-hot "
+            "Hessian-vector products of the batch loss, exact for train-mode BatchNorm).",
+        )
     cheap_hvp = method == "auto" and p_count <= max_hvp
     try:
         diag, err, r = sweep_diagonal(

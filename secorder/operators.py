@@ -73,6 +73,7 @@ from torch.func import grad, jvp, vjp, vmap
 from secorder._engine.tape import TapeUnsupportedError
 from secorder._engine.taylor import TaylorQuadform
 from secorder._errors import error
+from secorder._kernels import with_decomposed_kernels
 from secorder._pytree import numel, ravel, unravel
 from secorder._validate import check_finite_enabled, check_finite_result, diagnose_nonfinite
 
@@ -82,6 +83,7 @@ __all__ = [
     "DenseOperator",
     "HessianOperator",
     "LinearOperator",
+    "StrategyFailedError",
     "check_strategy",
     "in_functorch_transform",
     "resolve_strategy",
@@ -195,9 +197,14 @@ def resolve_strategy(call: str, strategy: str, leaves: Sequence[Tensor]) -> str:
       which AOTAutograd does not support; measured with torch 2.13 on CPU);
     * otherwise (plain eager evaluation) the choice is made at the first product. Quadratic
       forms vᵀHv (Hutchinson's trace, the quadratic-form part of Hutch++) use ``"taylor"``
-      whenever the function can be recorded (no random ops, no in-place update of an aliased
-      tensor), the fastest on the MLP and the CNN of ``benchmarks/bench_hessian.py`` (see
-      ``benchmarks/RESULTS.md``); otherwise, and for ``matmat``, the autograd graph of one
+      when the function can be recorded (no random ops, no in-place update of an aliased
+      tensor) and its autograd graph has at most 16 ops or is dominated by convolutions (at
+      least 1/8 of its ops): the fastest on the MLP and the CNN of
+      ``benchmarks/bench_hessian.py`` and on a ResNet, and 1.5-4x slower than ``"rev_rev"``
+      on attention and recurrent models (``benchmarks/bench_models.py``; see
+      ``_taylor_too_slow``; ``HessianOperator.taylor_skipped`` says why it was passed over,
+      and then ``"rev_rev"`` is used unless convolutions dominate); otherwise, and for
+      ``matmat``, the autograd graph of one
       evaluation of the function decides (that graph is reused, not wasted):
       ``"autograd"`` (a loop over one retained double-backward graph) if the function
       contains a convolution, whose batched double backward falls back to slow grouped
@@ -241,6 +248,11 @@ def _graph_has_convolution(root: Tensor) -> bool:
     return False
 
 
+class StrategyFailedError(RuntimeError):
+    """A Hessian strategy could not form its products (the message names the call and the
+    strategies to try); callers that take no ``strategy=`` re-raise it with their own fix."""
+
+
 def _strategy_failure(call: str, strategy: str, exc: Exception) -> Exception:
     others = [s for s in STRATEGIES + FALLBACK_STRATEGIES if s not in ("auto", strategy)]
     return error(
@@ -250,7 +262,7 @@ def _strategy_failure(call: str, strategy: str, exc: Exception) -> Exception:
         f"{type(exc).__name__}: {exc}",
         f"Pass another strategy: one of {', '.join(repr(s) for s in others)}; "
         'strategy="finite_difference" needs only first derivatives.',
-        cls=RuntimeError,
+        cls=StrategyFailedError,
     )
 
 
@@ -263,6 +275,61 @@ def _detached_output(call: str) -> Exception:
         "Compute the loss from the argument with torch operations and without detaching; if f is "
         "constant in the argument, its Hessian is 0 and needs no computing.",
     )
+
+
+_TAYLOR_MAX_OPS = 16
+_TAYLOR_CONV_SHARE = 8
+
+
+def _graph_stats(root: Tensor) -> tuple[int, int]:
+    """(ops, convolutions) in the autograd graph behind ``root`` (leaf accumulators excluded)."""
+    seen: set[int] = set()
+    stack, ops, convs = [root.grad_fn], 0, 0
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        name = type(node).__name__
+        if name != "AccumulateGrad":
+            ops += 1
+            convs += "Convolution" in name
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return ops, convs
+
+
+def _taylor_too_slow(
+    fn: Callable[[list[Tensor]], Tensor], leaves: Sequence[Tensor]
+) -> tuple[str | None, bool | None]:
+    """Why the eager ``"auto"`` rule passes over the Taylor tape for quadratic forms (``None``:
+    use it), from the autograd graph of one forward pass; and whether convolutions dominate
+    that graph (``None``: unknown), which then also picks ``"autograd"`` over ``"rev_rev"``
+    for the products (a ViT's one patch convolution does not: ``"rev_rev"`` is 3-4x faster
+    there).
+
+    The tangent pass walks the tape op by op in Python, so its cost grows with the number of
+    ops; reverse over reverse runs the same ops in autograd's C++ engine, and the Taylor rule
+    for a convolution (probes folded into its batch) is where the tape gains most. Measured
+    (``benchmarks/bench_models.py`` sizes, K = 16, CPU, batch 4): Taylor is faster on the MLP
+    (10 ops) and the CNN (9 ops, 2 convolutions) of ``bench_hessian.py`` and on a ResNet
+    (~29 ops, 7 convolutions), and 1.5-4x slower than ``"rev_rev"`` on GPT-2, BERT, a ViT
+    (~62 ops, one patch convolution), ``nn.MultiheadAttention``, SDPA and LSTM models. Rule:
+    Taylor when there are at most 16 ops or convolutions are at least 1/8 of them.
+    """
+    inputs = [leaf.detach().requires_grad_(True) for leaf in leaves]
+    with torch.enable_grad():
+        out = fn(inputs)
+    if not isinstance(out, Tensor) or out.grad_fn is None:
+        return None, None
+    ops, convs = _graph_stats(out)
+    conv_heavy = convs > 0 and convs * _TAYLOR_CONV_SHARE >= ops
+    if ops <= _TAYLOR_MAX_OPS or conv_heavy:
+        return None, convs > 0
+    reason = (
+        f"{ops} ops with {convs} convolutions in the autograd graph: reverse over reverse is "
+        "faster there (see secorder.operators._taylor_too_slow)"
+    )
+    return reason, False
 
 
 class HessianOperator:
@@ -309,11 +376,16 @@ class HessianOperator:
         self.quadform_strategy: str | None = None
         self.taylor_skipped: str | None = None
         self._taylor: TaylorQuadform | None = None
+        self._known_conv: bool | None = None  # from the auto rule's forward graph
 
     def _settle_strategy(self) -> str:
         if self.strategy in ("auto", "taylor"):
-            self._autograd_graph()
-            self.strategy = "autograd" if self._has_conv or self.one_at_a_time else "rev_rev"
+            if self._known_conv is None:  # the graph of one evaluation tells (and is kept)
+                self._autograd_graph()
+            has_conv = self._has_conv if self._known_conv is None else self._known_conv
+            self.strategy = "autograd" if has_conv or self.one_at_a_time else "rev_rev"
+            if self.strategy == "rev_rev":  # the probe graph is not used again: free it now
+                self._graph = None  # (a retained double-backward graph held 2x the memory)
         return self.strategy
 
     def _settle_quadform(self) -> str:
@@ -322,9 +394,11 @@ class HessianOperator:
                 self._taylor = TaylorQuadform(self.fn, self.leaves)  # TapeUnsupportedError: caller
                 self.quadform_strategy = "taylor"
             elif self.requested == "auto" and self.strategy == "auto" and not self.one_at_a_time:
-                try:
-                    self._taylor = TaylorQuadform(self.fn, self.leaves)
-                    self.quadform_strategy = "taylor"
+                try:  # one forward pass decides before the Taylor preparation is paid
+                    self.taylor_skipped, self._known_conv = _taylor_too_slow(self.fn, self.leaves)
+                    if self.taylor_skipped is None:
+                        self._taylor = TaylorQuadform(self.fn, self.leaves)
+                        self.quadform_strategy = "taylor"
                 except TapeUnsupportedError as exc:
                     cause = exc.__cause__
                     if isinstance(cause, Exception) and type(cause) not in (
@@ -514,6 +588,7 @@ class HessianOperator:
         return out
 
     # -- public ----------------------------------------------------------------
+    @with_decomposed_kernels
     def matmat(self, V: Tensor) -> Tensor:
         """Rows ``H v_i`` for the rows ``v_i`` of the ``(k, P)`` tensor ``V``."""
         self._check_rows(V)
@@ -523,6 +598,7 @@ class HessianOperator:
             raise self._fail(self.strategy, exc) from exc
         return self._check_result(ravel(out, batch_dims=1), "Hessian-vector products")
 
+    @with_decomposed_kernels
     def quadform(self, V: Tensor) -> Tensor:
         """The ``k`` values ``v_iᵀ H v_i`` for the rows of ``V``."""
         self._check_rows(V)

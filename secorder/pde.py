@@ -43,7 +43,14 @@ from secorder._engine import jet as _jet
 from secorder._engine.collapsed import evaluate, plan
 from secorder._engine.tape import Tape, TapeUnsupportedError, record
 from secorder._errors import error
-from secorder._validate import check_argnums, check_bool, check_callable, check_num_probes
+from secorder._validate import (
+    check_argnums,
+    check_bool,
+    check_callable,
+    check_finite_tree,
+    check_grad_context,
+    check_num_probes,
+)
 
 __all__ = ["PDEInfo", "biharmonic", "laplacian"]
 
@@ -80,11 +87,22 @@ def _bind(
             got,
             "Pass a batch of points, e.g. x of shape (N, D); for one point use x[None].",
         )
+    if x.shape[0] == 0 or x[0].numel() == 0:
+        raise error(
+            call,
+            f"args[{index}] must hold at least one point of at least one coordinate",
+            f"shape {tuple(x.shape)}",
+            "Skip empty batches before the call (e.g. `if len(x):`).",
+        )
     rest = list(args)
     rest[index] = None
     flat, spec = pytree.tree_flatten(rest)
     pos = [i for i, a in enumerate(flat) if isinstance(a, Tensor)]
     n = x.shape[0]
+    # the shared input policies (secorder._validate): context, then finite values in eager mode
+    check_grad_context(call, [x, *(flat[i] for i in pos)])
+    for i, a in enumerate(args):
+        check_finite_tree(call, f"args[{i}]", a, samples=i == index)
 
     def fn(leaves: list[Tensor], inputs: list[Tensor]) -> Tensor:
         new = list(flat)

@@ -511,6 +511,63 @@ ONE_OFF = [
         TypeError,
         r"model must be a torch\.nn\.Module",
     ),
+    # the PDE operators: u(params, x) of a batch of points
+    (
+        "laplacian-nan-point",
+        lambda P: secorder.laplacian(_u_points)(P.params, _points(nan=True)),
+        ValueError,
+        r"must be finite.*NaN.*in samples \[2\]",
+    ),
+    (
+        "laplacian-nan-param",
+        lambda P: secorder.laplacian(_u_points)(
+            {**P.params, "0.bias": torch.full((4,), float("nan"), dtype=F64)}, _points()
+        ),
+        ValueError,
+        NONFINITE,
+    ),
+    (
+        "laplacian-empty-batch",
+        lambda P: secorder.laplacian(_u_points)(P.params, _points()[:0]),
+        ValueError,
+        r"at least one point",
+    ),
+    (
+        "laplacian-inference-mode",
+        lambda P: _in_inference(lambda: secorder.laplacian(_u_points)(P.params, _points())),
+        RuntimeError,
+        r"inference_mode",
+    ),
+    (
+        "laplacian-one-point-vector",
+        lambda P: secorder.laplacian(_u_points)(P.params, torch.ones(3, dtype=F64)),
+        ValueError,
+        r"batch of N points",
+    ),
+    (
+        "laplacian-generator-not-a-generator",
+        lambda P: secorder.laplacian(_u_points, num_probes=2)(P.params, _points(), generator=0),
+        TypeError,
+        r"generator must be a torch\.Generator",
+    ),
+    (
+        "laplacian-bad-num-probes",
+        lambda P: secorder.laplacian(_u_points, num_probes=0),
+        ValueError,
+        r"num_probes",
+    ),
+    (
+        "biharmonic-nan-point",
+        lambda P: secorder.biharmonic(_u_points)(P.params, _points(nan=True)),
+        ValueError,
+        r"must be finite",
+    ),
+    (
+        "biharmonic-empty-batch",
+        lambda P: secorder.biharmonic(_u_points)(P.params, _points()[:0]),
+        ValueError,
+        r"at least one point",
+    ),
     (
         "approx.empirical_fisher_trace-nan",
         lambda P: approx.empirical_fisher_trace(_nan_model(P), F.cross_entropy, P.x, P.y),
@@ -518,6 +575,23 @@ ONE_OFF = [
         r"finite",
     ),
 ]
+
+
+def _points(nan: bool = False) -> Tensor:
+    x = torch.randn(4, 3, dtype=F64, generator=torch.Generator().manual_seed(3))
+    if nan:
+        x[2, 1] = float("nan")
+    return x
+
+
+def _u_points(params: dict[str, Tensor], x: Tensor) -> Tensor:
+    h = torch.tanh(x @ params["0.weight"].T + params["0.bias"])
+    return (h @ params["2.weight"].T + params["2.bias"]).sum(-1)
+
+
+def _in_inference(run: Callable[[], Any]) -> Any:
+    with torch.inference_mode():
+        return run()
 
 
 def _nan_model(P: Problem) -> nn.Module:

@@ -29,6 +29,9 @@ Fields:
   K directional derivatives and the summed second derivatives through the op (the PDE
   operators of :mod:`secorder.pde`); ops without one take ``jet.linear`` when ``linear``,
   ``jet.no_curvature`` when ``no_curvature`` or ``linear_first``, else nested AD on the op.
+* ``batch``: the op's batch rule for the per-sample proof (:mod:`secorder._engine.batch`):
+  how a sample axis passes through it (``"pointwise"`` is the default for ops tagged
+  pointwise; an op with none refuses a batched parameter-dependent input).
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ class OpRule:
         None  # Callable[[interfaces._Ctx], Tensor | None]: squared per-sample parameter gradients
     )
     collapsed: Any = None  # collapsed Taylor rule (ctx, func, args, kwargs) -> outputs (jet.py)
+    batch: str | None = None
 
     @property
     def curvature_free(self) -> bool:
@@ -157,3 +161,45 @@ _register(
     collapsed=_jet.max_pool_rule,
 )
 # ---- end of collapsed Taylor rules ---------------------------------------------------------------
+# ---- batch rules (the batch-axis proof, secorder._engine.batch) ----------------------------
+_register(("clone", "alias", "_to_copy", "lift_fresh_copy", "detach", "copy"), batch="same_shape")
+_register(
+    ("view", "_unsafe_view", "reshape", "flatten.using_ints", "unflatten.int", "view_copy"), batch="reshape"
+)
+_register(("t", "transpose.int", "permute"), batch="permute")
+_register(("unsqueeze",), batch="unsqueeze")
+_register(("squeeze.dim", "squeeze.dims", "squeeze"), batch="squeeze")
+_register(("expand",), batch="expand")
+_register(("select.int", "slice.Tensor", "narrow", "index_select", "gather"), batch="index")
+_register(("sum.dim_IntList", "sum", "mean.dim", "mean"), batch="reduce_linear")
+_register(
+    ("amax", "amin", "logsumexp", "var.correction", "std.correction", "prod.dim_int", "max.dim", "min.dim"),
+    batch="reduce",
+)
+_register(("_softmax", "_log_softmax", "_safe_softmax"), batch="softmax")
+_register(("linalg_vector_norm",), batch="norm")
+_register(("split.Tensor", "split_with_sizes", "unbind.int", "chunk"), batch="split")
+_register(("cat", "stack"), batch="cat")
+_register(("mm", "bmm"), batch="matmul")
+_register(("addmm", "baddbmm"), batch="addmm")
+_register(
+    (
+        "convolution", "max_pool2d_with_indices", "max_pool1d_with_indices", "max_pool3d_with_indices",
+        "avg_pool2d", "avg_pool1d", "avg_pool3d", "_adaptive_avg_pool2d", "_adaptive_avg_pool3d",
+        "adaptive_max_pool2d", "_native_batch_norm_legit_no_training", "native_batch_norm",
+        "_native_batch_norm_legit", "nll_loss_forward", "nll_loss2d_forward",
+    ),
+    batch="batch_first",
+)  # fmt: skip
+_register(("native_layer_norm",), batch="layer_norm")
+_register(("embedding",), batch="embedding")
+_register(("mse_loss", "binary_cross_entropy_with_logits"), batch="loss_reduce")
+_register(("constant_pad_nd",), batch="pad")
+_register(
+    (
+        "add.Tensor", "sub.Tensor", "add.Scalar", "sub.Scalar", "rsub.Tensor", "rsub.Scalar", "neg",
+        "mul.Scalar", "div.Scalar",
+    ),
+    batch="pointwise_linear",
+)  # fmt: skip
+_register(("mul.Tensor", "div.Tensor"), batch="scale")

@@ -34,6 +34,8 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from secorder._kernels import decomposed_kernels
+
 __all__ = [
     "Ref",
     "Tape",
@@ -76,6 +78,7 @@ class Tape:
     num_values: int
     depends: list[bool] = field(default_factory=list)  # per value: depends on a leaf
     num_inputs: int = 0  # data inputs, value indices num_leaves .. num_leaves + num_inputs - 1
+    values: list[Any] | None = None  # the recorded values (None when an in-place op rewrote one)
     widest: int = 0  # the most elements of a floating value computed from the inputs (sizes tangents)
 
     def replay(
@@ -164,6 +167,8 @@ class _Recorder(TorchDispatchMode):
         self.nodes: list[TapeNode] = []
         self.num_values = len(leaves)
         self.problem: str | None = None
+        self.values: list[Any] = list(leaves)
+        self.rewritten = False
 
     def _count_storage(self, t: Tensor) -> None:
         try:
@@ -217,6 +222,8 @@ class _Recorder(TorchDispatchMode):
                 self.num_values += 1
                 self.nodes.append(TapeNode(twin, rargs, rkwargs, [idx], False))
                 self.ids[id(t)] = idx  # later uses of this tensor see the new value
+                self.values.append(t)
+                self.rewritten = True  # the tensor of the earlier value now holds the new one
                 return out
         multi = isinstance(out, (tuple, list))
         outs = list(out) if multi else [out]
@@ -228,6 +235,7 @@ class _Recorder(TorchDispatchMode):
                 self._count_storage(o)
                 indices.append(self.num_values)
                 self.num_values += 1
+                self.values.append(o)
             else:
                 indices.append(None)
         self.nodes.append(TapeNode(func, rargs, rkwargs, indices, multi))
@@ -270,7 +278,7 @@ def record(
     data = [] if inputs is None else [x.detach() for x in inputs]
     rec = _Recorder([*leaves, *data])
     try:
-        with torch.no_grad(), rec:
+        with decomposed_kernels(), torch.no_grad(), rec:
             result = fn(leaves) if inputs is None else fn(leaves, data)
     except TapeUnsupportedError:  # pragma: no cover - not raised inside
         raise
@@ -309,5 +317,6 @@ def record(
         rec.num_values,
         depends,
         len(data),
+        None if rec.rewritten else rec.values,
         widest,
     )

@@ -33,6 +33,7 @@ from torch.func import vmap
 
 from secorder._chunking import default_chunk_size
 from secorder._errors import error
+from secorder._kernels import decomposed_kernels
 from secorder._pytree import numel, ravel, unravel
 from secorder._validate import (
     check_finite_result,
@@ -201,7 +202,7 @@ class ClosureGraph:
         active = [i for i, p in enumerate(self.params) if p.requires_grad]
         check_grad_context(call, self.params)
         check_finite_tree(call, "params", self.params)
-        with torch.enable_grad():
+        with torch.enable_grad(), decomposed_kernels():  # the graph is differentiated twice
             loss = _check_loss(call, what, func())
             check_finite_result(
                 call,

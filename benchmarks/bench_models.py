@@ -1,0 +1,188 @@
+"""Every quantity on real model architectures: secorder against curvlinops and PyHessian.
+
+Models: ``tests/_zoo.py`` with ``bench=True`` (float32, batch 4): Hugging Face GPT-2 (vocabulary
+256, width 32, 2 layers, 16 tokens; default ``"sdpa"`` attention) and BERT (same widths, a
+``[PAD]`` token per sequence), ``nn.LSTM``/``nn.GRU`` classifiers (width 32, 16 steps),
+``nn.MultiheadAttention`` and plain ``F.scaled_dot_product_attention`` (width 32, 16 tokens), a
+timm-layout ViT (16×16 images, patch 4, width 32) and a torchvision-layout ResNet (BasicBlocks,
+BatchNorm in eval mode, width 16, 16×16 images).
+
+Timed (median of ``--repeats`` after one warm-up, whole calls):
+
+* Hutchinson trace of the Hessian, K = 16 Rademacher probes: ``secorder.hessian_trace(f,
+  num_probes=K)`` (default strategy), curvlinops ``hutchinson_trace(HessianLinearOperator, K)``,
+  PyHessian ``hessian(...).trace(maxIter=K, tol=0)``;
+* Hutchinson trace of the GGN, K = 16: ``secorder.fisher_trace(model, "cross_entropy",
+  num_probes=K)``, curvlinops ``hutchinson_trace(GGNLinearOperator, K)``;
+* secorder only: exact GGN trace, exact Hessian diagonal (``hessian_diagonal(f)``, whatever
+  ``exact`` route the default takes; one run without warm-up), largest Hessian eigenvalue (Lanczos) against PyHessian's
+  power iteration (``eigenvalues(top_n=1, tol=1e-3)``).
+
+curvlinops and PyHessian need double backward (and curvlinops' GGN forward mode) through the
+model, which PyTorch's fused attention and RNN kernels do not provide: they run under
+``sdpa_kernel(SDPBackend.MATH)`` with the MHA fast path off (what secorder does internally),
+and fail on the float32 LSTM/GRU (mkldnn kernels) — reported as "fails". Construction of the
+curvlinops operators is included in their time (secorder's calls include theirs too).
+
+Usage: ``PYTHONPATH=. python benchmarks/record.py bench_models.py [--repeats 3] [--models gpt2,lstm]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import _common as C  # noqa: N812 - short alias for the shared helpers
+import torch
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import _zoo
+
+import secorder
+
+warnings.filterwarnings("ignore")
+K = 16
+
+
+def _competitor(fn: Callable[[], Any]) -> Callable[[], Any]:
+    def run() -> Any:
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            with sdpa_kernel(SDPBackend.MATH):
+                return fn()
+        finally:
+            torch.backends.mha.set_fastpath_enabled(True)
+
+    return run
+
+
+def _time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> tuple[float | None, Any, str]:
+    try:
+        t, out = C.timeit(fn, repeat=repeats, warmup=warmup)
+        return t, out, ""
+    except Exception as exc:  # report, do not hide: the table says "fails"
+        return None, None, f"{type(exc).__name__}: {str(exc)[:120]}"
+
+
+def bench(name: str, repeats: int) -> tuple[list[str], list[str]]:
+    case = _zoo.build(name, torch.float32, batch=4, bench=True)
+    model, x, y = case.model, case.inputs, case.targets
+    f, params = secorder.module_loss(model, _zoo.loss_of(case))
+    P = sum(p.numel() for p in params.values())
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    crit = nn.CrossEntropyLoss()
+    plist = [p for p in model.parameters() if p.requires_grad]
+    notes = []
+
+    ours = {
+        "H hutch": lambda: secorder.hessian_trace(f, num_probes=K)(params, x, y, generator=gen()),
+        "GGN hutch": lambda: secorder.fisher_trace(model, "cross_entropy", num_probes=K)(
+            params, x, y, generator=gen()
+        ),
+        "GGN exact": lambda: secorder.fisher_trace(model, "cross_entropy")(params, x, y),
+        "H diag exact": lambda: secorder.hessian_diagonal(f)(params, x, y),
+        "H top eig": lambda: secorder.hessian_eigenvalues(f, k=1, tol=1e-3)(params, x, y),
+    }
+    theirs: dict[str, Callable[[], Any]] = {}
+    try:
+        import curvlinops
+
+        def cl(cls: str) -> Callable[[], Any]:
+            def run() -> Any:
+                torch.manual_seed(0)
+                A = getattr(curvlinops, cls)(model, crit, plist, [(x, y)], check_deterministic=False)
+                return curvlinops.hutchinson_trace(A, K)
+
+            return _competitor(run)
+
+        theirs["H hutch curvlinops"] = cl("HessianLinearOperator")
+        theirs["GGN hutch curvlinops"] = cl("GGNLinearOperator")
+    except ImportError:
+        notes.append("curvlinops not importable")
+    try:
+        from pyhessian import hessian as pyh
+
+        def ph(what: str) -> Callable[[], Any]:
+            def run() -> Any:
+                torch.manual_seed(0)
+                H = pyh(model, crit, data=(x, y), cuda=False)
+                out = H.trace(maxIter=K, tol=0.0) if what == "trace" else H.eigenvalues(top_n=1, tol=1e-3)[0]
+                model.zero_grad(set_to_none=True)
+                return out
+
+            return _competitor(run)
+
+        theirs["H hutch PyHessian"] = ph("trace")
+        theirs["H top eig PyHessian"] = ph("eig")
+    except ImportError:
+        notes.append("PyHessian not importable")
+
+    before = _zoo.state_snapshot(model)
+    slow = ("H diag exact",)  # P one-hot products (or the op-level sweep): timed once, no warm-up
+    t = {k: _time(fn, 1, 0) if k in slow else _time(fn, repeats) for k, fn in {**ours, **theirs}.items()}
+    after = _zoo.state_snapshot(model)
+    assert all(torch.equal(before[k], after[k]) for k in before), f"{name}: model mutated"
+
+    def cell(key: str) -> str:
+        sec, _, err = t[key]
+        if sec is None:
+            notes.append(f"{key}: {err}")
+            return "fails"
+        return C.fmt_time(sec)
+
+    def ratio(a: str, b: str) -> str:
+        ta, tb = t[a][0], t.get(b, (None,))[0]
+        return f"{tb / ta:.2f}×" if ta and tb else "–"
+
+    row = [
+        name, f"{P:,}",
+        cell("H hutch"), cell("H hutch curvlinops") if "H hutch curvlinops" in t else "n/a",
+        ratio("H hutch", "H hutch curvlinops"),
+        cell("H hutch PyHessian") if "H hutch PyHessian" in t else "n/a", ratio("H hutch", "H hutch PyHessian"),
+        cell("GGN hutch"), cell("GGN hutch curvlinops") if "GGN hutch curvlinops" in t else "n/a",
+        ratio("GGN hutch", "GGN hutch curvlinops"),
+        cell("GGN exact"), cell("H diag exact"),
+        cell("H top eig"), cell("H top eig PyHessian") if "H top eig PyHessian" in t else "n/a",
+    ]  # fmt: skip
+    return row, notes
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--models", default=",".join(n for n in _zoo.NAMES if not n.endswith(("_eager", "_train")))
+    )
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    rows, notes = [], []
+    for name in a.models.split(","):
+        if name.startswith(("gpt2", "bert")) and _zoo.transformers_or_none() is None:
+            notes.append(f"{name}: transformers not installed")
+            continue
+        r, n = bench(name, a.repeats)
+        rows.append(r)
+        notes += [f"{name}: {m}" for m in n]
+        print(f"... {name} done", file=sys.stderr, flush=True)
+    head = [
+        "model", "P", "H Hutch (K=16)", "curvlinops", "speed-up", "PyHessian", "speed-up",
+        "GGN Hutch (K=16)", "curvlinops", "speed-up", "GGN exact", "H diag exact", "H top eig",
+        "PyHessian",
+    ]  # fmt: skip
+    print(
+        f"float32, batch 4, 1 thread; median of {a.repeats} after a warm-up. speed-up = their time / ours.\n"
+    )
+    print(C.table(rows, head))
+    if notes:
+        print("Notes:\n")
+        print("\n".join(f"* {m}" for m in notes))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,242 @@
+"""Decomposed kernels: the one place secorder swaps fused kernels for their math form.
+
+Some fused kernels have no double-backward or forward-mode derivative, so a Hessian-vector
+product, a Jacobian-vector product or a recorded tape through them fails although the
+function they compute is an ordinary composition of differentiable ops:
+
+* ``F.scaled_dot_product_attention`` (Hugging Face's default ``"sdpa"`` attention, timm's
+  ``fused_attn``, ``nn.MultiheadAttention``): the flash/efficient CPU and CUDA kernels have
+  no double backward and no forward-mode rule. Under :func:`decomposed_kernels` the math
+  backend runs (``torch.nn.attention.sdpa_kernel(SDPBackend.MATH)``): matmul, softmax,
+  matmul, the same function.
+* ``nn.MultiheadAttention``'s inference fast path (``aten::_native_multi_head_attention``,
+  taken under ``no_grad``, e.g. while a tape is recorded): switched off
+  (``torch.backends.mha.set_fastpath_enabled(False)``).
+* ``nn.RNN``/``nn.LSTM``/``nn.GRU`` (``torch._VF.rnn_tanh``/``rnn_relu``/``lstm``/``gru``):
+  the mkldnn (CPU, float32/bfloat16) and cuDNN kernels have no double backward or
+  forward-mode rule, and the native CPU path breaks under ``vmap`` of a per-sample gradient.
+  They are replaced by :func:`_rnn`, a Python loop over time steps of ``linear`` and
+  pointwise ops with the same gate equations as the PyTorch documentation (one matrix
+  product of all time steps' inputs per layer and direction, then one ``linear`` of the
+  hidden state per step). Packed sequences keep the native kernel.
+
+One more substitution fixes *which function* is differentiated rather than how:
+
+* ``F.embedding`` with ``padding_idx`` (BERT's ``[PAD]`` row, ``nn.Embedding(padding_idx=)``):
+  PyTorch's gradient rule freezes the padding row (zero gradient), while forward mode lets a
+  tangent through it, so reverse-mode (exact, ``rev_rev``) and forward-mode (Taylor,
+  Hutchinson of the GGN) routes differentiated different functions. secorder defines every
+  quantity for the function in which the padding row is a constant, as the gradient rule
+  says (its rows and columns of every curvature matrix are zero; the diagonal is zero
+  there): under :func:`decomposed_kernels` the lookup is ``where(ids == padding_idx,
+  out.detach(), out)`` with the same forward value.
+
+And one keeps the user's model as it was:
+
+* ``F.batch_norm`` in training mode updates ``running_mean``/``running_var`` in place. A
+  loss written with ``functional_call(model, params, x)`` (buffers not passed) hands it the
+  module's own buffers, so each of the many evaluations secorder makes would move them; under
+  :func:`decomposed_kernels` clones go in (the normalization uses batch statistics, so the
+  value is the same). ``nn.BatchNorm``'s own ``num_batches_tracked += 1`` happens in the
+  module's Python code and still counts (it matters only for ``momentum=None``):
+  :func:`secorder.module_loss` clones every buffer and changes nothing.
+
+Every place that forms second derivatives or records a tape enters
+:func:`decomposed_kernels`: the Hessian operator's products, the Fisher operators' products
+and per-sample routes, :func:`secorder._engine.tape.record`, and the eager API's closure graph
+(``secorder.core._closure.ClosureGraph``). Entering it is cheap and
+re-entrant; under ``torch.compile`` it does nothing (the flags are global Python state).
+The user's own evaluations outside secorder are untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
+
+import torch
+import torch.nn.functional as F  # noqa: N812 - the PyTorch convention
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+
+__all__ = ["decomposed_kernels", "with_decomposed_kernels"]
+
+_VF = torch._C._VariableFunctions
+_RNN_FUNCS = {
+    getattr(_VF, name): name for name in ("lstm", "gru", "rnn_tanh", "rnn_relu") if hasattr(_VF, name)
+}
+
+
+def _cell(kind: str, xw: Tensor, h: Tensor, c: Tensor | None, w_hh: Tensor, b_hh: Tensor | None,
+          w_hr: Tensor | None) -> tuple[Tensor, Tensor | None]:  # fmt: skip
+    """One time step; ``xw`` = x W_ihᵀ + b_ih (precomputed for all steps)."""
+    hw = F.linear(h, w_hh, b_hh)
+    if kind == "lstm":
+        assert c is not None
+        i, f, g, o = (xw + hw).chunk(4, dim=-1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        return (h if w_hr is None else F.linear(h, w_hr)), c
+    if kind == "gru":
+        xr, xz, xn = xw.chunk(3, dim=-1)
+        hr, hz, hn = hw.chunk(3, dim=-1)
+        r = torch.sigmoid(xr + hr)
+        z = torch.sigmoid(xz + hz)
+        n = torch.tanh(xn + r * hn)
+        return (1 - z) * n + z * h, None
+    pre = xw + hw
+    return (torch.tanh(pre) if kind == "rnn_tanh" else torch.relu(pre)), None
+
+
+def _rnn(kind: str, args: Sequence[Any]) -> Any:
+    """``torch._VF.<kind>(input, hx, params, has_biases, num_layers, dropout, train,
+    bidirectional, batch_first)`` as a composition of differentiable ops."""
+    x, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first = args
+    if kind == "lstm":
+        h0, c0 = hx
+    else:
+        h0, c0 = hx, None
+    if batch_first:
+        x = x.transpose(0, 1)  # (T, B, F)
+    dirs = 2 if bidirectional else 1
+    per = 2 + (2 if has_biases else 0)
+    proj = kind == "lstm" and h0.shape[-1] != c0.shape[-1]
+    per += 1 if proj else 0
+    h_out, c_out = [], []
+    for layer in range(num_layers):
+        outs = []
+        for d in range(dirs):
+            idx = layer * dirs + d
+            w = params[idx * per : (idx + 1) * per]
+            w_ih, w_hh = w[0], w[1]
+            b_ih, b_hh = (w[2], w[3]) if has_biases else (None, None)
+            w_hr = w[-1] if proj else None
+            xw = F.linear(x, w_ih, b_ih)  # all time steps at once
+            h, c = h0[idx], (c0[idx] if c0 is not None else None)
+            steps = range(x.shape[0]) if d == 0 else range(x.shape[0] - 1, -1, -1)
+            ys: list[Tensor] = []
+            for t in steps:
+                h, c = _cell(kind, xw[t], h, c, w_hh, b_hh, w_hr)
+                ys.append(h)
+            if d == 1:
+                ys.reverse()
+            outs.append(torch.stack(ys))
+            h_out.append(h)
+            if c is not None:
+                c_out.append(c)
+        x = outs[0] if dirs == 1 else torch.cat(outs, dim=-1)
+        if dropout > 0 and train and layer < num_layers - 1:
+            x = F.dropout(x, dropout, training=True)
+    out = x.transpose(0, 1) if batch_first else x
+    if kind == "lstm":
+        return out, torch.stack(h_out), torch.stack(c_out)
+    return out, torch.stack(h_out)
+
+
+def _embedding(func: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+    """``F.embedding`` with ``padding_idx``: the padding row enters as a constant.
+
+    PyTorch's gradient rule for ``padding_idx`` gives the padding row a zero gradient, but its
+    forward-mode rule lets a tangent through; the lookup of the padding row is detached here,
+    so reverse mode, forward mode and recorded tapes all differentiate the same function
+    (see :func:`decomposed_kernels`).
+    """
+    names = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
+    bound = dict(zip(names, args))
+    bound.update(kwargs)
+    idx, weight, pad = bound["input"], bound["weight"], bound.get("padding_idx")
+    if pad is None or bound.get("max_norm") is not None or not isinstance(weight, Tensor):
+        return func(*args, **kwargs)
+    pad = int(pad) + (weight.shape[0] if int(pad) < 0 else 0)
+    bound["padding_idx"] = None
+    out = func(**bound)
+    return torch.where((idx == pad).unsqueeze(-1), out.detach(), out)
+
+
+def _batch_norm(func: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+    """``F.batch_norm`` in training mode normalizes with the batch statistics and *updates*
+    ``running_mean``/``running_var`` in place; a user's ``f`` built on ``functional_call``
+    without buffers would pass the module's own buffers, and every one of secorder's many
+    evaluations would move them. Clones go in instead: the same value, no write-back."""
+    names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+    bound = dict(zip(names, args))
+    bound.update(kwargs)
+    if bound.get("training") and isinstance(bound.get("running_mean"), Tensor):
+        bound["running_mean"] = bound["running_mean"].clone()
+        if isinstance(bound.get("running_var"), Tensor):
+            bound["running_var"] = bound["running_var"].clone()
+    return func(**bound)
+
+
+class _Decomposed(TorchFunctionMode):
+    """Routes the (unpacked) ``torch._VF`` RNN kernels through :func:`_rnn`, freezes the
+    padding row of ``F.embedding`` (:func:`_embedding`) and keeps train-mode ``F.batch_norm``
+    from writing running statistics back (:func:`_batch_norm`)."""
+
+    def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.embedding:
+            return _embedding(func, args, kwargs)
+        if func is F.batch_norm:
+            return _batch_norm(func, args, kwargs)
+        kind = _RNN_FUNCS.get(func)
+        # packed sequences pass batch_sizes second and the params list fourth
+        unpacked = len(args) == 9 and isinstance(args[2], (list, tuple))
+        if unpacked and kind == "lstm":  # packed LSTM: hx (a tuple) third, params fourth
+            unpacked = not isinstance(args[3], (list, tuple))
+        if kind is not None and not kwargs and unpacked:
+            return _rnn(kind, args)
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _mha_fastpath_off() -> Iterator[None]:
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not hasattr(mha, "set_fastpath_enabled"):  # pragma: no cover - old torch
+        yield
+        return
+    before = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(before)
+
+
+_depth = 0
+
+
+@contextlib.contextmanager
+def decomposed_kernels() -> Iterator[None]:
+    """Run the block with attention and RNN kernels in their decomposed (math) form.
+
+    Re-entrant (an inner entry does nothing); a no-op while ``torch.compile`` traces.
+    """
+    global _depth
+    if _depth > 0 or torch.compiler.is_compiling():
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    _depth += 1
+    try:
+        with sdpa_kernel(SDPBackend.MATH), _mha_fastpath_off(), _Decomposed():
+            yield
+    finally:
+        _depth -= 1
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def with_decomposed_kernels(fn: _F) -> _F:
+    """Decorator form of :func:`decomposed_kernels`."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with decomposed_kernels():
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]

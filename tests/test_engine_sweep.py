@@ -1,0 +1,454 @@
+"""The structured sweep on a tape of the whole batch (secorder._engine.batch / .sweep).
+
+Every result against dense float64 Hessians (secorder.testing.dense_hessian); the batch-axis
+proof's accept and refuse lists (each refusal names the op); the public wiring of
+``hessian_diagonal(f)`` / ``hessian_trace(f)`` (``exact="auto"``, ``"sweep"``, ``"hvp"``,
+``method_info``) and of ``fisher_trace`` / ``fisher_diagonal`` for a plain ``model_fn``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F  # noqa: N812
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import Tensor, nn
+from torch.func import functional_call
+
+import secorder
+from secorder._engine.batch import BatchAxisError, analyze
+from secorder._engine.sweep import EngineUnsupportedError, engine_diagonal
+from secorder._engine.tape import record
+from secorder._pytree import flatten, unflatten, unravel
+from secorder.testing import dense_hessian
+
+DT = torch.float64
+
+
+def _params(model: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach() for k, v in model.named_parameters()}
+
+
+def _dense_diag(f: Callable[..., Tensor], params: dict[str, Tensor], *args: Any) -> dict[str, Tensor]:
+    diag = dense_hessian(lambda p: f(p, *args), params).diagonal()
+    leaves, spec = flatten(params)  # dense_hessian's flat order
+    return unflatten(spec, unravel(diag, [leaf.shape for leaf in leaves]))  # type: ignore[no-any-return]
+
+
+def _check(f: Callable[..., Tensor], params: dict[str, Tensor], *args: Any, method: str = "sweep") -> Any:
+    fn = secorder.hessian_diagonal(f)
+    got = fn(params, *args)
+    assert fn.method_info.method == method, fn.method_info
+    ref = _dense_diag(f, params, *args)
+    for k in params:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-9, atol=1e-12)
+    tr = secorder.hessian_trace(f)
+    torch.testing.assert_close(tr(params, *args), sum(r.sum() for r in ref.values()), rtol=1e-9, atol=1e-12)
+    assert tr.method_info.method == method
+    return fn.method_info
+
+
+class Seq(nn.Module):
+    def __init__(self, *layers: nn.Module) -> None:
+        super().__init__()
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+def _mlp(act: type[nn.Module] = nn.Tanh, widths: tuple[int, ...] = (5, 6, 6, 3), seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for a, b in itertools.pairwise(widths):
+        layers += [nn.Linear(a, b), act()]
+    return Seq(*layers[:-1]).to(DT)
+
+
+def _ce(model: nn.Module, **kw: Any) -> Callable[..., Tensor]:
+    return lambda p, x, y: F.cross_entropy(functional_call(model, p, (x,)), y, **kw)
+
+
+@pytest.mark.parametrize(
+    "act", [nn.Tanh, nn.Sigmoid, nn.GELU, nn.Softplus, nn.ReLU, nn.SiLU], ids=lambda a: a.__name__
+)
+def test_mlp_exact(act: type[nn.Module]) -> None:
+    model = _mlp(act)
+    x, y = torch.randn(7, 5, dtype=DT), torch.randint(0, 3, (7,))
+    info = _check(_ce(model), _params(model), x, y)
+    assert info.num_params == sum(p.numel() for p in model.parameters())
+
+
+def test_deep_mlp_explicit_columns() -> None:
+    """Four layers: a pointwise group's columns reach two interfaces behind its own (explicit walk)."""
+    model = _mlp(nn.Tanh, (4, 5, 5, 5, 3))
+    x, y = torch.randn(6, 4, dtype=DT), torch.randint(0, 3, (6,))
+    info = _check(_ce(model), _params(model), x, y)
+    assert info.num_columns == 5 + 5 + 5 + 2  # three tanh layers, cross-entropy C - 1
+    model = _mlp(nn.Sigmoid, (4, 5, 3, 6, 5, 3), seed=4)  # five layers, widths changing
+    x, y = torch.randn(7, 4, dtype=DT), torch.randint(0, 3, (7,))
+    _check(_ce(model), _params(model), x, y)
+
+
+def test_cnn_exact() -> None:
+    torch.manual_seed(1)
+    model = Seq(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(4, 4, 3, padding=2, dilation=2, groups=2),
+        nn.Tanh(),
+        nn.AvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16, 3),
+    ).to(DT)
+    x, y = torch.randn(5, 3, 8, 8, dtype=DT), torch.randint(0, 3, (5,))
+    _check(_ce(model), _params(model), x, y)
+
+
+def test_max_pool_padded_exact() -> None:
+    """The column-batched max-pool VJP (a scatter by the recorded indices), padding and overlap."""
+    torch.manual_seed(5)
+    model = Seq(
+        nn.Conv2d(2, 3, 3), nn.Tanh(), nn.MaxPool2d(3, stride=2, padding=1), nn.Flatten(), nn.Linear(27, 3)
+    ).to(DT)
+    x, y = torch.randn(4, 2, 8, 8, dtype=DT), torch.randint(0, 3, (4,))
+    _check(_ce(model), _params(model), x, y)
+
+
+def test_conv1d_strided_exact() -> None:
+    torch.manual_seed(2)
+    model = Seq(nn.Conv1d(2, 3, 3, stride=2), nn.Tanh(), nn.Flatten(), nn.Linear(9, 2)).to(DT)
+    x, y = torch.randn(4, 2, 8, dtype=DT), torch.randint(0, 2, (4,))
+    _check(_ce(model), _params(model), x, y)
+
+
+def test_weighted_losses_exact() -> None:
+    """Adjoints come from the batch loss: class weights, per-sample weights, a regularizer."""
+    model = _mlp(nn.Tanh, (4, 5, 3))
+    p = _params(model)
+    x, y = torch.randn(8, 4, dtype=DT), torch.randint(0, 3, (8,))
+    cw, sw = torch.rand(3, dtype=DT) + 0.1, torch.rand(8, dtype=DT)
+    _check(_ce(model, weight=cw), p, x, y)
+    _check(
+        lambda q, x, y, s: (F.cross_entropy(functional_call(model, q, (x,)), y, reduction="none") * s).sum(),
+        p,
+        x,
+        y,
+        sw,
+    )
+    reg = lambda q, x, y: _ce(model)(q, x, y) + 0.3 * sum((v**4).sum() for v in q.values())
+    _check(reg, p, x, y)
+
+
+def test_regression_losses_exact() -> None:
+    model = _mlp(nn.Tanh, (4, 5, 2))
+    p = _params(model)
+    x, t = torch.randn(6, 4, dtype=DT), torch.randn(6, 2, dtype=DT)
+    _check(lambda q, x, t: F.mse_loss(functional_call(model, q, (x,)), t), p, x, t)
+    _check(lambda q, x, t: ((functional_call(model, q, (x,)) - t) ** 2).sum(1).mean(), p, x, t)
+    _check(
+        lambda q, x, t: F.binary_cross_entropy_with_logits(functional_call(model, q, (x,)), t.sigmoid()),
+        p,
+        x,
+        t,
+    )
+    _check(lambda q, x, t: (functional_call(model, q, (x,)).softmax(-1) * t).sum(), p, x, t)
+
+
+def test_positions_per_sample_exact() -> None:
+    """(N, T, d) → (N·T, d) reshapes: the sample axis with a group of T rows per sample."""
+    torch.manual_seed(3)
+    lin, head = nn.Linear(4, 5, bias=False).to(DT), nn.Linear(5, 3, bias=False).to(DT)
+    p = {"a": lin.weight.detach(), "b": head.weight.detach()}
+
+    def f(q: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        h = torch.tanh(x @ q["a"].T)  # (N, T, 5)
+        logits = torch.log_softmax(h @ q["b"].T, -1)  # (N, T, 3): softmax rows per position
+        return -(logits.gather(-1, y[..., None])).mean()
+
+    x, y = torch.randn(4, 3, 4, dtype=DT), torch.randint(0, 3, (4, 3))
+    _check(f, p, x, y)
+
+
+# -- the batch-axis proof: accepted and refused programs ----------------------------------------
+
+
+def _analyze(f: Callable[..., Tensor], w: Tensor, *data: Tensor) -> Any:
+    tape = record(lambda ls: f(ls[0], *data), [w])
+    assert tape.values is not None
+    return analyze(tape, tape.values, list(data), int(data[0].shape[0]))
+
+
+W = torch.randn(4, 4, dtype=DT)
+X = torch.randn(6, 4, dtype=DT)
+
+ACCEPT: dict[str, Callable[..., Tensor]] = {
+    "mean": lambda w, x: torch.tanh(x @ w).pow(2).mean(),
+    "reshape_positions": lambda w, x: torch.tanh(x.reshape(6, 2, 2).reshape(12, 2) @ w[:2]).sum(),
+    "permute": lambda w, x: (x @ w).T.tanh().sum(),
+    "cat_features": lambda w, x: torch.cat([x @ w, x], 1).tanh().sum(),
+    "stack": lambda w, x: torch.stack([x @ w, x], 2).tanh().sum(),
+    "regularizer": lambda w, x: (x @ w).tanh().mean() + (w**2).sum(),
+    "log_of_parameter_only": lambda w, x: (x @ w).sum() * 2.0 + torch.log((w**2).sum()),
+    "data_centered_by_batch_mean": lambda w, x: torch.tanh((x - x.mean(0)) @ w).sum(),
+    "softmax_features": lambda w, x: (x @ w).softmax(1).pow(2).sum(),
+}
+
+REFUSE: dict[str, tuple[Callable[..., Tensor], str]] = {
+    "centering": (
+        lambda w, x: ((x @ w) - (x @ w).mean(0)).pow(2).sum(),
+        r"aten\.sub\.Tensor.*sum over samples",
+    ),
+    "gram": (lambda w, x: ((x @ w) @ (x @ w).T).tanh().sum(), r"aten\.mm\.default"),
+    "batch_max": (lambda w, x: (x @ w).amax(0).sum(), r"aten\.amax\.default.*nonlinearly"),
+    "log_of_mean_loss": (lambda w, x: torch.log((x @ w).pow(2).mean()), r"aten\.log\.default.*after the sum"),
+    "softmax_over_samples": (lambda w, x: (x @ w).softmax(0).pow(2).sum(), r"_softmax.*over the sample axis"),
+    "mixing_matrix": (
+        lambda w, x: (torch.ones(6, 6, dtype=DT) @ (x @ w)).tanh().sum(),
+        r"aten\.mm\.default.*contracts",
+    ),
+    "norm_over_samples": (
+        lambda w, x: (x @ w).norm(dim=0).sum(),
+        r"linalg_vector_norm.*over the sample axis",
+    ),
+    "select_sample": (lambda w, x: (x @ w)[0].tanh().sum(), r"aten\.select\.int.*picks samples"),
+}
+
+
+@pytest.mark.parametrize("name", list(ACCEPT))
+def test_proof_accepts(name: str) -> None:
+    _analyze(ACCEPT[name], W, X)
+
+
+@pytest.mark.parametrize("name", list(REFUSE))
+def test_proof_refuses_naming_the_op(name: str) -> None:
+    f, pattern = REFUSE[name]
+    with pytest.raises(BatchAxisError, match=pattern) as info:
+        _analyze(f, W, X)
+    assert "tape position" in str(info.value)
+
+
+@pytest.mark.parametrize("name", list(ACCEPT))
+def test_accepted_programs_exact(name: str) -> None:
+    f = ACCEPT[name]
+    (d,), _ = engine_diagonal(lambda ls: f(ls[0], X), [W], [X])
+    torch.testing.assert_close(d, dense_hessian(lambda w: f(w, X), W).diagonal().reshape(W.shape))
+
+
+def test_train_batch_norm_refused() -> None:
+    torch.manual_seed(0)
+    model = Seq(nn.Linear(4, 5), nn.BatchNorm1d(5, track_running_stats=False), nn.Tanh(), nn.Linear(5, 3)).to(
+        DT
+    )
+    x, y = torch.randn(6, 4, dtype=DT), torch.randint(0, 3, (6,))
+    f = _ce(model)
+    p = _params(model)
+    names = list(p)
+    with pytest.raises(EngineUnsupportedError, match=r"batch_norm.*training mode"):
+        engine_diagonal(lambda ls: f(dict(zip(names, ls)), x, y), list(p.values()), [x, y])
+    fn = secorder.hessian_diagonal(f)
+    got = fn(p, x, y)  # auto: one-hot HVPs, with the reason
+    assert fn.method_info.method == "hvp" and "training mode" in fn.method_info.reason
+    ref = _dense_diag(f, p, x, y)
+    for k in p:
+        torch.testing.assert_close(got[k], ref[k])
+
+
+# -- the public wiring ------------------------------------------------------------------------
+
+
+def test_auto_falls_back_with_reasons() -> None:
+    model = _mlp(nn.Tanh, (3, 4, 2))
+    p, f = _params(model), _ce(model)
+    x, y = torch.randn(5, 3, dtype=DT), torch.randint(0, 2, (5,))
+    fn = secorder.hessian_diagonal(f)
+    stacked = {k: torch.stack([v, v + 0.1]) for k, v in p.items()}
+    out = torch.func.vmap(fn, in_dims=(0, None, None))(stacked, x, y)
+    assert fn.method_info.method == "hvp" and "torch.func" in fn.method_info.reason
+    one = secorder.hessian_diagonal(f)({k: v[1] for k, v in stacked.items()}, x, y)
+    for k in p:
+        torch.testing.assert_close(out[k][1], one[k])
+    # parameters that require grad: one-hot HVPs keep the graph (never a detached value)
+    q = {k: v.clone().requires_grad_(True) for k, v in p.items()}
+    d = fn(q, x, y)
+    assert fn.method_info.method == "hvp" and "require grad" in fn.method_info.reason
+    assert d["net.0.weight"].grad_fn is not None
+    with pytest.raises(ValueError, match=r"exact='sweep' returns values without a gradient"):
+        secorder.hessian_diagonal(f, exact="sweep")(q, x, y)
+    fn_h = secorder.hessian_diagonal(f, exact="hvp")
+    fn_h(p, x, y)
+    assert fn_h.method_info.method == "hvp" and fn_h.method_info.reason == "exact='hvp' requested"
+    fn_s = secorder.hessian_diagonal(lambda q, s: (q["net.0.weight"] ** 3).sum() * s, exact="auto")
+    fn_s(p, 2.0)
+    assert "batched along dimension 0" in fn_s.method_info.reason
+
+
+def test_auto_cost_model_prefers_hvps_when_columns_exceed_parameters() -> None:
+    w = torch.randn(1, 40, dtype=DT)
+    x = torch.randn(3, 1, dtype=DT)
+    f = lambda w, x: torch.tanh(torch.tanh(x @ w)).sum()
+    fn = secorder.hessian_diagonal(f)
+    got = fn(w, x)
+    assert fn.method_info.method == "hvp" and "R=80" in fn.method_info.reason
+    forced = secorder.hessian_diagonal(f, exact="sweep")
+    torch.testing.assert_close(forced(w, x), got)
+    assert forced.method_info.method == "sweep" and forced.method_info.num_columns == 80
+    torch.testing.assert_close(got, dense_hessian(lambda v: f(v, x), w).diagonal().reshape(w.shape))
+
+
+def test_rnn_keeps_working() -> None:
+    torch.manual_seed(0)
+    rnn, head = nn.RNN(3, 4, batch_first=True).to(DT), nn.Linear(4, 2).to(DT)
+    mods = nn.ModuleDict({"rnn": rnn, "head": head})
+    p = _params(mods)
+
+    def f(q: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        out, _ = functional_call(mods["rnn"], {k[4:]: v for k, v in q.items() if k.startswith("rnn.")}, (x,))
+        logits = functional_call(
+            mods["head"], {k[5:]: v for k, v in q.items() if k.startswith("head.")}, (out[:, -1],)
+        )
+        return F.cross_entropy(logits, y)
+
+    x, y = torch.randn(4, 3, 3, dtype=DT), torch.randint(0, 2, (4,))
+    fn = secorder.hessian_diagonal(f)
+    got = fn(p, x, y)
+    ref = _dense_diag(f, p, x, y)
+    for k in p:
+        torch.testing.assert_close(got[k], ref[k])
+
+
+@pytest.mark.parametrize("kind", ["ggn", "empirical"])
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse", "bce_with_logits"])
+def test_fisher_plain_model_fn_through_engine(kind: str, loss: str) -> None:
+    model = Seq(nn.Conv1d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(12, 3)).to(DT)
+    p = _params(model)
+    model_fn = lambda q, x: functional_call(model, q, (x,))
+    x = torch.randn(5, 2, 6, dtype=DT)
+    y = torch.randint(0, 3, (5,)) if loss == "cross_entropy" else torch.rand(5, 3, dtype=DT)
+    for make in (secorder.fisher_diagonal, secorder.fisher_trace):
+        fast = make(model_fn, loss, kind=kind)
+        generic = make(model_fn, loss, kind=kind, path="generic")
+        a, b = fast(p, x, y), generic(p, x, y)
+        assert fast.path_info.path == "fast" and generic.path_info.path == "generic"
+        if isinstance(a, dict):
+            for k in a:
+                torch.testing.assert_close(a[k], b[k])
+        else:
+            torch.testing.assert_close(a, b)
+
+
+# -- property test: random MLPs and losses against dense Hessians -------------------------------
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    widths=st.lists(st.integers(1, 5), min_size=2, max_size=4),
+    act=st.sampled_from([nn.Tanh, nn.Sigmoid, nn.GELU, nn.ELU]),
+    loss=st.sampled_from(["ce", "mse", "sum_ce"]),
+    n=st.integers(1, 5),
+    seed=st.integers(0, 1000),
+)
+def test_random_mlps_exact(widths: list[int], act: type[nn.Module], loss: str, n: int, seed: int) -> None:
+    widths = [3, *widths, 3]
+    model = _mlp(act, tuple(widths), seed)
+    p = _params(model)
+    torch.manual_seed(seed)
+    x = torch.randn(n, 3, dtype=DT)
+    if loss == "mse":
+        t = torch.randn(n, 3, dtype=DT)
+        f = lambda q, x, t: F.mse_loss(functional_call(model, q, (x,)), t)
+    else:
+        t = torch.randint(0, 3, (n,))
+        f = _ce(model, reduction="sum" if loss == "sum_ce" else "mean")
+    fn = secorder.hessian_diagonal(f)
+    got = fn(p, x, t)
+    ref = _dense_diag(f, p, x, t)
+    for k in p:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-8, atol=1e-11)
+
+
+def test_closure_captured_inputs_exact() -> None:
+    """Inputs captured by the closure are constants to the proof (the same for every sample):
+    the values computed from them are one block, still exact."""
+    model = _mlp(nn.Tanh, (3, 4, 2))
+    p = _params(model)
+    xc, y = torch.randn(4, 3, dtype=DT), torch.randint(0, 2, (4,))
+    f = lambda q, y: F.cross_entropy(functional_call(model, q, (xc,)), y)
+    d = secorder.hessian_diagonal(f, exact="sweep")(p, y)
+    ref = _dense_diag(f, p, y)
+    for k in p:
+        torch.testing.assert_close(d[k], ref[k])
+
+
+class _Block(nn.Module):
+    """Transformer block without biases or norm affines: LayerNorm rows, two-head causal
+    attention (bmm of two parameter-dependent operands, (N·heads) batch matrices per batch),
+    GELU MLP, residuals, mean pooling, linear head."""
+
+    def __init__(self, d: int = 6, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.emb = nn.Linear(5, d, bias=False)
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.fc, self.pr = nn.Linear(d, 2 * d, bias=False), nn.Linear(2 * d, d, bias=False)
+        self.head = nn.Linear(d, 3, bias=False)
+        self.ln1 = nn.LayerNorm(d, elementwise_affine=False)
+        self.ln2 = nn.LayerNorm(d, elementwise_affine=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, t, _ = x.shape
+        h = self.emb(x)
+        q, k, v = self.qkv(self.ln1(h)).chunk(3, dim=-1)
+
+        def split(z: Tensor) -> Tensor:
+            return z.reshape(n, t, self.heads, -1).transpose(1, 2).reshape(n * self.heads, t, -1)
+
+        q, k, v = split(q), split(k), split(v)
+        att = torch.bmm(q, k.transpose(1, 2)) / q.shape[-1] ** 0.5
+        mask = torch.triu(torch.ones(t, t, dtype=torch.bool), 1)
+        att = att.masked_fill(mask, float("-inf")).softmax(-1)
+        o = torch.bmm(att, v).reshape(n, self.heads, t, -1).transpose(1, 2).reshape(n, t, -1)
+        h = h + o
+        h = h + self.pr(F.gelu(self.fc(self.ln2(h))))
+        return self.head(h.mean(1))
+
+
+def test_transformer_block_exact() -> None:
+    """LayerNorm rows, closed-form bilinear columns of attention products, dense columns of the
+    rest, (N, T, d) → (N·T, d) and (N·heads) layouts: exact against the dense Hessian."""
+    torch.manual_seed(7)
+    model = _Block().to(DT)
+    x, y = torch.randn(4, 4, 5, dtype=DT), torch.randint(0, 3, (4,))
+    _check(_ce(model), _params(model), x, y)
+
+
+def test_tied_weights_fall_back_with_reason() -> None:
+    torch.manual_seed(8)
+    w = torch.randn(4, 4, dtype=DT)
+    f = lambda w, x: torch.tanh(torch.tanh(x @ w) @ w).sum()
+    x = torch.randn(5, 4, dtype=DT)
+    fn = secorder.hessian_diagonal(f)
+    got = fn(w, x)
+    assert fn.method_info.method == "hvp" and "tied weights" in fn.method_info.reason
+    torch.testing.assert_close(got, dense_hessian(lambda v: f(v, x), w).diagonal().reshape(4, 4))
+
+
+def test_vector_norm_rows_with_zero_rows_exact() -> None:
+    """Row-wise vector norms: per-row local Hessians; rows whose adjoint is zero (here rows that
+    ReLU zeroed, where the norm's second derivative is unbounded) contribute exactly zero."""
+    torch.manual_seed(9)
+    p = {"a": torch.randn(4, 4, dtype=DT), "b": torch.randn(4, 4, dtype=DT)}
+    x = torch.randn(6, 4, dtype=DT)
+
+    def f(p: dict[str, Tensor], x: Tensor) -> Tensor:
+        h = torch.relu(x @ p["a"] - 1.5)
+        g = torch.tanh(x @ p["b"])
+        return (h * h.norm(dim=1, keepdim=True)).sum() + g.norm(dim=-1).pow(3).mean()
+
+    _check(f, p, x)
