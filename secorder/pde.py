@@ -143,9 +143,11 @@ def _record(
         return None, "called under torch.func.vmap (the tape records one unbatched evaluation)"
     try:
         with torch._C._DisableFuncTorch():  # record plain ops even inside torch.func.grad
-            return record(fn, plain[:-1], plain[-1:]), None  # type: ignore[arg-type]
+            tape = record(fn, plain[:-1], plain[-1:])  # type: ignore[arg-type]
     except TapeUnsupportedError as exc:
         return None, f"the function cannot be recorded as a tape: {exc}"
+    tape.values = None  # the collapsed evaluator recomputes every value: kept ones only hold memory
+    return tape, None
 
 
 # -- directions ------------------------------------------------------------------------------------
