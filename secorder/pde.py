@@ -210,6 +210,41 @@ def _factor(call: str, x: Tensor, weighting: Tensor | None, factor: Tensor | Non
     return q * lam.clamp_min(0).sqrt().unsqueeze(1)
 
 
+_Rows = Callable[[int, int], Tensor]  # (start, stop) → directions start..stop, (stop − start, N or 1, *E)
+
+
+def _direction_rows(
+    x: Tensor,
+    s: Tensor | None,
+    num_probes: int | None,
+    distribution: str,
+    generator: torch.Generator | None,
+) -> tuple[_Rows, int, int]:
+    """The K directions as ``rows(start, stop)``, K, and the divisor of their summed second
+    derivatives. Random directions are drawn when asked for, one generator call per probe
+    (:func:`secorder.probes.draw`), so asking in consecutive slices gives the numbers of one draw
+    and a pass over a chunk of directions holds only its own probes."""
+    n, e = x.shape[0], x.shape[1:]
+    d = x[0].numel()
+    if num_probes is None:
+        if s is None:
+            eye = torch.eye(d, dtype=x.dtype, device=x.device)
+            dirs = eye.reshape(d, 1, *e)  # the same at every point: broadcast, not copied
+        else:
+            dirs = s.permute(2, 0, 1).reshape(s.shape[2], s.shape[0], *e)
+        return (lambda start, stop: dirs[start:stop]), dirs.shape[0], 1
+    r = d if s is None else s.shape[2]
+
+    def rows(start: int, stop: int) -> Tensor:
+        z = _probes.draw(stop - start, n * r, distribution, generator, x.dtype, x.device)
+        if s is None:
+            return z.reshape(stop - start, n, *e)
+        z = torch.einsum("knr,ndr->knd", z.reshape(stop - start, n, r), s.expand(n, *s.shape[1:]))
+        return z.reshape(stop - start, n, *e)
+
+    return rows, num_probes, num_probes
+
+
 def _directions(
     x: Tensor,
     s: Tensor | None,
@@ -217,21 +252,9 @@ def _directions(
     distribution: str,
     generator: torch.Generator | None,
 ) -> tuple[Tensor, int]:
-    """``(K, N, *E)`` directions and the divisor of their summed second derivatives."""
-    n, e = x.shape[0], x.shape[1:]
-    d = x[0].numel()
-    if num_probes is None:
-        if s is None:
-            eye = torch.eye(d, dtype=x.dtype, device=x.device)
-            return eye.reshape(d, 1, *e), 1  # the same at every point: broadcast, not copied
-        r = s.shape[2]
-        return s.permute(2, 0, 1).reshape(r, s.shape[0], *e), 1
-    size = n * (d if s is None else s.shape[2])
-    z = _probes.draw(num_probes, size, distribution, generator, x.dtype, x.device)
-    if s is None:
-        return z.reshape(num_probes, n, *e), num_probes
-    z = z.reshape(num_probes, n, s.shape[2])
-    return torch.einsum("knr,ndr->knd", z, s.expand(n, *s.shape[1:])).reshape(num_probes, n, *e), num_probes
+    """``(K, N or 1, *E)`` directions and the divisor of their summed second derivatives."""
+    rows, k, scale = _direction_rows(x, s, num_probes, distribution, generator)
+    return rows(0, k), scale
 
 
 # -- the two routes --------------------------------------------------------------------------------
@@ -283,7 +306,7 @@ def _collapsed(
     tape: Tape,
     leaves: list[Tensor],
     x: Tensor,
-    dirs: Tensor,
+    dirs: Tensor | tuple[_Rows, int],
     groups: int,
     info: PDEInfo,
     first_order: bool = False,
@@ -294,8 +317,13 @@ def _collapsed(
 
     The K directions go through in chunks (:func:`_direction_step`; ``split=False``: by default
     only as the memory budget requires); each chunk's second-order sums are added (one group,
-    G = 1) or concatenated (G groups of m = K / G directions)."""
-    k = dirs.shape[0]
+    G = 1) or concatenated (G groups of m = K / G directions). ``dirs``: a ``(K, N or 1, *E)``
+    tensor, or ``(rows, K)`` from :func:`_direction_rows` (asked for in consecutive slices)."""
+    if isinstance(dirs, Tensor):
+        t = dirs
+        rows, k = (lambda start, stop: t[start:stop]), t.shape[0]
+    else:
+        rows, k = dirs
     m = 1 if groups == 1 else k // groups  # a chunk holds whole groups
     step = _direction_step(tape, x, k, m, chunk_size, split)
     prepared = plan(tape, [0], first_order=first_order)
@@ -304,7 +332,7 @@ def _collapsed(
     v1s: list[Tensor] = []
     v2s: list[Tensor] = []
     for s in range(0, k, step):
-        part = dirs[s : s + step]
+        part = rows(s, min(s + step, k))
         g = 1 if groups == 1 else part.shape[0] // m
         ctx = _jet.Ctx(part.shape[0], g, memo=memo)
         jet = _jet.Jet(x, part, None)
@@ -468,18 +496,18 @@ def laplacian(
         fn, leaves, x = _bind(call, u, args, argnums)
         gen = _probes.check_generator(call, generator, x.device)
         s = _factor(call, x, weighting, weighting_factor)
-        dirs, scale = _directions(x, s, num_probes, distribution, gen)
-        groups = dirs.shape[0] if with_stderr and num_probes is not None else 1
+        rows, k, scale = _direction_rows(x, s, num_probes, distribution, gen)
+        groups = k if with_stderr and num_probes is not None else 1
         exact_unit = num_probes is None and s is None  # the first-order channel is ∇ₓu
         info = PDEInfo("collapsed")
         tape, why = _record(fn, leaves, x)
         v1: Tensor | None
         if tape is None:
             info = PDEInfo("nested", why)
-            v0, v1, v2 = _nested(fn, leaves, x, dirs, groups, chunk_size)
+            v0, v1, v2 = _nested(fn, leaves, x, rows(0, k), groups, chunk_size)
         else:
             want_v1 = return_derivatives and exact_unit
-            v0, v1, v2 = _collapsed(tape, leaves, x, dirs, groups, info, want_v1, chunk_size)
+            v0, v1, v2 = _collapsed(tape, leaves, x, (rows, k), groups, info, want_v1, chunk_size)
             _check_independent(call, fn, leaves, x, v0)
         lap = v2.sum(0) / scale
         out: tuple[Tensor, ...] = (lap,)
