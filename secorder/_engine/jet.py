@@ -532,6 +532,18 @@ def view_rule(ctx: Ctx, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     return make(ctx, y, None if ctx.skip_v1 else x.d1.reshape(ctx.K, *y.shape), v2)
 
 
+def reshape_rule(ctx: Ctx, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """squeeze / unsqueeze of one jet: the op only reshapes, so the derivatives are reshaped to
+    the value's shape (no ``vmap`` of the op, as the generic linear route would use)."""
+    x, only = _first_jet(args)
+    if not only:  # pragma: no cover - these ops have one tensor argument
+        return linear(ctx, func, args, kwargs)
+    y = func(x.v0, *args[1:], **kwargs)
+    x = x.full(ctx)
+    v2 = None if x.v2 is None else x.v2.reshape(ctx.G, *y.shape)
+    return make(ctx, y, None if ctx.skip_v1 else x.d1.reshape(ctx.K, *y.shape), v2)
+
+
 def _mm_pair(ctx: Ctx, a: Tensor, b: Tensor) -> Tensor:
     """Σ_{k ∈ g} a_k @ b_k per group."""
     if ctx.G == ctx.K:
