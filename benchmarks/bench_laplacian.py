@@ -177,7 +177,8 @@ def _time(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
             f()
         except Exception as exc:
             print(f"{k} fails: {type(exc).__name__}: {str(exc)[:200]}", file=sys.stderr)
-            FAILURES.append(f"{k} cannot run this workload: {type(exc).__name__}: {str(exc)[:160]}…")
+            msg = f"{type(exc).__name__}: {str(exc)[:160]}…".replace("`", "'")
+            FAILURES.append(f"{k} cannot run this workload: `{msg}`")  # code span: no rST markup
             del fns[k]
     best = {k: math.inf for k in fns}
     for _ in range(repeats):
