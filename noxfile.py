@@ -23,6 +23,24 @@ def tests(session: nox.Session) -> None:
 
 
 @nox.session
+def explore(session: nox.Session) -> None:
+    """The property tests with many fresh hypothesis examples (a scheduled or local hunt)."""
+    session.install(TORCH)
+    session.install("-e", ".[test]")
+    session.run(
+        "python",
+        "-m",
+        "pytest",
+        "-q",
+        "tests/test_hessian.py",
+        "tests/test_sweep_properties.py",
+        "tests/test_taylor_ops.py",
+        *session.posargs,
+        env={"HYPOTHESIS_PROFILE": "explore"},
+    )
+
+
+@nox.session
 def demo(session: nox.Session) -> None:
     """A few-second demo on a small model."""
     session.install(TORCH)

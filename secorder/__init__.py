@@ -2,6 +2,7 @@
 
 from secorder._chunking import memory_budget, set_memory_budget
 from secorder._errors import SecorderError
+from secorder._validate import check_finite_enabled, set_check_finite
 from secorder.data import (
     dataset_fisher_diagonal,
     dataset_fisher_trace,
@@ -25,6 +26,9 @@ from secorder.hessian import (
 # exact Hessian diagonal of nn.Module losses (structured sweep, curvature propagation)
 from secorder.module_hessian import SweepInfo, module_hessian_diagonal, module_hessian_trace
 from secorder.modules import module_loss
+
+# PDE operators of a network at a batch of points (collapsed Taylor mode)
+from secorder.pde import PDEInfo, biharmonic, laplacian
 
 # spectra of any operator (Hessian, GGN, Fisher): Lanczos, stochastic Lanczos quadrature
 from secorder.spectra import lanczos_eigenvalues, plot_spectral_density, spectral_density
@@ -57,6 +61,10 @@ __all__ = [
     "lanczos_eigenvalues",
     "spectral_density",
     "plot_spectral_density",
+    # PDE operators at a batch of points: Laplacian (exact, stochastic, weighted), biharmonic
+    "laplacian",
+    "biharmonic",
+    "PDEInfo",
     # nn.Module helpers
     "module_loss",
     # exact Hessian diagonal of nn.Module losses (structured sweep, curvature propagation)
@@ -66,5 +74,7 @@ __all__ = [
     # configuration and errors
     "memory_budget",
     "set_memory_budget",
+    "set_check_finite",
+    "check_finite_enabled",
     "SecorderError",
 ]

@@ -68,6 +68,7 @@ multiple of the world size; shard the data yourself (e.g. ``Subset`` of
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -79,7 +80,18 @@ from secorder._chunking import check_chunk_size
 from secorder._errors import SecorderError, error
 from secorder._progress import progress_bar
 from secorder._pytree import check_floating_tree, flatten, ravel, unflatten, unravel
-from secorder._validate import check_bool, check_callable, check_method, check_num_probes
+from secorder._select import check_select, split
+from secorder._validate import (
+    check_bool,
+    check_callable,
+    check_finite_enabled,
+    check_finite_tree,
+    check_grad_context,
+    check_method,
+    check_num_probes,
+    finite_checks,
+    inspectable,
+)
 from secorder.estimators import DIAGONAL_ESTIMATORS, TRACE_ESTIMATORS, exact_diagonal
 from secorder.operators import LinearOperator, check_strategy, in_functorch_transform
 
@@ -121,17 +133,59 @@ def _batch_size(call: str, inputs: Any, index: int) -> int:
     return int(tensors[0].shape[0])
 
 
-def _fingerprint(x: Any, y: Any) -> tuple[Any, ...]:
-    """Shapes, sums and sums of squares of a batch's tensors (float64): cheap, order-insensitive."""
-    leaves, _ = flatten((x, y))
-    out: list[Any] = []
+def _fingerprint(x: Any, y: Any, n: int) -> tuple[Any, ...]:
+    """An exact, per-sample, order-insensitive fingerprint of a batch.
+
+    Each sample i gets a hash of the bytes of its rows ``t[i]`` of every tensor batched along
+    dimension 0 (inputs and targets together, so re-pairing inputs with other targets changes
+    it; any change of any bit, e.g. a random flip, changes it); the fingerprint is the sorted
+    multiset of these hashes (so reordering samples within a batch does not change it) plus
+    the shapes, dtypes and bytes of the unbatched tensors and the reprs of non-tensors.
+    """
+    leaves, spec = flatten((x, y))
+    rows: list[Any] = []
+    shared: list[Any] = [str(spec)]
     for leaf in leaves:
         if isinstance(leaf, Tensor):
-            d = leaf.detach().to(torch.float64)
-            out.append((tuple(leaf.shape), float(d.sum()), float((d * d).sum())))
+            t = leaf.detach().contiguous().cpu()
+            if t.dim() > 0 and t.shape[0] == n:
+                rows.append(t.reshape(n, -1).view(torch.uint8).numpy() if t.numel() else None)
+                shared.append((tuple(t.shape), str(t.dtype)))
+            else:
+                shared.append(
+                    (tuple(t.shape), str(t.dtype), _digest(t.reshape(-1).view(torch.uint8).numpy()))
+                )
         else:
-            out.append(repr(leaf))
-    return tuple(out)
+            shared.append(repr(leaf))
+    per_sample = sorted(_digest(*[r[i] for r in rows if r is not None]) for i in range(n))
+    return (tuple(shared), tuple(per_sample))
+
+
+def _digest(*arrays: Any) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    for a in arrays:
+        h.update(a.tobytes())
+        h.update(b"|")
+    return h.digest()
+
+
+def check_batch(call: str, x: Any, y: Any, b: int, n: int) -> None:
+    """A batch must be non-empty, and its inputs and targets must have the same number of samples."""
+    if n == 0:
+        raise error(
+            call,
+            "every batch must hold at least one sample (the mean of a loss over 0 samples is NaN)",
+            f"an empty batch at batch {b}",
+            "Drop empty batches from the data (e.g. DataLoader(..., drop_last=True) or a filter).",
+        )
+    sizes = [int(t.shape[0]) for t in flatten(y)[0] if isinstance(t, Tensor) and t.dim() > 0]
+    if sizes and any(s != n for s in sizes):
+        raise error(
+            call,
+            "the inputs and targets of each batch must hold the same number of samples along dimension 0",
+            f"{n} input samples and targets with {sizes} samples at batch {b}",
+            "Yield matching (x, y) pairs, e.g. from a TensorDataset(X, Y).",
+        )
 
 
 def _check_model_mode(call: str, model: nn.Module | None) -> None:
@@ -262,18 +316,20 @@ class _Pass:
         for b, batch in enumerate(progress_bar(self.data, self.progress, self.call, desc)):
             x, y = _unpack(self.call, batch, b)
             n_b = _batch_size(self.call, x, b)
+            check_batch(self.call, x, y, b, n_b)
+            checks = self.check_finite and check_finite_enabled()
+            if checks and not in_functorch_transform(self.leaves):
+                check_finite_tree(self.call, f"the inputs of batch {b}", x, samples=True)
+                check_finite_tree(self.call, f"the targets of batch {b}", y, samples=True)
             if self.check_determinism:
-                prints.append(_fingerprint(x, y))
+                prints.append(_fingerprint(x, y, n_b))
                 self._compare(prints, b)
             try:
-                out = contribution(x, y)
+                with finite_checks(False):  # checked below, naming the batch
+                    out = contribution(x, y)
             except SecorderError as exc:  # a per-batch check (targets, outputs): say which batch
                 raise type(exc)(f"{exc} (in batch {b} of the data, {n_b} samples)") from exc
-            if (
-                self.check_finite
-                and not in_functorch_transform([out])
-                and not bool(torch.isfinite(out).all())
-            ):
+            if checks and not in_functorch_transform([out]) and not bool(torch.isfinite(out).all()):
                 raise error(
                     self.call,
                     f"the loss, gradients and {quantity} of every batch must be finite",
@@ -410,10 +466,20 @@ def _dataset_hessian(
     check_determinism: bool,
     check_finite: bool,
     progress: bool,
+    select: Any = None,
 ) -> Any:
     from secorder.hessian import hessian_operator  # local: hessian imports nothing from here
 
     check_callable(call, "f", f)
+    if model is None:
+        model = getattr(f, "secorder_module", None)
+    params, restore = split(call, check_select(call, select), params)
+    if select is not None:
+        f_all = f
+
+        def f(p: Any, *batch: Any) -> Tensor:  # the unselected parameters held fixed
+            return f_all(restore(p), *batch)
+
     _check_options(
         call,
         reduction,
@@ -431,6 +497,9 @@ def _dataset_hessian(
     estimator = check_method(call, method, registry)
     _probes.check_distribution(call, distribution)
     leaves, spec = check_floating_tree(call, "params", params)
+    check_grad_context(call, leaves)
+    if check_finite and any(inspectable(leaf) for leaf in leaves):
+        check_finite_tree(call, "params", params)
     gen = _probes.check_generator(call, generator, leaves[0].device)
     if model is None:
         model = getattr(f, "secorder_module", None)
@@ -488,13 +557,16 @@ _HESSIAN_ARGS = """
         strategy: how Hessian-vector products are formed (:mod:`secorder.operators`),
             including ``"finite_difference"`` for operators without double backward.
         method: the randomized estimator (a key of :mod:`secorder.estimators`' registries).
-        distribution: the probe distribution.
+        distribution: the probe distribution, ``"rademacher"``, ``"gaussian"`` or ``"sphere"``.
         model: the ``nn.Module`` inside ``f``, for the train-mode check (found
             automatically for functions made by :func:`secorder.module_loss`).
         check_determinism: refuse train-mode Dropout/BatchNorm and data that change between
             passes (see :mod:`secorder.data`).
         check_finite: raise on a non-finite batch contribution (eager mode).
         progress: show a tqdm progress bar over the batches of each pass.
+        select: the curvature of a subset of ``params`` (a dict keyed by name) picked by a
+            glob, a list of globs, a compiled regex or a predicate; the other parameters are
+            held fixed and results hold only the selected entries (:mod:`secorder._select`).
 
     Raises:
         SecorderError, TypeError: invalid options or data; a non-finite batch (naming the
@@ -522,6 +594,7 @@ def dataset_hessian_trace(
     check_determinism: bool = True,
     check_finite: bool = True,
     progress: bool = False,
+    select: Any = None,
 ) -> Any:
     """The trace of the Hessian of the loss over a whole dataset, exact or estimated.
 
@@ -543,7 +616,7 @@ def dataset_hessian_trace(
     return _dataset_hessian(
         "dataset_hessian_trace(f, params, data)", f, params, data, False, num_probes, reduction,
         generator, with_stderr, chunk_size, strategy, method, distribution, model,
-        check_determinism, check_finite, progress,
+        check_determinism, check_finite, progress, select,
     )  # fmt: skip
 
 
@@ -565,6 +638,7 @@ def dataset_hessian_diagonal(
     check_determinism: bool = True,
     check_finite: bool = True,
     progress: bool = False,
+    select: Any = None,
 ) -> Any:
     """The diagonal of the Hessian of the loss over a whole dataset, exact or estimated.
 
@@ -585,7 +659,7 @@ def dataset_hessian_diagonal(
     return _dataset_hessian(
         "dataset_hessian_diagonal(f, params, data)", f, params, data, True, num_probes, reduction,
         generator, with_stderr, chunk_size, strategy, method, distribution, model,
-        check_determinism, check_finite, progress,
+        check_determinism, check_finite, progress, select,
     )  # fmt: skip
 
 
@@ -609,8 +683,21 @@ def _dataset_fisher(
     check_determinism: bool,
     check_finite: bool,
     progress: bool,
+    select: Any = None,
 ) -> Any:
     from secorder.fisher import fisher_diagonal, fisher_operator, fisher_trace
+
+    full = params
+    params, restore = split(call, check_select(call, select), params)
+    # a module gets the full params and select= (its transforms check the names, then hold
+    # the rest fixed); a function gets the selected params with the rest restored around it
+    module_select = select if isinstance(model_fn, nn.Module) else None
+    given = full if module_select is not None else params
+    if select is not None and not isinstance(model_fn, nn.Module):
+        model_fn_all = model_fn
+
+        def model_fn(p: Any, x: Any) -> Any:
+            return model_fn_all(restore(p), x)
 
     _check_options(
         call,
@@ -627,6 +714,9 @@ def _dataset_fisher(
     registry = DIAGONAL_ESTIMATORS if diagonal else TRACE_ESTIMATORS
     estimator = check_method(call, method, registry)
     leaves, spec = check_floating_tree(call, "params", params)
+    check_grad_context(call, leaves)
+    if check_finite and any(inspectable(leaf) for leaf in leaves):
+        check_finite_tree(call, "params", params)
     gen = _probes.check_generator(call, generator, leaves[0].device)
     if kind == "mc" and with_stderr:
         raise error(
@@ -643,25 +733,32 @@ def _dataset_fisher(
         leaves,
     )  # fmt: skip
     if num_probes is None or kind == "mc":
-        common = dict(kind=kind, num_probes=num_probes, reduction=reduction, chunk_size=chunk_size, path=path)
+        common = dict(
+            kind=kind,
+            num_probes=num_probes,
+            reduction=reduction,
+            chunk_size=chunk_size,
+            path=path,
+            select=module_select,
+        )
         if diagonal:
             fn = fisher_diagonal(model_fn, loss, **common)  # type: ignore[arg-type]
 
             def contribution(x: Any, y: Any) -> Tensor:
-                return ravel(flatten(fn(params, x, y, generator=gen))[0])
+                return ravel(flatten(fn(given, x, y, generator=gen))[0])
 
         else:
             fn = fisher_trace(model_fn, loss, **common)  # type: ignore[arg-type]
 
             def contribution(x: Any, y: Any) -> Tensor:
-                return fn(params, x, y, generator=gen)
+                return fn(given, x, y, generator=gen)
 
         est = passes.run(contribution, "diagonal" if diagonal else "trace")
         return _finish(est, torch.zeros_like(est), leaves, spec, diagonal, with_stderr)
-    op_fn = fisher_operator(model_fn, loss, kind=kind, reduction=reduction)
+    op_fn = fisher_operator(model_fn, loss, kind=kind, reduction=reduction, select=module_select)
 
     def make_op(x: Any, y: Any) -> LinearOperator:
-        return op_fn(params, x, y)[0]
+        return op_fn(given, x, y)[0]
 
     size = sum(int(leaf.numel()) for leaf in leaves)
     op = DatasetOperator(make_op, passes, size, leaves[0].dtype, leaves[0].device)
@@ -685,12 +782,15 @@ _FISHER_ARGS = """
         with_stderr: also return the standard error (not for ``"mc"``).
         chunk_size: rows per batched product (``None``: from the memory budget).
         method: the randomized estimator for ``num_probes``.
-        distribution: the probe distribution.
+        distribution: the probe distribution, ``"rademacher"``, ``"gaussian"`` or ``"sphere"``.
         path: ``"auto"``, ``"generic"`` or ``"fast"`` for the exact routes.
         check_determinism: refuse train-mode Dropout/BatchNorm and data that change between
             passes.
         check_finite: raise on a non-finite batch contribution (eager mode).
         progress: show a tqdm progress bar over the batches of each pass.
+        select: the curvature of a subset of ``params`` (a dict keyed by name) picked by a
+            glob, a list of globs, a compiled regex or a predicate; the other parameters are
+            held fixed and results hold only the selected entries (:mod:`secorder._select`).
 
     Raises:
         SecorderError, TypeError: as :func:`secorder.fisher_trace`, plus invalid data, a
@@ -719,6 +819,7 @@ def dataset_fisher_trace(
     check_determinism: bool = True,
     check_finite: bool = True,
     progress: bool = False,
+    select: Any = None,
 ) -> Any:
     """The trace of the GGN, empirical Fisher or MC Fisher of the loss over a whole dataset.
 
@@ -733,13 +834,14 @@ def dataset_fisher_trace(
         >>> import torch
         >>> X, Y = torch.eye(3), torch.zeros(3, 1)
         >>> data = [(X[:2], Y[:2]), (X[2:], Y[2:])]
-        >>> dataset_fisher_trace(lambda w, x: x @ w, "mse", torch.zeros(3, 1), data)  # (1/N) Σ 2‖x_n‖²
+        >>> # (1/N) Σ 2‖x_n‖²
+        >>> dataset_fisher_trace(lambda w, x: x @ w, "mse", torch.zeros(3, 1), data)
         tensor(2.)
     """
     return _dataset_fisher(
         "dataset_fisher_trace(model_fn, loss, params, data)", model_fn, loss, params, data, False,
         kind, num_probes, reduction, generator, with_stderr, chunk_size, method, distribution, path,
-        check_determinism, check_finite, progress,
+        check_determinism, check_finite, progress, select,
     )  # fmt: skip
 
 
@@ -762,6 +864,7 @@ def dataset_fisher_diagonal(
     check_determinism: bool = True,
     check_finite: bool = True,
     progress: bool = False,
+    select: Any = None,
 ) -> Any:
     """The diagonal of the GGN, empirical Fisher or MC Fisher of the loss over a whole dataset.
 
@@ -782,7 +885,7 @@ def dataset_fisher_diagonal(
     return _dataset_fisher(
         "dataset_fisher_diagonal(model_fn, loss, params, data)", model_fn, loss, params, data, True,
         kind, num_probes, reduction, generator, with_stderr, chunk_size, method, distribution, path,
-        check_determinism, check_finite, progress,
+        check_determinism, check_finite, progress, select,
     )  # fmt: skip
 
 

@@ -87,14 +87,24 @@ from secorder._layers import FastCapture
 from secorder._losses import KINDS, Factor, LossSpec, resolve_loss
 from secorder._persample import ColumnAccumulator, check_same_outputs, input_dims, per_sample_columns
 from secorder._pytree import TreeSpec, check_floating_tree, flatten, unflatten, unravel
-from secorder._validate import check_bool, check_method, check_num_probes, check_same_dtype_device
+from secorder._select import Selector, check_select, split
+from secorder._validate import (
+    call_deterministic,
+    check_bool,
+    check_deterministic_module,
+    check_finite_enabled,
+    check_method,
+    check_module_call,
+    check_num_probes,
+    check_same_dtype_device,
+)
 from secorder.estimators import (
     BLOCK_TRACE_ESTIMATORS,
     DIAGONAL_ESTIMATORS,
     TRACE_ESTIMATORS,
     check_min_probes,
 )
-from secorder.modules import module_forward
+from secorder.modules import module_forward, unwrap_module
 from secorder.operators import in_functorch_transform
 
 __all__ = ["PATHS", "FisherPath", "fisher_diagonal", "fisher_operator", "fisher_trace"]
@@ -124,6 +134,7 @@ class _Setup(NamedTuple):
     estimator: Callable[..., tuple[Tensor, Tensor]]
     distribution: str
     path: str
+    selector: Selector | None
 
 
 def _configure(
@@ -139,8 +150,10 @@ def _configure(
     distribution: object,
     path: object,
     registry: Mapping[str, Callable[..., tuple[Tensor, Tensor]]],
+    select: object = None,
 ) -> _Setup:
     """Construction-time validation shared by the transforms."""
+    model_fn = unwrap_module(model_fn)
     module = model_fn if isinstance(model_fn, nn.Module) else None
     if module is None and not callable(model_fn):
         raise error(
@@ -208,19 +221,14 @@ def _configure(
         estimator,
         str(distribution),
         str(path),
+        check_select(call, select),
     )
 
 
 def _check_module(call: str, model: nn.Module, per_sample: bool) -> None:
     """Refuse modules whose outputs are random or couple the samples of a batch."""
+    check_deterministic_module(call, model)
     for name, m in model.named_modules():
-        if isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0:
-            raise error(
-                call,
-                "the model must be deterministic: curvature is taken of one fixed function",
-                f"{type(m).__name__}(p={m.p}) in train mode at '{name}'",
-                "Call model.eval() first (a dropout mask is redrawn on every pass).",
-            )
         if per_sample and isinstance(m, nn.modules.batchnorm._BatchNorm):
             batch_stats = m.training or not m.track_running_stats or m.running_mean is None
             if batch_stats:
@@ -251,7 +259,7 @@ def _check_outputs(call: str, z: object, eager: bool) -> Tensor:
             f"a tensor of shape {tuple(z.shape)} and dtype {z.dtype}",
             "Return per-sample outputs (not the loss) in floating point.",
         )
-    if eager:
+    if eager and check_finite_enabled():
         finite = torch.isfinite(z)
         if not bool(finite.all()):
             bad = (~finite).nonzero()
@@ -301,8 +309,11 @@ def _run(
 ) -> tuple[Tensor, Tensor, list[Tensor], TreeSpec, FisherPath]:
     """Evaluate the configured quantity: flat diagonal (or 0-dim trace), stderr, leaves, spec, path."""
     call = s.call
+    full = params
+    params, restore = split(call, s.selector, params)
     leaves, spec = check_floating_tree(call, "params", params)
     check_same_dtype_device(call, "params", leaves)
+    check_module_call(call, s.module, full, leaves, (inputs, targets))
     gen = _probes.check_generator(call, generator, leaves[0].device)
     transformed = in_functorch_transform(leaves)
     hutchinson = s.num_probes is not None and s.kind != "mc"
@@ -317,7 +328,7 @@ def _run(
         forward = s.model_fn
 
     def fn(ls: list[Tensor], x: Any) -> Any:
-        return forward(unflatten(spec, ls), x)
+        return call_deterministic(call, forward, leaves, restore(unflatten(spec, ls)), x)
 
     use_fast = (
         s.module is not None
@@ -344,6 +355,11 @@ def _run(
     z = _check_outputs(call, z, eager=not transformed)
     s.loss.check(call, z, targets)
     scale = s.loss.scale(z)
+    if per_sample and s.module is None and not transformed:
+        # Every per-sample route (exact GGN by columns, empirical, MC, Hutchinson on the
+        # empirical Fisher) evaluates samples apart: one check for all of them, so a model
+        # tied to its batch size gets the same clear error on every route.
+        _check_independent(call, lambda x: fn(leaves, x), inputs, z)
 
     if hutchinson:
         assert s.num_probes is not None
@@ -351,8 +367,6 @@ def _run(
         if s.kind == "ggn":
             op = GGNOperator(lambda ls: fn(ls, inputs), leaves, s.loss, z, targets, call)
         else:
-            if s.module is None and not transformed:
-                _check_independent(call, lambda x: fn(leaves, x), inputs, z)
             cols = s.loss.per_sample_grads(z, targets).unsqueeze(0)
             op = EmpiricalFisherOperator(lambda ls: fn(ls, inputs), leaves, cols, scale, z, call=call)
         est, err = s.estimator(
@@ -459,8 +473,13 @@ _COMMON_ARGS = """
             K draws for ``"mc"`` (NaN for K = 1), zeros when exact).
         method: the randomized estimator for ``num_probes`` (a key of the registries in
             :mod:`secorder.estimators`).
-        distribution: the probe distribution for ``method``.
+        distribution: the probe distribution for ``method``: ``"rademacher"``, ``"gaussian"``
+            or ``"sphere"`` (:mod:`secorder.probes`).
         path: ``"auto"``, ``"generic"`` or ``"fast"`` (see :mod:`secorder.fisher`).
+        select: compute over a subset of ``params`` (a dict keyed by name): a glob, a list
+            of globs, a compiled regex or a predicate on names; the other parameters are
+            held fixed and results hold only the selected entries; the cost scales with the
+            selection (e.g. ``select="fc.*"`` for the last layer; :mod:`secorder._select`).
 """
 
 _RAISES = """
@@ -486,6 +505,7 @@ def fisher_trace(
     distribution: str = "rademacher",
     path: str = "auto",
     per_block: bool = False,
+    select: Any = None,
 ) -> Callable[..., Any]:
     """Transform a model and a loss into a function returning the trace of the GGN/Fisher.
 
@@ -543,6 +563,7 @@ def fisher_trace(
         distribution,
         path,
         TRACE_ESTIMATORS,
+        select,
     )
 
     check_bool(call, "per_block", per_block)
@@ -595,6 +616,7 @@ def fisher_diagonal(
     method: str = "hutchinson",
     distribution: str = "rademacher",
     path: str = "auto",
+    select: Any = None,
 ) -> Callable[..., Any]:
     """Transform a model and a loss into a function returning the diagonal of the GGN/Fisher.
 
@@ -636,6 +658,7 @@ def fisher_diagonal(
         distribution,
         path,
         DIAGONAL_ESTIMATORS,
+        select,
     )
 
     def diag_fn(params: Any, inputs: Any, targets: Any, generator: torch.Generator | None = None) -> Any:
@@ -670,6 +693,7 @@ def fisher_operator(
     kind: str = "ggn",
     reduction: str = "mean",
     num_samples: int = 1,
+    select: Any = None,
 ) -> Callable[..., tuple[Any, TreeSpec]]:
     """The GGN, empirical Fisher or MC Fisher at a point as a batched operator (lower level).
 
@@ -710,13 +734,17 @@ def fisher_operator(
         "rademacher",
         "generic",
         TRACE_ESTIMATORS,
+        select,
     )
 
     def op_fn(
         params: Any, inputs: Any, targets: Any, generator: torch.Generator | None = None
     ) -> tuple[Any, TreeSpec]:
+        full = params
+        params, restore = split(call, setup.selector, params)
         leaves, spec = check_floating_tree(call, "params", params)
         check_same_dtype_device(call, "params", leaves)
+        check_module_call(call, setup.module, full, leaves, (inputs, targets))
         gen = _probes.check_generator(call, generator, leaves[0].device)
         transformed = in_functorch_transform(leaves)
         if setup.module is not None:
@@ -727,12 +755,12 @@ def fisher_operator(
             forward = setup.model_fn
 
         def fn(ls: list[Tensor]) -> Any:
-            return forward(unflatten(spec, ls), inputs)
+            return call_deterministic(call, forward, leaves, restore(unflatten(spec, ls)), inputs)
 
         z = _check_outputs(call, fn(leaves), eager=not transformed)
         setup.loss.check(call, z, targets)
         if setup.kind != "ggn" and setup.module is None and not transformed:
-            _check_independent(call, lambda x: forward(unflatten(spec, leaves), x), inputs, z)
+            _check_independent(call, lambda x: forward(restore(unflatten(spec, leaves)), x), inputs, z)
         op: Any
         if setup.kind == "ggn":
             op = GGNOperator(fn, leaves, setup.loss, z, targets, call)

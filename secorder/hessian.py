@@ -29,14 +29,22 @@ from secorder import probes as _probes
 from secorder._chunking import check_chunk_size
 from secorder._errors import error
 from secorder._pytree import TreeSpec, check_floating_tree, flatten, ravel, unflatten, unravel
+from secorder._select import Selector, check_select, split
 from secorder._validate import (
+    call_deterministic,
     check_argnums,
     check_bool,
+    check_call_inputs,
     check_callable,
+    check_finite_result,
+    check_finite_tree,
     check_method,
     check_num_probes,
+    check_requires_no_grad,
     check_same_dtype_device,
     check_scalar_output,
+    diagnose_nonfinite,
+    inspectable,
 )
 from secorder.estimators import (
     BLOCK_TRACE_ESTIMATORS,
@@ -73,13 +81,29 @@ def _bind(
     index = check_argnums(call, argnums, len(args))
     leaves, spec = check_floating_tree(call, f"args[{index}]", args[index])
     check_same_dtype_device(call, f"args[{index}]", leaves)
+    check_call_inputs(call, args, index, leaves)
 
     def g(new_leaves: list[Tensor]) -> Tensor:
         new_args = list(args)
         new_args[index] = unflatten(spec, new_leaves)
-        return check_scalar_output(call, f(*new_args))
+        return check_scalar_output(call, call_deterministic(call, f, new_leaves, *new_args))
 
     return g, leaves, spec, index
+
+
+def _select_args(
+    call: str, selector: Selector | None, f: Callable[..., Any], args: tuple[Any, ...], argnums: int
+) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+    """``select=``: θ = the selected entries of ``args[argnums]``, ``f`` sees the others fixed."""
+    if selector is None:
+        return f, args
+    index = check_argnums(call, argnums, len(args))
+    chosen, restore = split(call, selector, args[index])
+
+    def f_selected(*a: Any) -> Any:
+        return f(*a[:index], restore(a[index]), *a[index + 1 :])
+
+    return f_selected, (*args[:index], chosen, *args[index + 1 :])
 
 
 def _bound_operator(
@@ -93,7 +117,7 @@ def _bound_operator(
 
 
 def hessian_operator(
-    f: Callable[..., Any], *args: Any, argnums: int = 0, strategy: str = "auto"
+    f: Callable[..., Any], *args: Any, argnums: int = 0, select: Any = None, strategy: str = "auto"
 ) -> tuple[HessianOperator, TreeSpec]:
     """The Hessian of ``f`` at ``args`` as a batched operator over the flattened θ.
 
@@ -105,7 +129,9 @@ def hessian_operator(
         pieces rebuilds θ's structure.
     """
     call = "hessian_operator(f, *args)"
-    g, leaves, spec, _ = _bind(call, f, args, argnums)
+    g, leaves, spec, _ = _bind(
+        call, *_select_args(call, check_select(call, select), f, args, argnums), argnums
+    )
     concrete = resolve_strategy(call, strategy, leaves)
     return HessianOperator(g, leaves, concrete, call), spec
 
@@ -258,12 +284,15 @@ def _graph_sweep_diagonal(
             f"{why}; the op-level sweep: {exc}",
             "Use exact='hvp' (one-hot Hessian-vector products), which works for any function.",
         ) from exc
+    check_finite_result(call, "Hessian diagonal", ravel(diag), lambda: diagnose_nonfinite(g, leaves))
     p_count = sum(leaf.numel() for leaf in leaves)
     fn.method_info = SweepInfo("sweep", r, p_count, f"op-level graph sweep ({why}); R={r}, P={p_count}")
     return diag, spec
 
 
-def hvp(f: Callable[..., Any], /, *, argnums: int = 0, strategy: str = "auto") -> Callable[..., Any]:
+def hvp(
+    f: Callable[..., Any], /, *, argnums: int = 0, select: Any = None, strategy: str = "auto"
+) -> Callable[..., Any]:
     """Transform ``f`` into a function computing Hessian-vector products H·v.
 
     ``hvp(f)(v, *args)`` returns H v, where H = ∇²_θ ``f(*args)`` with θ = ``args[argnums]``
@@ -274,9 +303,16 @@ def hvp(f: Callable[..., Any], /, *, argnums: int = 0, strategy: str = "auto") -
     Args:
         f: a function returning a scalar tensor.
         argnums: which positional argument of ``f`` is θ.
+        select: compute over a subset of the parameters ``args[argnums]`` (a dict keyed
+            by name): a glob, a list of globs, a compiled regex or a predicate on names; the
+            others are held fixed and results hold only the selected entries
+            (:mod:`secorder._select`).
         strategy: how to form the product (see :mod:`secorder.operators`); ``"auto"``
-            uses forward-over-reverse under ``torch.func`` transforms and when the
-            result must be differentiable, and one retained double-backward otherwise.
+            uses reverse-over-reverse (``"rev_rev"``) under ``torch.func`` transforms and
+            when the result must stay differentiable, and otherwise decides at the first
+            product: one retained double-backward graph (``"autograd"``) for functions
+            with convolutions, ``"rev_rev"`` for the rest
+            (:func:`secorder.operators.resolve_strategy`).
 
     Returns:
         ``hvp_fn(v, *args)`` returning a pytree shaped like θ.
@@ -287,15 +323,17 @@ def hvp(f: Callable[..., Any], /, *, argnums: int = 0, strategy: str = "auto") -
     Example:
         >>> import torch
         >>> f = lambda x: (x**3).sum()
-        >>> hvp(f)(torch.ones(3), torch.tensor([1.0, 2.0, 3.0]))   # H = diag(6 x)
-        tensor([ 6., 12., 18.])
+        >>> v, x = torch.tensor([1.0, 0.0, -1.0]), torch.tensor([1.0, 2.0, 3.0])
+        >>> hvp(f)(v, x)                                         # H v = diag(6 x) v
+        tensor([  6.,   0., -18.])
     """
     call = "hvp(f)(v, *args)"
     _check_common(call, f, argnums, None, strategy)
+    selector = check_select(call, select)
 
     @functools.wraps(f)
     def hvp_fn(v: Any, *args: Any) -> Any:
-        g, leaves, spec, index = _bind(call, f, args, argnums)
+        g, leaves, spec, index = _bind(call, *_select_args(call, selector, f, args, argnums), argnums)
         v_leaves, v_spec = flatten(v)
         if v_spec != spec or any(
             not isinstance(a, Tensor) or a.shape != b.shape for a, b in zip(v_leaves, leaves)
@@ -309,9 +347,15 @@ def hvp(f: Callable[..., Any], /, *, argnums: int = 0, strategy: str = "auto") -
                 "Build v with the same keys and shapes, e.g. "
                 "{k: torch.randn_like(p) for k, p in params.items()}.",
             )
+        if any(inspectable(a) for a in v_leaves):
+            check_finite_tree(call, "v", v)
         op = HessianOperator(g, leaves, resolve_strategy(call, strategy, leaves), call)
-        flat_v = ravel([a.to(leaves[0].dtype) for a in v_leaves]).unsqueeze(0)
-        out = op.matmat(flat_v)[0]
+        flat_v = ravel(list(v_leaves))
+        if flat_v.is_complex():  # H is real: H(a + ib) = Ha + i·Hb, both parts in one batch
+            both = op.matmat(torch.stack([flat_v.real, flat_v.imag]).to(leaves[0].dtype))
+            out = torch.complex(both[0], both[1])
+        else:
+            out = op.matmat(flat_v.to(leaves[0].dtype).unsqueeze(0))[0]
         return unflatten(spec, unravel(out, [leaf.shape for leaf in leaves]))
 
     return hvp_fn
@@ -322,6 +366,7 @@ def hessian_trace(
     /,
     *,
     argnums: int = 0,
+    select: Any = None,
     num_probes: int | None = None,
     distribution: str = "rademacher",
     chunk_size: int | None = None,
@@ -350,8 +395,14 @@ def hessian_trace(
     Args:
         f: a function of ``*args`` returning a scalar tensor.
         argnums: which positional argument of ``f`` is θ (any pytree of floating tensors).
+        select: compute over a subset of the parameters ``args[argnums]`` (a dict keyed
+            by name): a glob, a list of globs, a compiled regex or a predicate on names; the
+            others are held fixed and results hold only the selected entries
+            (:mod:`secorder._select`).
         num_probes: ``None`` for the exact trace, or the number K of random probes.
-        distribution: ``"rademacher"`` (default, lowest variance) or ``"gaussian"``.
+        distribution: ``"rademacher"`` (default, lowest variance), ``"gaussian"`` or
+            ``"sphere"`` (uniform on the sphere of radius √P; XTrace's improved variant),
+            see :mod:`secorder.probes`.
         chunk_size: probes (or one-hot rows) per batched product; ``None`` sizes chunks
             from the memory budget (:func:`secorder.set_memory_budget`). The result does
             not depend on it beyond rounding.
@@ -386,7 +437,8 @@ def hessian_trace(
         >>> hessian_trace(f)(torch.ones(3))                 # H = [[2,1,0],[1,2,0],[0,0,2]]
         tensor(6.)
         >>> g = lambda x: (x**2 * torch.tensor([1.0, 2.0, 3.0])).sum()
-        >>> hessian_trace(g, num_probes=5)(torch.ones(3), generator=torch.Generator().manual_seed(0))
+        >>> gen = torch.Generator().manual_seed(0)
+        >>> hessian_trace(g, num_probes=5)(torch.ones(3), generator=gen)
         tensor(12.)
         >>> h = lambda p: (p["w"] ** 2).sum() + 3 * p["b"] ** 2
         >>> hessian_trace(h, per_block=True)({"w": torch.ones(2), "b": torch.tensor(0.0)})
@@ -402,6 +454,7 @@ def hessian_trace(
     """
     call = "hessian_trace(f)(*args)"
     _check_common(call, f, argnums, chunk_size, strategy)
+    selector = check_select(call, select)
     check_num_probes(call, num_probes)
     estimator = check_method(call, method, TRACE_ESTIMATORS)
     block_estimator = BLOCK_TRACE_ESTIMATORS.get(str(method))
@@ -415,7 +468,9 @@ def hessian_trace(
     @functools.wraps(f)
     def trace_fn(*args: Any, generator: torch.Generator | None = None) -> Any:
         swept = (
-            _exact_diagonal_leaves(call, trace_fn, f, args, argnums, chunk_size, exact)
+            _exact_diagonal_leaves(
+                call, trace_fn, *_select_args(call, selector, f, args, argnums), argnums, chunk_size, exact
+            )
             if num_probes is None
             else None
         )
@@ -429,7 +484,9 @@ def hessian_trace(
             return out, (
                 unflatten(spec, [torch.zeros_like(t) for t in sums]) if per_block else torch.zeros_like(est)
             )
-        op, spec, gen = _bound_operator(call, f, args, argnums, strategy, generator)
+        op, spec, gen = _bound_operator(
+            call, *_select_args(call, selector, f, args, argnums), argnums, strategy, generator
+        )
         leaves = op.leaves
         if per_block:
             sizes = [leaf.numel() for leaf in leaves]
@@ -459,6 +516,7 @@ def hessian_diagonal(
     /,
     *,
     argnums: int = 0,
+    select: Any = None,
     num_probes: int | None = None,
     distribution: str = "rademacher",
     chunk_size: int | None = None,
@@ -484,8 +542,13 @@ def hessian_diagonal(
     Args:
         f: a function of ``*args`` returning a scalar tensor.
         argnums: which positional argument of ``f`` is θ.
+        select: compute over a subset of the parameters ``args[argnums]`` (a dict keyed
+            by name): a glob, a list of globs, a compiled regex or a predicate on names; the
+            others are held fixed and results hold only the selected entries
+            (:mod:`secorder._select`).
         num_probes: ``None`` for the exact diagonal, or the number of random probes.
-        distribution: ``"rademacher"`` or ``"gaussian"`` (randomized method only).
+        distribution: ``"rademacher"``, ``"gaussian"`` or ``"sphere"`` (randomized method
+            only; :mod:`secorder.probes`).
         chunk_size: one-hot rows or probes per batched product (``None``: automatic).
         with_stderr: also return a pytree of per-entry standard errors (zeros if exact).
         strategy: how Hessian-vector products are formed (:mod:`secorder.operators`).
@@ -518,6 +581,7 @@ def hessian_diagonal(
     """
     call = "hessian_diagonal(f)(*args)"
     _check_common(call, f, argnums, chunk_size, strategy)
+    selector = check_select(call, select)
     check_num_probes(call, num_probes)
     estimator = check_method(call, method, DIAGONAL_ESTIMATORS)
     check_min_probes(call, str(method), num_probes)
@@ -529,7 +593,9 @@ def hessian_diagonal(
     @functools.wraps(f)
     def diag_fn(*args: Any, generator: torch.Generator | None = None) -> Any:
         swept = (
-            _exact_diagonal_leaves(call, diag_fn, f, args, argnums, chunk_size, exact)
+            _exact_diagonal_leaves(
+                call, diag_fn, *_select_args(call, selector, f, args, argnums), argnums, chunk_size, exact
+            )
             if num_probes is None
             else None
         )
@@ -539,7 +605,9 @@ def hessian_diagonal(
             return (
                 (tree, unflatten(spec, [torch.zeros_like(d) for d in diag_leaves])) if with_stderr else tree
             )
-        op, spec, gen = _bound_operator(call, f, args, argnums, strategy, generator)
+        op, spec, gen = _bound_operator(
+            call, *_select_args(call, selector, f, args, argnums), argnums, strategy, generator
+        )
         leaves = op.leaves
         if num_probes is None:
             diag = exact_diagonal(op, chunk_size=chunk_size, progress=progress)
@@ -562,6 +630,7 @@ def hessian_trace_adaptive(
     /,
     *,
     argnums: int = 0,
+    select: Any = None,
     atol: float = 0.0,
     rtol: float = 1e-2,
     max_probes: int = 1000,
@@ -581,6 +650,10 @@ def hessian_trace_adaptive(
     Args:
         f: a function of ``*args`` returning a scalar tensor.
         argnums: which positional argument of ``f`` is θ.
+        select: compute over a subset of the parameters ``args[argnums]`` (a dict keyed
+            by name): a glob, a list of globs, a compiled regex or a predicate on names; the
+            others are held fixed and results hold only the selected entries
+            (:mod:`secorder._select`).
         atol: absolute tolerance on the standard error.
         rtol: relative tolerance on the standard error.
         max_probes: the most Hessian-vector products to spend.
@@ -608,12 +681,13 @@ def hessian_trace_adaptive(
     """
     call = "hessian_trace_adaptive(f)(*args)"
     _check_common(call, f, argnums, chunk_size, strategy)
+    selector = check_select(call, select)
     check_adaptive_options(call, atol, rtol, max_probes, batch, method)
     _probes.check_distribution(call, distribution)
 
     @functools.wraps(f)
     def adaptive_fn(*args: Any, generator: torch.Generator | None = None) -> AdaptiveResult:
-        g, leaves, _, _ = _bind(call, f, args, argnums)
+        g, leaves, _, _ = _bind(call, *_select_args(call, selector, f, args, argnums), argnums)
         gen = _probes.check_generator(call, generator, leaves[0].device)
         check_eager(
             call,
@@ -642,6 +716,7 @@ def hessian_frobenius_norm_sq(
     /,
     *,
     argnums: int = 0,
+    select: Any = None,
     num_probes: int | None = None,
     distribution: str = "rademacher",
     chunk_size: int | None = None,
@@ -658,6 +733,10 @@ def hessian_frobenius_norm_sq(
     Args:
         f: a function of ``*args`` returning a scalar tensor.
         argnums: which positional argument of ``f`` is θ.
+        select: compute over a subset of the parameters ``args[argnums]`` (a dict keyed
+            by name): a glob, a list of globs, a compiled regex or a predicate on names; the
+            others are held fixed and results hold only the selected entries
+            (:mod:`secorder._select`).
         num_probes: ``None`` for the exact value, or the number K of probes.
         distribution: ``"rademacher"``, ``"gaussian"`` or ``"sphere"``.
         chunk_size: products per batched call (``None``: automatic).
@@ -676,13 +755,16 @@ def hessian_frobenius_norm_sq(
     """
     call = "hessian_frobenius_norm_sq(f)(*args)"
     _check_common(call, f, argnums, chunk_size, strategy)
+    selector = check_select(call, select)
     check_num_probes(call, num_probes)
     _probes.check_distribution(call, distribution)
     check_bool(call, "with_stderr", with_stderr)
 
     @functools.wraps(f)
     def frobenius_fn(*args: Any, generator: torch.Generator | None = None) -> Any:
-        op, _spec, gen = _bound_operator(call, f, args, argnums, strategy, generator)
+        op, _spec, gen = _bound_operator(
+            call, *_select_args(call, selector, f, args, argnums), argnums, strategy, generator
+        )
         if num_probes is None:
             est = exact_frobenius_norm_sq(op, chunk_size=chunk_size)
             err = torch.zeros_like(est)
@@ -700,6 +782,7 @@ def hessian_eigenvalues(
     /,
     *,
     argnums: int = 0,
+    select: Any = None,
     k: int = 1,
     which: str = "largest",
     tol: float | None = None,
@@ -716,12 +799,17 @@ def hessian_eigenvalues(
     Args:
         f: a function of ``*args`` returning a scalar tensor.
         argnums: which positional argument of ``f`` is θ.
+        select: compute over a subset of the parameters ``args[argnums]`` (a dict keyed
+            by name): a glob, a list of globs, a compiled regex or a predicate on names; the
+            others are held fixed and results hold only the selected entries
+            (:mod:`secorder._select`).
         k: how many eigenvalues.
         which: ``"largest"`` or ``"smallest"`` (most negative: directions of negative
             curvature).
         tol: relative residual tolerance (``None``: √ε of the dtype).
-        max_steps: the most HVPs (``None``: max(300, 20k), capped by P and by the
-            memory budget for the m × P Lanczos basis).
+        max_steps: the most HVPs of each Lanczos run (the first one and each deflated run that
+            certifies the multiset; ``None``: max(300, 20k), capped by P and by the memory budget
+            for the m × P Lanczos basis).
         return_eigenvectors: also return the eigenvectors.
         strategy: how Hessian-vector products are formed (:mod:`secorder.operators`).
 
@@ -739,7 +827,8 @@ def hessian_eigenvalues(
         >>> import torch
         >>> f = lambda x: (torch.arange(1.0, 6.0, dtype=torch.float64) * x**2).sum() / 2
         >>> x, gen = torch.ones(5, dtype=torch.float64), torch.Generator().manual_seed(0)
-        >>> [round(v, 8) for v in hessian_eigenvalues(f, k=2)(x, generator=gen).tolist()]  # H = diag(1..5)
+        >>> # H = diag(1..5)
+        >>> [round(v, 8) for v in hessian_eigenvalues(f, k=2)(x, generator=gen).tolist()]
         [5.0, 4.0]
 
     References:
@@ -747,12 +836,13 @@ def hessian_eigenvalues(
     """
     call = "hessian_eigenvalues(f)(*args)"
     _check_common(call, f, argnums, None, strategy)
+    selector = check_select(call, select)
     check_lanczos_options(call, k, which, tol, max_steps)
     check_bool(call, "return_eigenvectors", return_eigenvectors)
 
     @functools.wraps(f)
     def eig_fn(*args: Any, generator: torch.Generator | None = None) -> Any:
-        g, leaves, spec, _ = _bind(call, f, args, argnums)
+        g, leaves, spec, _ = _bind(call, *_select_args(call, selector, f, args, argnums), argnums)
         gen = _probes.check_generator(call, generator, leaves[0].device)
         check_eager(call, leaves, what="Lanczos", fix="Call it outside torch.func transforms.")
         size = sum(leaf.numel() for leaf in leaves)
@@ -791,6 +881,7 @@ def hessian_spectral_density(
     /,
     *,
     argnums: int = 0,
+    select: Any = None,
     num_runs: int = 10,
     num_steps: int = 80,
     num_points: int = 1024,
@@ -810,11 +901,16 @@ def hessian_spectral_density(
     Args:
         f: a function of ``*args`` returning a scalar tensor.
         argnums: which positional argument of ``f`` is θ.
+        select: compute over a subset of the parameters ``args[argnums]`` (a dict keyed
+            by name): a glob, a list of globs, a compiled regex or a predicate on names; the
+            others are held fixed and results hold only the selected entries
+            (:mod:`secorder._select`).
         num_runs: independent Lanczos runs.
         num_steps: Lanczos steps (HVPs) per run.
         num_points: grid points.
         sigma: Gaussian width (``None``: 1% of the spectral spread).
-        distribution: of the start vectors (``"rademacher"`` or ``"gaussian"``).
+        distribution: of the start vectors (``"rademacher"``, ``"gaussian"`` or
+            ``"sphere"``; they are normalized, so the choice matters little).
         chunk_size: runs advanced together (``None``: by the memory budget).
         strategy: how Hessian-vector products are formed (:mod:`secorder.operators`).
         reorthogonalize: full reorthogonalization of each Lanczos run (default);
@@ -835,12 +931,13 @@ def hessian_spectral_density(
     """
     call = "hessian_spectral_density(f)(*args)"
     _check_common(call, f, argnums, chunk_size, strategy)
+    selector = check_select(call, select)
     _probes.check_distribution(call, distribution)
     check_bool(call, "reorthogonalize", reorthogonalize)
 
     @functools.wraps(f)
     def density_fn(*args: Any, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        g, leaves, _, _ = _bind(call, f, args, argnums)
+        g, leaves, _, _ = _bind(call, *_select_args(call, selector, f, args, argnums), argnums)
         gen = _probes.check_generator(call, generator, leaves[0].device)
         check_eager(
             call, leaves, what="Stochastic Lanczos quadrature", fix="Call it outside torch.func transforms."

@@ -52,6 +52,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from secorder._chunking import check_chunk_size
 from secorder._errors import error
 from secorder._graph_sweep import (
     GraphSweepTooCostlyError,
@@ -60,11 +61,21 @@ from secorder._graph_sweep import (
     graph_sweep_diagonal,
 )
 from secorder._losses import CallableLoss, LossSpec, resolve_loss
-from secorder._pytree import check_floating_tree, unflatten
+from secorder._pytree import check_floating_tree, ravel, unflatten
+from secorder._select import check_select, split
 from secorder._sweep import SweepTooCostlyError, SweepUnsupportedError, sweep_diagonal
-from secorder._validate import check_num_probes
+from secorder._validate import (
+    check_bool,
+    check_deterministic_module,
+    check_finite_result,
+    check_module_call,
+    check_module_names,
+    check_num_probes,
+    check_requires_no_grad,
+    diagnose_nonfinite,
+)
 from secorder.hessian import hessian_diagonal
-from secorder.modules import module_forward
+from secorder.modules import module_forward, unwrap_module
 from secorder.probes import check_generator
 
 __all__ = ["METHODS", "SweepInfo", "module_hessian_diagonal", "module_hessian_trace"]
@@ -141,6 +152,7 @@ def module_hessian_diagonal(
     chunk_size: int | None = None,
     with_stderr: bool = False,
     max_hvp_params: int = 20_000,
+    select: Any = None,
 ) -> Callable[..., Any]:
     """Transform ``model`` and ``loss`` into a function returning diag(∇²_θ L) as a params dict.
 
@@ -156,6 +168,9 @@ def module_hessian_diagonal(
         chunk_size: columns (or one-hot tangents) per batched backward pass.
         with_stderr: also return per-entry standard errors (zeros when exact).
         max_hvp_params: the largest P for which ``"auto"`` falls back to one-hot HVPs.
+        select: the diagonal over a subset of ``params`` by name (a glob, a list of globs, a
+            compiled regex or a predicate; :mod:`secorder._select`): the other parameters
+            are held fixed and the result holds only the selected entries.
 
     Returns:
         ``diag_fn(params, inputs, targets, generator=None)`` returning a dict shaped like
@@ -168,11 +183,13 @@ def module_hessian_diagonal(
 
     Example:
         >>> import torch, secorder
-        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
         >>> x, y = torch.randn(5, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1])
         >>> model = model.double()
         >>> params = {k: p.detach() for k, p in model.named_parameters()}
-        >>> d = secorder.module_hessian_diagonal(model, "cross_entropy", method="sweep")(params, x, y)
+        >>> sweep = secorder.module_hessian_diagonal(model, "cross_entropy", method="sweep")
+        >>> d = sweep(params, x, y)
         >>> f, _ = secorder.module_loss(model, torch.nn.functional.cross_entropy)
         >>> ref = secorder.hessian_diagonal(f)(params, x, y)
         >>> all(torch.allclose(d[k], ref[k]) for k in d)
@@ -183,10 +200,23 @@ def module_hessian_diagonal(
         (curvature propagation).
     """
     call = "module_hessian_diagonal(model, loss)(params, inputs, targets)"
+    model = unwrap_module(model)  # type: ignore[assignment]
     spec, k = _configure(call, model, loss, method, num_probes, reduction)
-    forward, _ = module_forward(model)
+    check_chunk_size(call, chunk_size)
+    check_bool(call, "with_stderr", with_stderr)
+    if not isinstance(max_hvp_params, int) or isinstance(max_hvp_params, bool) or max_hvp_params < 0:
+        raise error(
+            call,
+            "max_hvp_params must be an int >= 0 (the largest P for which method='auto' may use one-hot HVPs)",
+            f"{max_hvp_params!r}",
+            "Pass e.g. max_hvp_params=20_000 (the default), or 0 to never fall back to HVPs.",
+        )
+    selector = check_select(call, select)
+    forward, _ = module_forward(model, strict=False)  # names are checked here, subsets passed on
 
     def diag_fn(params: Any, inputs: Any, targets: Any, generator: torch.Generator | None = None) -> Any:
+        check_module_names(call, model, params)
+        params, _ = split(call, selector, params)  # forward holds the others fixed
         diag, err, info = _run(
             call,
             model,
@@ -200,6 +230,14 @@ def module_hessian_diagonal(
             generator,
             chunk_size,
             max_hvp_params,
+        )
+        check_finite_result(
+            call,
+            "Hessian diagonal",
+            ravel(list(diag.values())),
+            lambda: diagnose_nonfinite(
+                lambda ls: spec.total(forward(dict(zip(params, ls)), inputs), targets), list(params.values())
+            ),
         )
         diag_fn.method_info = info  # type: ignore[attr-defined]
         diag_fn.trace_stderr = err.pop(_TRACE_KEY, None)  # type: ignore[attr-defined]
@@ -217,7 +255,18 @@ def module_hessian_trace(model: nn.Module, loss: str, /, **options: Any) -> Call
     ``with_stderr`` its standard error over the per-probe traces). ``trace_fn.method_info``
     as there.
     """
-    with_stderr = bool(options.pop("with_stderr", False))
+    call = "module_hessian_trace(model, loss)"
+    allowed = ("method", "num_probes", "reduction", "chunk_size", "with_stderr", "max_hvp_params")
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise error(
+            call,
+            f"the options are those of module_hessian_diagonal: {', '.join(allowed)}",
+            f"unknown keyword arguments {unknown}",
+            "Drop or correct them (see help(secorder.module_hessian_trace)).",
+            cls=TypeError,
+        )
+    with_stderr = check_bool(call, "with_stderr", options.pop("with_stderr", False))
     inner = module_hessian_diagonal(model, loss, with_stderr=True, **options)
 
     def trace_fn(params: Any, inputs: Any, targets: Any, generator: torch.Generator | None = None) -> Any:
@@ -256,6 +305,16 @@ def _run(
             type(params).__name__,
             "Pass {k: p.detach() for k, p in model.named_parameters()}.",
             cls=TypeError,
+        )
+    check_module_call(call, None, params, leaves, (inputs, targets))  # names: in diag_fn
+    check_deterministic_module(call, model)
+    if method != "hvp":
+        check_requires_no_grad(
+            call,
+            leaves,
+            f"method={method!r} (the structured sweep, or one-hot HVPs on detached parameters)",
+            "For a differentiable value use method='hvp', or secorder.hessian_diagonal / "
+            "hessian_trace on f from secorder.module_loss(model, loss).",
         )
     names = sorted(params)  # flatten orders dict leaves by sorted key
     p_count = sum(leaf.numel() for leaf in leaves)

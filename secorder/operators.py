@@ -74,6 +74,7 @@ from secorder._engine.tape import TapeUnsupportedError
 from secorder._engine.taylor import TaylorQuadform
 from secorder._errors import error
 from secorder._pytree import numel, ravel, unravel
+from secorder._validate import check_finite_enabled, check_finite_result, diagnose_nonfinite
 
 __all__ = [
     "STRATEGIES",
@@ -253,6 +254,17 @@ def _strategy_failure(call: str, strategy: str, exc: Exception) -> Exception:
     )
 
 
+def _detached_output(call: str) -> Exception:
+    return error(
+        call,
+        "f's output must depend on the differentiated argument through autograd",
+        "an output that does not require grad (f detached it: .detach(), .item(), numpy, "
+        "torch.no_grad inside f; or it does not depend on the argument at all)",
+        "Compute the loss from the argument with torch operations and without detaching; if f is "
+        "constant in the argument, its Hessian is 0 and needs no computing.",
+    )
+
+
 class HessianOperator:
     """The Hessian of a scalar function of a list of tensors, as a batched operator.
 
@@ -314,7 +326,20 @@ class HessianOperator:
                     self._taylor = TaylorQuadform(self.fn, self.leaves)
                     self.quadform_strategy = "taylor"
                 except TapeUnsupportedError as exc:
+                    cause = exc.__cause__
+                    if isinstance(cause, Exception) and type(cause) not in (
+                        RuntimeError,
+                        NotImplementedError,
+                    ):
+                        raise cause from None  # the user's own exception, raised while f ran
+                    other = self._not_the_strategy()  # ... or one that a plain evaluation raises too
+                    if other is not None:
+                        raise other from None
                     self.taylor_skipped = str(exc)
+                if self._taylor is not None and self._taylor.zero:
+                    other = self._not_the_strategy()  # a detached output, not H = 0
+                    if other is not None:
+                        raise other
             if self.quadform_strategy is None:
                 self.quadform_strategy = self._settle_strategy()
         return self.quadform_strategy
@@ -342,11 +367,48 @@ class HessianOperator:
             inputs = [leaf.detach().requires_grad_(True) for leaf in self.leaves]
             with torch.enable_grad():
                 out = self.fn(inputs)
+                if not out.requires_grad:
+                    raise _detached_output(self.call)
                 self._has_conv = _graph_has_convolution(out)
                 grads = torch.autograd.grad(out, inputs, create_graph=True, allow_unused=True)
             keep = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+            constant = [i for i, g in enumerate(grads) if g is not None and not g.requires_grad]
+            if constant:
+                self._check_constant_gradient(constant, [grads[i] for i in constant])
             self._graph = (inputs, [grads[i] for i in keep], keep)
         return self._graph
+
+    def _check_constant_gradient(self, indices: list[int], grads: list[Tensor]) -> None:
+        """Verify a gradient that autograd recorded as constant in θ (its Hessian rows would be 0).
+
+        A gradient that truly does not depend on θ is computed from the same θ-free values at
+        any point, so it comes out bitwise equal at a moved θ. If it changes, autograd lost the
+        second derivative (a custom ``autograd.Function`` with ``@once_differentiable``, or a
+        backward run under ``no_grad``), and the zero rows would be silently wrong.
+        """
+        flat = ravel([leaf.detach() for leaf in self.leaves])
+        index = torch.arange(flat.numel(), dtype=flat.dtype, device=flat.device)
+        direction = (index * 0.6180339887) % 1 - 0.5  # deterministic, in no symmetry's null space
+        step = torch.finfo(flat.dtype).eps ** (1 / 3) * torch.clamp(torch.linalg.vector_norm(flat), min=1.0)
+        moved = [x.requires_grad_(True) for x in unravel(flat + step * direction, self.shapes)]
+        with torch.enable_grad():
+            again = torch.autograd.grad(self.fn(moved), moved, allow_unused=True)
+        changed = [
+            i
+            for i, g in zip(indices, grads)
+            if again[i] is None or not torch.equal(again[i].detach(), g.detach())
+        ]
+        if changed:
+            raise _strategy_failure(
+                self.call,
+                self.strategy if self.strategy != "auto" else "autograd",
+                RuntimeError(
+                    f"autograd recorded the gradient of parameter leaves {changed[:10]} as constant "
+                    "(no second derivative), yet it changes with the parameters: f contains an "
+                    "operation whose backward is not differentiable (a custom autograd.Function "
+                    "with @once_differentiable, or a backward computed under torch.no_grad)"
+                ),
+            )
 
     def _hv_autograd(self, rows: list[Tensor], batched: bool) -> list[Tensor]:
         inputs, grads, keep = self._autograd_graph()
@@ -410,28 +472,71 @@ class HessianOperator:
             return list(vmap(lambda v: jvp(gfn, (self.leaves,), (v,))[1])(rows))
         return self._hv_autograd(rows, batched=(s == "autograd_batched"))
 
+    # -- failures: the user's, the input's, or the strategy's -------------------------------
+    def _not_the_strategy(self) -> BaseException | None:
+        """After a failed product: the error to raise instead of blaming the strategy, if any.
+
+        One plain evaluation of the function with grad on (eager only): an exception there is
+        the user's own and passes through; an output that autograd cannot differentiate
+        (detached, computed under no_grad) is reported as such. ``None``: the plain evaluation
+        is sound, so the failure is one of the strategy's (a missing double-backward or
+        forward-mode formula) and another strategy may avoid it.
+        """
+        if in_functorch_transform(self.leaves):
+            return None
+        inputs = [leaf.detach().requires_grad_(True) for leaf in self.leaves]
+        try:
+            with torch.enable_grad():
+                out = self.fn(inputs)
+        except Exception as exc:  # the user's own error: pass it through unchanged
+            return exc
+        if not out.requires_grad:
+            return _detached_output(self.call)
+        return None
+
+    def _fail(self, strategy: str, exc: Exception) -> BaseException:
+        other = self._not_the_strategy()
+        return other if other is not None else _strategy_failure(self.call, strategy, exc)
+
+    def _check_rows(self, V: object) -> None:
+        if not isinstance(V, Tensor) or V.dim() != 2 or V.shape[1] != self.size:
+            shape = tuple(V.shape) if isinstance(V, Tensor) else type(V).__name__
+            raise error(
+                f"{type(self).__name__}.matmat(V) in {self.call}",
+                f"V must be a (k, P) tensor of k row vectors over the P={self.size} flattened parameters",
+                f"{shape}",
+                "Pass V of shape (k, P), e.g. V.unsqueeze(0) for a single vector.",
+            )
+
+    def _check_result(self, out: Tensor, what: str) -> Tensor:
+        if check_finite_enabled() and not torch.compiler.is_compiling() and not in_functorch_transform([out]):
+            check_finite_result(self.call, what, out, lambda: diagnose_nonfinite(self.fn, self.leaves))
+        return out
+
     # -- public ----------------------------------------------------------------
     def matmat(self, V: Tensor) -> Tensor:
         """Rows ``H v_i`` for the rows ``v_i`` of the ``(k, P)`` tensor ``V``."""
+        self._check_rows(V)
         try:
             out = self._matmat_leaves(unravel(V, self.shapes))
         except (RuntimeError, NotImplementedError) as exc:
-            raise _strategy_failure(self.call, self.strategy, exc) from exc
-        return ravel(out, batch_dims=1)
+            raise self._fail(self.strategy, exc) from exc
+        return self._check_result(ravel(out, batch_dims=1), "Hessian-vector products")
 
     def quadform(self, V: Tensor) -> Tensor:
         """The ``k`` values ``v_iᵀ H v_i`` for the rows of ``V``."""
+        self._check_rows(V)
         try:
             s = self._settle_quadform()
         except TapeUnsupportedError as exc:
-            raise _strategy_failure(self.call, "taylor", exc) from exc
+            raise self._fail("taylor", exc) from exc
         if s == "taylor":
             assert self._taylor is not None
             try:
-                return self._taylor(unravel(V, self.shapes))
+                return self._check_result(self._taylor(unravel(V, self.shapes)), "quadratic forms vᵀHv")
             except (RuntimeError, NotImplementedError) as exc:
                 if self.requested == "taylor":  # asked for explicitly
-                    raise _strategy_failure(self.call, "taylor", exc) from exc
+                    raise self._fail("taylor", exc) from exc
                 self.taylor_skipped = f"{type(exc).__name__}: {exc}"
                 self._taylor, self.quadform_strategy = None, self._settle_strategy()
                 s = self.quadform_strategy

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -48,7 +48,7 @@ from torch import Tensor
 from secorder import probes as _probes
 from secorder._chunking import memory_budget
 from secorder._errors import error
-from secorder._validate import check_bool
+from secorder._validate import check_bool, check_finite_result
 from secorder.estimators.stopping import check_eager
 from secorder.operators import LinearOperator
 
@@ -76,7 +76,7 @@ class LanczosResult(NamedTuple):
     residuals: Tensor
     """(k,) residual norms ‖Ax − θx‖; an eigenvalue of A lies within each of θ."""
     num_products: int
-    """Operator products spent (one per Lanczos step)."""
+    """Operator products spent (one per Lanczos step, over all runs)."""
     converged: bool
     """Whether every residual is ≤ tol · max abs(θ)."""
 
@@ -138,6 +138,7 @@ class _Lanczos:
         self.exhausted = torch.zeros(b, dtype=torch.bool, device=op.device)
         self.block_start = torch.zeros(b, dtype=torch.long, device=op.device)  # first step after a restart
         self.steps = 0
+        self.avoid: Tensor | None = None
 
     def _orthogonalize(self, w: Tensor, j: int) -> Tensor:
         """Classical Gram–Schmidt against the basis, with a second pass only where it is needed.
@@ -183,6 +184,8 @@ class _Lanczos:
             return
         if bool(broken.any()):
             fresh = _probes.draw(w.shape[0], w.shape[1], "gaussian", self.generator, w.dtype, w.device)
+            if self.avoid is not None:  # a deflated run stays orthogonal to the deflated vectors
+                fresh = fresh - (fresh @ self.avoid.T) @ self.avoid
             fresh = self._orthogonalize(fresh, j)
             fresh = fresh / torch.linalg.vector_norm(fresh, dim=-1, keepdim=True)
             safe = beta.clamp_min(torch.finfo(w.dtype).tiny).unsqueeze(1)
@@ -206,6 +209,31 @@ class _Lanczos:
         return T
 
 
+_NONFINITE_OP = (
+    "The operator's products op.matmat(V) hold NaN/Inf: check the matrix (or the parameters and "
+    "data it was built from) for non-finite entries."
+)
+
+
+def check_operator(call: str, op: object) -> int:
+    """Check that ``op`` is a :class:`~secorder.operators.LinearOperator`; return its size."""
+    missing = [a for a in ("size", "dtype", "device", "matmat") if not hasattr(op, a)]
+    size = getattr(op, "size", None)
+    if missing or not isinstance(size, int) or isinstance(size, bool):
+        got = f"a {type(op).__name__}" + (
+            f" without {', '.join(missing)}" if missing else f" with size {size!r}"
+        )
+        raise error(
+            call,
+            "op must be a linear operator (int size, dtype, device, matmat(V) for (k, P) rows V)",
+            got,
+            "Wrap an explicit matrix as secorder.operators.DenseOperator(matrix), or pass "
+            "hessian_operator(f, *args)[0] / fisher_operator(...)(...)[0].",
+            cls=TypeError,
+        )
+    return size
+
+
 def lanczos_eigenvalues(
     op: LinearOperator,
     k: int = 1,
@@ -223,12 +251,13 @@ def lanczos_eigenvalues(
     is within that distance of an eigenvalue of A, and typically much closer: the
     eigenvalue error is bounded by residual²/gap), or ``max_steps`` products are spent.
 
-    Multiplicities: a single-vector Krylov space holds one copy of each eigenvalue. When
-    it is exhausted (an invariant subspace, e.g. from exact symmetries) the iteration
-    restarts orthogonally and does not stop until the new block's extreme Ritz value has
-    converged as well, which recovers a second copy; copies beyond that, when they are
-    exact, may still be missed (rounding usually reveals them in practice). Use a block
-    method when exact multiplicities matter.
+    Multiplicities: a single-vector Krylov space holds one copy of each eigenvalue. So once
+    the k Ritz pairs have converged, their vectors X are deflated and Lanczos runs again on
+    (I − XXᵀ)A(I − XXᵀ) from a start orthogonal to X for the extreme remaining eigenvalue;
+    while that value belongs in the top k (a further copy of a repeated eigenvalue, or one the
+    first run missed) it is taken in and the search repeats. The returned top k are the
+    full multiset: ``converged=True`` only once a deflated run has certified that nothing
+    beyond the tolerance is missing (or the whole space is spanned).
 
     Args:
         op: a symmetric operator.
@@ -236,8 +265,9 @@ def lanczos_eigenvalues(
         which: ``"largest"`` (algebraically largest) or ``"smallest"`` (most negative).
         tol: relative residual tolerance; ``None``: √ε of the dtype (1.5e-8 in float64,
             3.5e-4 in float32).
-        max_steps: the most products (each step stores one basis vector of length P);
-            ``None``: max(300, 20k), fewer if the basis would exceed the memory budget
+        max_steps: the most products of each Lanczos run (the first and each deflated
+            one; each step stores one basis vector of length P); ``None``: max(300, 20k),
+            fewer if the basis would exceed the memory budget
             (:func:`secorder.set_memory_budget`), and at most P.
         return_eigenvectors: also return the Ritz vectors.
         generator: the source of the start vector (``None``: the global generator).
@@ -258,7 +288,7 @@ def lanczos_eigenvalues(
         ([10.0, 9.0], True)
     """
     call = "lanczos_eigenvalues(op, k)"
-    size = op.size
+    size = check_operator(call, op)
     check_lanczos_options(call, k, which, tol, max_steps)
     if k > size:
         raise error(call, f"k must not exceed the operator size {size}", f"k={k}", f"Pass k <= {size}.")
@@ -268,8 +298,72 @@ def lanczos_eigenvalues(
     max_steps = min(size, max_steps)
     rel = float(torch.finfo(op.dtype).eps ** 0.5) if tol is None else float(tol)
     check_eager(call, [], what="Lanczos", fix=_FIX)
-    start = _probes.draw(1, size, "gaussian", generator, op.dtype, op.device)
+    vals, vecs, res, used, converged = _lanczos_run(call, op, k, which, rel, max_steps, generator, None)
+    # Certify the multiset: a single-vector Krylov space holds one copy of each eigenvalue, so
+    # a copy of a wanted eigenvalue may be missing. Deflate the converged Ritz vectors and run
+    # Lanczos again for the extreme eigenvalue of the rest; while it belongs in the top k, take
+    # it in and repeat. Stop when it does not (the top k are then certified) or the budget or
+    # the dimension runs out.
+    found_vals, found_vecs, found_res = vals, vecs, res
+    while converged and found_vecs.shape[0] < size:
+        budget = min(max_steps, size - found_vecs.shape[0])
+        defl = _Deflated(op, found_vecs)
+        v2, x2, r2, used2, ok2 = _lanczos_run(call, defl, 1, which, rel, budget, generator, found_vecs)
+        used += used2
+        if not ok2:
+            converged = False
+            break
+        bound = rel * float(torch.cat([found_vals, v2]).abs().max())
+        kth = found_vals[:k][-1] if found_vals.shape[0] >= k else None
+        better = kth is None or (
+            float(v2[0]) > float(kth) + bound if which == "largest" else float(v2[0]) < float(kth) - bound
+        )
+        found_vals = torch.cat([found_vals, v2])
+        found_vecs = torch.cat([found_vecs, x2])
+        found_res = torch.cat([found_res, r2])
+        order = torch.argsort(found_vals, descending=which == "largest", stable=True)
+        found_vals, found_vecs, found_res = found_vals[order], found_vecs[order], found_res[order]
+        if not better:
+            break
+    vectors = found_vecs[:k] if return_eigenvectors else None
+    return LanczosResult(found_vals[:k], vectors, found_res[:k], used, converged)
+
+
+class _Deflated:
+    """``(I − XᵀX) A (I − XᵀX)`` for orthonormal rows X: A with the found eigenvectors removed."""
+
+    def __init__(self, op: LinearOperator, X: Tensor) -> None:
+        self.op, self.X = op, X
+        self.size, self.dtype, self.device = op.size, op.dtype, op.device
+
+    def _project(self, V: Tensor) -> Tensor:
+        return V - (V @ self.X.T) @ self.X
+
+    def matmat(self, V: Tensor) -> Tensor:
+        return self._project(self.op.matmat(self._project(V)))
+
+    def quadform(self, V: Tensor) -> Tensor:
+        return (self.matmat(V) * V).sum(-1)
+
+
+def _lanczos_run(
+    call: str,
+    op: Any,
+    k: int,
+    which: str,
+    rel: float,
+    max_steps: int,
+    generator: torch.Generator | None,
+    avoid: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, int, bool]:
+    """One Lanczos run: ``(eigenvalues, eigenvectors, residuals, steps, converged)`` of the k
+    wanted Ritz pairs (start vector orthogonal to the rows of ``avoid``)."""
+    start = _probes.draw(1, op.size, "gaussian", generator, op.dtype, op.device)
+    if avoid is not None:
+        for _ in range(2):
+            start = start - (start @ avoid.T) @ avoid
     lz = _Lanczos(op, start, max_steps, generator)
+    lz.avoid = avoid
     while True:
         lz.step()
         m = lz.steps
@@ -279,6 +373,7 @@ def lanczos_eigenvalues(
         if bool(lz.exhausted[0]) and not final:
             continue  # an invariant subspace: the next block may hold further copies of eigenvalues
         T = lz.tridiagonal()[0]
+        check_finite_result(call, "Lanczos tridiagonal matrix (products of op)", T, fix=_NONFINITE_OP)
         theta, S = torch.linalg.eigh(T)
         idx = torch.arange(m - 1, m - 1 - k, -1) if which == "largest" else torch.arange(k)
         residuals = (lz.residual_beta[0] * S[-1, idx]).abs()
@@ -292,8 +387,8 @@ def lanczos_eigenvalues(
             edge = -1 if which == "largest" else 0
             converged = bool((lz.residual_beta[0] * Sb[-1, edge]).abs() <= bound)
         if converged or final:
-            vectors = S[:, idx].T @ lz.V[0, :m] if return_eigenvectors else None
-            return LanczosResult(theta[idx], vectors, residuals, m, converged)
+            vectors = S[:, idx].T @ lz.V[0, :m]
+            return theta[idx], vectors, residuals, m, converged
 
 
 def slq_nodes_weights(
@@ -336,6 +431,7 @@ def slq_nodes_weights(
         RuntimeError: called inside a ``torch.func`` transform.
     """
     call = "slq_nodes_weights(op)"
+    check_operator(call, op)
     num_runs = _check_int(call, "num_runs", num_runs)
     steps = min(_check_int(call, "num_steps", num_steps), op.size)
     _probes.check_distribution(call, distribution)
@@ -350,7 +446,9 @@ def slq_nodes_weights(
         lz = _Lanczos(op, start, steps, generator, reorthogonalize)
         for _ in range(steps):
             lz.step()
-        theta, S = torch.linalg.eigh(lz.tridiagonal())
+        T = lz.tridiagonal()
+        check_finite_result(call, "Lanczos tridiagonal matrices (products of op)", T, fix=_NONFINITE_OP)
+        theta, S = torch.linalg.eigh(T)
         nodes.append(theta)
         weights.append(S[:, 0, :] ** 2)
     return torch.cat(nodes), torch.cat(weights)
@@ -390,12 +488,13 @@ def spectral_density(
     Example:
         >>> import torch
         >>> from secorder.operators import DenseOperator
-        >>> A = DenseOperator(torch.diag(torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=torch.float64)))
+        >>> A = DenseOperator(torch.diag(torch.tensor([0.0, 0.0, 1.0, 1.0]).double()))
         >>> t, phi = spectral_density(A, sigma=0.05, generator=torch.Generator().manual_seed(0))
         >>> round(float(torch.trapezoid(phi, t)), 6)
         1.0
     """
     call = "spectral_density(op)"
+    check_operator(call, op)
     _check_int(call, "num_points", num_points, 2)
     width = _check_positive(call, "sigma", sigma)
     nodes, weights = slq_nodes_weights(
@@ -423,21 +522,27 @@ def spectral_density(
 def plot_spectral_density(
     grid: Tensor,
     density: Tensor,
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | None = None,
     *,
     log_scale: bool = True,
     eigenvalues: Tensor | None = None,
     title: str | None = None,
-) -> None:
-    """Write a PNG plot of a spectral density (needs matplotlib, an optional extra).
+    ax: Any = None,
+) -> Any:
+    """Plot a spectral density (needs matplotlib, an optional extra), optionally to a PNG.
 
     Args:
         grid: the evaluation points, as returned by :func:`spectral_density`.
         density: the density on ``grid``.
-        path: where to write the PNG.
+        path: where to write the PNG (``None``: write nothing).
         log_scale: logarithmic density axis (Hessian spectra span many decades).
         eigenvalues: optional eigenvalues to mark (e.g. from :func:`lanczos_eigenvalues`).
         title: optional plot title.
+        ax: a matplotlib ``Axes`` to draw into (e.g. from ``plt.subplots()``); by default a
+            new figure, independent of pyplot's state.
+
+    Returns:
+        The matplotlib ``Figure`` drawn into.
 
     Raises:
         ImportError: matplotlib is not installed.
@@ -452,8 +557,19 @@ def plot_spectral_density(
             'Install it with pip install "secorder[plot]" (or pip install matplotlib).',
             cls=ImportError,
         ) from exc
-    fig = Figure(figsize=(6, 4))
-    ax = fig.add_subplot()
+    shapes = [tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__ for t in (grid, density)]
+    if not all(isinstance(t, Tensor) and t.dim() == 1 for t in (grid, density)) or shapes[0] != shapes[1]:
+        raise error(
+            "plot_spectral_density(grid, density, path)",
+            "grid and density must be 1-d tensors of the same length",
+            f"grid {shapes[0]} and density {shapes[1]}",
+            "Pass the (grid, density) pair returned by spectral_density / hessian_spectral_density.",
+        )
+    if ax is None:
+        fig = Figure(figsize=(6, 4))
+        ax = fig.add_subplot()
+    else:
+        fig = ax.figure
     x = grid.detach().cpu().double().numpy()
     y = density.detach().cpu().double().numpy()
     if log_scale:
@@ -469,4 +585,6 @@ def plot_spectral_density(
     if title:
         ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(os.fspath(path), format="png", dpi=120)
+    if path is not None:
+        fig.savefig(os.fspath(path), format="png", dpi=120)
+    return fig

@@ -8,13 +8,19 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
-settings.register_profile(
-    "default", deadline=None, max_examples=25, suppress_health_check=[HealthCheck.too_slow]
-)
-settings.register_profile(
-    "ci", deadline=None, max_examples=25, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
-)
-settings.load_profile("ci" if os.environ.get("CI") else "default")
+# Hypothesis profiles. Strategies draw every random number through hypothesis (seeds for
+# torch.Generator objects, never torch's global generator), so a failure reported with its
+# blob (print_blob) or seed replays exactly.
+#   default: local runs, 25 fresh random examples per property per run;
+#   ci:      CI=true, the same 25 derandomized examples every run (no flaky CI);
+#   explore: many fresh examples, for a scheduled job or a local hunt
+#            (HYPOTHESIS_PROFILE=explore python -m pytest tests/test_hessian.py
+#            tests/test_sweep_properties.py tests/test_taylor_ops.py, or nox -s explore).
+_common = {"deadline": None, "print_blob": True, "suppress_health_check": [HealthCheck.too_slow]}
+settings.register_profile("default", max_examples=25, **_common)
+settings.register_profile("ci", max_examples=25, derandomize=True, **_common)
+settings.register_profile("explore", max_examples=500, **_common)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "default"))
 
 # The suite's problems are tiny: one thread avoids thread-pool overhead that dominates
 # small ops (and contention when several suites share a machine). Benchmarks set their own.

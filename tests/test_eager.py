@@ -27,6 +27,7 @@ from secorder.core.hessian_diagonal import hessian_diagonal, model_hessian_diago
 from secorder.core.hessian_trace import hessian_trace, model_hessian_trace
 from secorder.core.hvp import exact_hvp, gauss_newton_product, model_hvp
 from secorder.core.hvp import hessian_trace as hutchinson_trace
+from secorder.testing import dense_hessian
 from tests.conftest import tol
 
 F64 = torch.float64
@@ -409,19 +410,35 @@ def test_no_mutation_with_batchnorm(train: bool) -> None:
     x, y = torch.randn(6, 3, dtype=F64), torch.randn(6, 2, dtype=F64)
     v = [torch.randn_like(p) for p in model.parameters()]
     loss = nn.MSELoss()
-    results = [
-        model_hessian_trace(model, loss, x, y),
-        model_hessian_diagonal(model, loss, x, y),
-        model_hvp(model, loss, x, y, v),
-        gauss_newton_product(model, loss, x, y, v),
-    ]
-    assert results
+    trace = model_hessian_trace(model, loss, x, y)
+    diag = model_hessian_diagonal(model, loss, x, y)
+    hv = model_hvp(model, loss, x, y, v)
+    gv = gauss_newton_product(model, loss, x, y, v)
     after = _state(model)
     assert before.keys() == after.keys()
     for k in before:
         assert torch.equal(before[k], after[k]), k
     assert model.training is train and all(m.training is train for m in model.modules())
     assert all(p.grad is None for p in model.parameters())
+    # ... and the numbers are those of the model as it was (dense float64 references)
+    names = [k for k, _ in model.named_parameters()]
+    base = {k: t.detach() for k, t in model.named_parameters()}
+    buffers = {k: b.detach() for k, b in model.named_buffers()}
+
+    def out(q: dict[str, Tensor]) -> Tensor:
+        return functional_call(model, ({**q}, {k: b.clone() for k, b in buffers.items()}), (x,))
+
+    H = dense_hessian(lambda q: loss(out(q), y), base)  # flat order: sorted names
+    order = sorted(range(len(names)), key=lambda i: names[i])
+    flat = lambda ts: torch.cat([ts[i].reshape(-1) for i in order])
+    torch.testing.assert_close(trace, H.diagonal().sum())
+    torch.testing.assert_close(flat(diag), H.diagonal())
+    torch.testing.assert_close(flat(hv), H @ flat(v))
+    # G v = Jᵀ (∇²_z L) J v with ∇²_z L = 2/(N·D) I for the mean squared error
+    tangent = dict(zip(names, v))
+    z, jv = torch.func.jvp(out, (base,), (tangent,))
+    (gv_ref,) = torch.func.vjp(out, base)[1](2 * jv / z.numel())
+    torch.testing.assert_close(flat(gv), flat([gv_ref[k] for k in names]))
 
 
 def test_batchnorm_train_matches_reference() -> None:

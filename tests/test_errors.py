@@ -190,3 +190,105 @@ def test_fisher_randomized_methods_check_their_smallest_budget() -> None:
         secorder.fisher_diagonal(model_fn, "mse", num_probes=1, method="xdiag")
     # the MC Fisher counts sampled targets, not products: one sample is fine
     secorder.fisher_trace(model_fn, "mse", kind="mc", num_probes=1)
+
+
+# -- error branches that no other test reached (found with coverage) --------------------------
+
+
+class _FunctionalBatchNorm(torch.nn.Module):
+    """Batch statistics through torch.nn.functional, not an nn.BatchNorm module."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.batch_norm(x, None, None, training=True)
+
+
+def test_sweep_refuses_functional_batch_statistics() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(3, 4), _FunctionalBatchNorm(), torch.nn.Tanh(), torch.nn.Linear(4, 2)
+    ).double()
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"BatchNorm normalizing with batch statistics .*method='hvp'"):
+        secorder.module_hessian_diagonal(model, "mse", method="sweep")(params, x, y)
+
+
+def test_f_returning_an_integer_scalar() -> None:
+    with pytest.raises(
+        TypeError, match=r"f must return a real floating-point scalar, but received dtype torch.int64"
+    ):
+        secorder.hessian_trace(lambda x: (x**2).sum().long())(X)
+
+
+def test_eager_fisher_loss_must_be_reduced() -> None:
+    from secorder.approximations.fisher_trace import empirical_fisher_trace
+
+    model = torch.nn.Linear(3, 2).double()
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+    loss = lambda z, t: torch.nn.functional.mse_loss(z, t, reduction="none")
+    with pytest.raises(
+        ValueError, match=r"must return a scalar \(0-dim\) tensor, but received shape \(4, 2\)"
+    ):
+        empirical_fisher_trace(model, loss, x, y)
+
+
+def test_dataset_batches_need_batched_inputs() -> None:
+    w = torch.ones(2)
+    f = lambda p, x, y: ((x * p).sum() - y) ** 2
+    with pytest.raises(
+        ValueError, match=r"samples along dimension 0, but received inputs without such a tensor at batch 0"
+    ):
+        secorder.dataset_hessian_trace(f, w, [(torch.tensor(1.0), torch.tensor(0.0))])
+
+
+def test_dataset_must_yield_the_same_batches_on_every_pass() -> None:
+    w = torch.ones(2, dtype=torch.float64)
+    f = lambda p, x, y: ((x @ p - y) ** 2).mean()
+    batches = [
+        (torch.randn(3, 2, dtype=torch.float64), torch.randn(3, dtype=torch.float64)) for _ in range(3)
+    ]
+
+    class Shifting:
+        """Pass 1 yields the first `first` batches, later passes `later` of them."""
+
+        def __init__(self, first: int, later: int) -> None:
+            self.sizes, self.passes = (first, later), 0
+
+        def __iter__(self):
+            n = self.sizes[min(self.passes, 1)]
+            self.passes += 1
+            return iter(batches[:n])
+
+    run = lambda data: secorder.dataset_hessian_trace(
+        f, w, data, num_probes=4, chunk_size=1, generator=torch.Generator().manual_seed(0)
+    )
+    with pytest.raises(ValueError, match=r"same batches on every pass.*more batches than the 2 of pass 1"):
+        run(Shifting(2, 3))
+    with pytest.raises(ValueError, match=r"same batches on every pass.*3 batches on pass 1 and 2 on pass 2"):
+        run(Shifting(3, 2))
+    torch.testing.assert_close(run(Shifting(3, 3)), run(batches))  # the same batches: fine
+
+
+def test_module_hessian_params_must_be_a_dict() -> None:
+    model = torch.nn.Linear(3, 2).double()
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"params must be a dict of parameters.*but received list"):
+        secorder.module_hessian_diagonal(model, "mse")([p.detach() for p in model.parameters()], x, y)
+
+
+def test_dense_operator_needs_a_square_matrix() -> None:
+    from secorder.operators import DenseOperator
+
+    with pytest.raises(
+        ValueError,
+        match=r"DenseOperator\(matrix\): matrix must be a square 2-d tensor, but received shape \(2, 3\)",
+    ):
+        DenseOperator(torch.ones(2, 3))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device type")
+def test_generator_on_another_device_type() -> None:
+    with pytest.raises(
+        ValueError, match=r"the generator must live on the same device type as the parameters"
+    ):
+        secorder.hessian_trace(f_sq, num_probes=2)(X, generator=torch.Generator(device="cuda"))

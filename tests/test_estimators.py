@@ -272,7 +272,13 @@ def test_hutchinson_stderr_calibrated() -> None:
 
 
 def test_exchangeable_error_estimates_are_finite_and_informative() -> None:
-    """The papers' error estimates track the actual error (not a calibration claim)."""
+    """The papers' error estimates have the size of the actual error, understating it.
+
+    As documented, the leave-one-out estimates are heuristics that tend to understate the
+    error at small budgets: the RMS actual error over 100 seeds is between 1 and 2.5 times
+    the RMS reported error (the ratio's own sampling error is about 7%); a stderr off by a
+    factor √m (a standard deviation reported as a standard error) or √2 low fails.
+    """
     A = matrix("poly", 100)
     op = DenseOperator(A)
     exact = torch.trace(A)
@@ -282,7 +288,7 @@ def test_exchangeable_error_estimates_are_finite_and_informative() -> None:
         reported = torch.stack([se for _, se in pairs])
         assert bool(torch.isfinite(reported).all())
         ratio = float(errors.pow(2).mean().sqrt() / reported.pow(2).mean().sqrt())
-        assert 0.3 < ratio < 3, (method, ratio)
+        assert 1.0 <= ratio < 2.5, (method, ratio)
 
 
 def test_single_sample_stderr_is_nan() -> None:
@@ -407,11 +413,20 @@ def test_frobenius_predicts_hutchinson_variance() -> None:
 def test_adaptive_trace_meets_tolerance(method: str) -> None:
     A = matrix("poly", 60)
     op = DenseOperator(A)
-    for seed in range(5):
+    exact = torch.trace(A)
+    rel, z = [], []
+    for seed in range(20):
         res = adaptive_trace(op, rtol=0.05, max_probes=2000, batch=10, method=method, generator=gen(seed))
         assert res.converged
         assert float(res.stderr) <= 0.05 * abs(float(res.estimate))
         assert 10 <= res.num_products <= 2000
+        rel.append(float((res.estimate - exact) / exact))
+        z.append(float((res.estimate - exact) / res.stderr))
+    # stopping at rtol=5% gives errors of about 5%: RMS relative error over 20 seeds <= 7.5%
+    # (Hutch++'s and XTrace's stderrs understate their error, so only the outcome is checked)
+    assert math.sqrt(sum(r * r for r in rel) / len(rel)) <= 0.075, rel
+    if method == "hutchinson":  # calibrated: mean z² ~ χ²_20/20, whose 99.9% quantile is 2.27
+        assert sum(v * v for v in z) / len(z) < 2.5, z
 
 
 def test_adaptive_trace_reports_budget_hit() -> None:
@@ -420,7 +435,7 @@ def test_adaptive_trace_reports_budget_hit() -> None:
     assert not res.converged and res.num_products == 45
     assert float(res.stderr) > 1e-6 * abs(float(res.estimate))
     res = adaptive_trace(op, rtol=1e-9, max_probes=100, batch=10, method="xtrace", generator=gen(0))
-    assert not res.converged and res.num_products <= 100  # runs of 10, 20, 40, then 30 left over
+    assert not res.converged and res.num_products == 100  # runs of 10, 20, 40, then 30 left over
 
 
 def test_adaptive_trace_absolute_tolerance_and_exact_case() -> None:
@@ -590,9 +605,14 @@ def test_hessian_trace_adaptive_transform() -> None:
     f, params, X, y = _mlp()
     exact = secorder.hessian_trace(f)(params, X, y)
     fn = secorder.hessian_trace_adaptive(f, rtol=0.1, max_probes=2000, batch=20)
-    res = fn(params, X, y, generator=gen(0))
-    assert res.converged and float(res.stderr) <= 0.1 * abs(float(res.estimate))
-    assert abs(float(res.estimate - exact)) <= 5 * float(res.stderr)
+    z = []
+    for seed in range(10):
+        res = fn(params, X, y, generator=gen(seed))
+        assert res.converged and float(res.stderr) <= 0.1 * abs(float(res.estimate))
+        z.append(float((res.estimate - exact) / res.stderr))
+    # calibrated over seeds: mean z² ~ χ²_10/10 (99.9% quantile 2.96), centred on the exact trace
+    assert sum(v * v for v in z) / len(z) < 3.0, z
+    assert abs(sum(z) / len(z)) < 4 / math.sqrt(len(z)), z
 
 
 def test_hessian_trace_adaptive_refuses_vmap() -> None:

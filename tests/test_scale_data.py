@@ -218,12 +218,20 @@ def test_bad_data_errors() -> None:
 def test_nonfinite_loss_names_batch() -> None:
     x = X.clone()
     x[9, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"the inputs of batch 2 must be finite.*in samples \[1\]"):
+        secorder.dataset_hessian_trace(f_mean, P, batches(x))
+    x_big = X.clone()
+    x_big[9, 0] = 100.0  # finite inputs, a loss that is NaN on batch 2
+
+    def f_nan(p, x, y):
+        return f_mean(p, x, y) * torch.where((x[:, 0] > 50).any(), float("nan"), 1.0)
+
     with pytest.raises(
         ValueError, match=r"must be finite.*a non-finite loss \(nan\) at batch 2 \(of 3 samples\)"
     ):
-        secorder.dataset_hessian_trace(f_mean, P, batches(x))
+        secorder.dataset_hessian_trace(f_nan, P, batches(x_big))
     with pytest.raises(ValueError, match=r"products of every batch must be finite.*at batch 2"):
-        secorder.dataset_hessian_trace(f_mean, P, batches(x), num_probes=2)
+        secorder.dataset_hessian_trace(f_nan, P, batches(x_big), num_probes=2)
 
 
 def test_nonfinite_gradient_is_diagnosed() -> None:
@@ -291,12 +299,13 @@ def test_per_batch_errors_name_the_batch() -> None:
     y = torch.randint(0, 3, (11,))
     x = X.clone()
     x[10, 1] = float("nan")
-    with pytest.raises(
-        ValueError, match=r"the model outputs must be finite.*\(in batch 2 of the data, 3 samples\)"
-    ):
+    with pytest.raises(ValueError, match=r"the inputs of batch 2 must be finite.*in samples \[2\]"):
         secorder.dataset_fisher_trace(model, "cross_entropy", params, batches(x, y))
+    # check_finite=False turns every check off (inputs, outputs, results)
+    out = secorder.dataset_fisher_trace(model, "cross_entropy", params, batches(x, y), check_finite=False)
+    assert torch.isnan(out)
     x[10, 1] = float("inf")  # tanh saturates: finite outputs, but the layer input enters the gradients
-    with pytest.raises(ValueError, match=r"non-finite trace contributions \(finite outputs\) at batch 2"):
+    with pytest.raises(ValueError, match=r"the inputs of batch 2 must be finite.*1 infinite"):
         secorder.dataset_fisher_trace(model, "cross_entropy", params, batches(x, y))
     y_bad = y.clone()
     y_bad[5] = 7  # class index out of range in batch 1

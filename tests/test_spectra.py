@@ -190,6 +190,13 @@ def test_density_integrates_to_one(spectrum: str, reorthogonalize: bool) -> None
     assert grid.shape == density.shape == (1024,)
     assert bool((density >= 0).all())
     assert abs(float(torch.trapezoid(density, grid)) - 1) < 1e-6
+    # The density's mean is exactly the mean over runs of vᵀAv/‖v‖² (the first Lanczos
+    # coefficient, with or without reorthogonalization), Hutchinson's estimate of tr(A)/n:
+    # for 4 Rademacher runs its standard deviation is √(2(‖A‖²_F − Σ A_ii²)/4) / n.
+    A = matrix(lam)
+    sd = math.sqrt(2 * float((A**2).sum() - (A.diagonal() ** 2).sum()) / 4) / n
+    mean = float(torch.trapezoid(grid * density, grid))
+    assert abs(mean - float(lam.mean())) < 5 * sd + 1e-9, (mean, float(lam.mean()), sd)
 
 
 def test_slq_weights_are_exact_quadrature_with_full_steps() -> None:
@@ -265,10 +272,25 @@ def test_hessian_spectral_density_on_mlp() -> None:
 def test_plot_writes_png(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     grid = torch.linspace(-1, 1, 50, dtype=torch.float64)
-    density = torch.exp(-(grid**2))
+    density = torch.exp(-((grid - 0.3) ** 2))  # not symmetric: a reversed axis would show
     path = tmp_path / "density.png"
-    plot_spectral_density(grid, density, path, eigenvalues=torch.tensor([0.5]), title="test")
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    fig = plot_spectral_density(grid, density, path, eigenvalues=torch.tensor([0.5]), title="test")
+    ax = fig.axes[0]
+    curve, marker = ax.lines
+    torch.testing.assert_close(torch.as_tensor(curve.get_xydata()), torch.stack([grid, density], 1))
+    assert list(marker.get_xdata()) == [0.5, 0.5] and ax.get_title() == "test"
+    assert ax.get_yscale() == "log"
+    from matplotlib.image import imread
+
+    image = imread(path)  # the PNG holds the drawing: 6×4 inches at 120 dpi, not blank
+    assert image.shape[:2] == (480, 720) and float(image[..., :3].std()) > 0.05
+    # drawing into a given Axes (e.g. a gallery figure) writes nothing and returns its figure
+    import matplotlib.figure
+
+    own = matplotlib.figure.Figure()
+    target = own.add_subplot()
+    assert plot_spectral_density(grid, density, ax=target, log_scale=False) is own
+    torch.testing.assert_close(torch.as_tensor(target.lines[0].get_ydata()), density)
 
 
 def test_plot_without_matplotlib_gives_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:

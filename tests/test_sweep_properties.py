@@ -68,7 +68,11 @@ def models(draw: st.DrawFn) -> tuple[nn.Module, Tensor, str, str]:
         if draw(st.integers(0, 3)) == 0:
             layers.append(Residual(width, draw(st.sampled_from(sorted(ACTS))), draw(st.booleans())))
     layers.append(nn.Linear(width, 3))
-    x = torch.randn(4, 2, 4, 4, dtype=F64) if conv else torch.randn(4, 4, dtype=F64)
+    # every random number comes from hypothesis (a seed it draws), never from torch's global
+    # generator, so a failing example is reproduced from hypothesis's report alone; the layers'
+    # own initialization is overwritten in the test from the drawn seed
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    x = torch.randn((4, 2, 4, 4) if conv else (4, 4), dtype=F64, generator=g)
     return (
         nn.Sequential(*layers).double(),
         x,

@@ -24,6 +24,14 @@ Fields:
 * ``batch``: the op's batch rule for the per-sample proof (:mod:`secorder._engine.batch`):
   how a sample axis passes through it (``"pointwise"`` is the default for ops tagged
   pointwise; an op with none refuses a batched parameter-dependent input).
+* ``interface``: where a parameter meets per-sample data (matrix products, convolutions,
+  embedding, norm affines, elementwise ops with a broadcast parameter), the rule giving the
+  squared per-sample gradients of the parameter-side argument
+  (:func:`secorder._engine.interfaces.param_squares`).
+* ``collapsed``: the collapsed-Taylor rule (:mod:`secorder._engine.jet`) that pushes a value,
+  K directional derivatives and the summed second derivatives through the op (the PDE
+  operators of :mod:`secorder.pde`); ops without one take ``jet.linear`` when ``linear``,
+  ``jet.no_curvature`` when ``no_curvature`` or ``linear_first``, else nested AD on the op.
 """
 
 from __future__ import annotations
@@ -50,6 +58,10 @@ class OpRule:
     family: str | None = None
     view_twin: Any = None
     batch: str | None = None
+    interface: Any = (
+        None  # Callable[[interfaces._Ctx], Tensor | None]: squared per-sample parameter gradients
+    )
+    collapsed: Any = None  # collapsed Taylor rule (ctx, func, args, kwargs) -> outputs (jet.py)
 
     @property
     def curvature_free(self) -> bool:
@@ -160,3 +172,33 @@ _register(
     batch="pointwise_linear",
 )  # fmt: skip
 _register(("mul.Tensor", "div.Tensor"), batch="scale")
+
+# ---- parameter interfaces (helper B, issue 11): squared per-sample parameter gradients ----
+# ``OpRule.interface``: the rule of :mod:`secorder._engine.interfaces` for the op (where a
+# parameter meets per-sample data), called through ``interfaces.param_squares``.
+from secorder._engine import interfaces as _interfaces  # noqa: E402 - the rules refer to the registry
+
+for _name, _fn in _interfaces.INTERFACES.items():
+    _register((_name,), interface=_fn)
+# ---- end of parameter interfaces ----
+# ---- collapsed Taylor rules (secorder.pde: Laplacians, weighted traces, biharmonic) -------------
+from secorder._engine import jet as _jet  # noqa: E402  (the rules need the registry's names above)
+
+for _name, _derivs in _jet.DERIVS.items():
+    _register((_name,), collapsed=_jet.pointwise_rule(_derivs))
+_register(("gelu",), collapsed=_jet.gelu_rule)
+_register(("zeros_like", "ones_like", "full_like", "empty_like"), collapsed=_jet.constant_rule)
+_register(("mul.Tensor",), collapsed=_jet.mul_rule)
+_register(("div.Tensor",), collapsed=_jet.div_rule)
+_register(("add.Tensor", "sub.Tensor", "rsub.Tensor"), collapsed=_jet.add_rule)
+_register(("add.Scalar", "sub.Scalar", "mul.Scalar", "div.Scalar", "neg"), collapsed=_jet.scalar_affine_rule)
+_register(("view", "_unsafe_view", "reshape"), collapsed=_jet.view_rule)
+_register(("mm", "bmm", "matmul", "addmm", "baddbmm"), collapsed=_jet.matmul_rule)
+_register(("_softmax", "_log_softmax"), collapsed=_jet.softmax_rule)
+_register(("native_layer_norm",), collapsed=_jet.layer_norm_rule)
+_register(("convolution",), collapsed=_jet.conv_rule)
+_register(
+    ("max_pool2d_with_indices", "max_pool1d_with_indices", "max_pool3d_with_indices"),
+    collapsed=_jet.max_pool_rule,
+)
+# ---- end of collapsed Taylor rules ---------------------------------------------------------------

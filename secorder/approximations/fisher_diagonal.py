@@ -94,7 +94,8 @@ def generalized_fisher_diagonal(
         tensor([[0., 0.],
                 [0., 0.]], dtype=torch.float64, requires_grad=True)
         >>> x = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
-        >>> generalized_fisher_diagonal(model, model(x), torch.tensor([0, 1]))   # ¼ Σ_n x_n² per row
+        >>> # ¼ Σ_n x_n² per row
+        >>> generalized_fisher_diagonal(model, model(x), torch.tensor([0, 1]))
         [tensor([[0.2500, 1.0000],
                 [0.2500, 1.0000]], dtype=torch.float64)]
     """

@@ -70,7 +70,8 @@ def empirical_fisher_trace(
         tensor([[0., 0.]], dtype=torch.float64, requires_grad=True)
         >>> x = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
         >>> y = torch.ones(2, 1, dtype=torch.float64)
-        >>> empirical_fisher_trace(model, torch.nn.MSELoss(), x, y)   # ∇l_n = −2 x_n: (4 + 16) / 2
+        >>> # ∇l_n = −2 x_n: (4 + 16) / 2
+        >>> empirical_fisher_trace(model, torch.nn.MSELoss(), x, y)
         tensor(10., dtype=torch.float64)
     """
     call = "empirical_fisher_trace(model, loss_fn, inputs, targets)"

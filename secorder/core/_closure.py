@@ -34,7 +34,12 @@ from torch.func import vmap
 from secorder._chunking import default_chunk_size
 from secorder._errors import error
 from secorder._pytree import numel, ravel, unravel
-from secorder._validate import check_same_dtype_device
+from secorder._validate import (
+    check_finite_result,
+    check_finite_tree,
+    check_grad_context,
+    check_same_dtype_device,
+)
 
 __all__ = [
     "MAX_CHUNK_ROWS",
@@ -194,8 +199,17 @@ class ClosureGraph:
         self.params = list(params)
         self.create_graph = create_graph
         active = [i for i, p in enumerate(self.params) if p.requires_grad]
+        check_grad_context(call, self.params)
+        check_finite_tree(call, "params", self.params)
         with torch.enable_grad():
             loss = _check_loss(call, what, func())
+            check_finite_result(
+                call,
+                f"loss {what}",
+                loss,
+                fix="Check the inputs and the parameters for NaN/Inf, "
+                "or compute in float64 if the loss overflows.",
+            )
             first: Sequence[Tensor | None] = [None] * len(active)
             if active and loss.requires_grad:
                 first = torch.autograd.grad(

@@ -137,7 +137,8 @@ def model_hessian_diagonal(
         >>> model = torch.nn.Linear(2, 1, bias=False).double()
         >>> x = torch.tensor([[1.0, 2.0], [3.0, 0.0]], dtype=torch.float64)
         >>> y = torch.zeros(2, 1, dtype=torch.float64)
-        >>> model_hessian_diagonal(model, torch.nn.functional.mse_loss, x, y)   # (2/N) Σ_n x_ni²
+        >>> # (2/N) Σ_n x_ni²
+        >>> model_hessian_diagonal(model, torch.nn.functional.mse_loss, x, y)
         [tensor([[10.,  4.]], dtype=torch.float64)]
     """
     call = "model_hessian_diagonal(model, loss_fn, inputs, targets)"

@@ -116,7 +116,8 @@ def model_hessian_trace(
         >>> model = torch.nn.Linear(3, 1).double()
         >>> x = torch.tensor([[1.0, 0.0, 2.0], [0.0, 1.0, 1.0]], dtype=torch.float64)
         >>> y = torch.zeros(2, 1, dtype=torch.float64)
-        >>> model_hessian_trace(model, torch.nn.functional.mse_loss, x, y)   # (2/N) Σ_n (‖x_n‖² + 1)
+        >>> # (2/N) Σ_n (‖x_n‖² + 1)
+        >>> model_hessian_trace(model, torch.nn.functional.mse_loss, x, y)
         tensor(9., dtype=torch.float64)
     """
     call = "model_hessian_trace(model, loss_fn, inputs, targets)"

@@ -127,7 +127,8 @@ def model_hvp(
         >>> model = torch.nn.Linear(2, 1, bias=False).double()
         >>> x = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
         >>> y = torch.zeros(2, 1, dtype=torch.float64)
-        >>> model_hvp(model, torch.nn.functional.mse_loss, x, y, torch.ones(1, 2))   # H = (2/N) XᵀX = I
+        >>> # H = (2/N) XᵀX = I
+        >>> model_hvp(model, torch.nn.functional.mse_loss, x, y, torch.ones(1, 2))
         tensor([[1., 1.]], dtype=torch.float64)
     """
     call = "model_hvp(model, loss_fn, x, y, v)"

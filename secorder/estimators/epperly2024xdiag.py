@@ -67,7 +67,8 @@ def xdiag(
     Example:
         >>> import torch
         >>> from secorder.operators import DenseOperator
-        >>> M = torch.tensor([[2.0, 1.0, 0.0], [1.0, 3.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+        >>> M = torch.tensor([[2.0, 1.0, 0.0], [1.0, 3.0, 0.0], [0.0, 0.0, 0.0]],
+        ...                  dtype=torch.float64)
         >>> gen = torch.Generator().manual_seed(0)
         >>> d, err = xdiag(DenseOperator(M), 6, distribution="gaussian", generator=gen)
         >>> [round(x, 8) for x in d.tolist()]   # 3 probes > rank 2: exact

@@ -33,7 +33,9 @@ Nyström approximation Â = Y (ΩᵀY)⁻¹ Yᵀ from all probes but i, Â_(i), 
 
 with Y = QR, ΩᵀY = CᵀC (Cholesky), B = RC⁻¹ and h_i = (ΩᵀY)⁻¹_ii, because
 Â − Â_(i) has rank one and Nyström interpolates ω_iᵀÂω_i = ω_iᵀAω_i. As in the paper, A
-is shifted by ν = ε‖Y‖_F/√n for stability and νn subtracted. It fails with a clear
+is shifted by ν = ε‖Y‖_F/√n for stability and νn subtracted; when rounding leaves the sketch of
+a rank-deficient PSD operator (a GGN) indefinite, ν is raised until it factors (negative
+eigenvalues of ΩᵀAΩ below √ε·‖ΩᵀAΩ‖ count as rounding). It fails with a clear
 error when ΩᵀAΩ is not positive definite (A not PSD); on an indefinite A whose sketch
 happens to be positive definite its result is meaningless: use XTrace there.
 
@@ -178,8 +180,9 @@ def xtrace(
     Example:
         >>> import torch
         >>> from secorder.operators import DenseOperator
-        >>> A = DenseOperator(torch.diag(torch.tensor([4.0, 2.0, 1.0, 0.0, 0.0], dtype=torch.float64)))
-        >>> est, err = xtrace(A, 8, distribution="gaussian", generator=torch.Generator().manual_seed(0))
+        >>> A = DenseOperator(torch.diag(torch.tensor([4.0, 2.0, 1.0, 0.0, 0.0]).double()))
+        >>> gen = torch.Generator().manual_seed(0)
+        >>> est, err = xtrace(A, 8, distribution="gaussian", generator=gen)
         >>> round(est.item(), 8), round(err.item(), 8)   # 4 probes > rank 3: exact
         (7.0, 0.0)
     """
@@ -256,20 +259,42 @@ def _nystrom(
     Om = _products.draw(op, m, distribution, generator)
     Y = _products.matmat(op, Om, chunk_size)
     eps = torch.finfo(Y.dtype).eps
-    shift = eps * torch.linalg.vector_norm(Y) / size**0.5
-    Y = Y + shift * Om
-    Q, R = torch.linalg.qr(Y.T)
+    base = eps * torch.linalg.vector_norm(Y) / size**0.5
+    shift, Y0 = base, Y
+    Y = Y0 + shift * Om
     G = Om @ Y.T
     L, info = torch.linalg.cholesky_ex((G + G.T) / 2)
     ok = info == 0
     if not in_functorch_transform([Y]) and not bool(ok):
-        raise error(
-            call,
-            "XNysTrace needs a positive semi-definite operator (its sketch ΩᵀAΩ must be positive definite)",
-            f"a sketch whose Cholesky factorization failed at column {int(info)} "
-            "(the operator has negative curvature)",
-            'Use method="xtrace" or "hutch++" for indefinite operators (e.g. a Hessian away from a minimum).',
-        )
+        # A rank-deficient PSD operator (a GGN) makes ΩᵀAΩ singular, and rounding in the
+        # products can leave it slightly indefinite, beyond the paper's shift. Negative
+        # eigenvalues of ΩᵀAΩ at the level of rounding (below √ε‖ΩᵀAΩ‖) are rounding, not
+        # curvature: raise the shift until the Cholesky factorization succeeds (any ν gives
+        # an unbiased estimate, since νn is subtracted; a larger one only costs accuracy on
+        # eigenvalues below ν, which is still tiny). Larger negative eigenvalues are refused.
+        G0 = Om @ Y0.T
+        lam = torch.linalg.eigvalsh((G0 + G0.T) / 2)
+        tol = eps**0.5 * lam.abs().max()
+        if bool(lam[0] >= -tol):
+            for _ in range(12):
+                shift = shift * 4
+                Y = Y0 + shift * Om
+                G = Om @ Y.T
+                L, info = torch.linalg.cholesky_ex((G + G.T) / 2)
+                ok = info == 0
+                if bool(ok):
+                    break
+        if not bool(ok):
+            raise error(
+                call,
+                "XNysTrace needs a positive semi-definite operator (its sketch ΩᵀAΩ must be "
+                "positive semi-definite up to rounding)",
+                f"a sketch with eigenvalue {float(lam[0]):.3g} against a largest magnitude of "
+                f"{float(lam.abs().max()):.3g} (the operator has negative curvature)",
+                'Use method="xtrace" or "hutch++" for indefinite operators (e.g. a Hessian away '
+                "from a minimum).",
+            )
+    Q, R = torch.linalg.qr(Y.T)
     eye = torch.eye(m, dtype=Y.dtype, device=Y.device)
     B = torch.linalg.solve_triangular(L, R.T, upper=False).T  # R L⁻ᵀ
     Linv = torch.linalg.solve_triangular(L, eye, upper=False)
@@ -315,8 +340,9 @@ def xnystrace(
     Example:
         >>> import torch
         >>> from secorder.operators import DenseOperator
-        >>> A = DenseOperator(torch.diag(torch.tensor([4.0, 2.0, 1.0, 0.0, 0.0], dtype=torch.float64)))
-        >>> est, err = xnystrace(A, 4, distribution="gaussian", generator=torch.Generator().manual_seed(0))
+        >>> A = DenseOperator(torch.diag(torch.tensor([4.0, 2.0, 1.0, 0.0, 0.0]).double()))
+        >>> gen = torch.Generator().manual_seed(0)
+        >>> est, err = xnystrace(A, 4, distribution="gaussian", generator=gen)
         >>> round(est.item(), 6), round(err.item(), 6)   # 4 probes > rank 3: exact
         (7.0, 0.0)
     """

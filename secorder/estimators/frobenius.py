@@ -49,7 +49,8 @@ def frobenius_norm_sq(
         >>> import torch
         >>> from secorder.operators import DenseOperator
         >>> A = DenseOperator(torch.diag(torch.tensor([1.0, 2.0, 3.0])))
-        >>> frobenius_norm_sq(A, 3, generator=torch.Generator().manual_seed(0))  # exact for diagonal A
+        >>> # exact for diagonal A
+        >>> frobenius_norm_sq(A, 3, generator=torch.Generator().manual_seed(0))
         (tensor(14.), tensor(0.))
     """
     step = (

@@ -108,7 +108,7 @@ def hutchpp_trace(
     Example:
         >>> import torch
         >>> from secorder.operators import DenseOperator
-        >>> A = DenseOperator(torch.diag(torch.tensor([5.0, 1.0, 0.0, 0.0], dtype=torch.float64)))
+        >>> A = DenseOperator(torch.diag(torch.tensor([5.0, 1.0, 0.0, 0.0]).double()))
         >>> est, err = hutchpp_trace(A, 6, generator=torch.Generator().manual_seed(0))
         >>> round(est.item(), 8), round(err.item(), 8)   # the rank-2 sketch captures all of A
         (6.0, 0.0)

@@ -1,0 +1,548 @@
+"""PDE operators of a network at a batch of points: :func:`laplacian` and :func:`biharmonic`.
+
+Physics-informed networks, variational Monte Carlo and score matching need, at every point
+x_n of a batch, the Laplacian Δu(x_n) = tr ∇²ₓu(x_n), a weighted trace tr(C ∇²ₓu), or the
+biharmonic Δ²u, usually inside a training loss. Both transforms run by *collapsed Taylor mode*
+(Dangel, Siebert, Zeinhofer, Walther 2025): one forward pass over the recorded ATen tape of
+``u`` carries the value, K first-order directional derivatives per point and a single summed
+second-order channel (:mod:`secorder._engine.collapsed`), with the points kept as a batch axis.
+The result is built from differentiable torch ops: ``loss.backward()`` and
+:func:`torch.func.grad` in the parameters work through it.
+
+Contract: ``u(*args)`` maps a batch ``x = args[argnums]`` of shape ``(N, *E)`` to an output of
+shape ``(N, *O)`` and treats the points independently (output n depends on x_n only: no
+batch statistics across points), as :func:`torch.func.vmap` over points would. D = prod(E).
+
+Routes (reported in ``fn.method_info`` after each call, a :class:`PDEInfo`):
+
+* ``"collapsed"``: the tape of ``u`` is recorded once per call (its Python control flow as
+  taken) and pushed through by per-op rules from the one registry
+  (:mod:`secorder._engine.rules`); an op without a rule is handled by nested forward-mode AD
+  on that op alone, listed in ``method_info.fallbacks``;
+* ``"nested"``: nested forward-mode AD on the whole function (``vmap`` over directions of
+  ``jvp`` of ``jvp``), when the tape cannot be recorded faithfully, or under
+  :func:`torch.func.vmap` (e.g. over stacked parameter ensembles); ``method_info.reason``
+  says why.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch import Tensor
+from torch.func import jvp, vmap
+
+from secorder import probes as _probes
+from secorder._chunking import check_chunk_size
+from secorder._engine import jet as _jet
+from secorder._engine.collapsed import evaluate
+from secorder._engine.tape import Tape, TapeUnsupportedError, record
+from secorder._errors import error
+from secorder._validate import check_argnums, check_bool, check_callable, check_num_probes
+
+__all__ = ["PDEInfo", "biharmonic", "laplacian"]
+
+
+@dataclass
+class PDEInfo:
+    """How the last call of a :func:`laplacian` or :func:`biharmonic` transform ran.
+
+    Attributes:
+        route: ``"collapsed"`` (collapsed Taylor mode over the tape) or ``"nested"``.
+        reason: why the nested route was taken (``None`` for the collapsed route).
+        fallbacks: ATen ops without a collapsed rule, each handled by nested forward-mode AD
+            on that op alone, with how many times.
+    """
+
+    route: str
+    reason: str | None = None
+    fallbacks: dict[str, int] = field(default_factory=dict)
+
+
+# -- binding the call ------------------------------------------------------------------------------
+def _bind(
+    call: str, u: Callable[..., Any], args: tuple[Any, ...], argnums: int
+) -> tuple[Callable[[list[Tensor], list[Tensor]], Tensor], list[Tensor], Tensor]:
+    """``fn(leaves, [x])`` = ``u(*args)`` with the other arguments' tensors as tape leaves."""
+    index = check_argnums(call, argnums, len(args))
+    x = args[index]
+    if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 2 or x.is_complex():
+        got = f"shape {tuple(x.shape)}, dtype {x.dtype}" if isinstance(x, Tensor) else type(x).__name__
+        raise error(
+            call,
+            f"args[{index}] must be a real floating tensor of points of shape (N, *E) (a batch "
+            "of N points of D = prod(E) coordinates)",
+            got,
+            "Pass a batch of points, e.g. x of shape (N, D); for one point use x[None].",
+        )
+    rest = list(args)
+    rest[index] = None
+    flat, spec = pytree.tree_flatten(rest)
+    pos = [i for i, a in enumerate(flat) if isinstance(a, Tensor)]
+    n = x.shape[0]
+
+    def fn(leaves: list[Tensor], inputs: list[Tensor]) -> Tensor:
+        new = list(flat)
+        for i, leaf in zip(pos, leaves):
+            new[i] = leaf
+        new_args = pytree.tree_unflatten(new, spec)
+        new_args[index] = inputs[0]
+        out = u(*new_args)
+        if not isinstance(out, Tensor) or out.dim() < 1 or out.shape[0] != inputs[0].shape[0]:
+            got = f"shape {tuple(out.shape)}" if isinstance(out, Tensor) else type(out).__name__
+            raise error(
+                call,
+                f"u must return a tensor of shape (N, *O) for N = {n} points (one output per point)",
+                got,
+                "Return per-point values, e.g. model(x).squeeze(-1) of shape (N,), not their mean.",
+            )
+        return out
+
+    return fn, [flat[i] for i in pos], x
+
+
+def _plain(t: Tensor) -> Tensor | None:
+    """``t`` without torch.func grad/jvp wrappers (None under vmap: its shape is not the batch's)."""
+    f = torch._C._functorch
+    while f.is_functorch_wrapped_tensor(t):
+        if f.is_batchedtensor(t):
+            return None
+        t = f.get_unwrapped(t)
+    return t
+
+
+def _record(
+    fn: Callable[[list[Tensor], list[Tensor]], Tensor], leaves: list[Tensor], x: Tensor
+) -> tuple[Tape | None, str | None]:
+    """The tape of ``fn`` at plain copies of the arguments, or ``(None, why not)``."""
+    plain = [_plain(t) for t in [*leaves, x]]
+    if any(p is None for p in plain):
+        return None, "called under torch.func.vmap (the tape records one unbatched evaluation)"
+    try:
+        with torch._C._DisableFuncTorch():  # record plain ops even inside torch.func.grad
+            return record(fn, plain[:-1], plain[-1:]), None  # type: ignore[arg-type]
+    except TapeUnsupportedError as exc:
+        return None, f"the function cannot be recorded as a tape: {exc}"
+
+
+# -- directions ------------------------------------------------------------------------------------
+def _check_weighting(call: str, weighting: Any, weighting_factor: Any) -> None:
+    for name, w in (("weighting", weighting), ("weighting_factor", weighting_factor)):
+        if w is not None and (not isinstance(w, Tensor) or w.dim() not in (2, 3)):
+            got = f"shape {tuple(w.shape)}" if isinstance(w, Tensor) else type(w).__name__
+            raise error(
+                call,
+                f"{name} must be a tensor of shape (D, {'D' if name == 'weighting' else 'r'}) or "
+                f"per point (N, D, {'D' if name == 'weighting' else 'r'})",
+                got,
+                "Pass C (or its factor S with C = S Sᵀ) as a tensor.",
+                cls=TypeError,
+            )
+    if weighting is not None and weighting_factor is not None:
+        raise error(
+            call,
+            "give the weighting C or its factor S, not both",
+            "weighting and weighting_factor",
+            "Drop one of them (the factor is cheaper: r directions instead of D).",
+        )
+
+
+def _factor(call: str, x: Tensor, weighting: Tensor | None, factor: Tensor | None) -> Tensor | None:
+    """The factor S of C = S Sᵀ as ``(N or 1, D, r)`` in x's dtype and device."""
+    d = x[0].numel()
+    if weighting is None and factor is None:
+        return None
+    w = weighting if weighting is not None else factor
+    assert w is not None
+    w = w.to(dtype=x.dtype, device=x.device)
+    s = w if w.dim() == 3 else w.unsqueeze(0)
+    if s.shape[1] != d or s.shape[0] not in (1, x.shape[0]) or (weighting is not None and s.shape[2] != d):
+        raise error(
+            call,
+            f"the weighting must act on the D = {d} coordinates of a point ((D, D) or (D, r), or "
+            f"per point (N, D, ...) for N = {x.shape[0]})",
+            f"shape {tuple(w.shape)}",
+            "Build C of shape (D, D) (or S of shape (D, r)) for the flattened coordinates of a point.",
+        )
+    if weighting is None:
+        return s
+    if not torch.allclose(s, s.transpose(1, 2)):
+        raise error(
+            call,
+            "weighting C must be symmetric (tr(C ∇²u) only sees its symmetric part)",
+            "a non-symmetric matrix",
+            "Pass (C + C.T) / 2.",
+        )
+    lam, q = torch.linalg.eigh(s)
+    tol = 1e-6 * lam.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(lam.dtype).tiny)
+    if bool((lam < -tol).any()):
+        raise error(
+            call,
+            "weighting C must be positive semi-definite (C = S Sᵀ)",
+            f"a smallest eigenvalue of {float(lam.min()):.3g}",
+            "Split C = C₊ − C₋ into positive semi-definite parts and subtract the two results.",
+        )
+    return q * lam.clamp_min(0).sqrt().unsqueeze(1)
+
+
+def _directions(
+    x: Tensor,
+    s: Tensor | None,
+    num_probes: int | None,
+    distribution: str,
+    generator: torch.Generator | None,
+) -> tuple[Tensor, int]:
+    """``(K, N, *E)`` directions and the divisor of their summed second derivatives."""
+    n, e = x.shape[0], x.shape[1:]
+    d = x[0].numel()
+    if num_probes is None:
+        if s is None:
+            eye = torch.eye(d, dtype=x.dtype, device=x.device)
+            return eye.reshape(d, 1, *e), 1  # the same at every point: broadcast, not copied
+        r = s.shape[2]
+        return s.permute(2, 0, 1).reshape(r, s.shape[0], *e), 1
+    size = n * (d if s is None else s.shape[2])
+    z = _probes.draw(num_probes, size, distribution, generator, x.dtype, x.device)
+    if s is None:
+        return z.reshape(num_probes, n, *e), num_probes
+    z = z.reshape(num_probes, n, s.shape[2])
+    return torch.einsum("knr,ndr->knd", z, s.expand(n, *s.shape[1:])).reshape(num_probes, n, *e), num_probes
+
+
+# -- the two routes --------------------------------------------------------------------------------
+def _nested(
+    fn: Callable[[list[Tensor], list[Tensor]], Tensor],
+    leaves: list[Tensor],
+    x: Tensor,
+    dirs: Tensor,
+    groups: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(value, K first derivatives, G summed second derivatives) by ``vmap`` of ``jvp`` of ``jvp``."""
+
+    def f(z: Tensor) -> Tensor:
+        return fn(leaves, [z])
+
+    def both(v: Tensor) -> tuple[Tensor, Tensor]:
+        out = jvp(lambda z: jvp(f, (z,), (v,))[1], (x,), (v,))
+        return out[0], out[1]
+
+    firsts, seconds = vmap(both)(dirs.expand(dirs.shape[0], *x.shape))
+    k = dirs.shape[0]
+    v2 = seconds.reshape(groups, k // groups, *seconds.shape[1:]).sum(1)
+    return f(x), firsts, v2
+
+
+def _collapsed(
+    tape: Tape,
+    leaves: list[Tensor],
+    x: Tensor,
+    dirs: Tensor,
+    groups: int,
+    info: PDEInfo,
+    first_order: bool = False,
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """(value, K first derivatives or None unless ``first_order``, G summed second derivatives)."""
+    ctx = _jet.Ctx(dirs.shape[0], groups)
+    out = evaluate(tape, leaves, [_jet.Jet(x, dirs, None)], ctx, first_order=first_order)
+    for name, c in ctx.fallbacks.items():
+        info.fallbacks[name] = info.fallbacks.get(name, 0) + c
+    if not isinstance(out, _jet.Jet):  # the output does not depend on x
+        v0 = out
+        return v0, v0.new_zeros(ctx.K, *v0.shape), v0.new_zeros(groups, *v0.shape)
+    out = out.full(ctx)
+    v2 = out.v2 if out.v2 is not None else out.v0.new_zeros(groups, *out.v0.shape)
+    return out.v0, out.v1, v2
+
+
+def _common_checks(call: str, u: object, argnums: object, num_probes: object, distribution: object,
+                   with_stderr: object, chunk_size: object) -> None:  # fmt: skip
+    check_callable(call, "u", u)
+    check_argnums(call, argnums)
+    probes = check_num_probes(call, num_probes)
+    _probes.check_distribution(call, distribution)
+    check_bool(call, "with_stderr", with_stderr)
+    check_chunk_size(call, chunk_size)
+    if with_stderr and (probes is not None and probes < 2):
+        raise error(
+            call,
+            "a standard error needs at least 2 probes",
+            f"num_probes={num_probes}",
+            "Use num_probes >= 2, or with_stderr=False.",
+        )
+
+
+def _check_independent(
+    call: str, fn: Callable[..., Tensor], leaves: list[Tensor], x: Tensor, y: Tensor
+) -> None:
+    """Refuse ``u`` whose output at a point changes with the other points of the batch (batch
+    statistics, attention across points): one pass over the batch would mix the points'
+    derivatives. Checked on the first point evaluated twice in a batch of its own (one extra
+    forward pass of two points; batch statistics of two equal points differ from the batch's)."""
+    if x.shape[0] < 2:
+        return
+    with torch.no_grad():
+        first = x[:1].detach()
+        alone = fn([leaf.detach() for leaf in leaves], [torch.cat([first, first])])[:1]
+        batched = y[:1].detach()
+        scale = float(batched.abs().max()) if batched.numel() else 0.0
+        tol = 1e-3 if x.dtype in (torch.float16, torch.bfloat16, torch.float32) else 1e-8
+        if alone.shape != batched.shape or not torch.allclose(
+            alone, batched, rtol=tol, atol=tol * max(1.0, scale)
+        ):
+            raise error(
+                call,
+                "u must treat the points independently (output n depends on x[n] only), as "
+                "torch.func.vmap over points would",
+                "a function whose output at the first point changes when the other points are "
+                "dropped (batch statistics such as BatchNorm in training mode, or mixing across "
+                "points)",
+                "Put the model in eval mode, or compute per point: "
+                "torch.func.vmap(lambda xn: u(params, xn[None])[0]) inside u.",
+            )
+
+
+def _rows(dirs: Tensor, sl: slice) -> Tensor:
+    """The directions of the points ``sl`` (directions shared by all points stay shared)."""
+    return dirs if dirs.shape[1] == 1 else dirs[:, sl]
+
+
+def _chunked(x: Tensor, chunk_size: int | None) -> list[slice]:
+    n = x.shape[0]
+    step = n if chunk_size is None else chunk_size
+    return [slice(s, min(s + step, n)) for s in range(0, n, step)]
+
+
+def _stderr(v2: Tensor, per_group: int) -> Tensor:
+    """Standard error of the mean of the G per-group estimates ``v2 / per_group``."""
+    g = v2.shape[0]
+    return (v2 / per_group).std(0, correction=1) / g**0.5
+
+
+def laplacian(
+    u: Callable[..., Any],
+    /,
+    *,
+    argnums: int = 1,
+    num_probes: int | None = None,
+    distribution: str = "rademacher",
+    weighting: Tensor | None = None,
+    weighting_factor: Tensor | None = None,
+    with_stderr: bool = False,
+    return_derivatives: bool = False,
+    chunk_size: int | None = None,
+) -> Callable[..., Any]:
+    """Transform ``u`` into a function returning the Laplacian Δu = tr ∇²ₓu at every point of a batch.
+
+    ``x = args[argnums]`` holds N points, shape ``(N, *E)`` with D = prod(E) coordinates;
+    ``u(*args)`` returns ``(N, *O)`` (one value, or one vector of values, per point). Then
+
+    * exact (default): Δu(x_n) = Σ_d ∂²u/∂x_d² from D unit directions in one collapsed pass;
+    * ``weighting=C`` (``(D, D)`` symmetric positive semi-definite, or per point ``(N, D, D)``)
+      or ``weighting_factor=S`` (``(D, r)`` or ``(N, D, r)``, C = S Sᵀ): tr(C ∇²ₓu) =
+      Σ_j s_jᵀ ∇²u s_j over the r columns of S (anisotropic diffusion);
+    * ``num_probes=K``: Hutchinson per point, (1/K) Σ_k v_kᵀ ∇²u v_k with independent probes
+      per point from ``generator`` (unbiased since E[v vᵀ] = I, or C with a weighting: v = S z).
+
+    Cost: one forward pass carrying K (= D, r or ``num_probes``) directional derivatives per
+    point and one summed second-order channel (``with_stderr=True``: one per probe).
+
+    Args:
+        u: a function of ``*args`` returning per-point outputs ``(N, *O)``.
+        argnums: which positional argument of ``u`` holds the points (default 1, as in
+            ``u(params, x)``).
+        num_probes: ``None`` for the exact trace, or the number K of random probes per point.
+        distribution: ``"rademacher"`` (default, lowest variance) or ``"gaussian"`` probes.
+        weighting: the matrix C of tr(C ∇²u) (``None``: the identity, Δu).
+        weighting_factor: a factor S of C = S Sᵀ instead of C (r columns: r directions).
+        with_stderr: also return per-point standard errors of the estimate (zeros if exact).
+        return_derivatives: also return the value u and the gradient ∇ₓu (shape ``(N, *O, *E)``),
+            as PDE residuals need them.
+        chunk_size: points per forward pass (``None``: all at once); bounds memory to
+            ``chunk_size``·K tangents per intermediate.
+
+    Returns:
+        ``lap_fn(*args, generator=None)`` returning Δu of shape ``(N, *O)``; with
+        ``with_stderr`` ``(Δu, stderr)``; with ``return_derivatives`` ``(u, ∇ₓu, Δu)`` (and the
+        stderr last). Differentiable in every other argument (``torch.func.grad``,
+        ``backward``); composes with ``torch.func.vmap`` over parameters by the nested route.
+        ``lap_fn.method_info`` (a :class:`PDEInfo`) says how the last call ran.
+
+    Raises:
+        ValueError, TypeError: invalid options (at construction) or arguments (at call); a
+            ``u`` whose output at a point depends on the other points (checked on one point).
+
+    Example:
+        >>> import torch
+        >>> u = lambda a, x: (a * x**2).sum(-1) + x[:, 0] * x[:, 1]   # Δu = 2 Σ a
+        >>> x = torch.tensor([[1.0, 2.0, 3.0], [0.0, -1.0, 5.0]])
+        >>> laplacian(u)(torch.tensor([1.0, 2.0, 3.0]), x)
+        tensor([12., 12.])
+        >>> q = lambda a, x: (a * x**2).sum(-1)     # diagonal Hessian: Rademacher probes are exact
+        >>> laplacian(q, num_probes=3)(torch.ones(3), x, generator=torch.Generator().manual_seed(0))
+        tensor([6., 6.])
+        >>> laplacian(u, weighting=torch.diag(torch.tensor([1.0, 0.0, 0.0])))(torch.ones(3), x)
+        tensor([2., 2.])
+
+    See Also:
+        :func:`biharmonic`, :func:`secorder.hessian_trace` (traces in the parameters).
+
+    References:
+        F. Dangel, T. Siebert, M. Zeinhofer, A. Walther (2025), *Collapsing Taylor Mode Automatic
+        Differentiation*, NeurIPS. M. F. Hutchinson (1989).
+    """
+    call = "laplacian(u)(*args)"
+    _common_checks(call, u, argnums, num_probes, distribution, with_stderr, chunk_size)
+    check_bool(call, "return_derivatives", return_derivatives)
+    _check_weighting(call, weighting, weighting_factor)
+
+    @functools.wraps(u)
+    def lap_fn(*args: Any, generator: torch.Generator | None = None) -> Any:
+        fn, leaves, x = _bind(call, u, args, argnums)
+        gen = _probes.check_generator(call, generator, x.device)
+        s = _factor(call, x, weighting, weighting_factor)
+        dirs, scale = _directions(x, s, num_probes, distribution, gen)
+        groups = dirs.shape[0] if with_stderr and num_probes is not None else 1
+        exact_unit = num_probes is None and s is None  # the first-order channel is ∇ₓu
+        info = PDEInfo("collapsed")
+        vals, grads, laps, errs = [], [], [], []
+        for sl in _chunked(x, chunk_size):
+            xc, dc = x[sl], _rows(dirs, sl)
+            tape, why = _record(fn, leaves, xc)
+            v1: Tensor | None
+            if tape is None:
+                info = PDEInfo("nested", why)
+                v0, v1, v2 = _nested(fn, leaves, xc, dc, groups)
+            else:
+                v0, v1, v2 = _collapsed(tape, leaves, xc, dc, groups, info, return_derivatives and exact_unit)
+                if sl.start == 0:
+                    _check_independent(call, fn, leaves, xc, v0)
+            laps.append(v2.sum(0) / scale)
+            if with_stderr:
+                errs.append(_stderr(v2, scale // groups) if groups > 1 else torch.zeros_like(v2[0]))
+            if return_derivatives:
+                vals.append(v0)
+                if exact_unit:
+                    assert v1 is not None
+                    grads.append(v1.movedim(0, -1).reshape(*v0.shape, *x.shape[1:]))
+                else:  # the directions are not the unit vectors: D forward-mode products
+                    eye, _ = _directions(xc, None, None, distribution, None)
+                    eye = eye.expand(eye.shape[0], *xc.shape)
+                    first = vmap(lambda v: jvp(lambda z: fn(leaves, [z]), (xc,), (v,))[1])(eye)  # noqa: B023
+                    grads.append(first.movedim(0, -1).reshape(*v0.shape, *x.shape[1:]))
+        lap_fn.method_info = info  # type: ignore[attr-defined]
+        lap = torch.cat(laps)
+        out: tuple[Tensor, ...] = (lap,)
+        if return_derivatives:
+            out = (torch.cat(vals), torch.cat(grads), lap)
+        if with_stderr:
+            out = (*out, torch.cat(errs))
+        return out[0] if len(out) == 1 else out
+
+    lap_fn.method_info = None  # type: ignore[attr-defined]
+    return lap_fn
+
+
+def biharmonic(
+    u: Callable[..., Any],
+    /,
+    *,
+    argnums: int = 1,
+    num_probes: int | None = None,
+    distribution: str = "rademacher",
+    with_stderr: bool = False,
+    chunk_size: int | None = None,
+) -> Callable[..., Any]:
+    """Transform ``u`` into a function returning the biharmonic Δ²u = Σ_{i,j} ∂⁴u/∂x_i²∂x_j² per point.
+
+    Δ²u = Δ(Δu): the collapsed Laplacian of ``u`` is itself a composition of ATen ops, so it is
+    recorded as a tape and collapsed Taylor mode runs over it again (D unit directions at each
+    level, cost about D² of ``u``'s forward pass, against D⁴-ish nested AD).
+    With ``num_probes=K``: E over independent probe sets v, w of (w·∇)²(v·∇)²u is Δ²u, estimated
+    from K inner and K outer probes per point (all K² pairs); the standard error treats the
+    row and column means of the K×K pair estimates as the two independent sources of noise.
+
+    Args:
+        u: a function of ``*args`` returning per-point outputs ``(N, *O)``.
+        argnums: which positional argument of ``u`` holds the points ``(N, *E)``.
+        num_probes: ``None`` for the exact value, or K probes per point at each level.
+        distribution: ``"rademacher"`` or ``"gaussian"``.
+        with_stderr: also return per-point standard errors (zeros if exact).
+        chunk_size: points per pass (``None``: all at once).
+
+    Returns:
+        ``bih_fn(*args, generator=None)`` returning Δ²u of shape ``(N, *O)`` (``(Δ²u, stderr)``
+        with ``with_stderr``), differentiable in the other arguments; ``bih_fn.method_info``
+        says how the last call ran.
+
+    Raises:
+        ValueError, TypeError: invalid options or arguments; a ``u`` that mixes the points.
+
+    Example:
+        >>> import torch
+        >>> u = lambda c, x: c * (x**2).sum(-1) ** 2          # Δ²|x|⁴ = 8 D (D + 2)
+        >>> biharmonic(u)(torch.tensor(1.0), torch.zeros(2, 3))
+        tensor([120., 120.])
+
+    See Also:
+        :func:`laplacian`.
+    """
+    call = "biharmonic(u)(*args)"
+    _common_checks(call, u, argnums, num_probes, distribution, with_stderr, chunk_size)
+
+    @functools.wraps(u)
+    def bih_fn(*args: Any, generator: torch.Generator | None = None) -> Any:
+        fn, leaves, x = _bind(call, u, args, argnums)
+        gen = _probes.check_generator(call, generator, x.device)
+        inner, scale_in = _directions(x, None, num_probes, distribution, gen)
+        outer, scale_out = _directions(x, None, num_probes, distribution, gen)
+        stoch = with_stderr and num_probes is not None
+        g_in = inner.shape[0] if stoch else 1
+        g_out = outer.shape[0] if stoch else 1
+        info = PDEInfo("collapsed")
+        results, errs = [], []
+        for sl in _chunked(x, chunk_size):
+            xc, din, dout = x[sl], _rows(inner, sl), _rows(outer, sl)
+            tape, why = _record(fn, leaves, xc)
+
+            def lap(
+                ls: list[Tensor],
+                ins: list[Tensor],
+                tape: Tape | None = tape,
+                din: Tensor = din,
+                info: PDEInfo = info,
+            ) -> Tensor:
+                if tape is None:
+                    return _nested(fn, ls, ins[0], din, g_in)[2]
+                return _collapsed(tape, ls, ins[0], din, g_in, info)[2]
+
+            v2: Tensor | None = None
+            if tape is not None and sl.start == 0:
+                _check_independent(call, fn, leaves, xc, tape.result)
+            if tape is not None:
+                tape2, why2 = _record(lap, leaves, xc)
+                if tape2 is not None:
+                    v2 = _collapsed(tape2, leaves, xc, dout, g_out, info)[2]
+                else:
+                    why = why2
+            if v2 is None:
+                info = PDEInfo("nested", why)
+                v2 = _nested(lap, leaves, xc, dout, g_out)[2]
+            # v2: (g_out, g_in, *O): sums over the directions of each group at both levels
+            est = v2.sum((0, 1)) / (scale_out * scale_in)
+            results.append(est)
+            if stoch:
+                rows, cols = v2.mean(1), v2.mean(0)
+                errs.append((rows.var(0) / rows.shape[0] + cols.var(0) / cols.shape[0]).sqrt())
+            elif with_stderr:
+                errs.append(torch.zeros_like(est))
+        bih_fn.method_info = info  # type: ignore[attr-defined]
+        res = torch.cat(results)
+        return (res, torch.cat(errs)) if with_stderr else res
+
+    bih_fn.method_info = None  # type: ignore[attr-defined]
+    return bih_fn

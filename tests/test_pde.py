@@ -1,0 +1,512 @@
+"""secorder.laplacian / secorder.biharmonic against dense float64 references (torch.func.hessian)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F  # noqa: N812 (PyTorch's conventional alias)
+from torch.func import grad, hessian, vmap
+
+import secorder
+from secorder import biharmonic, laplacian
+
+
+def _per_point_hessian(u, params, x):
+    """(N, *O, D, D): the Hessian in x of each point's output, by torch.func.hessian per point."""
+    return vmap(hessian(lambda xn: u(params, xn[None])[0]))(x)
+
+
+def _ref_laplacian(u, params, x):
+    h = _per_point_hessian(u, params, x.reshape(x.shape[0], -1))
+    return h.diagonal(dim1=-2, dim2=-1).sum(-1)
+
+
+def _mlp_params(d, h, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "w1": torch.randn(h, d, generator=g, dtype=dtype) / math.sqrt(d),
+        "b1": torch.randn(h, generator=g, dtype=dtype),
+        "w2": torch.randn(h, h, generator=g, dtype=dtype) / math.sqrt(h),
+        "w3": torch.randn(1, h, generator=g, dtype=dtype) / math.sqrt(h),
+    }
+
+
+def _mlp(act):
+    def u(p, x):
+        z = act(F.linear(x, p["w1"], p["b1"]))
+        z = act(z @ p["w2"].T)
+        return F.linear(z, p["w3"]).squeeze(-1)
+
+    return u
+
+
+def _attention(p, x):
+    # tokens: split the D coordinates of a point into 2 tokens of D/2 features
+    n = x.shape[0]
+    t = x.reshape(n, 2, -1) @ p["a"]  # (n, 2, h)
+    scores = torch.bmm(t, t.transpose(1, 2)) / math.sqrt(t.shape[-1])
+    return torch.bmm(torch.softmax(scores, -1), t).sum((1, 2))
+
+
+ACTIVATIONS = {
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "sin": torch.sin,
+    "cos": torch.cos,
+    "exp": lambda z: torch.exp(0.3 * z),
+    "log": lambda z: torch.log(z * z + 1),
+    "pow": lambda z: (z * z + 1) ** 1.5,
+    "sqrt_rsqrt_recip": lambda z: (
+        torch.sqrt(z * z + 1) + torch.rsqrt(z * z + 2) + torch.reciprocal(z * z + 3)
+    ),
+    "relu": torch.relu,
+    "silu": F.silu,
+    "softplus": F.softplus,
+    "softplus_beta": lambda z: F.softplus(z, beta=2.0, threshold=1.0),
+    "gelu": F.gelu,
+    "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
+    "layer_norm": lambda z: torch.tanh(
+        F.layer_norm(
+            z,
+            z.shape[-1:],
+            torch.linspace(0.5, 1.5, z.shape[-1], dtype=z.dtype),
+            torch.linspace(-1, 1, z.shape[-1], dtype=z.dtype),
+        )
+    ),
+    "softmax": lambda z: torch.softmax(z, -1) * z.shape[-1],
+    "log_softmax": lambda z: torch.log_softmax(z, -1),
+    "product": lambda z: torch.sin(z) * torch.tanh(z),
+    "quotient": lambda z: torch.sin(z) / (torch.cos(z) + 2),
+    "erf_generic": torch.erf,
+    "cumsum_fallback": lambda z: torch.tanh(torch.cumsum(z, -1)),
+}
+
+
+@pytest.mark.parametrize("name", list(ACTIVATIONS))
+def test_exact_matches_dense_hessian_trace(name):
+    d, n = 4, 5
+    params = _mlp_params(d, 6, torch.float64)
+    x = torch.randn(n, d, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    u = _mlp(ACTIVATIONS[name])
+    fn = laplacian(u)
+    got = fn(params, x)
+    torch.testing.assert_close(got, _ref_laplacian(u, params, x), rtol=1e-9, atol=1e-9)
+    assert fn.method_info.route == "collapsed"
+    if name == "cumsum_fallback":
+        assert any("cumsum" in k for k in fn.method_info.fallbacks)
+    elif name in ("gelu_tanh", "erf_generic"):
+        assert fn.method_info.fallbacks  # elementwise partials by nested forward products
+    else:
+        assert fn.method_info.fallbacks == {}
+
+
+def _conv_net(p, x):
+    img = x.reshape(x.shape[0], 1, 4, 4)
+    z = torch.tanh(F.conv2d(img, p["k"], p["c"], padding=1))
+    z = F.max_pool2d(z, 2) + F.avg_pool2d(z, 2)
+    z = F.gelu(torch.cat([z.flatten(1), z.mean((2, 3))], 1))
+    return (z**2).sum(-1)
+
+
+def _conv1d_net(p, x):
+    z = F.silu(F.conv1d(x.unsqueeze(1), p["k1"]))
+    return z.sum((1, 2))
+
+
+@pytest.mark.parametrize("net", ["conv2d_pool", "conv1d", "attention"])
+def test_exact_structured_ops(net):
+    g = torch.Generator().manual_seed(3)
+    dt = torch.float64
+    if net == "conv2d_pool":
+        params = {
+            "k": torch.randn(3, 1, 3, 3, generator=g, dtype=dt),
+            "c": torch.randn(3, generator=g, dtype=dt),
+        }
+        u, d = _conv_net, 16
+    elif net == "conv1d":
+        params = {"k1": torch.randn(2, 1, 3, generator=g, dtype=dt)}
+        u, d = _conv1d_net, 6
+    else:
+        params = {"a": torch.randn(3, 4, generator=g, dtype=dt) / 2}
+        u, d = _attention, 6
+    x = torch.randn(4, d, generator=g, dtype=dt)
+    fn = laplacian(u)
+    torch.testing.assert_close(fn(params, x), _ref_laplacian(u, params, x), rtol=1e-9, atol=1e-9)
+    assert fn.method_info.route == "collapsed"
+    assert fn.method_info.fallbacks == {}
+
+
+def test_vector_output_and_event_shape():
+    """Outputs (N, O) give one Laplacian per component; points (N, 2, 3) are flattened to D = 6."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 3, generator=g, dtype=torch.float64)
+
+    def u(w, x):
+        return torch.tanh(x.reshape(x.shape[0], -1) @ w) ** 2
+
+    x = torch.randn(5, 2, 3, generator=g, dtype=torch.float64)
+    got = laplacian(u)(w, x)
+    ref = vmap(hessian(lambda xn: u(w, xn[None])[0]))(x.reshape(5, 6)).diagonal(dim1=-2, dim2=-1).sum(-1)
+    assert got.shape == (5, 3)
+    torch.testing.assert_close(got, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_return_derivatives_and_chunks(dtype):
+    params = _mlp_params(3, 8, dtype)
+    x = torch.randn(7, 3, dtype=dtype, generator=torch.Generator().manual_seed(2))
+    u = _mlp(torch.tanh)
+    val, grd, lap = laplacian(u, return_derivatives=True, chunk_size=3)(params, x)
+    assert lap.dtype == dtype
+    torch.testing.assert_close(val, u(params, x))
+    ref_grad = vmap(torch.func.grad(lambda xn: u(params, xn[None])[0]))(x)
+    torch.testing.assert_close(grd, ref_grad)
+    tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {}
+    torch.testing.assert_close(lap, _ref_laplacian(u, params, x), **tol)
+
+
+def _spd(d, seed, rank=None):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(d, rank or d, generator=g, dtype=torch.float64)
+    return s, s @ s.T
+
+
+def test_weighted_matches_dense():
+    d, n = 4, 5
+    params = _mlp_params(d, 6, torch.float64)
+    x = torch.randn(n, d, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    u = _mlp(torch.sin)
+    h = _per_point_hessian(u, params, x)
+    s, c = _spd(d, 0, rank=2)
+    ref = torch.einsum("ij,nji->n", c, h)
+    torch.testing.assert_close(laplacian(u, weighting=c)(params, x), ref)
+    torch.testing.assert_close(laplacian(u, weighting_factor=s)(params, x), ref)
+    # per point: C_n
+    cs = torch.stack([_spd(d, 10 + i)[1] for i in range(n)])
+    ref_n = torch.einsum("nij,nji->n", cs, h)
+    torch.testing.assert_close(laplacian(u, weighting=cs)(params, x), ref_n)
+
+
+def test_biharmonic_matches_nested_hessians():
+    d = 3
+    params = _mlp_params(d, 5, torch.float64)
+    x = torch.randn(4, d, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    u = _mlp(torch.tanh)
+
+    def lap_one(xn):
+        return hessian(lambda z: u(params, z[None])[0])(xn).trace()
+
+    ref = vmap(lambda xn: hessian(lap_one)(xn).trace())(x)
+    fn = biharmonic(u)
+    torch.testing.assert_close(fn(params, x), ref)
+    assert fn.method_info.route == "collapsed"
+
+
+def test_biharmonic_polynomial_closed_form():
+    # Δ² |x|⁴ = 8 D (D + 2)
+    x = torch.randn(3, 5, dtype=torch.float64)
+    got = biharmonic(lambda c, z: c * (z**2).sum(-1) ** 2)(torch.tensor(1.0, dtype=torch.float64), x)
+    torch.testing.assert_close(got, torch.full((3,), 8.0 * 5 * 7, dtype=torch.float64))
+
+
+def _coverage(est, err, truth, k):
+    """Share of estimates within k stderr of the truth (k: the 97.5% quantile of Student's t
+    with K - 1 degrees of freedom, as the stderr comes from K probes)."""
+    return ((est - truth).abs() <= k * err).double().mean().item()
+
+
+@pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
+def test_stochastic_unbiased_and_calibrated(distribution):
+    d, n, seeds, probes = 6, 4, 300, 8
+    params = _mlp_params(d, 8, torch.float64)
+    x = torch.randn(n, d, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    u = _mlp(torch.tanh)
+    truth = _ref_laplacian(u, params, x)
+    fn = laplacian(u, num_probes=probes, distribution=distribution, with_stderr=True)
+    ests, errs = zip(*(fn(params, x, generator=torch.Generator().manual_seed(s)) for s in range(seeds)))
+    est, err = torch.stack(ests), torch.stack(errs)
+    mean = est.mean(0)
+    se_of_mean = est.std(0) / seeds**0.5
+    assert bool(((mean - truth).abs() <= 4 * se_of_mean).all())
+    # per-point stderr calibrated: mean reported stderr ≈ empirical spread, and 95% coverage
+    ratio = err.mean(0) / est.std(0)
+    assert bool(((ratio > 0.8) & (ratio < 1.15)).all()), ratio
+    assert 0.9 <= _coverage(est, err, truth, k=2.365) <= 0.99  # t quantile, 7 dof
+
+
+def test_stochastic_weighted_unbiased():
+    d, n, seeds = 4, 3, 300
+    params = _mlp_params(d, 6, torch.float64)
+    x = torch.randn(n, d, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    u = _mlp(torch.tanh)
+    s, c = _spd(d, 3, rank=3)
+    truth = torch.einsum("ij,nji->n", c, _per_point_hessian(u, params, x))
+    fn = laplacian(u, num_probes=16, weighting_factor=s, with_stderr=True)
+    ests, errs = zip(*(fn(params, x, generator=torch.Generator().manual_seed(s)) for s in range(seeds)))
+    est = torch.stack(ests)
+    assert bool(((est.mean(0) - truth).abs() <= 4 * est.std(0) / seeds**0.5).all())
+    assert 0.9 <= _coverage(est, torch.stack(errs), truth, k=2.131) <= 0.99  # t quantile, 15 dof
+
+
+def test_stochastic_biharmonic_unbiased_and_calibrated():
+    d, n, seeds = 3, 3, 200
+    params = _mlp_params(d, 5, torch.float64)
+    x = torch.randn(n, d, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    u = _mlp(torch.tanh)
+    truth = biharmonic(u)(params, x)
+    fn = biharmonic(u, num_probes=6, with_stderr=True)
+    ests, errs = zip(*(fn(params, x, generator=torch.Generator().manual_seed(s)) for s in range(seeds)))
+    est, err = torch.stack(ests), torch.stack(errs)
+    assert bool(((est.mean(0) - truth).abs() <= 4 * est.std(0) / seeds**0.5).all())
+    ratio = err.mean(0) / est.std(0)
+    assert bool(((ratio > 0.7) & (ratio < 1.4)).all()), ratio
+    plain = biharmonic(u, num_probes=6)(params, x, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(plain, ests[0])
+
+
+def test_pinn_loss_gradient_matches_nested_ad():
+    d, n = 3, 6
+    params = _mlp_params(d, 8, torch.float64)
+    x = torch.randn(n, d, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    f = torch.sin(x).sum(-1)
+    u = _mlp(torch.tanh)
+    lap = laplacian(u)
+
+    def loss(p):
+        return ((lap(p, x) - f) ** 2).mean()
+
+    def ref_loss(p):
+        return ((_ref_laplacian(u, p, x) - f) ** 2).mean()
+
+    g_ref = grad(ref_loss)(params)
+    g_fn = grad(loss)(params)
+    assert lap.method_info.route == "collapsed"
+    torch.testing.assert_close(g_fn, g_ref)
+    # and through loss.backward()
+    leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    loss(leaves).backward()
+    for k in params:
+        torch.testing.assert_close(leaves[k].grad, g_ref[k])
+
+
+def test_biharmonic_gradient_matches_nested_ad():
+    d = 2
+    params = _mlp_params(d, 4, torch.float64)
+    x = torch.randn(3, d, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    u = _mlp(torch.tanh)
+
+    def ref(p):
+        def lap_one(xn):
+            return hessian(lambda z: u(p, z[None])[0])(xn).trace()
+
+        return vmap(lambda xn: hessian(lap_one)(xn).trace())(x).sum()
+
+    torch.testing.assert_close(grad(lambda p: biharmonic(u)(p, x).sum())(params), grad(ref)(params))
+
+
+def test_vmap_over_parameter_ensembles_takes_nested_route():
+    d = 3
+    ens = [_mlp_params(d, 5, torch.float64, seed=s) for s in range(3)]
+    stacked = {k: torch.stack([p[k] for p in ens]) for k in ens[0]}
+    x = torch.randn(4, d, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    u = _mlp(torch.tanh)
+    fn = laplacian(u)
+    got = vmap(fn, in_dims=(0, None))(stacked, x)
+    assert fn.method_info.route == "nested"
+    assert "vmap" in fn.method_info.reason
+    ref = torch.stack([_ref_laplacian(u, p, x) for p in ens])
+    torch.testing.assert_close(got, ref)
+
+
+def test_untraceable_function_takes_nested_route():
+    u = _mlp(torch.tanh)
+    params = _mlp_params(2, 4, torch.float64)
+    x = torch.randn(3, 2, dtype=torch.float64)
+
+    def branchy(p, z):
+        return u(p, z) * (2.0 if bool(z.sum() > 1e9) else 1.0)
+
+    fn = laplacian(branchy)
+    torch.testing.assert_close(fn(params, x), _ref_laplacian(u, params, x))
+    assert fn.method_info.route == "nested"
+    assert "tape" in fn.method_info.reason
+
+
+def test_output_independent_of_points_is_zero():
+    x = torch.randn(3, 2)
+    got = laplacian(lambda c, z: c * torch.ones(z.shape[0]))(torch.tensor(2.0), x)
+    torch.testing.assert_close(got, torch.zeros(3))
+
+
+def test_generator_reproducible():
+    u = _mlp(torch.tanh)
+    params = _mlp_params(3, 4, torch.float64)
+    x = torch.randn(3, 3, dtype=torch.float64)
+    fn = laplacian(u, num_probes=5)
+    a = fn(params, x, generator=torch.Generator().manual_seed(7))
+    b = fn(params, x, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(a, b)
+
+
+# -- errors ---------------------------------------------------------------------------------------
+def test_error_points_not_a_batch():
+    with pytest.raises(
+        ValueError, match=r"laplacian\(u\)\(\*args\): args\[1\] must be a real floating tensor of points"
+    ):
+        laplacian(lambda p, x: x)(torch.ones(1), torch.ones(3))
+
+
+def test_error_output_not_per_point():
+    with pytest.raises(
+        ValueError, match=r"u must return a tensor of shape \(N, \*O\) for N = 3 points.*mean"
+    ):
+        laplacian(lambda p, x: (p * x).sum())(torch.ones(2), torch.ones(3, 2))
+
+
+def test_error_weighting_shape_and_type():
+    u = lambda p, x: (p * x).sum(-1)
+    with pytest.raises(TypeError, match=r"weighting must be a tensor of shape \(D, D\)"):
+        laplacian(u, weighting=[[1.0]])
+    with pytest.raises(ValueError, match=r"not both"):
+        laplacian(u, weighting=torch.eye(2), weighting_factor=torch.eye(2))
+    with pytest.raises(ValueError, match=r"act on the D = 2 coordinates"):
+        laplacian(u, weighting=torch.eye(3))(torch.ones(2), torch.ones(3, 2))
+
+
+def test_error_weighting_not_symmetric_or_not_psd():
+    u = lambda p, x: (p * x).sum(-1)
+    with pytest.raises(ValueError, match=r"must be symmetric"):
+        laplacian(u, weighting=torch.tensor([[1.0, 1.0], [0.0, 1.0]]))(torch.ones(2), torch.ones(3, 2))
+    with pytest.raises(ValueError, match=r"positive semi-definite.*C₊ − C₋"):
+        laplacian(u, weighting=torch.tensor([[1.0, 0.0], [0.0, -1.0]]))(torch.ones(2), torch.ones(3, 2))
+
+
+def test_error_stderr_needs_two_probes():
+    with pytest.raises(ValueError, match=r"at least 2 probes"):
+        laplacian(lambda p, x: x.sum(-1), num_probes=1, with_stderr=True)
+    with pytest.raises(ValueError, match=r"biharmonic\(u\)\(\*args\): a standard error needs at least 2"):
+        biharmonic(lambda p, x: x.sum(-1), num_probes=1, with_stderr=True)
+
+
+def test_error_bad_options():
+    with pytest.raises(ValueError, match=r"distribution must be one of"):
+        laplacian(lambda p, x: x.sum(-1), distribution="uniform")
+    with pytest.raises(TypeError, match=r"return_derivatives"):
+        laplacian(lambda p, x: x.sum(-1), return_derivatives="yes")
+    with pytest.raises(TypeError, match=r"generator must be a torch.Generator"):
+        laplacian(lambda p, x: x.sum(-1), num_probes=2)(torch.ones(1), torch.ones(2, 2), generator=3)
+
+
+def test_user_exception_passes_through():
+    class BoomError(Exception):
+        pass
+
+    def u(p, x):
+        raise BoomError("mine")
+
+    with pytest.raises(BoomError, match="mine"):
+        laplacian(u)(torch.ones(1), torch.ones(2, 2))
+
+
+def test_public_api():
+    assert secorder.laplacian is laplacian and secorder.biharmonic is biharmonic
+    assert "laplacian" in secorder.__all__ and "biharmonic" in secorder.__all__
+
+
+def test_error_points_not_independent():
+    bn = torch.nn.BatchNorm1d(3)  # training mode: batch statistics mix the points
+
+    def u(w, x):
+        return torch.tanh(bn(x) @ w)
+
+    with pytest.raises(ValueError, match=r"u must treat the points independently.*eval mode"):
+        laplacian(u)(torch.ones(3), torch.randn(5, 3))
+    with pytest.raises(ValueError, match=r"biharmonic\(u\)\(\*args\): u must treat the points independently"):
+        biharmonic(u)(torch.ones(3), torch.randn(5, 3))
+    bn.eval()
+    torch.testing.assert_close(
+        laplacian(u)(torch.ones(3), torch.zeros(2, 3)),
+        _ref_laplacian(lambda w, x: u(w, x), torch.ones(3), torch.zeros(2, 3)),
+    )
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_generated_networks(seed):
+    """Random compositions of the supported ops: residual sums, products of two branches,
+    scalar affine maps, constant quotients, a second matmul of two point-dependent values."""
+    g = torch.Generator().manual_seed(seed)
+    names = sorted(ACTIVATIONS)
+    picks = [names[int(i)] for i in torch.randint(0, len(names), (3,), generator=g)]
+    d, h = 3, 5
+    p = {
+        "a": torch.randn(d, h, generator=g, dtype=torch.float64) / 2,
+        "b": torch.randn(h, h, generator=g, dtype=torch.float64) / 2,
+        "c": torch.rand(h, generator=g, dtype=torch.float64) + 0.5,
+    }
+
+    def u(p, x):
+        z = x @ p["a"]
+        y1 = ACTIVATIONS[picks[0]](z)
+        y2 = ACTIVATIONS[picks[1]](z @ p["b"] - 0.3) * 0.5 + 1.0
+        z = y1 * y2 + z / p["c"] - 2.0 * y1
+        gram = torch.bmm(z.unsqueeze(2), z.unsqueeze(1))  # (N, h, h): products of two jets
+        z = ACTIVATIONS[picks[2]](gram.sum(1) / h) + (-z)
+        return z.sum(-1)
+
+    x = torch.randn(4, d, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(laplacian(u)(p, x), _ref_laplacian(u, p, x), rtol=1e-8, atol=1e-8)
+
+
+def test_biharmonic_under_vmap_takes_nested_route():
+    d = 2
+    ens = [_mlp_params(d, 3, torch.float64, seed=s) for s in range(2)]
+    stacked = {k: torch.stack([p[k] for p in ens]) for k in ens[0]}
+    x = torch.randn(3, d, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    u = _mlp(torch.tanh)
+    fn = biharmonic(u)
+    got = vmap(fn, in_dims=(0, None))(stacked, x)
+    assert fn.method_info.route == "nested"
+    torch.testing.assert_close(got, torch.stack([biharmonic(u)(p, x) for p in ens]))
+
+
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_device_and_dtype_kept(device, dtype):
+    params = {k: v.to(device=device, dtype=dtype) for k, v in _mlp_params(3, 4, torch.float64).items()}
+    x = torch.randn(5, 3, dtype=dtype, device=device)
+    u = _mlp(torch.sin)
+    gen = torch.Generator(device).manual_seed(0)
+    est, err = laplacian(u, num_probes=4, with_stderr=True)(params, x, generator=gen)
+    exact = laplacian(u, weighting=torch.eye(3))(params, x)
+    assert est.device.type == exact.device.type == err.device.type == torch.device(device).type
+    assert est.dtype == exact.dtype == dtype
+    tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {}
+    ref = _ref_laplacian(u, {k: v.double() for k, v in params.items()}, x.double()).to(dtype)
+    torch.testing.assert_close(exact, ref, **tol)
+
+
+def test_dead_first_order_channel_is_skipped_and_results_unchanged():
+    """The last hidden layer's K directional derivatives feed nothing when only Δu is wanted."""
+    from secorder._engine.collapsed import _skippable
+    from secorder._engine.tape import record
+
+    params = _mlp_params(3, 6, torch.float64)
+    x = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    u = _mlp(torch.tanh)
+    tape = record(
+        lambda ls, ins: u(dict(zip(sorted(params), ls)), ins[0]), [params[k] for k in sorted(params)], [x]
+    )
+    skipped = {str(tape.nodes[i].func) for i in _skippable(tape, {tape.num_leaves})}
+    assert "aten.tanh.default" in skipped  # the second tanh
+    assert sum(str(n.func) == "aten.tanh.default" for n in tape.nodes) == 2
+    _, _, lap = laplacian(u, return_derivatives=True)(params, x)
+    torch.testing.assert_close(lap, laplacian(u)(params, x))
+    torch.testing.assert_close(lap, _ref_laplacian(u, params, x))
