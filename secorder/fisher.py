@@ -135,6 +135,7 @@ class _Setup(NamedTuple):
     distribution: str
     path: str
     selector: Selector | None
+    per_sample: bool = False
 
 
 def _configure(
@@ -151,6 +152,7 @@ def _configure(
     path: object,
     registry: Mapping[str, Callable[..., tuple[Tensor, Tensor]]],
     select: object = None,
+    per_sample: object = False,
 ) -> _Setup:
     """Construction-time validation shared by the transforms."""
     model_fn = unwrap_module(model_fn)
@@ -209,6 +211,24 @@ def _configure(
                 "Drop path= (the Hutchinson estimate uses forward-mode products of the whole model), "
                 "or pass num_probes=None for the exact value.",
             )
+    check_bool(call, "per_sample", per_sample)
+    if per_sample and (kind == "mc" or probes is not None):
+        raise error(
+            call,
+            "per_sample=True is exact (kind='ggn' or 'empirical', num_probes=None): the squares are "
+            "formed per sample by the structured sweep",
+            f"per_sample=True with kind={kind!r}, num_probes={probes}",
+            "Drop num_probes and use kind='ggn' (the expectation the MC Fisher estimates) or "
+            "'empirical', or drop per_sample.",
+        )
+    if per_sample and path == "fast":
+        raise error(
+            call,
+            "per_sample=True runs on the structured sweep over a tape of the whole batch, not the "
+            "module's layer hooks (path='fast')",
+            "per_sample=True with path='fast'",
+            "Use path='auto'.",
+        )
     return _Setup(
         call,
         None if module is not None else model_fn,  # type: ignore[arg-type]
@@ -222,6 +242,7 @@ def _configure(
         str(distribution),
         str(path),
         check_select(call, select),
+        bool(per_sample),
     )
 
 
@@ -332,6 +353,7 @@ def _run(
 
     use_fast = (
         s.module is not None
+        and not s.per_sample
         and not hutchinson
         and s.path != "generic"
         and not transformed
@@ -360,6 +382,13 @@ def _run(
         # empirical Fisher) evaluates samples apart: one check for all of them, so a model
         # tied to its batch size gets the same clear error on every route.
         _check_independent(call, lambda x: fn(leaves, x), inputs, z)
+
+    if s.per_sample:
+        rows = _per_sample_rows(s, fn, leaves, inputs, targets, z, transformed, needs_graph)
+        est = torch.cat([r.flatten(1) for r in rows], 1) * scale  # (N, P)
+        est = est.sum(1) if trace else est
+        info = FisherPath("fast", tuple(names), ())
+        return est, torch.zeros_like(est), leaves, spec, info
 
     if hutchinson:
         assert s.num_probes is not None
@@ -414,6 +443,65 @@ def _run(
     label = "fast+generic" if fast and generic else ("fast" if fast else "generic")
     info = FisherPath(label, tuple(names[i] for i in fast), tuple(names[i] for i in generic))
     return est, err, leaves, spec, info
+
+
+def _per_sample_rows(
+    s: _Setup,
+    fn: Callable[[list[Tensor], Any], Any],
+    leaves: list[Tensor],
+    inputs: Any,
+    targets: Any,
+    z: Tensor,
+    transformed: bool,
+    needs_graph: bool,
+) -> list[Tensor]:
+    """``per_sample=True``: rows (N, *leaf.shape) of Σ_r w_{n,r} (J_nᵀ s_{n,r})^⊙2 (before the
+    reduction's scale) from the structured sweep; an error naming why where it cannot run."""
+    from secorder._engine.sweep import EngineUnsupportedError, engine_output_diagonal
+
+    call = s.call
+    why = None
+    if transformed:
+        why = "inside a torch.func transform (the sweep records the function eagerly as a tape)"
+    elif needs_graph:
+        why = "the parameters require grad (the sweep's rows would be detached from them)"
+    data = (
+        [inputs] if isinstance(inputs, Tensor) else list(inputs) if isinstance(inputs, (tuple, list)) else []
+    )
+    n = int(z.shape[0]) if z.dim() > 0 else -1
+    if why is None and (
+        not data or not all(isinstance(d, Tensor) and d.dim() > 0 and d.shape[0] == n for d in data)
+    ):
+        why = "the inputs must be a tensor (or a tuple of tensors) batched along dimension 0"
+    if why is None:
+        zd = z.detach()
+        factor = (
+            s.loss.factor(zd, targets)
+            if s.kind == "ggn"
+            else Factor.from_tensor(s.loss.per_sample_grads(zd, targets).unsqueeze(0))
+        )
+        try:
+            return engine_output_diagonal(
+                lambda ls: fn(ls, inputs),
+                leaves,
+                data,
+                factor.columns,
+                factor.weights,
+                factor.num_columns,
+                chunk_size=s.chunk_size,
+                per_sample=True,
+            )
+        except EngineUnsupportedError as exc:
+            why = f"the structured sweep refused: {exc.args[0]}"
+    raise error(
+        call,
+        "per_sample=True needs the structured sweep: an eager call whose parameters do not require "
+        "grad, inputs batched along dimension 0, the samples independent and every op covered by a rule",
+        why,
+        "Call it under torch.no_grad() (or on detached parameters) outside torch.func transforms, or "
+        "evaluate each sample alone, or drop per_sample.",
+        cls=RuntimeError if transformed or needs_graph else ValueError,
+    )
 
 
 def _engine_accumulate(
@@ -480,6 +568,14 @@ _COMMON_ARGS = """
             of globs, a compiled regex or a predicate on names; the other parameters are
             held fixed and results hold only the selected entries; the cost scales with the
             selection (e.g. ``select="fc.*"`` for the last layer; :mod:`secorder._select`).
+        per_sample: exact per-sample values with a leading batch axis N (``kind`` ``"ggn"``
+            or ``"empirical"``, ``num_probes=None``): row n is c Σ_r (J_nᵀ s_{n,r})^⊙2 for
+            the diagonal (its sum for the trace), c = 1/N for ``reduction="mean"`` and 1 for
+            ``"sum"``, so each row carries the reduction's 1/N and the rows sum to the batch
+            value. Squares per sample from the structured sweep over a tape of the whole
+            batch (:mod:`secorder._engine.sweep`), never a loop over samples; where it cannot
+            run (under ``torch.func`` transforms, parameters that require grad, an op that
+            mixes samples or has no rule) an error says why.
 """
 
 _RAISES = """
@@ -506,6 +602,7 @@ def fisher_trace(
     path: str = "auto",
     per_block: bool = False,
     select: Any = None,
+    per_sample: bool = False,
 ) -> Callable[..., Any]:
     """Transform a model and a loss into a function returning the trace of the GGN/Fisher.
 
@@ -564,6 +661,7 @@ def fisher_trace(
         path,
         TRACE_ESTIMATORS,
         select,
+        per_sample,
     )
 
     check_bool(call, "per_block", per_block)
@@ -594,7 +692,11 @@ def fisher_trace(
         est, err, leaves, spec, info = _run(blocks_setup, params, inputs, targets, generator, trace=False)
         trace_fn.path_info = info  # type: ignore[attr-defined]
         if not randomized:  # the exact (or MC) diagonal, summed per leaf; exact: no error
-            est = torch.stack([part.sum() for part in est.split([leaf.numel() for leaf in leaves])])
+            sizes = [leaf.numel() for leaf in leaves]
+            if setup.per_sample:  # (N, P) rows → one (N,) per leaf
+                est = torch.stack([part.sum(1) for part in est.split(sizes, 1)])
+            else:
+                est = torch.stack([part.sum() for part in est.split(sizes)])
             err = torch.zeros_like(est)
         tree = unflatten(spec, list(est.unbind()))
         return (tree, unflatten(spec, list(err.unbind()))) if setup.with_stderr else tree
@@ -617,6 +719,7 @@ def fisher_diagonal(
     distribution: str = "rademacher",
     path: str = "auto",
     select: Any = None,
+    per_sample: bool = False,
 ) -> Callable[..., Any]:
     """Transform a model and a loss into a function returning the diagonal of the GGN/Fisher.
 
@@ -659,12 +762,18 @@ def fisher_diagonal(
         path,
         DIAGONAL_ESTIMATORS,
         select,
+        per_sample,
     )
 
     def diag_fn(params: Any, inputs: Any, targets: Any, generator: torch.Generator | None = None) -> Any:
         est, err, leaves, spec, info = _run(setup, params, inputs, targets, generator, trace=False)
         diag_fn.path_info = info  # type: ignore[attr-defined]
         shapes = [leaf.shape for leaf in leaves]
+        if setup.per_sample:  # (N, P) rows
+            sizes = [leaf.numel() for leaf in leaves]
+            rows = [r.reshape(-1, *sh) for r, sh in zip(est.split(sizes, 1), shapes)]
+            tree = unflatten(spec, rows)
+            return (tree, unflatten(spec, [torch.zeros_like(r) for r in rows])) if setup.with_stderr else tree
         tree = unflatten(spec, unravel(est, shapes))
         if setup.with_stderr:
             return tree, unflatten(spec, unravel(err, shapes))
