@@ -830,7 +830,7 @@ def engine_diagonal(
     )
     if max_columns is not None and pulled > max_columns:
         raise EngineTooCostlyError(pulled)
-    if per_sample and any(gr.tag is SAME for gr in groups):
+    if per_sample and any(gr.tag is SAME and gr.count for gr in groups):
         raise EngineUnsupportedError(_PARAMETER_ONLY)
     walker = _Walker(plan, leaves, n, per_sample)
     step = chunk_size or _default_step(plan, leaves, n)
