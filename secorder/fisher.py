@@ -384,11 +384,12 @@ def _run(
         _check_independent(call, lambda x: fn(leaves, x), inputs, z)
 
     if s.per_sample:
-        rows = _per_sample_rows(s, fn, leaves, inputs, targets, z, transformed, needs_graph)
-        est = torch.cat([r.flatten(1) for r in rows], 1) * scale  # (N, P)
-        est = est.sum(1) if trace else est
+        rows = [r.mul_(scale) for r in _per_sample_rows(s, fn, leaves, inputs, targets, z, transformed, needs_graph)]
         info = FisherPath("fast", tuple(names), ())
-        return est, torch.zeros_like(est), leaves, spec, info
+        if trace:  # (N,)
+            est = sum((r.flatten(1).sum(1) for r in rows[1:]), start=rows[0].flatten(1).sum(1))
+            return est, torch.zeros_like(est), leaves, spec, info
+        return rows, None, leaves, spec, info  # type: ignore[return-value] - per-leaf rows, see the callers
 
     if hutchinson:
         assert s.num_probes is not None
@@ -693,8 +694,8 @@ def fisher_trace(
         trace_fn.path_info = info  # type: ignore[attr-defined]
         if not randomized:  # the exact (or MC) diagonal, summed per leaf; exact: no error
             sizes = [leaf.numel() for leaf in leaves]
-            if setup.per_sample:  # (N, P) rows → one (N,) per leaf
-                est = torch.stack([part.sum(1) for part in est.split(sizes, 1)])
+            if setup.per_sample:  # per-leaf rows (N, *shape) → one (N,) per leaf
+                est = torch.stack([part.flatten(1).sum(1) for part in est])
             else:
                 est = torch.stack([part.sum() for part in est.split(sizes)])
             err = torch.zeros_like(est)
@@ -769,11 +770,9 @@ def fisher_diagonal(
         est, err, leaves, spec, info = _run(setup, params, inputs, targets, generator, trace=False)
         diag_fn.path_info = info  # type: ignore[attr-defined]
         shapes = [leaf.shape for leaf in leaves]
-        if setup.per_sample:  # (N, P) rows
-            sizes = [leaf.numel() for leaf in leaves]
-            rows = [r.reshape(-1, *sh) for r, sh in zip(est.split(sizes, 1), shapes)]
-            tree = unflatten(spec, rows)
-            return (tree, unflatten(spec, [torch.zeros_like(r) for r in rows])) if setup.with_stderr else tree
+        if setup.per_sample:  # per-leaf rows (N, *shape)
+            tree = unflatten(spec, est)
+            return (tree, unflatten(spec, [torch.zeros_like(r) for r in est])) if setup.with_stderr else tree
         tree = unflatten(spec, unravel(est, shapes))
         if setup.with_stderr:
             return tree, unflatten(spec, unravel(err, shapes))

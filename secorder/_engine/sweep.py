@@ -511,8 +511,20 @@ class _Walker:
         self.leaves = leaves
         self.n = n
         self.per_sample = per_sample  # diag rows (N, *leaf.shape): sample n's squares alone
-        self.diag = [leaf.new_zeros(n, *leaf.shape) if per_sample else torch.zeros_like(leaf) for leaf in leaves]
+        # per sample: rows allocated on first use (N·P entries: one pass fewer over them)
+        self.diag: list[Any] = [None if per_sample else torch.zeros_like(leaf) for leaf in leaves]
         self.pulls: dict[tuple[int, tuple[Any, ...]], tuple[Any, list[int]]] = {}
+
+    def _add(self, leaf: int, x: Tensor) -> None:
+        if self.diag[leaf] is None:
+            self.diag[leaf] = x
+        else:
+            self.diag[leaf] += x
+
+    def result(self) -> list[Tensor]:
+        return [
+            d if d is not None else leaf.new_zeros(self.n, *leaf.shape) for d, leaf in zip(self.diag, self.leaves)
+        ]
 
     def _pull(self, i: int, positions: list[tuple[Any, ...]]) -> tuple[Any, list[int]]:
         key = (i, tuple(positions))
@@ -572,7 +584,7 @@ class _Walker:
                 raise EngineUnsupportedError(
                     f"no per-sample rule for the parameter argument {path} of {node.func} (tape position {i})"
                 )
-            self.diag[leaf] += self._to_leaf(leaf, chain, sq)
+            self._add(leaf, self._to_leaf(leaf, chain, sq))
 
     def closed_form(self, group: Any, step: int) -> bool:
         """Closed-form transport of a diagonal group (a pointwise op's one-hot columns) at the
@@ -755,11 +767,11 @@ class _Walker:
                 raise EngineUnsupportedError(
                     f"no per-sample rule for the parameter argument {path} of {node.func} (tape position {i})"
                 )
-            parts.append(sgn * sq)
+            parts.append(sq if sgn > 0 else -sq)
         if not parts:
             return
         total = parts[0] if len(parts) == 1 else parts[0] + parts[1]
-        self.diag[leaf] += self._to_leaf(leaf, chain, total)
+        self._add(leaf, self._to_leaf(leaf, chain, total))
 
     def _to_leaf(self, leaf: int, chain: list[int], sq: Tensor) -> Tensor:
         """Map entries of an injective view of the leaf back to the leaf (the views' VJP)."""
@@ -850,7 +862,7 @@ def engine_diagonal(
         for c0 in range(0, group.count, step):
             cols, signs = group.get(c0, min(group.count, c0 + step))
             walker.walk(group, cols, signs)
-    return walker.diag, r_total
+    return walker.result(), r_total
 
 
 def _prepare(
@@ -954,7 +966,7 @@ def engine_output_diagonal(
             signs = torch.sign(w)
             cols = cols * w.abs().sqrt().reshape(*w.shape, *[1] * (cols.dim() - 2))
         walker.walk(group, cols, signs, per_column)
-    return walker.diag
+    return walker.result()
 
 
 def _adjoints(tape: Tape, leaves: list[Tensor], values: list[Any]) -> dict[int, Tensor]:
