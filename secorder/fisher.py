@@ -327,8 +327,9 @@ def _leaf_names(params: Any, count: int) -> list[str]:
 
 def _run(
     s: _Setup, params: Any, inputs: Any, targets: Any, generator: torch.Generator | None, trace: bool
-) -> tuple[Tensor, Tensor, list[Tensor], TreeSpec, FisherPath]:
-    """Evaluate the configured quantity: flat diagonal (or 0-dim trace), stderr, leaves, spec, path."""
+) -> tuple[Any, Any, list[Tensor], TreeSpec, FisherPath]:
+    """Evaluate the configured quantity: flat diagonal (or 0-dim trace), stderr, leaves, spec, path;
+    with ``per_sample`` the per-leaf rows (N, *shape) and None (or the (N,) traces and zeros)."""
     call = s.call
     full = params
     params, restore = split(call, s.selector, params)
@@ -384,12 +385,15 @@ def _run(
         _check_independent(call, lambda x: fn(leaves, x), inputs, z)
 
     if s.per_sample:
-        rows = [r.mul_(scale) for r in _per_sample_rows(s, fn, leaves, inputs, targets, z, transformed, needs_graph)]
+        rows = [
+            r.mul_(scale)
+            for r in _per_sample_rows(s, fn, leaves, inputs, targets, z, transformed, needs_graph)
+        ]
         info = FisherPath("fast", tuple(names), ())
         if trace:  # (N,)
             est = sum((r.flatten(1).sum(1) for r in rows[1:]), start=rows[0].flatten(1).sum(1))
             return est, torch.zeros_like(est), leaves, spec, info
-        return rows, None, leaves, spec, info  # type: ignore[return-value] - per-leaf rows, see the callers
+        return rows, None, leaves, spec, info  # per-leaf rows (N, *shape), no stderr
 
     if hutchinson:
         assert s.num_probes is not None

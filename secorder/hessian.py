@@ -40,7 +40,6 @@ from secorder._validate import (
     check_finite_tree,
     check_method,
     check_num_probes,
-    check_requires_no_grad,
     check_same_dtype_device,
     check_scalar_output,
     diagnose_nonfinite,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable
+
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -126,11 +127,15 @@ def test_hessian_diagonal_rows(name: str) -> None:
         assert rows[k].shape == (n, *params[k].shape)
         torch.testing.assert_close(rows[k].sum(0), batch[k], **TOL)
     for i in range(n):  # f = mean_n l_n: row n is diag ∇² l_n / N
-        ref = _to_tree(dense_hessian(lambda p: f(p, x[i : i + 1], y[i : i + 1]) / n, params).diagonal(), params)
+        ref = _to_tree(
+            dense_hessian(lambda p, i=i: f(p, x[i : i + 1], y[i : i + 1]) / n, params).diagonal(), params
+        )
         for k in params:
             torch.testing.assert_close(rows[k][i], ref[k], **TOL)
     traces = secorder.hessian_trace(f, per_sample=True)(params, x, y)
-    torch.testing.assert_close(traces, torch.stack([sum(r[i].sum() for r in rows.values()) for i in range(n)]))
+    torch.testing.assert_close(
+        traces, torch.stack([sum(r[i].sum() for r in rows.values()) for i in range(n)])
+    )
     blocks = secorder.hessian_trace(f, per_sample=True, per_block=True)(params, x, y)
     for k in params:
         torch.testing.assert_close(blocks[k], rows[k].flatten(1).sum(1))
@@ -141,7 +146,7 @@ def test_hessian_diagonal_rows(name: str) -> None:
 def test_fisher_rows(name: str, kind: str) -> None:
     model, params, x, y = _problem(name, seed=1)
     n = x.shape[0]
-    model_fn = lambda p, xx: functional_call(model, p, (xx,))  # noqa: E731 - plain function route
+    model_fn = lambda p, xx: functional_call(model, p, (xx,))
     for target in (model_fn, model):  # a plain model_fn and the nn.Module itself
         fn = secorder.fisher_diagonal(target, "cross_entropy", kind=kind, per_sample=True)
         rows = fn(params, x, y)
@@ -154,12 +159,14 @@ def test_fisher_rows(name: str, kind: str) -> None:
         if kind == "ggn":
             ref = _dense_ggn_diag(model, params, xi, yi)
         else:
-            grad = torch.func.grad(lambda p: F.cross_entropy(model_fn(p, xi), yi))(params)
+            grad = torch.func.grad(lambda p, xi=xi, yi=yi: F.cross_entropy(model_fn(p, xi), yi))(params)
             ref = {k: g * g for k, g in grad.items()}
         for k in params:
             torch.testing.assert_close(rows[k][i], ref[k] / n, **TOL)
     traces = secorder.fisher_trace(model, "cross_entropy", kind=kind, per_sample=True)(params, x, y)
-    torch.testing.assert_close(traces, torch.stack([sum(r[i].sum() for r in rows.values()) for i in range(n)]))
+    torch.testing.assert_close(
+        traces, torch.stack([sum(r[i].sum() for r in rows.values()) for i in range(n)])
+    )
     blocks = secorder.fisher_trace(model, "cross_entropy", kind=kind, per_sample=True, per_block=True)(
         params, x, y
     )
@@ -175,13 +182,13 @@ def test_scaling_follows_the_function() -> None:
     def per(p: dict[str, Tensor], xx: Tensor, yy: Tensor) -> Tensor:
         return F.cross_entropy(functional_call(model, p, (xx,)), yy, reduction="none")
 
-    weighted = lambda p, xx, yy, ww: (ww / ww.sum() * per(p, xx, yy)).sum()  # noqa: E731
-    summed = lambda p, xx, yy: per(p, xx, yy).sum()  # noqa: E731
+    weighted = lambda p, xx, yy, ww: (ww / ww.sum() * per(p, xx, yy)).sum()
+    summed = lambda p, xx, yy: per(p, xx, yy).sum()
     rows_w = secorder.hessian_diagonal(weighted, per_sample=True)(params, x, y, w)
     rows_s = secorder.hessian_diagonal(summed, per_sample=True)(params, x, y)
     for i in range(5):
         xi, yi = x[i : i + 1], y[i : i + 1]
-        ref = _to_tree(dense_hessian(lambda p: per(p, xi, yi).sum(), params).diagonal(), params)
+        ref = _to_tree(dense_hessian(lambda p, xi=xi, yi=yi: per(p, xi, yi).sum(), params).diagonal(), params)
         for k in params:
             torch.testing.assert_close(rows_s[k][i], ref[k], **TOL)
             torch.testing.assert_close(rows_w[k][i], ref[k] * w[i] / w.sum(), **TOL)
@@ -198,7 +205,7 @@ def test_dtype_kept_and_rows_sum(dtype: torch.dtype) -> None:
     params = {k: v.to(dtype) for k, v in params.items()}
     model = model.to(dtype)
     x = x.to(dtype)
-    f = lambda p, xx, yy: F.cross_entropy(functional_call(model, p, (xx,)), yy)  # noqa: E731
+    f = lambda p, xx, yy: F.cross_entropy(functional_call(model, p, (xx,)), yy)
     rows = secorder.hessian_diagonal(f, per_sample=True)(params, x, y)
     batch = secorder.hessian_diagonal(f)(params, x, y)
     tol = {"rtol": 1e-4, "atol": 1e-6} if dtype == torch.float32 else TOL
@@ -219,13 +226,15 @@ def _mlp_f() -> tuple[Callable[..., Tensor], dict[str, Tensor], Tensor, Tensor]:
 
 def test_parameter_only_curvature_refused() -> None:
     f, params, x, y = _mlp_f()
-    reg = lambda p, xx, yy: f(p, xx, yy) + 0.1 * sum((v**2).sum() for v in p.values())  # noqa: E731
-    with pytest.raises(ValueError, match=r"per_sample=True needs the structured sweep.*curvature in the parameters alone"):
+    reg = lambda p, xx, yy: f(p, xx, yy) + 0.1 * sum((v**2).sum() for v in p.values())
+    with pytest.raises(
+        ValueError, match=r"per_sample=True needs the structured sweep.*curvature in the parameters alone"
+    ):
         secorder.hessian_diagonal(reg, per_sample=True)(params, x, y)
     with pytest.raises(ValueError, match=r"curvature in the parameters alone"):
         secorder.hessian_trace(reg, per_sample=True)(params, x, y)
     # a term linear in θ has no curvature: accepted, rows unchanged
-    lin = lambda p, xx, yy: f(p, xx, yy) + 0.1 * sum(v.sum() for v in p.values())  # noqa: E731
+    lin = lambda p, xx, yy: f(p, xx, yy) + 0.1 * sum(v.sum() for v in p.values())
     a = secorder.hessian_diagonal(lin, per_sample=True)(params, x, y)
     b = secorder.hessian_diagonal(f, per_sample=True)(params, x, y)
     for k in params:
@@ -239,7 +248,9 @@ def test_mixing_samples_refused() -> None:
         z = functional_call(model, p, (xx,))
         return F.cross_entropy(z - z.mean(0), yy)  # the batch mean couples the samples
 
-    with pytest.raises(ValueError, match=r"per_sample=True needs the structured sweep.*structured sweep refused"):
+    with pytest.raises(
+        ValueError, match=r"per_sample=True needs the structured sweep.*structured sweep refused"
+    ):
         secorder.hessian_diagonal(centered, per_sample=True)(params, x, y)
 
 
@@ -264,7 +275,9 @@ def test_transforms_and_grad_refused() -> None:
     f, params, x, y = _mlp_f()
     fn = secorder.hessian_diagonal(f, per_sample=True)
     stacked = {k: torch.stack([v, v]) for k, v in params.items()}
-    with pytest.raises(RuntimeError, match=r"per_sample=True needs the structured sweep.*torch.func transform"):
+    with pytest.raises(
+        RuntimeError, match=r"per_sample=True needs the structured sweep.*torch.func transform"
+    ):
         torch.func.vmap(fn, in_dims=(0, None, None))(stacked, x, y)
     live = {k: v.clone().requires_grad_(True) for k, v in params.items()}
     with pytest.raises(RuntimeError, match=r"per_sample=True needs the structured sweep.*require grad"):
@@ -276,7 +289,9 @@ def test_transforms_and_grad_refused() -> None:
     fd = secorder.fisher_diagonal(model, "cross_entropy", per_sample=True)
     with pytest.raises(RuntimeError, match=r"per_sample=True needs the structured sweep.*require grad"):
         fd(dict(model.named_parameters()), x, y)
-    with pytest.raises(RuntimeError, match=r"per_sample=True needs the structured sweep.*torch.func transform"):
+    with pytest.raises(
+        RuntimeError, match=r"per_sample=True needs the structured sweep.*torch.func transform"
+    ):
         torch.func.vmap(fd, in_dims=(0, None, None))(
             {k: torch.stack([v.detach()] * 2) for k, v in model.named_parameters()}, x, y
         )
@@ -286,8 +301,10 @@ def test_fisher_unbatched_inputs_refused() -> None:
     model = _mlp().to(DT)
     params = {k: v.detach() for k, v in model.named_parameters()}
     x, y = torch.randn(4, 5, dtype=DT), torch.randint(0, 3, (4,))
-    model_fn = lambda p, inp: functional_call(model, p, (inp["x"],))  # noqa: E731
-    with pytest.raises(ValueError, match=r"per_sample=True needs the structured sweep.*batched along dimension 0"):
+    model_fn = lambda p, inp: functional_call(model, p, (inp["x"],))
+    with pytest.raises(
+        ValueError, match=r"per_sample=True needs the structured sweep.*batched along dimension 0"
+    ):
         secorder.fisher_diagonal(model_fn, "cross_entropy", per_sample=True)(params, {"x": x}, y)
 
 

@@ -523,7 +523,8 @@ class _Walker:
 
     def result(self) -> list[Tensor]:
         return [
-            d if d is not None else leaf.new_zeros(self.n, *leaf.shape) for d, leaf in zip(self.diag, self.leaves)
+            d if d is not None else leaf.new_zeros(self.n, *leaf.shape)
+            for d, leaf in zip(self.diag, self.leaves)
         ]
 
     def _pull(self, i: int, positions: list[tuple[Any, ...]]) -> tuple[Any, list[int]]:
@@ -829,7 +830,9 @@ def engine_diagonal(
     n = int(data[0].shape[0])
     prepared = _prepare(g, leaves, data, n, batched_output=False)
     if prepared is None:
-        return [leaf.new_zeros(n, *leaf.shape) if per_sample else torch.zeros_like(leaf) for leaf in leaves], 0
+        return [
+            leaf.new_zeros(n, *leaf.shape) if per_sample else torch.zeros_like(leaf) for leaf in leaves
+        ], 0
     tape, values, plan = prepared
     adj = _adjoints(tape, leaves, values)
     tol_scale = 64 * torch.finfo(leaves[0].dtype).eps
