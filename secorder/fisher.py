@@ -96,6 +96,7 @@ from secorder._validate import (
     check_method,
     check_module_call,
     check_num_probes,
+    check_requires_no_grad,
     check_same_dtype_device,
 )
 from secorder.estimators import (
@@ -469,7 +470,12 @@ def _per_sample_rows(
     if transformed:
         why = "inside a torch.func transform (the sweep records the function eagerly as a tape)"
     elif needs_graph:
-        why = "the parameters require grad (the sweep's rows would be detached from them)"
+        check_requires_no_grad(
+            call,
+            leaves,
+            "per_sample=True",
+            "Per-sample rows come from the structured sweep, which is not differentiable.",
+        )
     data = (
         [inputs] if isinstance(inputs, Tensor) else list(inputs) if isinstance(inputs, (tuple, list)) else []
     )
@@ -503,9 +509,9 @@ def _per_sample_rows(
         "per_sample=True needs the structured sweep: an eager call whose parameters do not require "
         "grad, inputs batched along dimension 0, the samples independent and every op covered by a rule",
         why,
-        "Call it under torch.no_grad() (or on detached parameters) outside torch.func transforms, or "
-        "evaluate each sample alone, or drop per_sample.",
-        cls=RuntimeError if transformed or needs_graph else ValueError,
+        "Call it outside torch.func transforms on inputs batched along dimension 0 (a tensor or a "
+        "tuple of tensors), or evaluate each sample alone, or drop per_sample.",
+        cls=RuntimeError if transformed else ValueError,
     )
 
 

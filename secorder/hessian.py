@@ -40,6 +40,7 @@ from secorder._validate import (
     check_finite_tree,
     check_method,
     check_num_probes,
+    check_requires_no_grad,
     check_same_dtype_device,
     check_scalar_output,
     diagnose_nonfinite,
@@ -58,7 +59,7 @@ from secorder.estimators import (
     frobenius_norm_sq,
 )
 from secorder.estimators.stopping import check_adaptive_options, check_eager
-from secorder.operators import HessianOperator, check_strategy, resolve_strategy
+from secorder.operators import HessianOperator, check_strategy, in_functorch_transform, resolve_strategy
 from secorder.spectra import check_lanczos_options, lanczos_eigenvalues, spectral_density
 
 __all__ = [
@@ -180,8 +181,6 @@ def _check_per_sample(call: str, per_sample: object, num_probes: object, exact: 
 
 def _sweep_refusal(call: str, args: tuple[Any, ...], argnums: int, leaves: list[Tensor]) -> str | None:
     """Why the structured sweep cannot run at this call (None: it may)."""
-    from secorder.operators import in_functorch_transform
-
     if in_functorch_transform(leaves):
         return "inside a torch.func transform (the sweep records the function eagerly as a tape)"
     if torch.is_grad_enabled() and any(leaf.requires_grad for leaf in leaves):
@@ -227,6 +226,16 @@ def _exact_diagonal_leaves(
     if exact == "hvp":
         fn.method_info = SweepInfo("hvp", 0, p_count, "exact='hvp' requested")
         return None
+    if (exact == "sweep" or per_sample) and not in_functorch_transform(leaves):
+        check_requires_no_grad(  # the input policy of secorder._validate for non-differentiable routes
+            call,
+            leaves,
+            "per_sample=True" if per_sample else "exact='sweep'",
+            "Per-sample rows come from the structured sweep, which is not differentiable."
+            if per_sample
+            else "For a differentiable exact value use exact='auto' or exact='hvp' (one-hot HVPs keep "
+            "the graph).",
+        )
     why = _sweep_refusal(call, args, argnums, leaves)
     if why is None:
         data = [a for i, a in enumerate(args) if i != index]

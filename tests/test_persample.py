@@ -280,15 +280,17 @@ def test_transforms_and_grad_refused() -> None:
     ):
         torch.func.vmap(fn, in_dims=(0, None, None))(stacked, x, y)
     live = {k: v.clone().requires_grad_(True) for k, v in params.items()}
-    with pytest.raises(RuntimeError, match=r"per_sample=True needs the structured sweep.*require grad"):
+    with pytest.raises(ValueError, match=r"per_sample=True returns values without a gradient.*torch.no_grad"):
         fn(live, x, y)
     with torch.no_grad():  # the fix the message names
         rows = fn(live, x, y)
     assert rows["0.weight"].shape[0] == x.shape[0]
     model = _mlp().to(DT)
     fd = secorder.fisher_diagonal(model, "cross_entropy", per_sample=True)
-    with pytest.raises(RuntimeError, match=r"per_sample=True needs the structured sweep.*require grad"):
+    with pytest.raises(ValueError, match=r"per_sample=True returns values without a gradient.*torch.no_grad"):
         fd(dict(model.named_parameters()), x, y)
+    with torch.no_grad():
+        assert fd(dict(model.named_parameters()), x, y)["0.weight"].shape[0] == x.shape[0]
     with pytest.raises(
         RuntimeError, match=r"per_sample=True needs the structured sweep.*torch.func transform"
     ):
