@@ -166,6 +166,13 @@ def _check_exact(call: str, exact: object, num_probes: object) -> None:
         )
 
 
+def _report(fn: Any, info: Any) -> None:
+    """Set ``fn.method_info``; not while Dynamo traces (``torch.compile``), where a setattr on a
+    function breaks the graph."""
+    if not torch.compiler.is_compiling():
+        fn.method_info = info
+
+
 def _check_per_sample(call: str, per_sample: object, num_probes: object, exact: object) -> None:
     check_bool(call, "per_sample", per_sample)
     if per_sample and (num_probes is not None or exact == "hvp"):
@@ -224,7 +231,7 @@ def _exact_diagonal_leaves(
     g, leaves, spec, index = _bind(call, f, args, argnums)
     p_count = sum(leaf.numel() for leaf in leaves)
     if exact == "hvp":
-        fn.method_info = SweepInfo("hvp", 0, p_count, "exact='hvp' requested")
+        _report(fn, SweepInfo("hvp", 0, p_count, "exact='hvp' requested"))
         return None
     if (exact == "sweep" or per_sample) and not in_functorch_transform(leaves):
         check_requires_no_grad(  # the input policy of secorder._validate for non-differentiable routes
@@ -254,8 +261,9 @@ def _exact_diagonal_leaves(
         except EngineUnsupportedError as exc:
             why = f"the structured sweep refused: {exc.args[0]}"
         else:
-            fn.method_info = SweepInfo(
-                "sweep", r, p_count, f"structured sweep over the batch tape; R={r}, P={p_count}"
+            _report(
+                fn,
+                SweepInfo("sweep", r, p_count, f"structured sweep over the batch tape; R={r}, P={p_count}"),
             )
             return diag, spec
     if per_sample:
@@ -280,7 +288,7 @@ def _exact_diagonal_leaves(
             "Use exact='auto' or exact='hvp' (one-hot Hessian-vector products), which work for any function.",
             cls=RuntimeError if "torch.func" in why or "require grad" in why else ValueError,
         )
-    fn.method_info = SweepInfo("hvp", 0, p_count, f"one-hot HVPs: {why}")
+    _report(fn, SweepInfo("hvp", 0, p_count, f"one-hot HVPs: {why}"))
     return None
 
 
@@ -325,7 +333,7 @@ def _graph_sweep_diagonal(
         ) from exc
     check_finite_result(call, "Hessian diagonal", ravel(diag), lambda: diagnose_nonfinite(g, leaves))
     p_count = sum(leaf.numel() for leaf in leaves)
-    fn.method_info = SweepInfo("sweep", r, p_count, f"op-level graph sweep ({why}); R={r}, P={p_count}")
+    _report(fn, SweepInfo("sweep", r, p_count, f"op-level graph sweep ({why}); R={r}, P={p_count}"))
     return diag, spec
 
 
@@ -630,7 +638,8 @@ def hessian_diagonal(
             sweep of :mod:`secorder._graph_sweep`). ``"hvp"``: P one-hot Hessian-vector
             products (any function, composes with ``torch.func`` transforms and keeps the
             graph of parameters that require grad). ``fn.method_info`` reports the method,
-            R (columns per sample), P and the reason after each exact call.
+            R (columns per sample), P and the reason after each eager exact call (not updated
+            while ``torch.compile`` traces).
         progress: show a tqdm bar over the chunks of one-hot products of the exact diagonal
             (``exact="hvp"``; tqdm is an optional dependency).
         per_sample: return per-sample diagonals, each leaf (N, *leaf.shape) (see above;
