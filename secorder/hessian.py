@@ -642,7 +642,7 @@ def hessian_diagonal(
             while ``torch.compile`` traces).
         progress: show a tqdm bar over the chunks of one-hot products of the exact diagonal
             (``exact="hvp"``; tqdm is an optional dependency).
-        per_sample: return per-sample diagonals, each leaf (N, *leaf.shape) (see above;
+        per_sample: return per-sample diagonals, each leaf ``(N, *leaf.shape)`` (see above;
             ``exact`` ``"auto"`` or ``"sweep"``, no ``num_probes``).
 
     Returns:

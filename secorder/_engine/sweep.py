@@ -808,7 +808,7 @@ def engine_diagonal(
         data: the batched arguments (inputs, targets, per-sample weights).
         chunk_size: columns per batched reverse walk (``None``: from the memory budget).
         max_columns: raise :class:`EngineTooCostlyError` when R exceeds it.
-        per_sample: rows (N, *leaf.shape): row n is diag ∇²_θ of sample n's term g_n of
+        per_sample: rows ``(N, *leaf.shape)``: row n is diag ∇²_θ of sample n's term g_n of
             g = Σ_n g_n (the adjoints come from g, so a mean's 1/N or a sample weight is in the
             row); the rows sum to the diagonal. Refused (:class:`EngineUnsupportedError`) when
             g has curvature in the parameters alone (a regularizer λ‖θ‖², a reparametrized
@@ -936,7 +936,7 @@ def engine_output_diagonal(
         columns: ``columns(a, b)`` → (k, N, ...) columns s_{n,r} for r in a..b.
         weights: ``weights(a, b)`` → (k, N) real weights w (None: all ones).
         num_columns: R.
-        per_sample: rows (N, *leaf.shape), row n = Σ_r w_{n,r} (J_nᵀ s_{n,r})^⊙2.
+        per_sample: rows ``(N, *leaf.shape)``, row n = Σ_r w_{n,r} (J_nᵀ s_{n,r})^⊙2.
 
     Raises:
         EngineUnsupportedError: as for :func:`engine_diagonal` (the outputs must be batched along
