@@ -400,8 +400,9 @@ def laplacian(
         >>> x = torch.tensor([[1.0, 2.0, 3.0], [0.0, -1.0, 5.0]])
         >>> laplacian(u)(torch.tensor([1.0, 2.0, 3.0]), x)
         tensor([12., 12.])
-        >>> q = lambda a, x: (a * x**2).sum(-1)     # diagonal Hessian: Rademacher probes are exact
-        >>> laplacian(q, num_probes=3)(torch.ones(3), x, generator=torch.Generator().manual_seed(0))
+        >>> q = lambda a, x: (a * x**2).sum(-1)  # diagonal Hessian: Rademacher is exact
+        >>> gen = torch.Generator().manual_seed(0)
+        >>> laplacian(q, num_probes=3)(torch.ones(3), x, generator=gen)
         tensor([6., 6.])
         >>> laplacian(u, weighting=torch.diag(torch.tensor([1.0, 0.0, 0.0])))(torch.ones(3), x)
         tensor([2., 2.])
