@@ -97,6 +97,7 @@ from secorder._validate import (
     check_method,
     check_module_call,
     check_num_probes,
+    check_requires_no_grad,
     check_same_dtype_device,
 )
 from secorder.estimators import (
@@ -136,6 +137,7 @@ class _Setup(NamedTuple):
     distribution: str
     path: str
     selector: Selector | None
+    per_sample: bool = False
 
 
 def _configure(
@@ -152,6 +154,7 @@ def _configure(
     path: object,
     registry: Mapping[str, Callable[..., tuple[Tensor, Tensor]]],
     select: object = None,
+    per_sample: object = False,
 ) -> _Setup:
     """Construction-time validation shared by the transforms."""
     model_fn = unwrap_module(model_fn)
@@ -210,6 +213,24 @@ def _configure(
                 "Drop path= (the Hutchinson estimate uses forward-mode products of the whole model), "
                 "or pass num_probes=None for the exact value.",
             )
+    check_bool(call, "per_sample", per_sample)
+    if per_sample and (kind == "mc" or probes is not None):
+        raise error(
+            call,
+            "per_sample=True is exact (kind='ggn' or 'empirical', num_probes=None): the squares are "
+            "formed per sample by the structured sweep",
+            f"per_sample=True with kind={kind!r}, num_probes={probes}",
+            "Drop num_probes and use kind='ggn' (the expectation the MC Fisher estimates) or "
+            "'empirical', or drop per_sample.",
+        )
+    if per_sample and path == "fast":
+        raise error(
+            call,
+            "per_sample=True runs on the structured sweep over a tape of the whole batch, not the "
+            "module's layer hooks (path='fast')",
+            "per_sample=True with path='fast'",
+            "Use path='auto'.",
+        )
     return _Setup(
         call,
         None if module is not None else model_fn,  # type: ignore[arg-type]
@@ -223,6 +244,7 @@ def _configure(
         str(distribution),
         str(path),
         check_select(call, select),
+        bool(per_sample),
     )
 
 
@@ -308,8 +330,9 @@ def _leaf_names(params: Any, count: int) -> list[str]:
 @with_decomposed_kernels
 def _run(
     s: _Setup, params: Any, inputs: Any, targets: Any, generator: torch.Generator | None, trace: bool
-) -> tuple[Tensor, Tensor, list[Tensor], TreeSpec, FisherPath]:
-    """Evaluate the configured quantity: flat diagonal (or 0-dim trace), stderr, leaves, spec, path."""
+) -> tuple[Any, Any, list[Tensor], TreeSpec, FisherPath]:
+    """Evaluate the configured quantity: flat diagonal (or 0-dim trace), stderr, leaves, spec, path;
+    with ``per_sample`` the per-leaf rows (N, *shape) and None (or the (N,) traces and zeros)."""
     call = s.call
     full = params
     params, restore = split(call, s.selector, params)
@@ -334,6 +357,7 @@ def _run(
 
     use_fast = (
         s.module is not None
+        and not s.per_sample
         and not hutchinson
         and s.path != "generic"
         and not transformed
@@ -362,6 +386,17 @@ def _run(
         # empirical Fisher) evaluates samples apart: one check for all of them, so a model
         # tied to its batch size gets the same clear error on every route.
         _check_independent(call, lambda x: fn(leaves, x), inputs, z)
+
+    if s.per_sample:
+        rows = [
+            r.mul_(scale)
+            for r in _per_sample_rows(s, fn, leaves, inputs, targets, z, transformed, needs_graph)
+        ]
+        info = FisherPath("fast", tuple(names), ())
+        if trace:  # (N,)
+            est = sum((r.flatten(1).sum(1) for r in rows[1:]), start=rows[0].flatten(1).sum(1))
+            return est, torch.zeros_like(est), leaves, spec, info
+        return rows, None, leaves, spec, info  # per-leaf rows (N, *shape), no stderr
 
     if hutchinson:
         assert s.num_probes is not None
@@ -416,6 +451,70 @@ def _run(
     label = "fast+generic" if fast and generic else ("fast" if fast else "generic")
     info = FisherPath(label, tuple(names[i] for i in fast), tuple(names[i] for i in generic))
     return est, err, leaves, spec, info
+
+
+def _per_sample_rows(
+    s: _Setup,
+    fn: Callable[[list[Tensor], Any], Any],
+    leaves: list[Tensor],
+    inputs: Any,
+    targets: Any,
+    z: Tensor,
+    transformed: bool,
+    needs_graph: bool,
+) -> list[Tensor]:
+    """``per_sample=True``: rows (N, *leaf.shape) of Σ_r w_{n,r} (J_nᵀ s_{n,r})^⊙2 (before the
+    reduction's scale) from the structured sweep; an error naming why where it cannot run."""
+    from secorder._engine.sweep import EngineUnsupportedError, engine_output_diagonal
+
+    call = s.call
+    why = None
+    if transformed:
+        why = "inside a torch.func transform (the sweep records the function eagerly as a tape)"
+    elif needs_graph:
+        check_requires_no_grad(
+            call,
+            leaves,
+            "per_sample=True",
+            "Per-sample rows come from the structured sweep, which is not differentiable.",
+        )
+    data = (
+        [inputs] if isinstance(inputs, Tensor) else list(inputs) if isinstance(inputs, (tuple, list)) else []
+    )
+    n = int(z.shape[0]) if z.dim() > 0 else -1
+    if why is None and (
+        not data or not all(isinstance(d, Tensor) and d.dim() > 0 and d.shape[0] == n for d in data)
+    ):
+        why = "the inputs must be a tensor (or a tuple of tensors) batched along dimension 0"
+    if why is None:
+        zd = z.detach()
+        factor = (
+            s.loss.factor(zd, targets)
+            if s.kind == "ggn"
+            else Factor.from_tensor(s.loss.per_sample_grads(zd, targets).unsqueeze(0))
+        )
+        try:
+            return engine_output_diagonal(
+                lambda ls: fn(ls, inputs),
+                leaves,
+                data,
+                factor.columns,
+                factor.weights,
+                factor.num_columns,
+                chunk_size=s.chunk_size,
+                per_sample=True,
+            )
+        except EngineUnsupportedError as exc:
+            why = f"the structured sweep refused: {exc.args[0]}"
+    raise error(
+        call,
+        "per_sample=True needs the structured sweep: an eager call whose parameters do not require "
+        "grad, inputs batched along dimension 0, the samples independent and every op covered by a rule",
+        why,
+        "Call it outside torch.func transforms on inputs batched along dimension 0 (a tensor or a "
+        "tuple of tensors), or evaluate each sample alone, or drop per_sample.",
+        cls=RuntimeError if transformed else ValueError,
+    )
 
 
 def _engine_accumulate(
@@ -482,6 +581,14 @@ _COMMON_ARGS = """
             of globs, a compiled regex or a predicate on names; the other parameters are
             held fixed and results hold only the selected entries; the cost scales with the
             selection (e.g. ``select="fc.*"`` for the last layer; :mod:`secorder._select`).
+        per_sample: exact per-sample values with a leading batch axis N (``kind`` ``"ggn"``
+            or ``"empirical"``, ``num_probes=None``): row n is c Σ_r (J_nᵀ s_{n,r})^⊙2 for
+            the diagonal (its sum for the trace), c = 1/N for ``reduction="mean"`` and 1 for
+            ``"sum"``, so each row carries the reduction's 1/N and the rows sum to the batch
+            value. Squares per sample from the structured sweep over a tape of the whole
+            batch (:mod:`secorder._engine.sweep`), never a loop over samples; where it cannot
+            run (under ``torch.func`` transforms, parameters that require grad, an op that
+            mixes samples or has no rule) an error says why.
 """
 
 _RAISES = """
@@ -508,6 +615,7 @@ def fisher_trace(
     path: str = "auto",
     per_block: bool = False,
     select: Any = None,
+    per_sample: bool = False,
 ) -> Callable[..., Any]:
     """Transform a model and a loss into a function returning the trace of the GGN/Fisher.
 
@@ -566,6 +674,7 @@ def fisher_trace(
         path,
         TRACE_ESTIMATORS,
         select,
+        per_sample,
     )
 
     check_bool(call, "per_block", per_block)
@@ -596,7 +705,11 @@ def fisher_trace(
         est, err, leaves, spec, info = _run(blocks_setup, params, inputs, targets, generator, trace=False)
         trace_fn.path_info = info  # type: ignore[attr-defined]
         if not randomized:  # the exact (or MC) diagonal, summed per leaf; exact: no error
-            est = torch.stack([part.sum() for part in est.split([leaf.numel() for leaf in leaves])])
+            sizes = [leaf.numel() for leaf in leaves]
+            if setup.per_sample:  # per-leaf rows (N, *shape) → one (N,) per leaf
+                est = torch.stack([part.flatten(1).sum(1) for part in est])
+            else:
+                est = torch.stack([part.sum() for part in est.split(sizes)])
             err = torch.zeros_like(est)
         tree = unflatten(spec, list(est.unbind()))
         return (tree, unflatten(spec, list(err.unbind()))) if setup.with_stderr else tree
@@ -619,6 +732,7 @@ def fisher_diagonal(
     distribution: str = "rademacher",
     path: str = "auto",
     select: Any = None,
+    per_sample: bool = False,
 ) -> Callable[..., Any]:
     """Transform a model and a loss into a function returning the diagonal of the GGN/Fisher.
 
@@ -661,12 +775,16 @@ def fisher_diagonal(
         path,
         DIAGONAL_ESTIMATORS,
         select,
+        per_sample,
     )
 
     def diag_fn(params: Any, inputs: Any, targets: Any, generator: torch.Generator | None = None) -> Any:
         est, err, leaves, spec, info = _run(setup, params, inputs, targets, generator, trace=False)
         diag_fn.path_info = info  # type: ignore[attr-defined]
         shapes = [leaf.shape for leaf in leaves]
+        if setup.per_sample:  # per-leaf rows (N, *shape)
+            tree = unflatten(spec, est)
+            return (tree, unflatten(spec, [torch.zeros_like(r) for r in est])) if setup.with_stderr else tree
         tree = unflatten(spec, unravel(est, shapes))
         if setup.with_stderr:
             return tree, unflatten(spec, unravel(err, shapes))

@@ -59,7 +59,7 @@ from secorder.estimators import (
     frobenius_norm_sq,
 )
 from secorder.estimators.stopping import check_adaptive_options, check_eager
-from secorder.operators import HessianOperator, check_strategy, resolve_strategy
+from secorder.operators import HessianOperator, check_strategy, in_functorch_transform, resolve_strategy
 from secorder.spectra import check_lanczos_options, lanczos_eigenvalues, spectral_density
 
 __all__ = [
@@ -166,10 +166,28 @@ def _check_exact(call: str, exact: object, num_probes: object) -> None:
         )
 
 
+def _report(fn: Any, info: Any) -> None:
+    """Set ``fn.method_info``; not while Dynamo traces (``torch.compile``), where a setattr on a
+    function breaks the graph."""
+    if not torch.compiler.is_compiling():
+        fn.method_info = info
+
+
+def _check_per_sample(call: str, per_sample: object, num_probes: object, exact: object) -> None:
+    check_bool(call, "per_sample", per_sample)
+    if per_sample and (num_probes is not None or exact == "hvp"):
+        got = f"num_probes={num_probes}" if num_probes is not None else "exact='hvp'"
+        raise error(
+            call,
+            "per_sample=True is exact and comes from the structured sweep (squares per sample "
+            "before the sum over samples); it takes no probes and no one-hot HVPs",
+            f"per_sample=True with {got}",
+            "Drop num_probes and keep exact='auto' (or 'sweep') for per-sample rows, or drop per_sample.",
+        )
+
+
 def _sweep_refusal(call: str, args: tuple[Any, ...], argnums: int, leaves: list[Tensor]) -> str | None:
     """Why the structured sweep cannot run at this call (None: it may)."""
-    from secorder.operators import in_functorch_transform
-
     if in_functorch_transform(leaves):
         return "inside a torch.func transform (the sweep records the function eagerly as a tape)"
     if torch.is_grad_enabled() and any(leaf.requires_grad for leaf in leaves):
@@ -201,31 +219,36 @@ def _exact_diagonal_leaves(
     argnums: int,
     chunk_size: int | None,
     exact: str,
+    per_sample: bool = False,
 ) -> tuple[list[Tensor], TreeSpec] | None:
     """The exact diagonal per leaf by the structured sweep of :mod:`secorder._engine.sweep`, or
     None when ``exact="auto"`` (or ``"hvp"``) takes one-hot HVPs; sets ``fn.method_info``
-    (method, R, P and the reason for the choice) either way."""
+    (method, R, P and the reason for the choice) either way. ``per_sample``: rows (N, *leaf.shape)
+    from the structured sweep, or an error naming why it cannot run (no other route)."""
     from secorder._engine.sweep import EngineTooCostlyError, EngineUnsupportedError, engine_diagonal
     from secorder.module_hessian import SweepInfo
 
     g, leaves, spec, index = _bind(call, f, args, argnums)
     p_count = sum(leaf.numel() for leaf in leaves)
     if exact == "hvp":
-        fn.method_info = SweepInfo("hvp", 0, p_count, "exact='hvp' requested")
+        _report(fn, SweepInfo("hvp", 0, p_count, "exact='hvp' requested"))
         return None
-    if exact == "sweep":  # forced: the shared policies' refusals, in their words
+    if exact == "sweep" and not per_sample:  # forced: the shared policies' refusals, in their words
         check_eager(
             call,
             leaves,
             what="exact='sweep' (it records the function as a tape of ATen ops)",
             fix="Inside torch.func transforms use exact='hvp'.",
         )
-        check_requires_no_grad(
+    if (exact == "sweep" or per_sample) and not in_functorch_transform(leaves):
+        check_requires_no_grad(  # the input policy of secorder._validate for non-differentiable routes
             call,
             leaves,
-            "exact='sweep'",
-            "For a differentiable exact value use exact='auto' or exact='hvp', or differentiate "
-            "through torch.func.grad of the transform.",
+            "per_sample=True" if per_sample else "exact='sweep'",
+            "Per-sample rows come from the structured sweep, which is not differentiable."
+            if per_sample
+            else "For a differentiable exact value use exact='auto' or exact='hvp' (one-hot HVPs keep "
+            "the graph).",
         )
     why = _sweep_refusal(call, args, argnums, leaves)
     if why is None:
@@ -233,7 +256,12 @@ def _exact_diagonal_leaves(
         try:
             with torch.no_grad():
                 diag, r = engine_diagonal(
-                    g, leaves, data, chunk_size=chunk_size, max_columns=p_count if exact == "auto" else None
+                    g,
+                    leaves,
+                    data,
+                    chunk_size=chunk_size,
+                    max_columns=p_count if exact == "auto" and not per_sample else None,
+                    per_sample=per_sample,
                 )
         except EngineTooCostlyError as exc:
             why = f"the sweep needs R={exc.args[0]} columns per sample, more than P={p_count} one-hot HVPs"
@@ -241,10 +269,22 @@ def _exact_diagonal_leaves(
             why = f"the structured sweep refused: {exc.args[0]}"
         else:
             check_finite_result(call, "Hessian diagonal", ravel(diag), lambda: diagnose_nonfinite(g, leaves))
-            fn.method_info = SweepInfo(
-                "sweep", r, p_count, f"structured sweep over the batch tape; R={r}, P={p_count}"
+            _report(
+                fn,
+                SweepInfo("sweep", r, p_count, f"structured sweep over the batch tape; R={r}, P={p_count}"),
             )
             return diag, spec
+    if per_sample:
+        raise error(
+            call,
+            "per_sample=True needs the structured sweep: an eager call on a sum over the samples "
+            "of the batched arguments (plus terms linear in the parameters), every op covered by a rule",
+            why,
+            "Compute each sample's value alone (e.g. hessian_diagonal(f) on each sample), or drop "
+            "per_sample; a parameter-only term such as λ‖θ‖² has the known diagonal 2λ: leave it out "
+            "of f and add it to the batch total.",
+            cls=RuntimeError if "torch.func" in why or "require grad" in why else ValueError,
+        )
     if exact == "sweep":
         if why.startswith("the structured sweep refused"):  # the op-level per-sample sweep covers more ops
             return _graph_sweep_diagonal(call, fn, f, args, argnums, chunk_size, why)
@@ -256,7 +296,7 @@ def _exact_diagonal_leaves(
             "Use exact='auto' or exact='hvp' (one-hot Hessian-vector products), which work for any function.",
             cls=RuntimeError if "torch.func" in why or "require grad" in why else ValueError,
         )
-    fn.method_info = SweepInfo("hvp", 0, p_count, f"one-hot HVPs: {why}")
+    _report(fn, SweepInfo("hvp", 0, p_count, f"one-hot HVPs: {why}"))
     return None
 
 
@@ -301,7 +341,7 @@ def _graph_sweep_diagonal(
         ) from exc
     check_finite_result(call, "Hessian diagonal", ravel(diag), lambda: diagnose_nonfinite(g, leaves))
     p_count = sum(leaf.numel() for leaf in leaves)
-    fn.method_info = SweepInfo("sweep", r, p_count, f"op-level graph sweep ({why}); R={r}, P={p_count}")
+    _report(fn, SweepInfo("sweep", r, p_count, f"op-level graph sweep ({why}); R={r}, P={p_count}"))
     return diag, spec
 
 
@@ -391,6 +431,7 @@ def hessian_trace(
     per_block: bool = False,
     exact: str = "auto",
     progress: bool = False,
+    per_sample: bool = False,
 ) -> Callable[..., Any]:
     """Transform ``f`` into a function returning tr(∇²_θ f), exact or by a randomized estimator.
 
@@ -406,6 +447,9 @@ def hessian_trace(
       θ (per-layer curvature), as a pytree of 0-dim tensors shaped like θ whose sum is
       the total. Exact from the exact diagonal, or by ``method`` from one set of K
       products (every method; full HVPs instead of quadratic forms).
+    * ``per_sample=True``: a leading batch axis, row n = tr ∇²_θ f_n for f = Σ_n f_n
+      (see :func:`hessian_diagonal`; with a mean each row carries the 1/N); the rows sum
+      to the trace.
 
     Args:
         f: a function of ``*args`` returning a scalar tensor.
@@ -436,10 +480,13 @@ def hessian_trace(
             diagonal); ``fn.method_info`` reports the choice.
         progress: show a tqdm bar over the chunks of one-hot products of the exact trace
             (``exact="hvp"``; tqdm is an optional dependency).
+        per_sample: return the (N,) per-sample traces (per leaf with ``per_block``), exact,
+            from the structured sweep (as for :func:`hessian_diagonal`).
 
     Returns:
         ``trace_fn(*args, generator=None)`` returning a 0-dim tensor (a pytree of them
-        shaped like θ with ``per_block=True``), or ``(estimate, stderr)`` with
+        shaped like θ with ``per_block=True``; (N,) tensors with ``per_sample``), or
+        ``(estimate, stderr)`` with
         ``with_stderr=True``. Same generator state gives the same result. Composes with
         ``torch.func.vmap`` and ``torch.func.grad``.
 
@@ -479,19 +526,26 @@ def hessian_trace(
     check_bool(call, "per_block", per_block)
     check_bool(call, "progress", progress)
     _check_exact(call, exact, num_probes)
+    _check_per_sample(call, per_sample, num_probes, exact)
 
     @functools.wraps(f)
     def trace_fn(*args: Any, generator: torch.Generator | None = None) -> Any:
         swept = (
             _exact_diagonal_leaves(
-                call, trace_fn, *_select_args(call, selector, f, args, argnums), argnums, chunk_size, exact
+                call,
+                trace_fn,
+                *_select_args(call, selector, f, args, argnums),
+                argnums,
+                chunk_size,
+                exact,
+                per_sample,
             )
             if num_probes is None
             else None
         )
         if swept is not None:
             diag, spec = swept
-            sums = [d.sum() for d in diag]
+            sums = [d.flatten(1).sum(1) if per_sample else d.sum() for d in diag]
             est = sum(sums[1:], start=sums[0])
             out = unflatten(spec, sums) if per_block else est
             if not with_stderr:
@@ -540,6 +594,7 @@ def hessian_diagonal(
     method: str = "hutchinson",
     exact: str = "auto",
     progress: bool = False,
+    per_sample: bool = False,
 ) -> Callable[..., Any]:
     """Transform ``f`` into a function returning diag(∇²_θ f) as a pytree shaped like θ.
 
@@ -553,6 +608,17 @@ def hessian_diagonal(
       ``method="xdiag"`` the exchangeable XDiag estimate (Epperly, Tropp, Webber
       2024) from K products, with per-entry standard errors from its leave-one-out
       estimates (:mod:`secorder.estimators.epperly2024xdiag`).
+    * ``per_sample=True``: per-sample diagonals with a leading batch axis N. The batch-axis
+      proof of the structured sweep writes f(θ) = Σ_n f_n(θ) + (terms linear in θ), f_n
+      the part of f that reads sample n only (the adjoints come from f itself): for
+      ``f = mean_n l_n`` f_n = l_n / N, for a weighted mean f_n = w_n l_n / Σ_m w_m, for a
+      sum f_n = l_n. Row n is diag ∇²_θ f_n (so with a mean each row carries the 1/N), and
+      the rows sum to the batch diagonal. The squares are formed per sample before the sum
+      over samples (no loop over samples, no other route): where the sweep cannot run
+      (inside ``torch.func`` transforms, parameters requiring grad, an op mixing samples or
+      without a rule) an error says why. A term with curvature in θ alone (a regularizer
+      λ‖θ‖², a reparametrized weight) belongs to no sample and is refused: leave it out of
+      f (its diagonal is known, 2λ for λ‖θ‖²) and add it to the batch total.
 
     Args:
         f: a function of ``*args`` returning a scalar tensor.
@@ -580,13 +646,16 @@ def hessian_diagonal(
             sweep of :mod:`secorder._graph_sweep`). ``"hvp"``: P one-hot Hessian-vector
             products (any function, composes with ``torch.func`` transforms and keeps the
             graph of parameters that require grad). ``fn.method_info`` reports the method,
-            R (columns per sample), P and the reason after each exact call.
+            R (columns per sample), P and the reason after each eager exact call (not updated
+            while ``torch.compile`` traces).
         progress: show a tqdm bar over the chunks of one-hot products of the exact diagonal
             (``exact="hvp"``; tqdm is an optional dependency).
+        per_sample: return per-sample diagonals, each leaf ``(N, *leaf.shape)`` (see above;
+            ``exact`` ``"auto"`` or ``"sweep"``, no ``num_probes``).
 
     Returns:
         ``diag_fn(*args, generator=None)`` returning a pytree with θ's structure and key
-        order (or ``(diagonal, stderr)``).
+        order (or ``(diagonal, stderr)``); leaves with a leading N with ``per_sample``.
 
     Example:
         >>> import torch
@@ -604,12 +673,19 @@ def hessian_diagonal(
     check_bool(call, "with_stderr", with_stderr)
     check_bool(call, "progress", progress)
     _check_exact(call, exact, num_probes)
+    _check_per_sample(call, per_sample, num_probes, exact)
 
     @functools.wraps(f)
     def diag_fn(*args: Any, generator: torch.Generator | None = None) -> Any:
         swept = (
             _exact_diagonal_leaves(
-                call, diag_fn, *_select_args(call, selector, f, args, argnums), argnums, chunk_size, exact
+                call,
+                diag_fn,
+                *_select_args(call, selector, f, args, argnums),
+                argnums,
+                chunk_size,
+                exact,
+                per_sample,
             )
             if num_probes is None
             else None

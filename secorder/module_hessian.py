@@ -338,7 +338,7 @@ def _run(
             return spec.total(forward(p, x), y)
 
         try:
-            diag = hessian_diagonal(f, chunk_size=chunk_size)(params, inputs, targets)
+            diag = hessian_diagonal(f, chunk_size=chunk_size, exact="hvp")(params, inputs, targets)
         except StrategyFailedError as exc:  # its fix names strategy=, which this call does not take
             raise error(
                 call,

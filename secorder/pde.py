@@ -472,7 +472,7 @@ def laplacian(
         >>> x = torch.tensor([[1.0, 2.0, 3.0], [0.0, -1.0, 5.0]])
         >>> laplacian(u)(torch.tensor([1.0, 2.0, 3.0]), x)
         tensor([12., 12.])
-        >>> q = lambda a, x: (a * x**2).sum(-1)  # diagonal Hessian: Rademacher probes are exact
+        >>> q = lambda a, x: (a * x**2).sum(-1)  # diagonal Hessian: Rademacher is exact
         >>> gen = torch.Generator().manual_seed(0)
         >>> laplacian(q, num_probes=3)(torch.ones(3), x, generator=gen)
         tensor([6., 6.])

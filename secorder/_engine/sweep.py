@@ -91,6 +91,12 @@ _VIEWS = frozenset(
 _DIAG_LOSSES = frozenset({aten.mse_loss.default, aten.binary_cross_entropy_with_logits.default})
 
 
+_PARAMETER_ONLY = (
+    "per_sample=True: the function has curvature in the parameters alone (a term such as "
+    "λ‖θ‖² or a reparametrized weight), which belongs to no sample"
+)
+
+
 def _floating(v: Any) -> bool:
     return isinstance(v, Tensor) and v.is_floating_point()
 
@@ -637,12 +643,26 @@ def _batched_vjp(
 class _Walker:
     """One batched reverse walk per chunk of columns; accumulates the diagonal per leaf."""
 
-    def __init__(self, plan: _Plan, leaves: list[Tensor], n: int) -> None:
+    def __init__(self, plan: _Plan, leaves: list[Tensor], n: int, per_sample: bool = False) -> None:
         self.plan = plan
         self.leaves = leaves
         self.n = n
-        self.diag = [torch.zeros_like(leaf) for leaf in leaves]
+        self.per_sample = per_sample  # diag rows (N, *leaf.shape): sample n's squares alone
+        # per sample: rows allocated on first use (N·P entries: one pass fewer over them)
+        self.diag: list[Any] = [None if per_sample else torch.zeros_like(leaf) for leaf in leaves]
         self.pulls: dict[tuple[int, tuple[Any, ...]], tuple[Any, list[int]]] = {}
+
+    def _add(self, leaf: int, x: Tensor) -> None:
+        if self.diag[leaf] is None:
+            self.diag[leaf] = x
+        else:
+            self.diag[leaf] += x
+
+    def result(self) -> list[Tensor]:
+        return [
+            d if d is not None else leaf.new_zeros(self.n, *leaf.shape)
+            for d, leaf in zip(self.diag, self.leaves)
+        ]
 
     def _pull(self, i: int, positions: list[tuple[Any, ...]]) -> tuple[Any, list[int]]:
         key = (i, tuple(positions))
@@ -688,13 +708,21 @@ class _Walker:
         axes = {p: t for p, t in self.plan.batch.arg_tags(i, node).items() if isinstance(t, tuple)}
         for path, leaf, chain in self.plan.interfaces.get(i, []):
             sq = interfaces.param_squares(
-                node, self.plan.values, path, axes, self.plan.batch.tags[out or 0], cols, weights, self.n
+                node,
+                self.plan.values,
+                path,
+                axes,
+                self.plan.batch.tags[out or 0],
+                cols,
+                weights,
+                self.n,
+                per_sample=self.per_sample,
             )
             if sq is None:
                 raise EngineUnsupportedError(
                     f"no per-sample rule for the parameter argument {path} of {node.func} (tape position {i})"
                 )
-            self.diag[leaf] += self._to_leaf(leaf, chain, sq)
+            self._add(leaf, self._to_leaf(leaf, chain, sq))
 
     def closed_form(self, group: Any, step: int) -> bool:
         """Closed-form transport of a diagonal group (a pointwise op's one-hot columns) at the
@@ -831,6 +859,8 @@ class _Walker:
                 idx = self._ref(node, p).index
                 cot[idx] = cot[idx] + gr if idx in cot else gr
         if same:
+            if self.per_sample:
+                raise EngineUnsupportedError(_PARAMETER_ONLY)
             w = signs[:, 0]
             for leaf in range(tape.num_leaves):
                 if leaf in cot:
@@ -868,16 +898,18 @@ class _Walker:
             if not has[sgn]:
                 continue
             part = ct if not has[-sgn] else ct * (s * sgn > 0)  # one sign throughout: no mask
-            sq = interfaces.param_squares(node, values, path, axes, out_axis, part, weights, self.n)
+            sq = interfaces.param_squares(
+                node, values, path, axes, out_axis, part, weights, self.n, per_sample=self.per_sample
+            )
             if sq is None:
                 raise EngineUnsupportedError(
                     f"no per-sample rule for the parameter argument {path} of {node.func} (tape position {i})"
                 )
-            parts.append(sgn * sq)
+            parts.append(sq if sgn > 0 else -sq)
         if not parts:
             return
         total = parts[0] if len(parts) == 1 else parts[0] + parts[1]
-        self.diag[leaf] += self._to_leaf(leaf, chain, total)
+        self._add(leaf, self._to_leaf(leaf, chain, total))
 
     def _to_leaf(self, leaf: int, chain: list[int], sq: Tensor) -> Tensor:
         """Map entries of an injective view of the leaf back to the leaf (the views' VJP)."""
@@ -891,7 +923,8 @@ class _Walker:
             return x
 
         _, pull, *_ = vjp(views, self.leaves[leaf])
-        return pull(sq.to(values[int(tape.nodes[chain[-1]].outputs[0] or 0)].dtype))[0]
+        sq = sq.to(values[int(tape.nodes[chain[-1]].outputs[0] or 0)].dtype)
+        return vmap(pull)(sq)[0] if self.per_sample else pull(sq)[0]
 
 
 def engine_diagonal(
@@ -901,6 +934,7 @@ def engine_diagonal(
     *,
     chunk_size: int | None = None,
     max_columns: int | None = None,
+    per_sample: bool = False,
 ) -> tuple[list[Tensor], int]:
     """diag ∇²_θ g(θ) per leaf, and R (columns per sample), for ``g`` evaluated on the whole batch.
 
@@ -911,6 +945,11 @@ def engine_diagonal(
         data: the batched arguments (inputs, targets, per-sample weights).
         chunk_size: columns per batched reverse walk (``None``: from the memory budget).
         max_columns: raise :class:`EngineTooCostlyError` when R exceeds it.
+        per_sample: rows ``(N, *leaf.shape)``: row n is diag ∇²_θ of sample n's term g_n of
+            g = Σ_n g_n (the adjoints come from g, so a mean's 1/N or a sample weight is in the
+            row); the rows sum to the diagonal. Refused (:class:`EngineUnsupportedError`) when
+            g has curvature in the parameters alone (a regularizer λ‖θ‖², a reparametrized
+            weight): it belongs to no sample.
 
     Raises:
         EngineUnsupportedError: see the module docstring.
@@ -928,7 +967,9 @@ def engine_diagonal(
     n = int(data[0].shape[0])
     prepared = _prepare(g, leaves, data, n, batched_output=False)
     if prepared is None:
-        return [torch.zeros_like(leaf) for leaf in leaves], 0
+        return [
+            leaf.new_zeros(n, *leaf.shape) if per_sample else torch.zeros_like(leaf) for leaf in leaves
+        ], 0
     tape, values, plan = prepared
     adj = _adjoints(tape, leaves, values)
     tol_scale = 64 * torch.finfo(leaves[0].dtype).eps
@@ -941,7 +982,9 @@ def engine_diagonal(
     )
     if max_columns is not None and pulled > max_columns:
         raise EngineTooCostlyError(pulled)
-    walker = _Walker(plan, leaves, n)
+    if per_sample and any(gr.tag is SAME and gr.count for gr in groups):
+        raise EngineUnsupportedError(_PARAMETER_ONLY)
+    walker = _Walker(plan, leaves, n, per_sample)
     step = chunk_size or _default_step(plan, leaves, n)
     for group in groups:
         if (
@@ -959,7 +1002,7 @@ def engine_diagonal(
         for c0 in range(0, group.count, step):
             cols, signs = group.get(c0, min(group.count, c0 + step))
             walker.walk(group, cols, signs)
-    return walker.diag, r_total
+    return walker.result(), r_total
 
 
 def _prepare(
@@ -1020,6 +1063,7 @@ def engine_output_diagonal(
     num_columns: int,
     *,
     chunk_size: int | None = None,
+    per_sample: bool = False,
 ) -> list[Tensor]:
     """Σ_r Σ_n w_{n,r} (J_nᵀ s_{n,r})^⊙2 per leaf, J_n the Jacobian of sample n's outputs: the
     GGN / empirical Fisher diagonal from the loss node's columns only.
@@ -1029,6 +1073,7 @@ def engine_output_diagonal(
         columns: ``columns(a, b)`` → (k, N, ...) columns s_{n,r} for r in a..b.
         weights: ``weights(a, b)`` → (k, N) real weights w (None: all ones).
         num_columns: R.
+        per_sample: rows ``(N, *leaf.shape)``, row n = Σ_r w_{n,r} (J_nᵀ s_{n,r})^⊙2.
 
     Raises:
         EngineUnsupportedError: as for :func:`engine_diagonal` (the outputs must be batched along
@@ -1038,11 +1083,11 @@ def engine_output_diagonal(
     n = int(data[0].shape[0])
     prepared = _prepare(model, leaves, data, n, batched_output=True)
     if prepared is None:
-        return [torch.zeros_like(leaf) for leaf in leaves]
+        return [leaf.new_zeros(n, *leaf.shape) if per_sample else torch.zeros_like(leaf) for leaf in leaves]
     tape, values, plan = prepared
     assert tape.output is not None
     z = tape.output.index
-    walker = _Walker(plan, leaves, n)
+    walker = _Walker(plan, leaves, n, per_sample)
     dummy = values[z].new_zeros(1, 1, 1)
     group = _Group(z, (0, 1), _layout(tuple(values[z].shape), (0, 1), n, None), dummy, dummy, None, [])
     step = chunk_size or _default_step(plan, leaves, n)
@@ -1061,7 +1106,7 @@ def engine_output_diagonal(
             signs = torch.sign(w)
             cols = cols * w.abs().sqrt().reshape(*w.shape, *[1] * (cols.dim() - 2))
         walker.walk(group, cols, signs, per_column)
-    return walker.diag
+    return walker.result()
 
 
 def _adjoints(tape: Tape, leaves: list[Tensor], values: list[Any]) -> dict[int, Tensor]:
