@@ -32,8 +32,11 @@ def _inline(text: str) -> str:
         if part.startswith("`") and part.endswith("`") and len(part) > 1:
             out.append(f"``{part[1:-1]}``")
         else:
+            # characters rST would parse as markup (emphasis, roles, substitutions) stay literal,
+            # so that no benchmark's prose can break the docs build
+            for ch in ("\\", "*", "`", "|"):
+                part = part.replace(ch, "\\" + ch)
             part = re.sub(r"(?<=\w)_(?=\W|$)", r"\_", part)  # a trailing _ would be a link
-            part = part.replace("|", r"\|")
             out.append(part)
     return "".join(out)
 
