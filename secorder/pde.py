@@ -47,6 +47,7 @@ from secorder._validate import (
     check_argnums,
     check_bool,
     check_callable,
+    check_finite_result,
     check_finite_tree,
     check_grad_context,
     check_num_probes,
@@ -510,6 +511,13 @@ def laplacian(
             v0, v1, v2 = _collapsed(tape, leaves, x, (rows, k), groups, info, want_v1, chunk_size)
             _check_independent(call, fn, leaves, x, v0)
         lap = v2.sum(0) / scale
+        check_finite_result(
+            call,
+            "Laplacian",
+            lap,
+            fix="The points and parameters were finite: u overflowed or has a singular point there "
+            "(a log or division at 0); compute in float64, or check u.",
+        )
         out: tuple[Tensor, ...] = (lap,)
         if return_derivatives:
             if exact_unit:
@@ -610,6 +618,13 @@ def biharmonic(
             v2 = _nested(lap, leaves, x, outer, g_out, chunk_size)[2]
         # v2: (g_out, g_in, *O): sums over the directions of each group at both levels
         res = v2.sum((0, 1)) / (scale_out * scale_in)
+        check_finite_result(
+            call,
+            "biharmonic",
+            res,
+            fix="The points and parameters were finite: u overflowed or has a singular point there; "
+            "compute in float64, or check u.",
+        )
         bih_fn.method_info = info  # type: ignore[attr-defined]
         if not with_stderr:
             return res

@@ -527,6 +527,14 @@ ONE_OFF = [
         NONFINITE,
     ),
     (
+        "laplacian-singular-u",
+        lambda P: secorder.laplacian(lambda p, x: torch.log(x.abs()).sum(-1))(
+            P.params, torch.zeros(2, 3, dtype=F64)
+        ),
+        ValueError,
+        r"the Laplacian must be finite.*u overflowed or has a singular point",
+    ),
+    (
         "laplacian-empty-batch",
         lambda P: secorder.laplacian(_u_points)(P.params, _points()[:0]),
         ValueError,
@@ -561,6 +569,14 @@ ONE_OFF = [
         lambda P: secorder.biharmonic(_u_points)(P.params, _points(nan=True)),
         ValueError,
         r"must be finite",
+    ),
+    (
+        "biharmonic-singular-u",
+        lambda P: secorder.biharmonic(lambda p, x: torch.log(x.abs()).sum(-1))(
+            P.params, torch.zeros(2, 3, dtype=F64)
+        ),
+        ValueError,
+        r"the biharmonic must be finite",
     ),
     (
         "biharmonic-empty-batch",
