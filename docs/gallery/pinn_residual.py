@@ -1,6 +1,7 @@
-"""The plot of docs/pinn.rst: a Poisson PINN trained with secorder.laplacian, and its residual.
+"""A Poisson PINN trained with secorder.laplacian, and its residual (docs/pinn.rst).
 
-Run by matplotlib's plot directive when the documentation is built (about 5 s on one CPU core).
+Run by matplotlib's plot directive when the documentation is built
+(about 5 s on one CPU core).
 """
 
 import math
@@ -12,14 +13,19 @@ import secorder
 
 torch.manual_seed(0)
 model = torch.nn.Sequential(
-    torch.nn.Linear(2, 32), torch.nn.Tanh(), torch.nn.Linear(32, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1)
+    torch.nn.Linear(2, 32),
+    torch.nn.Tanh(),
+    torch.nn.Linear(32, 32),
+    torch.nn.Tanh(),
+    torch.nn.Linear(32, 1),
 )
 params = dict(model.named_parameters())
 
 
 def u(params, x):
     net = torch.func.functional_call(model, params, (x,)).squeeze(-1)
-    return x[:, 0] * (1 - x[:, 0]) * x[:, 1] * (1 - x[:, 1]) * net  # zero on the boundary
+    bubble = x[:, 0] * (1 - x[:, 0]) * x[:, 1] * (1 - x[:, 1])  # zero on the boundary
+    return bubble * net
 
 
 def f(x):
@@ -48,7 +54,7 @@ ax1.semilogy(losses)
 ax1.set_xlabel("Adam step")
 ax1.set_ylabel("mean (−Δu − f)² over 128 random points")
 ax1.set_title("training loss")
-im = ax2.imshow(residual.T, origin="lower", extent=(0, 1, 0, 1), cmap="viridis")
+im = ax2.imshow(residual.T.numpy(), origin="lower", extent=(0, 1, 0, 1), cmap="viridis")
 fig.colorbar(im, ax=ax2)
 ax2.set_title("|−Δu − f| after 300 steps")
 ax2.set_xlabel("x₁")
