@@ -623,21 +623,10 @@ def _leaves_of(plan: _Plan, v: int, memo: dict[int, frozenset[int]] | None = Non
 def _batched_vjp(
     node: TapeNode, values: Sequence[Any], positions: list[tuple[Any, ...]], cts: dict[int, Tensor]
 ) -> list[Tensor] | None:
-    """Column-batched VJPs written directly for ops whose generic vmapped VJP materializes and
-    copies (max pooling: a scatter of the (k, N, C, ...) columns by the recorded indices);
-    None for every other op."""
-    if node.func is aten.max_pool2d_with_indices.default and positions == [(0, 0)]:
-        out, ind = node.outputs[0], node.outputs[1]
-        if out is None or ind is None or out not in cts or len(cts) != 1:
-            return None
-        x = values[node.args[0].index]
-        ct = cts[out]
-        k = ct.shape[0]
-        idx = values[ind].flatten(-2).expand(k, *values[ind].shape[:-2], -1)
-        grad = ct.new_zeros(k, *x.shape[:-2], x.shape[-2] * x.shape[-1])
-        grad.scatter_add_(-1, idx, ct.flatten(-2))
-        return [grad.reshape(k, *x.shape)]
-    return None
+    """The op's column-batched VJP from the registry (:mod:`secorder._engine.vjps`); None: the
+    generic vmapped ``vjp``."""
+    fn = rule(node.func).vjp
+    return None if fn is None else fn(node, values, positions, cts)
 
 
 class _Walker:
