@@ -82,22 +82,10 @@ def test_convolution_vjp_declines_other_positions() -> None:
     assert vjps.convolution_vjp(node, values, [(0, 0), (0, 1)], {node.outputs[0]: ct}) is None
 
 
-def test_relu_vjp_matches_generic() -> None:
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(4, 6, dtype=DT, generator=g)
-    x[0, :3] = 0.0  # ReLU's derivative at 0 is 0 (threshold_backward)
-    tape = record(lambda ls: torch.relu(ls[0]).sum(), [x])
-    values = tape.values if tape.values is not None else tape.replay([x])
-    node = tape.nodes[_node_of(tape, "relu")]
-    ct = torch.randn(3, 4, 6, dtype=DT, generator=g)
-    got = rule(node.func).vjp(node, values, [(0, 0)], {node.outputs[0]: ct})
-    torch.testing.assert_close(got[0], _generic(node, values, ct), rtol=0, atol=0)
-
-
 @pytest.mark.parametrize("loop", [False, True], ids=["folded", "one_column_at_a_time"])
 def test_cnn_diagonal_exact_through_the_vjp_rules(loop: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """Curvature behind two convolutions (GELU between them): the columns of the second
-    activation reach the first convolution through the convolution and ReLU VJP rules."""
+    activation reach the first convolution through the convolution VJP rule."""
     monkeypatch.setattr(vjps, "_LOOP_BYTES", 0 if loop else 1 << 62)
     torch.manual_seed(3)
     model = nn.Sequential(

@@ -30,7 +30,7 @@ Fields:
   operators of :mod:`secorder.pde`); ops without one take ``jet.linear`` when ``linear``,
   ``jet.no_curvature`` when ``no_curvature`` or ``linear_first``, else nested AD on the op.
 * ``vjp``: a column-batched vector-Jacobian product the sweep's reverse walk uses instead of
-  its generic vmapped ``vjp`` (:mod:`secorder._engine.vjps`: max pooling, convolution, ReLU).
+  its generic vmapped ``vjp`` (:mod:`secorder._engine.vjps`: max pooling, convolution).
 * ``batch``: the op's batch rule for the per-sample proof (:mod:`secorder._engine.batch`):
   how a sample axis passes through it (``"pointwise"`` is the default for ops tagged
   pointwise; an op with none refuses a batched parameter-dependent input).

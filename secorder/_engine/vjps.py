@@ -12,7 +12,6 @@ the products directly from the recorded values (None: the generic road):
   zero-stride stand-in for the input (its values are not read), no forward re-run; on CPU,
   columns of a megabyte or more go one at a time (vmap folds them into one batch, which ran
   about 25% slower on the benchmark CNN: the (k, N, C, H, W) blocks leave the cache);
-* ``relu``: the recorded output's mask (ReLU's VJP is ``threshold_backward`` on the output).
 """
 
 from __future__ import annotations
@@ -86,19 +85,7 @@ def convolution_vjp(
     return [folded.reshape(k, *x.shape)]
 
 
-def relu_vjp(
-    node: TapeNode, values: Sequence[Any], positions: list[tuple[Any, ...]], cts: dict[int, Tensor]
-) -> list[Tensor] | None:
-    """``relu``: the columns where the recorded output is positive (``threshold_backward``)."""
-    ct = _only_first(node, positions, cts)
-    out = node.outputs[0]
-    if ct is None or out is None:
-        return None
-    return [torch.where(values[out] > 0, ct, ct.new_zeros(()))]
-
-
 VJPS: dict[str, Any] = {
     "max_pool2d_with_indices": max_pool_vjp,
     "convolution": convolution_vjp,
-    "relu": relu_vjp,
 }
