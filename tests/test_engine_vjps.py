@@ -1,5 +1,6 @@
-"""The column-batched VJP rules of the sweep's walk (secorder._engine.vjps) against the generic
-road (``vmap`` of the op's ``vjp``), and end to end against dense float64 Hessians."""
+"""Fast rules of the sweep's walk: the column-batched VJP rules (secorder._engine.vjps)
+against the generic road (``vmap`` of the op's ``vjp``), the closed-form pointwise derivatives
+(``OpRule.derivs``), and both end to end against dense float64 Hessians."""
 
 from __future__ import annotations
 
@@ -109,4 +110,46 @@ def test_cnn_diagonal_exact_through_the_vjp_rules(loop: bool, monkeypatch: pytes
     assert fn.method_info.method == "sweep", fn.method_info
     ref = dense_hessian(lambda p: f(p, x, y), params).diagonal()
     got_flat = torch.cat([leaf.reshape(-1) for leaf in flatten(got)[0]])  # dense_hessian's flat order
+    torch.testing.assert_close(got_flat, ref, rtol=1e-9, atol=1e-12)
+
+
+POINTWISE: dict[str, Callable[[Tensor], Tensor]] = {
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "sin": torch.sin,
+    "cos": torch.cos,
+    "exp": lambda h: torch.exp(0.3 * h),
+    "log": lambda h: torch.log(h * h + 1.0),
+    "sqrt": lambda h: torch.sqrt(h * h + 1.0),
+    "rsqrt": lambda h: torch.rsqrt(h * h + 1.0),
+    "reciprocal": lambda h: torch.reciprocal(h * h + 1.0),
+    "pow2": lambda h: h**2,
+    "pow3": lambda h: h**3,
+    "silu": F.silu,
+    "softplus": lambda h: F.softplus(h, beta=2.0, threshold=1.0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(POINTWISE))
+def test_pointwise_closed_form_columns_exact(name: str) -> None:
+    """The sweep's diagonal columns m = ḡ ⊙ f'' and the closed-form transport's f' from the
+    registry's ``derivs`` (:data:`secorder._engine.jet.DERIVS`), two layers deep (the first
+    activation's f' carries the second's columns to the first layer) against dense float64."""
+    act = POINTWISE[name]
+    g = torch.Generator().manual_seed(7)
+    params = {
+        "w1": torch.randn(5, 4, dtype=DT, generator=g) * 0.7,
+        "w2": torch.randn(4, 4, dtype=DT, generator=g) * 0.7,
+        "w3": torch.randn(4, 3, dtype=DT, generator=g) * 0.7,
+    }
+    x, y = torch.randn(6, 5, dtype=DT, generator=g), torch.randint(0, 3, (6,), generator=g)
+
+    def f(p: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        return F.cross_entropy(act(act(x @ p["w1"]) @ p["w2"]) @ p["w3"], y)
+
+    fn = secorder.hessian_diagonal(f)
+    got = fn(params, x, y)
+    assert fn.method_info.method == "sweep", fn.method_info
+    ref = dense_hessian(lambda p: f(p, x, y), params).diagonal()
+    got_flat = torch.cat([leaf.reshape(-1) for leaf in flatten(got)[0]])
     torch.testing.assert_close(got_flat, ref, rtol=1e-9, atol=1e-12)

@@ -31,6 +31,8 @@ Fields:
   ``jet.no_curvature`` when ``no_curvature`` or ``linear_first``, else nested AD on the op.
 * ``vjp``: a column-batched vector-Jacobian product the sweep's reverse walk uses instead of
   its generic vmapped ``vjp`` (:mod:`secorder._engine.vjps`: max pooling, convolution).
+* ``derivs``: a unary elementwise op's closed-form (f, f', f'') (:data:`secorder._engine.jet.DERIVS`),
+  shared by the collapsed Taylor rule and the sweep's diagonal columns m = ḡ ⊙ f''.
 * ``batch``: the op's batch rule for the per-sample proof (:mod:`secorder._engine.batch`):
   how a sample axis passes through it (``"pointwise"`` is the default for ops tagged
   pointwise; an op with none refuses a batched parameter-dependent input).
@@ -64,6 +66,7 @@ class OpRule:
     )
     collapsed: Any = None  # collapsed Taylor rule (ctx, func, args, kwargs) -> outputs (jet.py)
     vjp: Any = None  # column-batched VJP of the sweep's walk (vjps.py)
+    derivs: Any = None  # (func, x, *args[1:], **kwargs) -> (f(x), f'(x), f''(x) or None) (jet.py)
     batch: str | None = None
 
     @property
@@ -153,7 +156,7 @@ for _name, _fn in _vjps.VJPS.items():
 from secorder._engine import jet as _jet  # noqa: E402  (the rules need the registry's names above)
 
 for _name, _derivs in _jet.DERIVS.items():
-    _register((_name,), collapsed=_jet.pointwise_rule(_derivs))
+    _register((_name,), collapsed=_jet.pointwise_rule(_derivs), derivs=_derivs)
 _register(("gelu",), collapsed=_jet.gelu_rule)
 _register(("zeros_like", "ones_like", "full_like", "empty_like"), collapsed=_jet.constant_rule)
 _register(("mul.Tensor",), collapsed=_jet.mul_rule)

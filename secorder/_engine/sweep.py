@@ -327,6 +327,19 @@ def _groups(plan: _Plan, adj: dict[int, Tensor], n: int, tol_scale: float) -> li
         if (torch.Tag.pointwise in func.tags and not node.multi) or (func in _DIAG_LOSSES and p == (0, 0)):
             if outs != [o]:
                 raise EngineUnsupportedError(f"{func} (tape position {i}) with several outputs used")
+            derivs = rule(func).derivs
+            if derivs is not None and p == (0, 0) and len(paths((node.args, node.kwargs))) == 1:
+                # closed form f'' from the registry (no double backward)
+                args_ = resolve((node.args, node.kwargs), values)
+                d2 = derivs(func, u, *args_[0][1:], **args_[1])[2]
+                if d2 is None:  # piecewise linear
+                    continue
+                m = (adj[o].to(u.dtype) * d2).detach()
+                m = torch.where(adj[o] == 0, torch.zeros_like(m), m)
+                lay = _layout(tuple(u.shape), tag, n, None)
+                lam = lay.to_major(m).reshape(lay.n, -1, 1)
+                groups.append(_group_from_local(r.index, tag, lay, lam, None, tol_scale))
+                continue
             fn = _node_fn(node, values, [p], [0])
             with torch.enable_grad():
                 uu = u.detach().requires_grad_(True)
@@ -778,8 +791,13 @@ class _Walker:
         for j in steps:
             node = tape.nodes[j]
             x = values[node.args[0].index]
-            _, pull, *_ = vjp(_node_fn(node, values, [(0, 0)], [0]), x)
-            (deriv,) = pull((torch.ones_like(values[int(node.outputs[0] or 0)]),))
+            d = rule(node.func).derivs
+            if d is not None and len(paths((node.args, node.kwargs))) == 1:
+                args_ = resolve((node.args, node.kwargs), values)
+                deriv = d(node.func, x, *args_[0][1:], **args_[1])[1]  # f' in closed form
+            else:
+                _, pull, *_ = vjp(_node_fn(node, values, [(0, 0)], [0]), x)
+                (deriv,) = pull((torch.ones_like(values[int(node.outputs[0] or 0)]),))
             derivs.append(deriv)
             dgram = dgram * deriv * deriv
         self._diagonal_squares(stop, dgram)
