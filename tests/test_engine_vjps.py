@@ -153,3 +153,37 @@ def test_pointwise_closed_form_columns_exact(name: str) -> None:
     ref = dense_hessian(lambda p: f(p, x, y), params).diagonal()
     got_flat = torch.cat([leaf.reshape(-1) for leaf in flatten(got)[0]])
     torch.testing.assert_close(got_flat, ref, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["ggn", "empirical"])
+def test_fisher_plain_model_fn_outputs_from_the_engine_tape(kind: str) -> None:
+    """The outputs z of a plain ``model_fn`` come from the tape the engine sweeps (one forward
+    pass fewer): the same values as the generic route, and one evaluation fewer."""
+    g = torch.Generator().manual_seed(11)
+    params = {"w": torch.randn(3, 4, dtype=DT, generator=g), "v": torch.randn(4, 2, dtype=DT, generator=g)}
+    x, y = torch.randn(5, 3, dtype=DT, generator=g), torch.randint(0, 2, (5,), generator=g)
+    calls = [0]
+
+    def model_fn(p: dict[str, Tensor], x: Tensor) -> Tensor:
+        calls[0] += 1
+        return torch.tanh(x @ p["w"]) @ p["v"]
+
+    fd = secorder.fisher_diagonal(model_fn, "cross_entropy", kind=kind)
+    got = fd(params, x, y)
+    assert fd.path_info.path == "fast", fd.path_info
+    swept_calls = calls[0]
+    ref = secorder.fisher_diagonal(model_fn, "cross_entropy", kind=kind, path="generic")(params, x, y)
+    for k in params:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-12, atol=1e-14)
+    assert swept_calls <= 2  # the recording (z and the tape) and one check; a separate z forward made 3
+
+
+def test_fisher_plain_model_fn_own_exception_passes_through() -> None:
+    params = {"w": torch.randn(3, 2, dtype=DT)}
+    x, y = torch.randn(4, 3, dtype=DT), torch.randint(0, 2, (4,))
+
+    def model_fn(p: dict[str, Tensor], x: Tensor) -> Tensor:
+        raise KeyError("the user's own error")
+
+    with pytest.raises(KeyError, match="the user's own error"):
+        secorder.fisher_diagonal(model_fn, "cross_entropy")(params, x, y)

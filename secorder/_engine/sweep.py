@@ -1019,12 +1019,15 @@ def _prepare(
     n: int,
     *,
     batched_output: bool,
+    tape: Tape | None = None,
 ) -> tuple[Tape, list[Any], _Plan] | None:
-    """Record, take the values and prove the per-sample structure (None: output independent of θ)."""
-    try:
-        tape = record(g, leaves)
-    except TapeUnsupportedError as exc:
-        raise EngineUnsupportedError(str(exc.args[0])) from exc
+    """Record (unless ``tape``, a recording of ``g`` at ``leaves``, is given), take the values and
+    prove the per-sample structure (None: output independent of θ)."""
+    if tape is None:
+        try:
+            tape = record(g, leaves)
+        except TapeUnsupportedError as exc:
+            raise EngineUnsupportedError(str(exc.args[0])) from exc
     if tape.output is None or not tape.depends[tape.output.index]:
         return None
     if tape.values is not None:
@@ -1071,6 +1074,7 @@ def engine_output_diagonal(
     *,
     chunk_size: int | None = None,
     per_sample: bool = False,
+    tape: Tape | None = None,
 ) -> list[Tensor]:
     """Σ_r Σ_n w_{n,r} (J_nᵀ s_{n,r})^⊙2 per leaf, J_n the Jacobian of sample n's outputs: the
     GGN / empirical Fisher diagonal from the loss node's columns only.
@@ -1081,6 +1085,8 @@ def engine_output_diagonal(
         weights: ``weights(a, b)`` → (k, N) real weights w (None: all ones).
         num_columns: R.
         per_sample: rows ``(N, *leaf.shape)``, row n = Σ_r w_{n,r} (J_nᵀ s_{n,r})^⊙2.
+        tape: a recording of ``model`` at ``leaves`` (:func:`secorder._engine.tape.record`)
+            when the caller already made one to get the outputs (no second forward pass).
 
     Raises:
         EngineUnsupportedError: as for :func:`engine_diagonal` (the outputs must be batched along
@@ -1088,7 +1094,7 @@ def engine_output_diagonal(
     """
     leaves = [leaf.detach() for leaf in leaves]
     n = int(data[0].shape[0])
-    prepared = _prepare(model, leaves, data, n, batched_output=True)
+    prepared = _prepare(model, leaves, data, n, batched_output=True, tape=tape)
     if prepared is None:
         return [leaf.new_zeros(n, *leaf.shape) if per_sample else torch.zeros_like(leaf) for leaf in leaves]
     tape, values, plan = prepared
