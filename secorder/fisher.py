@@ -377,7 +377,13 @@ def _run(
         capture = FastCapture(s.module, names, leaves, create_graph=needs_graph)
         if not capture.fast_indices and s.path != "fast":
             capture = None
-    z = capture.forward(lambda ls: fn(ls, inputs)) if capture is not None else fn(leaves, inputs)
+    tape = None
+    if capture is None and _engine_route(s, transformed, needs_graph, hutchinson):
+        tape = _record_outputs(fn, leaves, inputs)  # the engine's tape gives z: one forward pass
+    if capture is not None:
+        z = capture.forward(lambda ls: fn(ls, inputs))
+    else:
+        z = tape.result if tape is not None else fn(leaves, inputs)
     z = _check_outputs(call, z, eager=not transformed)
     s.loss.check(call, z, targets)
     scale = s.loss.scale(z)
@@ -429,8 +435,8 @@ def _run(
     if capture is not None:
         capture.accumulate(z, factor, acc, trace=trace, per_column=per_column)
         generic = capture.generic_indices
-    elif s.kind != "mc" and s.path != "generic" and not transformed and not needs_graph:
-        swept = _engine_accumulate(s, fn, leaves, inputs, z, factor, acc)
+    elif _engine_route(s, transformed, needs_graph, hutchinson):
+        swept = _engine_accumulate(s, fn, leaves, inputs, z, factor, acc, tape)
         if swept:
             generic = []
     if generic:
@@ -517,6 +523,30 @@ def _per_sample_rows(
     )
 
 
+def _engine_route(s: _Setup, transformed: bool, needs_graph: bool, hutchinson: bool) -> bool:
+    """Whether the exact GGN / empirical Fisher of a plain ``model_fn`` tries the structured sweep."""
+    return (
+        s.kind != "mc"
+        and s.path != "generic"
+        and not transformed
+        and not needs_graph
+        and not s.per_sample
+        and not hutchinson
+    )
+
+
+def _record_outputs(fn: Callable[[list[Tensor], Any], Any], leaves: list[Tensor], inputs: Any) -> Any:
+    """A tape of ``fn(leaves, inputs)`` for the structured sweep, whose result is the outputs z
+    (None where it cannot be recorded: the caller evaluates ``fn`` itself, so a user's own
+    exception passes through from that call)."""
+    from secorder._engine.tape import TapeUnsupportedError, record
+
+    try:
+        return record(lambda ls: fn(ls, inputs), leaves)
+    except TapeUnsupportedError:
+        return None
+
+
 def _engine_accumulate(
     s: _Setup,
     fn: Callable[[list[Tensor], Any], Any],
@@ -525,6 +555,7 @@ def _engine_accumulate(
     z: Tensor,
     factor: Factor,
     acc: ColumnAccumulator,
+    tape: Any = None,
 ) -> bool:
     """The exact GGN / empirical Fisher of a plain ``model_fn`` by the structured sweep over a
     tape of the whole batch (:func:`secorder._engine.sweep.engine_output_diagonal`: the loss
@@ -547,6 +578,7 @@ def _engine_accumulate(
             factor.weights,
             factor.num_columns,
             chunk_size=s.chunk_size,
+            tape=tape,
         )
     except EngineUnsupportedError:
         return False

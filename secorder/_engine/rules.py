@@ -29,6 +29,10 @@ Fields:
   K directional derivatives and the summed second derivatives through the op (the PDE
   operators of :mod:`secorder.pde`); ops without one take ``jet.linear`` when ``linear``,
   ``jet.no_curvature`` when ``no_curvature`` or ``linear_first``, else nested AD on the op.
+* ``vjp``: a column-batched vector-Jacobian product the sweep's reverse walk uses instead of
+  its generic vmapped ``vjp`` (:mod:`secorder._engine.vjps`: max pooling, convolution).
+* ``derivs``: a unary elementwise op's closed-form (f, f', f'') (:data:`secorder._engine.jet.DERIVS`),
+  shared by the collapsed Taylor rule and the sweep's diagonal columns m = ḡ ⊙ f''.
 * ``batch``: the op's batch rule for the per-sample proof (:mod:`secorder._engine.batch`):
   how a sample axis passes through it (``"pointwise"`` is the default for ops tagged
   pointwise; an op with none refuses a batched parameter-dependent input).
@@ -61,6 +65,8 @@ class OpRule:
         None  # Callable[[interfaces._Ctx], Tensor | None]: squared per-sample parameter gradients
     )
     collapsed: Any = None  # collapsed Taylor rule (ctx, func, args, kwargs) -> outputs (jet.py)
+    vjp: Any = None  # column-batched VJP of the sweep's walk (vjps.py)
+    derivs: Any = None  # (func, x, *args[1:], **kwargs) -> (f(x), f'(x), f''(x) or None) (jet.py)
     batch: str | None = None
 
     @property
@@ -140,11 +146,17 @@ from secorder._engine import interfaces as _interfaces  # noqa: E402 - the rules
 for _name, _fn in _interfaces.INTERFACES.items():
     _register((_name,), interface=_fn)
 # ---- end of parameter interfaces ----
+# ---- column-batched VJPs of the sweep's reverse walk ------------------------------------------
+from secorder._engine import vjps as _vjps  # noqa: E402
+
+for _name, _fn in _vjps.VJPS.items():
+    _register((_name,), vjp=_fn)
+# ---- end of column-batched VJPs ----
 # ---- collapsed Taylor rules (secorder.pde: Laplacians, weighted traces, biharmonic) -------------
 from secorder._engine import jet as _jet  # noqa: E402  (the rules need the registry's names above)
 
 for _name, _derivs in _jet.DERIVS.items():
-    _register((_name,), collapsed=_jet.pointwise_rule(_derivs))
+    _register((_name,), collapsed=_jet.pointwise_rule(_derivs), derivs=_derivs)
 _register(("gelu",), collapsed=_jet.gelu_rule)
 _register(("zeros_like", "ones_like", "full_like", "empty_like"), collapsed=_jet.constant_rule)
 _register(("mul.Tensor",), collapsed=_jet.mul_rule)

@@ -327,6 +327,19 @@ def _groups(plan: _Plan, adj: dict[int, Tensor], n: int, tol_scale: float) -> li
         if (torch.Tag.pointwise in func.tags and not node.multi) or (func in _DIAG_LOSSES and p == (0, 0)):
             if outs != [o]:
                 raise EngineUnsupportedError(f"{func} (tape position {i}) with several outputs used")
+            derivs = rule(func).derivs
+            if derivs is not None and p == (0, 0) and len(paths((node.args, node.kwargs))) == 1:
+                # closed form f'' from the registry (no double backward)
+                args_ = resolve((node.args, node.kwargs), values)
+                d2 = derivs(func, u, *args_[0][1:], **args_[1])[2]
+                if d2 is None:  # piecewise linear
+                    continue
+                m = (adj[o].to(u.dtype) * d2).detach()
+                m = torch.where(adj[o] == 0, torch.zeros_like(m), m)
+                lay = _layout(tuple(u.shape), tag, n, None)
+                lam = lay.to_major(m).reshape(lay.n, -1, 1)
+                groups.append(_group_from_local(r.index, tag, lay, lam, None, tol_scale))
+                continue
             fn = _node_fn(node, values, [p], [0])
             with torch.enable_grad():
                 uu = u.detach().requires_grad_(True)
@@ -623,21 +636,10 @@ def _leaves_of(plan: _Plan, v: int, memo: dict[int, frozenset[int]] | None = Non
 def _batched_vjp(
     node: TapeNode, values: Sequence[Any], positions: list[tuple[Any, ...]], cts: dict[int, Tensor]
 ) -> list[Tensor] | None:
-    """Column-batched VJPs written directly for ops whose generic vmapped VJP materializes and
-    copies (max pooling: a scatter of the (k, N, C, ...) columns by the recorded indices);
-    None for every other op."""
-    if node.func is aten.max_pool2d_with_indices.default and positions == [(0, 0)]:
-        out, ind = node.outputs[0], node.outputs[1]
-        if out is None or ind is None or out not in cts or len(cts) != 1:
-            return None
-        x = values[node.args[0].index]
-        ct = cts[out]
-        k = ct.shape[0]
-        idx = values[ind].flatten(-2).expand(k, *values[ind].shape[:-2], -1)
-        grad = ct.new_zeros(k, *x.shape[:-2], x.shape[-2] * x.shape[-1])
-        grad.scatter_add_(-1, idx, ct.flatten(-2))
-        return [grad.reshape(k, *x.shape)]
-    return None
+    """The op's column-batched VJP from the registry (:mod:`secorder._engine.vjps`); None: the
+    generic vmapped ``vjp``."""
+    fn = rule(node.func).vjp
+    return None if fn is None else fn(node, values, positions, cts)
 
 
 class _Walker:
@@ -789,8 +791,13 @@ class _Walker:
         for j in steps:
             node = tape.nodes[j]
             x = values[node.args[0].index]
-            _, pull, *_ = vjp(_node_fn(node, values, [(0, 0)], [0]), x)
-            (deriv,) = pull((torch.ones_like(values[int(node.outputs[0] or 0)]),))
+            d = rule(node.func).derivs
+            if d is not None and len(paths((node.args, node.kwargs))) == 1:
+                args_ = resolve((node.args, node.kwargs), values)
+                deriv = d(node.func, x, *args_[0][1:], **args_[1])[1]  # f' in closed form
+            else:
+                _, pull, *_ = vjp(_node_fn(node, values, [(0, 0)], [0]), x)
+                (deriv,) = pull((torch.ones_like(values[int(node.outputs[0] or 0)]),))
             derivs.append(deriv)
             dgram = dgram * deriv * deriv
         self._diagonal_squares(stop, dgram)
@@ -1012,12 +1019,15 @@ def _prepare(
     n: int,
     *,
     batched_output: bool,
+    tape: Tape | None = None,
 ) -> tuple[Tape, list[Any], _Plan] | None:
-    """Record, take the values and prove the per-sample structure (None: output independent of θ)."""
-    try:
-        tape = record(g, leaves)
-    except TapeUnsupportedError as exc:
-        raise EngineUnsupportedError(str(exc.args[0])) from exc
+    """Record (unless ``tape``, a recording of ``g`` at ``leaves``, is given), take the values and
+    prove the per-sample structure (None: output independent of θ)."""
+    if tape is None:
+        try:
+            tape = record(g, leaves)
+        except TapeUnsupportedError as exc:
+            raise EngineUnsupportedError(str(exc.args[0])) from exc
     if tape.output is None or not tape.depends[tape.output.index]:
         return None
     if tape.values is not None:
@@ -1064,6 +1074,7 @@ def engine_output_diagonal(
     *,
     chunk_size: int | None = None,
     per_sample: bool = False,
+    tape: Tape | None = None,
 ) -> list[Tensor]:
     """Σ_r Σ_n w_{n,r} (J_nᵀ s_{n,r})^⊙2 per leaf, J_n the Jacobian of sample n's outputs: the
     GGN / empirical Fisher diagonal from the loss node's columns only.
@@ -1074,6 +1085,8 @@ def engine_output_diagonal(
         weights: ``weights(a, b)`` → (k, N) real weights w (None: all ones).
         num_columns: R.
         per_sample: rows ``(N, *leaf.shape)``, row n = Σ_r w_{n,r} (J_nᵀ s_{n,r})^⊙2.
+        tape: a recording of ``model`` at ``leaves`` (:func:`secorder._engine.tape.record`)
+            when the caller already made one to get the outputs (no second forward pass).
 
     Raises:
         EngineUnsupportedError: as for :func:`engine_diagonal` (the outputs must be batched along
@@ -1081,7 +1094,7 @@ def engine_output_diagonal(
     """
     leaves = [leaf.detach() for leaf in leaves]
     n = int(data[0].shape[0])
-    prepared = _prepare(model, leaves, data, n, batched_output=True)
+    prepared = _prepare(model, leaves, data, n, batched_output=True, tape=tape)
     if prepared is None:
         return [leaf.new_zeros(n, *leaf.shape) if per_sample else torch.zeros_like(leaf) for leaf in leaves]
     tape, values, plan = prepared

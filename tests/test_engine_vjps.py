@@ -1,0 +1,189 @@
+"""Fast rules of the sweep's walk: the column-batched VJP rules (secorder._engine.vjps)
+against the generic road (``vmap`` of the op's ``vjp``), the closed-form pointwise derivatives
+(``OpRule.derivs``), and both end to end against dense float64 Hessians."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import Tensor, nn
+from torch.func import functional_call, vjp, vmap
+
+import secorder
+from secorder._engine import vjps
+from secorder._engine.rules import rule
+from secorder._engine.tape import record, resolve
+from secorder._pytree import flatten
+from secorder.testing import dense_hessian
+
+DT = torch.float64
+
+CONVS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "conv2d": lambda x, w: F.conv2d(x, w, padding=1),
+    "conv2d_strided_dilated": lambda x, w: F.conv2d(x, w, stride=2, padding=2, dilation=2),
+    "conv2d_groups": lambda x, w: F.conv2d(x, w[:, :2], groups=2, padding=1),
+    "conv1d_strided": lambda x, w: F.conv1d(x.flatten(2), w[..., 0], stride=3),
+    "conv3d": lambda x, w: F.conv3d(
+        x.unsqueeze(2).expand(-1, -1, 3, -1, -1), w.unsqueeze(2).expand(-1, -1, 2, -1, -1)
+    ),
+    "conv_transpose2d_output_padding": lambda x, w: F.conv_transpose2d(
+        x, w.transpose(0, 1), stride=2, padding=1, output_padding=1
+    ),
+    "conv2d_unbatched": lambda x, w: F.conv2d(x[0], w, padding=1),
+}
+
+
+def _node_of(tape: Any, name: str) -> int:
+    return next(i for i, node in enumerate(tape.nodes) if node.func is getattr(torch.ops.aten, name).default)
+
+
+def _generic(node: Any, values: list[Any], ct: Tensor) -> Tensor:
+    base = resolve((node.args, node.kwargs), values)
+
+    def fn(x: Tensor) -> Tensor:
+        out = node.func(x, *base[0][1:], **base[1])
+        return out[0] if node.multi else out
+
+    _, pull = vjp(fn, base[0][0])
+    return vmap(pull)(ct)[0]
+
+
+@pytest.mark.parametrize("loop", [False, True], ids=["folded", "one_column_at_a_time"])
+@pytest.mark.parametrize("name", sorted(CONVS))
+def test_convolution_vjp_matches_generic(name: str, loop: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Strides, padding, dilation, groups, 1-D/3-D, transposed with output padding, an unbatched
+    input; folded into the batch dimension and one column at a time."""
+    monkeypatch.setattr(vjps, "_LOOP_BYTES", 0 if loop else 1 << 62)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 7, 7, dtype=DT, generator=g)
+    w = torch.randn(4, 4, 3, 3, dtype=DT, generator=g)
+    conv = CONVS[name]
+    tape = record(lambda ls: conv(ls[0], ls[1]).sum(), [x, w])  # x as a leaf: the input side depends
+    values = tape.values if tape.values is not None else tape.replay([x, w])
+    i = _node_of(tape, "convolution")
+    node = tape.nodes[i]
+    out = values[node.outputs[0]]
+    ct = torch.randn(5, *out.shape, dtype=DT, generator=g)
+    got = rule(node.func).vjp(node, values, [(0, 0)], {node.outputs[0]: ct})
+    assert got is not None
+    torch.testing.assert_close(got[0], _generic(node, values, ct), rtol=1e-12, atol=1e-12)
+
+
+def test_convolution_vjp_declines_other_positions() -> None:
+    """Columns asked for the weight too (a per-sample weight): the generic road (None)."""
+    x, w = torch.randn(2, 3, 5, 5, dtype=DT), torch.randn(4, 3, 3, 3, dtype=DT)
+    tape = record(lambda ls: F.conv2d(ls[0], ls[1]).sum(), [x, w])
+    values = tape.values if tape.values is not None else tape.replay([x, w])
+    node = tape.nodes[_node_of(tape, "convolution")]
+    ct = torch.randn(2, *values[node.outputs[0]].shape, dtype=DT)
+    assert vjps.convolution_vjp(node, values, [(0, 0), (0, 1)], {node.outputs[0]: ct}) is None
+
+
+@pytest.mark.parametrize("loop", [False, True], ids=["folded", "one_column_at_a_time"])
+def test_cnn_diagonal_exact_through_the_vjp_rules(loop: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Curvature behind two convolutions (GELU between them): the columns of the second
+    activation reach the first convolution through the convolution VJP rule."""
+    monkeypatch.setattr(vjps, "_LOOP_BYTES", 0 if loop else 1 << 62)
+    torch.manual_seed(3)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.GELU(),
+        nn.Conv2d(3, 4, 3, stride=2, groups=1),
+        nn.ReLU(),
+        nn.ConvTranspose2d(4, 2, 3, stride=2, output_padding=1),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(2 * 8 * 8, 3),
+    ).to(DT)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x, y = torch.randn(4, 2, 7, 7, dtype=DT), torch.randint(0, 3, (4,))
+
+    def f(p: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        return F.cross_entropy(functional_call(model, p, (x,)), y)
+
+    fn = secorder.hessian_diagonal(f)
+    got = fn(params, x, y)
+    assert fn.method_info.method == "sweep", fn.method_info
+    ref = dense_hessian(lambda p: f(p, x, y), params).diagonal()
+    got_flat = torch.cat([leaf.reshape(-1) for leaf in flatten(got)[0]])  # dense_hessian's flat order
+    torch.testing.assert_close(got_flat, ref, rtol=1e-9, atol=1e-12)
+
+
+POINTWISE: dict[str, Callable[[Tensor], Tensor]] = {
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "sin": torch.sin,
+    "cos": torch.cos,
+    "exp": lambda h: torch.exp(0.3 * h),
+    "log": lambda h: torch.log(h * h + 1.0),
+    "sqrt": lambda h: torch.sqrt(h * h + 1.0),
+    "rsqrt": lambda h: torch.rsqrt(h * h + 1.0),
+    "reciprocal": lambda h: torch.reciprocal(h * h + 1.0),
+    "pow2": lambda h: h**2,
+    "pow3": lambda h: h**3,
+    "silu": F.silu,
+    "softplus": lambda h: F.softplus(h, beta=2.0, threshold=1.0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(POINTWISE))
+def test_pointwise_closed_form_columns_exact(name: str) -> None:
+    """The sweep's diagonal columns m = ḡ ⊙ f'' and the closed-form transport's f' from the
+    registry's ``derivs`` (:data:`secorder._engine.jet.DERIVS`), two layers deep (the first
+    activation's f' carries the second's columns to the first layer) against dense float64."""
+    act = POINTWISE[name]
+    g = torch.Generator().manual_seed(7)
+    params = {
+        "w1": torch.randn(5, 4, dtype=DT, generator=g) * 0.7,
+        "w2": torch.randn(4, 4, dtype=DT, generator=g) * 0.7,
+        "w3": torch.randn(4, 3, dtype=DT, generator=g) * 0.7,
+    }
+    x, y = torch.randn(6, 5, dtype=DT, generator=g), torch.randint(0, 3, (6,), generator=g)
+
+    def f(p: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        return F.cross_entropy(act(act(x @ p["w1"]) @ p["w2"]) @ p["w3"], y)
+
+    fn = secorder.hessian_diagonal(f)
+    got = fn(params, x, y)
+    assert fn.method_info.method == "sweep", fn.method_info
+    ref = dense_hessian(lambda p: f(p, x, y), params).diagonal()
+    got_flat = torch.cat([leaf.reshape(-1) for leaf in flatten(got)[0]])
+    torch.testing.assert_close(got_flat, ref, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["ggn", "empirical"])
+def test_fisher_plain_model_fn_outputs_from_the_engine_tape(kind: str) -> None:
+    """The outputs z of a plain ``model_fn`` come from the tape the engine sweeps (one forward
+    pass fewer): the same values as the generic route, and one evaluation fewer."""
+    g = torch.Generator().manual_seed(11)
+    params = {"w": torch.randn(3, 4, dtype=DT, generator=g), "v": torch.randn(4, 2, dtype=DT, generator=g)}
+    x, y = torch.randn(5, 3, dtype=DT, generator=g), torch.randint(0, 2, (5,), generator=g)
+    calls = [0]
+
+    def model_fn(p: dict[str, Tensor], x: Tensor) -> Tensor:
+        calls[0] += 1
+        return torch.tanh(x @ p["w"]) @ p["v"]
+
+    fd = secorder.fisher_diagonal(model_fn, "cross_entropy", kind=kind)
+    got = fd(params, x, y)
+    assert fd.path_info.path == "fast", fd.path_info
+    swept_calls = calls[0]
+    ref = secorder.fisher_diagonal(model_fn, "cross_entropy", kind=kind, path="generic")(params, x, y)
+    for k in params:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-12, atol=1e-14)
+    assert swept_calls <= 2  # the recording (z and the tape) and one check; a separate z forward made 3
+
+
+def test_fisher_plain_model_fn_own_exception_passes_through() -> None:
+    params = {"w": torch.randn(3, 2, dtype=DT)}
+    x, y = torch.randn(4, 3, dtype=DT), torch.randint(0, 2, (4,))
+
+    def model_fn(p: dict[str, Tensor], x: Tensor) -> Tensor:
+        raise KeyError("the user's own error")
+
+    with pytest.raises(KeyError, match="the user's own error"):
+        secorder.fisher_diagonal(model_fn, "cross_entropy")(params, x, y)
