@@ -588,3 +588,15 @@ def test_frozen_parameters_may_be_passed_too() -> None:
     torch.testing.assert_close(secorder.hessian_trace(f)(params, x, y), _dense_trace(f, params, x, y))
     with pytest.raises(ValueError, match=r"missing keys \['2\.bias'\]"):
         secorder.hessian_trace(f)({k: v for k, v in full.items() if k != "2.bias"}, x, y)
+
+
+def test_finite_check_survives_an_overflowing_sum() -> None:
+    """The one-reduction fast path of the finite check: a sum that overflows although every
+    entry is finite must not be reported; NaN and Inf entries always are."""
+    from secorder._validate import nonfinite_report
+
+    big = torch.tensor([3e38, 3e38, -1.0])  # float32: the sum is inf, the entries are finite
+    assert not bool(torch.isfinite(big.sum()))
+    assert nonfinite_report(big) is None
+    assert nonfinite_report(torch.tensor([1.0, float("inf"), float("-inf")])) is not None  # sum is NaN
+    assert "1 NaN" in str(nonfinite_report(torch.tensor([1.0, float("nan")])))
