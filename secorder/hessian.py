@@ -20,14 +20,14 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from secorder import probes as _probes
 from secorder._chunking import check_chunk_size
-from secorder._errors import error
+from secorder._errors import SecorderError, error
 from secorder._pytree import TreeSpec, check_floating_tree, flatten, ravel, unflatten, unravel
 from secorder._select import Selector, check_select, split
 from secorder._validate import (
@@ -63,6 +63,7 @@ from secorder.operators import HessianOperator, check_strategy, in_functorch_tra
 from secorder.spectra import check_lanczos_options, lanczos_eigenvalues, spectral_density
 
 __all__ = [
+    "SweepInfo",
     "hessian_diagonal",
     "hessian_eigenvalues",
     "hessian_frobenius_norm_sq",
@@ -211,6 +212,17 @@ def _sweep_refusal(call: str, args: tuple[Any, ...], argnums: int, leaves: list[
     return None
 
 
+class SweepInfo(NamedTuple):
+    """Which method computed the last call: ``method`` (``"sweep"``, ``"hvp"`` or
+    ``"curvature_propagation"``), ``num_columns`` R of the sweep per sample (0 if unknown),
+    ``num_params`` P, and ``reason`` (why ``"auto"`` chose it, or why the sweep was refused)."""
+
+    method: str
+    num_columns: int
+    num_params: int
+    reason: str
+
+
 def _exact_diagonal_leaves(
     call: str,
     fn: Any,
@@ -220,35 +232,42 @@ def _exact_diagonal_leaves(
     chunk_size: int | None,
     exact: str,
     per_sample: bool = False,
+    *,
+    option: str = "exact",
+    max_hvp_params: int | None = None,
 ) -> tuple[list[Tensor], TreeSpec] | None:
     """The exact diagonal per leaf by the structured sweep of :mod:`secorder._engine.sweep`, or
     None when ``exact="auto"`` (or ``"hvp"``) takes one-hot HVPs; sets ``fn.method_info``
     (method, R, P and the reason for the choice) either way. ``per_sample``: rows (N, *leaf.shape)
-    from the structured sweep, or an error naming why it cannot run (no other route)."""
+    from the structured sweep, or an error naming why it cannot run (no other route).
+
+    ``option`` names the caller's keyword in messages (``exact``, or ``method`` for
+    :func:`secorder.module_hessian_diagonal`). ``max_hvp_params`` (``"auto"`` only; ``None``: no
+    limit): above it one-hot HVPs are not an option, so the sweep runs whatever R and a function
+    it refuses is an error."""
     from secorder._engine.sweep import EngineTooCostlyError, EngineUnsupportedError, engine_diagonal
-    from secorder.module_hessian import SweepInfo
 
     g, leaves, spec, index = _bind(call, f, args, argnums)
     p_count = sum(leaf.numel() for leaf in leaves)
     if exact == "hvp":
-        _report(fn, SweepInfo("hvp", 0, p_count, "exact='hvp' requested"))
+        _report(fn, SweepInfo("hvp", 0, p_count, f"{option}='hvp' requested"))
         return None
+    hvp_allowed = exact == "auto" and not per_sample and (max_hvp_params is None or p_count <= max_hvp_params)
     if exact == "sweep" and not per_sample:  # forced: the shared policies' refusals, in their words
         check_eager(
             call,
             leaves,
-            what="exact='sweep' (it records the function as a tape of ATen ops)",
-            fix="Inside torch.func transforms use exact='hvp'.",
+            what=f"{option}='sweep' (it records the function as a tape of ATen ops)",
+            fix=f"Inside torch.func transforms use {option}='hvp'.",
         )
     if (exact == "sweep" or per_sample) and not in_functorch_transform(leaves):
         check_requires_no_grad(  # the input policy of secorder._validate for non-differentiable routes
             call,
             leaves,
-            "per_sample=True" if per_sample else "exact='sweep'",
+            "per_sample=True" if per_sample else f"{option}='sweep'",
             "Per-sample rows come from the structured sweep, which is not differentiable."
             if per_sample
-            else "For a differentiable exact value use exact='auto' or exact='hvp' (one-hot HVPs keep "
-            "the graph).",
+            else f"For a differentiable exact value use {option}='hvp' (one-hot HVPs keep the graph).",
         )
     why = _sweep_refusal(call, args, argnums, leaves)
     if why is None:
@@ -260,7 +279,7 @@ def _exact_diagonal_leaves(
                     leaves,
                     data,
                     chunk_size=chunk_size,
-                    max_columns=p_count if exact == "auto" and not per_sample else None,
+                    max_columns=p_count if hvp_allowed else None,
                     per_sample=per_sample,
                 )
         except EngineTooCostlyError as exc:
@@ -269,10 +288,10 @@ def _exact_diagonal_leaves(
             why = f"the structured sweep refused: {exc.args[0]}"
         else:
             check_finite_result(call, "Hessian diagonal", ravel(diag), lambda: diagnose_nonfinite(g, leaves))
-            _report(
-                fn,
-                SweepInfo("sweep", r, p_count, f"structured sweep over the batch tape; R={r}, P={p_count}"),
-            )
+            reason = f"structured sweep over the batch tape; R={r}, P={p_count}"
+            if exact == "auto" and not hvp_allowed and not per_sample:
+                reason += f" (P > max_hvp_params={max_hvp_params}: one-hot HVPs not considered)"
+            _report(fn, SweepInfo("sweep", r, p_count, reason))
             return diag, spec
     if per_sample:
         raise error(
@@ -283,66 +302,98 @@ def _exact_diagonal_leaves(
             "Compute each sample's value alone (e.g. hessian_diagonal(f) on each sample), or drop "
             "per_sample; a parameter-only term such as λ‖θ‖² has the known diagonal 2λ: leave it out "
             "of f and add it to the batch total.",
-            cls=RuntimeError if "torch.func" in why or "require grad" in why else ValueError,
+            cls=RuntimeError if "torch.func" in why or "require grad" in why else SecorderError,
         )
-    if exact == "sweep":
-        if why.startswith("the structured sweep refused"):  # the op-level per-sample sweep covers more ops
-            return _graph_sweep_diagonal(call, fn, f, args, argnums, chunk_size, why)
+    if exact == "sweep" or not hvp_allowed:
+        fix = (
+            f"Use {option}='hvp' (one-hot Hessian-vector products, cost P HVPs), which works for any function"
+            + ("" if exact == "sweep" else f" (or raise max_hvp_params above P={p_count})")
+            + "; for an estimate hessian_diagonal(f, num_probes=K) (Hutchinson)."
+        )
         raise error(
             call,
-            "exact='sweep' needs an eager call on a sum over the samples of the batched arguments "
-            "with every op covered by a rule",
+            f"{option}={exact!r} needs the structured sweep here: an eager call on a sum over the "
+            "samples of the batched arguments with every op covered by a rule",
             why,
-            "Use exact='auto' or exact='hvp' (one-hot Hessian-vector products), which work for any function.",
-            cls=RuntimeError if "torch.func" in why or "require grad" in why else ValueError,
+            fix,
+            cls=RuntimeError if "torch.func" in why or "require grad" in why else SecorderError,
         )
     _report(fn, SweepInfo("hvp", 0, p_count, f"one-hot HVPs: {why}"))
     return None
 
 
-def _graph_sweep_diagonal(
+def _cp_diagonal_leaves(
     call: str,
     fn: Any,
     f: Callable[..., Any],
     args: tuple[Any, ...],
     argnums: int,
+    num_probes: int,
+    generator: object,
     chunk_size: int | None,
-    why: str,
-) -> tuple[list[Tensor], TreeSpec]:
-    """The exact diagonal by the op-level per-sample sweep (:mod:`secorder._graph_sweep`), for
-    ``exact="sweep"`` where the structured sweep has no rule yet; sets ``fn.method_info``."""
-    from secorder._graph_sweep import GraphSweepUnsupportedError, graph_sweep_diagonal
-    from secorder.module_hessian import SweepInfo
+    *,
+    fix: str = "Use method='hutchinson' (Hessian-vector products, any function) or 'xdiag'.",
+) -> tuple[list[Tensor], list[Tensor], list[Tensor], TreeSpec]:
+    """Curvature propagation on the structured sweep (:func:`secorder._engine.sweep.engine_cp_diagonal`):
+    the estimate, its standard errors and the K per-probe estimates per leaf; sets
+    ``fn.method_info``. Where the sweep cannot run, an error says why (no other route gives
+    this estimator); ``fix`` is the caller's advice."""
+    from secorder._engine.sweep import EngineUnsupportedError, engine_cp_diagonal
 
     g, leaves, spec, index = _bind(call, f, args, argnums)
-    data = [a for i, a in enumerate(args) if i != index]
-    positions = [i for i in range(len(args)) if i != index]
+    p_count = sum(leaf.numel() for leaf in leaves)
+    route = "method='curvature_propagation'"
+    check_eager(call, leaves, what=f"{route} (it records the function as a tape of ATen ops)", fix=fix)
+    check_requires_no_grad(
+        call, leaves, route, "For a differentiable estimate use Hessian-vector products: " + fix
+    )
+    gen = _probes.check_generator(call, generator, leaves[0].device)
+    why = _sweep_refusal(call, args, argnums, leaves)
+    if why is None:
+        data = [a for i, a in enumerate(args) if i != index]
+        try:
+            with torch.no_grad():
+                mean, err, per_probe, r = engine_cp_diagonal(
+                    g, leaves, data, num_probes=num_probes, generator=gen, chunk_size=chunk_size
+                )
+        except EngineUnsupportedError as exc:
+            why = f"the structured sweep refused: {exc.args[0]}"
+        else:
+            check_finite_result(
+                call, "Hessian diagonal estimate", ravel(mean), lambda: diagnose_nonfinite(g, leaves)
+            )
+            reason = f"curvature propagation over the batch tape; K={num_probes}, R={r}, P={p_count}"
+            _report(fn, SweepInfo("curvature_propagation", r, p_count, reason))
+            return mean, err, per_probe, spec
+    raise error(
+        call,
+        f"{route} mixes the curvature columns of the structured sweep: an eager call on a sum over "
+        "the samples of the batched arguments with every op covered by a rule",
+        why,
+        fix,
+        cls=RuntimeError if "require grad" in why else SecorderError,
+    )
 
-    def loss_fn(ls: list[Tensor], sample: list[Tensor]) -> Tensor:
-        new_args = list(args)
-        new_args[index] = unflatten(spec, ls)
-        for i, x in zip(positions, sample):
-            new_args[i] = x
-        return check_scalar_output(call, f(*new_args))
 
-    with torch.no_grad():
-        batch_loss = g(leaves)
-    try:
-        diag, r = graph_sweep_diagonal(
-            loss_fn, leaves, data, scale=None, batch_loss=batch_loss, chunk_size=chunk_size or 64
-        )
-    except GraphSweepUnsupportedError as exc:
+def _check_cp(call: str, method: object, num_probes: object, distribution: object) -> bool:
+    """Construction-time checks of ``method="curvature_propagation"``; True when it is chosen."""
+    if method != "curvature_propagation":
+        return False
+    if num_probes is None:
         raise error(
             call,
-            "exact='sweep' needs f to be the mean or the sum over samples of a per-sample loss, "
-            "recordable as ATen ops (see secorder._graph_sweep)",
-            f"{why}; the op-level sweep: {exc}",
-            "Use exact='hvp' (one-hot Hessian-vector products), which works for any function.",
-        ) from exc
-    check_finite_result(call, "Hessian diagonal", ravel(diag), lambda: diagnose_nonfinite(g, leaves))
-    p_count = sum(leaf.numel() for leaf in leaves)
-    _report(fn, SweepInfo("sweep", r, p_count, f"op-level graph sweep ({why}); R={r}, P={p_count}"))
-    return diag, spec
+            "method='curvature_propagation' is an estimator and needs num_probes",
+            "num_probes=None",
+            "Pass num_probes=K (e.g. 10), or drop method for the exact value.",
+        )
+    if distribution != "rademacher":
+        raise error(
+            call,
+            "method='curvature_propagation' mixes curvature columns with Rademacher signs",
+            f"distribution={distribution!r}",
+            "Drop distribution (or pass 'rademacher').",
+        )
+    return True
 
 
 def hvp(
@@ -518,7 +569,8 @@ def hessian_trace(
     _check_common(call, f, argnums, chunk_size, strategy)
     selector = check_select(call, select)
     check_num_probes(call, num_probes)
-    estimator = check_method(call, method, TRACE_ESTIMATORS)
+    cp = _check_cp(call, method, num_probes, distribution)
+    estimator = None if cp else check_method(call, method, TRACE_ESTIMATORS)
     block_estimator = BLOCK_TRACE_ESTIMATORS.get(str(method))
     check_min_probes(call, str(method), num_probes)
     _probes.check_distribution(call, distribution)
@@ -543,6 +595,20 @@ def hessian_trace(
             if num_probes is None
             else None
         )
+        if cp:
+            assert num_probes is not None
+            _, _, per_probe, spec = _cp_diagonal_leaves(
+                call, trace_fn, *_select_args(call, selector, f, args, argnums), argnums, num_probes,
+                generator, chunk_size,
+                fix="Use method='hutchinson' (Hessian-vector products, any function), 'hutch++' or 'xtrace'.",
+            )  # fmt: skip
+            blocks = torch.stack([p.flatten(1).sum(1) for p in per_probe], 1)  # (K, leaves)
+            blocks_mean, blocks_err = _mean_stderr(blocks)
+            totals_mean, totals_err = _mean_stderr(blocks.sum(1))
+            if per_block:
+                tree = unflatten(spec, list(blocks_mean.unbind()))
+                return (tree, unflatten(spec, list(blocks_err.unbind()))) if with_stderr else tree
+            return (totals_mean, totals_err) if with_stderr else totals_mean
         if swept is not None:
             diag, spec = swept
             sums = [d.flatten(1).sum(1) if per_sample else d.sum() for d in diag]
@@ -572,12 +638,22 @@ def hessian_trace(
             est = exact_diagonal(op, chunk_size=chunk_size, progress=progress).sum()
             err = torch.zeros_like(est)
         else:
+            assert estimator is not None
             est, err = estimator(
                 op, num_probes, distribution=distribution, generator=gen, chunk_size=chunk_size
             )
         return (est, err) if with_stderr else est
 
     return trace_fn
+
+
+def _mean_stderr(per_probe: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean over dimension 0 (the K probes) and its standard error (NaN for one probe)."""
+    k = per_probe.shape[0]
+    mean = per_probe.mean(0)
+    if k < 2:
+        return mean, torch.full_like(mean, float("nan"))
+    return mean, per_probe.std(0, correction=1) / k**0.5
 
 
 def hessian_diagonal(
@@ -667,7 +743,8 @@ def hessian_diagonal(
     _check_common(call, f, argnums, chunk_size, strategy)
     selector = check_select(call, select)
     check_num_probes(call, num_probes)
-    estimator = check_method(call, method, DIAGONAL_ESTIMATORS)
+    cp = _check_cp(call, method, num_probes, distribution)
+    estimator = None if cp else check_method(call, method, DIAGONAL_ESTIMATORS)
     check_min_probes(call, str(method), num_probes)
     _probes.check_distribution(call, distribution)
     check_bool(call, "with_stderr", with_stderr)
@@ -677,6 +754,14 @@ def hessian_diagonal(
 
     @functools.wraps(f)
     def diag_fn(*args: Any, generator: torch.Generator | None = None) -> Any:
+        if cp:
+            assert num_probes is not None
+            mean, err, _, spec = _cp_diagonal_leaves(
+                call, diag_fn, *_select_args(call, selector, f, args, argnums), argnums, num_probes,
+                generator, chunk_size,
+            )  # fmt: skip
+            tree = unflatten(spec, mean)
+            return (tree, unflatten(spec, err)) if with_stderr else tree
         swept = (
             _exact_diagonal_leaves(
                 call,
@@ -704,6 +789,7 @@ def hessian_diagonal(
             diag = exact_diagonal(op, chunk_size=chunk_size, progress=progress)
             err = torch.zeros_like(diag)
         else:
+            assert estimator is not None
             diag, err = estimator(
                 op, num_probes, distribution=distribution, generator=gen, chunk_size=chunk_size
             )

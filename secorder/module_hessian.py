@@ -1,38 +1,28 @@
 """Exact Hessian diagonal and trace of ``nn.Module`` losses: :func:`module_hessian_diagonal`.
 
 ``L(θ) = loss(model(X; θ), Y)`` with a built-in loss (``"cross_entropy"``, ``"mse"``,
-``"bce_with_logits"``, conventions of :mod:`secorder.fisher`). Methods:
+``"bce_with_logits"``, conventions of :mod:`secorder.fisher`). Thin wrappers: the module and
+the loss become the plain function ``f(params, inputs, targets)`` (:func:`secorder.modules.module_forward`
+plus the loss), whose diagonal comes from the one implementation behind
+:func:`secorder.hessian_diagonal`. Methods:
 
-* ``"sweep"``: the exact diagonal by structured second-order backpropagation
-  (:mod:`secorder._sweep`): diag H = Σ_k Σ_c σ_c (J_kᵀ s_c)² over the signed columns of the
-  loss Hessian (the GGN part) and of every elementwise activation's curvature
-  diag(ḡ ⊙ φ''(u)). Cost: at most R vector-Jacobian products, batched, with R = (loss
-  columns; C − 1 for cross-entropy) + (units of curved activations) per sample, plus
-  per-layer matrix products; activation columns inside a chain of ``nn.Linear`` layers and
-  elementwise activations (an MLP) cost matrix products only, no backward pass.
-  Supported: ``nn.Linear`` (also over extra leading dimensions), ``nn.Conv2d``,
-  ``nn.Embedding``, elementwise activations (tanh, sigmoid, GELU, SiLU, softplus, ELU, ...),
-  piecewise-linear ops (ReLU, pooling), residual adds and any graph of these, eval-mode
-  BatchNorm without trainable affine parameters. Refused: train-mode BatchNorm (samples
-  coupled), LayerNorm, attention and other products of two parameter-dependent tensors,
-  shared/tied weights, unknown ops.
-  When these rules refuse a model, the op-level engine (:mod:`secorder._graph_sweep`) runs
-  the same identity on a per-sample ATen tape: LayerNorm, attention, tied weights, affine
-  eval BatchNorm and unknown ops, at R columns per sample (``method_info.reason`` starts
-  with ``"op-level graph sweep"``); it refuses coupled samples, data-dependent control flow
-  and non-elementwise ops with more than 4096 parameter-dependent inputs per sample.
+* ``"sweep"``: the exact diagonal by the structured second-order sweep over a tape of the whole
+  batch (:mod:`secorder._engine.sweep`, as ``hessian_diagonal(f, exact="sweep")``):
+  diag H = Σ_k Σ_c σ_c (J_kᵀ s_c)² over the signed columns of every op's gradient-weighted
+  local Hessian (the loss's C − 1 cross-entropy columns, pointwise activations in closed form,
+  LayerNorm and softmax rows, attention products, a dense local Hessian for any other op),
+  one batched reverse walk per chunk of columns. Cost: R batched columns per sample. Refused
+  with the engine's reason: ops that mix samples (train-mode BatchNorm), an op with no rule,
+  tied weights.
 * ``"hvp"``: exact, P batched one-hot Hessian-vector products of the whole batch loss
-  (:func:`secorder.hessian_diagonal`); works for any model, cost P HVPs.
-* ``"curvature_propagation"``: Martens, Sutskever and Swersky (2012): the sweep with random
-  signed mixtures of the columns, an unbiased estimate with per-entry standard errors over
-  ``num_probes`` probes at about two gradients per probe. Models the module sweep refuses
-  (LayerNorm, attention, tied weights, affine eval BatchNorm, ...) run it on the op-level
-  engine (2 VJPs per probe and sample instead of R; ``method_info.reason`` starts with
-  ``"op-level curvature propagation"``), where R can exceed P and no exact method is cheap.
-* ``"auto"``: the sweep (structured, else op-level) when it covers the model and R ≤ P
-  (the cost model: R batched VJPs against P HVPs); else one-hot HVPs when
-  P ≤ ``max_hvp_params``; else the exact sweep whatever R (when both engines refuse the
-  model: a clear error suggesting ``method="hvp"``). After each
+  (``hessian_diagonal(f, exact="hvp")``); works for any model, cost P HVPs.
+* ``"curvature_propagation"``: Martens, Sutskever and Swersky (2012): the same sweep with random
+  signed mixtures of its columns (``hessian_diagonal(f, num_probes=K,
+  method="curvature_propagation")``), an unbiased estimate with per-entry standard errors, at
+  one batched walk of two columns per probe.
+* ``"auto"``: the sweep when it covers the model and R ≤ P (the cost model: R batched columns
+  against P HVPs); else one-hot HVPs when P ≤ ``max_hvp_params``; else the exact sweep
+  whatever R (when it refuses the model: a clear error suggesting ``method="hvp"``). After each
   call ``fn.method_info`` (a :class:`SweepInfo`) says which method ran and why.
 
 References:
@@ -47,53 +37,38 @@ References:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from secorder._chunking import check_chunk_size
 from secorder._errors import error
-from secorder._graph_sweep import (
-    GraphSweepTooCostlyError,
-    GraphSweepUnsupportedError,
-    graph_sweep_cp_diagonal,
-    graph_sweep_diagonal,
-)
 from secorder._losses import CallableLoss, LossSpec, resolve_loss
-from secorder._pytree import check_floating_tree, ravel, unflatten
+from secorder._pytree import check_floating_tree, unflatten
 from secorder._select import check_select, split
-from secorder._sweep import SweepTooCostlyError, SweepUnsupportedError, sweep_diagonal
 from secorder._validate import (
     check_bool,
     check_deterministic_module,
-    check_finite_result,
     check_module_call,
     check_module_names,
     check_num_probes,
     check_requires_no_grad,
-    diagnose_nonfinite,
 )
-from secorder.hessian import hessian_diagonal
+from secorder.hessian import (
+    SweepInfo,
+    _cp_diagonal_leaves,
+    _exact_diagonal_leaves,
+    _mean_stderr,
+    hessian_diagonal,
+)
 from secorder.modules import module_forward, unwrap_module
 from secorder.operators import StrategyFailedError
-from secorder.probes import check_generator
 
 __all__ = ["METHODS", "SweepInfo", "module_hessian_diagonal", "module_hessian_trace"]
 
 METHODS = ("auto", "sweep", "hvp", "curvature_propagation")
 _TRACE_KEY = "\x00trace"  # not a valid parameter name
-
-
-class SweepInfo(NamedTuple):
-    """Which method computed the last call: ``method`` (``"sweep"``, ``"hvp"`` or
-    ``"curvature_propagation"``), ``num_columns`` R of the sweep per sample (0 if unknown),
-    ``num_params`` P, and ``reason`` (why ``"auto"`` chose it, or why the sweep was refused)."""
-
-    method: str
-    num_columns: int
-    num_params: int
-    reason: str
 
 
 def _configure(
@@ -215,31 +190,16 @@ def module_hessian_diagonal(
     selector = check_select(call, select)
     forward, _ = module_forward(model, strict=False)  # names are checked here, subsets passed on
 
+    def f(p: Any, x: Any, y: Any) -> Tensor:
+        return spec.total(forward(p, x), y)
+
     def diag_fn(params: Any, inputs: Any, targets: Any, generator: torch.Generator | None = None) -> Any:
         check_module_names(call, model, params)
         params, _ = split(call, selector, params)  # forward holds the others fixed
         diag, err, info = _run(
-            call,
-            model,
-            forward,
-            spec,
-            params,
-            inputs,
-            targets,
-            method,
-            k,
-            generator,
-            chunk_size,
-            max_hvp_params,
-        )
-        check_finite_result(
-            call,
-            "Hessian diagonal",
-            ravel(list(diag.values())),
-            lambda: diagnose_nonfinite(
-                lambda ls: spec.total(forward(dict(zip(params, ls)), inputs), targets), list(params.values())
-            ),
-        )
+            call, diag_fn, model, forward, spec, f, params, inputs, targets, method, k, generator,
+            chunk_size, max_hvp_params,
+        )  # fmt: skip
         diag_fn.method_info = info  # type: ignore[attr-defined]
         diag_fn.trace_stderr = err.pop(_TRACE_KEY, None)  # type: ignore[attr-defined]
         return (diag, err) if with_stderr else diag
@@ -286,9 +246,11 @@ def module_hessian_trace(model: nn.Module, loss: str, /, **options: Any) -> Call
 
 def _run(
     call: str,
+    fn: Any,
     model: nn.Module,
     forward: Callable[..., Any],
     spec: LossSpec,
+    f: Callable[..., Tensor],
     params: Any,
     inputs: Any,
     targets: Any,
@@ -298,7 +260,9 @@ def _run(
     chunk_size: int | None,
     max_hvp: int,
 ) -> tuple[Any, Any, SweepInfo]:
-    leaves, tree = check_floating_tree(call, "params", params)
+    """The module's checks, then the route of :func:`secorder.hessian_diagonal` for ``f``:
+    (diagonal, standard errors, the method report)."""
+    leaves, _ = check_floating_tree(call, "params", params)
     if not isinstance(params, dict):
         raise error(
             call,
@@ -317,9 +281,34 @@ def _run(
             "For a differentiable value use method='hvp', or secorder.hessian_diagonal / "
             "hessian_trace on f from secorder.module_loss(model, loss).",
         )
-    names = sorted(params)  # flatten orders dict leaves by sorted key
     p_count = sum(leaf.numel() for leaf in leaves)
-    generator = check_generator(call, generator, leaves[0].device)
+    with torch.no_grad():  # the targets against the outputs, once, with the loss's own message
+        z = forward(params, inputs)
+    if isinstance(z, Tensor):
+        spec.check(call, z, targets)
+    args = (params, inputs, targets)
+
+    def zeros(d: Any) -> Any:
+        return {n: torch.zeros_like(v) for n, v in d.items()}
+
+    def hvp_route(reason: str) -> tuple[Any, Any, SweepInfo]:
+        try:
+            diag = hessian_diagonal(f, chunk_size=chunk_size, exact="hvp")(*args)
+        except StrategyFailedError as exc:  # its fix names strategy=, which this call does not take
+            raise error(
+                call,
+                f"the one-hot Hessian-vector products of method='hvp' ({reason}) need double "
+                "backward through every op of the model",
+                f"{type(exc.__cause__).__name__}: {exc.__cause__}",
+                "Use secorder.hessian_diagonal(f, strategy='finite_difference') with f from "
+                "secorder.module_loss(model, loss) (first derivatives only), or an estimate "
+                "with method='curvature_propagation', num_probes=K where the sweep covers the model.",
+                cls=RuntimeError,
+            ) from exc
+        return diag, zeros(diag), SweepInfo("hvp", 0, p_count, reason)
+
+    if method == "hvp":
+        return hvp_route("method='hvp'")
     coupled = next(
         (
             (name, m)
@@ -329,34 +318,12 @@ def _run(
         ),
         None,
     )
-
-    def fwd(ls: list[Tensor]) -> Any:
-        return forward(unflatten(tree, ls), inputs)
-
-    def hvp_route(reason: str, r: int) -> tuple[Any, Any, SweepInfo]:
-        def f(p: Any, x: Any, y: Any) -> Tensor:
-            return spec.total(forward(p, x), y)
-
-        try:
-            diag = hessian_diagonal(f, chunk_size=chunk_size, exact="hvp")(params, inputs, targets)
-        except StrategyFailedError as exc:  # its fix names strategy=, which this call does not take
-            raise error(
-                call,
-                f"the one-hot Hessian-vector products of method='hvp' ({reason}) need double "
-                "backward through every op of the model",
-                f"{type(exc.__cause__).__name__}: {exc.__cause__}",
-                "Use secorder.hessian_diagonal(f, strategy='finite_difference') with f from "
-                "secorder.module_loss(model, loss) (first derivatives only), or an estimate "
-                "with method='curvature_propagation', num_probes=K where the op-level sweep covers "
-                "the model.",
-                cls=RuntimeError,
-            ) from exc
-        return diag, {n: torch.zeros_like(v) for n, v in diag.items()}, SweepInfo("hvp", r, p_count, reason)
-
-    if method == "hvp":
-        return hvp_route("method='hvp'", 0)
     if coupled is not None:  # the samples interact: only the batch loss's one-hot products apply
         name, m = coupled
+        if method == "auto" and p_count <= max_hvp:
+            return hvp_route(
+                f"{type(m).__name__} at '{name}' normalizes with batch statistics (samples coupled)"
+            )
         raise error(
             call,
             f"method={method!r} needs samples that do not interact (per-sample rules)",
@@ -364,105 +331,23 @@ def _run(
             "Call model.eval() to use the running statistics, or pass method='hvp' (P one-hot "
             "Hessian-vector products of the batch loss, exact for train-mode BatchNorm).",
         )
-    cheap_hvp = method == "auto" and p_count <= max_hvp
-    try:
-        diag, err, r = sweep_diagonal(
-            call, model, names, leaves, fwd, spec, targets, num_probes=k, generator=generator,
-            chunk_size=chunk_size, max_columns=p_count if cheap_hvp else None,
+    if method == "curvature_propagation":
+        assert k is not None
+        mean, err, per_probe, spec_ = _cp_diagonal_leaves(
+            call, fn, f, args, 0, k, generator, chunk_size,
+            fix="Use method='hvp' (exact, P one-hot Hessian-vector products, any model), or "
+            "secorder.hessian_diagonal(f, num_probes=K) (Hutchinson) with f from "
+            "secorder.module_loss(model, loss).",
         )  # fmt: skip
-    except SweepTooCostlyError as exc:  # only raised when one-hot HVPs are the cheaper exact route
-        return hvp_route(f"R={exc.args[0]} columns > P={p_count}: one-hot HVPs are cheaper", exc.args[0])
-    except SweepUnsupportedError as exc:
-        # the op-level engine: LayerNorm, attention, tied weights, ... (exact, or CP with probes)
-        try:
-            return _graph_route(
-                call,
-                forward,
-                spec,
-                tree,
-                leaves,
-                inputs,
-                targets,
-                64 if chunk_size is None else chunk_size,
-                p_count if cheap_hvp else None,
-                exc,
-                k,
-                generator,
-            )
-        except GraphSweepTooCostlyError as exc2:
-            return hvp_route(
-                f"op-level sweep: R={exc2.args[0]} columns > P={p_count}: one-hot HVPs are cheaper",
-                exc2.args[0],
-            )
-        except GraphSweepUnsupportedError as exc2:
-            exc = SweepUnsupportedError(f"{exc}; the op-level sweep refused it too: {exc2}")
-        if cheap_hvp:
-            return hvp_route(f"sweep unsupported ({exc}); P={p_count} <= {max_hvp}", 0)
-        raise error(
-            call,
-            "the structured sweep and curvature propagation cover Linear/Conv2d/Embedding layers, "
-            "elementwise activations, piecewise-linear ops and adds; the op-level engine any "
-            "per-sample ATen graph with small local Hessians",
-            f"a model with {exc}",
-            "Use method='hvp' (batched one-hot Hessian-vector products of the batch loss, cost P "
-            "HVPs; works for any model), or for an estimate secorder.hessian_diagonal(f, "
-            "num_probes=K) (Hutchinson) with f from secorder.module_loss(model, loss).",
-        ) from exc
-    d = unflatten(tree, diag)
-    label = "curvature_propagation" if k is not None else "sweep"
-    if err is not None:
-        e = unflatten(tree, err[:-1])
-        e[_TRACE_KEY] = err[-1]  # popped by diag_fn; read by module_hessian_trace
-    else:
-        e = {n: torch.zeros_like(v) for n, v in d.items()}
-    return d, e, SweepInfo(label, r, p_count, f"method={method!r}, R={r}, P={p_count}")
-
-
-def _graph_route(
-    call: str,
-    forward: Callable[..., Any],
-    spec: LossSpec,
-    tree: Any,
-    leaves: list[Tensor],
-    inputs: Any,
-    targets: Any,
-    chunk: int,
-    max_columns: int | None,
-    refused: Exception,
-    num_probes: int | None,
-    generator: torch.Generator | None,
-) -> tuple[Any, Any, SweepInfo]:
-    """The op-level engine (:mod:`secorder._graph_sweep`) for a model the module sweep refused:
-    the exact sweep, or curvature propagation when ``num_probes`` is given."""
-    if not (isinstance(inputs, Tensor) and isinstance(targets, Tensor) and inputs.dim() > 0):
-        raise GraphSweepUnsupportedError("inputs and targets that are not batched tensors")
-    with torch.no_grad():
-        z = forward(unflatten(tree, leaves), inputs)
-        if not isinstance(z, Tensor) or z.dim() == 0 or targets.dim() == 0 or z.shape[0] != inputs.shape[0]:
-            raise GraphSweepUnsupportedError("model outputs that are not a batched tensor")
-        spec.check(call, z, targets)
-        batch_loss = spec.total(z, targets)
-
-    def loss_fn(ls: list[Tensor], sample: list[Tensor]) -> Tensor:
-        return spec.total(forward(unflatten(tree, ls), sample[0]), sample[1])
-
-    p_count = sum(leaf.numel() for leaf in leaves)
-    if num_probes is not None:
-        mean, err, trace_err, r = graph_sweep_cp_diagonal(
-            loss_fn, leaves, [inputs, targets], num_probes=num_probes, generator=generator,
-            scale=spec.scale(z), batch_loss=batch_loss, chunk_size=chunk,
-        )  # fmt: skip
-        e = unflatten(tree, err)
-        e[_TRACE_KEY] = trace_err  # popped by diag_fn; read by module_hessian_trace
-        reason = (
-            f"op-level curvature propagation (module sweep refused: {refused}); "
-            f"K={num_probes}, R={r}, P={p_count}"
-        )
-        return unflatten(tree, mean), e, SweepInfo("curvature_propagation", r, p_count, reason)
-    diag, r = graph_sweep_diagonal(
-        loss_fn, leaves, [inputs, targets], scale=spec.scale(z), batch_loss=batch_loss,
-        chunk_size=chunk, max_columns=max_columns,
-    )  # fmt: skip
-    d = unflatten(tree, diag)
-    reason = f"op-level graph sweep (module sweep refused: {refused}); R={r}, P={p_count}"
-    return d, {n: torch.zeros_like(v) for n, v in d.items()}, SweepInfo("sweep", r, p_count, reason)
+        d, e = unflatten(spec_, mean), unflatten(spec_, err)
+        traces = sum(p.flatten(1).sum(1) for p in per_probe)
+        assert isinstance(traces, Tensor)
+        e[_TRACE_KEY] = _mean_stderr(traces)[1]  # popped by diag_fn; read by module_hessian_trace
+        return d, e, fn.method_info
+    swept = _exact_diagonal_leaves(
+        call, fn, f, args, 0, chunk_size, method, option="method", max_hvp_params=max_hvp
+    )
+    if swept is None:  # method='auto' and one-hot HVPs are cheaper, or the sweep refused
+        return hvp_route(fn.method_info.reason)
+    d = unflatten(swept[1], swept[0])
+    return d, zeros(d), fn.method_info

@@ -165,15 +165,25 @@ def test_model_not_mutated() -> None:
 
 
 def test_train_batchnorm_refused() -> None:
+    """The sweep and curvature propagation refuse coupled samples naming the module; "auto"
+    takes one-hot HVPs of the batch loss, exact for train-mode BatchNorm."""
     model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 3)).double()
     params = {k: p.detach() for k, p in model.named_parameters()}
     x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
-    for method in ("sweep", "auto", "curvature_propagation"):
+    for method in ("sweep", "curvature_propagation"):
         k = 3 if method == "curvature_propagation" else None
         with pytest.raises(secorder.SecorderError, match=r"BatchNorm1d at '1'.*model\.eval\(\)"):
             secorder.module_hessian_diagonal(model, "cross_entropy", method=method, num_probes=k)(
                 params, x, y
             )
+    fn = secorder.module_hessian_diagonal(model, "cross_entropy")
+    got = fn(params, x, y)
+    assert fn.method_info.method == "hvp" and "BatchNorm1d at '1'" in fn.method_info.reason
+    ref = _dense_diag(model, "cross_entropy", params, x, y)
+    for k in params:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-9, atol=1e-11)
+    with pytest.raises(secorder.SecorderError, match=r"BatchNorm1d at '1'"):  # HVPs ruled out
+        secorder.module_hessian_diagonal(model, "cross_entropy", max_hvp_params=1)(params, x, y)
     assert model.training
 
 
@@ -190,17 +200,19 @@ class Attention(nn.Module):
 
 
 @pytest.mark.parametrize(
-    ("make", "what"),
+    ("make", "refused"),
     [
-        (Attention, "matmul of two parameter-dependent tensors"),
-        (lambda: nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Linear(5, 2)), "layer_norm"),
+        (Attention, None),
+        (lambda: nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Linear(5, 2)), None),
         (
             lambda: nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Linear(5, 2)).eval(),
-            "BatchNorm with trainable affine",
+            "native_batch_norm",  # affine eval BatchNorm: no engine rule yet
         ),
     ],
 )
-def test_module_sweep_refusals_run_op_level(make: Callable[[], nn.Module], what: str) -> None:
+def test_models_beyond_linear_layers(make: Callable[[], nn.Module], refused: str | None) -> None:
+    """Attention and LayerNorm run on the sweep; a model the engine refuses raises naming the op
+    for method="sweep", and "auto" takes one-hot HVPs with that reason."""
     torch.manual_seed(0)
     model = make().double()
     x = (
@@ -211,17 +223,23 @@ def test_module_sweep_refusals_run_op_level(make: Callable[[], nn.Module], what:
     y = torch.randint(0, 2, (4,))
     params = {k: p.detach() for k, p in model.named_parameters()}
     ref = _dense_diag(model, "cross_entropy", params, x, y)
-    # the module sweep refuses these; the op-level sweep (secorder._graph_sweep) takes over
     for method in ("sweep", "auto"):
         fn = secorder.module_hessian_diagonal(model, "cross_entropy", method=method)
+        if refused is not None and method == "sweep":
+            with pytest.raises(secorder.SecorderError, match=f"method='sweep'.*{refused}.*method='hvp'"):
+                fn(params, x, y)
+            continue
         got = fn(params, x, y)
         info = fn.method_info
-        assert what in info.reason and ("op-level" in info.reason or info.method == "hvp")
+        if refused is None:
+            assert info.method == "sweep" and "structured sweep" in info.reason
+        else:
+            assert info.method == "hvp" and refused in info.reason
         for k in params:
             torch.testing.assert_close(got[k], ref[k], rtol=1e-9, atol=1e-11)
 
 
-def test_tied_weight_op_level() -> None:
+def test_tied_weight() -> None:
     class Tied(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -233,9 +251,11 @@ def test_tied_weight_op_level() -> None:
     model = Tied().double()
     params = {k: p.detach() for k, p in model.named_parameters()}
     x, y = torch.randn(4, 3, dtype=torch.float64), torch.randint(0, 3, (4,))
-    fn = secorder.module_hessian_diagonal(model, "cross_entropy", method="sweep")
-    got = fn(params, x, y)  # refused by the module sweep, exact by the op-level sweep
-    assert "Linear called 2 times" in fn.method_info.reason and "op-level" in fn.method_info.reason
+    with pytest.raises(secorder.SecorderError, match="at two ops"):  # no per-leaf rule yet
+        secorder.module_hessian_diagonal(model, "cross_entropy", method="sweep")(params, x, y)
+    fn = secorder.module_hessian_diagonal(model, "cross_entropy")
+    got = fn(params, x, y)
+    assert fn.method_info.method == "hvp" and "at two ops" in fn.method_info.reason
     ref = _dense_diag(model, "cross_entropy", params, x, y)
     for k in params:  # the auto route must not give silently wrong numbers
         torch.testing.assert_close(got[k], ref[k], rtol=1e-9, atol=1e-11)
@@ -305,7 +325,7 @@ def test_auto_cost_model_prefers_hvps_when_columns_exceed_params() -> None:
     fn = secorder.module_hessian_diagonal(model, "mse")
     got = fn(params, x, y)
     assert fn.method_info.method == "hvp"
-    assert "R=36 columns > P=10" in fn.method_info.reason
+    assert "R=36 columns per sample, more than P=10" in fn.method_info.reason
     forced = secorder.module_hessian_diagonal(model, "mse", method="sweep")
     swept = forced(params, x, y)
     assert forced.method_info.num_columns == 36
