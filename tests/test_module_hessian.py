@@ -260,7 +260,7 @@ def test_train_batchnorm_refused() -> None:
 
     w = torch.randn(3, 4, dtype=torch.float64)
     x = torch.randn(5, 3, dtype=torch.float64)
-    with pytest.raises(secorder.SecorderError, match="exact='sweep'.*batch_norm"):
+    with pytest.raises(secorder.SecorderError, match=r"exact='sweep'.*batch_norm"):
         secorder.hessian_diagonal(f, exact="sweep")(w, x)
     auto = secorder.hessian_diagonal(f)  # one-hot HVPs of the batch loss: exact here
     torch.testing.assert_close(auto(w, x).flatten(), dense_hessian(f, w, x).diagonal())
@@ -310,7 +310,7 @@ class Coupled(nn.Module):
 def test_coupled_samples_refused() -> None:
     model = Coupled().double()
     x, y = _data("mlp", "mse")
-    with pytest.raises(secorder.SecorderError, match="sub.*combines a sum over samples"):
+    with pytest.raises(secorder.SecorderError, match=r"sub.*combines a sum over samples"):
         secorder.module_hessian_diagonal(model, "mse", method="sweep")(_params(model), x, y)
 
 
@@ -333,7 +333,7 @@ def test_large_generic_op_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     ref = _reference(model, "mse", "mean", _params(model), x, y)
     torch.testing.assert_close(_flat(fn(_params(model), x, y)), ref, rtol=1e-9, atol=1e-11)
     monkeypatch.setattr(engine, "MAX_LOCAL", 2)  # 4 entries per sample: over the limit
-    with pytest.raises(secorder.SecorderError, match="logsumexp.*dense local Hessian limit 2"):
+    with pytest.raises(secorder.SecorderError, match=r"logsumexp.*dense local Hessian limit 2"):
         fn(_params(model), x, y)
     # "auto" falls back to one-hot HVPs (P is small) and says why
     fn = secorder.module_hessian_diagonal(model, "mse")
@@ -370,7 +370,7 @@ class PairInput(nn.Module):
 def test_unbatched_inputs_refused() -> None:
     model = PairInput().double()
     x, y = _data("mlp", "mse")
-    with pytest.raises(secorder.SecorderError, match="batched along dimension 0.*args\\[1\\]: list"):
+    with pytest.raises(secorder.SecorderError, match=r"batched along dimension 0.*args\[1\]: list"):
         secorder.module_hessian_diagonal(model, "mse", method="sweep")(_params(model), [x], y)
 
 

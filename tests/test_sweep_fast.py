@@ -1,11 +1,13 @@
-"""The sweep's closed forms and chunking: each path against dense float64 Hessians.
+"""The sweep's closed forms and chunking (module_hessian_diagonal on the engine of
+secorder._engine.sweep): each path against dense float64 Hessians.
 
 * activation columns e_j in closed form at the Linear layer producing the activation input
   (one hop) and through the next activation and Linear layer (two hops), with dense columns
   seeded further upstream (deep MLPs), and the graphs where the closed forms must not apply
   (residual adds, a Linear over positions, a layer output used twice, a weight outside params);
-* convolutions with per-sample chunks of the unfolded input (groups, stride, dilation, a
-  convolution called on two inputs) and column chunks of any size.
+* convolutions (groups, stride, dilation, 'same' padding) with column chunks of any size; a
+  convolution called on two inputs (its weight at two interfaces: refused by the engine today,
+  one-hot HVPs under method="auto").
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 import secorder
-import secorder._layers as layers_mod
 from secorder.testing import dense_hessian
 
 LOSS_FNS: dict[str, Callable[..., Tensor]] = {
@@ -169,9 +170,8 @@ def test_weight_outside_params(frozen: str) -> None:
     assert frozen not in got
 
 
-def test_activation_input_by_keyword_goes_to_the_op_level_engine() -> None:
-    """torch.tanh(input=u): the module sweep cannot tell which argument is the unit input and
-    refuses; the op-level engine (ATen tape, where the keyword is gone) takes the model, exactly."""
+def test_activation_input_by_keyword() -> None:
+    """torch.tanh(input=u): on the ATen tape the keyword is gone; the sweep takes the model exactly."""
 
     class Keyword(nn.Module):
         def __init__(self) -> None:
@@ -191,8 +191,7 @@ def test_activation_input_by_keyword_goes_to_the_op_level_engine() -> None:
         fn = secorder.module_hessian_diagonal(model, "cross_entropy", method=method)
         got = fn(params, x, y)
         assert fn.method_info.method == "sweep"
-        assert fn.method_info.reason.startswith("op-level graph sweep (module sweep refused:")
-        assert "tanh" in fn.method_info.reason
+        assert fn.method_info.reason.startswith("structured sweep over the batch tape")
         for k in params:
             torch.testing.assert_close(got[k], ref[k], rtol=1e-9, atol=1e-11)
 
@@ -211,14 +210,20 @@ class TwoViews(nn.Module):
         return self.head(F.softplus(self.conv2(h)).flatten(1))
 
 
-@pytest.mark.parametrize("cache_bytes", [1, 1 << 22])
-def test_conv_sample_chunks(monkeypatch: pytest.MonkeyPatch, cache_bytes: int) -> None:
-    """Per-sample products over chunks of one sample, or all samples at once, match the dense Hessian."""
-    monkeypatch.setattr(layers_mod, "_CACHE_BYTES", cache_bytes)
+def test_conv_called_twice() -> None:
+    """A convolution called on two inputs: refused by the sweep naming the reason, exact by "auto"."""
     torch.manual_seed(7)
     model = TwoViews().double()
-    _check(model, torch.randn(3, 4, 6, 6, dtype=torch.float64), "cross_entropy", 3)
-    _check(model, torch.randn(3, 4, 6, 6, dtype=torch.float64), "mse", 3, chunk_size=2)
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    x, y = torch.randn(3, 4, 6, 6, dtype=torch.float64), torch.randint(0, 3, (3,))
+    with pytest.raises(secorder.SecorderError, match=r"method='sweep'.*structured sweep refused"):
+        secorder.module_hessian_diagonal(model, "cross_entropy", method="sweep")(params, x, y)
+    fn = secorder.module_hessian_diagonal(model, "cross_entropy")
+    got = fn(params, x, y)
+    assert fn.method_info.method == "hvp" and "structured sweep refused" in fn.method_info.reason
+    ref = _dense_diag(model, "cross_entropy", params, x, y)
+    for k in params:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-9, atol=1e-11)
 
 
 def test_conv_relu_float32() -> None:
@@ -239,22 +244,21 @@ def test_conv_relu_float32() -> None:
 
 
 @pytest.mark.parametrize("scale", [0.1, 3.0, 300.0])
-def test_cross_entropy_factor_has_rank_columns(scale: float) -> None:
-    """C − 1 columns with S Sᵀ = diag(p) − ppᵀ to rounding, finite even for saturated softmax."""
-    from secorder._losses import resolve_loss
-    from secorder._sweep import _loss_factor
-
+def test_cross_entropy_rank_columns_finite_when_saturated(scale: float) -> None:
+    """C − 1 cross-entropy columns; exact and finite even for a saturated softmax (large logits)."""
     torch.manual_seed(9)
-    spec = resolve_loss("test", "cross_entropy", "mean", "ggn")
-    for dtype, tol in ((torch.float64, 1e-14), (torch.float32, 1e-6)):
-        z = torch.randn(40, 6, dtype=dtype) * scale
-        factor = _loss_factor(spec, z, torch.zeros(40, dtype=torch.long))
-        assert factor.num_columns == 5 and factor.weights(0, 5) is None
-        cols = factor.columns(0, 5)
-        assert bool(torch.isfinite(cols).all())
-        p = torch.softmax(z, 1)
-        ref = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
-        torch.testing.assert_close(torch.einsum("rni,rnj->nij", cols, cols), ref, rtol=0, atol=tol)
+    model = nn.Sequential(nn.Linear(4, 6)).double()
+    with torch.no_grad():
+        model[0].weight.mul_(scale)
+    x, y = torch.randn(40, 4, dtype=torch.float64), torch.zeros(40, dtype=torch.long)
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    fn = secorder.module_hessian_diagonal(model, "cross_entropy", method="sweep")
+    got = fn(params, x, y)
+    assert fn.method_info.num_columns <= 5  # at most C − 1 (columns zero for every sample dropped)
+    ref = _dense_diag(model, "cross_entropy", params, x, y)
+    for k in params:
+        assert bool(torch.isfinite(got[k]).all())
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-9, atol=1e-12)
 
 
 def test_cross_entropy_sweep_reports_rank_columns() -> None:
@@ -266,20 +270,30 @@ def test_cross_entropy_sweep_reports_rank_columns() -> None:
     assert fn.method_info.num_columns == 2  # C − 1 loss columns, no curved activations
 
 
-def test_one_backward_pass_per_column(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Columns pulled back one plain pass at a time (the automatic choice for large activations)."""
-    import secorder._sweep as sweep_mod
-
-    monkeypatch.setattr(sweep_mod, "_LOOP_BYTES", 1)
+@pytest.mark.parametrize("chunk_size", [1, 3])
+def test_small_column_chunks(chunk_size: int) -> None:
+    """Columns pulled back one (or three) at a time."""
     torch.manual_seed(11)
-    _check(TwoViews().double(), torch.randn(3, 4, 6, 6, dtype=torch.float64), "cross_entropy", 3)
-    _check(SharedOutputs().double(), torch.randn(4, 4, dtype=torch.float64), "bce_with_logits", 3)
+    _check(
+        CurvedConvs().double(),
+        torch.randn(3, 4, 6, 6, dtype=torch.float64),
+        "cross_entropy",
+        3,
+        chunk_size=chunk_size,
+    )
+    _check(
+        SharedOutputs().double(),
+        torch.randn(4, 4, dtype=torch.float64),
+        "bce_with_logits",
+        3,
+        chunk_size=chunk_size,
+    )
 
 
 def test_curvature_propagation_same_probes_any_chunking() -> None:
-    """Per-probe passes batched (P and Q together) or one at a time give the same estimate."""
+    """Probes mixed and walked many at a time or one at a time give the same estimate."""
     torch.manual_seed(12)
-    model = TwoViews().double()
+    model = CurvedConvs().double()
     params = {k: p.detach() for k, p in model.named_parameters()}
     x, y = torch.randn(3, 4, 6, 6, dtype=torch.float64), torch.randint(0, 3, (3,))
     out = []
@@ -307,9 +321,16 @@ class CurvedConvs(nn.Module):
         return self.head(h.flatten(1))
 
 
-@pytest.mark.parametrize("cache_bytes", [1, 1 << 22])
-def test_curved_activation_after_convolution(monkeypatch: pytest.MonkeyPatch, cache_bytes: int) -> None:
-    monkeypatch.setattr(layers_mod, "_CACHE_BYTES", cache_bytes)
+@pytest.mark.parametrize("chunk_size", [2, None])
+def test_curved_activation_after_convolution(chunk_size: int | None) -> None:
     torch.manual_seed(13)
-    _check(CurvedConvs().double(), torch.randn(3, 4, 6, 6, dtype=torch.float64), "cross_entropy", 3)
-    _check(CurvedConvs().double(), torch.randn(2, 4, 5, 5, dtype=torch.float64), "mse", 3)
+    _check(
+        CurvedConvs().double(),
+        torch.randn(3, 4, 6, 6, dtype=torch.float64),
+        "cross_entropy",
+        3,
+        chunk_size=chunk_size,
+    )
+    _check(
+        CurvedConvs().double(), torch.randn(2, 4, 5, 5, dtype=torch.float64), "mse", 3, chunk_size=chunk_size
+    )
