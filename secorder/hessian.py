@@ -285,6 +285,7 @@ def _exact_diagonal_leaves(
         except EngineTooCostlyError as exc:
             why = f"the sweep needs R={exc.args[0]} columns per sample, more than P={p_count} one-hot HVPs"
         except EngineUnsupportedError as exc:
+            _raise_users_error(exc, g, leaves)
             why = f"the structured sweep refused: {exc.args[0]}"
         else:
             check_finite_result(call, "Hessian diagonal", ravel(diag), lambda: diagnose_nonfinite(g, leaves))
@@ -322,6 +323,18 @@ def _exact_diagonal_leaves(
     return None
 
 
+def _raise_users_error(refusal: Exception, g: Callable[[list[Tensor]], Tensor], leaves: list[Tensor]) -> None:
+    """When recording ``f`` for the sweep failed with an exception of its own, evaluate it once
+    plainly: the user's own exception passes through unchanged (the input policy); if the plain
+    evaluation succeeds, the refusal stands."""
+    from secorder._engine.tape import TapeUnsupportedError
+
+    cause = refusal.__cause__
+    if isinstance(cause, TapeUnsupportedError) and cause.__cause__ is not None:
+        with torch.no_grad():
+            g(leaves)
+
+
 def _cp_diagonal_leaves(
     call: str,
     fn: Any,
@@ -357,6 +370,7 @@ def _cp_diagonal_leaves(
                     g, leaves, data, num_probes=num_probes, generator=gen, chunk_size=chunk_size
                 )
         except EngineUnsupportedError as exc:
+            _raise_users_error(exc, g, leaves)
             why = f"the structured sweep refused: {exc.args[0]}"
         else:
             check_finite_result(

@@ -40,6 +40,22 @@ MODELS = [
     if n != "resnet_train"
 ]
 
+# models the structured sweep refuses today, each for a named reason (parameters reaching the data
+# through non-view ops or at two interfaces, head reshapes that interleave samples, eval BatchNorm
+# with affine parameters): exact="sweep" raises saying so, exact="auto" takes one-hot HVPs
+SWEEP_REFUSED = {
+    "gpt2",
+    "gpt2_eager",
+    "bert",
+    "bert_eager",
+    "rnn",
+    "lstm",
+    "gru",
+    "mha",
+    "vit",
+    "resnet_eval",
+}
+
 
 def _flat_loss(case):  # the reference function of a flat parameter vector
     names = [k for k, _ in case.model.named_parameters()]
@@ -151,7 +167,12 @@ def test_hessian_quantities(name: str) -> None:
     args = (params, case.inputs, case.targets)
     assert close(secorder.hessian_trace(f)(*args), H.trace())
     assert close(_flat(secorder.hessian_diagonal(f)(*args)), H.diagonal())
-    assert close(_flat(secorder.hessian_diagonal(f, exact="sweep")(*args)), H.diagonal())
+    sweep = secorder.hessian_diagonal(f, exact="sweep")
+    if name in SWEEP_REFUSED:
+        with pytest.raises(secorder.SecorderError, match=r"exact='sweep'.*the structured sweep refused: "):
+            sweep(*args)
+    else:
+        assert close(_flat(sweep(*args)), H.diagonal())
     assert close(_flat(secorder.module_hessian_diagonal(case.model, case.loss)(*args)), H.diagonal())
     g = torch.Generator().manual_seed(1)
     v = {k: torch.randn(p.shape, generator=g, dtype=p.dtype) for k, p in params.items()}
@@ -204,9 +225,15 @@ def test_fisher_quantities(name: str) -> None:
 def test_curvature_propagation_unbiased(name: str) -> None:
     H, _, _ = reference(name)
     case, _, params, before = _setup(name)
-    mean, err = secorder.module_hessian_diagonal(
+    fn = secorder.module_hessian_diagonal(
         case.model, case.loss, method="curvature_propagation", num_probes=200, with_stderr=True
-    )(params, case.inputs, case.targets, generator=torch.Generator().manual_seed(5))
+    )
+    if name in SWEEP_REFUSED:  # curvature propagation mixes the sweep's columns: refused alike
+        with pytest.raises(secorder.SecorderError, match=r"the structured sweep refused: .*method='hvp'"):
+            fn(params, case.inputs, case.targets, generator=torch.Generator().manual_seed(5))
+        _unchanged(case, before)
+        return
+    mean, err = fn(params, case.inputs, case.targets, generator=torch.Generator().manual_seed(5))
     mean, err = _flat(mean), _flat(err)
     assert bool(((mean - H.diagonal()).abs() <= 5 * err + 1e-12).all())
     _unchanged(case, before)
@@ -380,9 +407,12 @@ def test_train_mode_resnet_hessian_quantities() -> None:
         secorder.hessian_diagonal(f, exact="sweep")(*args)
     assert close(_flat(secorder.hessian_diagonal(f, exact="hvp")(*args)), H.diagonal())
     with pytest.raises(secorder.SecorderError, match=r"^module_hessian_diagonal\(.*method='hvp'"):
-        secorder.module_hessian_diagonal(case.model, case.loss)(*args)
+        secorder.module_hessian_diagonal(case.model, case.loss, method="sweep")(*args)
     diag = secorder.module_hessian_diagonal(case.model, case.loss, method="hvp")(*args)  # the named fix
     assert close(_flat(diag), H.diagonal())
+    auto = secorder.module_hessian_diagonal(case.model, case.loss)  # "auto": one-hot HVPs, with the reason
+    assert close(_flat(auto(*args)), H.diagonal())
+    assert auto.method_info.method == "hvp" and "batch statistics" in auto.method_info.reason
     V = torch.randn(2, H.shape[0], generator=torch.Generator().manual_seed(9), dtype=H.dtype)
     op, _ = secorder.hessian_operator(f, *args)
     Hp = _permuted(H, params)

@@ -2,9 +2,9 @@
 
 Each example builds a small model from random parts: an optional Conv2d front-end (with or
 without pooling), a chain of Linear layers of random widths, random elementwise activations
-(curved and piecewise linear), optional residual blocks and LayerNorm (which sends the model to
-the op-level engine), and a random loss and reduction. The exact diagonal from the sweep (whichever
-engine ``"auto"`` picks) must equal the dense float64 Hessian diagonal.
+(curved and piecewise linear), optional residual blocks and LayerNorm, and a random loss and
+reduction. The exact diagonal (the structured sweep, or one-hot HVPs where ``"auto"`` picks them)
+must equal the dense float64 Hessian diagonal.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Property tests of the tape engines (the "taylor" strategy and the op-level sweep) over random
+"""Property tests of the tape engines (the "taylor" strategy and the structured sweep) over random
 programs built from a catalogue of ops.
 
 Each example draws a short program: a sequence of unary ops on the running tensor h and binary
@@ -126,9 +126,9 @@ def per_sample_program(ops: list[tuple[str, str]]) -> Callable[[dict[str, Tensor
 
 
 @given(ops=steps, seed=st.integers(0, 2**16))
-def test_op_level_sweep_diagonal_on_random_programs(ops: list[tuple[str, str]], seed: int) -> None:
-    """The same catalogue through hessian_diagonal(f, exact="sweep") (the op-level engine of
-    secorder._graph_sweep, per-sample tape): exact against the dense diagonal."""
+def test_sweep_diagonal_on_random_programs(ops: list[tuple[str, str]], seed: int) -> None:
+    """The same catalogue through hessian_diagonal(f, exact="sweep") (the structured sweep of
+    secorder._engine.sweep on a tape of the whole batch): exact against the dense diagonal."""
     g = torch.Generator().manual_seed(seed)
     p = {
         "a": torch.randn(3, 4, dtype=F64, generator=g),
