@@ -10,8 +10,12 @@ Workloads (seeded weights and data, float32, cross-entropy with mean reduction):
 * a small residual MLP (64-32, one tanh residual block, head 10; BackPACK refuses residual
   adds), batch 32 — sweep vs batched one-hot HVPs (``secorder.hessian_diagonal``);
 * a one-block transformer (T=8 positions, width 16, single-head attention, LayerNorm, GELU
-  MLP, mean-pooled head 10), batch 16 — the structured sweep refuses it, so this row times
-  the op-level engine (``secorder._graph_sweep``) vs batched one-hot HVPs.
+  MLP, mean-pooled head 10), batch 16 — the sweep (softmax and LayerNorm rows, closed-form
+  columns of the attention products) vs batched one-hot HVPs.
+
+``module_hessian_diagonal`` is a thin wrapper over ``hessian_diagonal`` of the plain function
+(one engine, :mod:`secorder._engine.sweep`); its column adds the wrapper's checks (and one
+forward pass that checks the targets) to the same sweep.
 
 Each row also times ``secorder.hessian_diagonal(f)`` with default options on the plain function
 ``f = lambda p, x, y: F.cross_entropy(functional_call(model, p, (x,)), y)`` (``exact="auto"``:
@@ -101,7 +105,7 @@ def workloads() -> list[tuple[str, nn.Module, Tensor, Tensor, bool]]:
             False,
         ),
         (
-            "transformer block T=8 d=16 (op-level), N=16",
+            "transformer block T=8 d=16, N=16",
             TinyTransformer(),
             torch.randn(16, 8, 8),
             torch.randint(0, 10, (16,)),
@@ -208,7 +212,7 @@ def estimators(
         row += [f"{rms(diag_errs):.2e}", f"{rms(trace_errs):.2e}", fmt_time(sorted(times)[len(times) // 2])]
         if label == "cp":
             info = cp.method_info
-    row.append(info.reason.split(" (")[0] if info.reason.startswith("op-level") else "module sweep")
+    row.append(info.reason.split(";")[0])
     return row
 
 
