@@ -124,7 +124,7 @@ def bench(name: str, repeats: int) -> tuple[list[str], list[str]]:
         notes.append("PyHessian not importable")
 
     before = _zoo.state_snapshot(model)
-    slow = ("H diag exact",)  # P one-hot products (or the op-level sweep): timed once, no warm-up
+    slow = ("H diag exact",)  # P one-hot products (or the sweep): timed once, no warm-up
     t = {k: _time(fn, 1, 0) if k in slow else _time(fn, repeats) for k, fn in {**ours, **theirs}.items()}
     after = _zoo.state_snapshot(model)
     assert all(torch.equal(before[k], after[k]) for k in before), f"{name}: model mutated"

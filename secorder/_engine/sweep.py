@@ -32,6 +32,10 @@ gradient products Σ_c σ_c Σ_n G_{cn}^⊙2 are formed there by
 algebra allows) and mapped back to the parameter leaf through its views. Columns of ops on
 parameter-only values (a regularizer) are pulled back to the leaves and squared directly.
 
+Curvature propagation (:func:`engine_cp_diagonal`) mixes the same columns by random signs into
+two cotangents per probe and sample, walked back in one batch per block of probes, for an
+unbiased estimate with per-entry standard errors.
+
 Refused (:class:`EngineUnsupportedError`, the caller falls back to one-hot HVPs): a tape that
 cannot be replayed faithfully, an op that mixes samples (:class:`~secorder._engine.batch.BatchAxisError`),
 a generic op over more than ``MAX_LOCAL`` entries per sample or with a non-finite local
