@@ -267,7 +267,9 @@ def _exact_diagonal_leaves(
             "per_sample=True" if per_sample else f"{option}='sweep'",
             "Per-sample rows come from the structured sweep, which is not differentiable."
             if per_sample
-            else f"For a differentiable exact value use {option}='hvp' (one-hot HVPs keep the graph).",
+            else "For a differentiable exact value use "
+            + ("exact='auto' or exact='hvp'" if option == "exact" else f"{option}='hvp'")
+            + " (one-hot HVPs keep the graph).",
         )
     why = _sweep_refusal(call, args, argnums, leaves)
     if why is None:
