@@ -85,7 +85,7 @@ from secorder import probes as _probes
 from secorder._chunking import check_chunk_size, default_chunk_size
 from secorder._errors import error
 from secorder._fisher_operators import EmpiricalFisherOperator, GGNOperator, MCFisherOperator
-from secorder._kernels import with_decomposed_kernels
+from secorder._kernels import decomposed_kernels, with_decomposed_kernels
 from secorder._losses import KINDS, Factor, LossSpec, resolve_loss
 from secorder._pytree import TreeSpec, check_floating_tree, flatten, unflatten, unravel
 from secorder._select import Selector, check_select, split
@@ -358,7 +358,6 @@ class _Accumulator:
         return torch.cat(means), torch.cat(errs)
 
 
-@with_decomposed_kernels
 def _run(
     s: _Setup, params: Any, inputs: Any, targets: Any, generator: torch.Generator | None, trace: bool
 ) -> tuple[Any, Any, list[Tensor], TreeSpec, FisherPath]:
@@ -404,7 +403,11 @@ def _run(
     tape = None
     if why is None and not hutchinson:
         tape, why = _record_outputs(fn, leaves, inputs)
-    z = tape.result if tape is not None else fn(leaves, inputs)
+    if tape is not None:
+        z = tape.result
+    else:
+        with decomposed_kernels():  # the function every route differentiates (secorder._kernels)
+            z = fn(leaves, inputs)
     z = _check_outputs(call, z, eager=not transformed)
     s.loss.check(call, z, targets)
     scale = s.loss.scale(z)
@@ -531,6 +534,7 @@ def _engine_accumulate(
     return None
 
 
+@with_decomposed_kernels
 def _generic_columns(
     s: _Setup,
     g: Callable[[list[Tensor]], Tensor],
