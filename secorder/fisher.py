@@ -3,8 +3,9 @@
 Definitions
 -----------
 Let ``z = model_fn(θ, X)`` be the outputs of shape ``(N, *out)`` (the batch first), N the
-number of samples and L(θ) = loss(z, Y) with the given reduction. l_n is the loss of
-sample n alone, scaled so that
+number of samples and L(θ) = loss(z, Y) with the given reduction. l_n is sample n's term
+of that loss (a function of z_n, the outputs of sample n in the batch evaluation), scaled so
+that
 
     L = (1/N) Σ_n l_n  (``reduction="mean"``)      L = Σ_n l_n  (``reduction="sum"``),
 
@@ -55,19 +56,48 @@ Estimation
 
 Paths
 -----
-For an ``nn.Module`` the exact computations (and ``"mc"``) take a fast path by default
-(:mod:`secorder._layers`): one forward pass with hooks records each supported layer's
-inputs and outputs (``nn.Linear`` with or without extra leading dimensions,
-``nn.Conv2d``, ``nn.Embedding``, ``nn.LayerNorm``, ``nn.RMSNorm``, their biases), one
-ordinary backward pass per factor column gives the layer output gradients, and matrix
-products form the squared per-sample gradients without materializing N×P of them. Any
-other parameter (other layer types, shared weights, a weight used outside its layer) is
-computed by the generic ``torch.func`` route (per-sample vector-Jacobian products under
-``vmap``), which works for any model that treats samples independently. Under
-``torch.func`` transforms (e.g. ``vmap`` over an ensemble) everything takes the generic
-route. Choose with ``path="auto" | "generic" | "fast"``; after each call the returned
-function's ``path_info`` attribute (a :class:`FisherPath`) says which parameters took which
-route.
+One route for an ``nn.Module`` and a plain ``model_fn`` (the module runs through
+:func:`secorder.modules.module_forward`, a ``functional_call``). The exact computations and
+``"mc"`` take the structured sweep by default (:func:`secorder._engine.sweep.engine_output_diagonal`):
+one evaluation of the model on the whole batch is recorded as an ATen tape, its per-sample
+structure is proven on the tape by :mod:`secorder._engine.batch` (no check on values), and
+the loss node's columns are pulled back in one batched reverse pass per chunk of columns, the
+squared per-sample gradients formed at each parameter's interface (``mm``/``addmm``,
+convolutions, embeddings, norm affines, biases, elementwise scales) without materializing
+N×P of them. The MC Fisher with ``with_stderr=True`` runs one sweep per draw on the same tape.
+
+Where the sweep cannot run, the **generic route** computes the same quantity by definition:
+J_nᵀ s_{n,r} is the vector-Jacobian product of the whole batch's outputs with the cotangent
+that holds s_{n,r} in sample n's rows and zeros elsewhere (``vmap`` over ``chunk_size``
+(sample, column) pairs at a time). It assumes nothing about the model, so it is exact for
+any model, differentiable, and valid under ``torch.func`` transforms; it costs one backward
+pass of the whole batch per (sample, column) pair (about N times the sweep's work or more).
+It is taken when
+
+* ``path="generic"`` is passed;
+* the call runs inside a ``torch.func`` transform (``vmap`` over an ensemble, ``grad``): no
+  eager tape can be recorded;
+* the parameters require grad with grad mode on (the result must carry their gradient; the
+  sweep is not differentiable);
+* the inputs are not a tensor (or a tuple of tensors) batched along dimension 0;
+* the tape cannot be recorded (random ops, ``out=`` ops, aliased in-place ops) or the sweep
+  refuses: an op that mixes samples in a parameter-dependent value (train-mode BatchNorm, a
+  θ-dependent batch mean), a parameter meeting per-sample data at two ops (tied or reused
+  weights), an op without a per-sample rule or a parameter computed by other ops than views
+  (parametrizations), outputs not batched along dimension 0.
+
+``path="fast"`` forces the sweep (an error with the reason where it cannot run). After each
+call the returned function's ``path_info`` attribute (a :class:`FisherPath`) names the route
+and, for the generic one, the reason.
+
+Models that couple samples
+--------------------------
+No route checks values or evaluates a sample alone: every quantity is that of the batch
+evaluation z = model_fn(θ, X), J_n the rows of its Jacobian for sample n's outputs, so
+∇l_n = J_nᵀ ∇_{z_n} l_n is the gradient of sample n's term of the batch loss. For a model
+that treats samples independently this is the usual per-sample gradient; for one that couples
+them (train-mode BatchNorm, a batch mean inside the model) it includes l_n's dependence on the
+other samples through the coupling, on every route alike (sweep, generic, Hutchinson).
 """
 
 from __future__ import annotations
@@ -598,15 +628,18 @@ _COMMON_ARGS = """
             probes for the estimator ``method``; for ``"mc"`` the number of sampled
             targets per datum (required).
         reduction: ``"mean"`` or ``"sum"``, as in ``torch.nn.functional``.
-        chunk_size: rows (probes, or per-sample gradients on the generic exact route)
-            formed at once; ``None`` sizes them from the memory budget.
+        chunk_size: rows formed at once: probes, columns of the structured sweep, or
+            (sample, column) pairs on the generic route; ``None`` sizes them from the memory
+            budget.
         with_stderr: also return the standard error (over probes for Hutchinson, over the
             K draws for ``"mc"`` (NaN for K = 1), zeros when exact).
         method: the randomized estimator for ``num_probes`` (a key of the registries in
             :mod:`secorder.estimators`).
         distribution: the probe distribution for ``method``: ``"rademacher"``, ``"gaussian"``
             or ``"sphere"`` (:mod:`secorder.probes`).
-        path: ``"auto"``, ``"generic"`` or ``"fast"`` (see :mod:`secorder.fisher`).
+        path: ``"auto"`` (the structured sweep where it applies, else the generic route),
+            ``"generic"`` or ``"fast"`` (the sweep or an error saying why); see
+            :mod:`secorder.fisher`.
         select: compute over a subset of ``params`` (a dict keyed by name): a glob, a list
             of globs, a compiled regex or a predicate on names; the other parameters are
             held fixed and results hold only the selected entries; the cost scales with the
@@ -617,16 +650,15 @@ _COMMON_ARGS = """
             ``"sum"``, so each row carries the reduction's 1/N and the rows sum to the batch
             value. Squares per sample from the structured sweep over a tape of the whole
             batch (:mod:`secorder._engine.sweep`), never a loop over samples; where it cannot
-            run (under ``torch.func`` transforms, parameters that require grad, an op that
-            mixes samples or has no rule) an error says why.
+            run, from the generic route (the same rows; ``path_info`` says why).
 """
 
 _RAISES = """
     Raises:
         SecorderError, TypeError: invalid options (at construction); at call time, targets
             that do not fit the loss (dtype, shape, batch size, range), non-finite outputs,
-            a model whose outputs are random (dropout in train mode) or, for per-sample
-            quantities, couple the samples of a batch (BatchNorm in train mode).
+            a model whose outputs are random (dropout in train mode), or ``path="fast"``
+            where the structured sweep cannot run (the reason named).
 """
 
 
