@@ -230,15 +230,14 @@ def _configure(
             "Use path='auto' (the structured sweep where it applies) or 'generic' (vector-Jacobian "
             "products of the whole batch).",
         )
-    if path == "fast":
-        if probes is not None and kind != "mc":
-            raise error(
-                call,
-                "path='fast' applies to the exact computations (num_probes=None) and kind='mc'",
-                f"num_probes={probes} with kind={kind!r} (a randomized estimate on the operator route)",
-                "Drop path= (the Hutchinson estimate uses forward-mode products of the whole model), "
-                "or pass num_probes=None for the exact value.",
-            )
+    if path == "fast" and probes is not None and kind != "mc":
+        raise error(
+            call,
+            "path='fast' applies to the exact computations (num_probes=None) and kind='mc'",
+            f"num_probes={probes} with kind={kind!r} (a randomized estimate on the operator route)",
+            "Drop path= (the Hutchinson estimate uses forward-mode products of the whole model), "
+            "or pass num_probes=None for the exact value.",
+        )
     check_bool(call, "per_sample", per_sample)
     if per_sample and (kind == "mc" or probes is not None):
         raise error(
