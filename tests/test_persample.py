@@ -324,3 +324,24 @@ def test_select_with_per_sample() -> None:
     assert set(part) == {"2.weight", "2.bias"}
     for k in part:
         torch.testing.assert_close(part[k], full[k], **TOL)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, None])
+def test_fisher_generic_rows_equal_the_sweep_in_any_chunking(chunk_size: int | None) -> None:
+    """The generic route's (sample, column) pairs chunked any way give the sweep's rows, and the
+    aggregate diagonal with the same chunking their sum."""
+    model = _mlp().to(DT)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x, y = torch.randn(5, 5, dtype=DT), torch.randint(0, 3, (5,))
+    for kind in ("ggn", "empirical"):
+        want = secorder.fisher_diagonal(model, "cross_entropy", kind=kind, per_sample=True)(params, x, y)
+        fn = secorder.fisher_diagonal(
+            model, "cross_entropy", kind=kind, per_sample=True, path="generic", chunk_size=chunk_size
+        )
+        rows = fn(params, x, y)
+        total = secorder.fisher_diagonal(
+            model, "cross_entropy", kind=kind, path="generic", chunk_size=chunk_size
+        )(params, x, y)
+        for k in want:
+            torch.testing.assert_close(rows[k], want[k], **TOL)
+            torch.testing.assert_close(total[k], want[k].sum(0), **TOL)
