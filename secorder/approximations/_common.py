@@ -212,11 +212,10 @@ def categorical_fisher(
     diag(p) − p pᵀ = Σ_c s_c s_cᵀ with s_c = √p_c (e_c − p) is the one of
     :class:`secorder._losses.CrossEntropyLoss` with ``reduction="sum"``, and
     diag(F) = Σ_{n,c} (J_nᵀ s_{n,c})², one vector-Jacobian product per (sample, class)
-    through the outputs' graph, accumulated by :class:`secorder._persample.ColumnAccumulator`.
+    through the outputs' graph, summed per parameter.
     """
     from secorder._chunking import default_chunk_size
     from secorder._losses import CrossEntropyLoss
-    from secorder._persample import ColumnAccumulator
     from secorder._validate import check_bool
     from secorder.core._closure import MAX_CHUNK_ROWS
 
@@ -275,7 +274,7 @@ def categorical_fisher(
         return torch.zeros((), dtype=z.dtype, device=z.device) if trace else zero
     factor = CrossEntropyLoss("sum").factor(z, targets)
     shapes = [p.shape for p in jac.inputs]
-    acc = ColumnAccumulator(shapes, c, trace=trace, per_column=False, like=z)
+    sums: list[Tensor | None] = [None] * len(shapes)
     size = sum(p.numel() for p in jac.inputs)
     rows = min(MAX_CHUNK_ROWS, default_chunk_size(n * c, max(size, n * c), z.dtype.itemsize))
     k_cols = max(1, min(c, rows // n))
@@ -297,12 +296,12 @@ def categorical_fisher(
                 totals[j] = sq if prev is None else prev + sq
         for j, t in enumerate(totals):
             if t is not None:
-                acc.add_total(j, t.sum(0))
-    est, _ = acc.result(average=False, scale=1.0)
+                prev_sum = sums[j]
+                sums[j] = t.sum(0) if prev_sum is None else prev_sum + t.sum(0)
+    per_param = [torch.zeros_like(p) if t is None else t for t, p in zip(sums, jac.inputs)]
     if trace:
-        return est
-    flat = list(torch.split(est, [p.numel() for p in jac.inputs]))
+        return sum((t.sum() for t in per_param), start=z.new_zeros(()))
     out = [torch.zeros_like(p) for p in params]
-    for i, f, p in zip(jac.indices, flat, jac.inputs):
-        out[i] = f.reshape(p.shape)
+    for i, t in zip(jac.indices, per_param):
+        out[i] = t
     return out
