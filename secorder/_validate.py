@@ -38,6 +38,7 @@ __all__ = [
     "check_num_probes",
     "check_same_dtype_device",
     "check_scalar_output",
+    "half_precision_refusal",
 ]
 
 
@@ -124,6 +125,28 @@ def check_same_dtype_device(call: str, name: str, leaves: Sequence[Tensor]) -> N
             f"dtypes {sorted(str(d) for d in dtypes)} on devices {sorted(str(d) for d in devices)}",
             "Cast them first, e.g. model.to(torch.float64) or {k: v.double() for k, v in params.items()}.",
         )
+
+
+def half_precision_refusal(leaves: Sequence[Tensor], route: str) -> str | None:
+    """Why ``route`` cannot honour the precision policy for these parameters (``None``: it can).
+
+    The policy (:func:`secorder._pytree.accumulation_dtype`): the user's function runs in the
+    parameters' dtype, everything secorder sums runs in float32 for float16/bfloat16. Every
+    operator honours it at its boundary (:func:`secorder._pytree.accumulating`); the structured
+    engines (the sweeps, the per-layer and per-sample column routes, curvature propagation) square
+    and sum their columns in the dtype of the recorded values, so for half-precision parameters
+    the callers take an operator route instead (one-hot or randomized products), or refuse
+    naming one, with this reason.
+    """
+    from secorder._pytree import HALF_DTYPES
+
+    dtype = leaves[0].dtype if leaves else None
+    if dtype not in HALF_DTYPES:
+        return None
+    return (
+        f"the parameters are {dtype}, and {route} squares and sums its columns in the parameters' "
+        "dtype (half-precision results are accumulated in float32 only through operator products)"
+    )
 
 
 def check_scalar_output(call: str, out: Any) -> Tensor:

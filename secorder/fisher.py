@@ -99,12 +99,14 @@ from secorder._validate import (
     check_num_probes,
     check_requires_no_grad,
     check_same_dtype_device,
+    half_precision_refusal,
 )
 from secorder.estimators import (
     BLOCK_TRACE_ESTIMATORS,
     DIAGONAL_ESTIMATORS,
     TRACE_ESTIMATORS,
     check_min_probes,
+    exact_diagonal,
 )
 from secorder.modules import module_forward, unwrap_module
 from secorder.operators import in_functorch_transform
@@ -115,8 +117,9 @@ PATHS = ("auto", "generic", "fast")
 
 
 class FisherPath(NamedTuple):
-    """Which route computed a call: ``path`` is ``"fast"``, ``"generic"``, ``"fast+generic"`` or
-    ``"hutchinson"`` (the operator route); ``fast``/``generic`` name the parameters (dict keys,
+    """Which route computed a call: ``path`` is ``"fast"``, ``"generic"``, ``"fast+generic"``,
+    ``"hutchinson"`` (the operator route) or ``"one_hot"`` (one-hot products of the operator:
+    exact values of float16/bfloat16 parameters); ``fast``/``generic`` name the parameters (dict keys,
     or leaf positions for other pytrees) of each route."""
 
     path: str
@@ -355,8 +358,12 @@ def _run(
     def fn(ls: list[Tensor], x: Any) -> Any:
         return call_deterministic(call, forward, leaves, restore(unflatten(spec, ls)), x)
 
+    # float16/bfloat16: the column routes sum squares in the parameters' dtype; the exact values
+    # come from one-hot products of the operator instead (float32 accumulation at its boundary)
+    half = half_precision_refusal(leaves, "the column route (per-layer, sweep or per-sample columns)")
     use_fast = (
-        s.module is not None
+        half is None
+        and s.module is not None
         and not s.per_sample
         and not hutchinson
         and s.path != "generic"
@@ -378,7 +385,7 @@ def _run(
         if not capture.fast_indices and s.path != "fast":
             capture = None
     tape = None
-    if capture is None and _engine_route(s, transformed, needs_graph, hutchinson):
+    if capture is None and half is None and _engine_route(s, transformed, needs_graph, hutchinson):
         tape = _record_outputs(fn, leaves, inputs)  # the engine's tape gives z: one forward pass
     if capture is not None:
         z = capture.forward(lambda ls: fn(ls, inputs))
@@ -393,6 +400,14 @@ def _run(
         # tied to its batch size gets the same clear error on every route.
         _check_independent(call, lambda x: fn(leaves, x), inputs, z)
 
+    if s.per_sample and half is not None:
+        raise error(
+            call,
+            "per_sample=True comes from the structured sweep, which sums squares in the parameters' dtype",
+            half,
+            "Cast the parameters and inputs to float32 for per-sample values, or drop per_sample "
+            "(the batch value of half-precision parameters is accumulated in float32).",
+        )
     if s.per_sample:
         rows = [
             r.mul_(scale)
@@ -416,6 +431,10 @@ def _run(
             op, s.num_probes, distribution=s.distribution, generator=gen, chunk_size=s.chunk_size
         )
         return est, err, leaves, spec, FisherPath("hutchinson", (), tuple(names))
+
+    if half is not None:
+        est, err = _half_exact(s, fn, leaves, inputs, targets, z, scale, gen, trace)
+        return est, err, leaves, spec, FisherPath("one_hot", (), tuple(names))
 
     z_factor = z if (capture is None or needs_graph) else z.detach()
     factor: Factor
@@ -457,6 +476,46 @@ def _run(
     label = "fast+generic" if fast and generic else ("fast" if fast else "generic")
     info = FisherPath(label, tuple(names[i] for i in fast), tuple(names[i] for i in generic))
     return est, err, leaves, spec, info
+
+
+def _half_exact(
+    s: _Setup,
+    fn: Callable[[list[Tensor], Any], Any],
+    leaves: list[Tensor],
+    inputs: Any,
+    targets: Any,
+    z: Tensor,
+    scale: float,
+    gen: torch.Generator | None,
+    trace: bool,
+) -> tuple[Tensor, Tensor]:
+    """The exact GGN / empirical Fisher (or the MC Fisher of the drawn targets) of half-precision
+    parameters: the diagonal from P one-hot products of the operator, each formed in the
+    parameters' dtype and accumulated in float32 (``_pytree.accumulating``)."""
+    if s.kind == "mc" and s.with_stderr:
+        raise error(
+            s.call,
+            "with_stderr=True of the MC Fisher needs the per-draw column route, which sums squares "
+            "in the parameters' dtype",
+            half_precision_refusal(leaves, "the column route") or "",
+            "Drop with_stderr, or cast the parameters and inputs to float32.",
+        )
+    op: GGNOperator | EmpiricalFisherOperator
+
+    def g(ls: list[Tensor]) -> Any:
+        return fn(ls, inputs)
+
+    if s.kind == "ggn":
+        op = GGNOperator(g, leaves, s.loss, z, targets, s.call)
+    elif s.kind == "empirical":
+        cols = s.loss.per_sample_grads(z, targets).unsqueeze(0)
+        op = EmpiricalFisherOperator(g, leaves, cols, scale, z, call=s.call)
+    else:
+        assert s.num_probes is not None
+        op = MCFisherOperator(g, leaves, s.loss, z, s.num_probes, gen, s.call)
+    diag = exact_diagonal(op, chunk_size=s.chunk_size)
+    est = diag.sum() if trace else diag
+    return est, torch.zeros_like(est)
 
 
 def _per_sample_rows(

@@ -44,6 +44,7 @@ from secorder._validate import (
     check_same_dtype_device,
     check_scalar_output,
     diagnose_nonfinite,
+    half_precision_refusal,
     inspectable,
 )
 from secorder.estimators import (
@@ -188,6 +189,9 @@ def _check_per_sample(call: str, per_sample: object, num_probes: object, exact: 
 
 def _sweep_refusal(call: str, args: tuple[Any, ...], argnums: int, leaves: list[Tensor]) -> str | None:
     """Why the structured sweep cannot run at this call (None: it may)."""
+    half = half_precision_refusal(leaves, "the structured sweep")
+    if half is not None:
+        return half
     if in_functorch_transform(leaves):
         return "inside a torch.func transform (the sweep records the function eagerly as a tape)"
     if torch.is_grad_enabled() and any(leaf.requires_grad for leaf in leaves):

@@ -74,7 +74,7 @@ from secorder._engine.tape import TapeUnsupportedError
 from secorder._engine.taylor import TaylorQuadform
 from secorder._errors import error
 from secorder._kernels import with_decomposed_kernels
-from secorder._pytree import numel, ravel, unravel
+from secorder._pytree import accumulating, accumulation_dtype, numel, ravel, unravel
 from secorder._validate import check_finite_enabled, check_finite_result, diagnose_nonfinite
 
 __all__ = [
@@ -424,6 +424,13 @@ class HessianOperator:
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype of rows and results: float32 for half-precision parameters
+        (:func:`secorder._pytree.accumulation_dtype`)."""
+        return accumulation_dtype(self.leaves[0].dtype)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The parameters' dtype, in which the products are formed."""
         return self.leaves[0].dtype
 
     @property
@@ -588,6 +595,7 @@ class HessianOperator:
         return out
 
     # -- public ----------------------------------------------------------------
+    @accumulating
     @with_decomposed_kernels
     def matmat(self, V: Tensor) -> Tensor:
         """Rows ``H v_i`` for the rows ``v_i`` of the ``(k, P)`` tensor ``V``."""
@@ -598,6 +606,7 @@ class HessianOperator:
             raise self._fail(self.strategy, exc) from exc
         return self._check_result(ravel(out, batch_dims=1), "Hessian-vector products")
 
+    @accumulating
     @with_decomposed_kernels
     def quadform(self, V: Tensor) -> Tensor:
         """The ``k`` values ``v_iᵀ H v_i`` for the rows of ``V``."""
