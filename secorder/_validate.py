@@ -514,14 +514,25 @@ def diagnose_nonfinite(fn: Any, leaves: Sequence[Tensor]) -> str:
         loss = fn(inputs)
         report = nonfinite_report(loss.detach())
         if report is not None:
-            return f"a non-finite loss ({float(loss.detach())})"
+            return f"a non-finite loss ({float(loss.detach())})" + _overflow(leaves)
         if not loss.requires_grad:
             return "a finite loss"
         grads = torch.autograd.grad(loss, inputs, allow_unused=True)
     bad = [i for i, g in enumerate(grads) if g is not None and nonfinite_report(g) is not None]
     if bad:
-        return f"a finite loss but a non-finite gradient (at parameter leaves {bad[:10]})"
-    return "a finite loss and gradient but non-finite second-order products"
+        return f"a finite loss but a non-finite gradient (at parameter leaves {bad[:10]})" + _overflow(leaves)
+    return "a finite loss and gradient but non-finite second-order products" + _overflow(leaves)
+
+
+def _overflow(leaves: Sequence[Tensor]) -> str:
+    """The likely cause of a non-finite product of float16 parameters: the format's narrow range."""
+    if not leaves or leaves[0].dtype != torch.float16:
+        return ""
+    big = torch.finfo(torch.float16).max
+    return (
+        f"; the parameters are float16, whose largest finite value is {big:.0f}: the products "
+        "overflowed it (bfloat16 has float32's range, or compute in float32)"
+    )
 
 
 def check_module_call(

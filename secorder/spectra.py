@@ -296,7 +296,9 @@ def lanczos_eigenvalues(
         fits = memory_budget() // (size * op.dtype.itemsize)  # the basis is max_steps × P
         max_steps = min(max(300, 20 * k), max(2 * k + 10, fits))
     max_steps = min(size, max_steps)
-    rel = float(torch.finfo(op.dtype).eps ** 0.5) if tol is None else float(tol)
+    # the products are only as precise as the dtype they are formed in (float16/bfloat16 operators
+    # return float32 rows: operators.HessianOperator.compute_dtype)
+    rel = float(torch.finfo(getattr(op, "compute_dtype", op.dtype)).eps ** 0.5) if tol is None else float(tol)
     check_eager(call, [], what="Lanczos", fix=_FIX)
     vals, vecs, res, used, converged = _lanczos_run(call, op, k, which, rel, max_steps, generator, None)
     # Certify the multiset: a single-vector Krylov space holds one copy of each eigenvalue, so
