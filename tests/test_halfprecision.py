@@ -292,3 +292,22 @@ def test_float16_overflow_is_named() -> None:
     # bfloat16 has float32's range: finite, 4 · 12·10⁴ within a few roundings
     tr = float(secorder.hessian_trace(f)(z.bfloat16()))
     assert abs(tr - 4.8e5) <= gamma(torch.bfloat16, 4) * 4.8e5
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_laplace_backends_match_float64(dtype: torch.dtype) -> None:
+    pytest.importorskip("laplace", reason="laplace-torch is an optional extra (secorder[laplace])")
+    from secorder.laplace import SecorderEF, SecorderGGN, SecorderHessian
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D, H), nn.Tanh(), nn.Linear(H, C)).to(dtype)
+    ref64 = nn.Sequential(nn.Linear(D, H), nn.Tanh(), nn.Linear(H, C)).double()
+    ref64.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    x, y = torch.randn(N, D, generator=gen(8)).to(dtype), torch.randint(0, C, (N,), generator=gen(8))
+    for backend, kw in [(SecorderGGN, {}), (SecorderEF, {}), (SecorderHessian, {"negative": "keep"})]:
+        for method in ("diag", "full"):
+            _, got = getattr(backend(model, "classification", **kw), method)(x, y)
+            _, ref = getattr(backend(ref64, "classification", **kw), method)(x.double(), y)
+            assert got.dtype == torch.float32, (backend, method)
+            bound = gamma(dtype, chain()) * float(ref.abs().max())
+            assert float((got.double() - ref).abs().max()) <= bound, (backend, method)
