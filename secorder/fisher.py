@@ -27,6 +27,10 @@ sample that the reduction averages over (m = 1 for ``"sum"``):
   sum (``"sum"``) of these, which is checked on the values (eager mode). The output
   Hessian comes from autodiff.
 
+Precision: float16/bfloat16 parameters are accepted; the model and the products run in that
+dtype, every sum in float32, and results come back in float32; exact values then come from
+one-hot operator products (path ``"one_hot"``), see ``docs/transforms.rst``, "Precision".
+
 The three kinds, all P×P over the parameters θ (J = ∂z/∂θ, J_n sample n's rows):
 
 * ``kind="ggn"``: G = Jᵀ (∇²_z L) J = c Σ_n J_nᵀ (∇²_{z_n} l_n) J_n. For cross-entropy and

@@ -12,7 +12,9 @@ Each takes a function and returns a new function of the same arguments, like
 The transformed functions compose with :func:`torch.func.vmap` (over parameters
 stacked by :func:`torch.func.stack_module_state`, ``randomness="different"`` for the
 randomized estimators) and :func:`torch.func.grad` (curvature regularizers), and keep
-the device and dtype of their inputs.
+the device and dtype of their inputs; float16/bfloat16 parameters are accepted, their products
+formed in that dtype and everything summed (and returned) in float32 (``docs/transforms.rst``,
+"Precision").
 """
 
 from __future__ import annotations

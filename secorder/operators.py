@@ -3,7 +3,9 @@
 An operator represents a symmetric P×P matrix A over the flattened parameters. It
 exposes
 
-* ``size`` (P), ``dtype``, ``device``;
+* ``size`` (P), ``dtype``, ``device``; ``dtype`` is the dtype of the rows and results, float32
+  for float16/bfloat16 parameters, whose products run in the parameters' dtype
+  (``compute_dtype``; the policy of :func:`secorder._pytree.accumulating`);
 * ``matmat(V)``: for a ``(k, P)`` tensor whose rows are vectors, the ``(k, P)`` tensor of
   rows A v_i;
 * ``quadform(V)``: the ``k`` values v_iᵀ A v_i, which some operators compute more
