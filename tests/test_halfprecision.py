@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn import functional
 
 import secorder
 from secorder import core
@@ -49,7 +49,7 @@ def chain() -> int:
 
 
 def loss(p: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-    return F.cross_entropy(torch.tanh(x @ p["w1"].T + p["b1"]) @ p["w2"].T + p["b2"], y)
+    return functional.cross_entropy(torch.tanh(x @ p["w1"].T + p["b1"]) @ p["w2"].T + p["b2"], y)
 
 
 def problem(dtype: torch.dtype) -> tuple[dict[str, Tensor], Tensor, Tensor]:
@@ -213,7 +213,6 @@ def test_eigenvalues_match_float64(dtype: torch.dtype) -> None:
 def test_exact_fisher_matches_float64(dtype: torch.dtype, kind: str) -> None:
     """The exact GGN / empirical Fisher of half parameters: one-hot operator products (path
     ``"one_hot"``) against the float64 column routes at the same point."""
-    _, tol = reference(dtype)
     p, x, y = problem(dtype)
     model = lambda q, z: torch.tanh(z @ q["w1"].T + q["b1"]) @ q["w2"].T + q["b2"]
     fn = secorder.fisher_diagonal(model, "cross_entropy", kind=kind)
@@ -285,7 +284,9 @@ def test_float16_overflow_is_named() -> None:
     big = torch.finfo(torch.float16).max
     f = lambda z: 1e4 * (z**4).sum()
     z = torch.ones(4, dtype=torch.float16)
-    with pytest.raises(ValueError, match=rf"non-finite second-order.*float16, whose largest finite value is {big:.0f}"):
+    with pytest.raises(
+        ValueError, match=rf"non-finite second-order.*float16, whose largest finite value is {big:.0f}"
+    ):
         secorder.hessian_trace(f)(z)
     with pytest.raises(ValueError, match=rf"float16, whose largest finite value is {big:.0f}"):
         secorder.hessian_trace(f, num_probes=2)(z, generator=gen(0))
