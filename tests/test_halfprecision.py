@@ -312,3 +312,34 @@ def test_laplace_backends_match_float64(dtype: torch.dtype) -> None:
             assert got.dtype == torch.float32, (backend, method)
             bound = gamma(dtype, chain()) * float(ref.abs().max())
             assert float((got.double() - ref).abs().max()) <= bound, (backend, method)
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_dataset_quantities_match_float64(dtype: torch.dtype) -> None:
+    """secorder.data: the batch operators accumulate in float32 and so does the sum over batches
+    (the DatasetOperator's dtype is float32, its compute dtype the parameters')."""
+    from secorder import data
+
+    p, x, y = problem(dtype)
+    batches = [(x[i : i + 2], y[i : i + 2]) for i in range(0, N, 2)]
+    ref_batches = [(a.double(), b) for a, b in batches]
+    model = lambda q, z: torch.tanh(z @ q["w1"].T + q["b1"]) @ q["w2"].T + q["b2"]
+    cases = [
+        (
+            data.dataset_hessian_diagonal(loss, p, batches),
+            data.dataset_hessian_diagonal(loss, upcast(p), ref_batches),
+        ),
+        (
+            data.dataset_hessian_trace(loss, p, batches),
+            data.dataset_hessian_trace(loss, upcast(p), ref_batches),
+        ),
+        (
+            data.dataset_fisher_diagonal(model, "cross_entropy", p, batches),
+            data.dataset_fisher_diagonal(model, "cross_entropy", upcast(p), ref_batches),
+        ),
+    ]
+    for got, ref in cases:
+        g, r = (flat(got), flat(ref)) if isinstance(got, dict) else (got, ref)
+        assert g.dtype == torch.float32
+        scale = float(r.abs().max()) * (1 if isinstance(got, dict) else flat(p).numel())
+        assert float((g.double() - r).abs().max()) <= gamma(dtype, chain()) * scale
