@@ -343,3 +343,38 @@ def test_dataset_quantities_match_float64(dtype: torch.dtype) -> None:
         assert g.dtype == torch.float32
         scale = float(r.abs().max()) * (1 if isinstance(got, dict) else flat(p).numel())
         assert float((g.double() - r).abs().max()) <= gamma(dtype, chain()) * scale
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_eager_fisher_approximations_match_float64(dtype: torch.dtype) -> None:
+    """torch_secorder's eager Fisher API: the measured reduction of a callable loss tolerates the
+    format's rounding (the batch loss, each per-sample loss and their mean round once: 3u < 2·eps),
+    and the categorical Fisher squares its columns and sums them in float32."""
+    from secorder import approximations
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D, H), nn.Tanh(), nn.Linear(H, C)).to(dtype)
+    ref64 = nn.Sequential(nn.Linear(D, H), nn.Tanh(), nn.Linear(H, C)).double()
+    ref64.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    x, y = torch.randn(N, D, generator=gen(9)).to(dtype), torch.randint(0, C, (N,), generator=gen(9))
+    ce = lambda z, t: functional.cross_entropy(z, t)  # a callable: the reduction is measured
+    pairs = [
+        (
+            approximations.empirical_fisher_diagonal(model, ce, x, y),
+            approximations.empirical_fisher_diagonal(ref64, ce, x.double(), y),
+        ),
+        (
+            approximations.generalized_fisher_diagonal(model, model(x), y),
+            approximations.generalized_fisher_diagonal(ref64, ref64(x.double()), y),
+        ),
+    ]
+    for got, ref in pairs:
+        g, r = torch.cat([t.flatten() for t in got]), torch.cat([t.flatten() for t in ref])
+        assert g.dtype == torch.float32
+        assert float((g.double() - r).abs().max()) <= gamma(dtype, chain()) * float(r.abs().max())
+    tr = approximations.empirical_fisher_trace(model, ce, x, y)
+    ref_tr = approximations.empirical_fisher_trace(ref64, ce, x.double(), y)
+    P = sum(p.numel() for p in model.parameters())
+    ef_scale = max(float(t.abs().max()) for t in pairs[0][1])  # the largest entry of diag(E)
+    assert tr.dtype == torch.float32
+    assert abs(float(tr) - float(ref_tr)) <= P * gamma(dtype, chain()) * ef_scale
