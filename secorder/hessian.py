@@ -903,7 +903,8 @@ def hessian_eigenvalues(
         k: how many eigenvalues.
         which: ``"largest"`` or ``"smallest"`` (most negative: directions of negative
             curvature).
-        tol: relative residual tolerance (``None``: √ε of the dtype).
+        tol: relative residual tolerance (``None``: √ε of the dtype; ε of float16/bfloat16 for
+            half-precision parameters, whose products are no more precise).
         max_steps: the most HVPs of each Lanczos run (the first one and each deflated run that
             certifies the multiset; ``None``: max(300, 20k), capped by P and by the memory budget
             for the m × P Lanczos basis).
