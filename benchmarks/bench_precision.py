@@ -19,6 +19,8 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import itertools
+from collections.abc import Callable
 
 import _common as C  # noqa: N812 - short alias for the shared helpers
 import torch
@@ -35,7 +37,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     sizes = [64, 256, 256, 10]
     base = {}
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
         base[f"w{i}"] = torch.randn(b, a, generator=g, dtype=torch.float64) / a**0.5
         base[f"b{i}"] = torch.zeros(b, dtype=torch.float64)
     x64 = torch.randn(64, sizes[0], generator=g, dtype=torch.float64)
@@ -59,6 +61,18 @@ def main() -> None:
     htrace = secorder.hessian_trace(loss, num_probes=args.probes)
     gtrace = secorder.fisher_trace(model, "cross_entropy", num_probes=args.probes)
     eig = secorder.hessian_eigenvalues(loss, k=1)
+
+    def quantities(
+        p: dict[str, torch.Tensor], x: torch.Tensor, v: dict[str, torch.Tensor]
+    ) -> dict[str, Callable[[], torch.Tensor]]:
+        """The timed calls at one point (the same generator seeds in every dtype)."""
+        return {
+            "HVP": lambda: flat(hvp(v, p, x, y)),
+            "Hessian trace (Hutchinson)": lambda: htrace(p, x, y, generator=torch.Generator().manual_seed(1)),
+            "GGN trace (Hutchinson)": lambda: gtrace(p, x, y, generator=torch.Generator().manual_seed(1)),
+            "top eigenvalue (Lanczos)": lambda: eig(p, x, y, generator=torch.Generator().manual_seed(2)),
+        }
+
     results: dict[str, dict[str, tuple[float, float]]] = {}
     for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
         p = {k: t.to(dtype) for k, t in base.items()}
@@ -69,18 +83,8 @@ def main() -> None:
             x.double(),
             {k: t.double() for k, t in v.items()},
         )
-        ref = {
-            "HVP": flat(hvp(v_ref, p_ref, x_ref, y)),
-            "Hessian trace (Hutchinson)": htrace(p_ref, x_ref, y, generator=torch.Generator().manual_seed(1)),
-            "GGN trace (Hutchinson)": gtrace(p_ref, x_ref, y, generator=torch.Generator().manual_seed(1)),
-            "top eigenvalue (Lanczos)": eig(p_ref, x_ref, y, generator=torch.Generator().manual_seed(2)),
-        }
-        calls = {
-            "HVP": lambda: flat(hvp(v, p, x, y)),
-            "Hessian trace (Hutchinson)": lambda: htrace(p, x, y, generator=torch.Generator().manual_seed(1)),
-            "GGN trace (Hutchinson)": lambda: gtrace(p, x, y, generator=torch.Generator().manual_seed(1)),
-            "top eigenvalue (Lanczos)": lambda: eig(p, x, y, generator=torch.Generator().manual_seed(2)),
-        }
+        ref = {name: fn() for name, fn in quantities(p_ref, x_ref, v_ref).items()}
+        calls = quantities(p, x, v)
         row = {}
         for name, fn in calls.items():
             t, out = C.timeit(fn, repeat=args.repeat)
