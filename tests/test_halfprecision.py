@@ -271,6 +271,8 @@ def test_structured_routes_refuse_naming_a_route(dtype: torch.dtype) -> None:
         secorder.fisher_trace(model, "cross_entropy", kind="mc", num_probes=2, with_stderr=True)(
             p, x, y, generator=gen(0)
         )
+    with pytest.raises(ValueError, match=rf"strategy='finite_difference' needs float32.*{dtype}.*'rev_rev'"):
+        secorder.hessian_trace(loss, num_probes=2, strategy="finite_difference")(p, x, y, generator=gen(0))
     net = nn.Sequential(nn.Linear(D, H), nn.Tanh(), nn.Linear(H, C)).to(dtype)
     params = {k: v.detach() for k, v in net.named_parameters()}
     with pytest.raises(ValueError, match=rf"method='sweep'.*{dtype}.*method='hvp'"):
