@@ -255,15 +255,22 @@ class StrategyFailedError(RuntimeError):
     strategies to try); callers that take no ``strategy=`` re-raise it with their own fix."""
 
 
-def _strategy_failure(call: str, strategy: str, exc: Exception) -> Exception:
-    others = [s for s in STRATEGIES + FALLBACK_STRATEGIES if s not in ("auto", strategy)]
+def _strategy_failure(call: str, strategy: str, exc: Exception, half: bool = False) -> Exception:
+    """``half``: float16/bfloat16 parameters, for which finite differences are refused."""
+    fallback = () if half else FALLBACK_STRATEGIES
+    others = [s for s in STRATEGIES + fallback if s not in ("auto", strategy)]
     return error(
         call,
         f'strategy="{strategy}" failed while forming Hessian-vector products '
         "(some operators lack double-backward or forward-mode derivatives)",
         f"{type(exc).__name__}: {exc}",
         f"Pass another strategy: one of {', '.join(repr(s) for s in others)}; "
-        'strategy="finite_difference" needs only first derivatives.',
+        + (
+            'strategy="finite_difference" needs only first derivatives (in float32 or float64: '
+            "cast the parameters and inputs first)."
+            if half
+            else 'strategy="finite_difference" needs only first derivatives.'
+        ),
         cls=StrategyFailedError,
     )
 
@@ -491,6 +498,7 @@ class HessianOperator:
                     "operation whose backward is not differentiable (a custom autograd.Function "
                     "with @once_differentiable, or a backward computed under torch.no_grad)"
                 ),
+                self.compute_dtype in HALF_DTYPES,
             )
 
     def _hv_autograd(self, rows: list[Tensor], batched: bool) -> list[Tensor]:
@@ -590,7 +598,8 @@ class HessianOperator:
 
     def _fail(self, strategy: str, exc: Exception) -> BaseException:
         other = self._not_the_strategy()
-        return other if other is not None else _strategy_failure(self.call, strategy, exc)
+        half = self.compute_dtype in HALF_DTYPES
+        return other if other is not None else _strategy_failure(self.call, strategy, exc, half)
 
     def _check_rows(self, V: object) -> None:
         if not isinstance(V, Tensor) or V.dim() != 2 or V.shape[1] != self.size:

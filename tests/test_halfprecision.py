@@ -380,3 +380,28 @@ def test_eager_fisher_approximations_match_float64(dtype: torch.dtype) -> None:
     ef_scale = max(float(t.abs().max()) for t in pairs[0][1])  # the largest entry of diag(E)
     assert tr.dtype == torch.float32
     assert abs(float(tr) - float(ref_tr)) <= P * gamma(dtype, chain()) * ef_scale
+
+
+class _Cube(torch.autograd.Function):
+    """x³ with a backward that autograd cannot differentiate again."""
+
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[no-untyped-def]
+        ctx.save_for_backward(x)
+        return x**3
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):  # type: ignore[no-untyped-def]
+        (x,) = ctx.saved_tensors
+        return 3 * x**2 * g
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_strategy_failure_does_not_offer_half_precision_finite_differences(dtype: torch.dtype) -> None:
+    f = lambda z: _Cube.apply(z).sum()
+    z = torch.linspace(0.5, 2.0, 5).to(dtype)
+    with pytest.raises(RuntimeError, match=r"finite_difference\" needs only first derivatives \(in float32"):
+        secorder.hessian_trace(f, strategy="autograd")(z)
+    with pytest.raises(RuntimeError, match=r"finite_difference\" needs only first derivatives\.$"):
+        secorder.hessian_trace(f, strategy="autograd")(z.float())
