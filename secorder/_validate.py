@@ -226,7 +226,7 @@ def nonfinite_report(t: Tensor, samples: bool = False) -> str | None:
     (with ``samples``, also which indices along dimension 0, the samples of a batch)."""
     # one reduction first: a NaN or infinite entry makes the sum NaN or infinite, so a finite
     # sum proves every entry finite (an overflowing sum of finite entries takes the full check)
-    if bool(torch.isfinite(t.sum())):
+    if bool(torch.isfinite(t.sum(dtype=_sum_dtype(t.dtype)))):  # float16 sums in float32: no overflow
         return None
     finite = torch.isfinite(t)
     if bool(finite.all()):
@@ -239,6 +239,12 @@ def nonfinite_report(t: Tensor, samples: bool = False) -> str | None:
         rows = sorted({int(i) for i in bad[:, 0]})
         where += f", in samples [{', '.join(str(r) for r in rows[:10])}{', ...' if len(rows) > 10 else ''}]"
     return f"{n_nan} NaN and {n_inf} infinite entries (of {t.numel()}){where}"
+
+
+def _sum_dtype(dtype: torch.dtype) -> torch.dtype:
+    from secorder._pytree import accumulation_dtype
+
+    return accumulation_dtype(dtype)
 
 
 def check_finite_tree(call: str, name: str, tree: Any, fix: str | None = None, samples: bool = False) -> None:
@@ -262,7 +268,13 @@ def check_finite_tree(call: str, name: str, tree: Any, fix: str | None = None, s
                 f"{report} at {name}{_leaf_path(spec, i)}",
                 fix
                 or "Find where the NaN/Inf came from (a diverged training step, a log of 0, a division "
-                "by 0) and fix it there; the curvature at a non-finite point is not defined.",
+                "by 0) and fix it there; the curvature at a non-finite point is not defined."
+                + (
+                    f" float16 holds at most {torch.finfo(torch.float16).max:.0f}: an overflow there "
+                    "is a common cause (bfloat16 has float32's range)."
+                    if leaf.dtype == torch.float16
+                    else ""
+                ),
             )
 
 

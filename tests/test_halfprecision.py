@@ -292,6 +292,11 @@ def test_float16_overflow_is_named() -> None:
         secorder.hessian_trace(f)(z)
     with pytest.raises(ValueError, match=rf"float16, whose largest finite value is {big:.0f}"):
         secorder.hessian_trace(f, num_probes=2)(z, generator=gen(0))
+    # parameters that overflowed before the call: named as such
+    with pytest.raises(ValueError, match=rf"1 infinite entries.*float16 holds at most {big:.0f}"):
+        secorder.hessian_trace(f)(torch.tensor([1.0, 7e4, 0.0, 1.0]).half())
+    # finite float16 entries whose sum would overflow float16 are accepted (H = 2I: finite)
+    assert torch.isfinite(secorder.hessian_trace(lambda w: (w * w).sum())(torch.full((4,), 6e4).half()))
     # bfloat16 has float32's range: finite, 4 · 12·10⁴ within a few roundings
     tr = float(secorder.hessian_trace(f)(z.bfloat16()))
     assert abs(tr - 4.8e5) <= gamma(torch.bfloat16, 4) * 4.8e5
