@@ -12,6 +12,9 @@ The result is built from differentiable torch ops: ``loss.backward()`` and
 Contract: ``u(*args)`` maps a batch ``x = args[argnums]`` of shape ``(N, *E)`` to an output of
 shape ``(N, *O)`` and treats the points independently (output n depends on x_n only: no
 batch statistics across points), as :func:`torch.func.vmap` over points would. D = prod(E).
+On the collapsed route this is proved on the recorded tape before any arithmetic (the per-sample
+analysis of :mod:`secorder._engine.batch`, no check on values); a ``u`` that mixes the points
+is refused with the op that mixes them.
 
 Routes (reported in ``fn.method_info`` after each call, a :class:`PDEInfo`):
 
@@ -40,6 +43,7 @@ from torch.func import jvp, vmap
 from secorder import probes as _probes
 from secorder._chunking import ROW_OVERHEAD, check_chunk_size, memory_budget
 from secorder._engine import jet as _jet
+from secorder._engine.batch import BatchAxisError, analyze
 from secorder._engine.collapsed import evaluate, plan
 from secorder._engine.tape import Tape, TapeUnsupportedError, record
 from secorder._errors import error
@@ -136,9 +140,14 @@ def _plain(t: Tensor) -> Tensor | None:
 
 
 def _record(
-    fn: Callable[[list[Tensor], list[Tensor]], Tensor], leaves: list[Tensor], x: Tensor
+    fn: Callable[[list[Tensor], list[Tensor]], Tensor],
+    leaves: list[Tensor],
+    x: Tensor,
+    call: str | None = None,
 ) -> tuple[Tape | None, str | None]:
-    """The tape of ``fn`` at plain copies of the arguments, or ``(None, why not)``."""
+    """The tape of ``fn`` at plain copies of the arguments, or ``(None, why not)``. With
+    ``call``: the points are proved independent on the tape first (:func:`_check_independent`,
+    raising in the name of ``call``)."""
     plain = [_plain(t) for t in [*leaves, x]]
     if any(p is None for p in plain):
         return None, "called under torch.func.vmap (the tape records one unbatched evaluation)"
@@ -147,6 +156,11 @@ def _record(
             tape = record(fn, plain[:-1], plain[-1:])  # type: ignore[arg-type]
     except TapeUnsupportedError as exc:
         return None, f"the function cannot be recorded as a tape: {exc}"
+    if call is not None:
+        if tape.values is None:  # an in-place op rewrote a recorded tensor: replay for the shapes
+            with torch._C._DisableFuncTorch(), torch.no_grad():
+                tape.values = tape.replay(plain[:-1], plain[-1:])  # type: ignore[arg-type]
+        _check_independent(call, tape, x)
     tape.values = None  # the collapsed evaluator recomputes every value: kept ones only hold memory
     return tape, None
 
@@ -375,34 +389,27 @@ def _common_checks(call: str, u: object, argnums: object, num_probes: object, di
         )
 
 
-def _check_independent(
-    call: str, fn: Callable[..., Tensor], leaves: list[Tensor], x: Tensor, y: Tensor
-) -> None:
-    """Refuse ``u`` whose output at a point changes with the other points of the batch (batch
-    statistics, attention across points): one pass over the batch would mix the points'
-    derivatives. Checked on the first point evaluated twice in a batch of its own (one extra
-    forward pass of two points; batch statistics of two equal points differ from the batch's)."""
-    if x.shape[0] < 2:
+def _check_independent(call: str, tape: Tape, x: Tensor) -> None:
+    """Refuse ``u`` whose output at a point depends on the other points of the batch (batch
+    statistics, attention or a mean across points): one pass over the batch would mix the
+    points' derivatives. Proved on the tape, with no check on values: the per-sample analysis
+    of :mod:`secorder._engine.batch` propagates the points' batch axis through every op that
+    depends on them (each op's batch rule from the one registry) and names the first op that
+    mixes them. Needs the recorded values (their shapes)."""
+    if x.shape[0] < 2 or tape.output is None:
         return
-    with torch.no_grad():
-        first = x[:1].detach()
-        alone = fn([leaf.detach() for leaf in leaves], [torch.cat([first, first])])[:1]
-        batched = y[:1].detach()
-        scale = float(batched.abs().max()) if batched.numel() else 0.0
-        tol = 1e-3 if x.dtype in (torch.float16, torch.bfloat16, torch.float32) else 1e-8
-        if alone.shape != batched.shape or not torch.allclose(
-            alone, batched, rtol=tol, atol=tol * max(1.0, scale)
-        ):
-            raise error(
-                call,
-                "u must treat the points independently (output n depends on x[n] only), as "
-                "torch.func.vmap over points would",
-                "a function whose output at the first point changes when the other points are "
-                "dropped (batch statistics such as BatchNorm in training mode, or mixing across "
-                "points)",
-                "Put the model in eval mode, or compute per point: "
-                "torch.func.vmap(lambda xn: u(params, xn[None])[0]) inside u.",
-            )
+    assert tape.values is not None
+    try:
+        analyze(tape, tape.values, (), x.shape[0], batched_output=True, inputs=True)
+    except BatchAxisError as exc:
+        raise error(
+            call,
+            "u must treat the points independently (output n depends on x[n] only), as "
+            "torch.func.vmap over points would",
+            f"a function that mixes the points: {exc.args[0]}",
+            "Put the model in eval mode (no batch statistics), or compute per point: "
+            "torch.func.vmap(lambda xn: u(params, xn[None])[0]) inside u.",
+        ) from None
 
 
 def _stderr(v2: Tensor, per_group: int) -> Tensor:
@@ -465,7 +472,8 @@ def laplacian(
 
     Raises:
         ValueError, TypeError: invalid options (at construction) or arguments (at call); a
-            ``u`` whose output at a point depends on the other points (checked on one point).
+            ``u`` whose output at a point depends on the other points (proved on the tape:
+            the message names the op that mixes them).
 
     Example:
         >>> import torch
@@ -501,7 +509,7 @@ def laplacian(
         groups = k if with_stderr and num_probes is not None else 1
         exact_unit = num_probes is None and s is None  # the first-order channel is ∇ₓu
         info = PDEInfo("collapsed")
-        tape, why = _record(fn, leaves, x)
+        tape, why = _record(fn, leaves, x, call)
         v1: Tensor | None
         if tape is None:
             info = PDEInfo("nested", why)
@@ -509,7 +517,6 @@ def laplacian(
         else:
             want_v1 = return_derivatives and exact_unit
             v0, v1, v2 = _collapsed(tape, leaves, x, (rows, k), groups, info, want_v1, chunk_size)
-            _check_independent(call, fn, leaves, x, v0)
         lap = v2.sum(0) / scale
         check_finite_result(
             call,
@@ -598,7 +605,7 @@ def biharmonic(
         g_in = inner.shape[0] if stoch else 1
         g_out = outer.shape[0] if stoch else 1
         info = PDEInfo("collapsed")
-        tape, why = _record(fn, leaves, x)
+        tape, why = _record(fn, leaves, x, call)
 
         def lap(ls: list[Tensor], ins: list[Tensor]) -> Tensor:
             if tape is None:
@@ -607,7 +614,6 @@ def biharmonic(
 
         v2: Tensor | None = None
         if tape is not None:
-            _check_independent(call, fn, leaves, x, tape.result)
             tape2, why2 = _record(lap, leaves, x)
             if tape2 is not None:
                 v2 = _collapsed(tape2, leaves, x, outer, g_out, info, chunk_size=chunk_size, split=False)[2]

@@ -571,3 +571,44 @@ def test_default_direction_chunks_bound_the_tangents(monkeypatch):
         assert passes == [1] * d
     finally:
         secorder.set_memory_budget(budget)
+
+
+@pytest.mark.parametrize(
+    "mix, op",
+    [
+        (lambda x: torch.cumsum(x, 0), "cumsum"),  # point 0 is unaffected: a value check on it passes
+        (lambda x: x - x.mean(0), "sub"),  # the mean over points meets a point
+        (lambda x: torch.softmax(x @ x.T, -1) @ x, "mm"),  # attention across the points
+    ],
+    ids=["cumsum_over_points", "centering", "attention_across_points"],
+)
+def test_error_mixing_proved_on_the_tape_names_the_op(mix, op):
+    """The points' independence is proved on the tape (the per-sample analysis of
+    secorder._engine.batch), not checked on values: a mixing that leaves the first point's
+    value unchanged (a running sum over the points) is refused too, naming the op."""
+
+    def u(w, x):
+        return torch.tanh(mix(x) @ w)
+
+    x = torch.randn(4, 3, dtype=torch.float64)
+    w = torch.ones(3, dtype=torch.float64)
+    for fn in (laplacian(u), biharmonic(u)):
+        with pytest.raises(ValueError, match=rf"u must treat the points independently.*aten\.{op}"):
+            fn(w, x)
+
+
+def test_independence_proof_accepts_per_point_scans_and_products():
+    """Ops along a per-point axis (cumsum over coordinates, a matrix-vector product with the
+    points as rows) pass the proof, and the values match the dense reference."""
+    a = torch.randn(3, 3, dtype=torch.float64)
+
+    def u(w, x):
+        return (
+            torch.tanh(torch.cumsum(x, -1)).pow(2).sum(-1) + torch.sin(torch.mv(x, w)) + (x @ a * x).sum(-1)
+        )
+
+    w = torch.randn(3, dtype=torch.float64)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    fn = laplacian(u)
+    torch.testing.assert_close(fn(w, x), _ref_laplacian(u, w, x))
+    assert fn.method_info.route == "collapsed"

@@ -191,6 +191,8 @@ _register(
 )
 _register(("_softmax", "_log_softmax", "_safe_softmax"), batch="softmax")
 _register(("linalg_vector_norm",), batch="norm")
+_register(("cumsum", "cumprod", "logcumsumexp"), batch="scan")
+_register(("mv",), batch="mv")
 _register(("split.Tensor", "split_with_sizes", "unbind.int", "chunk"), batch="split")
 _register(("cat", "stack"), batch="cat")
 _register(("mm", "bmm"), batch="matmul")
