@@ -303,16 +303,22 @@ def _nested(
 # are recomputed per pass, a cost that only pays off when the tangents are not small). Measured
 # in benchmarks/RESULTS.md (bench_laplacian).
 PASSES = 4
+STREAM_BLOCK = 8
 SMALL_TANGENTS = 256 << 10  # bytes of all K tangents of the widest intermediate: one pass
 
 
-def _direction_step(tape: Tape, x: Tensor, k: int, m: int, chunk_size: int | None, split: bool) -> int:
+def _direction_step(
+    tape: Tape, x: Tensor, k: int, m: int, chunk_size: int | None, split: bool, held: int = -1
+) -> int:
     """Directions per pass, a multiple of the group size ``m``: ``chunk_size``, or by default
     all K when their tangents are small or ``split`` is off, else K / ``PASSES``, within the
-    memory budget."""
+    memory budget. ``held``: the widest value whose K tangents a pass holds whole
+    (:attr:`secorder._engine.collapsed.Plan.held`; streamed and broadcast ones are not; -1:
+    the widest value computed from the points)."""
     if chunk_size is None:
-        per_direction = max(1, tape.widest) * x.element_size()
-        chunk_size = k if not split or k * per_direction <= SMALL_TANGENTS else -(-k // PASSES)
+        held_bytes = max(1, tape.widest if held < 0 else held) * x.element_size()
+        chunk_size = k if not split or k * held_bytes <= SMALL_TANGENTS else -(-k // PASSES)
+        per_direction = max(1, tape.widest) * x.element_size()  # the budget: every tangent whole
         chunk_size = max(1, min(chunk_size, memory_budget() // (per_direction * ROW_OVERHEAD)))
     return min(k, max(m, chunk_size // m * m))
 
@@ -327,21 +333,26 @@ def _collapsed(
     first_order: bool = False,
     chunk_size: int | None = None,
     split: bool = True,
+    broadcast: bool = False,
 ) -> tuple[Tensor, Tensor | None, Tensor]:
     """(value, K first derivatives or None unless ``first_order``, G summed second derivatives).
 
     The K directions go through in chunks (:func:`_direction_step`; ``split=False``: by default
     only as the memory budget requires); each chunk's second-order sums are added (one group,
     G = 1) or concatenated (G groups of m = K / G directions). ``dirs``: a ``(K, N or 1, *E)``
-    tensor, or ``(rows, K)`` from :func:`_direction_rows` (asked for in consecutive slices)."""
+    tensor, or ``(rows, K)`` from :func:`_direction_rows` (asked for in consecutive slices);
+    ``broadcast``: the directions are the same at every point (size 1 along the points)."""
     if isinstance(dirs, Tensor):
         t = dirs
         rows, k = (lambda start, stop: t[start:stop]), t.shape[0]
     else:
         rows, k = dirs
     m = 1 if groups == 1 else k // groups  # a chunk holds whole groups
-    step = _direction_step(tape, x, k, m, chunk_size, split)
-    prepared = plan(tape, [0], first_order=first_order)
+    prepared = plan(tape, [0], first_order=first_order, numels=tape.numels or None, broadcast=broadcast)
+    step = _direction_step(tape, x, k, m, chunk_size, split, prepared.held)
+    # a streamed tangent (jet.Lazy) holds a block of directions of one intermediate at a time:
+    # blocks within SMALL_TANGENTS (at most STREAM_BLOCK directions)
+    block = max(1, min(STREAM_BLOCK, SMALL_TANGENTS // (max(1, tape.widest) * x.element_size())))
     memo: dict[tuple[int, str], Any] | None = {} if step < k else None  # kept across passes
     v0: Tensor | None = None
     v1s: list[Tensor] = []
@@ -349,7 +360,7 @@ def _collapsed(
     for s in range(0, k, step):
         part = rows(s, min(s + step, k))
         g = 1 if groups == 1 else part.shape[0] // m
-        ctx = _jet.Ctx(part.shape[0], g, memo=memo)
+        ctx = _jet.Ctx(part.shape[0], g, memo=memo, block=block)
         jet = _jet.Jet(x, part, None)
         out = evaluate(tape, leaves, [jet], ctx, first_order=first_order, prepared=prepared)
         for name, c in ctx.fallbacks.items():
@@ -359,7 +370,7 @@ def _collapsed(
         out = out.full(ctx)
         v0 = out.v0
         if out.v1 is not None:
-            v1s.append(out.v1)
+            v1s.append(out.d1)
         v2s.append(out.v2 if out.v2 is not None else out.v0.new_zeros(g, *out.v0.shape))
     assert v0 is not None
     v1 = (v1s[0] if len(v1s) == 1 else torch.cat(v1s)) if v1s else None
@@ -516,7 +527,10 @@ def laplacian(
             v0, v1, v2 = _nested(fn, leaves, x, rows(0, k), groups, chunk_size)
         else:
             want_v1 = return_derivatives and exact_unit
-            v0, v1, v2 = _collapsed(tape, leaves, x, (rows, k), groups, info, want_v1, chunk_size)
+            same = num_probes is None and (s is None or s.shape[0] == 1)  # unit directions or one S
+            v0, v1, v2 = _collapsed(
+                tape, leaves, x, (rows, k), groups, info, want_v1, chunk_size, broadcast=same
+            )
         lap = v2.sum(0) / scale
         check_finite_result(
             call,
@@ -610,13 +624,19 @@ def biharmonic(
         def lap(ls: list[Tensor], ins: list[Tensor]) -> Tensor:
             if tape is None:
                 return _nested(fn, ls, ins[0], inner, g_in, chunk_size)[2]
-            return _collapsed(tape, ls, ins[0], inner, g_in, info, chunk_size=chunk_size, split=False)[2]
+            return _collapsed(
+                tape, ls, ins[0], inner, g_in, info, chunk_size=chunk_size, split=False,
+                broadcast=inner.shape[1] == 1,
+            )[2]  # fmt: skip
 
         v2: Tensor | None = None
         if tape is not None:
             tape2, why2 = _record(lap, leaves, x)
             if tape2 is not None:
-                v2 = _collapsed(tape2, leaves, x, outer, g_out, info, chunk_size=chunk_size, split=False)[2]
+                v2 = _collapsed(
+                    tape2, leaves, x, outer, g_out, info, chunk_size=chunk_size, split=False,
+                    broadcast=outer.shape[1] == 1,
+                )[2]  # fmt: skip
             else:
                 why = why2
         if v2 is None:

@@ -373,7 +373,7 @@ def analyze(
     for i, node in enumerate(tape.nodes):
         batched = {
             p: (0, 1)
-            for p, t in _const_paths((node.args, node.kwargs))
+            for p, t in (_const_paths((node.args, node.kwargs)) if data_ids else ())
             if id(t) in data_ids and t.dim() > 0 and t.shape[0] == num_samples
         }
         if batched:
