@@ -82,6 +82,12 @@ ACTIVATIONS = {
     "squeeze_unsqueeze": lambda z: torch.tanh(z.unsqueeze(1)).squeeze(1) * z.unsqueeze(0).squeeze(),
     "erf_generic": torch.erf,
     "cumsum_fallback": lambda z: torch.tanh(torch.cumsum(z, -1)),
+    "rsub_scalar": lambda z: torch.tanh(1.0 - z) * (2.0 - torch.sin(z)),
+    "sum_mean": lambda z: (
+        torch.tanh(z) * torch.sin(z).sum(-1, keepdim=True)
+        + torch.cos(z).mean(-1, keepdim=True)
+        + torch.exp(0.2 * z).mean([-1]).unsqueeze(-1)
+    ),
 }
 
 

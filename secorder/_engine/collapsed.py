@@ -192,10 +192,18 @@ _SKIP_RULES = frozenset(
         _jet.matmul_rule,
         _jet.mul_rule,
         _jet.gelu_rule,
+        _jet.reduce_rule,
     }
 )
 _AFFINE_RULES = frozenset(
-    {_jet.add_rule, _jet.scalar_affine_rule, _jet.view_rule, _jet.reshape_rule, _jet.constant_rule}
+    {
+        _jet.add_rule,
+        _jet.scalar_affine_rule,
+        _jet.view_rule,
+        _jet.reshape_rule,
+        _jet.constant_rule,
+        _jet.reduce_rule,
+    }
 )
 _BILINEAR_RULES = frozenset({_jet.matmul_rule, _jet.mul_rule, _jet.div_rule})
 

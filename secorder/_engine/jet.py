@@ -591,13 +591,43 @@ def add_rule(ctx: Ctx, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any])
 
 
 def scalar_affine_rule(ctx: Ctx, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """add.Scalar / sub.Scalar / mul.Scalar / div.Scalar / neg on one jet."""
+    """add.Scalar / sub.Scalar / rsub.Scalar / mul.Scalar / div.Scalar / neg on one jet."""
     x = args[0]
     y = func(x.v0, *args[1:], **kwargs)
     if func in (aten.add.Scalar, aten.sub.Scalar):
         return make(ctx, y, None if ctx.skip_v1 else x.v1, x.v2)
+    if func is aten.rsub.Scalar:  # other − alpha·x
+        c = -kwargs.get("alpha", args[2] if len(args) > 2 else 1)
+        return make(ctx, y, None if ctx.skip_v1 else c * x.d1, None if x.v2 is None else c * x.v2)
     v1 = None if ctx.skip_v1 else func(x.d1, *args[1:], **kwargs)
     return make(ctx, y, v1, None if x.v2 is None else func(x.v2, *args[1:], **kwargs))
+
+
+def reduce_rule(ctx: Ctx, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """sum / mean over dimensions of one jet: the derivatives reduced over the same dimensions
+    (shifted past their leading direction axis; no ``vmap`` of the op, as the generic linear
+    route would use)."""
+    x, only = _first_jet(args)
+    if not only or kwargs.get("dtype") is not None or (len(args) > 3 and args[3] is not None):
+        return linear(ctx, func, args, kwargs)
+    nd = x.v0.dim()
+    dims = args[1] if len(args) > 1 else kwargs.get("dim")
+    keep = bool(args[2] if len(args) > 2 else kwargs.get("keepdim", False))
+    if func in (aten.sum.default, aten.mean.default) or dims is None or len(dims) == 0:
+        dims = list(range(nd))
+    dims = [int(d) % max(1, nd) for d in ([dims] if isinstance(dims, int) else dims)]
+    y = func(*primal(args), **kwargs)
+    if nd == 0:  # a 0-d value: nothing to reduce
+        return make(ctx, y, None if ctx.skip_v1 else x.v1, x.v2)
+    mean = func in (aten.mean.default, aten.mean.dim)
+    n = math.prod(x.v0.shape[d] for d in dims) if mean else 1
+
+    def red(t: Tensor, lead: int) -> Tensor:
+        t = _full(_align(t, nd), lead, x.v0.shape).sum([d + 1 for d in dims], keepdim=keep)
+        return t / n if mean else t
+
+    v1 = None if ctx.skip_v1 else red(x.d1, ctx.K)
+    return make(ctx, y, v1, None if x.v2 is None else red(x.v2, ctx.G))
 
 
 def view_rule(ctx: Ctx, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
