@@ -297,11 +297,13 @@ def _nested(
     return f(x), firsts, v2
 
 
-# Default directions per collapsed pass. One pass holds about two first-order tangents of K
-# directions at its peak (a layer's input and output), as nested AD over the points does; K / 4
-# directions per pass bring that to about half (the value and the summed second-order channel
-# are recomputed per pass, a cost that only pays off when the tangents are not small). Measured
-# in benchmarks/RESULTS.md (bench_laplacian).
+# Default directions per collapsed pass. A pass holds at its peak about two first-order tangents
+# of K directions (a layer's input and output) that are not streamed (collapsed.Plan.held), as
+# nested AD over the points does; K / 4 directions per pass bring that to about half (the value
+# and the summed second-order channel are recomputed per pass, a cost that only pays off when
+# the tangents are not small). Streamed tangents (jet.Lazy) hold STREAM_BLOCK directions at a
+# time, fewer when those would exceed SMALL_TANGENTS. Measured in benchmarks/RESULTS.md
+# (bench_laplacian).
 PASSES = 4
 STREAM_BLOCK = 8
 SMALL_TANGENTS = 256 << 10  # bytes of all K tangents of the widest intermediate: one pass
@@ -470,9 +472,10 @@ def laplacian(
             as PDE residuals need them.
         chunk_size: directions per collapsed pass (of the K above), their second-order sums
             added; bounds the first-order tangents to ``chunk_size`` per point and intermediate.
-            ``None``: all K when their tangents are small (256 KiB for the widest
-            intermediate), else K / 4 per pass (about half the peak memory of one pass), within
-            :func:`secorder.set_memory_budget`.
+            ``None``: all K when the tangents a pass holds whole are small (256 KiB for the
+            widest such intermediate; tangents with one consumer are streamed a block of
+            directions at a time and not counted), else K / 4 per pass (about half the peak
+            memory of one pass), within :func:`secorder.set_memory_budget`.
 
     Returns:
         ``lap_fn(*args, generator=None)`` returning Δu of shape ``(N, *O)``; with
