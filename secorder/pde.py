@@ -353,8 +353,11 @@ def _collapsed(
     prepared = plan(tape, [0], first_order=first_order, numels=tape.numels or None, broadcast=broadcast)
     step = _direction_step(tape, x, k, m, chunk_size, split, prepared.held)
     # a streamed tangent (jet.Lazy) holds a block of directions of one intermediate at a time:
-    # blocks within SMALL_TANGENTS (at most STREAM_BLOCK directions)
-    block = max(1, min(STREAM_BLOCK, SMALL_TANGENTS // (max(1, tape.widest) * x.element_size())))
+    # blocks within SMALL_TANGENTS (at most STREAM_BLOCK directions); half that with directions
+    # that differ per point (random probes), whose own (K, N, D) tangent and first-layer blocks
+    # (computed twice) are alive next to the streamed ones
+    room = SMALL_TANGENTS if broadcast else SMALL_TANGENTS // 2
+    block = max(1, min(STREAM_BLOCK, room // (max(1, tape.widest) * x.element_size())))
     memo: dict[tuple[int, str], Any] | None = {} if step < k else None  # kept across passes
     v0: Tensor | None = None
     v1s: list[Tensor] = []
