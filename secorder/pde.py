@@ -358,6 +358,8 @@ def _collapsed(
     # (computed twice) are alive next to the streamed ones
     room = SMALL_TANGENTS if broadcast else SMALL_TANGENTS // 2
     block = max(1, min(STREAM_BLOCK, room // (max(1, tape.widest) * x.element_size())))
+    if not split and chunk_size is None:  # the biharmonic's levels: one pass, no streaming
+        block = k
     memo: dict[tuple[int, str], Any] | None = {} if step < k else None  # kept across passes
     v0: Tensor | None = None
     v1s: list[Tensor] = []
