@@ -100,7 +100,7 @@ def block(v1: Tensor | Lazy, s: int, e: int) -> Tensor:
     """Directions s..e of a first-order part (a tensor with a leading K, or of size 1 there)."""
     if isinstance(v1, Lazy):
         return v1.block(s, e)
-    return v1 if v1.shape[0] == 1 else v1[s:e]
+    return v1.expand(e - s, *v1.shape[1:]) if v1.shape[0] == 1 else v1[s:e]
 
 
 @dataclass
