@@ -28,6 +28,10 @@ sample that the reduction averages over (m = 1 for ``"sum"``):
   sum (``"sum"``) of these, which is checked on the values (eager mode). The output
   Hessian comes from autodiff.
 
+Precision: float16/bfloat16 parameters are accepted; the model and the products run in that
+dtype, every sum in float32, and results come back in float32; exact values then come from
+one-hot operator products (path ``"one_hot"``), see ``docs/transforms.rst``, "Precision".
+
 The three kinds, all P×P over the parameters θ (J = ∂z/∂θ, J_n sample n's rows):
 
 * ``kind="ggn"``: G = Jᵀ (∇²_z L) J = c Σ_n J_nᵀ (∇²_{z_n} l_n) J_n. For cross-entropy and
@@ -128,12 +132,14 @@ from secorder._validate import (
     check_module_call,
     check_num_probes,
     check_same_dtype_device,
+    half_precision_refusal,
 )
 from secorder.estimators import (
     BLOCK_TRACE_ESTIMATORS,
     DIAGONAL_ESTIMATORS,
     TRACE_ESTIMATORS,
     check_min_probes,
+    exact_diagonal,
 )
 from secorder.modules import module_forward, unwrap_module
 from secorder.operators import in_functorch_transform
@@ -145,8 +151,9 @@ PATHS = ("auto", "generic", "fast")
 
 class FisherPath(NamedTuple):
     """Which route computed a call: ``path`` is ``"fast"`` (the structured sweep over a tape of
-    the whole batch), ``"generic"`` (vector-Jacobian products of the whole batch) or
-    ``"hutchinson"`` (the operator route); ``fast``/``generic`` name the parameters (dict keys,
+    the whole batch), ``"generic"`` (vector-Jacobian products of the whole batch),
+    ``"hutchinson"`` (the operator route) or ``"one_hot"`` (one-hot products of the operator:
+    exact values of float16/bfloat16 parameters); ``fast``/``generic`` name the parameters (dict keys,
     or leaf positions for other pytrees) of each route; ``reason`` says why the generic route
     was taken (empty otherwise)."""
 
@@ -418,8 +425,13 @@ def _run(
         return call_deterministic(call, forward, leaves, restore(unflatten(spec, ls)), x)
 
     needs_graph = torch.is_grad_enabled() and any(leaf.requires_grad for leaf in leaves)
+    # float16/bfloat16: the column routes sum squares in the parameters' dtype; the exact values
+    # come from one-hot products of the operator instead (float32 accumulation at its boundary)
+    half = half_precision_refusal(leaves, "the column routes (the structured sweep or per-sample columns)")
     why: str | None = None  # why the generic route (None: the structured sweep)
-    if s.path == "generic":
+    if half is not None and not hutchinson:
+        why = half
+    elif s.path == "generic":
         why = "path='generic' was requested"
     elif transformed:
         why = "inside a torch.func transform (the structured sweep records the function eagerly as a tape)"
@@ -453,6 +465,18 @@ def _run(
             op, s.num_probes, distribution=s.distribution, generator=gen, chunk_size=s.chunk_size
         )
         return est, err, leaves, spec, FisherPath("hutchinson", (), names)
+
+    if half is not None:
+        if s.per_sample:
+            raise error(
+                call,
+                "per_sample=True comes from the column routes, which sum squares in the parameters' dtype",
+                half,
+                "Cast the parameters and inputs to float32 for per-sample values, or drop per_sample "
+                "(the batch value of half-precision parameters is accumulated in float32).",
+            )
+        est, err = _half_exact(s, fn, leaves, inputs, targets, z, scale, gen, trace)
+        return est, err, leaves, spec, FisherPath("one_hot", (), names, half)
 
     n = int(z.shape[0])
     data = _batch_data(inputs, n)
@@ -492,6 +516,46 @@ def _run(
         est = est / factor.num_columns
     est = est.sum() * scale if trace else est * scale
     return est, torch.zeros_like(est), leaves, spec, info
+
+
+def _half_exact(
+    s: _Setup,
+    fn: Callable[[list[Tensor], Any], Any],
+    leaves: list[Tensor],
+    inputs: Any,
+    targets: Any,
+    z: Tensor,
+    scale: float,
+    gen: torch.Generator | None,
+    trace: bool,
+) -> tuple[Tensor, Tensor]:
+    """The exact GGN / empirical Fisher (or the MC Fisher of the drawn targets) of half-precision
+    parameters: the diagonal from P one-hot products of the operator, each formed in the
+    parameters' dtype and accumulated in float32 (``_pytree.accumulating``)."""
+    if s.kind == "mc" and s.with_stderr:
+        raise error(
+            s.call,
+            "with_stderr=True of the MC Fisher needs the per-draw column route, which sums squares "
+            "in the parameters' dtype",
+            half_precision_refusal(leaves, "the column route") or "",
+            "Drop with_stderr, or cast the parameters and inputs to float32.",
+        )
+    op: GGNOperator | EmpiricalFisherOperator
+
+    def g(ls: list[Tensor]) -> Any:
+        return fn(ls, inputs)
+
+    if s.kind == "ggn":
+        op = GGNOperator(g, leaves, s.loss, z, targets, s.call)
+    elif s.kind == "empirical":
+        cols = s.loss.per_sample_grads(z, targets).unsqueeze(0)
+        op = EmpiricalFisherOperator(g, leaves, cols, scale, z, call=s.call)
+    else:
+        assert s.num_probes is not None
+        op = MCFisherOperator(g, leaves, s.loss, z, s.num_probes, gen, s.call)
+    diag = exact_diagonal(op, chunk_size=s.chunk_size)
+    est = diag.sum() if trace else diag
+    return est, torch.zeros_like(est)
 
 
 def _refuse_fast(call: str, why: str, transformed: bool) -> None:
