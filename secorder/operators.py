@@ -63,6 +63,7 @@ batch of vectors in several ways, all giving the same numbers up to rounding:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -74,6 +75,7 @@ from secorder._engine.tape import TapeUnsupportedError
 from secorder._engine.taylor import TaylorQuadform
 from secorder._errors import error
 from secorder._kernels import with_decomposed_kernels
+from secorder._losses import closed_form_losses
 from secorder._pytree import numel, ravel, unravel
 from secorder._validate import check_finite_enabled, check_finite_result, diagnose_nonfinite
 
@@ -332,6 +334,14 @@ def _taylor_too_slow(
     return reason, False
 
 
+def _closed_form() -> contextlib.AbstractContextManager[object]:
+    """Where the autograd strategies form products: ``F.cross_entropy`` with its closed-form
+    softmax curvature (:func:`secorder._losses.closed_form_losses`; same numbers, a few copies of
+    the logits instead of the double backward of ``log_softmax``); nothing under
+    ``torch.compile``."""
+    return contextlib.nullcontext() if torch.compiler.is_compiling() else closed_form_losses()
+
+
 class HessianOperator:
     """The Hessian of a scalar function of a list of tensors, as a batched operator.
 
@@ -439,7 +449,7 @@ class HessianOperator:
     def _autograd_graph(self) -> tuple[list[Tensor], list[Tensor], list[int]]:
         if self._graph is None:
             inputs = [leaf.detach().requires_grad_(True) for leaf in self.leaves]
-            with torch.enable_grad():
+            with torch.enable_grad(), _closed_form():
                 out = self.fn(inputs)
                 if not out.requires_grad:
                     raise _detached_output(self.call)
@@ -536,6 +546,10 @@ class HessianOperator:
         return unravel(torch.stack(out), self.shapes)
 
     def _matmat_leaves(self, rows: list[Tensor]) -> list[Tensor]:
+        with _closed_form():
+            return self._matmat_strategy(rows)
+
+    def _matmat_strategy(self, rows: list[Tensor]) -> list[Tensor]:
         s = self._settle_strategy()
         if s == "finite_difference":
             return self._hv_finite_difference(rows)
