@@ -86,7 +86,9 @@ class _OutputSpaceOperator:
         """The outputs z = fn(leaves), recomputed by the JVP, and the rows J v_i."""
         fn, leaves = self.fn, self.leaves
         try:
-            return vmap(lambda v: jvp(fn, (leaves,), (v,)), out_dims=(None, 0))(unravel(V, self.shapes))
+            dims: Any = (None, 0)  # the outputs do not depend on the rows
+            z, U = vmap(lambda v: jvp(fn, (leaves,), (v,)), out_dims=dims)(unravel(V, self.shapes))
+            return z, U
         except (RuntimeError, NotImplementedError) as exc:
             raise _product_failure(self.call, exc) from exc
 
