@@ -87,8 +87,8 @@ class _OutputSpaceOperator:
         fn, leaves = self.fn, self.leaves
         try:
             dims: Any = (None, 0)  # the outputs do not depend on the rows
-            z, U = vmap(lambda v: jvp(fn, (leaves,), (v,)), out_dims=dims)(unravel(V, self.shapes))
-            return z, U
+            out = vmap(lambda v: jvp(fn, (leaves,), (v,)), out_dims=dims)(unravel(V, self.shapes))
+            return out[0], out[1]
         except (RuntimeError, NotImplementedError) as exc:
             raise _product_failure(self.call, exc) from exc
 
