@@ -27,6 +27,12 @@ Each loss provides
 * ``sample_columns(z, K, generator)``: K Monte-Carlo columns per sample with
   E[g gᵀ] = ∇²_{z_n} l_n exactly (targets drawn from the model's predictive
   distribution; see :meth:`_BuiltinLoss.sample_columns`).
+
+Cross-entropy curvature is never formed: diag(p) − ppᵀ is applied in closed form, a group of
+samples at a time (``hessian_quadform``/``hessian_matvec``), and :func:`closed_form_losses`
+gives Hessian-vector products through a user's own ``F.cross_entropy`` the same closed form
+(a few copies of the logits at the peak instead of the double backward of ``log_softmax``;
+``benchmarks/bench_memory.py``).
 """
 
 from __future__ import annotations
@@ -44,7 +50,17 @@ from torch.overrides import TorchFunctionMode
 from secorder._errors import error
 from secorder._pytree import flatten, unflatten
 
-__all__ = ["KINDS", "LOSSES", "REDUCTIONS", "CallableLoss", "Factor", "LossSpec", "resolve_loss"]
+__all__ = [
+    "KINDS",
+    "LOSSES",
+    "REDUCTIONS",
+    "CallableLoss",
+    "Factor",
+    "LossSpec",
+    "closed_form_cross_entropy",
+    "closed_form_losses",
+    "resolve_loss",
+]
 
 KINDS = ("ggn", "empirical", "mc")
 LOSSES = ("cross_entropy", "mse", "bce_with_logits")
