@@ -11,8 +11,10 @@ Models:
   stays affordable on a CPU), eval mode, batch 8, 32×32 images.
 
 Each quantity is timed once (no warm-up; these are the slow calls) with the route it took
-(``method_info`` for the Hessian diagonal, the Fisher path for the GGN): the default route and
-``path="generic"`` (per-sample ``torch.func`` columns) for the GGN. A call longer than
+(``method_info`` for the Hessian diagonal, ``path_info`` for the GGN): for the GGN the default
+route of an ``nn.Module`` (per-layer fast path), ``path="generic"`` (per-sample ``torch.func``
+columns) and "(engine)", the same model as a plain function ``module_forward(model)[0]``, which
+takes the structured sweep over a tape of the whole batch. A call longer than
 ``--limit`` seconds is stopped and reported as such (run in a subprocess).
 
 Usage: ``PYTHONPATH=. python benchmarks/record.py bench_exact.py [--models gpt2,resnet18]``.
@@ -36,9 +38,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import _zoo
 
 import secorder
+from secorder.modules import module_forward
 
 warnings.filterwarnings("ignore")
-QUANTITIES = ["GGN trace", "GGN trace (generic)", "GGN diagonal", "GGN diagonal (generic)", "H diagonal"]
+QUANTITIES = [
+    "GGN trace", "GGN trace (generic)", "GGN trace (engine)",
+    "GGN diagonal", "GGN diagonal (generic)", "GGN diagonal (engine)",
+    "H diagonal",
+]  # fmt: skip
 
 
 def _case(name: str, classes: int) -> Any:
@@ -53,23 +60,31 @@ def worker(name: str, what: str, classes: int) -> dict[str, Any]:
     model, x, y = case.model, case.inputs, case.targets
     f, params = secorder.module_loss(model, _zoo.loss_of(case))
     generic = {"path": "generic"} if what.endswith("(generic)") else {}
+    # "(engine)": the model as a plain function, which takes the structured sweep over a tape of
+    # the whole batch (engine_output_diagonal) instead of the module's per-layer fast path
+    target: Any = module_forward(model)[0] if what.endswith("(engine)") else model
     if what.startswith("GGN trace"):
-        fn: Any = secorder.fisher_trace(model, "cross_entropy", **generic)
+        fn: Any = secorder.fisher_trace(target, "cross_entropy", **generic)
     elif what.startswith("GGN diagonal"):
-        fn = secorder.fisher_diagonal(model, "cross_entropy", **generic)
+        fn = secorder.fisher_diagonal(target, "cross_entropy", **generic)
     else:
         fn = secorder.hessian_diagonal(f)
     t0 = time.perf_counter()
     out = fn(params, x, y)
     sec = time.perf_counter() - t0
     total = out if isinstance(out, torch.Tensor) else sum(v.sum() for v in out.values())
-    info = getattr(fn, "method_info", None)
+    info = getattr(fn, "method_info", None) or getattr(fn, "path_info", None)
     route = ""
     if info is not None and hasattr(info, "reason"):
         route = f"{info.method}: {info.reason}"
     elif info is not None and hasattr(info, "path"):
-        route = info.path
-    return {"seconds": sec, "value": float(total), "route": route, "P": sum(p.numel() for p in params.values())}
+        route = info.path + (" (engine sweep)" if what.endswith("(engine)") and info.path == "fast" else "")
+    return {
+        "seconds": sec,
+        "value": float(total),
+        "route": route,
+        "P": sum(p.numel() for p in params.values()),
+    }
 
 
 def main() -> None:
