@@ -743,7 +743,11 @@ def closed_form_cross_entropy(
     """``F.cross_entropy`` with the closed-form softmax curvature in its derivatives, or
     ``None`` for the cases it does not cover (class weights, label smoothing, probability
     targets, the legacy ``size_average``/``reduce``): the same value, and the same first and
-    second derivatives as the ATen kernels (to rounding)."""
+    second derivatives as the ATen kernels (to rounding). One case is reported rather than
+    computed: forward mode over the gradient (``strategy="fwd_rev"``) of a loss whose weight
+    depends on the parameters and is exactly 0 at the point (then the probabilities are not
+    recoverable from the gradient) gives NaN, which the finite checks report; reverse mode
+    (the default) is exact there."""
     if (
         weight is not None
         or size_average is not None
