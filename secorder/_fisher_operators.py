@@ -165,11 +165,13 @@ class GGNOperator(_OutputSpaceOperator):
             return self.outputs, self.jvp(V)
         return self.jvp_with_outputs(V)
 
+    @accumulating
     def quadform(self, V: Tensor) -> Tensor:
         """The ``k`` values v_iᵀ G v_i = (J v_i)ᵀ ∇²_z L (J v_i): one JVP per row, no backward pass."""
         z, U = self._jvp_outputs(V)
         return self.loss.hessian_quadform(z, self.targets, U)
 
+    @accumulating
     def matmat(self, V: Tensor) -> Tensor:
         """Rows G v_i = Jᵀ ∇²_z L J v_i (one JVP and one VJP per row)."""
         z, U = self._jvp_outputs(V)
