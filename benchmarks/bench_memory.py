@@ -8,12 +8,16 @@ heads), batch 4 × 64 tokens, mean cross-entropy over every token; float32. The 
 Measured (each in a fresh process, so that nothing is cached from another measurement):
 
 * one gradient (``torch.autograd.grad`` of the loss) — the reference;
-* ``hvp(f)`` (one Hessian-vector product, the default strategy);
+* ``hvp(f)`` (one Hessian-vector product, the default strategy; ``F.cross_entropy`` is
+  differentiated with the closed-form softmax curvature, ``secorder._losses.closed_form_losses``,
+  so no double backward of ``log_softmax`` runs over the logits);
 * one Hutchinson quadratic form of the Hessian (``hessian_operator(...).quadform``, the default
   ``"auto"``: the Taylor tape when it records);
 * one GGN-vector product (``fisher_operator(model, "cross_entropy")`` ``matmat``) and one GGN
-  quadratic form (``quadform``: one JVP and the closed-form softmax curvature
-  diag(p) − ppᵀ applied without forming it).
+  quadratic form (``quadform``: one JVP, which recomputes the logits, and the closed-form
+  softmax curvature diag(p) − ppᵀ applied a group of samples at a time without forming it).
+
+Target (issue 13): at most 2× a gradient's peak for each call.
 
 How: CPU, peak resident set size (``resource.getrusage(RUSAGE_SELF).ru_maxrss``, a high-water
 mark) after the measured call minus the high-water mark before it (model built, inputs made,

@@ -18,6 +18,9 @@ Timed (median of ``--repeats`` after one warm-up, whole calls):
   ``exact`` route the default takes; one run without warm-up), largest Hessian eigenvalue (Lanczos) against PyHessian's
   power iteration (``eigenvalues(top_n=1, tol=1e-3)``).
 
+The exact quantities by route (module fast path, ``path="generic"``, the structured sweep) on
+GPT-2 and on torchvision's full ResNet-18 are in ``bench_exact.py``.
+
 curvlinops and PyHessian need double backward (and curvlinops' GGN forward mode) through the
 model, which PyTorch's fused attention and RNN kernels do not provide: they run under
 ``sdpa_kernel(SDPBackend.MATH)`` with the MHA fast path off (what secorder does internally),

@@ -26,6 +26,7 @@ from secorder._errors import error
 from secorder._kernels import with_decomposed_kernels
 from secorder._losses import LossSpec
 from secorder._pytree import accumulating, accumulation_dtype, numel, ravel, unravel
+from secorder.operators import in_functorch_transform
 
 __all__ = ["EmpiricalFisherOperator", "GGNOperator", "MCFisherOperator"]
 
@@ -55,7 +56,7 @@ class _OutputSpaceOperator:
         self.fn = fn
         self.leaves = list(leaves)
         self.shapes = [leaf.shape for leaf in self.leaves]
-        self.outputs = outputs
+        self.outputs: Tensor | None = outputs
         self.call = call
         self._vjp_fn: Callable[[Tensor], Any] | None = None
 
@@ -83,6 +84,17 @@ class _OutputSpaceOperator:
         fn, leaves = self.fn, self.leaves
         try:
             return vmap(lambda v: jvp(fn, (leaves,), (v,))[1])(unravel(V, self.shapes))
+        except (RuntimeError, NotImplementedError) as exc:
+            raise _product_failure(self.call, exc) from exc
+
+    @with_decomposed_kernels
+    def jvp_with_outputs(self, V: Tensor) -> tuple[Tensor, Tensor]:
+        """The outputs z = fn(leaves), recomputed by the JVP, and the rows J v_i."""
+        fn, leaves = self.fn, self.leaves
+        try:
+            dims: Any = (None, 0)  # the outputs do not depend on the rows
+            out = vmap(lambda v: jvp(fn, (leaves,), (v,)), out_dims=dims)(unravel(V, self.shapes))
+            return out[0], out[1]
         except (RuntimeError, NotImplementedError) as exc:
             raise _product_failure(self.call, exc) from exc
 
@@ -143,14 +155,29 @@ class GGNOperator(_OutputSpaceOperator):
         call: str = "GGNOperator",
     ) -> None:
         super().__init__(fn, leaves, outputs, call)
+        if not in_functorch_transform([*self.leaves, outputs]):
+            self.outputs = None  # the JVP recomputes them: no copy of the logits is held between calls
         self.loss = loss
         self.targets = targets
 
-    def _output_quadform(self, U: Tensor) -> Tensor:
-        return self.loss.hessian_quadform(self.outputs, self.targets, U)
+    def _jvp_outputs(self, V: Tensor) -> tuple[Tensor, Tensor]:
+        if self.outputs is not None:  # under torch.func transforms the JVP's outputs come out batched
+            return self.outputs, self.jvp(V)
+        return self.jvp_with_outputs(V)
 
-    def _output_matvec(self, U: Tensor) -> Tensor:
-        return self.loss.hessian_matvec(self.outputs, self.targets, U)
+    @accumulating
+    def quadform(self, V: Tensor) -> Tensor:
+        """The ``k`` values v_iᵀ G v_i = (J v_i)ᵀ ∇²_z L (J v_i): one JVP per row, no backward pass."""
+        z, U = self._jvp_outputs(V)
+        return self.loss.hessian_quadform(z, self.targets, U)
+
+    @accumulating
+    def matmat(self, V: Tensor) -> Tensor:
+        """Rows G v_i = Jᵀ ∇²_z L J v_i (one JVP and one VJP per row)."""
+        z, U = self._jvp_outputs(V)
+        W = self.loss.hessian_matvec(z, self.targets, U)
+        del z, U  # free the outputs and the tangents before the backward pass
+        return self.vjp(W)
 
 
 class EmpiricalFisherOperator(_OutputSpaceOperator):

@@ -27,6 +27,12 @@ Each loss provides
 * ``sample_columns(z, K, generator)``: K Monte-Carlo columns per sample with
   E[g gᵀ] = ∇²_{z_n} l_n exactly (targets drawn from the model's predictive
   distribution; see :meth:`_BuiltinLoss.sample_columns`).
+
+Cross-entropy curvature is never formed: diag(p) − ppᵀ is applied in closed form, a group of
+samples at a time (``hessian_quadform``/``hessian_matvec``), and :func:`closed_form_losses`
+gives Hessian-vector products through a user's own ``F.cross_entropy`` the same closed form
+(a few copies of the logits at the peak instead of the double backward of ``log_softmax``;
+``benchmarks/bench_memory.py``).
 """
 
 from __future__ import annotations
@@ -39,11 +45,22 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - the PyTorch convention
 from torch import Tensor
 from torch.func import grad, hessian, jvp, vmap
+from torch.overrides import TorchFunctionMode
 
 from secorder._errors import error
 from secorder._pytree import flatten, unflatten
 
-__all__ = ["KINDS", "LOSSES", "REDUCTIONS", "CallableLoss", "Factor", "LossSpec", "resolve_loss"]
+__all__ = [
+    "KINDS",
+    "LOSSES",
+    "REDUCTIONS",
+    "CallableLoss",
+    "Factor",
+    "LossSpec",
+    "closed_form_cross_entropy",
+    "closed_form_losses",
+    "resolve_loss",
+]
 
 KINDS = ("ggn", "empirical", "mc")
 LOSSES = ("cross_entropy", "mse", "bce_with_logits")
@@ -281,16 +298,42 @@ class CrossEntropyLoss(_BuiltinLoss):
         onehot = F.one_hot(y, z.shape[1]).movedim(-1, 1).to(z.dtype)
         return (self._probs(z) - onehot) / self.count(z)
 
+    # The softmax curvature diag(p) − p pᵀ is applied without forming it, a group of samples at a
+    # time (≤ 1/8 of the batch), so that the temporaries are a fraction of one copy of the logits
+    # (a 50,257-entry vocabulary makes every copy large; ``benchmarks/bench_memory.py``).
+    _GROUPS = 8
+
+    def _groups(self, z: Tensor) -> list[tuple[int, int]]:
+        n = z.shape[0]
+        step = max(1, -(-n // self._GROUPS))
+        return [(a, min(a + step, n)) for a in range(0, n, step)]
+
     def hessian_quadform(self, z: Tensor, y: Any, U: Tensor) -> Tensor:
-        p = self._probs(z)
-        pu = p * U
-        per = (pu * U).sum(2) - pu.sum(2) ** 2
-        return per.flatten(1).sum(1) * self._total_scale(z)
+        total = None
+        for a, b in self._groups(z):
+            u = U[:, a:b]
+            pu = self._probs(z[a:b]) * u
+            per = (_vecdot(pu, u, 2) - pu.sum(2) ** 2).flatten(1).sum(1)
+            total = per if total is None else total + per
+        assert total is not None
+        return total * self._total_scale(z)
 
     def hessian_matvec(self, z: Tensor, y: Any, U: Tensor) -> Tensor:
-        p = self._probs(z)
-        pu = p * U
-        return (pu - p * pu.sum(2, keepdim=True)) * self._total_scale(z)
+        scale = self._total_scale(z)
+        plain = not (_is_wrapped(U) or _is_wrapped(z)) and not (
+            torch.is_grad_enabled() and (U.requires_grad or z.requires_grad)
+        )
+        out = torch.empty_like(U) if plain else None  # U's layout: no copy for the model's backward
+        parts = []
+        for a, b in self._groups(z):
+            p = self._probs(z[a:b])
+            if out is None:  # under torch.func transforms or recorded by autograd: out of place
+                pu = p * U[:, a:b]
+                parts.append((pu - p * pu.sum(2, keepdim=True)) * scale)
+            else:  # written into its slice of the result: p is the only temporary
+                pu = torch.mul(p, U[:, a:b], out=out[:, a:b])
+                pu.addcmul_(p, pu.sum(2, keepdim=True), value=-1).mul_(scale)
+        return torch.cat(parts, 1) if out is None else out
 
     def factor(self, z: Tensor, y: Any) -> Factor:
         # Per position t: diag(p) − p pᵀ = S Sᵀ with S = diag(√p) − p √pᵀ (uses Σ p = 1);
@@ -559,3 +602,197 @@ def resolve_loss(call: str, loss: object, reduction: object, kind: str) -> LossS
         "Pass e.g. loss='cross_entropy' or loss=torch.nn.functional.cross_entropy.",
         cls=TypeError,
     )
+
+
+# -- closed-form cross-entropy for Hessian-vector products -------------------------------------
+def _inplace(op: Callable[..., Tensor], out: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    """``out.<op>_(*args)`` on a fresh tensor ``out``, or the out-of-place op where torch.func
+    refuses the in-place one (``out`` not batched while an argument is); same values."""
+    try:
+        return getattr(out, op.__name__ + "_")(*args, **kwargs)
+    except RuntimeError:
+        return op(out, *args, **kwargs)
+
+
+def _softmax_like(z: Tensor, dim: int) -> Tensor:
+    """``softmax(z, dim)`` laid out in memory like ``z`` when ``dim`` is ``z``'s innermost
+    dimension in memory (logits transposed to put the classes in dimension 1): products with it
+    keep that layout, so no contiguous copy of the logits is made for the model's backward."""
+    if z.dim() > 1 and z.stride(dim) == 1 and dim != z.dim() - 1:
+        return torch.softmax(z.movedim(dim, -1), -1).movedim(-1, dim)
+    return torch.softmax(z, dim)
+
+
+def _vecdot(a: Tensor, b: Tensor, dim: int) -> Tensor:
+    """Σ_c a_c b_c over ``dim`` as a batched matrix product (no ``a * b`` tensor is formed)."""
+    a, b = a.movedim(dim, -1), b.movedim(dim, -1)
+    return torch.matmul(a.unsqueeze(-2), b.unsqueeze(-1)).squeeze(-1).squeeze(-1)
+
+
+class _SoftmaxMinusTarget(torch.autograd.Function):
+    """``out = g ⊙ (softmax(z) − onehot(y))``: the gradient of Σ_t g_t ce(z_t, y_t) in z.
+
+    Its backward applies the softmax curvature g (diag(p) − p pᵀ) in closed form,
+    g p ⊙ (w − ⟨p, w⟩) with g p = out + g onehot(y), from ``out`` itself: nothing but the
+    output is saved (and the model's own backward usually keeps that output anyway, e.g. a
+    final linear layer's double backward), one logit-sized temporary, and no double backward
+    of ``log_softmax``. The logits ``z`` are saved only when ``g`` needs a gradient (a loss
+    weight that depends on the parameters): then ⟨w, p − onehot⟩ is needed where g = 0 too.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(z: Tensor, y: Tensor, g: Tensor, dim: int) -> Tensor:
+        gd = g.unsqueeze(dim).to(z.dtype)
+        out = _inplace(torch.mul, _softmax_like(z, dim), gd)
+        return _inplace(torch.scatter_add, out, dim, y.unsqueeze(dim), -gd)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        z, y, g, dim = inputs
+        ctx.z_saved = bool(ctx.needs_input_grad[2])
+        ctx.save_for_backward(output, y, g, *((z,) if ctx.z_saved else ()))
+        ctx.save_for_forward(output, y, g, *((z,) if ctx.z_saved else ()))
+        ctx.dim = dim
+
+    @staticmethod
+    def backward(ctx: Any, out_bar: Tensor) -> tuple[Any, ...]:
+        out, y, g, *z = ctx.saved_tensors
+        dim = ctx.dim
+        idx = y.unsqueeze(dim)
+        gd = g.unsqueeze(dim)
+        grad_g = None
+        if z:  # ⟨w, p − onehot⟩, also where g = 0
+            grad_g = _vecdot(out_bar, _softmax_like(z[0], dim), dim) - out_bar.gather(dim, idx).squeeze(dim)
+        # s = ⟨p, w⟩ = ⟨out, w⟩ / g + w_y (where g = 0, out = 0 and s is not used)
+        safe = torch.where(g != 0, g, torch.ones((), dtype=g.dtype, device=g.device))
+        s = _vecdot(out, out_bar, dim) / safe + out_bar.gather(dim, idx).squeeze(dim)
+        r = out_bar - s.unsqueeze(dim)  # the one logit-sized temporary
+        r_y = r.gather(dim, idx)
+        # (out + g onehot) ⊙ r = g p ⊙ (w − ⟨p, w⟩); in place unless this backward is itself
+        # recorded (third derivatives), where autograd needs r unmodified
+        t = r * out if torch.is_grad_enabled() else _inplace(torch.mul, r, out)
+        return _inplace(torch.scatter_add, t, dim, idx, r_y * gd), None, grad_g, None
+
+    @staticmethod
+    def jvp(ctx: Any, z_t: Tensor, y_t: Any, g_t: Tensor | None, dim_t: Any) -> Tensor:
+        out, y, g, *z = ctx.saved_tensors
+        dim = ctx.dim
+        idx = y.unsqueeze(dim)
+        gd = g.unsqueeze(dim)
+        safe = torch.where(g != 0, g, torch.ones((), dtype=g.dtype, device=g.device))
+        # g p ⊙ (ż − ⟨p, ż⟩) with g p = out + g onehot
+        s = _vecdot(out, z_t, dim) / safe + z_t.gather(dim, idx).squeeze(dim)
+        r = z_t - s.unsqueeze(dim)
+        r_y = r.gather(dim, idx)
+        out_t = torch.scatter_add(r * out, dim, idx, r_y * gd)
+        if g_t is not None and z:  # ġ (p − onehot)
+            minus_one = torch.full_like(out, -1.0).gather(dim, idx)
+            p_minus = _inplace(torch.scatter_add, _softmax_like(z[0], dim), dim, idx, minus_one)
+            out_t = out_t + p_minus * g_t.unsqueeze(dim)
+        elif g_t is not None:  # ġ out / g; p is not known where g = 0: NaN, not a guess
+            unknown = (g == 0) & (g_t != 0)
+            ratio = torch.where(unknown, torch.full_like(g_t, float("nan")), g_t / safe)
+            out_t = out_t + out * ratio.unsqueeze(dim)
+        return out_t
+
+
+class _CrossEntropyPositions(torch.autograd.Function):
+    """ce(z_t, y_t) at every position (``F.cross_entropy(..., reduction="none")``) whose
+    gradient is :class:`_SoftmaxMinusTarget`, so that a Hessian-vector product through it uses
+    the closed-form softmax curvature."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(z: Tensor, y: Tensor, dim: int) -> Tensor:
+        lse = torch.logsumexp(z, dim)
+        return lse - z.gather(dim, y.unsqueeze(dim)).squeeze(dim)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        z, y, dim = inputs
+        ctx.save_for_backward(z, y)
+        ctx.save_for_forward(z, y)
+        ctx.dim = dim
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Any, ...]:
+        z, y = ctx.saved_tensors
+        return _SoftmaxMinusTarget.apply(z, y, g, ctx.dim), None, None
+
+    @staticmethod
+    def jvp(ctx: Any, z_t: Tensor, y_t: Any, dim_t: Any) -> Tensor:
+        z, y = ctx.saved_tensors
+        dim = ctx.dim
+        p = torch.softmax(z, dim)
+        return (p * z_t).sum(dim) - z_t.gather(dim, y.unsqueeze(dim)).squeeze(dim)
+
+
+def closed_form_cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    size_average: Any = None,
+    ignore_index: int = -100,
+    reduce: Any = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+) -> Tensor | None:
+    """``F.cross_entropy`` with the closed-form softmax curvature in its derivatives, or
+    ``None`` for the cases it does not cover (class weights, label smoothing, probability
+    targets, the legacy ``size_average``/``reduce``): the same value, and the same first and
+    second derivatives as the ATen kernels (to rounding). One case is reported rather than
+    computed: forward mode over the gradient (``strategy="fwd_rev"``) of a loss whose weight
+    depends on the parameters and is exactly 0 at the point (then the probabilities are not
+    recoverable from the gradient) gives NaN, which the finite checks report; reverse mode
+    (the default) is exact there."""
+    if (
+        weight is not None
+        or size_average is not None
+        or reduce is not None
+        or label_smoothing != 0.0
+        or reduction not in ("mean", "sum", "none")
+        or not isinstance(input, Tensor)
+        or not isinstance(target, Tensor)
+        or not input.is_floating_point()
+        or target.is_floating_point()
+        or target.dtype == torch.bool
+        or input.dim() == 0
+    ):
+        return None
+    dim = 1 if input.dim() >= 2 else 0
+    if target.shape != input.shape[:dim] + input.shape[dim + 1 :]:
+        return None
+    valid = target != ignore_index
+    per = _CrossEntropyPositions.apply(input, torch.where(valid, target, 0), dim)
+    per = torch.where(valid, per, torch.zeros((), dtype=per.dtype, device=per.device))
+    if reduction == "none":
+        return per
+    if reduction == "sum":
+        return per.sum()
+    return per.sum() / valid.sum().to(per.dtype)
+
+
+class _ClosedFormLosses(TorchFunctionMode):
+    """Routes ``F.cross_entropy`` through :func:`closed_form_cross_entropy` (see
+    :func:`closed_form_losses`)."""
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.cross_entropy:
+            out = closed_form_cross_entropy(*args, **kwargs)
+            if out is not None:
+                return out
+        return func(*args, **kwargs)
+
+
+def closed_form_losses() -> TorchFunctionMode:
+    """A context in which ``F.cross_entropy`` (and ``nn.CrossEntropyLoss``) differentiates with
+    the closed-form softmax curvature: its gradient g (p − onehot(y)) is one op whose backward is
+    p ⊙ (w − ⟨p, w⟩), so a Hessian-vector product never runs the double backward of
+    ``log_softmax`` over the logits (which held ~8 logit-sized tensors at its peak on a
+    50,257-entry vocabulary, ``benchmarks/bench_memory.py``). Entered by the autograd strategies
+    of :class:`secorder.operators.HessianOperator`; recorded tapes keep the ATen kernels."""
+    return _ClosedFormLosses()

@@ -61,10 +61,17 @@ batch of vectors in several ways, all giving the same numbers up to rounding:
     :data:`STRATEGIES` (the exact strategies); accepted wherever a strategy is.
 
 ``"auto"`` picks per call; see :func:`resolve_strategy` for the documented rule.
+
+The autograd strategies (``"rev_rev"``, ``"fwd_rev"``, ``"autograd"``, ``"autograd_batched"``,
+``"finite_difference"``) run ``fn`` under :func:`secorder._losses.closed_form_losses`:
+``F.cross_entropy`` is differentiated with the closed-form softmax curvature, so the product
+never runs the double backward of ``log_softmax`` over the logits (below 2× a gradient's peak
+memory on a 50,257-entry vocabulary, ``benchmarks/bench_memory.py``). Same numbers to rounding.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -76,6 +83,7 @@ from secorder._engine.tape import TapeUnsupportedError
 from secorder._engine.taylor import TaylorQuadform
 from secorder._errors import error
 from secorder._kernels import with_decomposed_kernels
+from secorder._losses import closed_form_losses
 from secorder._pytree import HALF_DTYPES, accumulating, accumulation_dtype, numel, ravel, unravel
 from secorder._validate import check_finite_enabled, check_finite_result, diagnose_nonfinite
 
@@ -341,6 +349,14 @@ def _taylor_too_slow(
     return reason, False
 
 
+def _closed_form() -> contextlib.AbstractContextManager[object]:
+    """Where the autograd strategies form products: ``F.cross_entropy`` with its closed-form
+    softmax curvature (:func:`secorder._losses.closed_form_losses`; same numbers, a few copies of
+    the logits instead of the double backward of ``log_softmax``); nothing under
+    ``torch.compile``."""
+    return contextlib.nullcontext() if torch.compiler.is_compiling() else closed_form_losses()
+
+
 class HessianOperator:
     """The Hessian of a scalar function of a list of tensors, as a batched operator.
 
@@ -454,19 +470,23 @@ class HessianOperator:
 
     def _autograd_graph(self) -> tuple[list[Tensor], list[Tensor], list[int]]:
         if self._graph is None:
-            inputs = [leaf.detach().requires_grad_(True) for leaf in self.leaves]
-            with torch.enable_grad():
-                out = self.fn(inputs)
-                if not out.requires_grad:
-                    raise _detached_output(self.call)
-                self._has_conv = _graph_has_convolution(out)
-                grads = torch.autograd.grad(out, inputs, create_graph=True, allow_unused=True)
-            keep = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
-            constant = [i for i, g in enumerate(grads) if g is not None and not g.requires_grad]
-            if constant:
-                self._check_constant_gradient(constant, [grads[i] for i in constant])
-            self._graph = (inputs, [grads[i] for i in keep], keep)
+            with _closed_form():  # the constant-gradient check below evaluates the same way
+                self._graph = self._build_graph()
         return self._graph
+
+    def _build_graph(self) -> tuple[list[Tensor], list[Tensor], list[int]]:
+        inputs = [leaf.detach().requires_grad_(True) for leaf in self.leaves]
+        with torch.enable_grad():
+            out = self.fn(inputs)
+            if not out.requires_grad:
+                raise _detached_output(self.call)
+            self._has_conv = _graph_has_convolution(out)
+            grads = torch.autograd.grad(out, inputs, create_graph=True, allow_unused=True)
+        keep = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+        constant = [i for i, g in enumerate(grads) if g is not None and not g.requires_grad]
+        if constant:
+            self._check_constant_gradient(constant, [grads[i] for i in constant])
+        return (inputs, [grads[i] for i in keep], keep)
 
     def _check_constant_gradient(self, indices: list[int], grads: list[Tensor]) -> None:
         """Verify a gradient that autograd recorded as constant in θ (its Hessian rows would be 0).
@@ -564,6 +584,10 @@ class HessianOperator:
         return unravel(torch.stack(out), self.shapes)
 
     def _matmat_leaves(self, rows: list[Tensor]) -> list[Tensor]:
+        with _closed_form():
+            return self._matmat_strategy(rows)
+
+    def _matmat_strategy(self, rows: list[Tensor]) -> list[Tensor]:
         s = self._settle_strategy()
         if s == "finite_difference":
             return self._hv_finite_difference(rows)

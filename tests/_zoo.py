@@ -247,3 +247,43 @@ def state_snapshot(model: nn.Module) -> dict[str, Tensor]:
 
 def loss_of(case: Case) -> Callable[[Tensor, Tensor], Tensor]:
     return {"cross_entropy": F.cross_entropy, "mse": F.mse_loss}[case.loss]
+
+
+class ResNet18(nn.Module):
+    """torchvision's ``resnet18()`` architecture, built from its source layout (the PyPI
+    torchvision wheel does not import next to the CPU torch): 7×7 stem with max pooling, four
+    stages of two :class:`BasicBlock` (64, 128, 256, 512 channels), average pooling and a
+    ``classes``-way linear head; 11.7M parameters for 1,000 classes (``width`` scales the
+    channels: 64 is torchvision's)."""
+
+    def __init__(self, classes: int = 1000, width: int = 64) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        widths, cin, stages = (width, 2 * width, 4 * width, 8 * width), width, []
+        for i, w in enumerate(widths):
+            stages.append(nn.Sequential(BasicBlock(cin, w, 1 if i == 0 else 2), BasicBlock(w, w, 1)))
+            cin = w
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.fc = nn.Linear(8 * width, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def resnet18_case(
+    batch: int = 8, img: int = 32, classes: int = 1000, dtype: torch.dtype = torch.float32, width: int = 64
+) -> Case:
+    """ResNet-18 in eval mode (perturbed running statistics) on ``batch`` random ``img``×``img``
+    images with ``classes``-way targets."""
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = ResNet18(classes, width).to(dtype)
+    with torch.no_grad():
+        _perturb_buffers(model, g)
+    model.eval()
+    x = torch.randn(batch, 3, img, img, generator=g, dtype=dtype)
+    return Case("resnet18", model, x, torch.randint(0, classes, (batch,), generator=g), "cross_entropy")

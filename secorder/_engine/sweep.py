@@ -288,9 +288,10 @@ def _groups(plan: _Plan, adj: dict[int, Tensor], n: int, tol_scale: float) -> li
         func = node.func
         if not found or rule(func).curvature_free:
             continue
-        if len(found) > 1 and rule(func).multilinear and _disjoint(plan, [r for _, r in found]):
+        multilinear = rule(func).multilinear or _eval_batch_norm(node)
+        if len(found) > 1 and multilinear and _disjoint(plan, [r for _, r in found]):
             continue
-        if len(found) == 1 and rule(func).multilinear:
+        if len(found) == 1 and multilinear:
             continue  # linear in its one parameter-dependent argument
         if func is aten.div.Tensor and [p for p, _ in found] == [(0, 0)]:
             continue
@@ -363,6 +364,16 @@ def _groups(plan: _Plan, adj: dict[int, Tensor], n: int, tol_scale: float) -> li
             continue
         groups.append(_dense_group(plan, i, found, outs, adj, n, tol_scale))
     return groups
+
+
+def _eval_batch_norm(node: TapeNode) -> bool:
+    """``native_batch_norm(training=False)`` (what eval-mode ``F.batch_norm`` records on CPU):
+    (x − μ)/√(σ² + ε) ⊙ γ + β with the running statistics is affine in each of x, γ, β alone,
+    like its ``_native_batch_norm_legit_no_training`` twin (registered multilinear)."""
+    if node.func is not aten.native_batch_norm.default:
+        return False
+    training = node.args[5] if len(node.args) > 5 else node.kwargs.get("training")
+    return training is False
 
 
 _LINEAR_SIDE: dict[Any, tuple[tuple[Any, ...], ...]] = {
