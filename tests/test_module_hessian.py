@@ -160,7 +160,6 @@ CASES = [
 # models the engine refuses today (no rule yet), with the reason it gives
 REFUSED = {
     "tied": "meets per-sample data at two ops",  # the weight is at two interfaces
-    "batchnorm": "native_batch_norm",  # eval BatchNorm with affine parameters
 }
 
 

@@ -41,8 +41,8 @@ MODELS = [
 ]
 
 # models the structured sweep refuses today, each for a named reason (parameters reaching the data
-# through non-view ops or at two interfaces, head reshapes that interleave samples, eval BatchNorm
-# with affine parameters): exact="sweep" raises saying so, exact="auto" takes one-hot HVPs
+# through non-view ops or at two interfaces, head reshapes that interleave samples): exact="sweep"
+# raises saying so, exact="auto" takes one-hot HVPs
 SWEEP_REFUSED = {
     "gpt2",
     "gpt2_eager",
@@ -53,7 +53,6 @@ SWEEP_REFUSED = {
     "gru",
     "mha",
     "vit",
-    "resnet_eval",
 }
 
 

@@ -204,10 +204,7 @@ class Attention(nn.Module):
     [
         (Attention, None),
         (lambda: nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Linear(5, 2)), None),
-        (
-            lambda: nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Linear(5, 2)).eval(),
-            "native_batch_norm",  # affine eval BatchNorm: no engine rule yet
-        ),
+        (lambda: nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Linear(5, 2)).eval(), None),
     ],
 )
 def test_models_beyond_linear_layers(make: Callable[[], nn.Module], refused: str | None) -> None:
