@@ -16,7 +16,9 @@ Columns, one *group* per op with curvature (``R`` = columns per sample, summed o
 * ``_softmax``/``_log_softmax`` rows (closed form, see :func:`_softmax_rows`), split by a
   batched ``eigh`` per row; the null direction of log-softmax is dropped, so cross-entropy
   has C−1 columns per row;
-* ``native_layer_norm`` over the last dimension: per-row d×d Hessians (:func:`_row_group`);
+* ``native_layer_norm`` over the last dimension: per-row closed-form columns, d one-hot and
+  three vectors per row (:func:`_layer_norm_group`); a vector norm over the last dimension:
+  per-row d×d Hessians (:func:`_row_group`);
 * ``bmm`` of two parameter-dependent operands (attention): closed-form SVD columns
   (:class:`_BilinearGroup`);
 * any other op: the dense local Hessian per sample over its parameter-dependent inputs
@@ -309,7 +311,10 @@ def _groups(plan: _Plan, adj: dict[int, Tensor], n: int, tol_scale: float) -> li
             groups.append(_dense_group(plan, i, found, outs, adj, n, tol_scale))
             continue
         if found[0][0] == (0, 0) and outs == [node.outputs[0]] and _rowwise_last(node, values):
-            groups.append(_row_group(plan, i, found[0][1], outs[0], adj, n, tol_scale))
+            if func is aten.native_layer_norm.default:
+                groups.extend(_layer_norm_group(plan, i, found[0][1], outs[0], adj, n, tol_scale))
+            else:
+                groups.append(_row_group(plan, i, found[0][1], outs[0], adj, n, tol_scale))
             continue
         (p, r) = found[0]
         o = outs[0]
@@ -489,6 +494,67 @@ def _row_group(plan: _Plan, i: int, ref: Ref, out: int, adj: dict[int, Tensor], 
     h = torch.where(zero[..., None, None], torch.zeros_like(h), h)
     lam, vecs = _eigh(h, node.func, i)
     return _group_from_local(ref.index, tags[ref.index], lay, lam, vecs, tol)
+
+
+def _layer_norm_group(
+    plan: _Plan, i: int, ref: Ref, out: int, adj: dict[int, Tensor], n: int, tol: float
+) -> list[_Group]:
+    """LayerNorm over the last dimension d, in closed form (no d×d products, no ``eigh``).
+
+    Per row, with x̂ = (x − μ)/s, s = √(var + ε), g = ḡ ⊙ w (ḡ the output adjoint, w the
+    affine weight or ones), g_c = g − mean(g), a = ⟨g, x̂⟩ and P = I − 11ᵀ/d, the Hessian of
+    ⟨ḡ, LN(x)⟩ in x is
+
+        H = −(g_c x̂ᵀ + x̂ g_cᵀ − 3a x̂x̂ᵀ/d + a P) / (s² d) = α (I − e eᵀ) + L,
+
+    α = −a/(s² d), e = 1/√d, L of rank ≤ 2 in span{x̂, g_c}. Columns per row: d one-hot columns
+    of weight α, e of weight −α, and L's two eigenvectors (a 2×2 ``eigh`` in the orthonormal
+    basis q₁ = x̂/‖x̂‖, q₂ ∝ g_c − ⟨g_c, q₁⟩q₁): R = rows per sample · (d + 3). Two groups: the
+    one-hot columns as a diagonal group (m = α on every entry of the row; closed-form transport
+    applies to it) and the three vector columns per row."""
+    tape, values, tags = plan.tape, plan.values, plan.batch.tags
+    node = tape.nodes[i]
+    args, _ = resolve((node.args, node.kwargs), values)
+    x = values[ref.index]
+    d = int(x.shape[-1])
+    weight = args[2] if len(args) > 2 else None
+    eps = float(args[4]) if len(args) > 4 else 1e-5
+    lay = _layout(tuple(x.shape), tags[ref.index], n, x.dim() - 1)
+    xm = lay.to_major(x)  # (N, T, d)
+    g = lay.to_major(adj[out].to(x.dtype))
+    if isinstance(weight, Tensor):
+        g = g * weight.to(x.dtype)
+    z = xm - xm.mean(-1, keepdim=True)
+    s2 = (z * z).mean(-1, keepdim=True) + eps  # s²
+    xh = z * s2.rsqrt()
+    gc = g - g.mean(-1, keepdim=True)
+    a = (gc * xh).sum(-1, keepdim=True)  # (N, T, 1)
+    c = -1.0 / (s2 * d)
+    alpha = c * a  # (N, T, 1)
+    nx = xh.norm(dim=-1, keepdim=True)
+    safe = torch.where(nx > 0, nx, torch.ones_like(nx))
+    q1 = torch.where(nx > 0, xh / safe, torch.zeros_like(xh))
+    b1 = (gc * q1).sum(-1, keepdim=True)
+    r2 = gc - b1 * q1
+    b2 = r2.norm(dim=-1, keepdim=True)
+    q2 = torch.where(b2 > 0, r2 / torch.where(b2 > 0, b2, torch.ones_like(b2)), torch.zeros_like(r2))
+    # L = c (g_c x̂ᵀ + x̂ g_cᵀ − 3a x̂x̂ᵀ/d) with x̂ = ‖x̂‖q₁, g_c = b₁q₁ + b₂q₂, in the basis (q₁, q₂)
+    b11 = c * nx * (2 * b1 - 3 * a * nx / d)
+    b12 = c * nx * b2
+    small = torch.cat([torch.cat([b11, b12], -1)[..., None, :], torch.cat([b12, 0 * b12], -1)[..., None, :]], -2)
+    mu, v = torch.linalg.eigh(small)  # (N, T, 2), (N, T, 2, 2)
+    w = q1[..., :, None] * v[..., 0:1, :] + q2[..., :, None] * v[..., 1:2, :]  # (N, T, d, 2)
+    e = torch.full_like(xm, d**-0.5)[..., None]
+    vecs = torch.cat([e, w], -1)  # (N, T, d, 3)
+    lam = torch.cat([-alpha, mu], -1)
+    if not bool(torch.isfinite(lam).all() and torch.isfinite(vecs).all()):
+        raise EngineUnsupportedError(f"the local Hessian of {node.func} (tape position {i}) is not finite")
+    flat = _layout(tuple(x.shape), tags[ref.index], n, None)
+    diag = flat.to_major(lay.from_major(alpha.expand_as(xm)[None])[0]).reshape(flat.n, -1, 1)
+    return [
+        _group_from_local(ref.index, tags[ref.index], flat, diag, None, tol),
+        _group_from_local(ref.index, tags[ref.index], lay, lam, vecs, tol),
+    ]
 
 
 def _eigh(h: Tensor, func: Any, i: int) -> tuple[Tensor, Tensor]:
