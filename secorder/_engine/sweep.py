@@ -541,7 +541,9 @@ def _layer_norm_group(
     # L = c (g_c x̂ᵀ + x̂ g_cᵀ − 3a x̂x̂ᵀ/d) with x̂ = ‖x̂‖q₁, g_c = b₁q₁ + b₂q₂, in the basis (q₁, q₂)
     b11 = c * nx * (2 * b1 - 3 * a * nx / d)
     b12 = c * nx * b2
-    small = torch.cat([torch.cat([b11, b12], -1)[..., None, :], torch.cat([b12, 0 * b12], -1)[..., None, :]], -2)
+    small = torch.cat(
+        [torch.cat([b11, b12], -1)[..., None, :], torch.cat([b12, 0 * b12], -1)[..., None, :]], -2
+    )
     mu, v = torch.linalg.eigh(small)  # (N, T, 2), (N, T, 2, 2)
     w = q1[..., :, None] * v[..., 0:1, :] + q2[..., :, None] * v[..., 1:2, :]  # (N, T, d, 2)
     e = torch.full_like(xm, d**-0.5)[..., None]
@@ -1000,6 +1002,249 @@ class _Walker:
         return vmap(pull)(sq)[0] if self.per_sample else pull(sq)[0]
 
 
+# ---- row packing (helper B2, issue 11): one-row columns walked packed, compressed at a cut ----
+# Columns of LayerNorm rows and of pointwise ops on (N·T rows, C) values each live in one row of
+# one sample. Through ops that act on every row separately (pointwise, Linear on the last
+# dimension, LayerNorm, reshapes keeping the last dimension, residual adds) the columns of the
+# T rows of a sample stay in their own rows, so the columns (t, k) for t = 1..T travel as ONE
+# packed column k (per-row signs), with the parameter squares taken per row (a row's columns
+# touch only that row's entries: the column-summed closed forms Σ_k σ_k δ_k^⊙2 of
+# :meth:`_Walker._diagonal_squares` with rows as samples). Where every path from the group meets
+# one row-shaped value (a *cut*, e.g. the residual stream below a transformer's MLP), the
+# columns of every group arriving there are summed per row, M_r = Σ_k σ_k s_k s_kᵀ (C×C), and
+# split again by a batched ``eigh``: at most C columns per row go on through the regular walk,
+# instead of the sum of the groups' counts.
+
+
+def _row_count(plan: _Plan, v: int) -> int | None:
+    """Rows of value ``v`` when it is sample-major (N·T rows of its last dimension), else None."""
+    tag, x = plan.batch.tags[v], plan.values[v]
+    if not isinstance(tag, tuple) or tag[0] != 0 or not isinstance(x, Tensor) or x.dim() < 2:
+        return None
+    return math.prod(x.shape[:-1])
+
+
+_ROW_VIEWS = frozenset({aten.view.default, aten._unsafe_view.default, aten.reshape.default})
+_ROW_ADDS = frozenset({aten.add.Tensor, aten.sub.Tensor})
+
+
+def _row_local(plan: _Plan, i: int, rows: int) -> list[Ref] | None:
+    """The batched parameter-dependent inputs of node ``i`` when it maps row r of them to row r
+    of its first output (``rows`` rows) and every parameter-side argument is an interface with a
+    per-row closed form (:func:`_row_squares`); None otherwise."""
+    tape, values, tags = plan.tape, plan.values, plan.batch.tags
+    node = tape.nodes[i]
+    out = node.outputs[0]
+    if out is None or _row_count(plan, out) != rows:
+        return None
+    dep = [
+        (p, r)
+        for p, r in paths((node.args, node.kwargs))
+        if tape.depends[r.index] and _floating(values[r.index])
+    ]
+    bat = [(p, r) for p, r in dep if isinstance(tags[r.index], tuple)]
+    ifaces = {p for p, _, _ in plan.interfaces.get(i, [])}
+    if {p for p, r in dep if tags[r.index] is SAME} != ifaces:
+        return None
+    if any(_row_count(plan, r.index) != rows for _, r in bat):
+        return None
+    func, y = node.func, values[out]
+    c = int(y.shape[-1])
+    if func in (aten.mm.default, aten.addmm.default):
+        off = 1 if func is aten.addmm.default else 0
+        ok = not node.kwargs and [p for p, _ in bat] == [(0, off)] and ifaces <= {(0, off + 1), (0, 0)}
+        return [r for _, r in bat] if ok and y.dim() == 2 else None
+    if func is aten.native_layer_norm.default:
+        ok = [p for p, _ in bat] == [(0, 0)] and len(node.args[1]) == 1 and ifaces <= {(0, 2), (0, 3)}
+        return [r for _, r in bat] if ok else None
+    if func is aten.embedding.default:
+        pad = node.args[2] if len(node.args) > 2 else -1
+        ok = not bat and ifaces == {(0, 0)} and not (len(node.args) > 3 and node.args[3]) and not node.kwargs
+        return [] if ok and isinstance(pad, int) else None
+    if func in _ROW_VIEWS:
+        ok = len(bat) == 1 and int(values[bat[0][1].index].shape[-1]) == c
+        return [r for _, r in bat] if ok else None
+    if torch.Tag.pointwise in func.tags or rule(func).batch == "same_shape":
+        if node.multi or any(tuple(values[r.index].shape) != tuple(y.shape) for _, r in bat):
+            return None
+        if ifaces:  # a broadcast parameter added to the rows: its last dimension must be C
+            if func not in _ROW_ADDS or node.kwargs or len(node.args) > 2:
+                return None
+            for p in ifaces:
+                prm = values[_Walker._ref(node, p).index]
+                if (
+                    not isinstance(prm, Tensor)
+                    or prm.dim() < 1
+                    or int(prm.shape[-1]) != c
+                    or prm.dim() > y.dim()
+                ):
+                    return None
+        return [r for _, r in bat]
+    return None
+
+
+def _row_cut(plan: _Plan, v: int, n: int) -> tuple[int | None, list[int]] | None:
+    """From value ``v`` (one-row columns), the lowest row-shaped value every path passes through
+    by row-local ops, and those ops (tape order); cut None: every path ends at an interface.
+    None: no cut below ``v`` (the columns take the regular walk)."""
+    rows = _row_count(plan, v)
+    if rows is None or rows == n:  # one row per sample: nothing to pack
+        return None
+    frontier = {v}
+    done: list[int] = []
+    best: tuple[int | None, list[int]] | None = (v, [])
+    while frontier:
+        j = max(plan.producer.get(u, -1) for u in frontier)
+        if j < 0:
+            break
+        node = plan.tape.nodes[j]
+        if any(o in frontier for o in node.outputs[1:] if o is not None):
+            break
+        ins = _row_local(plan, j, rows)
+        if ins is None:
+            break
+        frontier.discard(int(node.outputs[0] or 0))
+        frontier.update(r.index for r in ins)
+        done.append(j)
+        if not frontier:
+            return None, done
+        if len(frontier) == 1:
+            best = (next(iter(frontier)), list(done))
+    return best
+
+
+def _row_squares(plan: _Plan, i: int, path: tuple[Any, ...], dsq: Tensor) -> Tensor | None:
+    """Σ_k Σ_rows σ (∂⟨δ_k|_row, op⟩/∂θ)^⊙2 for the interface at ``path`` of row-local node ``i``
+    from ``dsq`` = Σ_k σ_k δ_k^⊙2 at its output (rows as samples)."""
+    node, values = plan.tape.nodes[i], plan.values
+    func = node.func
+    c = int(dsq.shape[-1])
+    if func in (aten.mm.default, aten.addmm.default):
+        off = 1 if func is aten.addmm.default else 0
+        cols = torch.stack([dsq.clamp(min=0).sqrt(), (-dsq).clamp(min=0).sqrt()])
+        w = torch.tensor([1.0, -1.0], dtype=cols.dtype, device=cols.device)
+        rows = int(dsq.shape[0])
+        return interfaces.param_squares(node, values, path, {(0, off): (0, 1)}, (0, 1), cols, w, rows)
+    if func is aten.native_layer_norm.default:
+        if path == (0, 3):
+            return dsq.reshape(-1, c).sum(0)
+        x = values[node.args[0].index]
+        eps = float(node.args[4]) if len(node.args) > 4 else 1e-5
+        z = x - x.mean(-1, keepdim=True)
+        xh2 = z * z / ((z * z).mean(-1, keepdim=True) + eps)
+        return (dsq * xh2.to(dsq.dtype)).reshape(-1, c).sum(0)
+    if func is aten.embedding.default:
+        weight = values[node.args[0].index]
+        idx = values[node.args[1].index] if isinstance(node.args[1], Ref) else node.args[1]
+        sq = dsq.new_zeros(weight.shape).index_add_(0, idx.reshape(-1), dsq.reshape(-1, c))
+        pad = node.args[2] if len(node.args) > 2 else -1
+        if isinstance(pad, int) and pad >= 0:
+            sq[pad] = 0
+        return sq
+    prm = values[_Walker._ref(node, path).index]
+    return dsq.sum_to_size(prm.shape)  # a broadcast parameter added to the rows (factor ±1)
+
+
+def _pack_rows(walker: _Walker, groups: list[Any], n: int, tol: float) -> list[Any]:
+    """Walk the one-row groups packed over their row-local segments (serving the interfaces
+    there) and replace them by the compressed columns at their cuts (see the section comment)."""
+    plan = walker.plan
+    tags = plan.batch.tags
+    keep: list[Any] = []
+    at_cut: dict[int, list[tuple[Tensor, Tensor]]] = {}  # cut value → [(columns (K, R, C), signs (K, R))]
+    for group in groups:
+        found = _row_cut(plan, group.value, n) if isinstance(group, _Group) else None
+        packed = None if found is None else _packed_columns(plan, group)
+        if packed is None or found is None:
+            keep.append(group)
+            continue
+        cut, nodes = found
+        cols, signs = packed  # (K, *value shape), (K, R)
+        cot = {group.value: cols}
+        for j in sorted(nodes, reverse=True):
+            node = plan.tape.nodes[j]
+            o = int(node.outputs[0] or 0)
+            ct = cot.pop(o)
+            if j in plan.interfaces:
+                s = signs.reshape(signs.shape[0], *ct.shape[1:-1], 1).to(ct.dtype)
+                dsq = (ct * ct * s).sum(0)
+                for path, leaf, chain in plan.interfaces[j]:
+                    sq = _row_squares(plan, j, path, dsq)
+                    if sq is None:  # pragma: no cover - _row_local admits only closed forms
+                        raise EngineUnsupportedError(f"{node.func} (tape position {j}): no per-row rule")
+                    walker._add(leaf, walker._to_leaf(leaf, chain, sq))
+            positions = [
+                p
+                for p, r in paths((node.args, node.kwargs))
+                if plan.tape.depends[r.index]
+                and _floating(plan.values[r.index])
+                and isinstance(tags[r.index], tuple)
+            ]
+            if not positions:
+                continue
+            grads = _batched_vjp(node, plan.values, positions, {o: ct})
+            if grads is None:
+                pull, outs = walker._pull(j, positions)
+                full = tuple(
+                    ct
+                    if k == 0
+                    else plan.values[int(node.outputs[k] or 0)].new_zeros(
+                        ct.shape[0], *plan.values[int(node.outputs[k] or 0)].shape
+                    )
+                    for k in outs
+                )
+                grads = vmap(pull)(full)
+            for p, gr in zip(positions, grads):
+                idx = _Walker._ref(node, p).index
+                cot[idx] = cot[idx] + gr if idx in cot else gr
+        if cut is not None:
+            at_cut.setdefault(cut, []).append((cot.pop(cut), signs))
+    for cut, parts in at_cut.items():
+        x = plan.values[cut]
+        c = int(x.shape[-1])
+        m = None
+        for cols, signs in parts:
+            s = cols.reshape(cols.shape[0], -1, c)
+            term = torch.einsum("kr,kri,krj->rij", signs.to(s.dtype), s, s)
+            m = term if m is None else m + term
+        assert m is not None
+        lay = _layout(tuple(x.shape), tags[cut], n, x.dim() - 1)
+        lam, vecs = _eigh((m + m.transpose(-1, -2)) / 2, "the summed row columns", cut)
+        keep.append(
+            _group_from_local(cut, tags[cut], lay, lam.reshape(n, -1, c), vecs.reshape(n, -1, c, c), tol)
+        )
+    return keep
+
+
+def _packed_columns(plan: _Plan, group: Any) -> tuple[Tensor, Tensor] | None:
+    """A group's columns packed over rows: (K, *value shape) with column k of every row in its
+    row, and the signs (K, rows); None when its columns are not one-row (or not sample-major)."""
+    if not isinstance(group, _Group) or not isinstance(group.tag, tuple) or group.tag[0] != 0:
+        return None
+    x = plan.values[group.value]
+    rows = _row_count(plan, group.value)
+    lay = group.layout
+    if rows is None or lay.perm != list(range(x.dim())) or not group.keep:
+        return None
+    c = int(x.shape[-1])
+    if group.vecs is None:  # one-hot entries (t·C + j): packed column j
+        if lay.c != 1:
+            return None
+        scale = group.scale.reshape(-1, c)  # (R, C)
+        sign = group.sign.reshape(-1, c)
+        eye = torch.eye(c, dtype=scale.dtype, device=scale.device)
+        cols = scale.T[:, :, None] * eye[:, None, :]  # (C, R, C): column j holds scale[r, j] e_j in row r
+        return cols.reshape(c, *x.shape), sign.T.contiguous()
+    if lay.c != c:
+        return None
+    k = group.vecs.shape[-1]
+    cols = (group.vecs * group.scale[:, :, None, :]).reshape(-1, c, k).permute(2, 0, 1)  # (K, R, C)
+    return cols.reshape(k, *x.shape), group.sign.reshape(-1, k).T.contiguous()
+
+
+# ---- end of row packing ----
+
+
 def engine_diagonal(
     g: Callable[[list[Tensor]], Tensor],
     leaves: Sequence[Tensor],
@@ -1058,6 +1303,8 @@ def engine_diagonal(
     if per_sample and any(gr.tag is SAME and gr.count for gr in groups):
         raise EngineUnsupportedError(_PARAMETER_ONLY)
     walker = _Walker(plan, leaves, n, per_sample)
+    if not per_sample:
+        groups = _pack_rows(walker, groups, n, tol_scale)
     step = chunk_size or _default_step(plan, leaves, n)
     for group in groups:
         if (
