@@ -203,13 +203,18 @@ def _softmax_rows(func: Any, y: Tensor, g: Tensor) -> Tensor:
 def _group_from_local(
     value: int, tag: Tag, layout: _Layout, lam: Tensor, vecs: Tensor | None, tol_scale: float
 ) -> _Group:
-    """Keep the columns (t, j) that are nonzero for some sample (relative tolerance)."""
+    """Keep the columns (t, j) that are nonzero for some sample (relative tolerance), ordered
+    by sign pattern (positive for every sample, mixed, negative for every sample): a chunk of
+    columns of one sign takes one pass at each interface, a mixed chunk two masked ones."""
     mag = lam.abs()
     tol = tol_scale * float(mag.max()) if mag.numel() else 0.0
     alive = (mag > tol).any(0)  # (T, K)
-    keep = [(int(t), int(j)) for t, j in alive.nonzero().tolist()]
     scale = torch.where(mag > tol, mag.sqrt(), torch.zeros_like(mag))
     sign = torch.where(lam < -tol, -torch.ones_like(lam), torch.ones_like(lam))  # dropped: +1
+    pattern = (sign < 0).any(0).to(torch.int64) + (sign < 0).all(0).to(torch.int64)  # 0, 1 (mixed), 2
+    ts, js = alive.nonzero().unbind(1)
+    order = torch.sort(pattern[ts, js], stable=True).indices
+    keep = list(zip(ts[order].tolist(), js[order].tolist()))
     return _Group(value, tag, layout, scale, sign, vecs, keep)
 
 
@@ -438,7 +443,8 @@ def _bilinear_group(
     inner = int(a.shape[-1])
     s3 = s.reshape(n, g, r)
     alive = (s3 > 0).any(0)  # (g, r)
-    keep = [(t, q, j, sg) for t, q in alive.nonzero().tolist() for j in range(inner) for sg in (1, -1)]
+    # the + columns first, then the − ones: chunks of one sign (one pass at each interface)
+    keep = [(t, q, j, sg) for sg in (1, -1) for t, q in alive.nonzero().tolist() for j in range(inner)]
     return _BilinearGroup(
         (ra.index, rb.index),
         tag,
