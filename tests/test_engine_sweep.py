@@ -564,3 +564,19 @@ def test_layer_norm_rows_sequence_exact() -> None:
         return (wts[:, None, None] * keep * torch.tanh(h).pow(2)).sum()
 
     _check(f, p, x, keep, wts)
+
+
+@pytest.mark.parametrize("limit", ["width", "budget"])
+def test_row_packing_limits_stay_exact(limit: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cut wider than MAX_ROW_WIDTH takes the regular walk; a tiny memory budget walks the
+    packed columns one at a time: exact either way."""
+    from secorder._engine import sweep
+
+    if limit == "width":
+        monkeypatch.setattr(sweep, "MAX_ROW_WIDTH", 2)
+    else:
+        monkeypatch.setattr(sweep, "memory_budget", lambda: 1 << 17)
+    torch.manual_seed(14)
+    model = _TokenBlock().to(DT)
+    idx, y = torch.randint(0, 11, (3, 5)), torch.randint(0, 3, (3,))
+    _check(_ce(model), _params(model), idx, y)

@@ -1151,65 +1151,51 @@ def _row_squares(plan: _Plan, i: int, path: tuple[Any, ...], dsq: Tensor) -> Ten
     return dsq.sum_to_size(prm.shape)  # a broadcast parameter added to the rows (factor ±1)
 
 
+MAX_ROW_WIDTH = 256  # widest cut compressed per row (the eigh costs rows · C³, M takes rows · C² entries)
+
+
 def _pack_rows(walker: _Walker, groups: list[Any], n: int, tol: float) -> list[Any]:
     """Walk the one-row groups packed over their row-local segments (serving the interfaces
-    there) and replace them by the compressed columns at their cuts (see the section comment)."""
+    there) and replace them by the compressed columns at their cuts (see the section comment).
+    A group whose cut is wider than ``MAX_ROW_WIDTH`` or whose per-row matrices exceed a quarter
+    of the memory budget takes the regular walk."""
     plan = walker.plan
     tags = plan.batch.tags
     keep: list[Any] = []
-    at_cut: dict[int, list[tuple[Tensor, Tensor]]] = {}  # cut value → [(columns (K, R, C), signs (K, R))]
+    at_cut: dict[int, list[tuple[Any, Tensor, Tensor]]] = {}  # cut → [(group, columns, signs)]
     for group in groups:
         found = _row_cut(plan, group.value, n) if isinstance(group, _Group) else None
+        if found is not None and found[0] is not None:
+            x = plan.values[found[0]]
+            c = int(x.shape[-1])
+            if c > MAX_ROW_WIDTH or x.numel() * c * x.element_size() > memory_budget() // 4:
+                found = None
         packed = None if found is None else _packed_columns(plan, group)
         if packed is None or found is None:
             keep.append(group)
             continue
         cut, nodes = found
         cols, signs = packed  # (K, *value shape), (K, R)
-        cot = {group.value: cols}
-        for j in sorted(nodes, reverse=True):
-            node = plan.tape.nodes[j]
-            o = int(node.outputs[0] or 0)
-            ct = cot.pop(o)
-            if j in plan.interfaces:
-                s = signs.reshape(signs.shape[0], *ct.shape[1:-1], 1).to(ct.dtype)
-                dsq = (ct * ct * s).sum(0)
-                for path, leaf, chain in plan.interfaces[j]:
-                    sq = _row_squares(plan, j, path, dsq)
-                    if sq is None:  # pragma: no cover - _row_local admits only closed forms
-                        raise EngineUnsupportedError(f"{node.func} (tape position {j}): no per-row rule")
-                    walker._add(leaf, walker._to_leaf(leaf, chain, sq))
-            positions = [
-                p
-                for p, r in paths((node.args, node.kwargs))
-                if plan.tape.depends[r.index]
-                and _floating(plan.values[r.index])
-                and isinstance(tags[r.index], tuple)
-            ]
-            if not positions:
-                continue
-            grads = _batched_vjp(node, plan.values, positions, {o: ct})
-            if grads is None:
-                pull, outs = walker._pull(j, positions)
-                full = tuple(
-                    ct
-                    if k == 0
-                    else plan.values[int(node.outputs[k] or 0)].new_zeros(
-                        ct.shape[0], *plan.values[int(node.outputs[k] or 0)].shape
-                    )
-                    for k in outs
-                )
-                grads = vmap(pull)(full)
-            for p, gr in zip(positions, grads):
-                idx = _Walker._ref(node, p).index
-                cot[idx] = cot[idx] + gr if idx in cot else gr
+        if not cols.shape[0]:  # every column zero: no contribution
+            continue
+        touched = [int(plan.tape.nodes[j].outputs[0] or 0) for j in nodes] + [group.value]
+        per_col = 4 * cols.element_size() * sum(int(plan.values[v].numel()) for v in touched)
+        step = max(1, memory_budget() // max(1, per_col))
+        ends = []
+        for c0 in range(0, cols.shape[0], step):
+            end = _row_walk(walker, group.value, cols[c0 : c0 + step], signs[c0 : c0 + step], nodes)
+            if cut is not None:
+                ends.append(end[cut])
         if cut is not None:
-            at_cut.setdefault(cut, []).append((cot.pop(cut), signs))
+            at_cut.setdefault(cut, []).append((group if not nodes else None, torch.cat(ends), signs))
     for cut, parts in at_cut.items():
+        if len(parts) == 1 and parts[0][0] is not None:  # one group at its own value: nothing to merge
+            keep.append(parts[0][0])
+            continue
         x = plan.values[cut]
         c = int(x.shape[-1])
         m = None
-        for cols, signs in parts:
+        for _, cols, signs in parts:
             s = cols.reshape(cols.shape[0], -1, c)
             term = torch.einsum("kr,kri,krj->rij", signs.to(s.dtype), s, s)
             m = term if m is None else m + term
@@ -1220,6 +1206,48 @@ def _pack_rows(walker: _Walker, groups: list[Any], n: int, tol: float) -> list[A
             _group_from_local(cut, tags[cut], lay, lam.reshape(n, -1, c), vecs.reshape(n, -1, c, c), tol)
         )
     return keep
+
+
+def _row_walk(
+    walker: _Walker, value: int, cols: Tensor, signs: Tensor, nodes: list[int]
+) -> dict[int, Tensor]:
+    """Pull packed columns at ``value`` back through the row-local ``nodes``, serving their
+    interfaces per row; the columns left at the cut (an empty dict when none is left)."""
+    plan = walker.plan
+    tags = plan.batch.tags
+    cot = {value: cols}
+    for j in sorted(nodes, reverse=True):
+        node = plan.tape.nodes[j]
+        o = int(node.outputs[0] or 0)
+        ct = cot.pop(o)
+        if j in plan.interfaces:
+            s = signs.reshape(signs.shape[0], *ct.shape[1:-1], 1).to(ct.dtype)
+            dsq = (ct * ct * s).sum(0)
+            for path, leaf, chain in plan.interfaces[j]:
+                sq = _row_squares(plan, j, path, dsq)
+                if sq is None:  # pragma: no cover - _row_local admits only closed forms
+                    raise EngineUnsupportedError(f"{node.func} (tape position {j}): no per-row rule")
+                walker._add(leaf, walker._to_leaf(leaf, chain, sq))
+        positions = [
+            p
+            for p, r in paths((node.args, node.kwargs))
+            if plan.tape.depends[r.index]
+            and _floating(plan.values[r.index])
+            and isinstance(tags[r.index], tuple)
+        ]
+        if not positions:
+            continue
+        grads = _batched_vjp(node, plan.values, positions, {o: ct})
+        if grads is None:
+            pull, outs = walker._pull(j, positions)
+            zeros = [plan.values[int(node.outputs[k] or 0)] for k in outs]
+            grads = vmap(pull)(
+                tuple(ct if k == 0 else z.new_zeros(ct.shape[0], *z.shape) for k, z in zip(outs, zeros))
+            )
+        for p, gr in zip(positions, grads):
+            idx = _Walker._ref(node, p).index
+            cot[idx] = cot[idx] + gr if idx in cot else gr
+    return cot
 
 
 def _packed_columns(plan: _Plan, group: Any) -> tuple[Tensor, Tensor] | None:
@@ -1240,12 +1268,14 @@ def _packed_columns(plan: _Plan, group: Any) -> tuple[Tensor, Tensor] | None:
         sign = group.sign.reshape(-1, c)
         eye = torch.eye(c, dtype=scale.dtype, device=scale.device)
         cols = scale.T[:, :, None] * eye[:, None, :]  # (C, R, C): column j holds scale[r, j] e_j in row r
-        return cols.reshape(c, *x.shape), sign.T.contiguous()
+        live = (scale != 0).any(0)
+        return cols[live].reshape(-1, *x.shape), sign.T[live].contiguous()
     if lay.c != c:
         return None
     k = group.vecs.shape[-1]
     cols = (group.vecs * group.scale[:, :, None, :]).reshape(-1, c, k).permute(2, 0, 1)  # (K, R, C)
-    return cols.reshape(k, *x.shape), group.sign.reshape(-1, k).T.contiguous()
+    live = (group.scale != 0).reshape(-1, k).any(0)
+    return cols[live].reshape(-1, *x.shape), group.sign.reshape(-1, k).T[live].contiguous()
 
 
 # ---- end of row packing ----
