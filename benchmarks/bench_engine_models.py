@@ -199,7 +199,7 @@ def measure(
     else:
         rec = RECORDED_OLD.get(key)
         row += [
-            "n/a" if rec is None else f"{fmt_time(rec)} (recorded)",
+            "n/a" if rec is None else f"{fmt_time(rec)} (recorded, CPU time)",
             "n/a" if rec is None else f"{rec / t_eng:.1f}× (vs recorded)",
             f"n/a ({why or 'not run: --old-residual'})",
         ]
