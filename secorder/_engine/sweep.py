@@ -33,6 +33,9 @@ gradient products Σ_c σ_c Σ_n G_{cn}^⊙2 are formed there by
 :func:`secorder._engine.interfaces.param_squares` (columns summed before squaring where the
 algebra allows) and mapped back to the parameter leaf through its views. Columns of ops on
 parameter-only values (a regularizer) are pulled back to the leaves and squared directly.
+Columns that live in one row of a (N·T, C) value are first walked packed over the rows
+through row-local ops and compressed per row where every path meets one value
+(:func:`_pack_rows`, the "row packing" section below).
 
 Refused (:class:`EngineUnsupportedError`, the caller falls back to one-hot HVPs): a tape that
 cannot be replayed faithfully, an op that mixes samples (:class:`~secorder._engine.batch.BatchAxisError`),
