@@ -509,14 +509,21 @@ def _spy_row_cuts(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
 def test_token_transformer_block_exact(monkeypatch: pytest.MonkeyPatch) -> None:
     """Embedding + position parameter, affine LayerNorms (closed-form columns), attention and a
     GELU MLP whose one-row columns are walked packed over rows and compressed at the residual
-    stream: exact against the dense float64 Hessian, with the packing taken."""
+    stream, the ± column pairs of q kᵀ skipping the qkv squares (they cancel): exact against
+    the dense float64 Hessian, with the packing and the skip taken."""
+    from secorder._engine import sweep
+
     cuts = _spy_row_cuts(monkeypatch)
+    skips: list[frozenset[int]] = []
+    real = sweep._pair_cancels
+    monkeypatch.setattr(sweep, "_pair_cancels", lambda *a: skips.append(real(*a)) or skips[-1])
     torch.manual_seed(11)
     model = _TokenBlock().to(DT)
     idx, y = torch.randint(0, 11, (4, 5)), torch.randint(0, 3, (4,))
     _check(_ce(model), _params(model), idx, y)
     assert any(c is not None and c[0] is not None for c in cuts)  # compressed at a cut
     assert any(c is not None and c[0] is None for c in cuts)  # ln1: served by interfaces alone
+    assert sorted(len(s) for s in skips) == [0, 0, 1, 1]  # q kᵀ skips the qkv squares (twice: diag, trace)
 
 
 @pytest.mark.parametrize("affine", [True, False])
@@ -580,3 +587,28 @@ def test_row_packing_limits_stay_exact(limit: str, monkeypatch: pytest.MonkeyPat
     model = _TokenBlock().to(DT)
     idx, y = torch.randint(0, 11, (3, 5)), torch.randint(0, 3, (3,))
     _check(_ce(model), _params(model), idx, y)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_bilinear_pair_skip_only_for_disjoint_features(
+    overlap: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """q kᵀ with q and k slices of one projection: disjoint features skip the projection's
+    squares (the ± pairs cancel), overlapping ones do not; exact either way."""
+    from secorder._engine import sweep
+
+    skips: list[frozenset[int]] = []
+    real = sweep._pair_cancels
+    monkeypatch.setattr(sweep, "_pair_cancels", lambda *a: skips.append(real(*a)) or skips[-1])
+    torch.manual_seed(15)
+    p = {"w": torch.randn(8, 24, dtype=DT), "b": torch.randn(8, dtype=DT), "h": torch.randn(4, 3, dtype=DT)}
+    x = 0.3 * torch.randn(3, 4, 24, dtype=DT)
+    lo = 2 if overlap else 4
+
+    def f(p: dict[str, Tensor], x: Tensor) -> Tensor:
+        z = F.linear(x, p["w"], p["b"])  # addmm on the (N·T, 24) view
+        att = torch.softmax(z[..., :4] @ z[..., lo : lo + 4].transpose(1, 2), -1)
+        return torch.tanh(att @ z[..., :4] @ p["h"]).pow(2).sum()
+
+    _check(f, p, x)
+    assert any(len(s) == 1 for s in skips) != overlap

@@ -400,6 +400,7 @@ class _BilinearGroup:
     v: Tensor  # (N, g, n, r)
     inner: int  # K
     keep: list[tuple[int, int, int, int]]  # (t, r, j, ±1)
+    skip: frozenset[int] = frozenset()  # interfaces where each ± pair cancels (:func:`_pair_cancels`)
 
     @property
     def count(self) -> int:
@@ -456,7 +457,52 @@ def _bilinear_group(
         vh.transpose(-1, -2).reshape(n, g, vh.shape[-1], r),
         inner,
         keep,
+        _pair_cancels(plan, ra.index, rb.index),
     )
+
+
+_CHAIN_VIEWS = _VIEWS | frozenset({aten.split.Tensor, aten.split_with_sizes.default, aten.expand.default})
+
+
+def _pair_cancels(plan: _Plan, av: int, bv: int) -> frozenset[int]:
+    """The interface where both operands of a bilinear product come from one ``mm``/``addmm``
+    (data on the left, weight on the right) through views alone, in disjoint output features
+    (q and k of one qkv projection): there the A-part and the B-part of a column reach disjoint
+    weight columns and bias entries, so the squares of (a + b) and (a − b) are equal and the
+    pair, weighted ±s/2, adds exactly zero; the walk skips that interface's squares."""
+    if av == bv:
+        return frozenset()
+    tape, values, tags = plan.tape, plan.values, plan.batch.tags
+    ends: list[tuple[int, Tensor]] = []
+    for v in (av, bv):
+        ct = torch.ones_like(values[v])
+        while True:
+            j = plan.producer.get(v)
+            if j is None:
+                return frozenset()
+            node = tape.nodes[j]
+            if j in plan.interfaces:
+                break
+            refs = [r for _, r in paths((node.args, node.kwargs)) if tape.depends[r.index]]
+            if node.func not in _CHAIN_VIEWS or len(refs) != 1 or node.args[0] != refs[0]:
+                return frozenset()
+            k = node.outputs.index(v)
+            _, pull, *_ = vjp(_node_fn(node, values, [(0, 0)], [k]), values[refs[0].index])
+            (ct,) = pull((ct,))
+            v = refs[0].index
+        ends.append((j, ct))
+    (ja, ca), (jb, cb) = ends
+    node = tape.nodes[ja]
+    if ja != jb or node.func not in (aten.mm.default, aten.addmm.default) or node.kwargs or ca.dim() != 2:
+        return frozenset()
+    off = 1 if node.func is aten.addmm.default else 0
+    data = node.args[off]
+    if not isinstance(data, Ref) or not isinstance(tags[data.index], tuple):
+        return frozenset()
+    if {p for p, _, _ in plan.interfaces[ja]} - {(0, off + 1), (0, 0)}:
+        return frozenset()
+    fa, fb = (ca != 0).any(0), (cb != 0).any(0)
+    return frozenset({ja}) if not bool((fa & fb).any()) else frozenset()
 
 
 def _rowwise_last(node: TapeNode, values: Sequence[Any]) -> bool:
@@ -1360,7 +1406,7 @@ def engine_diagonal(
             continue
         for c0 in range(0, group.count, step):
             cols, signs = group.get(c0, min(group.count, c0 + step))
-            walker.walk(group, cols, signs)
+            walker.walk(group, cols, signs, skip=getattr(group, "skip", frozenset()))
     return walker.result(), r_total
 
 
