@@ -972,13 +972,17 @@ def engine_diagonal(
     """
     leaves = [leaf.detach() for leaf in leaves]
     n = int(data[0].shape[0])
-    prepared = _prepare(g, leaves, data, n, batched_output=False)
+    try:  # the adjoints from the recording pass itself (no replay of the tape)
+        recorded = record(g, leaves, adjoints=_recorded_adjoints)
+    except TapeUnsupportedError as exc:
+        raise EngineUnsupportedError(str(exc.args[0])) from exc
+    prepared = _prepare(g, leaves, data, n, batched_output=False, tape=recorded)
     if prepared is None:
         return [
             leaf.new_zeros(n, *leaf.shape) if per_sample else torch.zeros_like(leaf) for leaf in leaves
         ], 0
     tape, values, plan = prepared
-    adj = _adjoints(tape, leaves, values)
+    adj = tape.extra if tape.extra is not None else _adjoints(tape, leaves, values)
     tol_scale = 64 * torch.finfo(leaves[0].dtype).eps
     groups = _groups(plan, adj, n, tol_scale)
     r_total = sum(gr.count for gr in groups if gr.tag is not SAME)  # per sample
@@ -1122,15 +1126,37 @@ def engine_output_diagonal(
     return walker.result()
 
 
-def _adjoints(tape: Tape, leaves: list[Tensor], values: list[Any]) -> dict[int, Tensor]:
-    """ḡ of every floating, parameter-dependent op output that reaches the loss (one reverse pass)."""
-    assert tape.output is not None
-    wanted = [
+def _wanted(tape: Tape, values: list[Any]) -> list[int]:
+    """The values whose adjoints the columns need: floating, parameter-dependent op outputs of
+    ops with curvature."""
+    return [
         o
         for node in tape.nodes
         for o in node.outputs
         if o is not None and tape.depends[o] and _floating(values[o]) and not rule(node.func).curvature_free
     ]
+
+
+def _recorded_adjoints(tape: Tape) -> dict[int, Tensor] | None:
+    """ḡ of the :func:`_wanted` values by one backward pass of the graph built while recording
+    (:func:`secorder._engine.tape.record` with ``adjoints``): no replay of the tape. None where
+    the result does not depend on the leaves."""
+    values = tape.values
+    assert values is not None
+    if tape.output is None or not tape.depends[tape.output.index] or not tape.result.requires_grad:
+        return None
+    wanted = [o for o in _wanted(tape, values) if values[o].requires_grad]
+    if not wanted:
+        return {}
+    with torch.enable_grad():
+        grads = torch.autograd.grad(tape.result, [values[o] for o in wanted], allow_unused=True)
+    return {o: gr for o, gr in zip(wanted, grads) if gr is not None}
+
+
+def _adjoints(tape: Tape, leaves: list[Tensor], values: list[Any]) -> dict[int, Tensor]:
+    """ḡ of every floating, parameter-dependent op output that reaches the loss (one reverse pass)."""
+    assert tape.output is not None
+    wanted = _wanted(tape, values)
     with torch.enable_grad():
         eps = {o: torch.zeros_like(values[o]).requires_grad_(True) for o in wanted}
         vals = tape.replay(leaves, (), eps)

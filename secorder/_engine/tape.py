@@ -80,6 +80,7 @@ class Tape:
     num_inputs: int = 0  # data inputs, value indices num_leaves .. num_leaves + num_inputs - 1
     values: list[Any] | None = None  # the recorded values (None when an in-place op rewrote one)
     widest: int = 0  # the most elements of a floating value computed from the inputs (sizes tangents)
+    extra: Any = None  # what record(adjoints=...) returned (e.g. the adjoints of the recorded values)
 
     def replay(
         self,
@@ -265,20 +266,33 @@ _DATA_DEPENDENT = _data_dependent_ops()
 
 
 def record(
-    fn: Callable[..., Tensor], leaves: Sequence[Tensor], inputs: Sequence[Tensor] | None = None
+    fn: Callable[..., Tensor],
+    leaves: Sequence[Tensor],
+    inputs: Sequence[Tensor] | None = None,
+    *,
+    adjoints: Callable[[Tape], Any] | None = None,
 ) -> Tape:
     """Record one evaluation of ``fn(leaves)``, or ``fn(leaves, inputs)`` when data ``inputs``
-    are given (no autograd graph is built).
+    are given (no autograd graph is built, unless ``adjoints`` asks for one).
+
+    Args:
+        adjoints: evaluate with autograd on (leaves requiring grad) and call ``adjoints(tape)``
+            while the recorded values still hold the graph (e.g. ``torch.autograd.grad`` of
+            the result with respect to recorded values: every adjoint from this one forward
+            pass, no replay); the recorded values are detached afterwards and the callback's
+            return value is kept as ``tape.extra``. Not called when an in-place op rewrote a
+            recorded value (``tape.values`` is None then).
 
     Raises:
         TapeUnsupportedError: the evaluation cannot be replayed faithfully (for a tape with
             inputs also: Python control flow or shapes that may depend on the inputs' values).
     """
-    leaves = [leaf.detach() for leaf in leaves]
+    grad = adjoints is not None
+    leaves = [leaf.detach().requires_grad_(grad) if grad else leaf.detach() for leaf in leaves]
     data = [] if inputs is None else [x.detach() for x in inputs]
     rec = _Recorder([*leaves, *data])
     try:
-        with decomposed_kernels(), torch.no_grad(), rec:
+        with decomposed_kernels(), torch.set_grad_enabled(grad), rec:
             result = fn(leaves) if inputs is None else fn(leaves, data)
     except TapeUnsupportedError:  # pragma: no cover - not raised inside
         raise
@@ -309,7 +323,7 @@ def record(
                 on_data[o] = data_dep
     sizes = {rec.ids[id(t)]: t.numel() for t in rec.keep if t.is_floating_point()}
     widest = max((n for i, n in sizes.items() if on_data[i]), default=0)
-    return Tape(
+    tape = Tape(
         len(leaves),
         rec.nodes,
         None if idx is None else Ref(idx),
@@ -320,3 +334,9 @@ def record(
         None if rec.rewritten else rec.values,
         widest,
     )
+    if grad:
+        if tape.values is not None:
+            tape.extra = adjoints(tape)  # type: ignore[misc]
+            tape.values = [v.detach() if isinstance(v, Tensor) else v for v in tape.values]
+        tape.result = result.detach()
+    return tape
