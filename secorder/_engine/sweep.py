@@ -41,6 +41,7 @@ meeting the data, an interface with no rule.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -64,6 +65,7 @@ from secorder._engine.tape import (
     replace_at,
     resolve,
 )
+from secorder._kernels import plain_kernels
 
 __all__ = ["EngineTooCostlyError", "EngineUnsupportedError", "engine_diagonal"]
 
@@ -934,6 +936,20 @@ class _Walker:
         return vmap(pull)(sq)[0] if self.per_sample else pull(sq)[0]
 
 
+def _plain(fn: Any) -> Any:
+    """Run an engine entry point under :func:`secorder._kernels.plain_kernels` (its walks call
+    ATen ops on recorded values; recording the user's function enters the decomposed kernels
+    again)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with plain_kernels():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@_plain
 def engine_diagonal(
     g: Callable[[list[Tensor]], Tensor],
     leaves: Sequence[Tensor],
@@ -1089,6 +1105,7 @@ def _balanced(step: int, count: int) -> int:
     return -(-count // chunks)
 
 
+@_plain
 def engine_output_diagonal(
     model: Callable[[list[Tensor]], Tensor],
     leaves: Sequence[Tensor],
