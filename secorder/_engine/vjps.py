@@ -178,19 +178,20 @@ def pointwise_vjp(
     return [ct * d1.to(ct.dtype)]
 
 
+_VIEW_OPS = (
+    "t", "transpose.int", "permute", "view", "_unsafe_view", "reshape", "unsqueeze", "squeeze", "squeeze.dim",
+    "squeeze.dims",
+)  # fmt: skip
+_POINTWISE_OPS = (
+    "tanh", "sigmoid", "sin", "cos", "exp", "log", "sqrt", "rsqrt", "reciprocal", "pow.Tensor_Scalar", "relu",
+    "silu", "softplus",
+)  # fmt: skip
+
 VJPS: dict[str, Any] = {
     "max_pool2d_with_indices": max_pool_vjp,
     "convolution": convolution_vjp,
     "mm": matmul_vjp,
     "addmm": matmul_vjp,
-    **dict.fromkeys(
-        ("t", "transpose.int", "permute", "view", "_unsafe_view", "reshape", "unsqueeze", "squeeze",
-         "squeeze.dim", "squeeze.dims"),
-        view_vjp,
-    ),  # fmt: skip
-    **dict.fromkeys(
-        ("tanh", "sigmoid", "sin", "cos", "exp", "log", "sqrt", "rsqrt", "reciprocal", "pow.Tensor_Scalar",
-         "relu", "silu", "softplus"),
-        pointwise_vjp,
-    ),  # fmt: skip
+    **dict.fromkeys(_VIEW_OPS, view_vjp),
+    **dict.fromkeys(_POINTWISE_OPS, pointwise_vjp),
 }
