@@ -925,6 +925,18 @@ class _Walker:
         if not chain:
             return sq.to(self.leaves[leaf].dtype)
         tape, values = self.plan.tape, self.plan.values
+        fast: Tensor | None = sq.to(values[int(tape.nodes[chain[-1]].outputs[0] or 0)].dtype)
+        fast = fast if self.per_sample else fast.unsqueeze(0)  # the rules take a leading column axis
+        for i in reversed(chain):  # the registry's view VJPs (no vjp transform per call)
+            node = tape.nodes[i]
+            out = (
+                _batched_vjp(node, values, [(0, 0)], {int(node.outputs[0] or 0): fast})
+                if fast is not None
+                else None
+            )
+            fast = None if out is None else out[0]
+        if fast is not None:
+            return (fast if self.per_sample else fast[0]).to(self.leaves[leaf].dtype)
 
         def views(x: Tensor) -> Tensor:
             for i in chain:
