@@ -647,7 +647,9 @@ def _batched_vjp(
 class _Walker:
     """One batched reverse walk per chunk of columns; accumulates the diagonal per leaf."""
 
-    def __init__(self, plan: _Plan, leaves: list[Tensor], n: int, per_sample: bool = False) -> None:
+    def __init__(
+        self, plan: _Plan, leaves: list[Tensor], n: int, per_sample: bool = False, defer: bool = False
+    ) -> None:
         self.plan = plan
         self.leaves = leaves
         self.n = n
@@ -655,6 +657,13 @@ class _Walker:
         # per sample: rows allocated on first use (N·P entries: one pass fewer over them)
         self.diag: list[Any] = [None if per_sample else torch.zeros_like(leaf) for leaf in leaves]
         self.pulls: dict[tuple[int, tuple[Any, ...]], tuple[Any, list[int]]] = {}
+        # defer: at mm/addmm interfaces with one row per sample the squares depend on the columns
+        # only through Σ_c w_c δ_c^⊙2 (see _diagonal_squares), summed here over every group and
+        # chunk and turned into squares once by result() (one product with x^⊙2 per layer, not
+        # one per group and chunk)
+        self.defer = defer
+        self.pending: dict[int, Tensor] = {}
+        self.rows: dict[int, Any] = {}  # node → _linear_rows(node), memoized
 
     def _add(self, leaf: int, x: Tensor) -> None:
         if self.diag[leaf] is None:
@@ -663,6 +672,8 @@ class _Walker:
             self.diag[leaf] += x
 
     def result(self) -> list[Tensor]:
+        for i in list(self.pending):
+            self._diagonal_squares(i, self.pending.pop(i), now=True)
         return [
             d if d is not None else leaf.new_zeros(self.n, *leaf.shape)
             for d, leaf in zip(self.diag, self.leaves)
@@ -701,10 +712,14 @@ class _Walker:
             return None
         return off, (0, off + 1)
 
-    def _diagonal_squares(self, i: int, dgram: Tensor) -> None:
+    def _diagonal_squares(self, i: int, dgram: Tensor, now: bool = False) -> None:
         """Feed Σ_c w_c δ_c^⊙2 = ``dgram`` (signed, one row per sample) to the interfaces of node
         ``i`` as two columns √dgram⁺, √dgram⁻ with weights +1, −1 (exact where every parameter
-        entry receives one output entry per sample: mm/addmm with one row per sample)."""
+        entry receives one output entry per sample: mm/addmm with one row per sample). With
+        ``defer`` (and not ``now``) only added to the node's pending sum."""
+        if self.defer and not now:
+            self.pending[i] = self.pending[i] + dgram if i in self.pending else dgram
+            return
         node = self.plan.tape.nodes[i]
         out = node.outputs[0]
         cols = torch.stack([dgram.clamp(min=0).sqrt(), (-dgram).clamp(min=0).sqrt()])
@@ -834,9 +849,17 @@ class _Walker:
             if not any(o is not None and o in cot for o in node.outputs):
                 continue
             cts = {o: cot.pop(o) for o in node.outputs if o is not None and o in cot}
-            if not same and i not in skip:  # skip: interfaces already served in closed form
-                for path, leaf, chain in plan.interfaces.get(i, []):
-                    self._interface(i, node, path, leaf, chain, cts, signs, weights)
+            if not same and i not in skip and i in plan.interfaces:  # skip: served in closed form
+                if i not in self.rows:
+                    self.rows[i] = self._linear_rows(i)
+                out0 = node.outputs[0]
+                if self.defer and self.rows[i] is not None and list(cts) == [out0]:
+                    ct = cts[out0]  # (k, N, d): Σ_c w_c δ_c^⊙2 with the signs per column and sample
+                    w = signs.to(ct.dtype) if weights is None else signs.to(ct.dtype) * weights[:, None]
+                    self._diagonal_squares(i, torch.einsum("kn,knd->nd", w, ct * ct))
+                else:
+                    for path, leaf, chain in plan.interfaces[i]:
+                        self._interface(i, node, path, leaf, chain, cts, signs, weights)
             positions = [
                 p
                 for p, r in paths((node.args, node.kwargs))
@@ -1023,7 +1046,7 @@ def engine_diagonal(
         raise EngineTooCostlyError(pulled)
     if per_sample and any(gr.tag is SAME and gr.count for gr in groups):
         raise EngineUnsupportedError(_PARAMETER_ONLY)
-    walker = _Walker(plan, leaves, n, per_sample)
+    walker = _Walker(plan, leaves, n, per_sample, defer=True)
     step = chunk_size or _default_step(plan, leaves, n)
     for group in groups:
         if (
@@ -1154,7 +1177,7 @@ def engine_output_diagonal(
     tape, values, plan = prepared
     assert tape.output is not None
     z = tape.output.index
-    walker = _Walker(plan, leaves, n, per_sample)
+    walker = _Walker(plan, leaves, n, per_sample, defer=True)
     dummy = values[z].new_zeros(1, 1, 1)
     group = _Group(z, (0, 1), _layout(tuple(values[z].shape), (0, 1), n, None), dummy, dummy, None, [])
     step = chunk_size or _balanced(_default_step(plan, leaves, n), num_columns)
