@@ -41,7 +41,6 @@ meeting the data, an interface with no rule.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -65,7 +64,7 @@ from secorder._engine.tape import (
     replace_at,
     resolve,
 )
-from secorder._kernels import plain_kernels
+from secorder._kernels import with_plain_kernels
 
 __all__ = ["EngineTooCostlyError", "EngineUnsupportedError", "engine_diagonal"]
 
@@ -852,7 +851,7 @@ class _Walker:
             if not same and i not in skip and i in plan.interfaces:  # skip: served in closed form
                 if i not in self.rows:
                     self.rows[i] = self._linear_rows(i)
-                out0 = node.outputs[0]
+                out0 = int(node.outputs[0] or 0)
                 if self.defer and self.rows[i] is not None and list(cts) == [out0]:
                     ct = cts[out0]  # (k, N, d): Σ_c w_c δ_c^⊙2 with the signs per column and sample
                     w = signs.to(ct.dtype) if weights is None else signs.to(ct.dtype) * weights[:, None]
@@ -948,8 +947,8 @@ class _Walker:
         if not chain:
             return sq.to(self.leaves[leaf].dtype)
         tape, values = self.plan.tape, self.plan.values
-        fast: Tensor | None = sq.to(values[int(tape.nodes[chain[-1]].outputs[0] or 0)].dtype)
-        fast = fast if self.per_sample else fast.unsqueeze(0)  # the rules take a leading column axis
+        lead = sq.to(values[int(tape.nodes[chain[-1]].outputs[0] or 0)].dtype)
+        fast: Tensor | None = lead if self.per_sample else lead.unsqueeze(0)  # the rules: a column axis
         for i in reversed(chain):  # the registry's view VJPs (no vjp transform per call)
             node = tape.nodes[i]
             out = (
@@ -971,20 +970,7 @@ class _Walker:
         return vmap(pull)(sq)[0] if self.per_sample else pull(sq)[0]
 
 
-def _plain(fn: Any) -> Any:
-    """Run an engine entry point under :func:`secorder._kernels.plain_kernels` (its walks call
-    ATen ops on recorded values; recording the user's function enters the decomposed kernels
-    again)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        with plain_kernels():
-            return fn(*args, **kwargs)
-
-    return wrapper
-
-
-@_plain
+@with_plain_kernels  # the walks call ATen ops on recorded values (recording enters the kernels again)
 def engine_diagonal(
     g: Callable[[list[Tensor]], Tensor],
     leaves: Sequence[Tensor],
@@ -1140,7 +1126,7 @@ def _balanced(step: int, count: int) -> int:
     return -(-count // chunks)
 
 
-@_plain
+@with_plain_kernels
 def engine_output_diagonal(
     model: Callable[[list[Tensor]], Tensor],
     leaves: Sequence[Tensor],

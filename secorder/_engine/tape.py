@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from secorder._kernels import decomposed_kernels
+from secorder._kernels import decomposed_kernels, with_plain_kernels
 
 __all__ = [
     "Ref",
@@ -265,6 +265,7 @@ def _data_dependent_ops() -> frozenset[Any]:
 _DATA_DEPENDENT = _data_dependent_ops()
 
 
+@with_plain_kernels  # the bookkeeping is secorder's own; the evaluation enters the kernels again
 def record(
     fn: Callable[..., Tensor],
     leaves: Sequence[Tensor],
