@@ -1084,17 +1084,10 @@ def _prepare(
     return tape, values, plan
 
 
-# CPU: the most bytes of one value's column block (k, *value shape) in a walk. Larger blocks
-# leave the cache and, above glibc's largest mmap threshold (32 MiB), every allocation is
-# fresh pages from the kernel: on the benchmark CNN (4 MiB per column and value) 9 columns at
-# once ran about 20% slower than three walks of 3.
-_CPU_BLOCK_BYTES = 16 << 20
-
-
 def _default_step(plan: _Plan, leaves: list[Tensor], n: int) -> int:
     """Columns per walk from the memory budget: each column's cotangents on the batched values,
     plus the per-sample gradients an interface may form per column (convolutions, several
-    rows per sample); on CPU also at most ``_CPU_BLOCK_BYTES`` per value's column block."""
+    rows per sample)."""
     tape, values = plan.tape, plan.values
     item = leaves[0].element_size()
     sizes = [
@@ -1111,10 +1104,7 @@ def _default_step(plan: _Plan, leaves: list[Tensor], n: int) -> int:
         or plan.batch.tags[tape.nodes[i].outputs[0]][1] != 1  # type: ignore[index]
     ]
     per_col += item * n * max(formed, default=0)
-    step = max(1, memory_budget() // (4 * max(1, per_col)))
-    if leaves[0].device.type == "cpu":
-        step = min(step, max(1, _CPU_BLOCK_BYTES // max(1, item * max(sizes, default=0))))
-    return step
+    return max(1, memory_budget() // (4 * max(1, per_col)))
 
 
 def _balanced(step: int, count: int) -> int:

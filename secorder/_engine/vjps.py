@@ -173,7 +173,8 @@ def pointwise_vjp(
     if node.func is aten.relu.default:  # threshold_backward: zero where the output is not positive
         out = node.outputs[0]
         assert out is not None
-        return [torch.where(values[out] > 0, ct, ct.new_zeros(()))]
+        y = values[out]
+        return [aten.threshold_backward(ct, y.to(ct.dtype).expand_as(ct), 0)]  # (torch.where: 10x slower)
     d1 = derivs(node.func, x, *node.args[1:], **node.kwargs)[1]
     return [ct * d1.to(ct.dtype)]
 
