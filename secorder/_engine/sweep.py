@@ -713,7 +713,7 @@ class _Walker:
 
     def _diagonal_squares(self, i: int, dgram: Tensor, now: bool = False) -> None:
         """Feed Σ_c w_c δ_c^⊙2 = ``dgram`` (signed, one row per sample) to the interfaces of node
-        ``i`` as two columns √dgram⁺, √dgram⁻ with weights +1, −1 (exact where every parameter
+        ``i`` as the squares their rules sum the columns into (exact where every parameter
         entry receives one output entry per sample: mm/addmm with one row per sample). With
         ``defer`` (and not ``now``) only added to the node's pending sum."""
         if self.defer and not now:
@@ -721,8 +721,8 @@ class _Walker:
             return
         node = self.plan.tape.nodes[i]
         out = node.outputs[0]
-        cols = torch.stack([dgram.clamp(min=0).sqrt(), (-dgram).clamp(min=0).sqrt()])
-        weights = torch.tensor([1.0, -1.0], dtype=cols.dtype, device=cols.device)
+        cols = dgram.unsqueeze(0)  # the shape only: the rules take the squares as given (exact)
+        weights = None
         axes = {p: t for p, t in self.plan.batch.arg_tags(i, node).items() if isinstance(t, tuple)}
         for path, leaf, chain in self.plan.interfaces.get(i, []):
             sq = interfaces.param_squares(
@@ -735,6 +735,7 @@ class _Walker:
                 weights,
                 self.n,
                 per_sample=self.per_sample,
+                squares=dgram,
             )
             if sq is None:
                 raise EngineUnsupportedError(
