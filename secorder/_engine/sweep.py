@@ -231,7 +231,7 @@ def _resolve_leaf(tape: Tape, producer: dict[int, int], ref: Ref) -> tuple[int, 
         if i is None:
             return None
         node = tape.nodes[i]
-        refs = [r for _, r in paths((node.args, node.kwargs))]
+        refs = [r for _, r in node.arg_paths()]
         if node.func not in _VIEWS or len(refs) != 1 or not isinstance(node.args[0], Ref) or node.multi:
             return None
         chain.append(i)
@@ -250,7 +250,7 @@ def _plan(
         out_tags = [batch.tags[o] for o in node.outputs if o is not None]
         if not any(isinstance(t, tuple) for t in out_tags):
             continue
-        for p, r in paths((node.args, node.kwargs)):
+        for p, r in node.arg_paths():
             if batch.tags[r.index] is not SAME or not tape.depends[r.index] or not _floating(values[r.index]):
                 continue
             found = _resolve_leaf(tape, producer, r)
@@ -780,7 +780,7 @@ class _Walker:
                     beyond = isinstance(data, Ref) and tape.depends[data.index]  # more interfaces behind
                     stop = j
                     break
-                refs = [r for _, r in paths((node.args, node.kwargs)) if tape.depends[r.index]]
+                refs = [r for _, r in node.arg_paths() if tape.depends[r.index]]
                 unary = (torch.Tag.pointwise in node.func.tags or rule(node.func).batch == "same_shape") and (
                     not node.multi
                 )
@@ -809,7 +809,7 @@ class _Walker:
             node = tape.nodes[j]
             x = values[node.args[0].index]
             d = rule(node.func).derivs
-            if d is not None and len(paths((node.args, node.kwargs))) == 1:
+            if d is not None and len(node.arg_paths()) == 1:
                 args_ = resolve((node.args, node.kwargs), values)
                 deriv = d(node.func, x, *args_[0][1:], **args_[1])[1]  # f' in closed form
             else:
@@ -856,13 +856,13 @@ class _Walker:
                 if self.defer and self.rows[i] is not None and list(cts) == [out0]:
                     ct = cts[out0]  # (k, N, d): Σ_c w_c δ_c^⊙2 with the signs per column and sample
                     w = signs.to(ct.dtype) if weights is None else signs.to(ct.dtype) * weights[:, None]
-                    self._diagonal_squares(i, torch.einsum("kn,knd->nd", w, ct * ct))
+                    self._diagonal_squares(i, (ct * ct * w[:, :, None]).sum(0))
                 else:
                     for path, leaf, chain in plan.interfaces[i]:
                         self._interface(i, node, path, leaf, chain, cts, signs, weights)
             positions = [
                 p
-                for p, r in paths((node.args, node.kwargs))
+                for p, r in node.arg_paths()
                 if tape.depends[r.index]
                 and _floating(values[r.index])
                 and (tags[r.index] is SAME) == same

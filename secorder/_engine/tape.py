@@ -67,6 +67,13 @@ class TapeNode:
     kwargs: dict[str, Any]
     outputs: list[int | None]  # value index of each output (None: not a tensor)
     multi: bool  # the op returned a tuple/list
+    _paths: Any = field(default=None, repr=False, compare=False)
+
+    def arg_paths(self) -> list[tuple[tuple[Any, ...], Ref]]:
+        """``paths((args, kwargs))``, computed once per node (the walks ask for it per chunk)."""
+        if self._paths is None:
+            self._paths = paths((self.args, self.kwargs))
+        return self._paths
 
 
 @dataclass
