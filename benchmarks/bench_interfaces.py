@@ -1,13 +1,11 @@
-"""Parameter interfaces on tape nodes vs the module-hook fast path vs vmap(grad) per-sample squares.
+"""Parameter interfaces on tape nodes vs vmap(grad) per-sample squares.
 
 For one layer at a time (seeded weights, data and cotangent columns, float32), each row times
 Σ_c Σ_n (per-sample gradient of ⟨δ_c|_n, layer(x)⟩ w.r.t. weight and bias)^⊙2 for R columns
-δ_c at the layer output, computed three ways from the same columns:
+δ_c at the layer output, computed two ways from the same columns:
 
 * ``tape``: :func:`secorder._engine.interfaces.param_squares` on the layer's tape node
   (``addmm``, ``convolution``, ``embedding``, ``native_layer_norm``), weight and bias;
-* ``hooks``: the module-hook layer classes of ``secorder._layers`` (today's fast path; only
-  their product part: the columns are given, no backward pass);
 * ``vmap(grad)``: ``torch.func.vmap`` over samples of ``torch.func.grad`` per column, squared
   and summed (the generic per-sample route).
 
@@ -15,7 +13,9 @@ Workloads: Linear 784→128 and 128→128 (batch 128, one row per sample) with R
 cross-entropy factor) and R = 265 (the Hessian sweep's columns of the MLP); Linear 32→32 and
 128→32 on a sequence (batch 16, T = 16; R = 9 and 265: the Gram form of the rows); Conv2d 3→16 and 16→16 (3×3, padding 1, batch 64 of 32×32);
 Embedding (vocabulary 100, width 32, batch 16, T = 16); LayerNorm(32) on (16, 16, 32).
-The last column is the largest relative difference of ``tape`` from ``hooks``.
+The last column is the largest relative difference of ``tape`` from ``vmap(grad)``. (The
+module-hook layer classes of ``secorder._layers`` this compared with until issue 11 are gone:
+every route takes the tape's interfaces.)
 
 Usage::
 
@@ -34,11 +34,9 @@ from _common import fmt_time, table, timeit
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from secorder import _layers
 from secorder._engine import interfaces
 from secorder._engine.interfaces import param_squares
 from secorder._engine.tape import record
-from secorder._persample import ColumnAccumulator
 
 aten = torch.ops.aten
 
@@ -62,26 +60,6 @@ def _new(
             assert res is not None
             out.append(res)
         return out
-
-    return run
-
-
-def _old(module: nn.Module, x: Tensor, cls: type, per_column: bool) -> Callable:
-    out = module(x).detach()
-    rec = _layers._Record(x, out, True)
-    names = [n for n, _ in module.named_parameters()]
-    shapes = [p.shape for _, p in module.named_parameters()]
-
-    def run(cols: Tensor) -> list[Tensor]:
-        acc = ColumnAccumulator(shapes, cols.shape[0], trace=False, per_column=False, like=cols)
-        layer = cls(module, {a: i for i, a in enumerate(names)}, [rec], x.shape[0], False)
-        if per_column:
-            for c in range(cols.shape[0]):
-                layer.column([cols[c]], None, c, acc, True)
-        else:
-            layer.columns([cols], None, acc)
-        layer.finish(acc)
-        return [acc.sums[i] for i in range(len(names))]
 
     return run
 
@@ -118,58 +96,54 @@ def main() -> None:
         return torch.randn(*shape, generator=gen)
 
     rows = []
-    workloads: list[tuple[str, nn.Module, Tensor, Any, list[tuple], dict, tuple, type, bool, int]] = []
+    workloads: list[tuple[str, nn.Module, Tensor, Any, list[tuple], dict, tuple, int]] = []
     for d_in in (784, 128):
         for r in (9, 265):
             workloads.append(
                 (f"Linear {d_in}→128, N=128", nn.Linear(d_in, 128), randn(128, d_in), aten.addmm.default,
-                 [(0, 2), (0, 0)], {(0, 1): (0, 1)}, (0, 1), _layers._LinearLayer, False, r)
+                 [(0, 2), (0, 0)], {(0, 1): (0, 1)}, (0, 1), r)
             )  # fmt: skip
     for d_in, d_out in ((32, 32), (128, 32)):
         for r in (9, 265):
             workloads.append(
                 (f"Linear {d_in}→{d_out}, N=16, T=16", nn.Linear(d_in, d_out), randn(16, 16, d_in),
-                 aten.addmm.default, [(0, 2), (0, 0)], {(0, 1): (0, 16)}, (0, 16), _layers._LinearLayer, True, r)
+                 aten.addmm.default, [(0, 2), (0, 0)], {(0, 1): (0, 16)}, (0, 16), r)
             )  # fmt: skip
     for c_in in (3, 16):
         workloads.append(
             (f"Conv2d {c_in}→16 3×3, N=64", nn.Conv2d(c_in, 16, 3, padding=1), randn(64, c_in, 32, 32),
-             aten.convolution.default, [(0, 1), (0, 2)], {(0, 0): (0, 1)}, (0, 1), _layers._Conv2dLayer,
-             False, 9)
+             aten.convolution.default, [(0, 1), (0, 2)], {(0, 0): (0, 1)}, (0, 1), 9)
         )  # fmt: skip
     idx = torch.randint(0, 100, (16, 16), generator=gen)
     workloads.append(
         ("Embedding 100×32, N=16, T=16", nn.Embedding(100, 32), idx, aten.embedding.default, [(0, 0)],
-         {(0, 1): (0, 1)}, (0, 1), _layers._EmbeddingLayer, True, 9)
+         {(0, 1): (0, 1)}, (0, 1), 9)
     )  # fmt: skip
     workloads.append(
         ("LayerNorm(32), N=16, T=16", nn.LayerNorm(32), randn(16, 16, 32), aten.native_layer_norm.default,
-         [(0, 2), (0, 3)], {(0, 0): (0, 1)}, (0, 1), _layers._NormLayer, True, 9)
+         [(0, 2), (0, 3)], {(0, 0): (0, 1)}, (0, 1), 9)
     )  # fmt: skip
     with torch.no_grad():
         for p in (p for w in workloads for p in w[1].parameters()):
             p.add_(torch.randn(p.shape, generator=gen) * 0.1)
-    for name, module, x, func, positions, axes, out_axis, cls, per_column, r in workloads:
+    for name, module, x, func, positions, axes, out_axis, r in workloads:
         node, values, _ = _tape_node(module, x, func)
         out_shape = values[node.outputs[0]].shape
         cols = randn(r, *out_shape)
         n = x.shape[0]
         new = _new(node, values, positions, axes, out_axis, n)
-        old = _old(module, x, cls, per_column)
         vm = _vmap(module, x)
         t_new, res_new = timeit(lambda f=new, c=cols: f(c), repeat=args.repeats, warmup=args.warmup)
-        t_old, res_old = timeit(lambda f=old, c=cols: f(c), repeat=args.repeats, warmup=args.warmup)
-        t_vm, _ = timeit(lambda f=vm, c=cols: f(c), repeat=max(1, args.repeats // 2), warmup=args.warmup)
+        t_vm, res_vm = timeit(lambda f=vm, c=cols: f(c), repeat=max(1, args.repeats // 2), warmup=args.warmup)
         # addmm's weight argument is weight.t(): its squares are transposed back (an injective view)
         res_new = [
             a.T if func == aten.addmm.default and pos == (0, 2) else a for a, pos in zip(res_new, positions)
         ]
         diff = max(
-            float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)) for a, b in zip(res_new, res_old)
+            float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)) for a, b in zip(res_new, res_vm)
         )
         rows.append(
-            [name, str(r), fmt_time(t_new), fmt_time(t_old), fmt_time(t_vm), f"{t_old / t_new:.2f}×",
-             f"{t_vm / t_new:.1f}×", f"{diff:.1e}"]
+            [name, str(r), fmt_time(t_new), fmt_time(t_vm), f"{t_vm / t_new:.1f}×", f"{diff:.1e}"]
         )  # fmt: skip
         print(rows[-1], flush=True)
     print()
@@ -180,11 +154,9 @@ def main() -> None:
                 "layer",
                 "R",
                 "tape",
-                "hooks",
                 "vmap(grad)",
-                "hooks / tape",
                 "vmap / tape",
-                "rel. diff vs hooks",
+                "rel. diff vs vmap(grad)",
             ],
         )
     )

@@ -25,7 +25,7 @@ from torch.func import jvp, vjp, vmap
 from secorder._errors import error
 from secorder._kernels import with_decomposed_kernels
 from secorder._losses import LossSpec
-from secorder._pytree import numel, ravel, unravel
+from secorder._pytree import accumulating, accumulation_dtype, numel, ravel, unravel
 
 __all__ = ["EmpiricalFisherOperator", "GGNOperator", "MCFisherOperator"]
 
@@ -65,6 +65,12 @@ class _OutputSpaceOperator:
 
     @property
     def dtype(self) -> torch.dtype:
+        """Rows and results: float32 for half-precision parameters (``_pytree.accumulation_dtype``)."""
+        return accumulation_dtype(self.leaves[0].dtype)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The parameters' dtype, in which the products are formed."""
         return self.leaves[0].dtype
 
     @property
@@ -94,10 +100,12 @@ class _OutputSpaceOperator:
     def _output_matvec(self, U: Tensor) -> Tensor:
         raise NotImplementedError
 
+    @accumulating
     def quadform(self, V: Tensor) -> Tensor:
         """The ``k`` values v_iᵀ A v_i = (J v_i)ᵀ M (J v_i): one JVP per row, no backward pass."""
         return self._output_quadform(self.jvp(V))
 
+    @accumulating
     def matmat(self, V: Tensor) -> Tensor:
         """Rows A v_i = Jᵀ M J v_i (one JVP and one VJP per row)."""
         return self.vjp(self._output_matvec(self.jvp(V)))

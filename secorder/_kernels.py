@@ -31,6 +31,17 @@ One more substitution fixes *which function* is differentiated rather than how:
   there): under :func:`decomposed_kernels` the lookup is ``where(ids == padding_idx,
   out.detach(), out)`` with the same forward value.
 
+One works around a failure of a fused kernel's double backward under ``vmap``:
+
+* ``F.layer_norm`` of a tensor batched by :func:`torch.func.vmap` (e.g.
+  ``vmap(hessian_trace(u, argnums=1))`` over points, strategy ``"rev_rev"``): the derivative
+  of ``native_layer_norm_backward`` (PyTorch's layer-norm double backward) accumulates in
+  place into a tensor that is not batched while the cotangent is, which ``vmap`` refuses
+  ("inplace arithmetic ... not possible"). Under :func:`decomposed_kernels` a batched
+  ``F.layer_norm`` is computed in its math form (mean, biased variance, ``rsqrt``, affine:
+  :func:`_layer_norm`), whose derivatives are out of place. Unbatched calls (and so recorded
+  tapes, whose rules know ``native_layer_norm``) keep the fused kernel.
+
 And one keeps the user's model as it was:
 
 * ``F.batch_norm`` in training mode updates ``running_mean``/``running_var`` in place. A
@@ -170,10 +181,46 @@ def _batch_norm(func: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
     return func(**bound)
 
 
+def _batched(obj: Any) -> bool:
+    """Whether a tensor is batched by ``torch.func.vmap`` at any level of functorch wrapping."""
+    f = torch._C._functorch
+    if not isinstance(obj, Tensor):
+        return False
+    while f.is_functorch_wrapped_tensor(obj):
+        if f.is_batchedtensor(obj):
+            return True
+        obj = f.get_unwrapped(obj)
+    return False
+
+
+def _layer_norm(func: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+    """``F.layer_norm`` of a ``vmap``-batched tensor in its math form (see
+    :func:`decomposed_kernels`): the same function, with out-of-place derivatives of every order."""
+    names = ("input", "normalized_shape", "weight", "bias", "eps")
+    bound = dict(zip(names, args))
+    bound.update(kwargs)
+    x, w, b = bound["input"], bound.get("weight"), bound.get("bias")
+    if not any(_batched(t) for t in (x, w, b)) or not isinstance(x, Tensor):
+        return func(*args, **kwargs)
+    eps = bound.get("eps", 1e-5)
+    dims = tuple(range(-len(tuple(bound["normalized_shape"])), 0))
+    # half precision: statistics in float32, as the fused kernel computes them
+    z = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    mu = z.mean(dims, keepdim=True)
+    zc = z - mu
+    out = (zc * torch.rsqrt((zc * zc).mean(dims, keepdim=True) + eps)).to(x.dtype)
+    if w is not None:
+        out = out * w
+    if b is not None:
+        out = out + b
+    return out
+
+
 class _Decomposed(TorchFunctionMode):
     """Routes the (unpacked) ``torch._VF`` RNN kernels through :func:`_rnn`, freezes the
-    padding row of ``F.embedding`` (:func:`_embedding`) and keeps train-mode ``F.batch_norm``
-    from writing running statistics back (:func:`_batch_norm`)."""
+    padding row of ``F.embedding`` (:func:`_embedding`), keeps train-mode ``F.batch_norm``
+    from writing running statistics back (:func:`_batch_norm`) and computes a ``vmap``-batched
+    ``F.layer_norm`` in its math form (:func:`_layer_norm`)."""
 
     def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -181,6 +228,8 @@ class _Decomposed(TorchFunctionMode):
             return _embedding(func, args, kwargs)
         if func is F.batch_norm:
             return _batch_norm(func, args, kwargs)
+        if func is F.layer_norm:
+            return _layer_norm(func, args, kwargs)
         kind = _RNN_FUNCS.get(func)
         # packed sequences pass batch_sizes second and the params list fourth
         unpacked = len(args) == 9 and isinstance(args[2], (list, tuple))

@@ -11,8 +11,9 @@ of key order.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import optree
 import torch
@@ -21,7 +22,10 @@ from torch import Tensor
 from secorder._errors import error
 
 __all__ = [
+    "HALF_DTYPES",
     "TreeSpec",
+    "accumulating",
+    "accumulation_dtype",
     "check_floating_tree",
     "flatten",
     "numel",
@@ -31,6 +35,49 @@ __all__ = [
 ]
 
 TreeSpec = optree.PyTreeSpec
+
+# -- the precision policy ------------------------------------------------------------------------
+#: The half-precision parameter dtypes secorder accepts. Every operation of the user's function
+#: (and every product the strategies form from it) runs in this dtype; everything secorder adds
+#: on top (probes, the reductions of quadratic forms, estimator means and variances, Lanczos and
+#: its orthogonalization, sketches, accumulated diagonals) runs in :func:`accumulation_dtype`.
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype secorder accumulates in for parameters of ``dtype``: float32 for float16 and
+    bfloat16, else ``dtype`` itself (float32, float64).
+
+    Example:
+        >>> accumulation_dtype(torch.bfloat16), accumulation_dtype(torch.float64)
+        (torch.float32, torch.float64)
+    """
+    return torch.float32 if dtype in HALF_DTYPES else dtype
+
+
+_M = TypeVar("_M", bound=Callable[..., Tensor])
+
+
+def accumulating(method: _M) -> _M:
+    """The one place the precision policy meets an operator: wrap ``matmat``/``quadform``.
+
+    The operator's ``dtype`` is the accumulation dtype and its ``compute_dtype`` the parameters'
+    dtype. The wrapped method receives ``V`` rounded to the compute dtype (the product is the
+    user's function's, in its own precision) and its result is returned in the accumulation
+    dtype, so every estimator, reduction and Lanczos iteration above the operator runs in float32
+    for half-precision parameters, unchanged for float32/float64 ones.
+    """
+
+    @functools.wraps(method)
+    def wrapper(self: Any, V: Any) -> Tensor:
+        compute = self.compute_dtype
+        if isinstance(V, Tensor) and V.is_floating_point() and V.dtype != compute:
+            V = V.to(compute)
+        out = method(self, V)
+        acc = accumulation_dtype(compute)
+        return out.to(acc) if out.dtype != acc else out
+
+    return wrapper  # type: ignore[return-value]
 
 
 def flatten(tree: Any) -> tuple[list[Any], TreeSpec]:
@@ -57,7 +104,8 @@ def check_floating_tree(call: str, name: str, tree: Any) -> tuple[list[Tensor], 
 
     Raises:
         TypeError: a leaf is not a tensor, or is an integer, boolean, complex or
-            half-precision (float16, bfloat16, float8) tensor.
+            8-bit floating (float8) tensor. float16 and bfloat16 are accepted (see
+            :data:`HALF_DTYPES` and :func:`accumulation_dtype`).
         ValueError: the tree has no leaves.
     """
     leaves, spec = flatten(tree)
@@ -69,18 +117,17 @@ def check_floating_tree(call: str, name: str, tree: Any) -> tuple[list[Tensor], 
             "Pass the parameters to differentiate, e.g. dict(model.named_parameters()).",
         )
     for i, leaf in enumerate(leaves):
-        if isinstance(leaf, Tensor) and leaf.is_floating_point() and torch.finfo(leaf.dtype).bits >= 32:
+        if isinstance(leaf, Tensor) and leaf.is_floating_point() and torch.finfo(leaf.dtype).bits >= 16:
             continue
         path = _leaf_path(spec, i)
         if isinstance(leaf, Tensor) and leaf.is_floating_point():
             raise error(
                 call,
-                f"every leaf of {name} must be float32 or float64 (second-order products of "
-                "half-precision values keep about 3 significant digits, and no float32 "
-                "accumulation is done for them)",
+                f"every leaf of {name} must be float64, float32, float16 or bfloat16 (8-bit "
+                "floating formats have no arithmetic for the second-order products)",
                 f"a tensor of dtype {leaf.dtype} at {name}{path}",
-                "Compute curvature in float32: cast the parameters and inputs, e.g. "
-                "model.float() or {k: v.float() for k, v in params.items()}.",
+                "Compute curvature in bfloat16 or float32: cast the parameters and inputs, e.g. "
+                "{k: v.bfloat16() for k, v in params.items()} or model.float().",
                 cls=TypeError,
             )
         if not isinstance(leaf, Tensor):

@@ -39,6 +39,7 @@ __all__ = [
     "check_num_probes",
     "check_same_dtype_device",
     "check_scalar_output",
+    "half_precision_refusal",
 ]
 
 
@@ -128,6 +129,28 @@ def check_same_dtype_device(call: str, name: str, leaves: Sequence[Tensor]) -> N
         )
 
 
+def half_precision_refusal(leaves: Sequence[Tensor], route: str) -> str | None:
+    """Why ``route`` cannot honour the precision policy for these parameters (``None``: it can).
+
+    The policy (:func:`secorder._pytree.accumulation_dtype`): the user's function runs in the
+    parameters' dtype, everything secorder sums runs in float32 for float16/bfloat16. Every
+    operator honours it at its boundary (:func:`secorder._pytree.accumulating`); the structured
+    engines (the sweeps, the per-layer and per-sample column routes, curvature propagation) square
+    and sum their columns in the dtype of the recorded values, so for half-precision parameters
+    the callers take an operator route instead (one-hot or randomized products), or refuse
+    naming one, with this reason.
+    """
+    from secorder._pytree import HALF_DTYPES
+
+    dtype = leaves[0].dtype if leaves else None
+    if dtype not in HALF_DTYPES:
+        return None
+    return (
+        f"the parameters are {dtype}, and {route} squares and sums its columns in the parameters' "
+        "dtype (half-precision results are accumulated in float32 only through operator products)"
+    )
+
+
 def check_scalar_output(call: str, out: Any) -> Tensor:
     """Check that ``f`` returned a 0-dim real floating tensor and return it."""
     if not isinstance(out, Tensor):
@@ -205,7 +228,7 @@ def nonfinite_report(t: Tensor, samples: bool = False) -> str | None:
     (with ``samples``, also which indices along dimension 0, the samples of a batch)."""
     # one reduction first: a NaN or infinite entry makes the sum NaN or infinite, so a finite
     # sum proves every entry finite (an overflowing sum of finite entries takes the full check)
-    if bool(torch.isfinite(t.sum())):
+    if bool(torch.isfinite(t.sum(dtype=_sum_dtype(t.dtype)))):  # float16 sums in float32: no overflow
         return None
     finite = torch.isfinite(t)
     if bool(finite.all()):
@@ -220,6 +243,12 @@ def nonfinite_report(t: Tensor, samples: bool = False) -> str | None:
     return f"{n_nan} NaN and {n_inf} infinite entries (of {t.numel()}){where}"
 
 
+def _sum_dtype(dtype: torch.dtype) -> torch.dtype:
+    from secorder._pytree import accumulation_dtype
+
+    return accumulation_dtype(dtype)
+
+
 def _all_finite(tensors: Sequence[Tensor]) -> bool:
     """True when every entry of every tensor is finite, by one ``_foreach_norm`` (L1) per dtype
     and device and one reduction of the norms (a NaN/Inf entry makes its norm NaN/Inf); False
@@ -229,7 +258,7 @@ def _all_finite(tensors: Sequence[Tensor]) -> bool:
         groups.setdefault((t.dtype, t.device), []).append(t)
     for (dtype, _), ts in groups.items():
         if dtype.is_complex or not hasattr(torch, "_foreach_norm"):
-            if not all(bool(torch.isfinite(t.sum())) for t in ts):
+            if not all(bool(torch.isfinite(t.sum(dtype=_sum_dtype(t.dtype)))) for t in ts):
                 return False
             continue
         norms = torch._foreach_norm(ts, 1)
@@ -281,7 +310,13 @@ def _check_finite_tree(call: str, name: str, tree: Any, fix: str | None, samples
                 f"{report} at {name}{_leaf_path(spec, i)}",
                 fix
                 or "Find where the NaN/Inf came from (a diverged training step, a log of 0, a division "
-                "by 0) and fix it there; the curvature at a non-finite point is not defined.",
+                "by 0) and fix it there; the curvature at a non-finite point is not defined."
+                + (
+                    f" float16 holds at most {torch.finfo(torch.float16).max:.0f}: an overflow there "
+                    "is a common cause (bfloat16 has float32's range)."
+                    if leaf.dtype == torch.float16
+                    else ""
+                ),
             )
 
 
@@ -537,14 +572,25 @@ def diagnose_nonfinite(fn: Any, leaves: Sequence[Tensor]) -> str:
         loss = fn(inputs)
         report = nonfinite_report(loss.detach())
         if report is not None:
-            return f"a non-finite loss ({float(loss.detach())})"
+            return f"a non-finite loss ({float(loss.detach())})" + _overflow(leaves)
         if not loss.requires_grad:
             return "a finite loss"
         grads = torch.autograd.grad(loss, inputs, allow_unused=True)
     bad = [i for i, g in enumerate(grads) if g is not None and nonfinite_report(g) is not None]
     if bad:
-        return f"a finite loss but a non-finite gradient (at parameter leaves {bad[:10]})"
-    return "a finite loss and gradient but non-finite second-order products"
+        return f"a finite loss but a non-finite gradient (at parameter leaves {bad[:10]})" + _overflow(leaves)
+    return "a finite loss and gradient but non-finite second-order products" + _overflow(leaves)
+
+
+def _overflow(leaves: Sequence[Tensor]) -> str:
+    """The likely cause of a non-finite product of float16 parameters: the format's narrow range."""
+    if not leaves or leaves[0].dtype != torch.float16:
+        return ""
+    big = torch.finfo(torch.float16).max
+    return (
+        f"; the parameters are float16, whose largest finite value is {big:.0f}: the products "
+        "overflowed it (bfloat16 has float32's range, or compute in float32)"
+    )
 
 
 def check_module_call(

@@ -79,7 +79,7 @@ from secorder import probes as _probes
 from secorder._chunking import check_chunk_size
 from secorder._errors import SecorderError, error
 from secorder._progress import progress_bar
-from secorder._pytree import check_floating_tree, flatten, ravel, unflatten, unravel
+from secorder._pytree import accumulation_dtype, check_floating_tree, flatten, ravel, unflatten, unravel
 from secorder._select import check_select, split
 from secorder._validate import (
     check_bool,
@@ -378,7 +378,9 @@ class DatasetOperator:
         make_op: ``make_op(inputs, targets) -> operator`` of one batch (its loss with the
             given ``reduction``).
         passes: the :class:`_Pass` bookkeeping (data, weights, checks).
-        size, dtype, device: those of the parameters.
+        size, dtype, device: those of the parameters (``dtype`` becomes the operator's
+            ``compute_dtype``; its ``dtype`` is the accumulation dtype, float32 for
+            float16/bfloat16, as for every operator: :func:`secorder._pytree.accumulating`).
     """
 
     def __init__(
@@ -391,7 +393,8 @@ class DatasetOperator:
     ) -> None:
         self.make_op = make_op
         self.passes = passes
-        self._size, self._dtype, self._device = size, dtype, device
+        self._size, self._dtype, self._device = size, accumulation_dtype(dtype), device
+        self.compute_dtype = dtype  # the batch operators round rows to it and return float32
 
     @property
     def size(self) -> int:

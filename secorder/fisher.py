@@ -3,8 +3,9 @@
 Definitions
 -----------
 Let ``z = model_fn(θ, X)`` be the outputs of shape ``(N, *out)`` (the batch first), N the
-number of samples and L(θ) = loss(z, Y) with the given reduction. l_n is the loss of
-sample n alone, scaled so that
+number of samples and L(θ) = loss(z, Y) with the given reduction. l_n is sample n's term
+of that loss (a function of z_n, the outputs of sample n in the batch evaluation), scaled so
+that
 
     L = (1/N) Σ_n l_n  (``reduction="mean"``)      L = Σ_n l_n  (``reduction="sum"``),
 
@@ -26,6 +27,10 @@ sample that the reduction averages over (m = 1 for ``"sum"``):
   l_n = loss(z[n:n+1], Y[n:n+1]); ``loss(z, Y)`` must equal the mean (``"mean"``) or the
   sum (``"sum"``) of these, which is checked on the values (eager mode). The output
   Hessian comes from autodiff.
+
+Precision: float16/bfloat16 parameters are accepted; the model and the products run in that
+dtype, every sum in float32, and results come back in float32; exact values then come from
+one-hot operator products (path ``"one_hot"``), see ``docs/transforms.rst``, "Precision".
 
 The three kinds, all P×P over the parameters θ (J = ∂z/∂θ, J_n sample n's rows):
 
@@ -55,38 +60,67 @@ Estimation
 
 Paths
 -----
-For an ``nn.Module`` the exact computations (and ``"mc"``) take a fast path by default
-(:mod:`secorder._layers`): one forward pass with hooks records each supported layer's
-inputs and outputs (``nn.Linear`` with or without extra leading dimensions,
-``nn.Conv2d``, ``nn.Embedding``, ``nn.LayerNorm``, ``nn.RMSNorm``, their biases), one
-ordinary backward pass per factor column gives the layer output gradients, and matrix
-products form the squared per-sample gradients without materializing N×P of them. Any
-other parameter (other layer types, shared weights, a weight used outside its layer) is
-computed by the generic ``torch.func`` route (per-sample vector-Jacobian products under
-``vmap``), which works for any model that treats samples independently. Under
-``torch.func`` transforms (e.g. ``vmap`` over an ensemble) everything takes the generic
-route. Choose with ``path="auto" | "generic" | "fast"``; after each call the returned
-function's ``path_info`` attribute (a :class:`FisherPath`) says which parameters took which
-route.
+One route for an ``nn.Module`` and a plain ``model_fn`` (the module runs through
+:func:`secorder.modules.module_forward`, a ``functional_call``). The exact computations and
+``"mc"`` take the structured sweep by default (:func:`secorder._engine.sweep.engine_output_diagonal`):
+one evaluation of the model on the whole batch is recorded as an ATen tape, its per-sample
+structure is proven on the tape by :mod:`secorder._engine.batch` (no check on values), and
+the loss node's columns are pulled back in one batched reverse pass per chunk of columns, the
+squared per-sample gradients formed at each parameter's interface (``mm``/``addmm``,
+convolutions, embeddings, norm affines, biases, elementwise scales) without materializing
+N×P of them. The MC Fisher with ``with_stderr=True`` runs one sweep per draw on the same tape.
+
+Where the sweep cannot run, the **generic route** computes the same quantity by definition:
+J_nᵀ s_{n,r} is the vector-Jacobian product of the whole batch's outputs with the cotangent
+that holds s_{n,r} in sample n's rows and zeros elsewhere (``vmap`` over ``chunk_size``
+(sample, column) pairs at a time). It assumes nothing about the model, so it is exact for
+any model, differentiable, and valid under ``torch.func`` transforms; it costs one backward
+pass of the whole batch per (sample, column) pair (about N times the sweep's work or more).
+It is taken when
+
+* ``path="generic"`` is passed;
+* the call runs inside a ``torch.func`` transform (``vmap`` over an ensemble, ``grad``): no
+  eager tape can be recorded;
+* the parameters require grad with grad mode on (the result must carry their gradient; the
+  sweep is not differentiable);
+* the inputs are not a tensor (or a tuple of tensors) batched along dimension 0;
+* the tape cannot be recorded (random ops, ``out=`` ops, aliased in-place ops) or the sweep
+  refuses: an op that mixes samples in a parameter-dependent value (train-mode BatchNorm, a
+  θ-dependent batch mean), a parameter meeting per-sample data at two ops (tied or reused
+  weights), an op without a per-sample rule or a parameter computed by other ops than views
+  (parametrizations), outputs not batched along dimension 0.
+
+``path="fast"`` forces the sweep (an error with the reason where it cannot run). After each
+call the returned function's ``path_info`` attribute (a :class:`FisherPath`) names the route
+and, for the generic one, the reason.
+
+Models that couple samples
+--------------------------
+No route checks values or evaluates a sample alone: every quantity is that of the batch
+evaluation z = model_fn(θ, X), J_n the rows of its Jacobian for sample n's outputs, so
+∇l_n = J_nᵀ ∇_{z_n} l_n is the gradient of sample n's term of the batch loss. For a model
+that treats samples independently this is the usual per-sample gradient; for one that couples
+them (train-mode BatchNorm, a batch mean inside the model) it includes l_n's dependence on the
+other samples through the coupling, on every route alike (sweep, generic, Hutchinson).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
+import math
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.func import vjp, vmap
 
 from secorder import probes as _probes
-from secorder._chunking import check_chunk_size
+from secorder._chunking import check_chunk_size, default_chunk_size
 from secorder._errors import error
 from secorder._fisher_operators import EmpiricalFisherOperator, GGNOperator, MCFisherOperator
-from secorder._kernels import with_decomposed_kernels
-from secorder._layers import FastCapture
+from secorder._kernels import decomposed_kernels, with_decomposed_kernels
 from secorder._losses import KINDS, Factor, LossSpec, resolve_loss
-from secorder._persample import ColumnAccumulator, check_same_outputs, input_dims, per_sample_columns
 from secorder._pytree import TreeSpec, check_floating_tree, flatten, unflatten, unravel
 from secorder._select import Selector, check_select, split
 from secorder._validate import (
@@ -97,14 +131,15 @@ from secorder._validate import (
     check_method,
     check_module_call,
     check_num_probes,
-    check_requires_no_grad,
     check_same_dtype_device,
+    half_precision_refusal,
 )
 from secorder.estimators import (
     BLOCK_TRACE_ESTIMATORS,
     DIAGONAL_ESTIMATORS,
     TRACE_ESTIMATORS,
     check_min_probes,
+    exact_diagonal,
 )
 from secorder.modules import module_forward, unwrap_module
 from secorder.operators import in_functorch_transform
@@ -115,13 +150,17 @@ PATHS = ("auto", "generic", "fast")
 
 
 class FisherPath(NamedTuple):
-    """Which route computed a call: ``path`` is ``"fast"``, ``"generic"``, ``"fast+generic"`` or
-    ``"hutchinson"`` (the operator route); ``fast``/``generic`` name the parameters (dict keys,
-    or leaf positions for other pytrees) of each route."""
+    """Which route computed a call: ``path`` is ``"fast"`` (the structured sweep over a tape of
+    the whole batch), ``"generic"`` (vector-Jacobian products of the whole batch),
+    ``"hutchinson"`` (the operator route) or ``"one_hot"`` (one-hot products of the operator:
+    exact values of float16/bfloat16 parameters); ``fast``/``generic`` name the parameters (dict keys,
+    or leaf positions for other pytrees) of each route; ``reason`` says why the generic route
+    was taken (empty otherwise)."""
 
     path: str
     fast: tuple[str, ...]
     generic: tuple[str, ...]
+    reason: str = ""
 
 
 class _Setup(NamedTuple):
@@ -195,24 +234,17 @@ def _configure(
             call,
             f"path must be one of {', '.join(repr(p) for p in PATHS)}",
             f"{path!r}",
-            "Use path='auto' (fast layers where possible) or 'generic' (torch.func everywhere).",
+            "Use path='auto' (the structured sweep where it applies) or 'generic' (vector-Jacobian "
+            "products of the whole batch).",
         )
-    if path == "fast":
-        if module is None:
-            raise error(
-                call,
-                "path='fast' needs an nn.Module (it hooks the module's layers)",
-                f"a {type(model_fn).__name__}",
-                "Pass the nn.Module as model_fn, or use path='auto'/'generic' for plain functions.",
-            )
-        if probes is not None and kind != "mc":
-            raise error(
-                call,
-                "path='fast' applies to the exact computations (num_probes=None) and kind='mc'",
-                f"num_probes={probes} with kind={kind!r} (a randomized estimate on the operator route)",
-                "Drop path= (the Hutchinson estimate uses forward-mode products of the whole model), "
-                "or pass num_probes=None for the exact value.",
-            )
+    if path == "fast" and probes is not None and kind != "mc":
+        raise error(
+            call,
+            "path='fast' applies to the exact computations (num_probes=None) and kind='mc'",
+            f"num_probes={probes} with kind={kind!r} (a randomized estimate on the operator route)",
+            "Drop path= (the Hutchinson estimate uses forward-mode products of the whole model), "
+            "or pass num_probes=None for the exact value.",
+        )
     check_bool(call, "per_sample", per_sample)
     if per_sample and (kind == "mc" or probes is not None):
         raise error(
@@ -222,14 +254,6 @@ def _configure(
             f"per_sample=True with kind={kind!r}, num_probes={probes}",
             "Drop num_probes and use kind='ggn' (the expectation the MC Fisher estimates) or "
             "'empirical', or drop per_sample.",
-        )
-    if per_sample and path == "fast":
-        raise error(
-            call,
-            "per_sample=True runs on the structured sweep over a tape of the whole batch, not the "
-            "module's layer hooks (path='fast')",
-            "per_sample=True with path='fast'",
-            "Use path='auto'.",
         )
     return _Setup(
         call,
@@ -246,24 +270,6 @@ def _configure(
         check_select(call, select),
         bool(per_sample),
     )
-
-
-def _check_module(call: str, model: nn.Module, per_sample: bool) -> None:
-    """Refuse modules whose outputs are random or couple the samples of a batch."""
-    check_deterministic_module(call, model)
-    for name, m in model.named_modules():
-        if per_sample and isinstance(m, nn.modules.batchnorm._BatchNorm):
-            batch_stats = m.training or not m.track_running_stats or m.running_mean is None
-            if batch_stats:
-                raise error(
-                    call,
-                    "per-sample quantities (kind='empirical', kind='mc' and the exact GGN) need a "
-                    "model that treats the samples of a batch independently",
-                    f"{type(m).__name__} at '{name}' normalizing with batch statistics "
-                    f"({'train mode' if m.training else 'track_running_stats=False'})",
-                    "Call model.eval() to use the running statistics, or use kind='ggn' with "
-                    "num_probes (Hutchinson), which is defined through the whole batch's Jacobian.",
-                )
 
 
 def _check_outputs(call: str, z: object, eager: bool) -> Tensor:
@@ -300,23 +306,19 @@ def _check_outputs(call: str, z: object, eager: bool) -> Tensor:
     return z
 
 
-def _check_independent(call: str, fn: Callable[[Any], Tensor], inputs: Any, z: Tensor) -> None:
-    """Compare the outputs of the first N-1 samples run as a smaller batch with the batch outputs."""
-    n = z.shape[0]
-    if n < 2:
-        return
-    x_leaves, x_spec, dims = input_dims(inputs, n)
-    sub = unflatten(x_spec, [a[: n - 1] if d == 0 else a for a, d in zip(x_leaves, dims)])
-    try:
-        z_sub = fn(sub)
-    except Exception as exc:
-        raise error(
-            call,
-            "per-sample quantities need a model that treats samples independently and runs on any batch size",
-            f"an error when running the first {n - 1} samples: {type(exc).__name__}: {exc}",
-            "Make the model batch-size agnostic, or use kind='ggn' with num_probes.",
-        ) from exc
-    check_same_outputs(call, z_sub, z[: n - 1], f"the batch shrinks from {n} to {n - 1} samples")
+def _batch_data(inputs: Any, n: int) -> list[Tensor] | None:
+    """The inputs as the structured sweep's batched data: a tensor, or a tuple/list of tensors,
+    each batched along dimension 0 (None otherwise)."""
+    data = (
+        [inputs]
+        if isinstance(inputs, Tensor)
+        else list(inputs)
+        if isinstance(inputs, (tuple, list))
+        else None
+    )
+    if not data or not all(isinstance(d, Tensor) and d.dim() > 0 and d.shape[0] == n for d in data):
+        return None
+    return data
 
 
 def _leaf_names(params: Any, count: int) -> list[str]:
@@ -327,12 +329,80 @@ def _leaf_names(params: Any, count: int) -> list[str]:
     return [str(i) for i in range(count)]
 
 
-@with_decomposed_kernels
+class _Accumulator:
+    """Per-leaf sums over the factor's columns (of squared gradients, or of per-sample rows), or,
+    with ``per_column`` (the MC Fisher's standard errors over its draws), a per-entry mean and
+    variance over the columns (Chan et al.'s parallel update) and the per-column traces."""
+
+    def __init__(self, num_leaves: int, *, per_column: bool) -> None:
+        self.per_column = per_column
+        self.sums: list[Tensor | None] = [None] * num_leaves
+        self.traces: list[Tensor] = []
+        self.welford: list[tuple[int, Tensor, Tensor] | None] = [None] * num_leaves
+
+    def add(self, parts: Sequence[Tensor]) -> None:
+        """Add ``parts[i]`` (k, *shape) for leaf i: the contributions of k columns."""
+        if not self.per_column:
+            self.add_sums([p.sum(0) for p in parts])
+            return
+        self.traces.append(sum((p.flatten(1).sum(1) for p in parts[1:]), start=parts[0].flatten(1).sum(1)))
+        for i, p in enumerate(parts):
+            k, c_mean = p.shape[0], p.mean(0)
+            c_m2 = ((p - c_mean) ** 2).sum(0)
+            state = self.welford[i]
+            if state is None:
+                self.welford[i] = (k, c_mean, c_m2)
+                continue
+            count, mean, m2 = state
+            total = count + k
+            delta = c_mean - mean
+            self.welford[i] = (total, mean + delta * (k / total), m2 + c_m2 + delta**2 * (count * k / total))
+
+    def add_sums(self, sums: Sequence[Tensor]) -> None:
+        """Add per-leaf sums over columns (or per-sample rows summed over columns)."""
+        for i, t in enumerate(sums):
+            cur = self.sums[i]
+            self.sums[i] = t if cur is None else cur + t
+
+    def totals(self, leaves: Sequence[Tensor], rows: int | None = None) -> list[Tensor]:
+        """The per-leaf sums ((rows, *shape) zeros where nothing was added)."""
+        lead = () if rows is None else (rows,)
+        return [leaf.new_zeros(*lead, *leaf.shape) if s is None else s for s, leaf in zip(self.sums, leaves)]
+
+    def mean_stderr(self, leaves: Sequence[Tensor], num_columns: int, trace: bool) -> tuple[Tensor, Tensor]:
+        """``per_column``: the mean over the columns and its standard error (NaN for one column),
+        flat (P,) or the 0-dim trace."""
+        if trace:
+            cols = torch.cat(self.traces)
+            mean = cols.mean()
+            err = (
+                cols.std(correction=1) / math.sqrt(num_columns)
+                if num_columns > 1
+                else torch.full_like(mean, math.nan)
+            )
+            return mean, err
+        means, errs = [], []
+        for state, leaf in zip(self.welford, leaves):
+            count, mean, m2 = (
+                state if state is not None else (0, torch.zeros_like(leaf), torch.zeros_like(leaf))
+            )
+            means.append(mean.reshape(-1))
+            err = (
+                (m2 / (count - 1)).sqrt() / math.sqrt(count) if count > 1 else torch.full_like(mean, math.nan)
+            )
+            errs.append(err.reshape(-1))
+        return torch.cat(means), torch.cat(errs)
+
+
 def _run(
     s: _Setup, params: Any, inputs: Any, targets: Any, generator: torch.Generator | None, trace: bool
 ) -> tuple[Any, Any, list[Tensor], TreeSpec, FisherPath]:
     """Evaluate the configured quantity: flat diagonal (or 0-dim trace), stderr, leaves, spec, path;
-    with ``per_sample`` the per-leaf rows (N, *shape) and None (or the (N,) traces and zeros)."""
+    with ``per_sample`` the per-leaf rows (N, *shape) and None (or the (N,) traces and zeros).
+
+    One route for an ``nn.Module`` and a plain ``model_fn``: the structured sweep over a tape of
+    the whole batch where it applies, else the generic route (:func:`_generic_columns`), with the
+    reason in the returned :class:`FisherPath`."""
     call = s.call
     full = params
     params, restore = split(call, s.selector, params)
@@ -342,11 +412,10 @@ def _run(
     gen = _probes.check_generator(call, generator, leaves[0].device)
     transformed = in_functorch_transform(leaves)
     hutchinson = s.num_probes is not None and s.kind != "mc"
-    per_sample = not (hutchinson and s.kind == "ggn")
-    names = _leaf_names(params, len(leaves))
+    names = tuple(_leaf_names(params, len(leaves)))
 
     if s.module is not None:
-        _check_module(call, s.module, per_sample)
+        check_deterministic_module(call, s.module)
         forward, _ = module_forward(s.module)
     else:
         assert s.model_fn is not None
@@ -355,54 +424,34 @@ def _run(
     def fn(ls: list[Tensor], x: Any) -> Any:
         return call_deterministic(call, forward, leaves, restore(unflatten(spec, ls)), x)
 
-    use_fast = (
-        s.module is not None
-        and not s.per_sample
-        and not hutchinson
-        and s.path != "generic"
-        and not transformed
-        and isinstance(params, dict)
-    )
-    if s.path == "fast" and not use_fast:
-        raise error(
-            call,
-            "path='fast' runs eagerly on a dict of parameters, outside torch.func transforms",
-            "a call inside vmap/grad/jvp" if transformed else f"params of type {type(params).__name__}",
-            "Use path='auto' (which switches to the generic route there) or path='generic'.",
-        )
     needs_graph = torch.is_grad_enabled() and any(leaf.requires_grad for leaf in leaves)
-    capture: FastCapture | None = None
-    if use_fast:
-        assert s.module is not None
-        capture = FastCapture(s.module, names, leaves, create_graph=needs_graph)
-        if not capture.fast_indices and s.path != "fast":
-            capture = None
+    # float16/bfloat16: the column routes sum squares in the parameters' dtype; the exact values
+    # come from one-hot products of the operator instead (float32 accumulation at its boundary)
+    half = half_precision_refusal(leaves, "the column routes (the structured sweep or per-sample columns)")
+    why: str | None = None  # why the generic route (None: the structured sweep)
+    if half is not None and not hutchinson:
+        why = half
+    elif s.path == "generic":
+        why = "path='generic' was requested"
+    elif transformed:
+        why = "inside a torch.func transform (the structured sweep records the function eagerly as a tape)"
+    elif needs_graph:
+        why = (
+            "the parameters require grad (the result carries their gradient; the sweep is not differentiable)"
+        )
+    if why is not None and s.path == "fast":
+        _refuse_fast(call, why, transformed)
     tape = None
-    if capture is None and _engine_route(s, transformed, needs_graph, hutchinson):
-        tape = _record_outputs(fn, leaves, inputs)  # the engine's tape gives z: one forward pass
-    if capture is not None:
-        z = capture.forward(lambda ls: fn(ls, inputs))
+    if why is None and not hutchinson:
+        tape, why = _record_outputs(fn, leaves, inputs)
+    if tape is not None:
+        z = tape.result
     else:
-        z = tape.result if tape is not None else fn(leaves, inputs)
+        with decomposed_kernels():  # the function every route differentiates (secorder._kernels)
+            z = fn(leaves, inputs)
     z = _check_outputs(call, z, eager=not transformed)
     s.loss.check(call, z, targets)
     scale = s.loss.scale(z)
-    if per_sample and s.module is None and not transformed:
-        # Every per-sample route (exact GGN by columns, empirical, MC, Hutchinson on the
-        # empirical Fisher) evaluates samples apart: one check for all of them, so a model
-        # tied to its batch size gets the same clear error on every route.
-        _check_independent(call, lambda x: fn(leaves, x), inputs, z)
-
-    if s.per_sample:
-        rows = [
-            r.mul_(scale)
-            for r in _per_sample_rows(s, fn, leaves, inputs, targets, z, transformed, needs_graph)
-        ]
-        info = FisherPath("fast", tuple(names), ())
-        if trace:  # (N,)
-            est = sum((r.flatten(1).sum(1) for r in rows[1:]), start=rows[0].flatten(1).sum(1))
-            return est, torch.zeros_like(est), leaves, spec, info
-        return rows, None, leaves, spec, info  # per-leaf rows (N, *shape), no stderr
 
     if hutchinson:
         assert s.num_probes is not None
@@ -415,9 +464,25 @@ def _run(
         est, err = s.estimator(
             op, s.num_probes, distribution=s.distribution, generator=gen, chunk_size=s.chunk_size
         )
-        return est, err, leaves, spec, FisherPath("hutchinson", (), tuple(names))
+        return est, err, leaves, spec, FisherPath("hutchinson", (), names)
 
-    z_factor = z if (capture is None or needs_graph) else z.detach()
+    if half is not None:
+        if s.per_sample:
+            raise error(
+                call,
+                "per_sample=True comes from the column routes, which sum squares in the parameters' dtype",
+                half,
+                "Cast the parameters and inputs to float32 for per-sample values, or drop per_sample "
+                "(the batch value of half-precision parameters is accumulated in float32).",
+            )
+        est, err = _half_exact(s, fn, leaves, inputs, targets, z, scale, gen, trace)
+        return est, err, leaves, spec, FisherPath("one_hot", (), names, half)
+
+    n = int(z.shape[0])
+    data = _batch_data(inputs, n)
+    if why is None and data is None:
+        why = "the inputs are not a tensor (or a tuple of tensors) batched along dimension 0"
+    z_factor = z if why is not None else z.detach()  # the generic route differentiates through it
     factor: Factor
     if s.kind == "ggn":
         factor = s.loss.factor(z_factor, targets)
@@ -427,124 +492,97 @@ def _run(
         assert s.num_probes is not None
         factor = Factor.from_tensor(s.loss.sample_columns(z_factor, s.num_probes, gen))
     per_column = s.kind == "mc" and s.with_stderr
-    acc = ColumnAccumulator(
-        [leaf.shape for leaf in leaves], factor.num_columns, trace=trace, per_column=per_column, like=z
-    )
-    generic = list(range(len(leaves)))
-    swept = False
-    if capture is not None:
-        capture.accumulate(z, factor, acc, trace=trace, per_column=per_column)
-        generic = capture.generic_indices
-    elif _engine_route(s, transformed, needs_graph, hutchinson):
-        swept = _engine_accumulate(s, fn, leaves, inputs, z, factor, acc, tape)
-        if swept:
-            generic = []
-    if generic:
-        per_sample_columns(
-            call,
-            fn,
-            leaves,
-            generic,
-            inputs,
-            z,
-            factor,
-            acc,
-            chunk_size=s.chunk_size,
-            check_independence=not transformed,
-        )
-    est, err = acc.result(average=s.kind == "mc", scale=scale)
-    fast = list(range(len(leaves))) if swept else ([] if capture is None else capture.fast_indices)
-    label = "fast+generic" if fast and generic else ("fast" if fast else "generic")
-    info = FisherPath(label, tuple(names[i] for i in fast), tuple(names[i] for i in generic))
-    return est, err, leaves, spec, info
+    acc = _Accumulator(len(leaves), per_column=per_column)
+    if why is None:
+        assert data is not None
+        why = _engine_accumulate(s, fn, leaves, inputs, data, factor, acc, tape, per_column)
+        if why is not None and s.path == "fast":
+            _refuse_fast(call, why, transformed)
+    if why is not None:
+        _generic_columns(s, lambda ls: fn(ls, inputs), leaves, z, factor, acc, per_column)
+    info = FisherPath("fast", names, ()) if why is None else FisherPath("generic", (), names, why)
+
+    if s.per_sample:
+        rows = [r * scale for r in acc.totals(leaves, n)]
+        if trace:  # (N,)
+            est = sum((r.flatten(1).sum(1) for r in rows[1:]), start=rows[0].flatten(1).sum(1))
+            return est, torch.zeros_like(est), leaves, spec, info
+        return rows, None, leaves, spec, info  # per-leaf rows (N, *shape), no stderr
+    if per_column:
+        est, err = acc.mean_stderr(leaves, factor.num_columns, trace)
+        return est * scale, err * scale, leaves, spec, info
+    est = torch.cat([t.reshape(-1) for t in acc.totals(leaves)])
+    if s.kind == "mc":
+        est = est / factor.num_columns
+    est = est.sum() * scale if trace else est * scale
+    return est, torch.zeros_like(est), leaves, spec, info
 
 
-def _per_sample_rows(
+def _half_exact(
     s: _Setup,
     fn: Callable[[list[Tensor], Any], Any],
     leaves: list[Tensor],
     inputs: Any,
     targets: Any,
     z: Tensor,
-    transformed: bool,
-    needs_graph: bool,
-) -> list[Tensor]:
-    """``per_sample=True``: rows (N, *leaf.shape) of Σ_r w_{n,r} (J_nᵀ s_{n,r})^⊙2 (before the
-    reduction's scale) from the structured sweep; an error naming why where it cannot run."""
-    from secorder._engine.sweep import EngineUnsupportedError, engine_output_diagonal
+    scale: float,
+    gen: torch.Generator | None,
+    trace: bool,
+) -> tuple[Tensor, Tensor]:
+    """The exact GGN / empirical Fisher (or the MC Fisher of the drawn targets) of half-precision
+    parameters: the diagonal from P one-hot products of the operator, each formed in the
+    parameters' dtype and accumulated in float32 (``_pytree.accumulating``)."""
+    if s.kind == "mc" and s.with_stderr:
+        raise error(
+            s.call,
+            "with_stderr=True of the MC Fisher needs the per-draw column route, which sums squares "
+            "in the parameters' dtype",
+            half_precision_refusal(leaves, "the column route") or "",
+            "Drop with_stderr, or cast the parameters and inputs to float32.",
+        )
+    op: GGNOperator | EmpiricalFisherOperator
 
-    call = s.call
-    why = None
-    if transformed:
-        why = "inside a torch.func transform (the sweep records the function eagerly as a tape)"
-    elif needs_graph:
-        check_requires_no_grad(
-            call,
-            leaves,
-            "per_sample=True",
-            "Per-sample rows come from the structured sweep, which is not differentiable.",
-        )
-    data = (
-        [inputs] if isinstance(inputs, Tensor) else list(inputs) if isinstance(inputs, (tuple, list)) else []
-    )
-    n = int(z.shape[0]) if z.dim() > 0 else -1
-    if why is None and (
-        not data or not all(isinstance(d, Tensor) and d.dim() > 0 and d.shape[0] == n for d in data)
-    ):
-        why = "the inputs must be a tensor (or a tuple of tensors) batched along dimension 0"
-    if why is None:
-        zd = z.detach()
-        factor = (
-            s.loss.factor(zd, targets)
-            if s.kind == "ggn"
-            else Factor.from_tensor(s.loss.per_sample_grads(zd, targets).unsqueeze(0))
-        )
-        try:
-            return engine_output_diagonal(
-                lambda ls: fn(ls, inputs),
-                leaves,
-                data,
-                factor.columns,
-                factor.weights,
-                factor.num_columns,
-                chunk_size=s.chunk_size,
-                per_sample=True,
-            )
-        except EngineUnsupportedError as exc:
-            why = f"the structured sweep refused: {exc.args[0]}"
+    def g(ls: list[Tensor]) -> Any:
+        return fn(ls, inputs)
+
+    if s.kind == "ggn":
+        op = GGNOperator(g, leaves, s.loss, z, targets, s.call)
+    elif s.kind == "empirical":
+        cols = s.loss.per_sample_grads(z, targets).unsqueeze(0)
+        op = EmpiricalFisherOperator(g, leaves, cols, scale, z, call=s.call)
+    else:
+        assert s.num_probes is not None
+        op = MCFisherOperator(g, leaves, s.loss, z, s.num_probes, gen, s.call)
+    diag = exact_diagonal(op, chunk_size=s.chunk_size)
+    est = diag.sum() if trace else diag
+    return est, torch.zeros_like(est)
+
+
+def _refuse_fast(call: str, why: str, transformed: bool) -> None:
     raise error(
         call,
-        "per_sample=True needs the structured sweep: an eager call whose parameters do not require "
-        "grad, inputs batched along dimension 0, the samples independent and every op covered by a rule",
+        "path='fast' runs the structured sweep: an eager call (outside torch.func transforms) whose "
+        "parameters do not require grad, on inputs batched along dimension 0 (a tensor or a tuple of "
+        "tensors), with the per-sample structure proven on the tape and every op covered by a rule",
         why,
-        "Call it outside torch.func transforms on inputs batched along dimension 0 (a tensor or a "
-        "tuple of tensors), or evaluate each sample alone, or drop per_sample.",
+        "Use path='auto' (which takes the generic route there and says why in fn.path_info) or "
+        "path='generic'.",
         cls=RuntimeError if transformed else ValueError,
     )
 
 
-def _engine_route(s: _Setup, transformed: bool, needs_graph: bool, hutchinson: bool) -> bool:
-    """Whether the exact GGN / empirical Fisher of a plain ``model_fn`` tries the structured sweep."""
-    return (
-        s.kind != "mc"
-        and s.path != "generic"
-        and not transformed
-        and not needs_graph
-        and not s.per_sample
-        and not hutchinson
-    )
-
-
-def _record_outputs(fn: Callable[[list[Tensor], Any], Any], leaves: list[Tensor], inputs: Any) -> Any:
-    """A tape of ``fn(leaves, inputs)`` for the structured sweep, whose result is the outputs z
-    (None where it cannot be recorded: the caller evaluates ``fn`` itself, so a user's own
-    exception passes through from that call)."""
+def _record_outputs(
+    fn: Callable[[list[Tensor], Any], Any], leaves: list[Tensor], inputs: Any
+) -> tuple[Any, str | None]:
+    """A tape of ``fn(leaves, inputs)`` for the structured sweep, whose result is the outputs z,
+    or (None, the reason) where it cannot be recorded (the caller evaluates ``fn`` itself, so a
+    user's own exception passes through from that call)."""
     from secorder._engine.tape import TapeUnsupportedError, record
 
     try:
-        return record(lambda ls: fn(ls, inputs), leaves)
-    except TapeUnsupportedError:
-        return None
+        return record(lambda ls: fn(ls, inputs), leaves), None
+    except TapeUnsupportedError as exc:
+        return None, f"the tape cannot be recorded: {exc.args[0]}"
 
 
 def _engine_accumulate(
@@ -552,39 +590,92 @@ def _engine_accumulate(
     fn: Callable[[list[Tensor], Any], Any],
     leaves: list[Tensor],
     inputs: Any,
-    z: Tensor,
+    data: list[Tensor],
     factor: Factor,
-    acc: ColumnAccumulator,
-    tape: Any = None,
-) -> bool:
-    """The exact GGN / empirical Fisher of a plain ``model_fn`` by the structured sweep over a
-    tape of the whole batch (:func:`secorder._engine.sweep.engine_output_diagonal`: the loss
-    node's columns only, squared per-sample gradients at the layers' tape ops, the per-sample
-    structure proven on the tape); False (nothing added) where it does not apply."""
+    acc: _Accumulator,
+    tape: Any,
+    per_column: bool,
+) -> str | None:
+    """The exact GGN / empirical / MC Fisher by the structured sweep over a tape of the whole batch
+    (:func:`secorder._engine.sweep.engine_output_diagonal`: the loss node's columns only, squared
+    per-sample gradients at the parameters' interfaces, the per-sample structure proven on the
+    tape); None when done, else the sweep's reason for refusing (nothing added)."""
     from secorder._engine.sweep import EngineUnsupportedError, engine_output_diagonal
 
-    data = (
-        [inputs] if isinstance(inputs, Tensor) else list(inputs) if isinstance(inputs, (tuple, list)) else []
-    )
-    n = int(z.shape[0]) if z.dim() > 0 else -1
-    if not data or not all(isinstance(d, Tensor) and d.dim() > 0 and d.shape[0] == n for d in data):
-        return False
-    try:
-        diag = engine_output_diagonal(
+    def sweep(c0: int, c1: int) -> list[Tensor]:
+        return engine_output_diagonal(
             lambda ls: fn(ls, inputs),
             leaves,
             data,
-            factor.columns,
-            factor.weights,
-            factor.num_columns,
+            lambda a, b: factor.columns(c0 + a, c0 + b),
+            lambda a, b: factor.weights(c0 + a, c0 + b),
+            c1 - c0,
             chunk_size=s.chunk_size,
+            per_sample=s.per_sample,
             tape=tape,
         )
-    except EngineUnsupportedError:
-        return False
-    for i, d in enumerate(diag):
-        acc.add_total(i, d)
-    return True
+
+    try:
+        if not per_column:
+            acc.add_sums(sweep(0, factor.num_columns))
+            return None
+        # the MC Fisher's standard errors: one sweep per draw, reusing the tape
+        parts = [sweep(c, c + 1) for c in range(factor.num_columns)]
+    except EngineUnsupportedError as exc:
+        return f"the structured sweep refused: {exc.args[0]}"
+    acc.add([torch.stack(p) for p in zip(*parts)])
+    return None
+
+
+@with_decomposed_kernels
+def _generic_columns(
+    s: _Setup,
+    g: Callable[[list[Tensor]], Tensor],
+    leaves: list[Tensor],
+    z: Tensor,
+    factor: Factor,
+    acc: _Accumulator,
+    per_column: bool,
+) -> None:
+    """The generic route, exact by definition with no assumption on the model: J_nᵀ s_{n,r} is the
+    vector-Jacobian product of the whole batch's outputs with the cotangent holding s_{n,r} in
+    sample n's rows and zeros elsewhere (so for a model that couples samples the quantities are
+    those of the batch evaluation, J_n the rows of its Jacobian). One backward pass of the batch
+    per (sample, column) pair, vmapped ``chunk_size`` pairs at a time; differentiable, and runs
+    under ``torch.func`` transforms."""
+    n, r = int(z.shape[0]), factor.num_columns
+    vjp_fn = vjp(g, leaves)[1]
+    size = sum(int(leaf.numel()) for leaf in leaves)
+    rows = s.chunk_size or default_chunk_size(n * r, max(size, int(z.numel())), z.dtype.itemsize)
+    k_cols = max(1, min(r, rows // n))
+    n_chunk = max(1, min(n, rows // k_cols))
+    eye = torch.eye(n, dtype=z.dtype, device=z.device)
+    extra = [1] * (z.dim() - 1)
+    for c0 in range(0, r, k_cols):
+        c1 = min(r, c0 + k_cols)
+        cols, w = factor.columns(c0, c1), factor.weights(c0, c1)
+        parts: list[Tensor] | None = None
+        rows_of: list[list[Tensor]] = [[] for _ in leaves]  # per_sample: (m, *shape) per sample chunk
+        for n0 in range(0, n, n_chunk):
+            n1 = min(n, n0 + n_chunk)
+            onehot = eye[n0:n1].reshape(1, n1 - n0, n, *extra)
+            cot = (cols[:, n0:n1].unsqueeze(2) * onehot).flatten(0, 1)  # (k·m, N, *out)
+            grads = vmap(vjp_fn)(cot)[0]
+            chunk = []
+            for gr in grads:
+                sq = (gr * gr).reshape(c1 - c0, n1 - n0, *gr.shape[1:])
+                if w is not None:
+                    sq = sq * w[:, n0:n1].reshape(c1 - c0, n1 - n0, *[1] * (gr.dim() - 1))
+                chunk.append(sq.sum(0) if s.per_sample else sq.sum(1))
+            if s.per_sample:
+                for i, p in enumerate(chunk):
+                    rows_of[i].append(p)
+            else:
+                parts = chunk if parts is None else [a + b for a, b in zip(parts, chunk)]
+        if s.per_sample:
+            acc.add_sums([torch.cat(rs) for rs in rows_of])
+        elif parts is not None:
+            acc.add(parts)
 
 
 _COMMON_ARGS = """
@@ -600,15 +691,18 @@ _COMMON_ARGS = """
             probes for the estimator ``method``; for ``"mc"`` the number of sampled
             targets per datum (required).
         reduction: ``"mean"`` or ``"sum"``, as in ``torch.nn.functional``.
-        chunk_size: rows (probes, or per-sample gradients on the generic exact route)
-            formed at once; ``None`` sizes them from the memory budget.
+        chunk_size: rows formed at once: probes, columns of the structured sweep, or
+            (sample, column) pairs on the generic route; ``None`` sizes them from the memory
+            budget.
         with_stderr: also return the standard error (over probes for Hutchinson, over the
             K draws for ``"mc"`` (NaN for K = 1), zeros when exact).
         method: the randomized estimator for ``num_probes`` (a key of the registries in
             :mod:`secorder.estimators`).
         distribution: the probe distribution for ``method``: ``"rademacher"``, ``"gaussian"``
             or ``"sphere"`` (:mod:`secorder.probes`).
-        path: ``"auto"``, ``"generic"`` or ``"fast"`` (see :mod:`secorder.fisher`).
+        path: ``"auto"`` (the structured sweep where it applies, else the generic route),
+            ``"generic"`` or ``"fast"`` (the sweep or an error saying why); see
+            :mod:`secorder.fisher`.
         select: compute over a subset of ``params`` (a dict keyed by name): a glob, a list
             of globs, a compiled regex or a predicate on names; the other parameters are
             held fixed and results hold only the selected entries; the cost scales with the
@@ -619,16 +713,15 @@ _COMMON_ARGS = """
             ``"sum"``, so each row carries the reduction's 1/N and the rows sum to the batch
             value. Squares per sample from the structured sweep over a tape of the whole
             batch (:mod:`secorder._engine.sweep`), never a loop over samples; where it cannot
-            run (under ``torch.func`` transforms, parameters that require grad, an op that
-            mixes samples or has no rule) an error says why.
+            run, from the generic route (the same rows; ``path_info`` says why).
 """
 
 _RAISES = """
     Raises:
         SecorderError, TypeError: invalid options (at construction); at call time, targets
             that do not fit the loss (dtype, shape, batch size, range), non-finite outputs,
-            a model whose outputs are random (dropout in train mode) or, for per-sample
-            quantities, couple the samples of a batch (BatchNorm in train mode).
+            a model whose outputs are random (dropout in train mode), or ``path="fast"``
+            where the structured sweep cannot run (the reason named).
 """
 
 
@@ -900,7 +993,7 @@ def fisher_operator(
         gen = _probes.check_generator(call, generator, leaves[0].device)
         transformed = in_functorch_transform(leaves)
         if setup.module is not None:
-            _check_module(call, setup.module, setup.kind != "ggn")
+            check_deterministic_module(call, setup.module)
             forward, _ = module_forward(setup.module)
         else:
             assert setup.model_fn is not None
@@ -911,8 +1004,6 @@ def fisher_operator(
 
         z = _check_outputs(call, fn(leaves), eager=not transformed)
         setup.loss.check(call, z, targets)
-        if setup.kind != "ggn" and setup.module is None and not transformed:
-            _check_independent(call, lambda x: forward(restore(unflatten(spec, leaves)), x), inputs, z)
         op: Any
         if setup.kind == "ggn":
             op = GGNOperator(fn, leaves, setup.loss, z, targets, call)

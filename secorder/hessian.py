@@ -12,7 +12,9 @@ Each takes a function and returns a new function of the same arguments, like
 The transformed functions compose with :func:`torch.func.vmap` (over parameters
 stacked by :func:`torch.func.stack_module_state`, ``randomness="different"`` for the
 randomized estimators) and :func:`torch.func.grad` (curvature regularizers), and keep
-the device and dtype of their inputs.
+the device and dtype of their inputs; float16/bfloat16 parameters are accepted, their products
+formed in that dtype and everything summed (and returned) in float32 (``docs/transforms.rst``,
+"Precision").
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from secorder._validate import (
     check_same_dtype_device,
     check_scalar_output,
     diagnose_nonfinite,
+    half_precision_refusal,
     inspectable,
 )
 from secorder.estimators import (
@@ -188,6 +191,9 @@ def _check_per_sample(call: str, per_sample: object, num_probes: object, exact: 
 
 def _sweep_refusal(call: str, args: tuple[Any, ...], argnums: int, leaves: list[Tensor]) -> str | None:
     """Why the structured sweep cannot run at this call (None: it may)."""
+    half = half_precision_refusal(leaves, "the structured sweep")
+    if half is not None:
+        return half
     if in_functorch_transform(leaves):
         return "inside a torch.func transform (the sweep records the function eagerly as a tape)"
     if torch.is_grad_enabled() and any(leaf.requires_grad for leaf in leaves):
@@ -897,7 +903,8 @@ def hessian_eigenvalues(
         k: how many eigenvalues.
         which: ``"largest"`` or ``"smallest"`` (most negative: directions of negative
             curvature).
-        tol: relative residual tolerance (``None``: √ε of the dtype).
+        tol: relative residual tolerance (``None``: √ε of the dtype; ε of float16/bfloat16 for
+            half-precision parameters, whose products are no more precise).
         max_steps: the most HVPs of each Lanczos run (the first one and each deflated run that
             certifies the multiset; ``None``: max(300, 20k), capped by P and by the memory budget
             for the m × P Lanczos basis).

@@ -73,6 +73,7 @@ from secorder._validate import (
     check_num_probes,
     check_requires_no_grad,
     diagnose_nonfinite,
+    half_precision_refusal,
 )
 from secorder.hessian import hessian_diagonal
 from secorder.modules import module_forward, unwrap_module
@@ -355,6 +356,18 @@ def _run(
 
     if method == "hvp":
         return hvp_route("method='hvp'", 0)
+    half = half_precision_refusal(leaves, f"method={method!r} (the structured sweep)")
+    if half is not None:  # one-hot HVPs accumulate in float32 at the operator's boundary
+        if method != "auto":
+            raise error(
+                call,
+                f"method={method!r} needs float32 or float64 parameters",
+                half,
+                "Use method='hvp' (P one-hot Hessian-vector products, accumulated in float32), or "
+                "for an estimate secorder.hessian_diagonal(f, num_probes=K) with f from "
+                "secorder.module_loss(model, loss).",
+            )
+        return hvp_route(half, 0)
     if coupled is not None:  # the samples interact: only the batch loss's one-hot products apply
         name, m = coupled
         raise error(

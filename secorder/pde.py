@@ -12,6 +12,9 @@ The result is built from differentiable torch ops: ``loss.backward()`` and
 Contract: ``u(*args)`` maps a batch ``x = args[argnums]`` of shape ``(N, *E)`` to an output of
 shape ``(N, *O)`` and treats the points independently (output n depends on x_n only: no
 batch statistics across points), as :func:`torch.func.vmap` over points would. D = prod(E).
+On the collapsed route this is proved on the recorded tape before any arithmetic (the per-sample
+analysis of :mod:`secorder._engine.batch`, no check on values); a ``u`` that mixes the points
+is refused with the op that mixes them.
 
 Routes (reported in ``fn.method_info`` after each call, a :class:`PDEInfo`):
 
@@ -40,6 +43,7 @@ from torch.func import jvp, vmap
 from secorder import probes as _probes
 from secorder._chunking import ROW_OVERHEAD, check_chunk_size, memory_budget
 from secorder._engine import jet as _jet
+from secorder._engine.batch import BatchAxisError, analyze
 from secorder._engine.collapsed import evaluate, plan
 from secorder._engine.tape import Tape, TapeUnsupportedError, record
 from secorder._errors import error
@@ -136,9 +140,14 @@ def _plain(t: Tensor) -> Tensor | None:
 
 
 def _record(
-    fn: Callable[[list[Tensor], list[Tensor]], Tensor], leaves: list[Tensor], x: Tensor
+    fn: Callable[[list[Tensor], list[Tensor]], Tensor],
+    leaves: list[Tensor],
+    x: Tensor,
+    call: str | None = None,
 ) -> tuple[Tape | None, str | None]:
-    """The tape of ``fn`` at plain copies of the arguments, or ``(None, why not)``."""
+    """The tape of ``fn`` at plain copies of the arguments, or ``(None, why not)``. With
+    ``call``: the points are proved independent on the tape first (:func:`_check_independent`,
+    raising in the name of ``call``)."""
     plain = [_plain(t) for t in [*leaves, x]]
     if any(p is None for p in plain):
         return None, "called under torch.func.vmap (the tape records one unbatched evaluation)"
@@ -147,6 +156,11 @@ def _record(
             tape = record(fn, plain[:-1], plain[-1:])  # type: ignore[arg-type]
     except TapeUnsupportedError as exc:
         return None, f"the function cannot be recorded as a tape: {exc}"
+    if call is not None:
+        if tape.values is None:  # an in-place op rewrote a recorded tensor: replay for the shapes
+            with torch._C._DisableFuncTorch(), torch.no_grad():
+                tape.values = tape.replay(plain[:-1], plain[-1:])  # type: ignore[arg-type]
+        _check_independent(call, tape, x)
     tape.values = None  # the collapsed evaluator recomputes every value: kept ones only hold memory
     return tape, None
 
@@ -283,22 +297,30 @@ def _nested(
     return f(x), firsts, v2
 
 
-# Default directions per collapsed pass. One pass holds about two first-order tangents of K
-# directions at its peak (a layer's input and output), as nested AD over the points does; K / 4
-# directions per pass bring that to about half (the value and the summed second-order channel
-# are recomputed per pass, a cost that only pays off when the tangents are not small). Measured
-# in benchmarks/RESULTS.md (bench_laplacian).
+# Default directions per collapsed pass. A pass holds at its peak about two first-order tangents
+# of K directions (a layer's input and output) that are not streamed (collapsed.Plan.held), as
+# nested AD over the points does; K / 4 directions per pass bring that to about half (the value
+# and the summed second-order channel are recomputed per pass, a cost that only pays off when
+# the tangents are not small). Streamed tangents (jet.Lazy) hold STREAM_BLOCK directions at a
+# time, fewer when those would exceed SMALL_TANGENTS. Measured in benchmarks/RESULTS.md
+# (bench_laplacian).
 PASSES = 4
+STREAM_BLOCK = 8
 SMALL_TANGENTS = 256 << 10  # bytes of all K tangents of the widest intermediate: one pass
 
 
-def _direction_step(tape: Tape, x: Tensor, k: int, m: int, chunk_size: int | None, split: bool) -> int:
+def _direction_step(
+    tape: Tape, x: Tensor, k: int, m: int, chunk_size: int | None, split: bool, held: int = -1
+) -> int:
     """Directions per pass, a multiple of the group size ``m``: ``chunk_size``, or by default
     all K when their tangents are small or ``split`` is off, else K / ``PASSES``, within the
-    memory budget."""
+    memory budget. ``held``: the widest value whose K tangents a pass holds whole
+    (:attr:`secorder._engine.collapsed.Plan.held`; streamed and broadcast ones are not; -1:
+    the widest value computed from the points)."""
     if chunk_size is None:
-        per_direction = max(1, tape.widest) * x.element_size()
-        chunk_size = k if not split or k * per_direction <= SMALL_TANGENTS else -(-k // PASSES)
+        held_bytes = max(1, tape.widest if held < 0 else held) * x.element_size()
+        chunk_size = k if not split or k * held_bytes <= SMALL_TANGENTS else -(-k // PASSES)
+        per_direction = max(1, tape.widest) * x.element_size()  # the budget: every tangent whole
         chunk_size = max(1, min(chunk_size, memory_budget() // (per_direction * ROW_OVERHEAD)))
     return min(k, max(m, chunk_size // m * m))
 
@@ -313,21 +335,31 @@ def _collapsed(
     first_order: bool = False,
     chunk_size: int | None = None,
     split: bool = True,
+    broadcast: bool = False,
 ) -> tuple[Tensor, Tensor | None, Tensor]:
     """(value, K first derivatives or None unless ``first_order``, G summed second derivatives).
 
     The K directions go through in chunks (:func:`_direction_step`; ``split=False``: by default
     only as the memory budget requires); each chunk's second-order sums are added (one group,
     G = 1) or concatenated (G groups of m = K / G directions). ``dirs``: a ``(K, N or 1, *E)``
-    tensor, or ``(rows, K)`` from :func:`_direction_rows` (asked for in consecutive slices)."""
+    tensor, or ``(rows, K)`` from :func:`_direction_rows` (asked for in consecutive slices);
+    ``broadcast``: the directions are the same at every point (size 1 along the points)."""
     if isinstance(dirs, Tensor):
         t = dirs
         rows, k = (lambda start, stop: t[start:stop]), t.shape[0]
     else:
         rows, k = dirs
     m = 1 if groups == 1 else k // groups  # a chunk holds whole groups
-    step = _direction_step(tape, x, k, m, chunk_size, split)
-    prepared = plan(tape, [0], first_order=first_order)
+    prepared = plan(tape, [0], first_order=first_order, numels=tape.numels or None, broadcast=broadcast)
+    step = _direction_step(tape, x, k, m, chunk_size, split, prepared.held)
+    # a streamed tangent (jet.Lazy) holds a block of directions of one intermediate at a time:
+    # blocks within SMALL_TANGENTS (at most STREAM_BLOCK directions); half that with directions
+    # that differ per point (random probes), whose own (K, N, D) tangent and first-layer blocks
+    # (computed twice) are alive next to the streamed ones
+    room = SMALL_TANGENTS if broadcast else SMALL_TANGENTS // 2
+    block = max(1, min(STREAM_BLOCK, room // (max(1, tape.widest) * x.element_size())))
+    if not split and chunk_size is None:  # the biharmonic's levels: one pass, no streaming
+        block = k
     memo: dict[tuple[int, str], Any] | None = {} if step < k else None  # kept across passes
     v0: Tensor | None = None
     v1s: list[Tensor] = []
@@ -335,7 +367,7 @@ def _collapsed(
     for s in range(0, k, step):
         part = rows(s, min(s + step, k))
         g = 1 if groups == 1 else part.shape[0] // m
-        ctx = _jet.Ctx(part.shape[0], g, memo=memo)
+        ctx = _jet.Ctx(part.shape[0], g, memo=memo, block=block)
         jet = _jet.Jet(x, part, None)
         out = evaluate(tape, leaves, [jet], ctx, first_order=first_order, prepared=prepared)
         for name, c in ctx.fallbacks.items():
@@ -345,7 +377,7 @@ def _collapsed(
         out = out.full(ctx)
         v0 = out.v0
         if out.v1 is not None:
-            v1s.append(out.v1)
+            v1s.append(out.d1)
         v2s.append(out.v2 if out.v2 is not None else out.v0.new_zeros(g, *out.v0.shape))
     assert v0 is not None
     v1 = (v1s[0] if len(v1s) == 1 else torch.cat(v1s)) if v1s else None
@@ -375,34 +407,27 @@ def _common_checks(call: str, u: object, argnums: object, num_probes: object, di
         )
 
 
-def _check_independent(
-    call: str, fn: Callable[..., Tensor], leaves: list[Tensor], x: Tensor, y: Tensor
-) -> None:
-    """Refuse ``u`` whose output at a point changes with the other points of the batch (batch
-    statistics, attention across points): one pass over the batch would mix the points'
-    derivatives. Checked on the first point evaluated twice in a batch of its own (one extra
-    forward pass of two points; batch statistics of two equal points differ from the batch's)."""
-    if x.shape[0] < 2:
+def _check_independent(call: str, tape: Tape, x: Tensor) -> None:
+    """Refuse ``u`` whose output at a point depends on the other points of the batch (batch
+    statistics, attention or a mean across points): one pass over the batch would mix the
+    points' derivatives. Proved on the tape, with no check on values: the per-sample analysis
+    of :mod:`secorder._engine.batch` propagates the points' batch axis through every op that
+    depends on them (each op's batch rule from the one registry) and names the first op that
+    mixes them. Needs the recorded values (their shapes)."""
+    if x.shape[0] < 2 or tape.output is None:
         return
-    with torch.no_grad():
-        first = x[:1].detach()
-        alone = fn([leaf.detach() for leaf in leaves], [torch.cat([first, first])])[:1]
-        batched = y[:1].detach()
-        scale = float(batched.abs().max()) if batched.numel() else 0.0
-        tol = 1e-3 if x.dtype in (torch.float16, torch.bfloat16, torch.float32) else 1e-8
-        if alone.shape != batched.shape or not torch.allclose(
-            alone, batched, rtol=tol, atol=tol * max(1.0, scale)
-        ):
-            raise error(
-                call,
-                "u must treat the points independently (output n depends on x[n] only), as "
-                "torch.func.vmap over points would",
-                "a function whose output at the first point changes when the other points are "
-                "dropped (batch statistics such as BatchNorm in training mode, or mixing across "
-                "points)",
-                "Put the model in eval mode, or compute per point: "
-                "torch.func.vmap(lambda xn: u(params, xn[None])[0]) inside u.",
-            )
+    assert tape.values is not None
+    try:
+        analyze(tape, tape.values, (), x.shape[0], batched_output=True, inputs=True)
+    except BatchAxisError as exc:
+        raise error(
+            call,
+            "u must treat the points independently (output n depends on x[n] only), as "
+            "torch.func.vmap over points would",
+            f"a function that mixes the points: {exc.args[0]}",
+            "Put the model in eval mode (no batch statistics), or compute per point: "
+            "torch.func.vmap(lambda xn: u(params, xn[None])[0]) inside u.",
+        ) from None
 
 
 def _stderr(v2: Tensor, per_group: int) -> Tensor:
@@ -452,9 +477,10 @@ def laplacian(
             as PDE residuals need them.
         chunk_size: directions per collapsed pass (of the K above), their second-order sums
             added; bounds the first-order tangents to ``chunk_size`` per point and intermediate.
-            ``None``: all K when their tangents are small (256 KiB for the widest
-            intermediate), else K / 4 per pass (about half the peak memory of one pass), within
-            :func:`secorder.set_memory_budget`.
+            ``None``: all K when the tangents a pass holds whole are small (256 KiB for the
+            widest such intermediate; tangents with one consumer are streamed a block of
+            directions at a time and not counted), else K / 4 per pass (about half the peak
+            memory of one pass), within :func:`secorder.set_memory_budget`.
 
     Returns:
         ``lap_fn(*args, generator=None)`` returning Δu of shape ``(N, *O)``; with
@@ -465,7 +491,8 @@ def laplacian(
 
     Raises:
         ValueError, TypeError: invalid options (at construction) or arguments (at call); a
-            ``u`` whose output at a point depends on the other points (checked on one point).
+            ``u`` whose output at a point depends on the other points (proved on the tape:
+            the message names the op that mixes them).
 
     Example:
         >>> import torch
@@ -501,15 +528,17 @@ def laplacian(
         groups = k if with_stderr and num_probes is not None else 1
         exact_unit = num_probes is None and s is None  # the first-order channel is ∇ₓu
         info = PDEInfo("collapsed")
-        tape, why = _record(fn, leaves, x)
+        tape, why = _record(fn, leaves, x, call)
         v1: Tensor | None
         if tape is None:
             info = PDEInfo("nested", why)
             v0, v1, v2 = _nested(fn, leaves, x, rows(0, k), groups, chunk_size)
         else:
             want_v1 = return_derivatives and exact_unit
-            v0, v1, v2 = _collapsed(tape, leaves, x, (rows, k), groups, info, want_v1, chunk_size)
-            _check_independent(call, fn, leaves, x, v0)
+            same = num_probes is None and (s is None or s.shape[0] == 1)  # unit directions or one S
+            v0, v1, v2 = _collapsed(
+                tape, leaves, x, (rows, k), groups, info, want_v1, chunk_size, broadcast=same
+            )
         lap = v2.sum(0) / scale
         check_finite_result(
             call,
@@ -598,19 +627,24 @@ def biharmonic(
         g_in = inner.shape[0] if stoch else 1
         g_out = outer.shape[0] if stoch else 1
         info = PDEInfo("collapsed")
-        tape, why = _record(fn, leaves, x)
+        tape, why = _record(fn, leaves, x, call)
 
         def lap(ls: list[Tensor], ins: list[Tensor]) -> Tensor:
             if tape is None:
                 return _nested(fn, ls, ins[0], inner, g_in, chunk_size)[2]
-            return _collapsed(tape, ls, ins[0], inner, g_in, info, chunk_size=chunk_size, split=False)[2]
+            return _collapsed(
+                tape, ls, ins[0], inner, g_in, info, chunk_size=chunk_size, split=False,
+                broadcast=inner.shape[1] == 1,
+            )[2]  # fmt: skip
 
         v2: Tensor | None = None
         if tape is not None:
-            _check_independent(call, fn, leaves, x, tape.result)
             tape2, why2 = _record(lap, leaves, x)
             if tape2 is not None:
-                v2 = _collapsed(tape2, leaves, x, outer, g_out, info, chunk_size=chunk_size, split=False)[2]
+                v2 = _collapsed(
+                    tape2, leaves, x, outer, g_out, info, chunk_size=chunk_size, split=False,
+                    broadcast=outer.shape[1] == 1,
+                )[2]  # fmt: skip
             else:
                 why = why2
         if v2 is None:

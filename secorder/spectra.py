@@ -264,7 +264,8 @@ def lanczos_eigenvalues(
         k: how many eigenvalues (1 <= k <= P).
         which: ``"largest"`` (algebraically largest) or ``"smallest"`` (most negative).
         tol: relative residual tolerance; ``None``: √ε of the dtype (1.5e-8 in float64,
-            3.5e-4 in float32).
+            3.5e-4 in float32), and for products formed in float16/bfloat16 (an operator whose
+            ``compute_dtype`` differs from its ``dtype``) ε of that format (9.8e-4, 7.8e-3).
         max_steps: the most products of each Lanczos run (the first and each deflated
             one; each step stores one basis vector of length P); ``None``: max(300, 20k),
             fewer if the basis would exceed the memory budget
@@ -296,7 +297,12 @@ def lanczos_eigenvalues(
         fits = memory_budget() // (size * op.dtype.itemsize)  # the basis is max_steps × P
         max_steps = min(max(300, 20 * k), max(2 * k + 10, fits))
     max_steps = min(size, max_steps)
-    rel = float(torch.finfo(op.dtype).eps ** 0.5) if tol is None else float(tol)
+    # products formed in float16/bfloat16 (``compute_dtype``; rows come back in float32) carry
+    # relative errors of about that format's eps: converge to it (residuals below it buy nothing,
+    # and √eps of bfloat16, 9%, would leave eigenvalues off by percents)
+    compute = getattr(op, "compute_dtype", op.dtype)
+    default = torch.finfo(compute).eps if compute != op.dtype else torch.finfo(op.dtype).eps ** 0.5
+    rel = float(default) if tol is None else float(tol)
     check_eager(call, [], what="Lanczos", fix=_FIX)
     vals, vecs, res, used, converged = _lanczos_run(call, op, k, which, rel, max_steps, generator, None)
     # Certify the multiset: a single-vector Krylov space holds one copy of each eigenvalue, so

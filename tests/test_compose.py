@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 from torch.func import functional_call, grad, stack_module_state, vmap
@@ -114,3 +115,27 @@ def test_dense_reference_sanity() -> None:
     H = dense_hessian(lambda p: (p["b"] ** 2).sum() * p["a"].sum(), {"b": torch.ones(2), "a": torch.ones(1)})
     # flat order: a (1), b (2); H = [[0, 2b^T], [2b, 2a I]]
     torch.testing.assert_close(H, torch.tensor([[0.0, 2, 2], [2, 2, 0], [2, 0, 2]]))
+
+
+@pytest.mark.parametrize("strategy", ["rev_rev", "fwd_rev"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+def test_vmap_over_points_through_layer_norm(strategy: str, affine: bool) -> None:
+    """Regression: vmap(hessian_trace(u, argnums=1)) over points of a LayerNorm network failed with
+    rev_rev (PyTorch's layer-norm double backward accumulates in place into an unbatched tensor);
+    a vmap-batched F.layer_norm now runs in its math form under secorder's decomposed kernels."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Linear(3, 6), nn.LayerNorm(6, elementwise_affine=affine), nn.Tanh(), nn.Linear(6, 1)
+    )
+    net = net.double()
+    params = {k: v.detach() for k, v in net.named_parameters()}
+
+    def u(p, xn):
+        return functional_call(net, p, (xn,))[0]
+
+    x = torch.randn(5, 3, dtype=torch.float64)
+    got = vmap(secorder.hessian_trace(u, argnums=1, strategy=strategy), in_dims=(None, 0))(params, x)
+    want = torch.stack([torch.autograd.functional.hessian(lambda xn: u(params, xn), xn).trace() for xn in x])
+    torch.testing.assert_close(got, want)
+    # the unbatched call is unchanged (the fused kernel)
+    torch.testing.assert_close(secorder.hessian_trace(u, argnums=1, strategy=strategy)(params, x[0]), want[0])

@@ -660,15 +660,22 @@ def test_empirical_fisher_frozen_and_no_mutation() -> None:
     assert all(torch.equal(v, _state(model)[k]) for k, v in before.items()) and not model.training
 
 
-def test_empirical_fisher_refuses_coupled_samples() -> None:
+def test_empirical_fisher_of_coupled_samples_is_the_batch_evaluation() -> None:
+    """Train-mode BatchNorm couples the samples: the empirical Fisher is that of the batch
+    evaluation, (1/N) Σ_n ‖∇_θ l_n‖² with l_n sample n's term of the batch loss (the module's
+    running statistics are left as they were)."""
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).double()  # train mode
     x, y = torch.randn(5, 3, dtype=F64), torch.randn(5, 2, dtype=F64)
-    match = (
-        r"^empirical_fisher_trace\(model, loss_fn, inputs, targets\) \[via .*"
-        r"BatchNorm1d .*\(train mode\).*model.eval\(\)"
-    )
-    with pytest.raises(SecorderError, match=match):
-        empirical_fisher_trace(model, nn.MSELoss(), x, y)
+    before = copy.deepcopy(model.state_dict())
+    got = empirical_fisher_trace(model, nn.MSELoss(), x, y)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    ref_model = copy.deepcopy(model)
+    per_sample = ((ref_model(x) - y) ** 2).mean(1)  # l_n: sample n's mean over its D outputs
+    want = 0.0
+    for n in range(x.shape[0]):
+        grads = torch.autograd.grad(per_sample[n], list(ref_model.parameters()), retain_graph=True)
+        want += sum(float((g**2).sum()) for g in grads)
+    torch.testing.assert_close(got, torch.tensor(want / x.shape[0], dtype=F64))
 
 
 def test_generalized_fisher_matches_definition_and_fisher_transform() -> None:

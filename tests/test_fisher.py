@@ -613,7 +613,6 @@ def _call(fn: Any, prob: Problem, y: Any = None) -> Any:
         ({"method": "magic"}, "method must be one of"),
         ({"distribution": "cauchy"}, "distribution must be one of"),
         ({"path": "turbo"}, "path must be one of 'auto', 'generic', 'fast'"),
-        ({"path": "fast"}, "path='fast' needs an nn.Module"),
         ({"with_stderr": 1}, "with_stderr must be True or False"),
     ],
 )
@@ -751,19 +750,68 @@ def test_callable_loss_must_return_scalar() -> None:
         _call(fisher_trace(prob.model_fn, lambda z, y: (z - y) ** 2), prob)
 
 
-def test_coupled_plain_model_refused_for_per_sample_quantities() -> None:
-    prob = make_problem("ce")
-    coupled = lambda p, x: _mlp(p, x - x.mean(0))
-    for kind, probes in (("empirical", None), ("ggn", None), ("empirical", 3), ("mc", 2)):
-        with pytest.raises(ValueError, match="treats the samples of a batch independently"):
-            _call(fisher_trace(coupled, "cross_entropy", kind=kind, num_probes=probes), prob)
-    # the GGN through the whole batch's Jacobian is well defined: Hutchinson estimates it
-    est, err = fisher_trace(coupled, "cross_entropy", num_probes=2000, with_stderr=True)(
-        prob.params, prob.x, prob.y, generator=torch.Generator().manual_seed(0)
+def batch_reference(prob: Problem, reduction: str) -> dict[str, Tensor]:
+    """G and E of the batch evaluation z = model_fn(θ, X), densely: J_n the rows of the whole
+    batch's Jacobian, g_n = ∇_{z_n} l_n, E = c Σ_n (J_nᵀ g_n)(J_nᵀ g_n)ᵀ (no sample run alone)."""
+    z_of, theta = flat_function(lambda p: prob.model_fn(p, prob.x), (prob.params,))
+    z = z_of(theta)
+    n = z.shape[0]
+    jac = torch.autograd.functional.jacobian(z_of, theta).reshape(n, -1, theta.numel())
+    hz = torch.autograd.functional.hessian(
+        lambda zf: prob.ref(zf.reshape(z.shape), prob.y, reduction), z.reshape(-1)
     )
-    coupled_prob = Problem("ce", coupled, prob.params, prob.x, prob.y, prob.loss, prob.ref)
-    exact = torch.trace(dense_reference(coupled_prob, "mean")["ggn"])
-    assert abs(float(est - exact)) < 5 * float(err), (float(est), float(exact), float(err))
+    jf = jac.reshape(-1, theta.numel())
+    c = 1.0 / n if reduction == "mean" else 1.0
+    per = []
+    for i in range(n):
+        g = torch.autograd.functional.jacobian(
+            lambda zi, i=i: prob.ref(zi.reshape(1, *z.shape[1:]), prob.y[i : i + 1], reduction),
+            z[i].reshape(-1),
+        )
+        per.append(jac[i].T @ g)
+    per_t = torch.stack(per)
+    return {"ggn": jf.T @ hz @ jf, "empirical": c * per_t.T @ per_t}
+
+
+@pytest.mark.parametrize("coupling", ["data_mean", "output_mean"], ids=["data-centred", "theta-batch-mean"])
+def test_coupled_plain_model_gets_the_batch_evaluation_quantities(coupling: str) -> None:
+    """A model that couples samples: every quantity is that of the batch evaluation (J_n the rows
+    of the whole batch's Jacobian), the same on the structured sweep (which accepts a θ-free
+    coupling: the batch mean of the data is a constant) and the generic route (taken, with the
+    sweep's refusal naming the op, when the coupling depends on θ), and by Hutchinson."""
+    prob = make_problem("ce")
+    if coupling == "data_mean":
+        coupled = lambda p, x: _mlp(p, x - x.mean(0))
+    else:
+        coupled = lambda p, x: _mlp(p, x) - 0.5 * _mlp(p, x).mean(0)
+    cprob = Problem("ce", coupled, prob.params, prob.x, prob.y, prob.loss, prob.ref)
+    ref = batch_reference(cprob, "mean")
+    args = (prob.params, prob.x, prob.y)
+    for kind in ("ggn", "empirical"):
+        fn = fisher_diagonal(coupled, "cross_entropy", kind=kind)
+        torch.testing.assert_close(_flat(fn(*args)), ref[kind].diagonal())
+        generic = fisher_diagonal(coupled, "cross_entropy", kind=kind, path="generic")
+        torch.testing.assert_close(_flat(generic(*args)), ref[kind].diagonal())
+        if coupling == "data_mean":
+            assert fn.path_info.path == "fast", fn.path_info
+        else:
+            assert fn.path_info.path == "generic"
+            assert "the structured sweep refused" in fn.path_info.reason, fn.path_info
+            with pytest.raises(ValueError, match=r"path='fast' runs the structured sweep.*refused"):
+                fisher_diagonal(coupled, "cross_entropy", kind=kind, path="fast")(*args)
+        rows = fisher_diagonal(coupled, "cross_entropy", kind=kind, per_sample=True)(*args)
+        torch.testing.assert_close(_flat({k: r.sum(0) for k, r in rows.items()}), ref[kind].diagonal())
+    # the MC Fisher's expectation is the GGN: its mean over draws within 5 standard errors
+    est, err = fisher_trace(coupled, "cross_entropy", kind="mc", num_probes=400, with_stderr=True)(
+        *args, generator=torch.Generator().manual_seed(0)
+    )
+    assert abs(float(est - torch.trace(ref["ggn"]))) < 5 * float(err)
+    for kind in ("ggn", "empirical"):
+        est, err = fisher_trace(coupled, "cross_entropy", kind=kind, num_probes=2000, with_stderr=True)(
+            *args, generator=torch.Generator().manual_seed(0)
+        )
+        exact = torch.trace(ref[kind])
+        assert abs(float(est - exact)) < 5 * float(err), (kind, float(est), float(exact), float(err))
 
 
 def test_bad_params_and_generator() -> None:
@@ -822,24 +870,19 @@ def test_per_block_traces_of_the_mc_fisher() -> None:
         fisher_trace(prob.model_fn, prob.loss, kind="mc", num_probes=3, per_block=True, with_stderr=True)
 
 
-def test_batch_size_dependent_model_gets_one_clear_error_on_every_per_sample_route() -> None:
-    """A model tied to its batch size: the same message on every per-sample route (it was a raw
-    reshape RuntimeError on the exact GGN, exact empirical and MC routes); the whole-batch GGN
-    by Hutchinson, which needs no per-sample evaluation, still works and matches the dense GGN."""
+def test_batch_size_dependent_model_works_on_every_route() -> None:
+    """A model tied to its batch size (it only runs on batches of n): nothing evaluates a
+    sub-batch or a sample alone, so every route runs and matches the dense references."""
     prob = make_problem("ce")
     n = prob.x.shape[0]
     tied = lambda p, x: _mlp(p, x.reshape(n, -1))  # only runs on batches of n
-    for kind, probes in (("empirical", None), ("ggn", None), ("mc", 2), ("empirical", 3)):
-        for transform in (fisher_trace, fisher_diagonal):
-            with pytest.raises(
-                ValueError, match=r"runs on any batch size.*first 4 samples: RuntimeError"
-            ) as info:
-                transform(tied, "cross_entropy", kind=kind, num_probes=probes)(
-                    prob.params, prob.x, prob.y, generator=torch.Generator().manual_seed(0)
-                )
-            assert isinstance(info.value.__cause__, RuntimeError)  # the model's own error, chained
+    ref = dense_reference(prob, "mean")
+    for kind in ("ggn", "empirical"):
+        for path in ("auto", "generic"):
+            fn = fisher_diagonal(tied, "cross_entropy", kind=kind, path=path)
+            torch.testing.assert_close(_flat(fn(prob.params, prob.x, prob.y)), ref[kind].diagonal())
+            assert fn.path_info.path == ("fast" if path == "auto" else "generic"), fn.path_info
     est, err = fisher_trace(tied, "cross_entropy", num_probes=2000, with_stderr=True)(
         prob.params, prob.x, prob.y, generator=torch.Generator().manual_seed(0)
     )
-    exact = torch.trace(dense_reference(prob, "mean")["ggn"])
-    assert abs(float(est - exact)) < 5 * float(err)
+    assert abs(float(est - torch.trace(ref["ggn"]))) < 5 * float(err)

@@ -82,6 +82,12 @@ ACTIVATIONS = {
     "squeeze_unsqueeze": lambda z: torch.tanh(z.unsqueeze(1)).squeeze(1) * z.unsqueeze(0).squeeze(),
     "erf_generic": torch.erf,
     "cumsum_fallback": lambda z: torch.tanh(torch.cumsum(z, -1)),
+    "rsub_scalar": lambda z: torch.tanh(1.0 - z) * (2.0 - torch.sin(z)),
+    "sum_mean": lambda z: (
+        torch.tanh(z) * torch.sin(z).sum(-1, keepdim=True)
+        + torch.cos(z).mean(-1, keepdim=True)
+        + torch.exp(0.2 * z).mean([-1]).unsqueeze(-1)
+    ),
 }
 
 
@@ -496,7 +502,7 @@ def test_device_and_dtype_kept(device, dtype):
 
 def test_dead_first_order_channel_is_skipped_and_results_unchanged():
     """The last hidden layer's K directional derivatives feed nothing when only Δu is wanted."""
-    from secorder._engine.collapsed import _skippable
+    from secorder._engine.collapsed import plan
     from secorder._engine.tape import record
 
     params = _mlp_params(3, 6, torch.float64)
@@ -505,7 +511,7 @@ def test_dead_first_order_channel_is_skipped_and_results_unchanged():
     tape = record(
         lambda ls, ins: u(dict(zip(sorted(params), ls)), ins[0]), [params[k] for k in sorted(params)], [x]
     )
-    skipped = {str(tape.nodes[i].func) for i in _skippable(tape, {tape.num_leaves})}
+    skipped = {str(tape.nodes[i].func) for i in plan(tape, [0], first_order=False).skip}
     assert "aten.tanh.default" in skipped  # the second tanh
     assert sum(str(n.func) == "aten.tanh.default" for n in tape.nodes) == 2
     _, _, lap = laplacian(u, return_derivatives=True)(params, x)
@@ -571,3 +577,172 @@ def test_default_direction_chunks_bound_the_tangents(monkeypatch):
         assert passes == [1] * d
     finally:
         secorder.set_memory_budget(budget)
+
+
+@pytest.mark.parametrize(
+    "mix, op",
+    [
+        (lambda x: torch.cumsum(x, 0), "cumsum"),  # point 0 is unaffected: a value check on it passes
+        (lambda x: x - x.mean(0), "sub"),  # the mean over points meets a point
+        (lambda x: torch.softmax(x @ x.T, -1) @ x, "mm"),  # attention across the points
+    ],
+    ids=["cumsum_over_points", "centering", "attention_across_points"],
+)
+def test_error_mixing_proved_on_the_tape_names_the_op(mix, op):
+    """The points' independence is proved on the tape (the per-sample analysis of
+    secorder._engine.batch), not checked on values: a mixing that leaves the first point's
+    value unchanged (a running sum over the points) is refused too, naming the op."""
+
+    def u(w, x):
+        return torch.tanh(mix(x) @ w)
+
+    x = torch.randn(4, 3, dtype=torch.float64)
+    w = torch.ones(3, dtype=torch.float64)
+    for fn in (laplacian(u), biharmonic(u)):
+        with pytest.raises(ValueError, match=rf"u must treat the points independently.*aten\.{op}"):
+            fn(w, x)
+
+
+def test_independence_proof_accepts_per_point_scans_and_products():
+    """Ops along a per-point axis (cumsum over coordinates, a matrix-vector product with the
+    points as rows) pass the proof, and the values match the dense reference."""
+    a = torch.randn(3, 3, dtype=torch.float64)
+
+    def u(w, x):
+        return (
+            torch.tanh(torch.cumsum(x, -1)).pow(2).sum(-1) + torch.sin(torch.mv(x, w)) + (x @ a * x).sum(-1)
+        )
+
+    w = torch.randn(3, dtype=torch.float64)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    fn = laplacian(u)
+    torch.testing.assert_close(fn(w, x), _ref_laplacian(u, w, x))
+    assert fn.method_info.route == "collapsed"
+
+
+def _stream_mlp(d: int, h: int, dtype: torch.dtype, act=torch.tanh):
+    g = torch.Generator().manual_seed(5)
+    params = {
+        "w1": torch.randn(h, d, generator=g, dtype=dtype) / math.sqrt(d),
+        "b1": torch.randn(h, generator=g, dtype=dtype) * 0.1,
+        "w2": torch.randn(h, h, generator=g, dtype=dtype) / math.sqrt(h),
+        "w3": torch.randn(1, h, generator=g, dtype=dtype) / math.sqrt(h),
+    }
+
+    def u(p, x):
+        z = torch.nn.functional.linear(x, p["w1"], p["b1"])
+        return torch.nn.functional.linear(act(act(z) @ p["w2"].T), p["w3"]).squeeze(-1)
+
+    return u, params
+
+
+@pytest.mark.parametrize("num_probes", [None, 12], ids=["exact", "probes"])
+@pytest.mark.parametrize("with_stderr", [False, True], ids=["summed", "per_probe"])
+def test_streamed_tangents_match_whole_tangents(monkeypatch, num_probes, with_stderr):
+    """With more directions than a block, the hidden layers' tangents are streamed (jet.Lazy,
+    computed a block of directions at a time by their one consumer) instead of held whole: the
+    estimates are those of the evaluation without streaming (blocks as large as K), exactly, for
+    one summed channel and for per-probe channels, and match the dense Laplacian when exact."""
+    import secorder._engine.jet as jet
+    import secorder.pde as pde
+
+    d, h = 12, 40
+    u, params = _stream_mlp(d, h, torch.float64)
+    x = torch.randn(5, d, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    fn = laplacian(u, num_probes=num_probes, with_stderr=with_stderr, chunk_size=d)
+    streamed = []
+    real = jet.pair_lazy
+
+    def counting(ctx, a, nd):
+        streamed.append(ctx.block)
+        return real(ctx, a, nd)
+
+    monkeypatch.setattr(jet, "pair_lazy", counting)
+    monkeypatch.setattr(pde, "STREAM_BLOCK", 3)
+    got = fn(params, x, generator=torch.Generator().manual_seed(0))
+    assert streamed and set(streamed) == {3}  # streamed in blocks of 3 < K = 12
+    streamed.clear()
+    monkeypatch.setattr(pde, "STREAM_BLOCK", d)  # one block: nothing streamed
+    want = fn(params, x, generator=torch.Generator().manual_seed(0))
+    assert not streamed
+    for a, b in zip(got if with_stderr else (got,), want if with_stderr else (want,)):
+        torch.testing.assert_close(a, b)
+    if num_probes is None:
+        torch.testing.assert_close(got[0] if with_stderr else got, _ref_laplacian(u, params, x))
+
+
+def test_plan_counts_only_tangents_held_whole():
+    """Plan.held: with unit directions (broadcast along the points) every hidden tangent of the
+    tanh MLP is broadcast, streamed or skipped; with probes the first layer is streamed twice
+    (a cheap D-wide product) while D is at most a quarter of the width, and held whole beyond."""
+    from secorder._engine.collapsed import plan
+    from secorder._engine.tape import record
+
+    for d, h, bc, held_whole in [(8, 40, True, False), (8, 40, False, False), (20, 40, False, True)]:
+        u, params = _stream_mlp(d, h, torch.float32)
+        x = torch.randn(5, d)
+        tape = record(
+            lambda ls, ins, u=u, params=params: u(dict(zip(sorted(params), ls)), ins[0]),
+            [params[k] for k in sorted(params)],
+            [x],
+        )
+        p = plan(tape, [0], first_order=False, numels=tape.numels, broadcast=bc)
+        assert p.held == (5 * h if held_whole else (0 if bc else 5 * d)), (d, bc, p.held)
+
+
+def test_lazy_tangent_forwarded_to_two_consumers_is_materialized_and_right():
+    """A pass-through op (add.Scalar) forwards a streamed tangent to a value with two consumers:
+    the evaluator materializes it there, and the Laplacian is right."""
+    g = torch.Generator().manual_seed(2)
+    w1 = torch.randn(16, 12, generator=g, dtype=torch.float64) / 4
+    w2 = torch.randn(16, 16, generator=g, dtype=torch.float64) / 4
+
+    def u(w, x):
+        h = torch.tanh(x @ w1.T) @ w2.T + 1.0  # the matmul's Lazy forwarded by add.Scalar
+        return (torch.sin(h) * torch.tanh(h)).sum(-1) * w
+
+    x = torch.randn(3, 12, dtype=torch.float64, generator=g)
+    w = torch.tensor(1.5, dtype=torch.float64)
+    torch.testing.assert_close(laplacian(u)(w, x), _ref_laplacian(u, w, x))
+
+
+@pytest.mark.parametrize("num_probes", [None, 12], ids=["exact", "probes"])
+def test_pinn_loss_gradient_through_streamed_tangents(monkeypatch, num_probes):
+    """With K > the stream block the hidden tangents are streamed (jet.Lazy); the gradient of a
+    PINN loss in the parameters (torch.func.grad and backward) is that of the same estimate
+    without streaming, and, exact, that of the dense reference."""
+    import secorder.pde as pde
+
+    d = 12
+    u, params = _stream_mlp(d, 20, torch.float64)
+    x = torch.randn(4, d, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    f = torch.sin(x).sum(-1)
+    lap = laplacian(u, num_probes=num_probes)
+
+    def loss(p):
+        return ((lap(p, x, generator=torch.Generator().manual_seed(3)) - f) ** 2).mean()
+
+    import secorder._engine.jet as jet
+
+    streamed = []
+    real = jet.pair_lazy
+
+    def counting(ctx, a, nd):
+        streamed.append(ctx.block)
+        return real(ctx, a, nd)
+
+    monkeypatch.setattr(jet, "pair_lazy", counting)
+    monkeypatch.setattr(pde, "STREAM_BLOCK", d)
+    g_whole = grad(loss)(params)
+    assert not streamed
+    monkeypatch.setattr(pde, "STREAM_BLOCK", 3)
+    g_streamed = grad(loss)(params)
+    assert streamed and set(streamed) == {3}
+    torch.testing.assert_close(g_streamed, g_whole)
+    if num_probes is None:
+        g_ref = grad(lambda p: ((_ref_laplacian(u, p, x) - f) ** 2).mean())(params)
+        torch.testing.assert_close(g_streamed, g_ref)
+    leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    loss(leaves).backward()
+    for k in params:
+        torch.testing.assert_close(leaves[k].grad, g_whole[k])

@@ -267,11 +267,9 @@ def test_options_refused_at_construction() -> None:
         secorder.fisher_diagonal(model, "cross_entropy", kind="mc", num_probes=2, per_sample=True)
     with pytest.raises(ValueError, match=r"per_sample=True is exact.*num_probes=4"):
         secorder.fisher_trace(model, "cross_entropy", num_probes=4, per_sample=True)
-    with pytest.raises(ValueError, match=r"per_sample=True runs on the structured sweep.*path='fast'"):
-        secorder.fisher_diagonal(model, "cross_entropy", path="fast", per_sample=True)
 
 
-def test_transforms_and_grad_refused() -> None:
+def test_transforms_and_grad_hessian_refuses_fisher_goes_generic() -> None:
     f, params, x, y = _mlp_f()
     fn = secorder.hessian_diagonal(f, per_sample=True)
     stacked = {k: torch.stack([v, v]) for k, v in params.items()}
@@ -287,27 +285,35 @@ def test_transforms_and_grad_refused() -> None:
     assert rows["0.weight"].shape[0] == x.shape[0]
     model = _mlp().to(DT)
     fd = secorder.fisher_diagonal(model, "cross_entropy", per_sample=True)
-    with pytest.raises(ValueError, match=r"per_sample=True returns values without a gradient.*torch.no_grad"):
-        fd(dict(model.named_parameters()), x, y)
     with torch.no_grad():
-        assert fd(dict(model.named_parameters()), x, y)["0.weight"].shape[0] == x.shape[0]
-    with pytest.raises(
-        RuntimeError, match=r"per_sample=True needs the structured sweep.*torch.func transform"
-    ):
-        torch.func.vmap(fd, in_dims=(0, None, None))(
-            {k: torch.stack([v.detach()] * 2) for k, v in model.named_parameters()}, x, y
-        )
+        want = fd(dict(model.named_parameters()), x, y)
+    assert fd.path_info.path == "fast"
+    # the Fisher's generic route (vector-Jacobian products of the whole batch) gives the same rows
+    # where the sweep cannot run: with parameters that require grad (rows carry the gradient) ...
+    rows = fd(dict(model.named_parameters()), x, y)
+    assert fd.path_info.path == "generic" and "require grad" in fd.path_info.reason
+    assert rows["0.weight"].requires_grad
+    for k in want:
+        torch.testing.assert_close(rows[k].detach(), want[k], **TOL)
+    # ... and under torch.func transforms
+    stacked = {k: torch.stack([v.detach()] * 2) for k, v in model.named_parameters()}
+    batched = torch.func.vmap(fd, in_dims=(0, None, None))(stacked, x, y)
+    assert fd.path_info.path == "generic" and "torch.func transform" in fd.path_info.reason
+    for k in want:
+        torch.testing.assert_close(batched[k], torch.stack([want[k]] * 2), **TOL)
 
 
-def test_fisher_unbatched_inputs_refused() -> None:
+def test_fisher_unbatched_inputs_take_the_generic_route() -> None:
     model = _mlp().to(DT)
     params = {k: v.detach() for k, v in model.named_parameters()}
     x, y = torch.randn(4, 5, dtype=DT), torch.randint(0, 3, (4,))
     model_fn = lambda p, inp: functional_call(model, p, (inp["x"],))
-    with pytest.raises(
-        ValueError, match=r"per_sample=True needs the structured sweep.*batched along dimension 0"
-    ):
-        secorder.fisher_diagonal(model_fn, "cross_entropy", per_sample=True)(params, {"x": x}, y)
+    fn = secorder.fisher_diagonal(model_fn, "cross_entropy", per_sample=True)
+    rows = fn(params, {"x": x}, y)
+    assert fn.path_info.path == "generic" and "batched along dimension 0" in fn.path_info.reason
+    want = secorder.fisher_diagonal(model, "cross_entropy", per_sample=True)(params, x, y)
+    for k in want:
+        torch.testing.assert_close(rows[k], want[k], **TOL)
 
 
 def test_select_with_per_sample() -> None:
@@ -318,3 +324,24 @@ def test_select_with_per_sample() -> None:
     assert set(part) == {"2.weight", "2.bias"}
     for k in part:
         torch.testing.assert_close(part[k], full[k], **TOL)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, None])
+def test_fisher_generic_rows_equal_the_sweep_in_any_chunking(chunk_size: int | None) -> None:
+    """The generic route's (sample, column) pairs chunked any way give the sweep's rows, and the
+    aggregate diagonal with the same chunking their sum."""
+    model = _mlp().to(DT)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x, y = torch.randn(5, 5, dtype=DT), torch.randint(0, 3, (5,))
+    for kind in ("ggn", "empirical"):
+        want = secorder.fisher_diagonal(model, "cross_entropy", kind=kind, per_sample=True)(params, x, y)
+        fn = secorder.fisher_diagonal(
+            model, "cross_entropy", kind=kind, per_sample=True, path="generic", chunk_size=chunk_size
+        )
+        rows = fn(params, x, y)
+        total = secorder.fisher_diagonal(
+            model, "cross_entropy", kind=kind, path="generic", chunk_size=chunk_size
+        )(params, x, y)
+        for k in want:
+            torch.testing.assert_close(rows[k], want[k], **TOL)
+            torch.testing.assert_close(total[k], want[k].sum(0), **TOL)

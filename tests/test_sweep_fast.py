@@ -18,7 +18,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 import secorder
-import secorder._layers as layers_mod
+import secorder._sweep as layers_mod
 from secorder.testing import dense_hessian
 
 LOSS_FNS: dict[str, Callable[..., Tensor]] = {

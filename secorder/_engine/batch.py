@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from secorder._engine.rules import rule
-from secorder._engine.tape import Ref, Tape, TapeNode, paths
+from secorder._engine.tape import _STOPS, Ref, Tape, TapeNode, paths
 
 __all__ = ["SAME", "SUMMED", "BatchAnalysis", "BatchAxisError", "SampleAxis", "Tag", "analyze"]
 
@@ -224,6 +224,14 @@ def _batch_rule(
         if int(_arg(node, 1, "dim")) % nd == d:
             raise _RefuseError("normalizes over the sample axis")
         return [(d, g)]
+    if kind == "scan":  # cumsum / cumprod / logcumsumexp along dim
+        if int(_arg(node, 1, "dim")) % nd == d:
+            raise _RefuseError("accumulates along the sample axis (a running sum across samples)")
+        return [(d, g)]
+    if kind == "mv":  # mv(A, v): the samples may only be A's rows
+        if p0 != (0, 0) or len(axes) > 1 or d != 0:
+            raise _RefuseError("contracts the sample axis in a matrix-vector product")
+        return [(0, g)]
     if kind == "split":
         dim = int(_arg(node, 1, "dim", 0) if name == "unbind" else _arg(node, 2, "dim", 0)) % nd
         if dim == d:
@@ -321,12 +329,17 @@ def analyze(
     num_samples: int,
     *,
     batched_output: bool = False,
+    inputs: bool = False,
 ) -> BatchAnalysis:
     """Tag every value of ``tape`` (recorded on the whole batch; ``data`` are the batched
     arguments, captured on the tape as constants, samples along dimension 0).
 
     With ``batched_output`` the output is a model's per-sample outputs (batched along
-    dimension 0) instead of a loss.
+    dimension 0) instead of a loss. With ``inputs`` the batch is the tape's data inputs
+    (``record(fn, leaves, inputs)``, samples along dimension 0) and the derivatives are taken
+    in them: a value counts as dependent when it is computed from the inputs (not the leaves),
+    so e.g. a mean over the points of a point-dependent value is refused even in a
+    parameter-free function (:func:`secorder.laplacian`).
 
     Raises:
         BatchAxisError: an op mixes samples in a parameter-dependent value that reaches the
@@ -335,6 +348,20 @@ def analyze(
     """
     data_ids = {id(t) for t in data}
     tags: list[Tag] = [SAME] * tape.num_values
+    depends = tape.depends
+    if inputs:
+        first = tape.num_leaves
+        depends = [False] * tape.num_values
+        for k in range(first, first + tape.num_inputs):
+            depends[k] = True
+            if values[k].dim() > 0 and values[k].shape[0] == num_samples:
+                tags[k] = (0, 1)
+        for node in tape.nodes:
+            refs = paths((node.args, node.kwargs))
+            dep = node.func not in _STOPS and any(depends[r.index] for _, r in refs)
+            for o in node.outputs:
+                if o is not None:
+                    depends[o] = dep
     const_axes: dict[int, dict[tuple[Any, ...], SampleAxis]] = {}
     assert tape.output is not None
     reaches = [False] * tape.num_values
@@ -346,30 +373,33 @@ def analyze(
     for i, node in enumerate(tape.nodes):
         batched = {
             p: (0, 1)
-            for p, t in _const_paths((node.args, node.kwargs))
+            for p, t in (_const_paths((node.args, node.kwargs)) if data_ids else ())
             if id(t) in data_ids and t.dim() > 0 and t.shape[0] == num_samples
         }
         if batched:
             const_axes[i] = batched
         arg_tags = {p: tags[r.index] for p, r in paths((node.args, node.kwargs))}
         arg_tags.update(batched)
-        dependent = any(tape.depends[o] for o in node.outputs if o is not None)
+        dependent = any(depends[o] for o in node.outputs if o is not None)
         try:
             out = _batch_rule(i, node, arg_tags, values, num_samples)
         except _RefuseError as exc:
             if not dependent or not any(o is not None and reaches[o] for o in node.outputs):
                 out = [SAME] * len(node.outputs)
             else:
-                raise BatchAxisError(
-                    f"the op {node.func} (tape position {i}) {exc.args[0]}; the function is not a "
-                    "sum of per-sample terms there"
-                ) from None
+                where = (
+                    "an output at one sample depends on the others there"
+                    if inputs
+                    else "the function is not a sum of per-sample terms there"
+                )
+                msg = f"the op {node.func} (tape position {i}) {exc.args[0]}; {where}"
+                raise BatchAxisError(msg) from None
         for o, t in zip(node.outputs, out):
             if o is not None:
-                tags[o] = t if (tape.depends[o] or t != SUMMED) else SAME
+                tags[o] = t if (depends[o] or t != SUMMED) else SAME
     final = tags[tape.output.index]
     if batched_output:
-        if final != (0, 1):
+        if final != (0, 1) and not (inputs and final is SAME):  # SAME: does not depend on them
             raise BatchAxisError(
                 f"the model's outputs carry the samples as {final!r}, not along dimension 0 one row each"
             )

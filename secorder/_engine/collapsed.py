@@ -38,13 +38,100 @@ class Plan:
 
     skip: frozenset[int]
     last: dict[int, list[int]]
+    lazy: frozenset[int] = frozenset()  # nodes whose one output has one consumer (Ctx.lazy_out)
+    # the most elements of a value whose K first-order tangents are held whole (the others are
+    # broadcast along the points, skipped, or streamed a block at a time); -1: not estimated
+    held: int = -1
 
 
-def plan(tape: Tape, jet_positions: Sequence[int], *, first_order: bool = True) -> Plan:
-    """The :class:`Plan` of ``tape`` when the inputs at ``jet_positions`` carry jets."""
+def plan(
+    tape: Tape,
+    jet_positions: Sequence[int],
+    *,
+    first_order: bool = True,
+    numels: Sequence[int] | None = None,
+    broadcast: bool = False,
+) -> Plan:
+    """The :class:`Plan` of ``tape`` when the inputs at ``jet_positions`` carry jets.
+    ``numels``: the element count of every tape value (to estimate :attr:`Plan.held`);
+    ``broadcast``: the input tangents are the same at every point (unit directions)."""
     jet_inputs = {tape.num_leaves + i for i in jet_positions}
-    skip = frozenset() if first_order else frozenset(_skippable(tape, jet_inputs))
-    return Plan(skip, _last_uses(tape))
+    node_refs = [[r.index for r in refs_in((node.args, node.kwargs))] for node in tape.nodes]
+    skip = frozenset() if first_order else frozenset(_skippable(tape, jet_inputs, node_refs))
+    lazy = _single_use(tape, node_refs)
+    held = -1 if numels is None else _held(tape, jet_inputs, skip, lazy, numels, broadcast, node_refs)
+    return Plan(skip, _last_uses(tape, node_refs), lazy, held)
+
+
+def _held(
+    tape: Tape, jet_inputs: set[int], skip: frozenset[int], lazy: frozenset[int], numels: Sequence[int],
+    broadcast: bool, node_refs: list[list[int]],
+) -> int:  # fmt: skip
+    """Estimate of :attr:`Plan.held`, mirroring where the rules build :class:`~secorder._engine.jet.Lazy`
+    tangents: a matmul whose left factor alone carries the jet, or an elementwise rule whose
+    input's tangent is broadcast along the points, makes one when its output has one consumer;
+    it stays streamed when that consumer is such a matmul or an elementwise rule whose own
+    first-order part is skipped (it then needs only Σ_k u1_k²). Tangents that are broadcast
+    (affine maps of broadcast input directions) are not counted."""
+    dep = [False] * tape.num_values
+    bc = [False] * tape.num_values
+    for i in jet_inputs:
+        dep[i], bc[i] = True, broadcast
+    consumer: dict[int, int] = {}
+    makes_lazy: dict[int, bool] = {}
+    out_of: dict[int, int] = {}
+    cheap: dict[int, bool] = {}
+    for i, node in enumerate(tape.nodes):
+        for v in node_refs[i]:
+            consumer.setdefault(v, i)
+        refs = [v for v in node_refs[i] if dep[v]]
+        if not refs or node.func in _STOPS:
+            continue
+        r = rule(node.func)
+        c = r.collapsed
+        pointwise = c is not None and (_is_pointwise_rule(c) or c is _jet.gelu_rule)
+        left_only = False
+        if c is _jet.matmul_rule:
+            off = 1 if node.func in (torch.ops.aten.addmm.default, torch.ops.aten.baddbmm.default) else 0
+            a = node.args[off] if len(node.args) > off else None
+            left_only = len(refs) == 1 and isinstance(a, Ref) and dep[a.index]
+        affine = c in _AFFINE_RULES or left_only or (c is None and r.linear)
+        out_bc = all(bc[x] for x in refs) and affine
+        cheap_in = (
+            len(refs) == 1 and cheap.get(refs[0], False) and makes_lazy.get(out_of.get(refs[0], -1), False)
+        )
+        makes_lazy[i] = (
+            i in lazy
+            and i not in skip
+            and (left_only or (pointwise and (all(bc[x] for x in refs) or cheap_in)))
+        )
+        if left_only and makes_lazy[i]:  # mirrors jet.Lazy.cheap: contracted width ≤ a quarter
+            a_idx = node.args[
+                1 if node.func in (torch.ops.aten.addmm.default, torch.ops.aten.baddbmm.default) else 0
+            ].index
+            src = out_of.get(a_idx)
+            a_streamed = src is not None and makes_lazy.get(src, False)
+            for o in node.outputs:
+                if o is not None:
+                    cheap[o] = not a_streamed and not bc[a_idx] and 4 * numels[a_idx] <= numels[o]
+        for o in node.outputs:
+            if o is not None:
+                dep[o], bc[o] = True, out_bc
+                out_of[o] = i
+    held = max((numels[i] for i in jet_inputs if not bc[i]), default=0)
+    for v, i in out_of.items():
+        if bc[v] or i in skip:
+            continue
+        if makes_lazy.get(i):
+            c = consumer.get(v)
+            if c is not None and (makes_lazy.get(c) or c in skip):
+                cr = rule(tape.nodes[c].func).collapsed
+                if cr is _jet.matmul_rule or (
+                    cr is not None and (_is_pointwise_rule(cr) or cr is _jet.gelu_rule)
+                ):
+                    continue
+        held = max(held, numels[v])
+    return held
 
 
 def evaluate(
@@ -67,7 +154,7 @@ def evaluate(
     if prepared is None:
         jets = [i for i, x in enumerate(inputs) if isinstance(x, _jet.Jet)]
         prepared = plan(tape, jets, first_order=first_order)
-    skip, last = prepared.skip, prepared.last
+    skip, last, lazy = prepared.skip, prepared.last, prepared.lazy
     for i, node in enumerate(tape.nodes):
         args = resolve(node.args, values)
         kwargs = resolve(node.kwargs, values)
@@ -78,10 +165,15 @@ def evaluate(
             out = ctx.once("value", lambda: node.func(*_jet.primal(args), **_jet.primal(kwargs)))  # noqa: B023
         else:
             ctx.skip_v1 = i in skip
+            ctx.lazy_out = i in lazy and ctx.block < ctx.K  # one block: nothing to stream
             try:
                 out = _apply(ctx, node.func, args, kwargs)
             finally:
-                ctx.skip_v1 = False
+                ctx.skip_v1 = ctx.lazy_out = False
+            if i not in lazy:  # a pass-through rule may forward an input's Lazy: compute it now
+                for o in out if node.multi else (out,):
+                    if isinstance(o, _jet.Jet) and isinstance(o.v1, _jet.Lazy):
+                        o.d1  # noqa: B018 - materializes
         outs = list(out) if node.multi else [out]
         for idx, o in zip(node.outputs, outs):
             if idx is not None:
@@ -100,15 +192,23 @@ _SKIP_RULES = frozenset(
         _jet.matmul_rule,
         _jet.mul_rule,
         _jet.gelu_rule,
+        _jet.reduce_rule,
     }
 )
 _AFFINE_RULES = frozenset(
-    {_jet.add_rule, _jet.scalar_affine_rule, _jet.view_rule, _jet.reshape_rule, _jet.constant_rule}
+    {
+        _jet.add_rule,
+        _jet.scalar_affine_rule,
+        _jet.view_rule,
+        _jet.reshape_rule,
+        _jet.constant_rule,
+        _jet.reduce_rule,
+    }
 )
 _BILINEAR_RULES = frozenset({_jet.matmul_rule, _jet.mul_rule, _jet.div_rule})
 
 
-def _skippable(tape: Tape, jet_inputs: set[int]) -> set[int]:
+def _skippable(tape: Tape, jet_inputs: set[int], node_refs: list[list[int]]) -> set[int]:
     """Nodes whose first-order output (the K directional derivatives) nothing downstream uses.
 
     Liveness backwards from the output, whose first-order part is not wanted: an op's inputs need
@@ -120,8 +220,8 @@ def _skippable(tape: Tape, jet_inputs: set[int]) -> set[int]:
     for i in jet_inputs:
         dep[i] = True
     node_deps: list[list[int]] = []
-    for node in tape.nodes:
-        refs = [r.index for r in refs_in((node.args, node.kwargs)) if dep[r.index]]
+    for i, node in enumerate(tape.nodes):
+        refs = [v for v in node_refs[i] if dep[v]]
         node_deps.append(refs)
         if refs and node.func not in _STOPS:
             for o in node.outputs:
@@ -158,12 +258,30 @@ def _is_pointwise_rule(f: Any) -> bool:
     return getattr(f, "__qualname__", "").startswith("pointwise_rule.")
 
 
-def _last_uses(tape: Tape) -> dict[int, list[int]]:
+def _single_use(tape: Tape, node_refs: list[list[int]]) -> frozenset[int]:
+    """Nodes with one output whose value one later op uses once (not the tape's output): their
+    first-order part may be left to that op to compute (:class:`~secorder._engine.jet.Lazy`)."""
+    uses = [0] * tape.num_values
+    for refs in node_refs:
+        for v in refs:
+            uses[v] += 1
+    out = tape.output.index if tape.output is not None else -1
+    return frozenset(
+        i
+        for i, node in enumerate(tape.nodes)
+        if not node.multi
+        and node.outputs[0] is not None
+        and node.outputs[0] != out
+        and uses[node.outputs[0]] == 1
+    )
+
+
+def _last_uses(tape: Tape, node_refs: list[list[int]]) -> dict[int, list[int]]:
     """Node index → the values whose last use it is (the output is never dropped)."""
     last: dict[int, int] = {}
-    for i, node in enumerate(tape.nodes):
-        for r in refs_in((node.args, node.kwargs)):
-            last[r.index] = i
+    for i, refs in enumerate(node_refs):
+        for v in refs:
+            last[v] = i
     if tape.output is not None:
         last.pop(tape.output.index, None)
     out: dict[int, list[int]] = {}

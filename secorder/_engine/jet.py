@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 from torch.func import jvp, vmap
 
-__all__ = ["Ctx", "Jet", "fallback", "has_jet", "linear", "no_curvature", "pair", "primal"]
+__all__ = ["Ctx", "Jet", "Lazy", "fallback", "has_jet", "linear", "no_curvature", "pair", "primal"]
 
 aten = torch.ops.aten
 
@@ -46,6 +46,10 @@ class Ctx:
     G: int  # second-order groups (G divides K)
     fallbacks: dict[str, int] = field(default_factory=dict)  # op name → times nested AD was used
     skip_v1: bool = False  # the current op's first-order output is never used: rules may skip it
+    # The current op's output has one consumer (collapsed.plan): rules may return its
+    # first-order part as a :class:`Lazy` (computed a block of directions at a time, there).
+    lazy_out: bool = False
+    block: int = 8  # directions per block when a Lazy tangent is streamed (pair_lazy)
     # Values that do not depend on the directions (ops without jets, products' values), kept
     # across the passes over chunks of directions of one call, keyed (node index, tag): the
     # Ctx of those passes share the dict. None: one pass, nothing kept (a kept value would
@@ -67,25 +71,60 @@ class Ctx:
         return self.K // self.G
 
 
+class Lazy:
+    """K first-order directional derivatives not yet computed: ``block(s, e)`` computes those of
+    directions s..e (``(e − s, *S)`` or broadcasting to it).
+
+    A rule returns one when its output has a single consumer (``Ctx.lazy_out``), so a chain such
+    as tanh → linear → tanh never holds the ``(K, N, width)`` tangent of the hidden layer: the
+    last op, which needs only the collapsed sum Σ_k u1_k², streams the blocks through
+    (:func:`pair_lazy`); the same flops, a block of directions in memory. Any other use
+    materializes it once (:attr:`Jet.d1`)."""
+
+    __slots__ = ("K", "cheap", "fn")
+
+    def __init__(self, K: int, fn: Callable[[int, int], Tensor], cheap: bool = False) -> None:
+        self.K = K
+        self.fn = fn
+        # a block costs little next to a consumer's matmul (a product of a materialized tangent
+        # with at most a quarter of the output's width as the contracted dimension, e.g. the
+        # first layer from D-dimensional random probes): an elementwise consumer may compute
+        # its blocks twice rather than hold them all
+        self.cheap = cheap
+
+    def block(self, s: int, e: int) -> Tensor:
+        return self.fn(s, e)
+
+
+def block(v1: Tensor | Lazy, s: int, e: int) -> Tensor:
+    """Directions s..e of a first-order part (a tensor with a leading K, or of size 1 there)."""
+    if isinstance(v1, Lazy):
+        return v1.block(s, e)
+    return v1.expand(e - s, *v1.shape[1:]) if v1.shape[0] == 1 else v1[s:e]
+
+
 @dataclass
 class Jet:
     """A value with K directional derivatives and G collapsed second-order sums."""
 
     v0: Tensor
-    v1: Tensor | None  # (K, *v0.shape), or any shape that broadcasts to it; None: never used
+    v1: Tensor | Lazy | None  # (K, *v0.shape), or any shape that broadcasts to it; None: never used
     v2: Tensor | None  # (G, *v0.shape) or broadcasting to it; None: zeros
 
     def full(self, ctx: Ctx) -> Jet:
         """The jet with ``v1`` and ``v2`` expanded to their full shapes (views, no copies)."""
         v2 = None if self.v2 is None else _full(_align(self.v2, self.v0.dim()), ctx.G, self.v0.shape)
-        v1 = None if self.v1 is None else _full(_align(self.v1, self.v0.dim()), ctx.K, self.v0.shape)
+        v1 = None if self.v1 is None else _full(_align(self.d1, self.v0.dim()), ctx.K, self.v0.shape)
         return Jet(self.v0, v1, v2)
 
     @property
     def d1(self) -> Tensor:
         """``v1``, for rules that need it (the analysis of :mod:`~secorder._engine.collapsed`
-        keeps it for every input of an op that is not affine)."""
+        keeps it for every input of an op that is not affine); a :class:`Lazy` one is computed
+        here, once."""
         assert self.v1 is not None
+        if isinstance(self.v1, Lazy):
+            self.v1 = self.v1.block(0, self.v1.K)
         return self.v1
 
 
@@ -171,6 +210,28 @@ def pair(ctx: Ctx, a: Tensor, b: Tensor) -> Tensor:
     return p.reshape(ctx.G, ctx.m, *p.shape[1:]).sum(1)
 
 
+def pair_lazy(ctx: Ctx, a: Lazy, nd: int) -> Tensor:
+    """Σ_{k ∈ g} a_k ⊙ a_k per group, streaming the blocks of a :class:`Lazy` (each computed
+    once; ``nd``: the value's dimensions)."""
+    m = ctx.m
+    step = ctx.block if ctx.G == 1 else max(m, ctx.block // m * m)  # whole groups per block
+    parts: list[Tensor] = []
+    total: Tensor | None = None
+    for s in range(0, ctx.K, step):
+        b = _align(a.block(s, min(s + step, ctx.K)), nd)
+        p = b * b
+        if ctx.G == 1:
+            part = p.sum(0, keepdim=True)
+            total = part if total is None else total + part
+        else:
+            parts.append(p if m == 1 else p.reshape(p.shape[0] // m, m, *p.shape[1:]).sum(1))
+        del b, p  # one block alive at a time
+    if ctx.G == 1:
+        assert total is not None
+        return total
+    return torch.cat(parts)
+
+
 def _add2(a: Tensor | None, b: Tensor | None) -> Tensor | None:
     if a is None:
         return b
@@ -179,7 +240,7 @@ def _add2(a: Tensor | None, b: Tensor | None) -> Tensor | None:
     return a + b
 
 
-def make(ctx: Ctx, v0: Tensor, v1: Tensor | None, v2: Tensor | None) -> Jet | Tensor:
+def make(ctx: Ctx, v0: Tensor, v1: Tensor | Lazy | None, v2: Tensor | None) -> Jet | Tensor:
     """A jet of value ``v0``, or ``v0`` itself when it carries no derivative that is used."""
     if v1 is None and v2 is None:
         return v0
@@ -190,9 +251,24 @@ def make(ctx: Ctx, v0: Tensor, v1: Tensor | None, v2: Tensor | None) -> Jet | Te
 def unary(ctx: Ctx, x: Jet, y: Tensor, d1: Tensor, d2: Tensor | None) -> Jet | Tensor:
     """y = f(x) elementwise with f'(x) = d1 and f''(x) = d2 (None: zero)."""
     nd = y.dim()
-    curv = None if d2 is None else d2 * pair(ctx, x.d1, x.d1)  # before v1: one tangent less alive
-    v1 = None if ctx.skip_v1 else d1 * _align(x.d1, nd)
     v2 = None if x.v2 is None else d1 * _align(x.v2, nd)
+    if isinstance(x.v1, Lazy) and ctx.skip_v1:  # the one use of x's tangent: stream it
+        return make(ctx, y, None, _add2(v2, None if d2 is None else d2 * pair_lazy(ctx, x.v1, nd)))
+    if isinstance(x.v1, Lazy) and x.v1.cheap and ctx.lazy_out and not ctx.skip_v1:
+        xl = x.v1  # streamed twice: here for Σ_k u1_k², by the consumer for our tangent
+        curv = None if d2 is None else d2 * pair_lazy(ctx, xl, nd)
+        lazy = Lazy(ctx.K, lambda s, e: d1 * _align(xl.block(s, e), nd))
+        return make(ctx, y, lazy, _add2(v2, curv))
+    curv = None if d2 is None else d2 * pair(ctx, x.d1, x.d1)  # before v1: one tangent less alive
+    v1: Tensor | Lazy | None = None
+    t1 = x.v1
+    if ctx.lazy_out and not ctx.skip_v1 and isinstance(t1, Tensor) and t1.numel() < ctx.K * y.numel():
+        # x's tangent is broadcast along the points (unit directions before the first
+        # nonlinearity): the consumer computes ours a block at a time (a full-size x would
+        # stay alive for it, no saving)
+        v1 = Lazy(ctx.K, lambda s, e: d1 * _align(block(t1, s, e), nd))
+    elif not ctx.skip_v1:
+        v1 = d1 * _align(x.d1, nd)
     return make(ctx, y, v1, _add2(v2, curv))
 
 
@@ -515,13 +591,43 @@ def add_rule(ctx: Ctx, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any])
 
 
 def scalar_affine_rule(ctx: Ctx, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """add.Scalar / sub.Scalar / mul.Scalar / div.Scalar / neg on one jet."""
+    """add.Scalar / sub.Scalar / rsub.Scalar / mul.Scalar / div.Scalar / neg on one jet."""
     x = args[0]
     y = func(x.v0, *args[1:], **kwargs)
     if func in (aten.add.Scalar, aten.sub.Scalar):
         return make(ctx, y, None if ctx.skip_v1 else x.v1, x.v2)
+    if func is aten.rsub.Scalar:  # other − alpha·x
+        c = -kwargs.get("alpha", args[2] if len(args) > 2 else 1)
+        return make(ctx, y, None if ctx.skip_v1 else c * x.d1, None if x.v2 is None else c * x.v2)
     v1 = None if ctx.skip_v1 else func(x.d1, *args[1:], **kwargs)
     return make(ctx, y, v1, None if x.v2 is None else func(x.v2, *args[1:], **kwargs))
+
+
+def reduce_rule(ctx: Ctx, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """sum / mean over dimensions of one jet: the derivatives reduced over the same dimensions
+    (shifted past their leading direction axis; no ``vmap`` of the op, as the generic linear
+    route would use)."""
+    x, only = _first_jet(args)
+    if not only or kwargs.get("dtype") is not None or (len(args) > 3 and args[3] is not None):
+        return linear(ctx, func, args, kwargs)
+    nd = x.v0.dim()
+    dims = args[1] if len(args) > 1 else kwargs.get("dim")
+    keep = bool(args[2] if len(args) > 2 else kwargs.get("keepdim", False))
+    if func in (aten.sum.default, aten.mean.default) or dims is None or len(dims) == 0:
+        dims = list(range(nd))
+    dims = [int(d) % max(1, nd) for d in ([dims] if isinstance(dims, int) else dims)]
+    y = func(*primal(args), **kwargs)
+    if nd == 0:  # a 0-d value: nothing to reduce
+        return make(ctx, y, None if ctx.skip_v1 else x.v1, x.v2)
+    mean = func in (aten.mean.default, aten.mean.dim)
+    n = math.prod(x.v0.shape[d] for d in dims) if mean else 1
+
+    def red(t: Tensor, lead: int) -> Tensor:
+        t = _full(_align(t, nd), lead, x.v0.shape).sum([d + 1 for d in dims], keepdim=keep)
+        return t / n if mean else t
+
+    v1 = None if ctx.skip_v1 else red(x.d1, ctx.K)
+    return make(ctx, y, v1, None if x.v2 is None else red(x.v2, ctx.G))
 
 
 def view_rule(ctx: Ctx, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -566,6 +672,16 @@ def matmul_rule(ctx: Ctx, func: Any, args: tuple[Any, ...], kwargs: dict[str, An
     y = ctx.once("value", lambda: func(*primal(args), **kwargs))
     v1: Tensor | None = None
     v2: Tensor | None = None
+    lazy_ok = ctx.lazy_out and not ctx.skip_v1 and not isinstance(b, Jet)
+    if lazy_ok and isinstance(a, Jet) and a.v1 is not None and not (addmm and isinstance(args[0], Jet)):
+        t1 = a.v1  # a1 @ b0, computed by the consumer a block of directions at a time
+        cheap = isinstance(t1, Tensor) and 4 * a.v0.numel() <= y.numel()
+        lazy = Lazy(ctx.K, lambda s, e: torch.matmul(block(t1, s, e), b0), cheap)
+        v2 = None if a.v2 is None else torch.matmul(a.v2, b0)
+        if alpha != 1:
+            lazy = Lazy(ctx.K, lambda s, e, f=lazy.fn: alpha * f(s, e), cheap)  # type: ignore[misc]
+            v2 = None if v2 is None else alpha * v2
+        return make(ctx, y, lazy, v2)
     if isinstance(a, Jet):
         v1 = None if ctx.skip_v1 else torch.matmul(a.d1, b0)
         v2 = None if a.v2 is None else torch.matmul(a.v2, b0)

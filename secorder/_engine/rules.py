@@ -162,7 +162,11 @@ _register(("zeros_like", "ones_like", "full_like", "empty_like"), collapsed=_jet
 _register(("mul.Tensor",), collapsed=_jet.mul_rule)
 _register(("div.Tensor",), collapsed=_jet.div_rule)
 _register(("add.Tensor", "sub.Tensor", "rsub.Tensor"), collapsed=_jet.add_rule)
-_register(("add.Scalar", "sub.Scalar", "mul.Scalar", "div.Scalar", "neg"), collapsed=_jet.scalar_affine_rule)
+_register(
+    ("add.Scalar", "sub.Scalar", "rsub.Scalar", "mul.Scalar", "div.Scalar", "neg"),
+    collapsed=_jet.scalar_affine_rule,
+)
+_register(("sum.dim_IntList", "sum", "mean.dim", "mean"), collapsed=_jet.reduce_rule)
 _register(("view", "_unsafe_view", "reshape"), collapsed=_jet.view_rule)
 _register(("squeeze.dim", "squeeze.dims", "squeeze", "unsqueeze"), collapsed=_jet.reshape_rule)
 _register(("mm", "bmm", "matmul", "addmm", "baddbmm"), collapsed=_jet.matmul_rule)
@@ -191,6 +195,8 @@ _register(
 )
 _register(("_softmax", "_log_softmax", "_safe_softmax"), batch="softmax")
 _register(("linalg_vector_norm",), batch="norm")
+_register(("cumsum", "cumprod", "logcumsumexp"), batch="scan")
+_register(("mv",), batch="mv")
 _register(("split.Tensor", "split_with_sizes", "unbind.int", "chunk"), batch="split")
 _register(("cat", "stack"), batch="cat")
 _register(("mm", "bmm"), batch="matmul")

@@ -87,6 +87,7 @@ class Tape:
     num_inputs: int = 0  # data inputs, value indices num_leaves .. num_leaves + num_inputs - 1
     values: list[Any] | None = None  # the recorded values (None when an in-place op rewrote one)
     widest: int = 0  # the most elements of a floating value computed from the inputs (sizes tangents)
+    numels: list[int] = field(default_factory=list)  # per value: elements if floating, else 0
     extra: Any = None  # what record(adjoints=...) returned (e.g. the adjoints of the recorded values)
 
     def replay(
@@ -331,6 +332,9 @@ def record(
                 on_data[o] = data_dep
     sizes = {rec.ids[id(t)]: t.numel() for t in rec.keep if t.is_floating_point()}
     widest = max((n for i, n in sizes.items() if on_data[i]), default=0)
+    numels = [0] * rec.num_values
+    for i, n in sizes.items():
+        numels[i] = n
     tape = Tape(
         len(leaves),
         rec.nodes,
@@ -341,6 +345,7 @@ def record(
         len(data),
         None if rec.rewritten else rec.values,
         widest,
+        numels,
     )
     if grad:
         if tape.values is not None:

@@ -38,6 +38,7 @@ from torch.func import grad, jvp, vjp, vmap
 
 from secorder._engine.rules import rule
 from secorder._engine.tape import Ref, Tape, TapeNode, paths, record, replace_at, resolve
+from secorder._pytree import accumulation_dtype
 
 __all__ = ["TaylorQuadform"]
 
@@ -68,6 +69,9 @@ def _align(t: Tensor, ndim: int) -> Tensor:
 def _contract(w: Tensor, t: Tensor) -> Tensor:
     """Σ over everything but the probe dimension of ``w ⊙ t`` (w unbatched or batched)."""
     k = t.shape[0]
+    acc = accumulation_dtype(t.dtype)
+    if acc != t.dtype:  # float16/bfloat16: the products in their dtype, the sum in float32
+        return (w * t).reshape(k, -1).sum(1, dtype=acc)
     if w.shape == t.shape[1:]:  # one matrix-vector product, no temporary
         return t.reshape(k, -1) @ w.reshape(-1)
     return (w * t).reshape(k, -1).sum(1)
@@ -249,7 +253,7 @@ class TaylorQuadform:
     def _chunk(self, rows: list[Tensor]) -> Tensor:
         k = rows[0].shape[0]
         tan: dict[int, Tensor] = dict(enumerate(rows))
-        total = rows[0].new_zeros(k)
+        total = rows[0].new_zeros(k, dtype=accumulation_dtype(rows[0].dtype))  # float32 for half
         for plan in self.plans:
             ts = [tan.get(self._ref(plan, j).index) for j in range(len(plan.positions))]
             if all(t is None for t in ts):

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from secorder._errors import SecorderError, error
+from secorder._pytree import HALF_DTYPES, accumulation_dtype
 from secorder.core._closure import _batched_grad
 
 __all__ = ["OutputsJacobian", "categorical_fisher", "empirical_fisher", "resolve_eager_loss"]
@@ -73,7 +74,10 @@ def _measured_reduction(call: str, loss_fn: Callable[..., Any], z: Tensor, targe
                 "Use a reduced loss, e.g. nn.MSELoss() with the default reduction='mean'.",
             )
         per = torch.stack([loss_fn(z[i : i + 1], _take(targets, i, n)).reshape(()) for i in range(n)])
-    tol = 1e-4 if z.dtype in (torch.float16, torch.bfloat16, torch.float32) else 1e-9
+    if z.dtype in HALF_DTYPES:  # the batch loss, each per-sample loss and their mean round once
+        tol = 2 * torch.finfo(z.dtype).eps  # each (u relative): 3u < 2·eps = 4u
+    else:
+        tol = 1e-4 if z.dtype == torch.float32 else 1e-9
     for name, value in (("mean", per.mean()), ("sum", per.sum())):
         if torch.allclose(total, value, rtol=tol, atol=tol * (1 + float(value.abs()))):
             return name
@@ -212,11 +216,10 @@ def categorical_fisher(
     diag(p) − p pᵀ = Σ_c s_c s_cᵀ with s_c = √p_c (e_c − p) is the one of
     :class:`secorder._losses.CrossEntropyLoss` with ``reduction="sum"``, and
     diag(F) = Σ_{n,c} (J_nᵀ s_{n,c})², one vector-Jacobian product per (sample, class)
-    through the outputs' graph, accumulated by :class:`secorder._persample.ColumnAccumulator`.
+    through the outputs' graph, summed per parameter.
     """
     from secorder._chunking import default_chunk_size
     from secorder._losses import CrossEntropyLoss
-    from secorder._persample import ColumnAccumulator
     from secorder._validate import check_bool
     from secorder.core._closure import MAX_CHUNK_ROWS
 
@@ -270,12 +273,13 @@ def categorical_fisher(
     params = list(module.parameters())
     jac = OutputsJacobian(outputs, params, bool(create_graph))
     z = outputs if create_graph else outputs.detach()
+    acc_dtype = accumulation_dtype(z.dtype)  # float32 for half precision: squares and sums in it
     if not jac.inputs:  # no parameter requires grad
-        zero = [torch.zeros_like(p) for p in params]
-        return torch.zeros((), dtype=z.dtype, device=z.device) if trace else zero
+        zero = [torch.zeros_like(p, dtype=acc_dtype) for p in params]
+        return torch.zeros((), dtype=acc_dtype, device=z.device) if trace else zero
     factor = CrossEntropyLoss("sum").factor(z, targets)
     shapes = [p.shape for p in jac.inputs]
-    acc = ColumnAccumulator(shapes, c, trace=trace, per_column=False, like=z)
+    sums: list[Tensor | None] = [None] * len(shapes)
     size = sum(p.numel() for p in jac.inputs)
     rows = min(MAX_CHUNK_ROWS, default_chunk_size(n * c, max(size, n * c), z.dtype.itemsize))
     k_cols = max(1, min(c, rows // n))
@@ -292,17 +296,18 @@ def categorical_fisher(
             W[:, local, local + n0, :] = cols[:, n0:n1]
             grads = jac.vjp(W.reshape((c1 - c0) * (n1 - n0), n, c))
             for j, g in enumerate(grads):
+                g = g.to(acc_dtype)  # a half value's square is exact in float32
                 sq = (g * g).reshape(c1 - c0, n1 - n0, *g.shape[1:]).sum(1)  # Σ over the samples
                 prev = totals[j]
                 totals[j] = sq if prev is None else prev + sq
         for j, t in enumerate(totals):
             if t is not None:
-                acc.add_total(j, t.sum(0))
-    est, _ = acc.result(average=False, scale=1.0)
+                prev_sum = sums[j]
+                sums[j] = t.sum(0) if prev_sum is None else prev_sum + t.sum(0)
+    per_param = [torch.zeros_like(p, dtype=acc_dtype) if t is None else t for t, p in zip(sums, jac.inputs)]
     if trace:
-        return est
-    flat = list(torch.split(est, [p.numel() for p in jac.inputs]))
-    out = [torch.zeros_like(p) for p in params]
-    for i, f, p in zip(jac.indices, flat, jac.inputs):
-        out[i] = f.reshape(p.shape)
+        return sum((t.sum() for t in per_param), start=z.new_zeros((), dtype=acc_dtype))
+    out = [torch.zeros_like(p, dtype=acc_dtype) for p in params]
+    for i, t in zip(jac.indices, per_param):
+        out[i] = t
     return out

@@ -43,12 +43,13 @@ def empirical_fisher_trace(
     ``reduction="mean"``, L = Σ_n l_n for ``"sum"``, where tr(E) = Σ_n ‖∇l_n‖²). The
     reduction is read from the loss module (``nn.MSELoss(reduction=...)``), is
     ``"mean"`` for ``torch.nn.functional`` losses, and is measured on the outputs for
-    other callables. Cost: per-sample gradients, through per-layer products for common
-    layers (see :mod:`secorder.fisher`).
+    other callables. Cost: per-sample gradients, by the structured sweep over a tape of the
+    batch where it applies (see :mod:`secorder.fisher`).
 
     Args:
-        model: the module (not mutated; BatchNorm must be in eval mode, since
-            per-sample gradients need samples that do not interact).
+        model: the module (not mutated; with BatchNorm in train mode the gradients of each
+            sample's loss term include its dependence on the batch statistics, see
+            :mod:`secorder.fisher`).
         loss_fn: ``loss_fn(outputs, targets) -> scalar``, e.g. ``nn.MSELoss()``,
             ``nn.CrossEntropyLoss()``, ``torch.nn.functional.cross_entropy``.
         inputs: the model's input (one positional argument), batch first.
@@ -59,8 +60,8 @@ def empirical_fisher_trace(
         A 0-dim tensor.
 
     Raises:
-        SecorderError: the loss couples samples or does not reduce by mean or sum, targets
-            do not fit the loss, or the model couples samples (BatchNorm in train mode).
+        SecorderError: the loss couples samples or does not reduce by mean or sum, or
+            targets do not fit the loss.
 
     Example:
         >>> import torch

@@ -34,7 +34,7 @@ from torch.func import vmap
 from secorder._chunking import default_chunk_size
 from secorder._errors import error
 from secorder._kernels import decomposed_kernels
-from secorder._pytree import numel, ravel, unravel
+from secorder._pytree import accumulating, accumulation_dtype, numel, ravel, unravel
 from secorder._validate import (
     check_finite_result,
     check_finite_tree,
@@ -276,12 +276,19 @@ class ClosureHessianOperator:
 
     @property
     def dtype(self) -> torch.dtype:
+        """Rows and results: float32 for half-precision tensors (``_pytree.accumulation_dtype``)."""
+        return accumulation_dtype(self.inputs[0].dtype)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The tensors' dtype, in which the products are formed."""
         return self.inputs[0].dtype
 
     @property
     def device(self) -> torch.device:
         return self.inputs[0].device
 
+    @accumulating
     def matmat(self, V: Tensor) -> Tensor:
         """Rows ``H v_i`` for the rows ``v_i`` of the ``(k, P)`` tensor ``V``."""
         rows = unravel(V, self.shapes)
@@ -297,6 +304,7 @@ class ClosureHessianOperator:
         )
         return ravel(out, batch_dims=1)
 
+    @accumulating
     def quadform(self, V: Tensor) -> Tensor:
         """The ``k`` values ``v_iᵀ H v_i`` for the rows of ``V``."""
         return (self.matmat(V) * V).sum(-1)
