@@ -612,3 +612,48 @@ def test_bilinear_pair_skip_only_for_disjoint_features(
 
     _check(f, p, x)
     assert any(len(s) == 1 for s in skips) != overlap
+
+
+@pytest.mark.parametrize("bound", ["chunk_size", "memory_budget"])
+def test_column_blocks_bounded(bound: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every walk's column block holds at most ``chunk_size`` columns (balanced chunks), and a
+    memory budget too small for two columns walks them one at a time; the diagonal, the GGN
+    diagonal and the deferred squares at the layers stay exact."""
+    from secorder._chunking import memory_budget, set_memory_budget
+    from secorder._engine import sweep
+
+    seen: list[int] = []
+    walk = sweep._Walker.walk
+
+    def spy(self: Any, group: Any, cols: Any, signs: Tensor, *a: Any, **k: Any) -> None:
+        seen.append(int(signs.shape[0]))
+        walk(self, group, cols, signs, *a, **k)
+
+    monkeypatch.setattr(sweep._Walker, "walk", spy)
+    model = _mlp(nn.Tanh, (4, 5, 5, 5, 6))
+    params = _params(model)
+    x, y = torch.randn(6, 4, dtype=DT), torch.randint(0, 6, (6,))
+    f = _ce(model)
+    ref = _dense_diag(f, params, x, y)
+    old = memory_budget()
+    try:
+        if bound == "memory_budget":
+            set_memory_budget(64)
+            fn = secorder.hessian_diagonal(f)
+            limit = 1
+        else:
+            fn = secorder.hessian_diagonal(f, chunk_size=2)
+            limit = 2
+        got = fn(params, x, y)
+        assert fn.method_info.method == "sweep"
+        assert seen and max(seen) <= limit
+        mf = lambda p, x: functional_call(model, p, (x,))
+        seen.clear()
+        ggn = secorder.fisher_diagonal(mf, "cross_entropy", chunk_size=limit)(params, x, y)
+        ggn_ref = secorder.fisher_diagonal(mf, "cross_entropy", path="generic")(params, x, y)
+    finally:
+        set_memory_budget(old)
+    for k in params:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(ggn[k], ggn_ref[k], rtol=1e-9, atol=1e-12)
+    assert seen and max(seen) <= limit  # the GGN's columns: C = 6 at the outputs, in chunks

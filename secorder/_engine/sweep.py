@@ -69,6 +69,7 @@ from secorder._engine.tape import (
     replace_at,
     resolve,
 )
+from secorder._kernels import with_plain_kernels
 
 __all__ = ["EngineTooCostlyError", "EngineUnsupportedError", "engine_diagonal"]
 
@@ -240,7 +241,7 @@ def _resolve_leaf(tape: Tape, producer: dict[int, int], ref: Ref) -> tuple[int, 
         if i is None:
             return None
         node = tape.nodes[i]
-        refs = [r for _, r in paths((node.args, node.kwargs))]
+        refs = [r for _, r in node.arg_paths()]
         if node.func not in _VIEWS or len(refs) != 1 or not isinstance(node.args[0], Ref) or node.multi:
             return None
         chain.append(i)
@@ -259,7 +260,7 @@ def _plan(
         out_tags = [batch.tags[o] for o in node.outputs if o is not None]
         if not any(isinstance(t, tuple) for t in out_tags):
             continue
-        for p, r in paths((node.args, node.kwargs)):
+        for p, r in node.arg_paths():
             if batch.tags[r.index] is not SAME or not tape.depends[r.index] or not _floating(values[r.index]):
                 continue
             found = _resolve_leaf(tape, producer, r)
@@ -779,7 +780,9 @@ def _batched_vjp(
 class _Walker:
     """One batched reverse walk per chunk of columns; accumulates the diagonal per leaf."""
 
-    def __init__(self, plan: _Plan, leaves: list[Tensor], n: int, per_sample: bool = False) -> None:
+    def __init__(
+        self, plan: _Plan, leaves: list[Tensor], n: int, per_sample: bool = False, defer: bool = False
+    ) -> None:
         self.plan = plan
         self.leaves = leaves
         self.n = n
@@ -787,6 +790,13 @@ class _Walker:
         # per sample: rows allocated on first use (N·P entries: one pass fewer over them)
         self.diag: list[Any] = [None if per_sample else torch.zeros_like(leaf) for leaf in leaves]
         self.pulls: dict[tuple[int, tuple[Any, ...]], tuple[Any, list[int]]] = {}
+        # defer: at mm/addmm interfaces with one row per sample the squares depend on the columns
+        # only through Σ_c w_c δ_c^⊙2 (see _diagonal_squares), summed here over every group and
+        # chunk and turned into squares once by result() (one product with x^⊙2 per layer, not
+        # one per group and chunk)
+        self.defer = defer
+        self.pending: dict[int, Tensor] = {}
+        self.rows: dict[int, Any] = {}  # node → _linear_rows(node), memoized
 
     def _add(self, leaf: int, x: Tensor) -> None:
         if self.diag[leaf] is None:
@@ -795,6 +805,8 @@ class _Walker:
             self.diag[leaf] += x
 
     def result(self) -> list[Tensor]:
+        for i in list(self.pending):
+            self._diagonal_squares(i, self.pending.pop(i), now=True)
         return [
             d if d is not None else leaf.new_zeros(self.n, *leaf.shape)
             for d, leaf in zip(self.diag, self.leaves)
@@ -833,14 +845,18 @@ class _Walker:
             return None
         return off, (0, off + 1)
 
-    def _diagonal_squares(self, i: int, dgram: Tensor) -> None:
+    def _diagonal_squares(self, i: int, dgram: Tensor, now: bool = False) -> None:
         """Feed Σ_c w_c δ_c^⊙2 = ``dgram`` (signed, one row per sample) to the interfaces of node
-        ``i`` as two columns √dgram⁺, √dgram⁻ with weights +1, −1 (exact where every parameter
-        entry receives one output entry per sample: mm/addmm with one row per sample)."""
+        ``i`` as the squares their rules sum the columns into (exact where every parameter
+        entry receives one output entry per sample: mm/addmm with one row per sample). With
+        ``defer`` (and not ``now``) only added to the node's pending sum."""
+        if self.defer and not now:
+            self.pending[i] = self.pending[i] + dgram if i in self.pending else dgram
+            return
         node = self.plan.tape.nodes[i]
         out = node.outputs[0]
-        cols = torch.stack([dgram.clamp(min=0).sqrt(), (-dgram).clamp(min=0).sqrt()])
-        weights = torch.tensor([1.0, -1.0], dtype=cols.dtype, device=cols.device)
+        cols = dgram.unsqueeze(0)  # the shape only: the rules take the squares as given (exact)
+        weights = None
         axes = {p: t for p, t in self.plan.batch.arg_tags(i, node).items() if isinstance(t, tuple)}
         for path, leaf, chain in self.plan.interfaces.get(i, []):
             sq = interfaces.param_squares(
@@ -853,6 +869,7 @@ class _Walker:
                 weights,
                 self.n,
                 per_sample=self.per_sample,
+                squares=dgram,
             )
             if sq is None:
                 raise EngineUnsupportedError(
@@ -897,7 +914,7 @@ class _Walker:
                     beyond = isinstance(data, Ref) and tape.depends[data.index]  # more interfaces behind
                     stop = j
                     break
-                refs = [r for _, r in paths((node.args, node.kwargs)) if tape.depends[r.index]]
+                refs = [r for _, r in node.arg_paths() if tape.depends[r.index]]
                 unary = (torch.Tag.pointwise in node.func.tags or rule(node.func).batch == "same_shape") and (
                     not node.multi
                 )
@@ -926,7 +943,7 @@ class _Walker:
             node = tape.nodes[j]
             x = values[node.args[0].index]
             d = rule(node.func).derivs
-            if d is not None and len(paths((node.args, node.kwargs))) == 1:
+            if d is not None and len(node.arg_paths()) == 1:
                 args_ = resolve((node.args, node.kwargs), values)
                 deriv = d(node.func, x, *args_[0][1:], **args_[1])[1]  # f' in closed form
             else:
@@ -966,12 +983,20 @@ class _Walker:
             if not any(o is not None and o in cot for o in node.outputs):
                 continue
             cts = {o: cot.pop(o) for o in node.outputs if o is not None and o in cot}
-            if not same and i not in skip:  # skip: interfaces already served in closed form
-                for path, leaf, chain in plan.interfaces.get(i, []):
-                    self._interface(i, node, path, leaf, chain, cts, signs, weights)
+            if not same and i not in skip and i in plan.interfaces:  # skip: served in closed form
+                if i not in self.rows:
+                    self.rows[i] = self._linear_rows(i)
+                out0 = int(node.outputs[0] or 0)
+                if self.defer and self.rows[i] is not None and list(cts) == [out0]:
+                    ct = cts[out0]  # (k, N, d): Σ_c w_c δ_c^⊙2 with the signs per column and sample
+                    w = signs.to(ct.dtype) if weights is None else signs.to(ct.dtype) * weights[:, None]
+                    self._diagonal_squares(i, (ct * ct * w[:, :, None]).sum(0))
+                else:
+                    for path, leaf, chain in plan.interfaces[i]:
+                        self._interface(i, node, path, leaf, chain, cts, signs, weights)
             positions = [
                 p
-                for p, r in paths((node.args, node.kwargs))
+                for p, r in node.arg_paths()
                 if tape.depends[r.index]
                 and _floating(values[r.index])
                 and (tags[r.index] is SAME) == same
@@ -1057,6 +1082,18 @@ class _Walker:
         if not chain:
             return sq.to(self.leaves[leaf].dtype)
         tape, values = self.plan.tape, self.plan.values
+        lead = sq.to(values[int(tape.nodes[chain[-1]].outputs[0] or 0)].dtype)
+        fast: Tensor | None = lead if self.per_sample else lead.unsqueeze(0)  # the rules: a column axis
+        for i in reversed(chain):  # the registry's view VJPs (no vjp transform per call)
+            node = tape.nodes[i]
+            out = (
+                _batched_vjp(node, values, [(0, 0)], {int(node.outputs[0] or 0): fast})
+                if fast is not None
+                else None
+            )
+            fast = None if out is None else out[0]
+        if fast is not None:
+            return (fast if self.per_sample else fast[0]).to(self.leaves[leaf].dtype)
 
         def views(x: Tensor) -> Tensor:
             for i in chain:
@@ -1341,6 +1378,7 @@ def _packed_columns(plan: _Plan, group: Any) -> tuple[Tensor, Tensor] | None:
 # ---- end of row packing ----
 
 
+@with_plain_kernels  # the walks call ATen ops on recorded values (recording enters the kernels again)
 def engine_diagonal(
     g: Callable[[list[Tensor]], Tensor],
     leaves: Sequence[Tensor],
@@ -1379,13 +1417,17 @@ def engine_diagonal(
     """
     leaves = [leaf.detach() for leaf in leaves]
     n = int(data[0].shape[0])
-    prepared = _prepare(g, leaves, data, n, batched_output=False)
+    try:  # the adjoints from the recording pass itself (no replay of the tape)
+        recorded = record(g, leaves, adjoints=_recorded_adjoints)
+    except TapeUnsupportedError as exc:
+        raise EngineUnsupportedError(str(exc.args[0])) from exc
+    prepared = _prepare(g, leaves, data, n, batched_output=False, tape=recorded)
     if prepared is None:
         return [
             leaf.new_zeros(n, *leaf.shape) if per_sample else torch.zeros_like(leaf) for leaf in leaves
         ], 0
     tape, values, plan = prepared
-    adj = _adjoints(tape, leaves, values)
+    adj = tape.extra if tape.extra is not None else _adjoints(tape, leaves, values)
     tol_scale = 64 * torch.finfo(leaves[0].dtype).eps
     groups = _groups(plan, adj, n, tol_scale)
     r_total = sum(gr.count for gr in groups if gr.tag is not SAME)  # per sample
@@ -1398,7 +1440,7 @@ def engine_diagonal(
         raise EngineTooCostlyError(pulled)
     if per_sample and any(gr.tag is SAME and gr.count for gr in groups):
         raise EngineUnsupportedError(_PARAMETER_ONLY)
-    walker = _Walker(plan, leaves, n, per_sample)
+    walker = _Walker(plan, leaves, n, per_sample, defer=True)
     if not per_sample:
         groups = _pack_rows(walker, groups, n, tol_scale)
     step = chunk_size or _default_step(plan, leaves, n)
@@ -1415,8 +1457,9 @@ def engine_diagonal(
             continue
         if walker.closed_form(group, step):
             continue
-        for c0 in range(0, group.count, step):
-            cols, signs = group.get(c0, min(group.count, c0 + step))
+        group_step = _balanced(step, group.count)
+        for c0 in range(0, group.count, group_step):
+            cols, signs = group.get(c0, min(group.count, c0 + group_step))
             walker.walk(group, cols, signs, skip=getattr(group, "skip", frozenset()))
     return walker.result(), r_total
 
@@ -1457,11 +1500,12 @@ def _default_step(plan: _Plan, leaves: list[Tensor], n: int) -> int:
     rows per sample)."""
     tape, values = plan.tape, plan.values
     item = leaves[0].element_size()
-    per_col = item * sum(
+    sizes = [
         int(v.numel())
         for j, v in enumerate(values)
         if isinstance(plan.batch.tags[j], tuple) and tape.depends[j]
-    )
+    ]
+    per_col = item * sum(sizes)
     formed = [
         leaves[leaf].numel()
         for i, ifs in plan.interfaces.items()
@@ -1473,6 +1517,16 @@ def _default_step(plan: _Plan, leaves: list[Tensor], n: int) -> int:
     return max(1, memory_budget() // (4 * max(1, per_col)))
 
 
+def _balanced(step: int, count: int) -> int:
+    """The chunk size that splits ``count`` columns into as few chunks of at most ``step`` as
+    possible, all of about the same size (9 columns in steps of 4: 3 + 3 + 3, not 4 + 4 + 1)."""
+    if count <= step:
+        return max(1, step)
+    chunks = -(-count // step)
+    return -(-count // chunks)
+
+
+@with_plain_kernels
 def engine_output_diagonal(
     model: Callable[[list[Tensor]], Tensor],
     leaves: Sequence[Tensor],
@@ -1509,10 +1563,10 @@ def engine_output_diagonal(
     tape, values, plan = prepared
     assert tape.output is not None
     z = tape.output.index
-    walker = _Walker(plan, leaves, n, per_sample)
+    walker = _Walker(plan, leaves, n, per_sample, defer=True)
     dummy = values[z].new_zeros(1, 1, 1)
     group = _Group(z, (0, 1), _layout(tuple(values[z].shape), (0, 1), n, None), dummy, dummy, None, [])
-    step = chunk_size or _default_step(plan, leaves, n)
+    step = chunk_size or _balanced(_default_step(plan, leaves, n), num_columns)
     for c0 in range(0, num_columns, step):
         c1 = min(num_columns, c0 + step)
         cols = columns(c0, c1).detach().to(values[z].dtype)
@@ -1531,15 +1585,37 @@ def engine_output_diagonal(
     return walker.result()
 
 
-def _adjoints(tape: Tape, leaves: list[Tensor], values: list[Any]) -> dict[int, Tensor]:
-    """ḡ of every floating, parameter-dependent op output that reaches the loss (one reverse pass)."""
-    assert tape.output is not None
-    wanted = [
+def _wanted(tape: Tape, values: list[Any]) -> list[int]:
+    """The values whose adjoints the columns need: floating, parameter-dependent op outputs of
+    ops with curvature."""
+    return [
         o
         for node in tape.nodes
         for o in node.outputs
         if o is not None and tape.depends[o] and _floating(values[o]) and not rule(node.func).curvature_free
     ]
+
+
+def _recorded_adjoints(tape: Tape) -> dict[int, Tensor] | None:
+    """ḡ of the :func:`_wanted` values by one backward pass of the graph built while recording
+    (:func:`secorder._engine.tape.record` with ``adjoints``): no replay of the tape. None where
+    the result does not depend on the leaves."""
+    values = tape.values
+    assert values is not None
+    if tape.output is None or not tape.depends[tape.output.index] or not tape.result.requires_grad:
+        return None
+    wanted = [o for o in _wanted(tape, values) if values[o].requires_grad]
+    if not wanted:
+        return {}
+    with torch.enable_grad():
+        grads = torch.autograd.grad(tape.result, [values[o] for o in wanted], allow_unused=True)
+    return {o: gr for o, gr in zip(wanted, grads) if gr is not None}
+
+
+def _adjoints(tape: Tape, leaves: list[Tensor], values: list[Any]) -> dict[int, Tensor]:
+    """ḡ of every floating, parameter-dependent op output that reaches the loss (one reverse pass)."""
+    assert tape.output is not None
+    wanted = _wanted(tape, values)
     with torch.enable_grad():
         eps = {o: torch.zeros_like(values[o]).requires_grad_(True) for o in wanted}
         vals = tape.replay(leaves, (), eps)
