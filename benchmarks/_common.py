@@ -79,3 +79,45 @@ def write_section(name: str, text: str) -> None:
     else:
         content = content.rstrip() + "\n\n" + block + "\n"
     RESULTS.write_text(content)
+
+
+def _status_bytes(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(key):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def peak_rss(fn: Callable[[], Any]) -> int | None:
+    """Peak resident memory added by one call of ``fn`` in bytes (Linux; None elsewhere).
+
+    The process's high-water mark (``VmHWM``) is reset through ``/proc/self/clear_refs`` after
+    freed heap memory is handed back (``malloc_trim``), so the figure is the peak of the pages
+    the call touched beyond what was resident before it: its live tensors plus allocator
+    overhead (CPU only; the result of ``fn`` is kept until the peak is read).
+    """
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        return None
+    before = _status_bytes("VmRSS:")
+    out = fn()
+    peak = _status_bytes("VmHWM:")
+    del out
+    if before is None or peak is None:
+        return None
+    return max(0, peak - before)
+
+
+def fmt_bytes(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 2**20:.1f} MiB"

@@ -21,7 +21,10 @@ Each row also times ``secorder.hessian_diagonal(f)`` with default options on the
 ``f = lambda p, x, y: F.cross_entropy(functional_call(model, p, (x,)), y)`` (``exact="auto"``:
 the structured sweep over a tape of the whole batch when it applies, else one-hot HVPs; the
 method and R are shown). Each row reports the median time, the ratio to one gradient (forward + backward of the same
-loss) and the largest relative difference from the reference (BackPACK, or one-hot HVPs).
+loss) and the largest relative difference from the reference (BackPACK, or one-hot HVPs), and the
+peak memory of one call of ``hessian_diagonal(f)`` and of BackPACK (``_common.peak_rss``: the
+process's peak resident memory over what was resident before the call, Linux ``VmHWM`` reset
+through ``/proc/self/clear_refs`` after ``malloc_trim``; live tensors plus allocator overhead).
 BackPACK is imported in the same process (run with an interpreter that has it, e.g.
 /work/main/.benchvenv); it extends a deep copy of the model, never the one secorder uses.
 
@@ -41,7 +44,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F  # noqa: N812
-from _common import fmt_time, header, table, timeit, write_section
+from _common import fmt_bytes, fmt_time, header, peak_rss, table, timeit, write_section
 from torch import Tensor, nn
 
 import secorder
@@ -156,6 +159,7 @@ def measure(
     plain = secorder.hessian_diagonal(plain_f)
     t_plain, d_plain = timeit(lambda: plain(params, x, y), repeat=args.repeats, warmup=args.warmup)
     plain_method = plain.method_info.method
+    mem_plain, mem_ref = peak_rss(lambda: plain(params, x, y)), None
     if bp_ok:
         bp = backpack_diag(model, x, y)
         if bp is None:
@@ -163,6 +167,7 @@ def measure(
         else:
             t_ref, d_ref = timeit(bp, repeat=args.repeats, warmup=args.warmup)
             ref_name, err = "BackPACK DiagHessian", f"{rel(d_sweep, d_ref):.1e}"
+            mem_ref = peak_rss(bp)
     else:
         f, _ = secorder.module_loss(model, F.cross_entropy)
         hvp = secorder.hessian_diagonal(f, exact="hvp")
@@ -181,6 +186,7 @@ def measure(
         "n/a" if t_ref is None else f"{t_ref / t_plain:.1f}×",
         err,
         f"{rel(d_plain, d_sweep):.1e}",
+        f"{fmt_bytes(mem_plain)} / {fmt_bytes(mem_ref)}",
     ], d_sweep
 
 
@@ -243,6 +249,7 @@ def main() -> None:
         "ref / hessian_diagonal(f)",
         "rel. diff",
         "f vs module",
+        "peak memory: hessian_diagonal(f) / ref",
     ]
     est_head = [
         "workload",

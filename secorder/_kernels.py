@@ -72,7 +72,7 @@ import torch.nn.functional as F  # noqa: N812 - the PyTorch convention
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["decomposed_kernels", "with_decomposed_kernels"]
+__all__ = ["decomposed_kernels", "plain_kernels", "with_decomposed_kernels", "with_plain_kernels"]
 
 _VF = torch._C._VariableFunctions
 _RNN_FUNCS = {
@@ -277,6 +277,30 @@ def decomposed_kernels() -> Iterator[None]:
         _depth -= 1
 
 
+@contextlib.contextmanager
+def plain_kernels() -> Iterator[None]:
+    """Suspend :func:`decomposed_kernels` for secorder's own arithmetic on recorded values.
+
+    The substitutions concern the user's function only; a tape walk calls ATen ops on values
+    already recorded, and under the ``TorchFunctionMode`` each of its several hundred torch
+    calls per evaluation would pass through a Python intercept. Inside this block the mode is
+    off (a nested :func:`decomposed_kernels`, around a new evaluation of the user's function,
+    enters it again); it does nothing when the mode is not the innermost one.
+    """
+    global _depth
+    stack = torch.overrides._get_current_function_mode_stack()
+    if _depth == 0 or not stack or not isinstance(stack[-1], _Decomposed):
+        yield
+        return
+    saved = _depth
+    _depth = 0
+    try:
+        with torch.overrides._pop_mode_temporarily():
+            yield
+    finally:
+        _depth = saved
+
+
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
@@ -286,6 +310,17 @@ def with_decomposed_kernels(fn: _F) -> _F:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         with decomposed_kernels():
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def with_plain_kernels(fn: _F) -> _F:
+    """Decorator form of :func:`plain_kernels`."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with plain_kernels():
             return fn(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]

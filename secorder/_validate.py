@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from secorder._errors import error
+from secorder._kernels import plain_kernels, with_plain_kernels
 
 T = TypeVar("T")
 
@@ -115,6 +116,7 @@ def check_argnums(call: str, argnums: object, nargs: int | None = None) -> int:
     return argnums
 
 
+@with_plain_kernels
 def check_same_dtype_device(call: str, name: str, leaves: Sequence[Tensor]) -> None:
     dtypes = {leaf.dtype for leaf in leaves}
     devices = {leaf.device for leaf in leaves}
@@ -247,19 +249,59 @@ def _sum_dtype(dtype: torch.dtype) -> torch.dtype:
     return accumulation_dtype(dtype)
 
 
+def _all_finite(tensors: Sequence[Tensor]) -> bool:
+    """True when every entry of every tensor is finite, by one ``_foreach_norm`` (L1) per dtype
+    and device and one reduction of the norms (a NaN/Inf entry makes its norm NaN/Inf); False
+    also when a sum of finite entries overflows (the caller then checks each tensor fully)."""
+    groups: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.dtype, t.device), []).append(t)
+    for (dtype, _), ts in groups.items():
+        if dtype.is_complex or not hasattr(torch, "_foreach_norm"):
+            if not all(bool(torch.isfinite(t.sum(dtype=_sum_dtype(t.dtype)))) for t in ts):
+                return False
+            continue
+        norms = torch._foreach_norm(ts, 1)
+        if not bool(torch.isfinite(torch.stack(norms).sum())):
+            return False
+    return True
+
+
 def check_finite_tree(call: str, name: str, tree: Any, fix: str | None = None, samples: bool = False) -> None:
     """Raise if a floating tensor leaf of ``tree`` holds NaN or Inf (when the checks are on)."""
     if not _CHECK_FINITE[0]:
         return
+    with plain_kernels():  # secorder's own arithmetic: no TorchFunctionMode intercept per op
+        _check_finite_tree(call, name, tree, fix, samples)
+
+
+def _checked_leaves(leaves: Sequence[Any]) -> list[tuple[int, Tensor]]:
+    """The (index, detached tensor) of the leaves the finite checks read."""
+    return [
+        (i, leaf.detach())
+        for i, leaf in enumerate(leaves)
+        if isinstance(leaf, Tensor)
+        and (leaf.is_floating_point() or leaf.is_complex())
+        and inspectable(leaf)
+        and leaf.numel() > 0
+    ]
+
+
+def _finite_candidates(trees: Sequence[Any]) -> list[Tensor]:
+    from secorder._pytree import flatten
+
+    return [leaf for tree in trees for _, leaf in _checked_leaves(flatten(tree)[0])]
+
+
+def _check_finite_tree(call: str, name: str, tree: Any, fix: str | None, samples: bool) -> None:
     from secorder._pytree import _leaf_path, flatten
 
     leaves, spec = flatten(tree)
-    for i, leaf in enumerate(leaves):
-        if not isinstance(leaf, Tensor) or not (leaf.is_floating_point() or leaf.is_complex()):
-            continue
-        if not inspectable(leaf) or leaf.numel() == 0:
-            continue
-        report = nonfinite_report(leaf.detach(), samples)
+    checked = _checked_leaves(leaves)
+    if _all_finite([leaf for _, leaf in checked]):  # one reduction for the whole tree
+        return
+    for i, leaf in checked:
+        report = nonfinite_report(leaf, samples)
         if report is not None:
             raise error(
                 call,
@@ -284,7 +326,8 @@ def check_finite_result(
     """Raise if a computed ``value`` is non-finite; ``diagnose()`` says where it first went wrong."""
     if not _CHECK_FINITE[0] or not isinstance(value, Tensor) or not inspectable(value):
         return
-    report = nonfinite_report(value.detach())
+    with plain_kernels():
+        report = nonfinite_report(value.detach())
     if report is None:
         return
     where = diagnose() if diagnose is not None else None
@@ -486,6 +529,7 @@ def call_deterministic(call: str, fn: Any, leaves: Sequence[Tensor], *args: Any)
     return out
 
 
+@with_plain_kernels  # secorder's own checks: no TorchFunctionMode intercept per tensor op
 def check_call_inputs(
     call: str, args: Sequence[Any], index: int, leaves: Sequence[Tensor], names: Sequence[str] | None = None
 ) -> None:
@@ -512,7 +556,9 @@ def check_call_inputs(
         )
     label = list(names) if names is not None else [f"args[{i}]" for i in range(len(args))]
     check_nonempty_batch(call, args, index, label)
-    if any(inspectable(leaf) for leaf in leaves):
+    if any(inspectable(leaf) for leaf in leaves) and _CHECK_FINITE[0]:
+        if _all_finite(_finite_candidates(args)):  # parameters and data at once: one reduction
+            return
         check_finite_tree(call, label[index], args[index])
         for i, a in enumerate(args):
             if i != index:

@@ -452,3 +452,208 @@ def test_vector_norm_rows_with_zero_rows_exact() -> None:
         return (h * h.norm(dim=1, keepdim=True)).sum() + g.norm(dim=-1).pow(3).mean()
 
     _check(f, p, x)
+
+
+class _TokenBlock(nn.Module):
+    """The benchmark's transformer block (benchmarks/bench_engine_models.py) at test size: token
+    and position embeddings, pre-LayerNorm (affine) causal two-head attention with biases, GELU
+    MLP, residuals, final LayerNorm, mean pooling, linear head."""
+
+    def __init__(self, vocab: int = 11, t: int = 5, d: int = 6, heads: int = 2, classes: int = 3) -> None:
+        super().__init__()
+        self.heads = heads
+        self.emb = nn.Embedding(vocab, d)
+        self.pos = nn.Parameter(0.1 * torch.randn(t, d))
+        self.ln1, self.ln2, self.lnf = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc, self.out = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+        self.head = nn.Linear(d, classes)
+        with torch.no_grad():  # affine parameters away from their initial ones and zeros
+            for ln in (self.ln1, self.ln2, self.lnf):
+                ln.weight.add_(0.3 * torch.randn(d))
+                ln.bias.add_(0.3 * torch.randn(d))
+
+    def forward(self, idx: Tensor) -> Tensor:
+        n, t = idx.shape
+        h = self.emb(idx) + self.pos
+        q, k, v = self.qkv(self.ln1(h)).chunk(3, dim=-1)
+
+        def split(z: Tensor) -> Tensor:
+            return z.reshape(n, t, self.heads, -1).transpose(1, 2)
+
+        q, k, v = split(q), split(k), split(v)
+        att = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+        mask = torch.triu(torch.ones(t, t, dtype=torch.bool), 1)
+        att = att.masked_fill(mask, float("-inf")).softmax(-1)
+        h = h + self.proj((att @ v).transpose(1, 2).reshape(n, t, -1))
+        h = h + self.out(F.gelu(self.fc(self.ln2(h))))
+        return self.head(self.lnf(h).mean(1))
+
+
+def _spy_row_cuts(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Record the cuts the row packing finds (None entries: no packing for that group)."""
+    from secorder._engine import sweep
+
+    cuts: list[Any] = []
+    real = sweep._row_cut
+
+    def spy(*a: Any) -> Any:
+        out = real(*a)
+        cuts.append(out)
+        return out
+
+    monkeypatch.setattr(sweep, "_row_cut", spy)
+    return cuts
+
+
+def test_token_transformer_block_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Embedding + position parameter, affine LayerNorms (closed-form columns), attention and a
+    GELU MLP whose one-row columns are walked packed over rows and compressed at the residual
+    stream, the ± column pairs of q kᵀ skipping the qkv squares (they cancel): exact against
+    the dense float64 Hessian, with the packing and the skip taken."""
+    from secorder._engine import sweep
+
+    cuts = _spy_row_cuts(monkeypatch)
+    skips: list[frozenset[int]] = []
+    real = sweep._pair_cancels
+    monkeypatch.setattr(sweep, "_pair_cancels", lambda *a: skips.append(real(*a)) or skips[-1])
+    torch.manual_seed(11)
+    model = _TokenBlock().to(DT)
+    idx, y = torch.randint(0, 11, (4, 5)), torch.randint(0, 3, (4,))
+    _check(_ce(model), _params(model), idx, y)
+    assert any(c is not None and c[0] is not None for c in cuts)  # compressed at a cut
+    assert any(c is not None and c[0] is None for c in cuts)  # ln1: served by interfaces alone
+    assert sorted(len(s) for s in skips) == [0, 0, 1, 1]  # q kᵀ skips the qkv squares (twice: diag, trace)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_residual_layer_norm_mlp_exact(affine: bool) -> None:
+    """Pre-LayerNorm residual MLP (one row per sample): closed-form LayerNorm columns, the one-hot
+    part transported in closed form through the first Linear; a constant input row (x̂ = 0)."""
+    torch.manual_seed(12)
+
+    class Res(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp = nn.Linear(5, 6)
+            self.ln = nn.LayerNorm(6, elementwise_affine=affine)
+            self.fc, self.out = nn.Linear(6, 6), nn.Linear(6, 6)
+            self.lnf = nn.LayerNorm(6, elementwise_affine=affine)
+            self.head = nn.Linear(6, 3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            h = self.inp(x)
+            h = h + self.out(torch.tanh(self.fc(self.ln(h))))
+            return self.head(self.lnf(h))
+
+    model = Res().to(DT)
+    if affine:
+        with torch.no_grad():
+            model.ln.weight.add_(0.5 * torch.randn(6, dtype=DT))
+            model.lnf.bias.add_(0.5 * torch.randn(6, dtype=DT))
+    x, y = torch.randn(6, 5, dtype=DT), torch.randint(0, 3, (6,))
+    _check(_ce(model), _params(model), x, y)
+
+
+def test_layer_norm_rows_sequence_exact() -> None:
+    """LayerNorm over (N, T, d) rows with a per-sample weighted loss, a constant row (x̂ = 0, only
+    ε in the variance) and rows with zero adjoint (masked out): packed rows, exact."""
+    torch.manual_seed(13)
+    p = {"w": torch.randn(12, 16, dtype=DT), "g": torch.randn(16, dtype=DT), "b": torch.randn(16, dtype=DT)}
+    x = torch.randn(3, 4, 12, dtype=DT)
+    x[1, 2] = 0.0  # x @ w is a zero row: constant LayerNorm input
+    keep = torch.ones(3, 4, 1, dtype=DT)
+    keep[2, 1:] = 0.0
+    wts = torch.tensor([0.5, 2.0, 1.0], dtype=DT)
+
+    def f(p: dict[str, Tensor], x: Tensor, keep: Tensor, wts: Tensor) -> Tensor:
+        h = F.layer_norm(x @ p["w"], (16,), p["g"], p["b"])
+        return (wts[:, None, None] * keep * torch.tanh(h).pow(2)).sum()
+
+    _check(f, p, x, keep, wts)
+
+
+@pytest.mark.parametrize("limit", ["width", "budget"])
+def test_row_packing_limits_stay_exact(limit: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cut wider than MAX_ROW_WIDTH takes the regular walk; a tiny memory budget walks the
+    packed columns one at a time: exact either way."""
+    from secorder._engine import sweep
+
+    if limit == "width":
+        monkeypatch.setattr(sweep, "MAX_ROW_WIDTH", 2)
+    else:
+        monkeypatch.setattr(sweep, "memory_budget", lambda: 1 << 17)
+    torch.manual_seed(14)
+    model = _TokenBlock().to(DT)
+    idx, y = torch.randint(0, 11, (3, 5)), torch.randint(0, 3, (3,))
+    _check(_ce(model), _params(model), idx, y)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_bilinear_pair_skip_only_for_disjoint_features(
+    overlap: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """q kᵀ with q and k slices of one projection: disjoint features skip the projection's
+    squares (the ± pairs cancel), overlapping ones do not; exact either way."""
+    from secorder._engine import sweep
+
+    skips: list[frozenset[int]] = []
+    real = sweep._pair_cancels
+    monkeypatch.setattr(sweep, "_pair_cancels", lambda *a: skips.append(real(*a)) or skips[-1])
+    torch.manual_seed(15)
+    p = {"w": torch.randn(8, 24, dtype=DT), "b": torch.randn(8, dtype=DT), "h": torch.randn(4, 3, dtype=DT)}
+    x = 0.3 * torch.randn(3, 4, 24, dtype=DT)
+    lo = 2 if overlap else 4
+
+    def f(p: dict[str, Tensor], x: Tensor) -> Tensor:
+        z = F.linear(x, p["w"], p["b"])  # addmm on the (N·T, 24) view
+        att = torch.softmax(z[..., :4] @ z[..., lo : lo + 4].transpose(1, 2), -1)
+        return torch.tanh(att @ z[..., :4] @ p["h"]).pow(2).sum()
+
+    _check(f, p, x)
+    assert any(len(s) == 1 for s in skips) != overlap
+
+
+@pytest.mark.parametrize("bound", ["chunk_size", "memory_budget"])
+def test_column_blocks_bounded(bound: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every walk's column block holds at most ``chunk_size`` columns (balanced chunks), and a
+    memory budget too small for two columns walks them one at a time; the diagonal, the GGN
+    diagonal and the deferred squares at the layers stay exact."""
+    from secorder._chunking import memory_budget, set_memory_budget
+    from secorder._engine import sweep
+
+    seen: list[int] = []
+    walk = sweep._Walker.walk
+
+    def spy(self: Any, group: Any, cols: Any, signs: Tensor, *a: Any, **k: Any) -> None:
+        seen.append(int(signs.shape[0]))
+        walk(self, group, cols, signs, *a, **k)
+
+    monkeypatch.setattr(sweep._Walker, "walk", spy)
+    model = _mlp(nn.Tanh, (4, 5, 5, 5, 6))
+    params = _params(model)
+    x, y = torch.randn(6, 4, dtype=DT), torch.randint(0, 6, (6,))
+    f = _ce(model)
+    ref = _dense_diag(f, params, x, y)
+    old = memory_budget()
+    try:
+        if bound == "memory_budget":
+            set_memory_budget(64)
+            fn = secorder.hessian_diagonal(f)
+            limit = 1
+        else:
+            fn = secorder.hessian_diagonal(f, chunk_size=2)
+            limit = 2
+        got = fn(params, x, y)
+        assert fn.method_info.method == "sweep"
+        assert seen and max(seen) <= limit
+        mf = lambda p, x: functional_call(model, p, (x,))
+        seen.clear()
+        ggn = secorder.fisher_diagonal(mf, "cross_entropy", chunk_size=limit)(params, x, y)
+        ggn_ref = secorder.fisher_diagonal(mf, "cross_entropy", path="generic")(params, x, y)
+    finally:
+        set_memory_budget(old)
+    for k in params:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(ggn[k], ggn_ref[k], rtol=1e-9, atol=1e-12)
+    assert seen and max(seen) <= limit  # the GGN's columns: C = 6 at the outputs, in chunks

@@ -16,7 +16,7 @@ from torch.func import functional_call, vjp, vmap
 import secorder
 from secorder._engine import vjps
 from secorder._engine.rules import rule
-from secorder._engine.tape import record, resolve
+from secorder._engine.tape import Ref, record, resolve
 from secorder._pytree import flatten
 from secorder.testing import dense_hessian
 
@@ -187,3 +187,72 @@ def test_fisher_plain_model_fn_own_exception_passes_through() -> None:
 
     with pytest.raises(KeyError, match="the user's own error"):
         secorder.fisher_diagonal(model_fn, "cross_entropy")(params, x, y)
+
+
+def _generic_at(node: Any, values: list[Any], position: tuple[Any, ...], ct: Tensor) -> Tensor:
+    """The generic road for the argument at ``position`` = (0, i): vmap of the op's vjp."""
+    base = resolve((node.args, node.kwargs), values)
+
+    def fn(x: Tensor) -> Tensor:
+        args = list(base[0])
+        args[position[1]] = x
+        out = node.func(*args, **base[1])
+        return out[0] if node.multi else out
+
+    _, pull = vjp(fn, base[0][position[1]])
+    return vmap(pull)(ct)[0]
+
+
+def _walk_program(ls: list[Tensor]) -> Tensor:
+    x, w, b, v = ls
+    h = torch.tanh(F.linear(x, w, b))  # t + addmm
+    h = torch.relu(h - 0.1) + torch.sigmoid(h) + torch.exp(0.3 * h) + F.silu(h) + F.softplus(h, beta=2.0)
+    h = h.reshape(2, 3, 4).permute(2, 0, 1).transpose(0, 2).unsqueeze(0).squeeze(0)  # views
+    h = h.reshape(6, 4) @ v  # mm
+    h = 2.0 * torch.addmm(b[:2], h, v.T[:, :2], beta=0.5, alpha=1.5)  # addmm with beta, alpha
+    return (torch.sin(h) + torch.cos(h) + torch.log(h * h + 1) + torch.sqrt(h * h + 1)).pow(2).sum()
+
+
+@pytest.mark.parametrize(
+    "op",
+    ["addmm", "mm", "t", "transpose", "permute", "view", "_unsafe_view", "unsqueeze", "squeeze", "tanh", "relu", "sigmoid",
+     "exp", "silu", "softplus", "sin", "cos", "log", "sqrt", "pow"],
+)  # fmt: skip
+def test_walk_vjp_rules_match_generic(op: str) -> None:
+    """Every column-batched VJP rule of the walk (matrix products on either operand with
+    ``alpha``, views, unary pointwise ops) against vmap of the op's own vjp, at every
+    floating argument position the rule serves."""
+    g = torch.Generator().manual_seed(5)
+    leaves = [
+        torch.randn(6, 5, dtype=DT, generator=g),
+        torch.randn(4, 5, dtype=DT, generator=g),
+        torch.randn(4, dtype=DT, generator=g),
+        torch.randn(4, 4, dtype=DT, generator=g),
+    ]
+    tape = record(_walk_program, leaves)
+    values = tape.values if tape.values is not None else tape.replay(leaves)
+    prefix = {"transpose": "transpose.int", "squeeze": "squeeze.dim", "pow": "pow.Tensor_Scalar"}.get(op, op)
+    packet, _, overload = prefix.partition(".")
+    target = getattr(getattr(torch.ops.aten, packet), overload or "default")
+    nodes = [node for node in tape.nodes if node.func is target]
+    assert nodes, [str(n.func) for n in tape.nodes]
+    checked = 0
+    for node in nodes:
+        out = values[node.outputs[0]]
+        ct = torch.randn(3, *out.shape, dtype=DT, generator=g)
+        floating = [
+            (0, i)
+            for i, a in enumerate(node.args)
+            if isinstance(a, Ref) and values[a.index].is_floating_point()
+        ]
+        for position in floating:
+            got = rule(node.func).vjp(node, values, [position], {node.outputs[0]: ct})
+            if position == (0, 0) and node.func is torch.ops.aten.addmm.default:
+                assert got is None  # the bias: the generic road
+                continue
+            assert got is not None, (node.func, position)
+            torch.testing.assert_close(
+                got[0], _generic_at(node, values, position, ct), rtol=1e-12, atol=1e-12
+            )
+            checked += 1
+    assert checked

@@ -96,6 +96,7 @@ class _Ctx:
         self.weights = weights
         self.n = num_samples
         self.per_sample = per_sample
+        self.squares: Tensor | None = None  # Σ_c w_c cols[c]^⊙2 given by the caller
 
     def arg(self, name: str) -> Any:
         return self.args[name]
@@ -143,6 +144,7 @@ def param_squares(
     weights: Tensor | None,
     num_samples: int,
     per_sample: bool = False,
+    squares: Tensor | None = None,
 ) -> Tensor | None:
     """Σ_c w_c Σ_n (∂⟨cols[c]|_n, op(args)⟩ / ∂arg)^⊙2 for the argument at ``position``.
 
@@ -158,6 +160,10 @@ def param_squares(
             the signs of curvature columns), or ``None`` (all ones).
         num_samples: N.
         per_sample: keep a leading sample axis (row n: sample n's squares alone).
+        squares: Σ_c w_c cols[c]^⊙2 when the caller has it (exact, no square roots): the rules
+            that sum the columns before squaring use it, ``cols`` then only gives the shape
+            (callers pass it only where every rule on the op does: mm/addmm with one row per
+            sample).
 
     Returns:
         A tensor shaped like the argument at ``position`` (``(N, *shape)`` with
@@ -178,6 +184,7 @@ def param_squares(
             return None
         named[arg] = _norm_axis(axis, _ndim(node, values, path))
     ctx = _Ctx(node, values, name, named, out_axis, cols, weights, num_samples, per_sample)
+    ctx.squares = squares
     if ctx.name in named:
         return None  # the parameter side must be the same for every sample
     ctx.out_axis = ctx.base_out_axis = _norm_axis(out_axis, cols.dim() - 1)
@@ -246,6 +253,8 @@ def _col_squares(ctx: _Ctx) -> Tensor:
     """Σ_c w_c cols[c]^⊙2 of the call's columns, remembered for the last (cols, weights) pair:
     the weight and the bias of one layer are two calls with the same columns (held by weak
     reference, never kept alive)."""
+    if ctx.squares is not None:
+        return ctx.squares
     cols, w = ctx.cols, ctx.weights
     hit = _SQ_CACHE[0]
     if hit is not None:

@@ -16,7 +16,9 @@ Columns, one *group* per op with curvature (``R`` = columns per sample, summed o
 * ``_softmax``/``_log_softmax`` rows (closed form, see :func:`_softmax_rows`), split by a
   batched ``eigh`` per row; the null direction of log-softmax is dropped, so cross-entropy
   has C−1 columns per row;
-* ``native_layer_norm`` over the last dimension: per-row d×d Hessians (:func:`_row_group`);
+* ``native_layer_norm`` over the last dimension: per-row closed-form columns, d one-hot and
+  three vectors per row (:func:`_layer_norm_group`); a vector norm over the last dimension:
+  per-row d×d Hessians (:func:`_row_group`);
 * ``bmm`` of two parameter-dependent operands (attention): closed-form SVD columns
   (:class:`_BilinearGroup`);
 * any other op: the dense local Hessian per sample over its parameter-dependent inputs
@@ -31,6 +33,9 @@ gradient products Σ_c σ_c Σ_n G_{cn}^⊙2 are formed there by
 :func:`secorder._engine.interfaces.param_squares` (columns summed before squaring where the
 algebra allows) and mapped back to the parameter leaf through its views. Columns of ops on
 parameter-only values (a regularizer) are pulled back to the leaves and squared directly.
+Columns that live in one row of a (N·T, C) value are first walked packed over the rows
+through row-local ops and compressed per row where every path meets one value
+(:func:`_pack_rows`, the "row packing" section below).
 
 Curvature propagation (:func:`engine_cp_diagonal`) mixes the same columns by random signs into
 two cotangents per probe and sample, walked back in one batch per block of probes, for an
@@ -68,6 +73,7 @@ from secorder._engine.tape import (
     replace_at,
     resolve,
 )
+from secorder._kernels import with_plain_kernels
 
 __all__ = ["EngineTooCostlyError", "EngineUnsupportedError", "engine_cp_diagonal", "engine_diagonal"]
 
@@ -205,13 +211,18 @@ def _softmax_rows(func: Any, y: Tensor, g: Tensor) -> Tensor:
 def _group_from_local(
     value: int, tag: Tag, layout: _Layout, lam: Tensor, vecs: Tensor | None, tol_scale: float
 ) -> _Group:
-    """Keep the columns (t, j) that are nonzero for some sample (relative tolerance)."""
+    """Keep the columns (t, j) that are nonzero for some sample (relative tolerance), ordered
+    by sign pattern (positive for every sample, mixed, negative for every sample): a chunk of
+    columns of one sign takes one pass at each interface, a mixed chunk two masked ones."""
     mag = lam.abs()
     tol = tol_scale * float(mag.max()) if mag.numel() else 0.0
     alive = (mag > tol).any(0)  # (T, K)
-    keep = [(int(t), int(j)) for t, j in alive.nonzero().tolist()]
     scale = torch.where(mag > tol, mag.sqrt(), torch.zeros_like(mag))
     sign = torch.where(lam < -tol, -torch.ones_like(lam), torch.ones_like(lam))  # dropped: +1
+    pattern = (sign < 0).any(0).to(torch.int64) + (sign < 0).all(0).to(torch.int64)  # 0, 1 (mixed), 2
+    ts, js = alive.nonzero().unbind(1)
+    order = torch.sort(pattern[ts, js], stable=True).indices
+    keep = list(zip(ts[order].tolist(), js[order].tolist()))
     return _Group(value, tag, layout, scale, sign, vecs, keep)
 
 
@@ -234,7 +245,7 @@ def _resolve_leaf(tape: Tape, producer: dict[int, int], ref: Ref) -> tuple[int, 
         if i is None:
             return None
         node = tape.nodes[i]
-        refs = [r for _, r in paths((node.args, node.kwargs))]
+        refs = [r for _, r in node.arg_paths()]
         if node.func not in _VIEWS or len(refs) != 1 or not isinstance(node.args[0], Ref) or node.multi:
             return None
         chain.append(i)
@@ -253,7 +264,7 @@ def _plan(
         out_tags = [batch.tags[o] for o in node.outputs if o is not None]
         if not any(isinstance(t, tuple) for t in out_tags):
             continue
-        for p, r in paths((node.args, node.kwargs)):
+        for p, r in node.arg_paths():
             if batch.tags[r.index] is not SAME or not tape.depends[r.index] or not _floating(values[r.index]):
                 continue
             found = _resolve_leaf(tape, producer, r)
@@ -314,7 +325,10 @@ def _groups(plan: _Plan, adj: dict[int, Tensor], n: int, tol_scale: float) -> li
             groups.append(_dense_group(plan, i, found, outs, adj, n, tol_scale))
             continue
         if found[0][0] == (0, 0) and outs == [node.outputs[0]] and _rowwise_last(node, values):
-            groups.append(_row_group(plan, i, found[0][1], outs[0], adj, n, tol_scale))
+            if func is aten.native_layer_norm.default:
+                groups.extend(_layer_norm_group(plan, i, found[0][1], outs[0], adj, n, tol_scale))
+            else:
+                groups.append(_row_group(plan, i, found[0][1], outs[0], adj, n, tol_scale))
             continue
         (p, r) = found[0]
         o = outs[0]
@@ -402,6 +416,7 @@ class _BilinearGroup:
     v: Tensor  # (N, g, n, r)
     inner: int  # K
     keep: list[tuple[int, int, int, int]]  # (t, r, j, ±1)
+    skip: frozenset[int] = frozenset()  # interfaces where each ± pair cancels (:func:`_pair_cancels`)
 
     @property
     def count(self) -> int:
@@ -448,7 +463,8 @@ def _bilinear_group(
     inner = int(a.shape[-1])
     s3 = s.reshape(n, g, r)
     alive = (s3 > 0).any(0)  # (g, r)
-    keep = [(t, q, j, sg) for t, q in alive.nonzero().tolist() for j in range(inner) for sg in (1, -1)]
+    # the + columns first, then the − ones: chunks of one sign (one pass at each interface)
+    keep = [(t, q, j, sg) for sg in (1, -1) for t, q in alive.nonzero().tolist() for j in range(inner)]
     return _BilinearGroup(
         (ra.index, rb.index),
         tag,
@@ -457,7 +473,52 @@ def _bilinear_group(
         vh.transpose(-1, -2).reshape(n, g, vh.shape[-1], r),
         inner,
         keep,
+        _pair_cancels(plan, ra.index, rb.index),
     )
+
+
+_CHAIN_VIEWS = _VIEWS | frozenset({aten.split.Tensor, aten.split_with_sizes.default, aten.expand.default})
+
+
+def _pair_cancels(plan: _Plan, av: int, bv: int) -> frozenset[int]:
+    """The interface where both operands of a bilinear product come from one ``mm``/``addmm``
+    (data on the left, weight on the right) through views alone, in disjoint output features
+    (q and k of one qkv projection): there the A-part and the B-part of a column reach disjoint
+    weight columns and bias entries, so the squares of (a + b) and (a − b) are equal and the
+    pair, weighted ±s/2, adds exactly zero; the walk skips that interface's squares."""
+    if av == bv:
+        return frozenset()
+    tape, values, tags = plan.tape, plan.values, plan.batch.tags
+    ends: list[tuple[int, Tensor]] = []
+    for v in (av, bv):
+        ct = torch.ones_like(values[v])
+        while True:
+            j = plan.producer.get(v)
+            if j is None:
+                return frozenset()
+            node = tape.nodes[j]
+            if j in plan.interfaces:
+                break
+            refs = [r for _, r in paths((node.args, node.kwargs)) if tape.depends[r.index]]
+            if node.func not in _CHAIN_VIEWS or len(refs) != 1 or node.args[0] != refs[0]:
+                return frozenset()
+            k = node.outputs.index(v)
+            _, pull, *_ = vjp(_node_fn(node, values, [(0, 0)], [k]), values[refs[0].index])
+            (ct,) = pull((ct,))
+            v = refs[0].index
+        ends.append((j, ct))
+    (ja, ca), (jb, cb) = ends
+    node = tape.nodes[ja]
+    if ja != jb or node.func not in (aten.mm.default, aten.addmm.default) or node.kwargs or ca.dim() != 2:
+        return frozenset()
+    off = 1 if node.func is aten.addmm.default else 0
+    data = node.args[off]
+    if not isinstance(data, Ref) or not isinstance(tags[data.index], tuple):
+        return frozenset()
+    if {p for p, _, _ in plan.interfaces[ja]} - {(0, off + 1), (0, 0)}:
+        return frozenset()
+    fa, fb = (ca != 0).any(0), (cb != 0).any(0)
+    return frozenset({ja}) if not bool((fa & fb).any()) else frozenset()
 
 
 def _rowwise_last(node: TapeNode, values: Sequence[Any]) -> bool:
@@ -504,6 +565,69 @@ def _row_group(plan: _Plan, i: int, ref: Ref, out: int, adj: dict[int, Tensor], 
     h = torch.where(zero[..., None, None], torch.zeros_like(h), h)
     lam, vecs = _eigh(h, node.func, i)
     return _group_from_local(ref.index, tags[ref.index], lay, lam, vecs, tol)
+
+
+def _layer_norm_group(
+    plan: _Plan, i: int, ref: Ref, out: int, adj: dict[int, Tensor], n: int, tol: float
+) -> list[_Group]:
+    """LayerNorm over the last dimension d, in closed form (no d×d products, no ``eigh``).
+
+    Per row, with x̂ = (x − μ)/s, s = √(var + ε), g = ḡ ⊙ w (ḡ the output adjoint, w the
+    affine weight or ones), g_c = g − mean(g), a = ⟨g, x̂⟩ and P = I − 11ᵀ/d, the Hessian of
+    ⟨ḡ, LN(x)⟩ in x is
+
+        H = −(g_c x̂ᵀ + x̂ g_cᵀ − 3a x̂x̂ᵀ/d + a P) / (s² d) = α (I − e eᵀ) + L,
+
+    α = −a/(s² d), e = 1/√d, L of rank ≤ 2 in span{x̂, g_c}. Columns per row: d one-hot columns
+    of weight α, e of weight −α, and L's two eigenvectors (a 2×2 ``eigh`` in the orthonormal
+    basis q₁ = x̂/‖x̂‖, q₂ ∝ g_c − ⟨g_c, q₁⟩q₁): R = rows per sample · (d + 3). Two groups: the
+    one-hot columns as a diagonal group (m = α on every entry of the row; closed-form transport
+    applies to it) and the three vector columns per row."""
+    tape, values, tags = plan.tape, plan.values, plan.batch.tags
+    node = tape.nodes[i]
+    args, _ = resolve((node.args, node.kwargs), values)
+    x = values[ref.index]
+    d = int(x.shape[-1])
+    weight = args[2] if len(args) > 2 else None
+    eps = float(args[4]) if len(args) > 4 else 1e-5
+    lay = _layout(tuple(x.shape), tags[ref.index], n, x.dim() - 1)
+    xm = lay.to_major(x)  # (N, T, d)
+    g = lay.to_major(adj[out].to(x.dtype))
+    if isinstance(weight, Tensor):
+        g = g * weight.to(x.dtype)
+    z = xm - xm.mean(-1, keepdim=True)
+    s2 = (z * z).mean(-1, keepdim=True) + eps  # s²
+    xh = z * s2.rsqrt()
+    gc = g - g.mean(-1, keepdim=True)
+    a = (gc * xh).sum(-1, keepdim=True)  # (N, T, 1)
+    c = -1.0 / (s2 * d)
+    alpha = c * a  # (N, T, 1)
+    nx = xh.norm(dim=-1, keepdim=True)
+    safe = torch.where(nx > 0, nx, torch.ones_like(nx))
+    q1 = torch.where(nx > 0, xh / safe, torch.zeros_like(xh))
+    b1 = (gc * q1).sum(-1, keepdim=True)
+    r2 = gc - b1 * q1
+    b2 = r2.norm(dim=-1, keepdim=True)
+    q2 = torch.where(b2 > 0, r2 / torch.where(b2 > 0, b2, torch.ones_like(b2)), torch.zeros_like(r2))
+    # L = c (g_c x̂ᵀ + x̂ g_cᵀ − 3a x̂x̂ᵀ/d) with x̂ = ‖x̂‖q₁, g_c = b₁q₁ + b₂q₂, in the basis (q₁, q₂)
+    b11 = c * nx * (2 * b1 - 3 * a * nx / d)
+    b12 = c * nx * b2
+    small = torch.cat(
+        [torch.cat([b11, b12], -1)[..., None, :], torch.cat([b12, 0 * b12], -1)[..., None, :]], -2
+    )
+    mu, v = torch.linalg.eigh(small)  # (N, T, 2), (N, T, 2, 2)
+    w = q1[..., :, None] * v[..., 0:1, :] + q2[..., :, None] * v[..., 1:2, :]  # (N, T, d, 2)
+    e = torch.full_like(xm, d**-0.5)[..., None]
+    vecs = torch.cat([e, w], -1)  # (N, T, d, 3)
+    lam = torch.cat([-alpha, mu], -1)
+    if not bool(torch.isfinite(lam).all() and torch.isfinite(vecs).all()):
+        raise EngineUnsupportedError(f"the local Hessian of {node.func} (tape position {i}) is not finite")
+    flat = _layout(tuple(x.shape), tags[ref.index], n, None)
+    diag = flat.to_major(lay.from_major(alpha.expand_as(xm)[None])[0]).reshape(flat.n, -1, 1)
+    return [
+        _group_from_local(ref.index, tags[ref.index], flat, diag, None, tol),
+        _group_from_local(ref.index, tags[ref.index], lay, lam, vecs, tol),
+    ]
 
 
 def _eigh(h: Tensor, func: Any, i: int) -> tuple[Tensor, Tensor]:
@@ -660,7 +784,9 @@ def _batched_vjp(
 class _Walker:
     """One batched reverse walk per chunk of columns; accumulates the diagonal per leaf."""
 
-    def __init__(self, plan: _Plan, leaves: list[Tensor], n: int, per_sample: bool = False) -> None:
+    def __init__(
+        self, plan: _Plan, leaves: list[Tensor], n: int, per_sample: bool = False, defer: bool = False
+    ) -> None:
         self.plan = plan
         self.leaves = leaves
         self.n = n
@@ -668,6 +794,13 @@ class _Walker:
         # per sample: rows allocated on first use (N·P entries: one pass fewer over them)
         self.diag: list[Any] = [None if per_sample else torch.zeros_like(leaf) for leaf in leaves]
         self.pulls: dict[tuple[int, tuple[Any, ...]], tuple[Any, list[int]]] = {}
+        # defer: at mm/addmm interfaces with one row per sample the squares depend on the columns
+        # only through Σ_c w_c δ_c^⊙2 (see _diagonal_squares), summed here over every group and
+        # chunk and turned into squares once by result() (one product with x^⊙2 per layer, not
+        # one per group and chunk)
+        self.defer = defer
+        self.pending: dict[int, Tensor] = {}
+        self.rows: dict[int, Any] = {}  # node → _linear_rows(node), memoized
 
     def _add(self, leaf: int, x: Tensor) -> None:
         if self.diag[leaf] is None:
@@ -676,6 +809,8 @@ class _Walker:
             self.diag[leaf] += x
 
     def result(self) -> list[Tensor]:
+        for i in list(self.pending):
+            self._diagonal_squares(i, self.pending.pop(i), now=True)
         return [
             d if d is not None else leaf.new_zeros(self.n, *leaf.shape)
             for d, leaf in zip(self.diag, self.leaves)
@@ -714,14 +849,18 @@ class _Walker:
             return None
         return off, (0, off + 1)
 
-    def _diagonal_squares(self, i: int, dgram: Tensor) -> None:
+    def _diagonal_squares(self, i: int, dgram: Tensor, now: bool = False) -> None:
         """Feed Σ_c w_c δ_c^⊙2 = ``dgram`` (signed, one row per sample) to the interfaces of node
-        ``i`` as two columns √dgram⁺, √dgram⁻ with weights +1, −1 (exact where every parameter
-        entry receives one output entry per sample: mm/addmm with one row per sample)."""
+        ``i`` as the squares their rules sum the columns into (exact where every parameter
+        entry receives one output entry per sample: mm/addmm with one row per sample). With
+        ``defer`` (and not ``now``) only added to the node's pending sum."""
+        if self.defer and not now:
+            self.pending[i] = self.pending[i] + dgram if i in self.pending else dgram
+            return
         node = self.plan.tape.nodes[i]
         out = node.outputs[0]
-        cols = torch.stack([dgram.clamp(min=0).sqrt(), (-dgram).clamp(min=0).sqrt()])
-        weights = torch.tensor([1.0, -1.0], dtype=cols.dtype, device=cols.device)
+        cols = dgram.unsqueeze(0)  # the shape only: the rules take the squares as given (exact)
+        weights = None
         axes = {p: t for p, t in self.plan.batch.arg_tags(i, node).items() if isinstance(t, tuple)}
         for path, leaf, chain in self.plan.interfaces.get(i, []):
             sq = interfaces.param_squares(
@@ -734,6 +873,7 @@ class _Walker:
                 weights,
                 self.n,
                 per_sample=self.per_sample,
+                squares=dgram,
             )
             if sq is None:
                 raise EngineUnsupportedError(
@@ -778,7 +918,7 @@ class _Walker:
                     beyond = isinstance(data, Ref) and tape.depends[data.index]  # more interfaces behind
                     stop = j
                     break
-                refs = [r for _, r in paths((node.args, node.kwargs)) if tape.depends[r.index]]
+                refs = [r for _, r in node.arg_paths() if tape.depends[r.index]]
                 unary = (torch.Tag.pointwise in node.func.tags or rule(node.func).batch == "same_shape") and (
                     not node.multi
                 )
@@ -807,7 +947,7 @@ class _Walker:
             node = tape.nodes[j]
             x = values[node.args[0].index]
             d = rule(node.func).derivs
-            if d is not None and len(paths((node.args, node.kwargs))) == 1:
+            if d is not None and len(node.arg_paths()) == 1:
                 args_ = resolve((node.args, node.kwargs), values)
                 deriv = d(node.func, x, *args_[0][1:], **args_[1])[1]  # f' in closed form
             else:
@@ -847,12 +987,20 @@ class _Walker:
             if not any(o is not None and o in cot for o in node.outputs):
                 continue
             cts = {o: cot.pop(o) for o in node.outputs if o is not None and o in cot}
-            if not same and i not in skip:  # skip: interfaces already served in closed form
-                for path, leaf, chain in plan.interfaces.get(i, []):
-                    self._interface(i, node, path, leaf, chain, cts, signs, weights)
+            if not same and i not in skip and i in plan.interfaces:  # skip: served in closed form
+                if i not in self.rows:
+                    self.rows[i] = self._linear_rows(i)
+                out0 = int(node.outputs[0] or 0)
+                if self.defer and self.rows[i] is not None and list(cts) == [out0]:
+                    ct = cts[out0]  # (k, N, d): Σ_c w_c δ_c^⊙2 with the signs per column and sample
+                    w = signs.to(ct.dtype) if weights is None else signs.to(ct.dtype) * weights[:, None]
+                    self._diagonal_squares(i, (ct * ct * w[:, :, None]).sum(0))
+                else:
+                    for path, leaf, chain in plan.interfaces[i]:
+                        self._interface(i, node, path, leaf, chain, cts, signs, weights)
             positions = [
                 p
-                for p, r in paths((node.args, node.kwargs))
+                for p, r in node.arg_paths()
                 if tape.depends[r.index]
                 and _floating(values[r.index])
                 and (tags[r.index] is SAME) == same
@@ -938,6 +1086,18 @@ class _Walker:
         if not chain:
             return sq.to(self.leaves[leaf].dtype)
         tape, values = self.plan.tape, self.plan.values
+        lead = sq.to(values[int(tape.nodes[chain[-1]].outputs[0] or 0)].dtype)
+        fast: Tensor | None = lead if self.per_sample else lead.unsqueeze(0)  # the rules: a column axis
+        for i in reversed(chain):  # the registry's view VJPs (no vjp transform per call)
+            node = tape.nodes[i]
+            out = (
+                _batched_vjp(node, values, [(0, 0)], {int(node.outputs[0] or 0): fast})
+                if fast is not None
+                else None
+            )
+            fast = None if out is None else out[0]
+        if fast is not None:
+            return (fast if self.per_sample else fast[0]).to(self.leaves[leaf].dtype)
 
         def views(x: Tensor) -> Tensor:
             for i in chain:
@@ -949,6 +1109,280 @@ class _Walker:
         return vmap(pull)(sq)[0] if self.per_sample else pull(sq)[0]
 
 
+# ---- row packing (helper B2, issue 11): one-row columns walked packed, compressed at a cut ----
+# Columns of LayerNorm rows and of pointwise ops on (N·T rows, C) values each live in one row of
+# one sample. Through ops that act on every row separately (pointwise, Linear on the last
+# dimension, LayerNorm, reshapes keeping the last dimension, residual adds) the columns of the
+# T rows of a sample stay in their own rows, so the columns (t, k) for t = 1..T travel as ONE
+# packed column k (per-row signs), with the parameter squares taken per row (a row's columns
+# touch only that row's entries: the column-summed closed forms Σ_k σ_k δ_k^⊙2 of
+# :meth:`_Walker._diagonal_squares` with rows as samples). Where every path from the group meets
+# one row-shaped value (a *cut*, e.g. the residual stream below a transformer's MLP), the
+# columns of every group arriving there are summed per row, M_r = Σ_k σ_k s_k s_kᵀ (C×C), and
+# split again by a batched ``eigh``: at most C columns per row go on through the regular walk,
+# instead of the sum of the groups' counts.
+
+
+def _row_count(plan: _Plan, v: int) -> int | None:
+    """Rows of value ``v`` when it is sample-major (N·T rows of its last dimension), else None."""
+    tag, x = plan.batch.tags[v], plan.values[v]
+    if not isinstance(tag, tuple) or tag[0] != 0 or not isinstance(x, Tensor) or x.dim() < 2:
+        return None
+    return math.prod(x.shape[:-1])
+
+
+_ROW_VIEWS = frozenset({aten.view.default, aten._unsafe_view.default, aten.reshape.default})
+_ROW_ADDS = frozenset({aten.add.Tensor, aten.sub.Tensor})
+
+
+def _row_local(plan: _Plan, i: int, rows: int) -> list[Ref] | None:
+    """The batched parameter-dependent inputs of node ``i`` when it maps row r of them to row r
+    of its first output (``rows`` rows) and every parameter-side argument is an interface with a
+    per-row closed form (:func:`_row_squares`); None otherwise."""
+    tape, values, tags = plan.tape, plan.values, plan.batch.tags
+    node = tape.nodes[i]
+    out = node.outputs[0]
+    if out is None or _row_count(plan, out) != rows:
+        return None
+    dep = [
+        (p, r)
+        for p, r in paths((node.args, node.kwargs))
+        if tape.depends[r.index] and _floating(values[r.index])
+    ]
+    bat = [(p, r) for p, r in dep if isinstance(tags[r.index], tuple)]
+    ifaces = {p for p, _, _ in plan.interfaces.get(i, [])}
+    if {p for p, r in dep if tags[r.index] is SAME} != ifaces:
+        return None
+    if any(_row_count(plan, r.index) != rows for _, r in bat):
+        return None
+    func, y = node.func, values[out]
+    c = int(y.shape[-1])
+    if func in (aten.mm.default, aten.addmm.default):
+        off = 1 if func is aten.addmm.default else 0
+        ok = not node.kwargs and [p for p, _ in bat] == [(0, off)] and ifaces <= {(0, off + 1), (0, 0)}
+        return [r for _, r in bat] if ok and y.dim() == 2 else None
+    if func is aten.native_layer_norm.default:
+        ok = [p for p, _ in bat] == [(0, 0)] and len(node.args[1]) == 1 and ifaces <= {(0, 2), (0, 3)}
+        return [r for _, r in bat] if ok else None
+    if func is aten.embedding.default:
+        pad = node.args[2] if len(node.args) > 2 else -1
+        ok = not bat and ifaces == {(0, 0)} and not (len(node.args) > 3 and node.args[3]) and not node.kwargs
+        return [] if ok and isinstance(pad, int) else None
+    if func in _ROW_VIEWS:
+        ok = len(bat) == 1 and int(values[bat[0][1].index].shape[-1]) == c
+        return [r for _, r in bat] if ok else None
+    if torch.Tag.pointwise in func.tags or rule(func).batch == "same_shape":
+        if node.multi or any(tuple(values[r.index].shape) != tuple(y.shape) for _, r in bat):
+            return None
+        if ifaces:  # a broadcast parameter added to the rows: its last dimension must be C
+            if func not in _ROW_ADDS or node.kwargs or len(node.args) > 2:
+                return None
+            for p in ifaces:
+                prm = values[_Walker._ref(node, p).index]
+                if (
+                    not isinstance(prm, Tensor)
+                    or prm.dim() < 1
+                    or int(prm.shape[-1]) != c
+                    or prm.dim() > y.dim()
+                ):
+                    return None
+        return [r for _, r in bat]
+    return None
+
+
+def _row_cut(plan: _Plan, v: int, n: int) -> tuple[int | None, list[int]] | None:
+    """From value ``v`` (one-row columns), the lowest row-shaped value every path passes through
+    by row-local ops, and those ops (tape order); cut None: every path ends at an interface.
+    None: no cut below ``v`` (the columns take the regular walk)."""
+    rows = _row_count(plan, v)
+    if rows is None or rows == n:  # one row per sample: nothing to pack
+        return None
+    frontier = {v}
+    done: list[int] = []
+    best: tuple[int | None, list[int]] | None = (v, [])
+    while frontier:
+        j = max(plan.producer.get(u, -1) for u in frontier)
+        if j < 0:
+            break
+        node = plan.tape.nodes[j]
+        if any(o in frontier for o in node.outputs[1:] if o is not None):
+            break
+        ins = _row_local(plan, j, rows)
+        if ins is None:
+            break
+        frontier.discard(int(node.outputs[0] or 0))
+        frontier.update(r.index for r in ins)
+        done.append(j)
+        if not frontier:
+            return None, done
+        if len(frontier) == 1:
+            best = (next(iter(frontier)), list(done))
+    return best
+
+
+def _row_squares(plan: _Plan, i: int, path: tuple[Any, ...], dsq: Tensor) -> Tensor | None:
+    """Σ_k Σ_rows σ (∂⟨δ_k|_row, op⟩/∂θ)^⊙2 for the interface at ``path`` of row-local node ``i``
+    from ``dsq`` = Σ_k σ_k δ_k^⊙2 at its output (rows as samples)."""
+    node, values = plan.tape.nodes[i], plan.values
+    func = node.func
+    c = int(dsq.shape[-1])
+    if func in (aten.mm.default, aten.addmm.default):
+        off = 1 if func is aten.addmm.default else 0
+        cols = torch.stack([dsq.clamp(min=0).sqrt(), (-dsq).clamp(min=0).sqrt()])
+        w = torch.tensor([1.0, -1.0], dtype=cols.dtype, device=cols.device)
+        rows = int(dsq.shape[0])
+        return interfaces.param_squares(node, values, path, {(0, off): (0, 1)}, (0, 1), cols, w, rows)
+    if func is aten.native_layer_norm.default:
+        if path == (0, 3):
+            return dsq.reshape(-1, c).sum(0)
+        x = values[node.args[0].index]
+        eps = float(node.args[4]) if len(node.args) > 4 else 1e-5
+        z = x - x.mean(-1, keepdim=True)
+        xh2 = z * z / ((z * z).mean(-1, keepdim=True) + eps)
+        return (dsq * xh2.to(dsq.dtype)).reshape(-1, c).sum(0)
+    if func is aten.embedding.default:
+        weight = values[node.args[0].index]
+        idx = values[node.args[1].index] if isinstance(node.args[1], Ref) else node.args[1]
+        sq = dsq.new_zeros(weight.shape).index_add_(0, idx.reshape(-1), dsq.reshape(-1, c))
+        pad = node.args[2] if len(node.args) > 2 else -1
+        if isinstance(pad, int) and pad >= 0:
+            sq[pad] = 0
+        return sq
+    prm = values[_Walker._ref(node, path).index]
+    return dsq.sum_to_size(prm.shape)  # a broadcast parameter added to the rows (factor ±1)
+
+
+MAX_ROW_WIDTH = 256  # widest cut compressed per row (the eigh costs rows · C³, M takes rows · C² entries)
+
+
+def _pack_rows(walker: _Walker, groups: list[Any], n: int, tol: float) -> list[Any]:
+    """Walk the one-row groups packed over their row-local segments (serving the interfaces
+    there) and replace them by the compressed columns at their cuts (see the section comment).
+    A group whose cut is wider than ``MAX_ROW_WIDTH`` or whose per-row matrices exceed a quarter
+    of the memory budget takes the regular walk."""
+    plan = walker.plan
+    tags = plan.batch.tags
+    keep: list[Any] = []
+    at_cut: dict[int, list[tuple[Any, Tensor, Tensor]]] = {}  # cut → [(group, columns, signs)]
+    for group in groups:
+        found = _row_cut(plan, group.value, n) if isinstance(group, _Group) else None
+        if found is not None and found[0] is not None:
+            x = plan.values[found[0]]
+            c = int(x.shape[-1])
+            if c > MAX_ROW_WIDTH or x.numel() * c * x.element_size() > memory_budget() // 4:
+                found = None
+        packed = None if found is None else _packed_columns(plan, group)
+        if packed is None or found is None:
+            keep.append(group)
+            continue
+        cut, nodes = found
+        cols, signs = packed  # (K, *value shape), (K, R)
+        if not cols.shape[0]:  # every column zero: no contribution
+            continue
+        touched = [int(plan.tape.nodes[j].outputs[0] or 0) for j in nodes] + [group.value]
+        per_col = 4 * cols.element_size() * sum(int(plan.values[v].numel()) for v in touched)
+        step = max(1, memory_budget() // max(1, per_col))
+        ends = []
+        for c0 in range(0, cols.shape[0], step):
+            end = _row_walk(walker, group.value, cols[c0 : c0 + step], signs[c0 : c0 + step], nodes)
+            if cut is not None:
+                ends.append(end[cut])
+        if cut is not None:
+            at_cut.setdefault(cut, []).append((group if not nodes else None, torch.cat(ends), signs))
+    for cut, parts in at_cut.items():
+        if len(parts) == 1 and parts[0][0] is not None:  # one group at its own value: nothing to merge
+            keep.append(parts[0][0])
+            continue
+        x = plan.values[cut]
+        c = int(x.shape[-1])
+        m = None
+        for _, cols, signs in parts:
+            s = cols.reshape(cols.shape[0], -1, c)
+            term = torch.einsum("kr,kri,krj->rij", signs.to(s.dtype), s, s)
+            m = term if m is None else m + term
+        assert m is not None
+        lay = _layout(tuple(x.shape), tags[cut], n, x.dim() - 1)
+        lam, vecs = _eigh((m + m.transpose(-1, -2)) / 2, "the summed row columns", cut)
+        keep.append(
+            _group_from_local(cut, tags[cut], lay, lam.reshape(n, -1, c), vecs.reshape(n, -1, c, c), tol)
+        )
+    return keep
+
+
+def _row_walk(
+    walker: _Walker, value: int, cols: Tensor, signs: Tensor, nodes: list[int]
+) -> dict[int, Tensor]:
+    """Pull packed columns at ``value`` back through the row-local ``nodes``, serving their
+    interfaces per row; the columns left at the cut (an empty dict when none is left)."""
+    plan = walker.plan
+    tags = plan.batch.tags
+    cot = {value: cols}
+    for j in sorted(nodes, reverse=True):
+        node = plan.tape.nodes[j]
+        o = int(node.outputs[0] or 0)
+        ct = cot.pop(o)
+        if j in plan.interfaces:
+            s = signs.reshape(signs.shape[0], *ct.shape[1:-1], 1).to(ct.dtype)
+            dsq = (ct * ct * s).sum(0)
+            for path, leaf, chain in plan.interfaces[j]:
+                sq = _row_squares(plan, j, path, dsq)
+                if sq is None:  # pragma: no cover - _row_local admits only closed forms
+                    raise EngineUnsupportedError(f"{node.func} (tape position {j}): no per-row rule")
+                walker._add(leaf, walker._to_leaf(leaf, chain, sq))
+        positions = [
+            p
+            for p, r in paths((node.args, node.kwargs))
+            if plan.tape.depends[r.index]
+            and _floating(plan.values[r.index])
+            and isinstance(tags[r.index], tuple)
+        ]
+        if not positions:
+            continue
+        grads = _batched_vjp(node, plan.values, positions, {o: ct})
+        if grads is None:
+            pull, outs = walker._pull(j, positions)
+            zeros = [plan.values[int(node.outputs[k] or 0)] for k in outs]
+            grads = vmap(pull)(
+                tuple(ct if k == 0 else z.new_zeros(ct.shape[0], *z.shape) for k, z in zip(outs, zeros))
+            )
+        for p, gr in zip(positions, grads):
+            idx = _Walker._ref(node, p).index
+            cot[idx] = cot[idx] + gr if idx in cot else gr
+    return cot
+
+
+def _packed_columns(plan: _Plan, group: Any) -> tuple[Tensor, Tensor] | None:
+    """A group's columns packed over rows: (K, *value shape) with column k of every row in its
+    row, and the signs (K, rows); None when its columns are not one-row (or not sample-major)."""
+    if not isinstance(group, _Group) or not isinstance(group.tag, tuple) or group.tag[0] != 0:
+        return None
+    x = plan.values[group.value]
+    rows = _row_count(plan, group.value)
+    lay = group.layout
+    if rows is None or lay.perm != list(range(x.dim())) or not group.keep:
+        return None
+    c = int(x.shape[-1])
+    if group.vecs is None:  # one-hot entries (t·C + j): packed column j
+        if lay.c != 1:
+            return None
+        scale = group.scale.reshape(-1, c)  # (R, C)
+        sign = group.sign.reshape(-1, c)
+        eye = torch.eye(c, dtype=scale.dtype, device=scale.device)
+        cols = scale.T[:, :, None] * eye[:, None, :]  # (C, R, C): column j holds scale[r, j] e_j in row r
+        live = (scale != 0).any(0)
+        return cols[live].reshape(-1, *x.shape), sign.T[live].contiguous()
+    if lay.c != c:
+        return None
+    k = group.vecs.shape[-1]
+    cols = (group.vecs * group.scale[:, :, None, :]).reshape(-1, c, k).permute(2, 0, 1)  # (K, R, C)
+    live = (group.scale != 0).reshape(-1, k).any(0)
+    return cols[live].reshape(-1, *x.shape), group.sign.reshape(-1, k).T[live].contiguous()
+
+
+# ---- end of row packing ----
+
+
+@with_plain_kernels  # the walks call ATen ops on recorded values (recording enters the kernels again)
 def engine_diagonal(
     g: Callable[[list[Tensor]], Tensor],
     leaves: Sequence[Tensor],
@@ -987,13 +1421,17 @@ def engine_diagonal(
     """
     leaves = [leaf.detach() for leaf in leaves]
     n = int(data[0].shape[0])
-    prepared = _prepare(g, leaves, data, n, batched_output=False)
+    try:  # the adjoints from the recording pass itself (no replay of the tape)
+        recorded = record(g, leaves, adjoints=_recorded_adjoints)
+    except TapeUnsupportedError as exc:
+        raise EngineUnsupportedError(str(exc.args[0])) from exc
+    prepared = _prepare(g, leaves, data, n, batched_output=False, tape=recorded)
     if prepared is None:
         return [
             leaf.new_zeros(n, *leaf.shape) if per_sample else torch.zeros_like(leaf) for leaf in leaves
         ], 0
     tape, values, plan = prepared
-    adj = _adjoints(tape, leaves, values)
+    adj = tape.extra if tape.extra is not None else _adjoints(tape, leaves, values)
     tol_scale = 64 * torch.finfo(leaves[0].dtype).eps
     groups = _groups(plan, adj, n, tol_scale)
     r_total = sum(gr.count for gr in groups if gr.tag is not SAME)  # per sample
@@ -1006,7 +1444,9 @@ def engine_diagonal(
         raise EngineTooCostlyError(pulled)
     if per_sample and any(gr.tag is SAME and gr.count for gr in groups):
         raise EngineUnsupportedError(_PARAMETER_ONLY)
-    walker = _Walker(plan, leaves, n, per_sample)
+    walker = _Walker(plan, leaves, n, per_sample, defer=True)
+    if not per_sample:
+        groups = _pack_rows(walker, groups, n, tol_scale)
     step = chunk_size or _default_step(plan, leaves, n)
     for group in groups:
         if (
@@ -1021,9 +1461,10 @@ def engine_diagonal(
             continue
         if walker.closed_form(group, step):
             continue
-        for c0 in range(0, group.count, step):
-            cols, signs = group.get(c0, min(group.count, c0 + step))
-            walker.walk(group, cols, signs)
+        group_step = _balanced(step, group.count)
+        for c0 in range(0, group.count, group_step):
+            cols, signs = group.get(c0, min(group.count, c0 + group_step))
+            walker.walk(group, cols, signs, skip=getattr(group, "skip", frozenset()))
     return walker.result(), r_total
 
 
@@ -1063,11 +1504,12 @@ def _default_step(plan: _Plan, leaves: list[Tensor], n: int) -> int:
     rows per sample)."""
     tape, values = plan.tape, plan.values
     item = leaves[0].element_size()
-    per_col = item * sum(
+    sizes = [
         int(v.numel())
         for j, v in enumerate(values)
         if isinstance(plan.batch.tags[j], tuple) and tape.depends[j]
-    )
+    ]
+    per_col = item * sum(sizes)
     formed = [
         leaves[leaf].numel()
         for i, ifs in plan.interfaces.items()
@@ -1079,6 +1521,16 @@ def _default_step(plan: _Plan, leaves: list[Tensor], n: int) -> int:
     return max(1, memory_budget() // (4 * max(1, per_col)))
 
 
+def _balanced(step: int, count: int) -> int:
+    """The chunk size that splits ``count`` columns into as few chunks of at most ``step`` as
+    possible, all of about the same size (9 columns in steps of 4: 3 + 3 + 3, not 4 + 4 + 1)."""
+    if count <= step:
+        return max(1, step)
+    chunks = -(-count // step)
+    return -(-count // chunks)
+
+
+@with_plain_kernels
 def engine_output_diagonal(
     model: Callable[[list[Tensor]], Tensor],
     leaves: Sequence[Tensor],
@@ -1115,10 +1567,10 @@ def engine_output_diagonal(
     tape, values, plan = prepared
     assert tape.output is not None
     z = tape.output.index
-    walker = _Walker(plan, leaves, n, per_sample)
+    walker = _Walker(plan, leaves, n, per_sample, defer=True)
     dummy = values[z].new_zeros(1, 1, 1)
     group = _Group(z, (0, 1), _layout(tuple(values[z].shape), (0, 1), n, None), dummy, dummy, None, [])
-    step = chunk_size or _default_step(plan, leaves, n)
+    step = chunk_size or _balanced(_default_step(plan, leaves, n), num_columns)
     for c0 in range(0, num_columns, step):
         c1 = min(num_columns, c0 + step)
         cols = columns(c0, c1).detach().to(values[z].dtype)
@@ -1137,15 +1589,37 @@ def engine_output_diagonal(
     return walker.result()
 
 
-def _adjoints(tape: Tape, leaves: list[Tensor], values: list[Any]) -> dict[int, Tensor]:
-    """ḡ of every floating, parameter-dependent op output that reaches the loss (one reverse pass)."""
-    assert tape.output is not None
-    wanted = [
+def _wanted(tape: Tape, values: list[Any]) -> list[int]:
+    """The values whose adjoints the columns need: floating, parameter-dependent op outputs of
+    ops with curvature."""
+    return [
         o
         for node in tape.nodes
         for o in node.outputs
         if o is not None and tape.depends[o] and _floating(values[o]) and not rule(node.func).curvature_free
     ]
+
+
+def _recorded_adjoints(tape: Tape) -> dict[int, Tensor] | None:
+    """ḡ of the :func:`_wanted` values by one backward pass of the graph built while recording
+    (:func:`secorder._engine.tape.record` with ``adjoints``): no replay of the tape. None where
+    the result does not depend on the leaves."""
+    values = tape.values
+    assert values is not None
+    if tape.output is None or not tape.depends[tape.output.index] or not tape.result.requires_grad:
+        return None
+    wanted = [o for o in _wanted(tape, values) if values[o].requires_grad]
+    if not wanted:
+        return {}
+    with torch.enable_grad():
+        grads = torch.autograd.grad(tape.result, [values[o] for o in wanted], allow_unused=True)
+    return {o: gr for o, gr in zip(wanted, grads) if gr is not None}
+
+
+def _adjoints(tape: Tape, leaves: list[Tensor], values: list[Any]) -> dict[int, Tensor]:
+    """ḡ of every floating, parameter-dependent op output that reaches the loss (one reverse pass)."""
+    assert tape.output is not None
+    wanted = _wanted(tape, values)
     with torch.enable_grad():
         eps = {o: torch.zeros_like(values[o]).requires_grad_(True) for o in wanted}
         vals = tape.replay(leaves, (), eps)

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from secorder._kernels import decomposed_kernels
+from secorder._kernels import decomposed_kernels, with_plain_kernels
 
 __all__ = [
     "Ref",
@@ -67,6 +67,13 @@ class TapeNode:
     kwargs: dict[str, Any]
     outputs: list[int | None]  # value index of each output (None: not a tensor)
     multi: bool  # the op returned a tuple/list
+    _paths: Any = field(default=None, repr=False, compare=False)
+
+    def arg_paths(self) -> list[tuple[tuple[Any, ...], Ref]]:
+        """``paths((args, kwargs))``, computed once per node (the walks ask for it per chunk)."""
+        if self._paths is None:
+            self._paths = paths((self.args, self.kwargs))
+        return self._paths
 
 
 @dataclass
@@ -81,6 +88,7 @@ class Tape:
     values: list[Any] | None = None  # the recorded values (None when an in-place op rewrote one)
     widest: int = 0  # the most elements of a floating value computed from the inputs (sizes tangents)
     numels: list[int] = field(default_factory=list)  # per value: elements if floating, else 0
+    extra: Any = None  # what record(adjoints=...) returned (e.g. the adjoints of the recorded values)
 
     def replay(
         self,
@@ -265,21 +273,35 @@ def _data_dependent_ops() -> frozenset[Any]:
 _DATA_DEPENDENT = _data_dependent_ops()
 
 
+@with_plain_kernels  # the bookkeeping is secorder's own; the evaluation enters the kernels again
 def record(
-    fn: Callable[..., Tensor], leaves: Sequence[Tensor], inputs: Sequence[Tensor] | None = None
+    fn: Callable[..., Tensor],
+    leaves: Sequence[Tensor],
+    inputs: Sequence[Tensor] | None = None,
+    *,
+    adjoints: Callable[[Tape], Any] | None = None,
 ) -> Tape:
     """Record one evaluation of ``fn(leaves)``, or ``fn(leaves, inputs)`` when data ``inputs``
-    are given (no autograd graph is built).
+    are given (no autograd graph is built, unless ``adjoints`` asks for one).
+
+    Args:
+        adjoints: evaluate with autograd on (leaves requiring grad) and call ``adjoints(tape)``
+            while the recorded values still hold the graph (e.g. ``torch.autograd.grad`` of
+            the result with respect to recorded values: every adjoint from this one forward
+            pass, no replay); the recorded values are detached afterwards and the callback's
+            return value is kept as ``tape.extra``. Not called when an in-place op rewrote a
+            recorded value (``tape.values`` is None then).
 
     Raises:
         TapeUnsupportedError: the evaluation cannot be replayed faithfully (for a tape with
             inputs also: Python control flow or shapes that may depend on the inputs' values).
     """
-    leaves = [leaf.detach() for leaf in leaves]
+    grad = adjoints is not None
+    leaves = [leaf.detach().requires_grad_(grad) if grad else leaf.detach() for leaf in leaves]
     data = [] if inputs is None else [x.detach() for x in inputs]
     rec = _Recorder([*leaves, *data])
     try:
-        with decomposed_kernels(), torch.no_grad(), rec:
+        with decomposed_kernels(), torch.set_grad_enabled(grad), rec:
             result = fn(leaves) if inputs is None else fn(leaves, data)
     except TapeUnsupportedError:  # pragma: no cover - not raised inside
         raise
@@ -313,7 +335,7 @@ def record(
     numels = [0] * rec.num_values
     for i, n in sizes.items():
         numels[i] = n
-    return Tape(
+    tape = Tape(
         len(leaves),
         rec.nodes,
         None if idx is None else Ref(idx),
@@ -325,3 +347,9 @@ def record(
         widest,
         numels,
     )
+    if grad:
+        if tape.values is not None:
+            tape.extra = adjoints(tape)  # type: ignore[misc]
+            tape.values = [v.detach() if isinstance(v, Tensor) else v for v in tape.values]
+        tape.result = result.detach()
+    return tape

@@ -12,6 +12,17 @@ the products directly from the recorded values (None: the generic road):
   zero-stride stand-in for the input (its values are not read), no forward re-run; on CPU,
   columns of a megabyte or more go one at a time (vmap folds them into one batch, which ran
   about 25% slower on the benchmark CNN: the (k, N, C, H, W) blocks leave the cache);
+* ``mm`` / ``addmm`` (either matrix operand): one matrix product of all k columns with the
+  other operand (``ct @ Bᵀ``, ``Aᵀ @ ct``), times ``alpha``;
+* views (``t``, ``transpose``, ``permute``, ``view``/``reshape``/``_unsafe_view``,
+  ``unsqueeze``, ``squeeze``): the inverse permutation or reshape of the columns;
+* unary pointwise ops with a closed-form derivative in the registry (``OpRule.derivs``: tanh,
+  sigmoid, exp, ...): the columns times f'(x); ``relu``: the columns where the output is
+  positive (``threshold_backward``'s convention: zero at x = 0).
+
+Each of these replaced a ``vjp`` (a forward re-run under a functorch transform) and a
+``vmap`` of its pullback per op and chunk: on the benchmark MLP that Python overhead was most
+of the walk.
 """
 
 from __future__ import annotations
@@ -85,7 +96,103 @@ def convolution_vjp(
     return [folded.reshape(k, *x.shape)]
 
 
+def matmul_vjp(
+    node: TapeNode, values: Sequence[Any], positions: list[tuple[Any, ...]], cts: dict[int, Tensor]
+) -> list[Tensor] | None:
+    """``mm(self, mat2)``, ``addmm(self, mat1, mat2, beta, alpha)``: the matrix operands' columns."""
+    out = node.outputs[0]
+    if out is None or out not in cts or len(cts) != 1:
+        return None
+    ct = cts[out]
+    args, kwargs = resolve(node.args, values), resolve(node.kwargs, values)
+    if node.func is aten.addmm.default:
+        names = ("self", "mat1", "mat2", "beta", "alpha")
+        bound = {**dict(zip(names, args)), **kwargs}
+        a, b, alpha, first = bound["mat1"], bound["mat2"], bound.get("alpha", 1), 1
+    else:
+        if kwargs or len(args) != 2:
+            return None
+        a, b, alpha, first = args[0], args[1], 1, 0
+    if not isinstance(a, Tensor) or not isinstance(b, Tensor) or a.dim() != 2 or b.dim() != 2:
+        return None
+    res = []
+    for p in positions:
+        if p == (0, first):
+            g = ct @ b.T.to(ct.dtype)  # (k, n, m) @ (m, p): one product over all columns
+        elif p == (0, first + 1):
+            g = a.T.to(ct.dtype) @ ct  # (p, n) @ (k, n, m)
+        else:  # the bias of addmm (batched only in unusual programs): the generic road
+            return None
+        res.append(g if alpha == 1 else g * alpha)
+    return res
+
+
+def _inverse(perm: Sequence[int]) -> list[int]:
+    inv = [0] * len(perm)
+    for i, p in enumerate(perm):
+        inv[p] = i
+    return inv
+
+
+def view_vjp(
+    node: TapeNode, values: Sequence[Any], positions: list[tuple[Any, ...]], cts: dict[int, Tensor]
+) -> list[Tensor] | None:
+    """Views that keep every entry once: the inverse permutation, or a reshape back."""
+    ct = _only_first(node, positions, cts)
+    if ct is None:
+        return None
+    x = values[node.args[0].index]
+    if not isinstance(x, Tensor):
+        return None
+    func = node.func
+    nd = x.dim()
+    if func is aten.t.default or func is aten.transpose.int:
+        if nd < 2 and func is aten.t.default:
+            return [ct]
+        d0, d1 = (0, 1) if func is aten.t.default else (int(node.args[1]) % nd, int(node.args[2]) % nd)
+        return [ct.transpose(d0 + 1, d1 + 1)]
+    if func is aten.permute.default:
+        perm = [int(d) % nd for d in node.args[1]]
+        return [ct.permute(0, *[1 + i for i in _inverse(perm)])]
+    return [ct.reshape(ct.shape[0], *x.shape)]  # view, reshape, unsqueeze, squeeze
+
+
+def pointwise_vjp(
+    node: TapeNode, values: Sequence[Any], positions: list[tuple[Any, ...]], cts: dict[int, Tensor]
+) -> list[Tensor] | None:
+    """Unary pointwise ops: the columns times f'(x) from the registry's closed form."""
+    from secorder._engine.rules import rule  # the registry imports this module
+
+    ct = _only_first(node, positions, cts)
+    derivs = rule(node.func).derivs
+    if ct is None or derivs is None or any(isinstance(a, (Ref, list, tuple)) for a in node.args[1:]):
+        return None
+    if any(isinstance(v, (Ref, list, tuple)) for v in node.kwargs.values()):
+        return None
+    x = values[node.args[0].index]
+    if node.func is aten.relu.default:  # threshold_backward: zero where the output is not positive
+        out = node.outputs[0]
+        assert out is not None
+        y = values[out]
+        return [aten.threshold_backward(ct, y.to(ct.dtype).expand_as(ct), 0)]  # (torch.where: 10x slower)
+    d1 = derivs(node.func, x, *node.args[1:], **node.kwargs)[1]
+    return [ct * d1.to(ct.dtype)]
+
+
+_VIEW_OPS = (
+    "t", "transpose.int", "permute", "view", "_unsafe_view", "reshape", "unsqueeze", "squeeze", "squeeze.dim",
+    "squeeze.dims",
+)  # fmt: skip
+_POINTWISE_OPS = (
+    "tanh", "sigmoid", "sin", "cos", "exp", "log", "sqrt", "rsqrt", "reciprocal", "pow.Tensor_Scalar", "relu",
+    "silu", "softplus",
+)  # fmt: skip
+
 VJPS: dict[str, Any] = {
     "max_pool2d_with_indices": max_pool_vjp,
     "convolution": convolution_vjp,
+    "mm": matmul_vjp,
+    "addmm": matmul_vjp,
+    **dict.fromkeys(_VIEW_OPS, view_vjp),
+    **dict.fromkeys(_POINTWISE_OPS, pointwise_vjp),
 }
