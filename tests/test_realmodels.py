@@ -51,7 +51,6 @@ SWEEP_REFUSED = {
     "rnn",
     "lstm",
     "gru",
-    "mha",
     "vit",
 }
 

@@ -1766,12 +1766,16 @@ def engine_cp_diagonal(
     leaves = [leaf.detach() for leaf in leaves]
     k_all = num_probes
     n = int(data[0].shape[0])
-    prepared = _prepare(g, leaves, data, n, batched_output=False)
+    try:  # recorded as for engine_diagonal (the adjoints from the recording pass itself)
+        recorded = record(g, leaves, adjoints=_recorded_adjoints)
+    except TapeUnsupportedError as exc:
+        raise EngineUnsupportedError(str(exc.args[0])) from exc
+    prepared = _prepare(g, leaves, data, n, batched_output=False, tape=recorded)
     if prepared is None:
         zeros = [leaf.new_zeros(k_all, *leaf.shape) for leaf in leaves]
         return *_cp_summary(zeros), zeros, 0
     tape, values, plan = prepared
-    adj = _adjoints(tape, leaves, values)
+    adj = tape.extra if tape.extra is not None else _adjoints(tape, leaves, values)
     tol_scale = 64 * torch.finfo(leaves[0].dtype).eps
     groups = _groups(plan, adj, n, tol_scale)
     r_total = sum(gr.count for gr in groups if gr.tag is not SAME)
