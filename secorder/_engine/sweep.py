@@ -51,7 +51,7 @@ from torch import Tensor
 from torch.func import vjp, vmap
 
 from secorder._chunking import memory_budget
-from secorder._engine import interfaces
+from secorder._engine import interfaces, leafvjp
 from secorder._engine.batch import SAME, SUMMED, BatchAnalysis, BatchAxisError, Tag, analyze
 from secorder._engine.rules import rule
 from secorder._engine.tape import (
@@ -218,6 +218,7 @@ class _Plan:
     batch: BatchAnalysis
     producer: dict[int, int]
     interfaces: dict[int, list[tuple[tuple[Any, ...], int, list[int]]]]  # node → (path, leaf, view chain)
+    fallback: leafvjp.Fallback  # leaves no interface covers: per-sample VJPs
 
 
 def _resolve_leaf(tape: Tape, producer: dict[int, int], ref: Ref) -> tuple[int, list[int]] | None:
@@ -244,7 +245,9 @@ def _plan(
     batch = analyze(tape, values, data, n, batched_output=batched_output)
     producer = {o: i for i, node in enumerate(tape.nodes) for o in node.outputs if o is not None}
     ifaces: dict[int, list[tuple[tuple[Any, ...], int, list[int]]]] = {}
-    used: dict[int, int] = {}
+    meetings: list[tuple[int, tuple[Any, ...], Ref, bool]] = []
+    resolved: dict[tuple[int, tuple[Any, ...]], tuple[int, list[int]]] = {}
+    used: dict[int, list[int]] = {}
     for i, node in enumerate(tape.nodes):
         out_tags = [batch.tags[o] for o in node.outputs if o is not None]
         if not any(isinstance(t, tuple) for t in out_tags):
@@ -253,20 +256,17 @@ def _plan(
             if batch.tags[r.index] is not SAME or not tape.depends[r.index] or not _floating(values[r.index]):
                 continue
             found = _resolve_leaf(tape, producer, r)
-            if found is None:
-                raise EngineUnsupportedError(
-                    f"the parameter-side argument {p} of {node.func} (tape position {i}) is computed "
-                    "from the parameters by ops other than views (no per-sample rule there)"
-                )
-            leaf, chain = found
-            if leaf in used and used[leaf] != i:
-                raise EngineUnsupportedError(
-                    f"parameter leaf {leaf} meets per-sample data at two ops (tape positions "
-                    f"{used[leaf]} and {i}; tied weights need per-sample gradients summed before squaring)"
-                )
-            used[leaf] = i
+            meetings.append((i, p, r, found is not None))
+            if found is not None:
+                resolved[(i, p)] = found
+                used.setdefault(found[0], []).append(i)
+    # leaves no interface covers (tied, or computed by non-view ops): per-sample VJPs (leafvjp)
+    fallback, kept = leafvjp.plan_fallback(tape, producer, meetings, used)
+    for i, p, _, _ in meetings:
+        if (i, p) in kept:
+            leaf, chain = resolved[(i, p)]
             ifaces.setdefault(i, []).append((p, leaf, chain))
-    return _Plan(tape, values, batch, producer, ifaces)
+    return _Plan(tape, values, batch, producer, ifaces, fallback)
 
 
 def _groups(plan: _Plan, adj: dict[int, Tensor], n: int, tol_scale: float) -> list[Any]:
@@ -653,6 +653,7 @@ class _Walker:
         # per sample: rows allocated on first use (N·P entries: one pass fewer over them)
         self.diag: list[Any] = [None if per_sample else torch.zeros_like(leaf) for leaf in leaves]
         self.pulls: dict[tuple[int, tuple[Any, ...]], tuple[Any, list[int]]] = {}
+        self.fb_pull: Any = None  # VJP of the fallback leaves' parameter-only sub-program
 
     def _add(self, leaf: int, x: Tensor) -> None:
         if self.diag[leaf] is None:
@@ -688,7 +689,11 @@ class _Walker:
         """For an interface ``mm``/``addmm`` with one row per sample (2-D, sample axis (0, 1)) and
         the parameter on the right: (offset of the data operand, path of the weight)."""
         node = self.plan.tape.nodes[i]
-        if node.func not in (aten.mm.default, aten.addmm.default) or node.kwargs:
+        if (
+            node.func not in (aten.mm.default, aten.addmm.default)
+            or node.kwargs
+            or i in self.plan.fallback.meetings
+        ):
             return None
         off = 1 if node.func is aten.addmm.default else 0
         tags = self.plan.batch.arg_tags(i, node)
@@ -826,6 +831,7 @@ class _Walker:
         cot: dict[int, Tensor] = dict(cols) if isinstance(cols, dict) else {group.value: cols}
         k = next(iter(cot.values())).shape[0]
         same = group.tag is SAME
+        fb_grads: dict[int, Tensor] = {}  # per-sample gradients at the fallback meetings (leafvjp)
         start = max(plan.producer.get(v, -1) for v in cot)
         for i in range(start, -1, -1):
             node = tape.nodes[i]
@@ -835,6 +841,11 @@ class _Walker:
             if not same and i not in skip:  # skip: interfaces already served in closed form
                 for path, leaf, chain in plan.interfaces.get(i, []):
                     self._interface(i, node, path, leaf, chain, cts, signs, weights)
+                if i in plan.fallback.meetings:
+                    for u, gr in leafvjp.meeting_grads(
+                        plan.fallback, i, node, values, plan.batch, cts, self.n
+                    ).items():
+                        fb_grads[u] = fb_grads[u] + gr if u in fb_grads else gr
             positions = [
                 p
                 for p, r in paths((node.args, node.kwargs))
@@ -873,7 +884,16 @@ class _Walker:
                 if leaf in cot:
                     g = cot.pop(leaf)
                     self.diag[leaf] += torch.einsum("k,k...->...", w.to(g.dtype), g * g)
-        elif any(idx < tape.num_leaves for idx in cot):  # pragma: no cover - interfaces cover leaves
+        if fb_grads:  # per-sample gradients of the fallback leaves: summed over meetings, then squared
+            if self.fb_pull is None:
+                self.fb_pull = leafvjp.leaf_pullback(plan.fallback, tape, values, self.leaves)
+            for leaf, sq in leafvjp.squares(
+                self.fb_pull, plan.fallback, values, fb_grads, signs, weights, self.per_sample
+            ):
+                self._add(leaf, sq.to(self.leaves[leaf].dtype))
+        if not same and any(
+            idx < tape.num_leaves for idx in cot
+        ):  # pragma: no cover - interfaces cover leaves
             raise EngineUnsupportedError("a per-sample column reached a parameter outside an interface")
 
     def _interface(
@@ -1061,6 +1081,7 @@ def _default_step(plan: _Plan, leaves: list[Tensor], n: int) -> int:
         or plan.batch.tags[tape.nodes[i].outputs[0]][1] != 1  # type: ignore[index]
     ]
     per_col += item * n * max(formed, default=0)
+    per_col += item * leafvjp.column_entries(plan.fallback, values, n)
     return max(1, memory_budget() // (4 * max(1, per_col)))
 
 
