@@ -35,7 +35,7 @@ from torch import Tensor
 from torch.func import vjp, vmap
 
 from secorder._chunking import memory_budget
-from secorder._engine.batch import SAME, BatchAnalysis
+from secorder._engine.batch import BatchAnalysis
 from secorder._engine.tape import Ref, Tape, TapeNode, paths, replace_at, resolve
 
 __all__ = ["Fallback", "column_entries", "plan_fallback"]
@@ -85,7 +85,7 @@ def plan_fallback(
     memo: dict[int, frozenset[int]] = {}
     sets = {(i, p): _leaf_set(tape, producer, r.index, memo) for i, p, r, _ in meetings}
     fb: set[int] = set()
-    for i, p, r, views in meetings:
+    for i, p, _, views in meetings:
         if not views or len(set(used.get(next(iter(sets[(i, p)])), [i]))) > 1:
             fb |= sets[(i, p)]
     changed = True
@@ -127,7 +127,7 @@ def column_entries(fb: Fallback, values: Sequence[Any], n: int) -> int:
     )
 
 
-class _NotSliceable(Exception):
+class _NotSliceableError(Exception):
     pass
 
 
@@ -152,7 +152,7 @@ def meeting_grads(
         try:
             res = _sliced(node, i, values, batch, fpaths, us, outs, cts, n)
             fb.sliceable[i] = True
-        except (_NotSliceable, RuntimeError, ValueError, IndexError):
+        except (_NotSliceableError, RuntimeError, ValueError, IndexError):
             fb.sliceable[i] = False
     if not fb.sliceable[i]:
         res = _masked(node, values, batch, fpaths, us, outs, cts, n)
@@ -201,7 +201,7 @@ def _sliced(
     outs_at = [node.outputs.index(o) for o in outs]
     otags = [batch.tags[o] for o in outs]
     if not all(isinstance(t, tuple) for t in otags):
-        raise _NotSliceable
+        raise _NotSliceableError
     shapes = []
     for o, (d, g) in zip(outs, otags):
         s = list(values[o].shape)
@@ -216,9 +216,9 @@ def _sliced(
             repl.update(zip(fpaths, u))
             return _call(node, base, repl, outs_at)
 
-        ys, pull = vjp(f, *us)
+        ys, pull, *_ = vjp(f, *us)
         if tuple(tuple(y.shape) for y in ys) != tuple(shapes):
-            raise _NotSliceable
+            raise _NotSliceableError
         return vmap(pull)(tuple(cts_n))
 
     res = vmap(one, in_dims=(xdims, cdims), out_dims=1)(tuple(xs), tuple(ct_in))
@@ -243,7 +243,7 @@ def _masked(
     def f(*u: Tensor) -> tuple[Tensor, ...]:
         return _call(node, base, dict(zip(fpaths, u)), outs_at)
 
-    _, pull = vjp(f, *us)
+    _, pull, *_ = vjp(f, *us)
     masks = []
     for o in outs:
         d, g = batch.tags[o]
@@ -267,8 +267,6 @@ def _masked(
 
 def leaf_pullback(fb: Fallback, tape: Tape, values: Sequence[Any], leaves: Sequence[Tensor]) -> Any:
     """The VJP of the parameter-only sub-program θ_F ↦ (u for the meeting arguments)."""
-    producer = {o: j for j in fb.nodes for o in tape.nodes[j].outputs if o is not None}
-    del producer
 
     def sub(*ls: Tensor) -> tuple[Tensor, ...]:
         env: dict[int, Any] = dict(zip(fb.leaves, ls))
@@ -282,7 +280,7 @@ def leaf_pullback(fb: Fallback, tape: Tape, values: Sequence[Any], leaves: Seque
                     env[o] = r
         return tuple(env[v] for v in fb.values_)
 
-    _, pull = vjp(sub, *[leaves[j] for j in fb.leaves])
+    _, pull, *_ = vjp(sub, *[leaves[j] for j in fb.leaves])
     return pull
 
 

@@ -35,8 +35,9 @@ parameter-only values (a regularizer) are pulled back to the leaves and squared 
 Refused (:class:`EngineUnsupportedError`, the caller falls back to one-hot HVPs): a tape that
 cannot be replayed faithfully, an op that mixes samples (:class:`~secorder._engine.batch.BatchAxisError`),
 a generic op over more than ``MAX_LOCAL`` entries per sample or with a non-finite local
-Hessian, a parameter used at two interfaces (tied weights) or through non-view ops before
-meeting the data, an interface with no rule.
+Hessian, an interface with no rule. A parameter no interface covers (used at two ops, tied
+weights, or computed by non-view ops before meeting the data) falls back, per leaf, to
+per-sample vector-Jacobian products (:mod:`secorder._engine.leafvjp`).
 """
 
 from __future__ import annotations
@@ -876,6 +877,13 @@ class _Walker:
             for p, gr in zip(positions, grads):
                 idx = self._ref(node, p).index
                 cot[idx] = cot[idx] + gr if idx in cot else gr
+        if fb_grads:  # per-sample gradients of the fallback leaves: summed over meetings, then squared
+            if self.fb_pull is None:
+                self.fb_pull = leafvjp.leaf_pullback(plan.fallback, tape, values, self.leaves)
+            for leaf, sq in leafvjp.squares(
+                self.fb_pull, plan.fallback, values, fb_grads, signs, weights, self.per_sample
+            ):
+                self._add(leaf, sq.to(self.leaves[leaf].dtype))
         if same:
             if self.per_sample:
                 raise EngineUnsupportedError(_PARAMETER_ONLY)
@@ -884,16 +892,7 @@ class _Walker:
                 if leaf in cot:
                     g = cot.pop(leaf)
                     self.diag[leaf] += torch.einsum("k,k...->...", w.to(g.dtype), g * g)
-        if fb_grads:  # per-sample gradients of the fallback leaves: summed over meetings, then squared
-            if self.fb_pull is None:
-                self.fb_pull = leafvjp.leaf_pullback(plan.fallback, tape, values, self.leaves)
-            for leaf, sq in leafvjp.squares(
-                self.fb_pull, plan.fallback, values, fb_grads, signs, weights, self.per_sample
-            ):
-                self._add(leaf, sq.to(self.leaves[leaf].dtype))
-        if not same and any(
-            idx < tape.num_leaves for idx in cot
-        ):  # pragma: no cover - interfaces cover leaves
+        elif any(idx < tape.num_leaves for idx in cot):  # pragma: no cover - interfaces cover leaves
             raise EngineUnsupportedError("a per-sample column reached a parameter outside an interface")
 
     def _interface(
