@@ -65,6 +65,19 @@ class PosEmb(nn.Module):
         return self.head(torch.tanh(h).mean(1))
 
 
+class ClsToken(nn.Module):
+    """A learned token expanded to the batch and concatenated with the data (ViT style): the
+    expanded token is sized by the batch, so the fallback restricts the whole op's cotangent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cls, self.head = nn.Parameter(torch.randn(1, 1, 3)), nn.Linear(3, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.cat([self.cls.expand(x.shape[0], 1, 3), x], 1)
+        return self.head(torch.tanh(h).pow(2).sum(1))
+
+
 class Recurrent(nn.Module):
     def __init__(self, cell: type[nn.Module]) -> None:
         super().__init__()
@@ -87,6 +100,8 @@ def _case(name: str) -> tuple[nn.Module, Tensor, Tensor]:
         model, x = Twice(), torch.randn(N, 4, generator=_g(1), dtype=DT)
     elif name == "posemb":
         model, x = PosEmb(), tokens
+    elif name == "cls":
+        model, x = ClsToken(), seq
     elif name == "weight_norm":
         model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
         model[0] = torch.nn.utils.parametrizations.weight_norm(model[0])
@@ -128,7 +143,7 @@ def _split(params: dict[str, Tensor], rows: Tensor) -> dict[str, Tensor]:
     return unflatten(spec, parts)  # type: ignore[no-any-return]
 
 
-CASES = ["tied", "twice", "posemb", "weight_norm", "lstm", "gru", "rnn"]
+CASES = ["tied", "twice", "posemb", "cls", "weight_norm", "lstm", "gru", "rnn"]
 
 
 @pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")  # vmap of weight_norm

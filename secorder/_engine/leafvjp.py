@@ -155,7 +155,15 @@ def meeting_grads(
         except (_NotSliceableError, RuntimeError, ValueError, IndexError):
             fb.sliceable[i] = False
     if not fb.sliceable[i]:
-        res = _masked(node, values, batch, fpaths, us, outs, cts, n)
+        try:
+            res = _masked(node, values, batch, fpaths, us, outs, cts, n)
+        except RuntimeError as exc:  # refuse (the caller takes another route), never crash
+            from secorder._engine.sweep import EngineUnsupportedError
+
+            raise EngineUnsupportedError(
+                f"per-sample vector-Jacobian products of {node.func} (tape position {i}) w.r.t. "
+                f"its parameter-side arguments {fpaths} failed: {exc}"
+            ) from exc
     grads: dict[int, Tensor] = {}
     for p, g in zip(fpaths, res):
         u = refs[p].index
