@@ -71,7 +71,9 @@ convolutions, embeddings, norm affines, biases, elementwise scales) without mate
 N×P of them. Parameters no interface covers (tied or reused weights, an embedding added to the
 tokens, parametrizations, the weight stacks of decomposed RNN kernels) get per-sample
 vector-Jacobian products at the ops where they meet the data, summed before squaring
-(:mod:`secorder._engine.leafvjp`); the other parameters keep their interfaces. The MC Fisher
+(:mod:`secorder._engine.leafvjp`) with ``path="fast"``; the other parameters keep their
+interfaces. ``path="auto"`` takes the generic route below for such models, which measured
+faster on the LSTM/GRU/BERT benchmarks (``benchmarks/bench_leafvjp.py``). The MC Fisher
 with ``with_stderr=True`` runs one sweep per draw on the same tape.
 
 Where the sweep cannot run, the **generic route** computes the same quantity by definition:
@@ -616,6 +618,7 @@ def _engine_accumulate(
             chunk_size=s.chunk_size,
             per_sample=s.per_sample,
             tape=tape,
+            fallback=s.path == "fast",  # auto: the whole-batch VJPs are cheaper than per-leaf ones
         )
 
     try:

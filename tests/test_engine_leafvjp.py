@@ -154,17 +154,23 @@ def test_fisher_through_the_sweep_matches_dense(name: str, kind: str) -> None:
     params = _params(model)
     ref_rows = _dense(model, x, y)[kind]  # (N, P)
     ref, ref_each = _split(params, ref_rows.sum(0)), _split(params, ref_rows)
-    diag_fn = fisher_diagonal(model, "cross_entropy", kind=kind)
+    auto = fisher_diagonal(model, "cross_entropy", kind=kind)
+    auto_diag = auto(params, x, y)  # auto: the whole-batch VJPs (cheaper than per-leaf ones)
+    assert auto.path_info.path == "generic", auto.path_info
+    assert "per-leaf vector-Jacobian products" in auto.path_info.reason
+    diag_fn = fisher_diagonal(model, "cross_entropy", kind=kind, path="fast")
     diag = diag_fn(params, x, y)
     assert diag_fn.path_info.path == "fast", diag_fn.path_info
+    for k in params:
+        torch.testing.assert_close(auto_diag[k], ref[k], rtol=1e-9, atol=1e-12)
     assert set(diag_fn.path_info.fast) == set(params)
     for k in params:
         torch.testing.assert_close(diag[k], ref[k], rtol=1e-9, atol=1e-12)
-    tr_fn = fisher_trace(model, "cross_entropy", kind=kind)
+    tr_fn = fisher_trace(model, "cross_entropy", kind=kind, path="fast")
     torch.testing.assert_close(tr_fn(params, x, y), ref_rows.sum(), rtol=1e-9, atol=1e-12)
     assert tr_fn.path_info.path == "fast"
     # per-sample rows: row n is sample n's term (the rows sum to the diagonal)
-    rows_fn = fisher_diagonal(model, "cross_entropy", kind=kind, per_sample=True)
+    rows_fn = fisher_diagonal(model, "cross_entropy", kind=kind, per_sample=True, path="fast")
     rows = rows_fn(params, x, y)
     assert rows_fn.path_info.path == "fast"
     for k in params:
@@ -175,7 +181,7 @@ def test_fisher_through_the_sweep_matches_dense(name: str, kind: str) -> None:
 def test_chunking_does_not_change_the_fallback(chunk: int | None) -> None:
     model, x, y = _case("lstm")
     params = _params(model)
-    got = fisher_diagonal(model, "cross_entropy", chunk_size=chunk)(params, x, y)
+    got = fisher_diagonal(model, "cross_entropy", chunk_size=chunk, path="fast")(params, x, y)
     ref = fisher_diagonal(model, "cross_entropy", path="generic")(params, x, y)
     for k in params:
         torch.testing.assert_close(got[k], ref[k], rtol=1e-9, atol=1e-12)

@@ -1560,6 +1560,7 @@ def engine_output_diagonal(
     chunk_size: int | None = None,
     per_sample: bool = False,
     tape: Tape | None = None,
+    fallback: bool = True,
 ) -> list[Tensor]:
     """Σ_r Σ_n w_{n,r} (J_nᵀ s_{n,r})^⊙2 per leaf, J_n the Jacobian of sample n's outputs: the
     GGN / empirical Fisher diagonal from the loss node's columns only.
@@ -1572,10 +1573,14 @@ def engine_output_diagonal(
         per_sample: rows ``(N, *leaf.shape)``, row n = Σ_r w_{n,r} (J_nᵀ s_{n,r})^⊙2.
         tape: a recording of ``model`` at ``leaves`` (:func:`secorder._engine.tape.record`)
             when the caller already made one to get the outputs (no second forward pass).
+        fallback: allow per-leaf VJPs (:mod:`secorder._engine.leafvjp`) for parameters no
+            interface covers; ``False`` refuses such a plan instead (its caller has a cheaper
+            route: the Fisher's VJPs of the whole batch, see ``benchmarks/bench_leafvjp.py``).
 
     Raises:
         EngineUnsupportedError: as for :func:`engine_diagonal` (the outputs must be batched along
-            dimension 0, one row per sample).
+            dimension 0, one row per sample), or a plan with fallback leaves when ``fallback`` is
+            ``False``.
     """
     leaves = [leaf.detach() for leaf in leaves]
     n = int(data[0].shape[0])
@@ -1583,6 +1588,13 @@ def engine_output_diagonal(
     if prepared is None:
         return [leaf.new_zeros(n, *leaf.shape) if per_sample else torch.zeros_like(leaf) for leaf in leaves]
     tape, values, plan = prepared
+    if plan.fallback and not fallback:
+        raise EngineUnsupportedError(
+            f"{len(plan.fallback.leaves)} parameter(s) that no interface covers (tied or reused "
+            "weights, embeddings added to the tokens, recurrent weight stacks) would take per-leaf "
+            "vector-Jacobian products, slower than the whole-batch route on the models measured "
+            "(benchmarks/bench_leafvjp.py); path='fast' forces them"
+        )
     assert tape.output is not None
     z = tape.output.index
     walker = _Walker(plan, leaves, n, per_sample, defer=True)
