@@ -68,7 +68,13 @@ structure is proven on the tape by :mod:`secorder._engine.batch` (no check on va
 the loss node's columns are pulled back in one batched reverse pass per chunk of columns, the
 squared per-sample gradients formed at each parameter's interface (``mm``/``addmm``,
 convolutions, embeddings, norm affines, biases, elementwise scales) without materializing
-N×P of them. The MC Fisher with ``with_stderr=True`` runs one sweep per draw on the same tape.
+N×P of them. Parameters no interface covers (tied or reused weights, an embedding added to the
+tokens, parametrizations, the weight stacks of decomposed RNN kernels) get per-sample
+vector-Jacobian products at the ops where they meet the data, summed before squaring
+(:mod:`secorder._engine.leafvjp`) with ``path="fast"``; the other parameters keep their
+interfaces. ``path="auto"`` takes the generic route below for such models, which measured
+faster on the LSTM/GRU/BERT benchmarks (``benchmarks/bench_leafvjp.py``). The MC Fisher
+with ``with_stderr=True`` runs one sweep per draw on the same tape.
 
 Where the sweep cannot run, the **generic route** computes the same quantity by definition:
 J_nᵀ s_{n,r} is the vector-Jacobian product of the whole batch's outputs with the cotangent
@@ -86,9 +92,8 @@ It is taken when
 * the inputs are not a tensor (or a tuple of tensors) batched along dimension 0;
 * the tape cannot be recorded (random ops, ``out=`` ops, aliased in-place ops) or the sweep
   refuses: an op that mixes samples in a parameter-dependent value (train-mode BatchNorm, a
-  θ-dependent batch mean), a parameter meeting per-sample data at two ops (tied or reused
-  weights), an op without a per-sample rule or a parameter computed by other ops than views
-  (parametrizations), outputs not batched along dimension 0.
+  θ-dependent batch mean), an op without a per-sample rule, outputs not batched along
+  dimension 0.
 
 ``path="fast"`` forces the sweep (an error with the reason where it cannot run). After each
 call the returned function's ``path_info`` attribute (a :class:`FisherPath`) names the route
@@ -613,6 +618,7 @@ def _engine_accumulate(
             chunk_size=s.chunk_size,
             per_sample=s.per_sample,
             tape=tape,
+            fallback=s.path == "fast",  # auto: the whole-batch VJPs are cheaper than per-leaf ones
         )
 
     try:

@@ -44,8 +44,9 @@ unbiased estimate with per-entry standard errors.
 Refused (:class:`EngineUnsupportedError`, the caller falls back to one-hot HVPs): a tape that
 cannot be replayed faithfully, an op that mixes samples (:class:`~secorder._engine.batch.BatchAxisError`),
 a generic op over more than ``MAX_LOCAL`` entries per sample or with a non-finite local
-Hessian, a parameter used at two interfaces (tied weights) or through non-view ops before
-meeting the data, an interface with no rule.
+Hessian, an interface with no rule. A parameter no interface covers (used at two ops, tied
+weights, or computed by non-view ops before meeting the data) falls back, per leaf, to
+per-sample vector-Jacobian products (:mod:`secorder._engine.leafvjp`).
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ from torch import Tensor
 from torch.func import vjp, vmap
 
 from secorder._chunking import memory_budget
-from secorder._engine import interfaces
+from secorder._engine import interfaces, leafvjp
 from secorder._engine.batch import SAME, SUMMED, BatchAnalysis, BatchAxisError, Tag, analyze
 from secorder._engine.rules import rule
 from secorder._engine.tape import (
@@ -233,6 +234,7 @@ class _Plan:
     batch: BatchAnalysis
     producer: dict[int, int]
     interfaces: dict[int, list[tuple[tuple[Any, ...], int, list[int]]]]  # node → (path, leaf, view chain)
+    fallback: leafvjp.Fallback  # leaves no interface covers: per-sample VJPs
 
 
 def _resolve_leaf(tape: Tape, producer: dict[int, int], ref: Ref) -> tuple[int, list[int]] | None:
@@ -259,7 +261,9 @@ def _plan(
     batch = analyze(tape, values, data, n, batched_output=batched_output)
     producer = {o: i for i, node in enumerate(tape.nodes) for o in node.outputs if o is not None}
     ifaces: dict[int, list[tuple[tuple[Any, ...], int, list[int]]]] = {}
-    used: dict[int, int] = {}
+    meetings: list[tuple[int, tuple[Any, ...], Ref, bool]] = []
+    resolved: dict[tuple[int, tuple[Any, ...]], tuple[int, list[int]]] = {}
+    used: dict[int, list[int]] = {}
     for i, node in enumerate(tape.nodes):
         out_tags = [batch.tags[o] for o in node.outputs if o is not None]
         if not any(isinstance(t, tuple) for t in out_tags):
@@ -268,20 +272,17 @@ def _plan(
             if batch.tags[r.index] is not SAME or not tape.depends[r.index] or not _floating(values[r.index]):
                 continue
             found = _resolve_leaf(tape, producer, r)
-            if found is None:
-                raise EngineUnsupportedError(
-                    f"the parameter-side argument {p} of {node.func} (tape position {i}) is computed "
-                    "from the parameters by ops other than views (no per-sample rule there)"
-                )
-            leaf, chain = found
-            if leaf in used and used[leaf] != i:
-                raise EngineUnsupportedError(
-                    f"parameter leaf {leaf} meets per-sample data at two ops (tape positions "
-                    f"{used[leaf]} and {i}; tied weights need per-sample gradients summed before squaring)"
-                )
-            used[leaf] = i
+            meetings.append((i, p, r, found is not None))
+            if found is not None:
+                resolved[(i, p)] = found
+                used.setdefault(found[0], []).append(i)
+    # leaves no interface covers (tied, or computed by non-view ops): per-sample VJPs (leafvjp)
+    fallback, kept = leafvjp.plan_fallback(tape, producer, meetings, used)
+    for i, p, _, _ in meetings:
+        if (i, p) in kept:
+            leaf, chain = resolved[(i, p)]
             ifaces.setdefault(i, []).append((p, leaf, chain))
-    return _Plan(tape, values, batch, producer, ifaces)
+    return _Plan(tape, values, batch, producer, ifaces, fallback)
 
 
 def _groups(plan: _Plan, adj: dict[int, Tensor], n: int, tol_scale: float) -> list[Any]:
@@ -508,6 +509,8 @@ def _pair_cancels(plan: _Plan, av: int, bv: int) -> frozenset[int]:
             v = refs[0].index
         ends.append((j, ct))
     (ja, ca), (jb, cb) = ends
+    if ja in plan.fallback.meetings:  # per-leaf VJPs sum over meetings before squaring: no cancellation
+        return frozenset()
     node = tape.nodes[ja]
     if ja != jb or node.func not in (aten.mm.default, aten.addmm.default) or node.kwargs or ca.dim() != 2:
         return frozenset()
@@ -801,6 +804,7 @@ class _Walker:
         self.defer = defer
         self.pending: dict[int, Tensor] = {}
         self.rows: dict[int, Any] = {}  # node → _linear_rows(node), memoized
+        self.fb_pull: Any = None  # VJP of the fallback leaves' parameter-only sub-program
 
     def _add(self, leaf: int, x: Tensor) -> None:
         if self.diag[leaf] is None:
@@ -838,7 +842,11 @@ class _Walker:
         """For an interface ``mm``/``addmm`` with one row per sample (2-D, sample axis (0, 1)) and
         the parameter on the right: (offset of the data operand, path of the weight)."""
         node = self.plan.tape.nodes[i]
-        if node.func not in (aten.mm.default, aten.addmm.default) or node.kwargs:
+        if (
+            node.func not in (aten.mm.default, aten.addmm.default)
+            or node.kwargs
+            or i in self.plan.fallback.meetings
+        ):
             return None
         off = 1 if node.func is aten.addmm.default else 0
         tags = self.plan.batch.arg_tags(i, node)
@@ -981,6 +989,7 @@ class _Walker:
         cot: dict[int, Tensor] = dict(cols) if isinstance(cols, dict) else {group.value: cols}
         k = next(iter(cot.values())).shape[0]
         same = group.tag is SAME
+        fb_grads: dict[int, Tensor] = {}  # per-sample gradients at the fallback meetings (leafvjp)
         start = max(plan.producer.get(v, -1) for v in cot)
         for i in range(start, -1, -1):
             node = tape.nodes[i]
@@ -998,6 +1007,11 @@ class _Walker:
                 else:
                     for path, leaf, chain in plan.interfaces[i]:
                         self._interface(i, node, path, leaf, chain, cts, signs, weights)
+            if not same and i in plan.fallback.meetings:  # never in skip (see _pair_cancels)
+                for u, gr in leafvjp.meeting_grads(
+                    plan.fallback, i, node, values, plan.batch, cts, self.n
+                ).items():
+                    fb_grads[u] = fb_grads[u] + gr if u in fb_grads else gr
             positions = [
                 p
                 for p, r in node.arg_paths()
@@ -1028,6 +1042,13 @@ class _Walker:
             for p, gr in zip(positions, grads):
                 idx = self._ref(node, p).index
                 cot[idx] = cot[idx] + gr if idx in cot else gr
+        if fb_grads:  # per-sample gradients of the fallback leaves: summed over meetings, then squared
+            if self.fb_pull is None:
+                self.fb_pull = leafvjp.leaf_pullback(plan.fallback, tape, values, self.leaves)
+            for leaf, sq in leafvjp.squares(
+                self.fb_pull, plan.fallback, values, fb_grads, signs, weights, self.per_sample
+            ):
+                self._add(leaf, sq.to(self.leaves[leaf].dtype))
         if same:
             if self.per_sample:
                 raise EngineUnsupportedError(_PARAMETER_ONLY)
@@ -1518,6 +1539,7 @@ def _default_step(plan: _Plan, leaves: list[Tensor], n: int) -> int:
         or plan.batch.tags[tape.nodes[i].outputs[0]][1] != 1  # type: ignore[index]
     ]
     per_col += item * n * max(formed, default=0)
+    per_col += item * leafvjp.column_entries(plan.fallback, values, n)
     return max(1, memory_budget() // (4 * max(1, per_col)))
 
 
@@ -1542,6 +1564,7 @@ def engine_output_diagonal(
     chunk_size: int | None = None,
     per_sample: bool = False,
     tape: Tape | None = None,
+    fallback: bool = True,
 ) -> list[Tensor]:
     """Σ_r Σ_n w_{n,r} (J_nᵀ s_{n,r})^⊙2 per leaf, J_n the Jacobian of sample n's outputs: the
     GGN / empirical Fisher diagonal from the loss node's columns only.
@@ -1554,10 +1577,14 @@ def engine_output_diagonal(
         per_sample: rows ``(N, *leaf.shape)``, row n = Σ_r w_{n,r} (J_nᵀ s_{n,r})^⊙2.
         tape: a recording of ``model`` at ``leaves`` (:func:`secorder._engine.tape.record`)
             when the caller already made one to get the outputs (no second forward pass).
+        fallback: allow per-leaf VJPs (:mod:`secorder._engine.leafvjp`) for parameters no
+            interface covers; ``False`` refuses such a plan instead (its caller has a cheaper
+            route: the Fisher's VJPs of the whole batch, see ``benchmarks/bench_leafvjp.py``).
 
     Raises:
         EngineUnsupportedError: as for :func:`engine_diagonal` (the outputs must be batched along
-            dimension 0, one row per sample).
+            dimension 0, one row per sample), or a plan with fallback leaves when ``fallback`` is
+            ``False``.
     """
     leaves = [leaf.detach() for leaf in leaves]
     n = int(data[0].shape[0])
@@ -1565,6 +1592,13 @@ def engine_output_diagonal(
     if prepared is None:
         return [leaf.new_zeros(n, *leaf.shape) if per_sample else torch.zeros_like(leaf) for leaf in leaves]
     tape, values, plan = prepared
+    if plan.fallback and not fallback:
+        raise EngineUnsupportedError(
+            f"{len(plan.fallback.leaves)} parameter(s) that no interface covers (tied or reused "
+            "weights, embeddings added to the tokens, recurrent weight stacks) would take per-leaf "
+            "vector-Jacobian products, slower than the whole-batch route on the models measured "
+            "(benchmarks/bench_leafvjp.py); path='fast' forces them"
+        )
     assert tape.output is not None
     z = tape.output.index
     walker = _Walker(plan, leaves, n, per_sample, defer=True)
