@@ -5,9 +5,8 @@ secorder._engine.sweep): each path against dense float64 Hessians.
   (one hop) and through the next activation and Linear layer (two hops), with dense columns
   seeded further upstream (deep MLPs), and the graphs where the closed forms must not apply
   (residual adds, a Linear over positions, a layer output used twice, a weight outside params);
-* convolutions (groups, stride, dilation, 'same' padding) with column chunks of any size; a
-  convolution called on two inputs (its weight at two interfaces: refused by the engine today,
-  one-hot HVPs under method="auto").
+* convolutions (groups, stride, dilation, 'same' padding) with column chunks of any size, and a
+  convolution called on two inputs (its weight at two interfaces).
 """
 
 from __future__ import annotations
@@ -211,19 +210,11 @@ class TwoViews(nn.Module):
 
 
 def test_conv_called_twice() -> None:
-    """A convolution called on two inputs: refused by the sweep naming the reason, exact by "auto"."""
+    """A convolution called on two inputs (its weight at two interfaces), exact by the sweep."""
     torch.manual_seed(7)
     model = TwoViews().double()
-    params = {k: p.detach() for k, p in model.named_parameters()}
-    x, y = torch.randn(3, 4, 6, 6, dtype=torch.float64), torch.randint(0, 3, (3,))
-    with pytest.raises(secorder.SecorderError, match=r"method='sweep'.*structured sweep refused"):
-        secorder.module_hessian_diagonal(model, "cross_entropy", method="sweep")(params, x, y)
-    fn = secorder.module_hessian_diagonal(model, "cross_entropy")
-    got = fn(params, x, y)
-    assert fn.method_info.method == "hvp" and "structured sweep refused" in fn.method_info.reason
-    ref = _dense_diag(model, "cross_entropy", params, x, y)
-    for k in params:
-        torch.testing.assert_close(got[k], ref[k], rtol=1e-9, atol=1e-11)
+    _check(model, torch.randn(3, 4, 6, 6, dtype=torch.float64), "cross_entropy", 3)
+    _check(model, torch.randn(3, 4, 6, 6, dtype=torch.float64), "mse", 3, chunk_size=2)
 
 
 def test_conv_relu_float32() -> None:

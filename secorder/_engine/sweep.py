@@ -1809,6 +1809,12 @@ def engine_cp_diagonal(
         zeros = [leaf.new_zeros(k_all, *leaf.shape) for leaf in leaves]
         return *_cp_summary(zeros), zeros, 0
     tape, values, plan = prepared
+    if plan.fallback.meetings:  # their squares are summed over the columns inside the walk
+        raise EngineUnsupportedError(
+            "curvature propagation does not yet keep per-probe squares of parameters served by "
+            "per-leaf vector-Jacobian products (tied weights, parameters reaching the data through "
+            "non-view ops)"
+        )
     adj = tape.extra if tape.extra is not None else _adjoints(tape, leaves, values)
     tol_scale = 64 * torch.finfo(leaves[0].dtype).eps
     groups = _groups(plan, adj, n, tol_scale)
