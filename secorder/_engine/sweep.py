@@ -65,7 +65,6 @@ from secorder._engine.tape import (
     Tape,
     TapeNode,
     TapeUnsupportedError,
-    paths,
     record,
     replace_at,
     resolve,
@@ -290,7 +289,7 @@ def _groups(plan: _Plan, adj: dict[int, Tensor], n: int, tol_scale: float) -> li
             continue
         found = [
             (p, r)
-            for p, r in paths((node.args, node.kwargs))
+            for p, r in node.arg_paths()
             if tape.depends[r.index] and _floating(values[r.index])
         ]
         func = node.func
@@ -344,7 +343,7 @@ def _groups(plan: _Plan, adj: dict[int, Tensor], n: int, tol_scale: float) -> li
             if outs != [o]:
                 raise EngineUnsupportedError(f"{func} (tape position {i}) with several outputs used")
             derivs = rule(func).derivs
-            if derivs is not None and p == (0, 0) and len(paths((node.args, node.kwargs))) == 1:
+            if derivs is not None and p == (0, 0) and len(node.arg_paths()) == 1:
                 # closed form f'' from the registry (no double backward)
                 args_ = resolve((node.args, node.kwargs), values)
                 d2 = derivs(func, u, *args_[0][1:], **args_[1])[2]
@@ -496,7 +495,7 @@ def _pair_cancels(plan: _Plan, av: int, bv: int) -> frozenset[int]:
             node = tape.nodes[j]
             if j in plan.interfaces:
                 break
-            refs = [r for _, r in paths((node.args, node.kwargs)) if tape.depends[r.index]]
+            refs = [r for _, r in node.arg_paths() if tape.depends[r.index]]
             if node.func not in _CHAIN_VIEWS or len(refs) != 1 or node.args[0] != refs[0]:
                 return frozenset()
             k = node.outputs.index(v)
@@ -766,7 +765,7 @@ def _leaves_of(plan: _Plan, v: int, memo: dict[int, frozenset[int]] | None = Non
         res = frozenset()
     else:
         node = tape.nodes[plan.producer[v]]
-        res = frozenset().union(*[_leaves_of(plan, r.index) for _, r in paths((node.args, node.kwargs))])
+        res = frozenset().union(*[_leaves_of(plan, r.index) for _, r in node.arg_paths()])
     cache[v] = res
     return res
 
@@ -1163,7 +1162,7 @@ def _row_local(plan: _Plan, i: int, rows: int) -> list[Ref] | None:
         return None
     dep = [
         (p, r)
-        for p, r in paths((node.args, node.kwargs))
+        for p, r in node.arg_paths()
         if tape.depends[r.index] and _floating(values[r.index])
     ]
     bat = [(p, r) for p, r in dep if isinstance(tags[r.index], tuple)]
@@ -1348,7 +1347,7 @@ def _row_walk(
                 walker._add(leaf, walker._to_leaf(leaf, chain, sq))
         positions = [
             p
-            for p, r in paths((node.args, node.kwargs))
+            for p, r in node.arg_paths()
             if plan.tape.depends[r.index]
             and _floating(plan.values[r.index])
             and isinstance(tags[r.index], tuple)
