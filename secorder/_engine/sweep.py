@@ -789,8 +789,12 @@ class _Walker:
         self.leaves = leaves
         self.n = n
         self.per_sample = per_sample  # diag rows (N, *leaf.shape): sample n's squares alone
-        # per sample: rows allocated on first use (N·P entries: one pass fewer over them)
-        self.diag: list[Any] = [None if per_sample else torch.zeros_like(leaf) for leaf in leaves]
+        # rows allocated on first use (N·P entries: one pass fewer over them); the first addend of
+        # a leaf is kept as it is (no zero-filled buffer, no pass over it) and never written in
+        # place: it may be a view of a value the walk still holds, so the second addend makes a
+        # new tensor, which later addends update in place (``owned``)
+        self.diag: list[Any] = [None] * len(leaves)
+        self.owned: set[int] = set()
         self.pulls: dict[tuple[int, tuple[Any, ...]], tuple[Any, list[int]]] = {}
         # defer: at mm/addmm interfaces with one row per sample the squares depend on the columns
         # only through Σ_c w_c δ_c^⊙2 (see _diagonal_squares), summed here over every group and
@@ -802,16 +806,26 @@ class _Walker:
         self.fb_pull: Any = None  # VJP of the fallback leaves' parameter-only sub-program
 
     def _add(self, leaf: int, x: Tensor) -> None:
-        if self.diag[leaf] is None:
-            self.diag[leaf] = x
+        d = self.diag[leaf]
+        if d is None:
+            p = self.leaves[leaf]
+            shape = (self.n, *p.shape) if self.per_sample else p.shape
+            if x.shape == shape and x.dtype == p.dtype and x.device == p.device:
+                self.diag[leaf] = x  # borrowed: never updated in place
+                return
+            d = self.diag[leaf] = p.new_zeros(shape)
+            self.owned.add(leaf)
+        if leaf in self.owned:
+            d += x
         else:
-            self.diag[leaf] += x
+            self.diag[leaf] = d + x
+            self.owned.add(leaf)
 
     def result(self) -> list[Tensor]:
         for i in list(self.pending):
             self._diagonal_squares(i, self.pending.pop(i), now=True)
         return [
-            d if d is not None else leaf.new_zeros(self.n, *leaf.shape)
+            d if d is not None else leaf.new_zeros((self.n, *leaf.shape) if self.per_sample else leaf.shape)
             for d, leaf in zip(self.diag, self.leaves)
         ]
 
@@ -1051,7 +1065,7 @@ class _Walker:
             for leaf in range(tape.num_leaves):
                 if leaf in cot:
                     g = cot.pop(leaf)
-                    self.diag[leaf] += torch.einsum("k,k...->...", w.to(g.dtype), g * g)
+                    self._add(leaf, torch.einsum("k,k...->...", w.to(g.dtype), g * g))
         elif any(idx < tape.num_leaves for idx in cot):  # pragma: no cover - interfaces cover leaves
             raise EngineUnsupportedError("a per-sample column reached a parameter outside an interface")
 
@@ -1473,7 +1487,7 @@ def engine_diagonal(
         ):
             # a pointwise op on a leaf itself (a regularizer): its diagonal columns pull back as is
             m = group.sign * group.scale * group.scale
-            walker.diag[group.value] += group.layout.from_major(m.reshape(1, 1, -1, 1))[0]
+            walker._add(group.value, group.layout.from_major(m.reshape(1, 1, -1, 1))[0])
             continue
         if walker.closed_form(group, step):
             continue
