@@ -66,9 +66,7 @@ def _leaf_set(
         res = frozenset()
     else:
         node = tape.nodes[producer[v]]
-        res = frozenset().union(
-            *[_leaf_set(tape, producer, r.index, memo) for _, r in node.arg_paths()]
-        )
+        res = frozenset().union(*[_leaf_set(tape, producer, r.index, memo) for _, r in node.arg_paths()])
     memo[v] = res
     return res
 
@@ -113,9 +111,7 @@ def plan_fallback(
         need.add(j)
         node = tape.nodes[j]
         stack += [
-            r.index
-            for _, r in node.arg_paths()
-            if r.index >= tape.num_leaves and tape.depends[r.index]
+            r.index for _, r in node.arg_paths() if r.index >= tape.num_leaves and tape.depends[r.index]
         ]
     return Fallback(sorted(fb), fmeet, sorted(vals), sorted(need)), kept
 

@@ -287,11 +287,7 @@ def _groups(plan: _Plan, adj: dict[int, Tensor], n: int, tol_scale: float) -> li
         outs = [o for o in node.outputs if o is not None and o in adj]
         if not outs:
             continue
-        found = [
-            (p, r)
-            for p, r in node.arg_paths()
-            if tape.depends[r.index] and _floating(values[r.index])
-        ]
+        found = [(p, r) for p, r in node.arg_paths() if tape.depends[r.index] and _floating(values[r.index])]
         func = node.func
         if not found or rule(func).curvature_free:
             continue
@@ -1174,11 +1170,7 @@ def _row_local(plan: _Plan, i: int, rows: int) -> list[Ref] | None:
     out = node.outputs[0]
     if out is None or _row_count(plan, out) != rows:
         return None
-    dep = [
-        (p, r)
-        for p, r in node.arg_paths()
-        if tape.depends[r.index] and _floating(values[r.index])
-    ]
+    dep = [(p, r) for p, r in node.arg_paths() if tape.depends[r.index] and _floating(values[r.index])]
     bat = [(p, r) for p, r in dep if isinstance(tags[r.index], tuple)]
     ifaces = {p for p, _, _ in plan.interfaces.get(i, [])}
     if {p for p, r in dep if tags[r.index] is SAME} != ifaces:
