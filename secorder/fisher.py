@@ -516,10 +516,14 @@ def _run(
     if per_column:
         est, err = acc.mean_stderr(leaves, factor.num_columns, trace)
         return est * scale, err * scale, leaves, spec, info
-    est = torch.cat([t.reshape(-1) for t in acc.totals(leaves)])
+    totals = acc.totals(leaves)
+    if trace:  # per-leaf sums: no flat copy of the diagonal
+        est = torch.stack([t.sum() for t in totals]).sum()
+    else:
+        est = torch.cat([t.reshape(-1) for t in totals])
     if s.kind == "mc":
         est = est / factor.num_columns
-    est = est.sum() * scale if trace else est * scale
+    est = est * scale
     return est, torch.zeros_like(est), leaves, spec, info
 
 

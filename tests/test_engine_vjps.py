@@ -155,6 +155,18 @@ def test_pointwise_closed_form_columns_exact(name: str) -> None:
     torch.testing.assert_close(got_flat, ref, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("op", ["tanh", "sigmoid", "exp"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_deriv_from_output_is_the_closed_form_first_derivative(op: str, dtype: torch.dtype) -> None:
+    """``OpRule.deriv_from_output`` (the walk's f' from the recorded output) gives the same
+    numbers as ``derivs``' f' (which evaluates f again), entry for entry."""
+    func = getattr(torch.ops.aten, op).default
+    x = torch.randn(7, 5, dtype=dtype, generator=torch.Generator().manual_seed(3)) * 3
+    y, d1, _ = rule(func).derivs(func, x)
+    assert torch.equal(rule(func).deriv_from_output(func(x)), d1)
+    assert torch.equal(y, func(x))
+
+
 @pytest.mark.parametrize("kind", ["ggn", "empirical"])
 def test_fisher_plain_model_fn_outputs_from_the_engine_tape(kind: str) -> None:
     """The outputs z of a plain ``model_fn`` come from the tape the engine sweeps (one forward

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from secorder._engine.rules import rule
-from secorder._engine.tape import _STOPS, Ref, Tape, TapeNode, paths
+from secorder._engine.tape import _STOPS, Ref, Tape, TapeNode
 
 __all__ = ["SAME", "SUMMED", "BatchAnalysis", "BatchAxisError", "SampleAxis", "Tag", "analyze"]
 
@@ -65,7 +65,7 @@ class BatchAnalysis:
 
     def arg_tags(self, i: int, node: TapeNode) -> dict[tuple[Any, ...], Tag]:
         """Tag of every tensor argument of node ``i`` by path (refs and batched constants)."""
-        out: dict[tuple[Any, ...], Tag] = {p: self.tags[r.index] for p, r in paths((node.args, node.kwargs))}
+        out: dict[tuple[Any, ...], Tag] = {p: self.tags[r.index] for p, r in node.arg_paths()}
         out.update(self.const_axes.get(i, {}))
         return out
 
@@ -357,7 +357,7 @@ def analyze(
             if values[k].dim() > 0 and values[k].shape[0] == num_samples:
                 tags[k] = (0, 1)
         for node in tape.nodes:
-            refs = paths((node.args, node.kwargs))
+            refs = node.arg_paths()
             dep = node.func not in _STOPS and any(depends[r.index] for _, r in refs)
             for o in node.outputs:
                 if o is not None:
@@ -368,7 +368,7 @@ def analyze(
     reaches[tape.output.index] = True
     for node in reversed(tape.nodes):
         if any(o is not None and reaches[o] for o in node.outputs):
-            for _, r in paths((node.args, node.kwargs)):
+            for _, r in node.arg_paths():
                 reaches[r.index] = True
     for i, node in enumerate(tape.nodes):
         batched = {
@@ -378,7 +378,7 @@ def analyze(
         }
         if batched:
             const_axes[i] = batched
-        arg_tags = {p: tags[r.index] for p, r in paths((node.args, node.kwargs))}
+        arg_tags = {p: tags[r.index] for p, r in node.arg_paths()}
         arg_tags.update(batched)
         dependent = any(depends[o] for o in node.outputs if o is not None)
         try:

@@ -36,7 +36,7 @@ from torch.func import vjp, vmap
 
 from secorder._chunking import memory_budget
 from secorder._engine.batch import BatchAnalysis
-from secorder._engine.tape import Ref, Tape, TapeNode, paths, replace_at, resolve
+from secorder._engine.tape import Ref, Tape, TapeNode, replace_at, resolve
 
 __all__ = ["Fallback", "column_entries", "plan_fallback"]
 
@@ -66,9 +66,7 @@ def _leaf_set(
         res = frozenset()
     else:
         node = tape.nodes[producer[v]]
-        res = frozenset().union(
-            *[_leaf_set(tape, producer, r.index, memo) for _, r in paths((node.args, node.kwargs))]
-        )
+        res = frozenset().union(*[_leaf_set(tape, producer, r.index, memo) for _, r in node.arg_paths()])
     memo[v] = res
     return res
 
@@ -113,9 +111,7 @@ def plan_fallback(
         need.add(j)
         node = tape.nodes[j]
         stack += [
-            r.index
-            for _, r in paths((node.args, node.kwargs))
-            if r.index >= tape.num_leaves and tape.depends[r.index]
+            r.index for _, r in node.arg_paths() if r.index >= tape.num_leaves and tape.depends[r.index]
         ]
     return Fallback(sorted(fb), fmeet, sorted(vals), sorted(need)), kept
 
@@ -146,7 +142,7 @@ def meeting_grads(
     outs = [o for o in node.outputs if o is not None and o in cts]
     if not outs:
         return {}
-    refs = {p: r for p, r in paths((node.args, node.kwargs))}
+    refs = {p: r for p, r in node.arg_paths()}
     us = [values[refs[p].index] for p in fpaths]
     if fb.sliceable.get(i, True):
         try:

@@ -33,6 +33,9 @@ Fields:
   its generic vmapped ``vjp`` (:mod:`secorder._engine.vjps`: max pooling, convolution).
 * ``derivs``: a unary elementwise op's closed-form (f, f', f'') (:data:`secorder._engine.jet.DERIVS`),
   shared by the collapsed Taylor rule and the sweep's diagonal columns m = ḡ ⊙ f''.
+* ``deriv_from_output``: f'(x) from the recorded output y = f(x) alone (tanh: 1 - y², sigmoid:
+  y(1 - y), exp: y), the same numbers as ``derivs``' f' without evaluating f again (the
+  sweep's walk, :func:`secorder._engine.vjps.pointwise_vjp`).
 * ``batch``: the op's batch rule for the per-sample proof (:mod:`secorder._engine.batch`):
   how a sample axis passes through it (``"pointwise"`` is the default for ops tagged
   pointwise; an op with none refuses a batched parameter-dependent input).
@@ -67,6 +70,7 @@ class OpRule:
     collapsed: Any = None  # collapsed Taylor rule (ctx, func, args, kwargs) -> outputs (jet.py)
     vjp: Any = None  # column-batched VJP of the sweep's walk (vjps.py)
     derivs: Any = None  # (func, x, *args[1:], **kwargs) -> (f(x), f'(x), f''(x) or None) (jet.py)
+    deriv_from_output: Any = None  # (y) -> f'(x) for y = f(x)
     batch: str | None = None
 
     @property
@@ -157,6 +161,9 @@ from secorder._engine import jet as _jet  # noqa: E402  (the rules need the regi
 
 for _name, _derivs in _jet.DERIVS.items():
     _register((_name,), collapsed=_jet.pointwise_rule(_derivs), derivs=_derivs)
+_register(("tanh",), deriv_from_output=lambda y: 1 - y * y)
+_register(("sigmoid",), deriv_from_output=lambda y: y * (1 - y))
+_register(("exp",), deriv_from_output=lambda y: y)
 _register(("gelu",), collapsed=_jet.gelu_rule)
 _register(("zeros_like", "ones_like", "full_like", "empty_like"), collapsed=_jet.constant_rule)
 _register(("mul.Tensor",), collapsed=_jet.mul_rule)

@@ -69,7 +69,6 @@ from secorder._engine.tape import (
     Tape,
     TapeNode,
     TapeUnsupportedError,
-    paths,
     record,
     replace_at,
     resolve,
@@ -292,11 +291,7 @@ def _groups(plan: _Plan, adj: dict[int, Tensor], n: int, tol_scale: float) -> li
         outs = [o for o in node.outputs if o is not None and o in adj]
         if not outs:
             continue
-        found = [
-            (p, r)
-            for p, r in paths((node.args, node.kwargs))
-            if tape.depends[r.index] and _floating(values[r.index])
-        ]
+        found = [(p, r) for p, r in node.arg_paths() if tape.depends[r.index] and _floating(values[r.index])]
         func = node.func
         if not found or rule(func).curvature_free:
             continue
@@ -348,7 +343,7 @@ def _groups(plan: _Plan, adj: dict[int, Tensor], n: int, tol_scale: float) -> li
             if outs != [o]:
                 raise EngineUnsupportedError(f"{func} (tape position {i}) with several outputs used")
             derivs = rule(func).derivs
-            if derivs is not None and p == (0, 0) and len(paths((node.args, node.kwargs))) == 1:
+            if derivs is not None and p == (0, 0) and len(node.arg_paths()) == 1:
                 # closed form f'' from the registry (no double backward)
                 args_ = resolve((node.args, node.kwargs), values)
                 d2 = derivs(func, u, *args_[0][1:], **args_[1])[2]
@@ -500,7 +495,7 @@ def _pair_cancels(plan: _Plan, av: int, bv: int) -> frozenset[int]:
             node = tape.nodes[j]
             if j in plan.interfaces:
                 break
-            refs = [r for _, r in paths((node.args, node.kwargs)) if tape.depends[r.index]]
+            refs = [r for _, r in node.arg_paths() if tape.depends[r.index]]
             if node.func not in _CHAIN_VIEWS or len(refs) != 1 or node.args[0] != refs[0]:
                 return frozenset()
             k = node.outputs.index(v)
@@ -770,7 +765,7 @@ def _leaves_of(plan: _Plan, v: int, memo: dict[int, frozenset[int]] | None = Non
         res = frozenset()
     else:
         node = tape.nodes[plan.producer[v]]
-        res = frozenset().union(*[_leaves_of(plan, r.index) for _, r in paths((node.args, node.kwargs))])
+        res = frozenset().union(*[_leaves_of(plan, r.index) for _, r in node.arg_paths()])
     cache[v] = res
     return res
 
@@ -794,8 +789,12 @@ class _Walker:
         self.leaves = leaves
         self.n = n
         self.per_sample = per_sample  # diag rows (N, *leaf.shape): sample n's squares alone
-        # per sample: rows allocated on first use (N·P entries: one pass fewer over them)
-        self.diag: list[Any] = [None if per_sample else torch.zeros_like(leaf) for leaf in leaves]
+        # rows allocated on first use (N·P entries: one pass fewer over them); the first addend of
+        # a leaf is kept as it is (no zero-filled buffer, no pass over it) and never written in
+        # place: it may be a view of a value the walk still holds, so the second addend makes a
+        # new tensor, which later addends update in place (``owned``)
+        self.diag: list[Any] = [None] * len(leaves)
+        self.owned: set[int] = set()
         self.pulls: dict[tuple[int, tuple[Any, ...]], tuple[Any, list[int]]] = {}
         # defer: at mm/addmm interfaces with one row per sample the squares depend on the columns
         # only through Σ_c w_c δ_c^⊙2 (see _diagonal_squares), summed here over every group and
@@ -807,16 +806,26 @@ class _Walker:
         self.fb_pull: Any = None  # VJP of the fallback leaves' parameter-only sub-program
 
     def _add(self, leaf: int, x: Tensor) -> None:
-        if self.diag[leaf] is None:
-            self.diag[leaf] = x
+        d = self.diag[leaf]
+        if d is None:
+            p = self.leaves[leaf]
+            shape = (self.n, *p.shape) if self.per_sample else p.shape
+            if x.shape == shape and x.dtype == p.dtype and x.device == p.device:
+                self.diag[leaf] = x  # borrowed: never updated in place
+                return
+            d = self.diag[leaf] = p.new_zeros(shape)
+            self.owned.add(leaf)
+        if leaf in self.owned:
+            d += x
         else:
-            self.diag[leaf] += x
+            self.diag[leaf] = d + x
+            self.owned.add(leaf)
 
     def result(self) -> list[Tensor]:
         for i in list(self.pending):
             self._diagonal_squares(i, self.pending.pop(i), now=True)
         return [
-            d if d is not None else leaf.new_zeros(self.n, *leaf.shape)
+            d if d is not None else leaf.new_zeros((self.n, *leaf.shape) if self.per_sample else leaf.shape)
             for d, leaf in zip(self.diag, self.leaves)
         ]
 
@@ -1056,7 +1065,7 @@ class _Walker:
             for leaf in range(tape.num_leaves):
                 if leaf in cot:
                     g = cot.pop(leaf)
-                    self.diag[leaf] += torch.einsum("k,k...->...", w.to(g.dtype), g * g)
+                    self._add(leaf, torch.einsum("k,k...->...", w.to(g.dtype), g * g))
         elif any(idx < tape.num_leaves for idx in cot):  # pragma: no cover - interfaces cover leaves
             raise EngineUnsupportedError("a per-sample column reached a parameter outside an interface")
 
@@ -1165,11 +1174,7 @@ def _row_local(plan: _Plan, i: int, rows: int) -> list[Ref] | None:
     out = node.outputs[0]
     if out is None or _row_count(plan, out) != rows:
         return None
-    dep = [
-        (p, r)
-        for p, r in paths((node.args, node.kwargs))
-        if tape.depends[r.index] and _floating(values[r.index])
-    ]
+    dep = [(p, r) for p, r in node.arg_paths() if tape.depends[r.index] and _floating(values[r.index])]
     bat = [(p, r) for p, r in dep if isinstance(tags[r.index], tuple)]
     ifaces = {p for p, _, _ in plan.interfaces.get(i, [])}
     if {p for p, r in dep if tags[r.index] is SAME} != ifaces:
@@ -1352,7 +1357,7 @@ def _row_walk(
                 walker._add(leaf, walker._to_leaf(leaf, chain, sq))
         positions = [
             p
-            for p, r in paths((node.args, node.kwargs))
+            for p, r in node.arg_paths()
             if plan.tape.depends[r.index]
             and _floating(plan.values[r.index])
             and isinstance(tags[r.index], tuple)
@@ -1478,7 +1483,7 @@ def engine_diagonal(
         ):
             # a pointwise op on a leaf itself (a regularizer): its diagonal columns pull back as is
             m = group.sign * group.scale * group.scale
-            walker.diag[group.value] += group.layout.from_major(m.reshape(1, 1, -1, 1))[0]
+            walker._add(group.value, group.layout.from_major(m.reshape(1, 1, -1, 1))[0])
             continue
         if walker.closed_form(group, step):
             continue

@@ -317,7 +317,7 @@ def record(
     on_data = [False] * rec.num_values
     on_data[len(leaves) : len(leaves) + len(data)] = [True] * len(data)
     for node in rec.nodes:
-        refs = refs_in((node.args, node.kwargs))
+        refs = [r for _, r in node.arg_paths()]
         dep = node.func not in _STOPS and any(depends[r.index] for r in refs)
         data_dep = any(on_data[r.index] for r in refs)
         if data_dep and node.func in _DATA_DEPENDENT:
