@@ -400,10 +400,18 @@ class _Accumulator:
 
 
 def _run(
-    s: _Setup, params: Any, inputs: Any, targets: Any, generator: torch.Generator | None, trace: bool
+    s: _Setup,
+    params: Any,
+    inputs: Any,
+    targets: Any,
+    generator: torch.Generator | None,
+    trace: bool,
+    outputs: list[Tensor] | None = None,
 ) -> tuple[Any, Any, list[Tensor], TreeSpec, FisherPath]:
     """Evaluate the configured quantity: flat diagonal (or 0-dim trace), stderr, leaves, spec, path;
     with ``per_sample`` the per-leaf rows (N, *shape) and None (or the (N,) traces and zeros).
+    ``outputs``: a list that receives the model's outputs of this evaluation (detached), for
+    callers that also need them (the laplace-torch backends' loss: no second forward pass).
 
     One route for an ``nn.Module`` and a plain ``model_fn``: the structured sweep over a tape of
     the whole batch where it applies, else the generic route (:func:`_generic_columns`), with the
@@ -455,6 +463,8 @@ def _run(
         with decomposed_kernels():  # the function every route differentiates (secorder._kernels)
             z = fn(leaves, inputs)
     z = _check_outputs(call, z, eager=not transformed)
+    if outputs is not None:
+        outputs.append(z.detach())
     s.loss.check(call, z, targets)
     scale = s.loss.scale(z)
 
@@ -913,8 +923,14 @@ def fisher_diagonal(
         per_sample,
     )
 
-    def diag_fn(params: Any, inputs: Any, targets: Any, generator: torch.Generator | None = None) -> Any:
-        est, err, leaves, spec, info = _run(setup, params, inputs, targets, generator, trace=False)
+    def diag_fn(
+        params: Any,
+        inputs: Any,
+        targets: Any,
+        generator: torch.Generator | None = None,
+        _outputs: list[Tensor] | None = None,
+    ) -> Any:
+        est, err, leaves, spec, info = _run(setup, params, inputs, targets, generator, False, _outputs)
         diag_fn.path_info = info  # type: ignore[attr-defined]
         shapes = [leaf.shape for leaf in leaves]
         if setup.per_sample:  # per-leaf rows (N, *shape)

@@ -93,6 +93,7 @@ class _SecorderCurvature:
     subnetwork_indices: Tensor | None
     factor: float
     lossfunc: Callable[[Tensor, Tensor], Tensor]
+    _fisher_diag = False  # diag() through fisher_diagonal, which returns the outputs it evaluated
 
     def _setup(self, chunk_size: int | None) -> None:
         self.chunk_size = chunk_size
@@ -103,6 +104,16 @@ class _SecorderCurvature:
 
     def _module_inputs(self, call: str, x: Any) -> tuple[nn.Module, Any, Tensor]:
         """The module whose parameters the curvature is over, its inputs, and the model outputs."""
+        self._check_inputs(call, x)
+        if self.last_layer:
+            f, phi = self.model.forward_with_features(x)  # type: ignore[operator]
+            return self.model.last_layer, phi.detach(), f.detach()  # type: ignore[return-value]
+        with torch.no_grad():
+            f = self.model(x)
+        return self.model, x, f
+
+    @staticmethod
+    def _check_inputs(call: str, x: Any) -> None:
         if isinstance(x, MutableMapping):
             raise error(
                 call,
@@ -112,12 +123,6 @@ class _SecorderCurvature:
                 "model to take a tensor.",
                 cls=NotImplementedError,
             )
-        if self.last_layer:
-            f, phi = self.model.forward_with_features(x)  # type: ignore[operator]
-            return self.model.last_layer, phi.detach(), f.detach()  # type: ignore[return-value]
-        with torch.no_grad():
-            f = self.model(x)
-        return self.model, x, f
 
     def _target_module(self) -> nn.Module:
         return self.model.last_layer if self.last_layer else self.model  # type: ignore[return-value]
@@ -153,10 +158,25 @@ class _SecorderCurvature:
         """``(loss, diagonal)`` of the batch: the loss and the curvature diagonal in laplace-torch's
         convention (``factor`` applied), in ``named_parameters()`` order."""
         call = self._call("diag")
-        module, inputs, f = self._module_inputs(call, x)
-        self._check_outputs(call, f)
-        params = self._params(module)
-        d = self._diag_fn(module)(params, inputs, y)
+        if self._fisher_diag and not self.last_layer:
+            # the Fisher transforms hand back the outputs of their own evaluation: no extra forward
+            self._check_inputs(call, x)
+            module, inputs, params = self.model, x, self._params(self.model)
+            got: list[Tensor] = []
+            try:
+                d = self._diag_fn(module)(params, inputs, y, _outputs=got)
+            except Exception:
+                # the backend's own contract first (it names this call), then the Fisher's error
+                if got:
+                    self._check_outputs(call, got[0])
+                raise
+            f = got[0]
+            self._check_outputs(call, f)
+        else:
+            module, inputs, f = self._module_inputs(call, x)
+            self._check_outputs(call, f)
+            params = self._params(module)
+            d = self._diag_fn(module)(params, inputs, y)
         H = self.factor * torch.cat([d[k].reshape(-1) for k in params]).detach()
         return self._loss(f, y), self._subnet(self._check_diag(call, H))
 
@@ -222,6 +242,8 @@ class SecorderGGN(_SecorderCurvature, GGNInterface):  # type: ignore[misc]
             rows in ``full``), ``None`` from secorder's memory budget.
     """
 
+    _fisher_diag = True
+
     _name = "SecorderGGN"
 
     def __init__(
@@ -268,7 +290,7 @@ class SecorderGGN(_SecorderCurvature, GGNInterface):  # type: ignore[misc]
                 reduction="sum",
                 chunk_size=self.chunk_size,
             )
-            return lambda p, x, y: fn(p, x, y, generator=self.generator)
+            return lambda p, x, y, **kw: fn(p, x, y, generator=self.generator, **kw)
         return fisher_diagonal(module, self._loss_name, reduction="sum", chunk_size=self.chunk_size)
 
     def _operator(self, module: nn.Module, params: dict[str, Tensor], inputs: Any, y: Tensor) -> Any:
@@ -282,6 +304,8 @@ class SecorderGGN(_SecorderCurvature, GGNInterface):  # type: ignore[misc]
 class SecorderEF(_SecorderCurvature, EFInterface):  # type: ignore[misc]
     """The empirical Fisher factor · Σ_n g_n g_nᵀ through secorder (laplace-torch's ``EFInterface``
     convention). Options as :class:`SecorderGGN` (without the sampling ones)."""
+
+    _fisher_diag = True
 
     _kind = "empirical"
     _name = "SecorderEF"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -12,6 +14,7 @@ pytest.importorskip("laplace", reason="laplace-torch is an optional extra (secor
 from laplace import Laplace
 from laplace.curvature import BackPackEF, BackPackGGN, CurvlinopsEF, CurvlinopsGGN, CurvlinopsHessian
 
+import secorder
 from secorder.laplace import (
     NegativeCurvatureWarning,
     SecorderEF,
@@ -243,3 +246,30 @@ def test_subnetwork_laplace_equals_backpack(likelihood: str) -> None:
         la.fit(data(likelihood))
         fits.append(la)
     assert fits[0].H.shape == (7, 7) and close(fits[0].H, fits[1].H)
+
+
+@pytest.mark.parametrize("backend", [SecorderGGN, SecorderEF])
+def test_diag_evaluates_the_model_once_and_leaves_it_alone(backend: type) -> None:
+    """The Fisher backends take the loss's outputs from the Fisher's own evaluation: one forward
+    per batch, and a train-mode BatchNorm's running statistics stay untouched (a separate
+    forward of the module would update them)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3)).double()
+    model.train()
+    calls: list[int] = []
+    model.register_forward_hook(lambda m, i, o: calls.append(1))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(16, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (16,), generator=g)
+    kind = "ggn" if backend is SecorderGGN else "empirical"
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    secorder.fisher_diagonal(model, "cross_entropy", kind=kind, reduction="sum")(params, X, y)
+    own = len(calls)  # the Fisher transform's own evaluations (the generic route here: BatchNorm)
+    loss, _ = backend(model, "classification").diag(X, y)
+    assert len(calls) == 2 * own
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    twin = copy.deepcopy(model)  # the same train-mode evaluation on a copy (its stats may move)
+    with torch.no_grad():
+        ref = nn.functional.cross_entropy(twin(X), y, reduction="sum")
+    torch.testing.assert_close(loss, ref)
