@@ -272,7 +272,11 @@ def main() -> None:
     threads = torch.get_num_threads()
     print(f"# Exact Fisher/GGN: secorder vs BackPACK (torch {torch.__version__}, {threads} threads)")
     print(f"BackPACK: {python or 'not available'} ({bp.get('torch', bp.get('error', '?'))})\n")
-    print("median ms (generic: one call) over", args.repeats, "calls; ratios < 1 mean secorder's fast path is faster\n")
+    print(
+        "median ms (generic: one call) over",
+        args.repeats,
+        "calls; ratios < 1 mean secorder's fast path is faster\n",
+    )
     print(
         "| model | quantity | fast (ms) | plain model_fn (ms) | generic (ms) | BackPACK (ms) | fast / BackPACK "
         "| plain / BackPACK | plain / fast | generic / fast | value | max rel. diff vs BackPACK |"
