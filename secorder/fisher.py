@@ -518,7 +518,7 @@ def _run(
     info = FisherPath("fast", names, ()) if why is None else FisherPath("generic", (), names, why)
 
     if s.per_sample:
-        rows = [r * scale for r in acc.totals(leaves, n)]
+        rows = _scaled(acc.totals(leaves, n), scale)
         if trace:  # (N,)
             est = sum((r.flatten(1).sum(1) for r in rows[1:]), start=rows[0].flatten(1).sum(1))
             return est, torch.zeros_like(est), leaves, spec, info
@@ -575,6 +575,25 @@ def _half_exact(
     diag = exact_diagonal(op, chunk_size=s.chunk_size)
     est = diag.sum() if trace else diag
     return est, torch.zeros_like(est)
+
+
+def _scaled(rows: list[Tensor], scale: float) -> list[Tensor]:
+    """``rows`` times ``scale``, in place where a row is the engine's own fresh tensor (no autograd
+    graph, storage shared with no other row): the (N, *shape) rows are the largest arrays of a
+    per-sample call, and a second copy of them costs more than the sweep (the MLP: 69 -> 35 ms)."""
+    seen: set[int] = set()
+    out = []
+    for r in rows:
+        if in_functorch_transform([r]):  # a functorch wrapper: no storage of its own to share
+            out.append(r * scale)
+            continue
+        ptr = r.untyped_storage().data_ptr()
+        if r.requires_grad or ptr in seen:
+            out.append(r * scale)
+        else:
+            out.append(r.mul_(scale))
+        seen.add(ptr)
+    return out
 
 
 def _refuse_fast(call: str, why: str, transformed: bool) -> None:
