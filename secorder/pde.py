@@ -336,6 +336,7 @@ def _collapsed(
     chunk_size: int | None = None,
     split: bool = True,
     broadcast: bool = False,
+    unit: bool = False,
 ) -> tuple[Tensor, Tensor | None, Tensor]:
     """(value, K first derivatives or None unless ``first_order``, G summed second derivatives).
 
@@ -343,7 +344,9 @@ def _collapsed(
     only as the memory budget requires); each chunk's second-order sums are added (one group,
     G = 1) or concatenated (G groups of m = K / G directions). ``dirs``: a ``(K, N or 1, *E)``
     tensor, or ``(rows, K)`` from :func:`_direction_rows` (asked for in consecutive slices);
-    ``broadcast``: the directions are the same at every point (size 1 along the points)."""
+    ``broadcast``: the directions are the same at every point (size 1 along the points);
+    ``unit``: they are the rows of the identity, in order (the exact Laplacian's): a first
+    linear layer then takes its tangent from its weight's rows (:attr:`secorder._engine.jet.Ctx.unit`)."""
     if isinstance(dirs, Tensor):
         t = dirs
         rows, k = (lambda start, stop: t[start:stop]), t.shape[0]
@@ -368,6 +371,8 @@ def _collapsed(
         part = rows(s, min(s + step, k))
         g = 1 if groups == 1 else part.shape[0] // m
         ctx = _jet.Ctx(part.shape[0], g, memo=memo, block=block)
+        if unit:
+            ctx.unit, ctx.unit_start = part, s
         jet = _jet.Jet(x, part, None)
         out = evaluate(tape, leaves, [jet], ctx, first_order=first_order, prepared=prepared)
         for name, c in ctx.fallbacks.items():
@@ -537,8 +542,9 @@ def laplacian(
             want_v1 = return_derivatives and exact_unit
             same = num_probes is None and (s is None or s.shape[0] == 1)  # unit directions or one S
             v0, v1, v2 = _collapsed(
-                tape, leaves, x, (rows, k), groups, info, want_v1, chunk_size, broadcast=same
-            )
+                tape, leaves, x, (rows, k), groups, info, want_v1, chunk_size, broadcast=same,
+                unit=exact_unit,
+            )  # fmt: skip
         lap = v2.sum(0) / scale
         check_finite_result(
             call,
@@ -634,7 +640,7 @@ def biharmonic(
                 return _nested(fn, ls, ins[0], inner, g_in, chunk_size)[2]
             return _collapsed(
                 tape, ls, ins[0], inner, g_in, info, chunk_size=chunk_size, split=False,
-                broadcast=inner.shape[1] == 1,
+                broadcast=inner.shape[1] == 1, unit=num_probes is None,
             )[2]  # fmt: skip
 
         v2: Tensor | None = None
@@ -643,7 +649,7 @@ def biharmonic(
             if tape2 is not None:
                 v2 = _collapsed(
                     tape2, leaves, x, outer, g_out, info, chunk_size=chunk_size, split=False,
-                    broadcast=outer.shape[1] == 1,
+                    broadcast=outer.shape[1] == 1, unit=num_probes is None,
                 )[2]  # fmt: skip
             else:
                 why = why2

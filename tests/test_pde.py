@@ -746,3 +746,61 @@ def test_pinn_loss_gradient_through_streamed_tangents(monkeypatch, num_probes):
     loss(leaves).backward()
     for k in params:
         torch.testing.assert_close(leaves[k].grad, g_whole[k])
+
+
+@pytest.mark.parametrize("chunk_size", [None, 2], ids=["one_pass", "chunks"])
+@pytest.mark.parametrize(
+    "first",
+    ["linear", "mm", "addmm_alpha", "shifted", "linear_then_bias"],
+)
+def test_unit_seed_first_linear_takes_weight_rows(monkeypatch, first, chunk_size):
+    """Exact directions are the identity's rows: a first linear layer (x @ W, F.linear, addmm
+    with alpha, after a shift x + c that passes the tangent through) takes its tangent from W's
+    rows without a product (jet.Ctx.unit). The Laplacian, the gradient ∇ₓu, the biharmonic and
+    the parameter gradient of a PINN loss match the dense references, in passes of chunks too."""
+    import secorder._engine.jet as jet
+
+    d = h = 5  # a second layer of the points' width: only the seed's identity marks the first
+    g = torch.Generator().manual_seed(11)
+    params = {
+        "w1": torch.randn(h, d, generator=g, dtype=torch.float64) / 2,
+        "b1": torch.randn(h, generator=g, dtype=torch.float64),
+        "w2": torch.randn(1, h, generator=g, dtype=torch.float64),
+    }
+
+    def u(p, x):
+        if first == "linear":
+            z = F.linear(x, p["w1"], p["b1"])
+        elif first == "mm":
+            z = x @ p["w1"].T
+        elif first == "addmm_alpha":
+            z = torch.addmm(p["b1"], x, p["w1"].T, beta=0.5, alpha=1.5)
+        elif first == "shifted":
+            z = (x + 1.0 - p["b1"][:d]) @ p["w1"].T
+        else:  # F.linear without bias (mm), then the bias
+            z = F.linear(x, p["w1"]) + p["b1"]
+        return F.linear(torch.tanh(z) * torch.sin(z), p["w2"]).squeeze(-1)
+
+    x = torch.randn(4, d, dtype=torch.float64, generator=g)
+    hits = []
+    real = jet._unit_rows
+
+    def counting(*a):
+        hit = real(*a)
+        hits.append(hit)
+        return hit
+
+    monkeypatch.setattr(jet, "_unit_rows", counting)
+    val, grd, lap = laplacian(u, return_derivatives=True, chunk_size=chunk_size)(params, x)
+    assert any(hits)
+    torch.testing.assert_close(lap, _ref_laplacian(u, params, x))
+    torch.testing.assert_close(grd, vmap(grad(lambda xn: u(params, xn[None])[0]))(x))
+    torch.testing.assert_close(val, u(params, x))
+    ref_bih = vmap(
+        lambda xn: hessian(lambda z: hessian(lambda y: u(params, y[None])[0])(z).trace())(xn).trace()
+    )(x)
+    torch.testing.assert_close(biharmonic(u, chunk_size=chunk_size)(params, x), ref_bih)
+    f = torch.cos(x).sum(-1)
+    loss = lambda p: ((laplacian(u, chunk_size=chunk_size)(p, x) - f) ** 2).mean()
+    ref = grad(lambda p: ((_ref_laplacian(u, p, x) - f) ** 2).mean())(params)
+    torch.testing.assert_close(grad(loss)(params), ref)

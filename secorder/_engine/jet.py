@@ -56,6 +56,11 @@ class Ctx:
     # outlive its last use).
     memo: dict[tuple[int, str], Any] | None = None
     node: int = -1  # the tape node being evaluated
+    # The input tangent when the directions are unit vectors: rows s..s + K of the identity,
+    # ``(K, 1, D)`` for points ``(N, D)`` (``unit_start`` = s). A matmul of a value whose tangent
+    # is this very tensor picks rows of its right factor instead of multiplying (matmul_rule).
+    unit: Tensor | None = None
+    unit_start: int = 0
 
     def once(self, tag: str, compute: Callable[[], Any]) -> Any:
         """``compute()`` for the current node, computed in the first pass only."""
@@ -190,12 +195,17 @@ def _full(t: Tensor, lead: int, shape: torch.Size) -> Tensor:
 
 
 _PAIR_BLOCK = 8  # directions per block of the collapsed sum: the temporary is K / 8 of a tangent
+_PAIR_SMALL = 1 << 16  # elements of a (K, *S) product small enough to form at once (e.g. tangents
+# broadcast along the points: blocks would only add op calls)
 
 
 def pair(ctx: Ctx, a: Tensor, b: Tensor) -> Tensor:
     """Σ_{k ∈ g} a_k ⊙ b_k per group: ``(K, *S)`` × ``(K, *S)`` → ``(G, *S)``."""
-    if ctx.G == 1 and max(a.shape[0], b.shape[0]) > 2 * _PAIR_BLOCK:  # no (K, *S) temporary
-        k = max(a.shape[0], b.shape[0])
+    k = max(a.shape[0], b.shape[0])
+    sa, sb = a.shape[1:], b.shape[1:]
+    shape = [max(i, j) for i, j in zip(sa, sb)] if len(sa) == len(sb) else torch.broadcast_shapes(sa, sb)
+    big = k * math.prod(shape) > _PAIR_SMALL
+    if ctx.G == 1 and k > 2 * _PAIR_BLOCK and big:  # no (K, *S) temporary
         total: Tensor | None = None
         for s in range(0, k, _PAIR_BLOCK):
             part = (a[s : s + _PAIR_BLOCK] * b[s : s + _PAIR_BLOCK]).sum(0, keepdim=True)
@@ -658,6 +668,23 @@ def _mm_pair(ctx: Ctx, a: Tensor, b: Tensor) -> Tensor:
     return p.sum(0, keepdim=True) if ctx.G == 1 else p.reshape(ctx.G, ctx.m, *p.shape[1:]).sum(1)
 
 
+def _unit_rows(ctx: Ctx, a: Any, b: Any, a0: Tensor, b0: Any) -> bool:
+    """``a``'s tangent is the unit-direction seed (:attr:`Ctx.unit`, the same tensor object: the
+    points themselves or a value whose rule passed their tangent through unchanged), ``a`` is
+    ``(N, D)`` and ``b`` a ``(D, n)`` matrix without a jet."""
+    u = ctx.unit
+    return (
+        u is not None
+        and isinstance(a, Jet)
+        and a.v1 is u
+        and not isinstance(b, Jet)
+        and isinstance(b0, Tensor)
+        and a0.dim() == 2
+        and b0.dim() == 2
+        and u.shape == (ctx.K, 1, a0.shape[1])
+    )
+
+
 def matmul_rule(ctx: Ctx, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """mm / bmm / matmul / addmm / baddbmm: bilinear, y2 = a2 b + a b2 + 2 Σ_k a1_k b1_k."""
     addmm = func in (aten.addmm.default, aten.baddbmm.default)
@@ -672,6 +699,15 @@ def matmul_rule(ctx: Ctx, func: Any, args: tuple[Any, ...], kwargs: dict[str, An
     y = ctx.once("value", lambda: func(*primal(args), **kwargs))
     v1: Tensor | None = None
     v2: Tensor | None = None
+    if _unit_rows(ctx, a, b, a0, b0) and not (addmm and isinstance(args[0], Jet)):
+        # a's tangent is the identity's rows s..s+K: e_k @ b0 = b0[k], no product
+        assert isinstance(a, Jet)
+        # (K, 1, n), broadcast along the points; contiguous (a transposed weight's rows are
+        # strided, and elementwise products with them would inherit that layout)
+        rows = b0[ctx.unit_start : ctx.unit_start + ctx.K].unsqueeze(1).contiguous()
+        v1 = None if ctx.skip_v1 else (rows if alpha == 1 else alpha * rows)
+        v2 = None if a.v2 is None else torch.matmul(a.v2, b0)
+        return make(ctx, y, v1, v2 if v2 is None or alpha == 1 else alpha * v2)
     lazy_ok = ctx.lazy_out and not ctx.skip_v1 and not isinstance(b, Jet)
     if lazy_ok and isinstance(a, Jet) and a.v1 is not None and not (addmm and isinstance(args[0], Jet)):
         t1 = a.v1  # a1 @ b0, computed by the consumer a block of directions at a time
