@@ -11,6 +11,8 @@ Workloads (issue 14), float32, one thread by default, N = 64 points:
 Contenders:
 
 * ``secorder``: :func:`secorder.laplacian` / :func:`secorder.biharmonic` (collapsed Taylor mode);
+* ``static``: the same with ``static=True`` (the tape recorded on the first call is replayed:
+  no recording and no independence proof per call);
 * ``torch.func``: ``vmap(hessian(u_point))`` then the trace (exact), or
   ``vmap(vmap(jvp(jacrev(u_point))))`` over points and probes (stochastic), or
   ``vmap(hessian(x ↦ tr hessian(u_point)(x)))`` (biharmonic);
@@ -105,8 +107,10 @@ def contenders(kind: str, net: Callable[..., torch.Tensor], d: int) -> dict[str,
     jet = _jet()
     if kind == "exact":
         lap = secorder.laplacian(u)
+        lap_static = secorder.laplacian(u, static=True)
         today = vmap(secorder.hessian_trace(u_point, argnums=1), in_dims=(None, 0))
         out["secorder"] = lambda: lap(p, x)
+        out["static"] = lambda: lap_static(p, x)
         out["torch.func"] = lambda: (
             vmap(hessian(lambda xn: u_point(p, xn)))(x).diagonal(dim1=-2, dim2=-1).sum(-1)
         )
@@ -133,7 +137,9 @@ def contenders(kind: str, net: Callable[..., torch.Tensor], d: int) -> dict[str,
             quad = lambda xn, vk: (jvp(g, (xn,), (vk,))[1] * vk).sum()  # noqa: E731
             return vmap(vmap(quad, in_dims=(None, 0)))(x, v).mean(1)
 
+        lap_static = secorder.laplacian(u, num_probes=PROBES, static=True)
         out["secorder"] = lambda: lap(p, x, generator=gen)
+        out["static"] = lambda: lap_static(p, x, generator=gen)
         out["torch.func"] = nested
         out["today"] = lambda: today(p, x)
         if jet is not None:
@@ -149,7 +155,9 @@ def contenders(kind: str, net: Callable[..., torch.Tensor], d: int) -> dict[str,
         def lap_point(xn: torch.Tensor) -> torch.Tensor:
             return hessian(lambda z: u_point(p, z))(xn).trace()
 
+        bih_static = secorder.biharmonic(u, static=True)
         out["secorder"] = lambda: bih(p, x)
+        out["static"] = lambda: bih_static(p, x)
         out["torch.func"] = lambda: vmap(lambda xn: hessian(lap_point)(xn).trace())(x)
         if jet is not None and hasattr(jet, "bilaplacian"):
             try:
@@ -224,12 +232,13 @@ def main() -> None:
     if args.cpu_time:
         CLOCK = time.thread_time
     torch.set_num_threads(args.threads)
-    names = ["secorder", "torch.func", "today", "jet"]
+    names = ["secorder", "static", "torch.func", "today", "jet"]
     head = [
         "workload",
         "kind",
         *[f"{n} (ms)" for n in names],
         "torch.func / secorder",
+        "torch.func / static",
         "today / secorder",
         "jet / secorder",
     ]
@@ -243,7 +252,8 @@ def main() -> None:
             ours = t["secorder"]
             cells = [f"{t[n] * 1e3:.1f}" if n in t else "—" for n in names]
             ratios = [f"{t[n] / ours:.2f}×" if n in t else "—" for n in ("torch.func", "today", "jet")]
-            rows.append([label, kind, *cells, *ratios])
+            st = f"{t['torch.func'] / t['static']:.2f}×" if "static" in t and "torch.func" in t else "—"
+            rows.append([label, kind, *cells, ratios[0], st, *ratios[1:]])
             print(" | ".join(rows[-1]), file=sys.stderr)
         if args.memory:
             m = {n: _peak_mib(f) for n, f in fns.items()}

@@ -402,6 +402,8 @@ def test_error_bad_options():
         laplacian(lambda p, x: x.sum(-1), distribution="uniform")
     with pytest.raises(TypeError, match=r"return_derivatives"):
         laplacian(lambda p, x: x.sum(-1), return_derivatives="yes")
+    with pytest.raises(TypeError, match=r"static must be True or False"):
+        biharmonic(lambda p, x: x.sum(-1), static=1)
     with pytest.raises(TypeError, match=r"generator must be a torch.Generator"):
         laplacian(lambda p, x: x.sum(-1), num_probes=2)(torch.ones(1), torch.ones(2, 2), generator=3)
 
@@ -804,3 +806,89 @@ def test_unit_seed_first_linear_takes_weight_rows(monkeypatch, first, chunk_size
     loss = lambda p: ((laplacian(u, chunk_size=chunk_size)(p, x) - f) ** 2).mean()
     ref = grad(lambda p: ((_ref_laplacian(u, p, x) - f) ** 2).mean())(params)
     torch.testing.assert_close(grad(loss)(params), ref)
+
+
+def test_static_replays_the_tape_with_current_values():
+    """static=True: later calls with the same signature replay the first call's tape; the
+    parameters' and points' current values flow through it (Laplacian, derivatives, PINN loss
+    gradients match the dense references); a new shape or a new non-tensor argument records
+    again."""
+    u = _mlp(torch.tanh)
+    mk = lambda seed, n=4: (
+        _mlp_params(3, 6, torch.float64, seed=seed),
+        torch.randn(n, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)),
+    )
+    lap = laplacian(u, static=True, return_derivatives=True)
+    for seed, replayed in [(0, False), (1, True), (2, True)]:
+        params, x = mk(seed)
+        val, grd, got = lap(params, x)
+        assert lap.method_info.replayed is replayed
+        torch.testing.assert_close(got, _ref_laplacian(u, params, x))
+        torch.testing.assert_close(grd, vmap(grad(lambda xn, p=params: u(p, xn[None])[0]))(x))
+        torch.testing.assert_close(val, u(params, x))
+    params, x = mk(3, n=5)  # another number of points: recorded again, then replayed
+    lap(params, x)
+    assert not lap.method_info.replayed
+    lap(params, x)
+    assert lap.method_info.replayed
+    f = torch.sin(x).sum(-1)
+    plain = laplacian(u, static=True)
+    loss = lambda p: ((plain(p, x) - f) ** 2).mean()
+    ref = grad(lambda p: ((_ref_laplacian(u, p, x) - f) ** 2).mean())(params)
+    torch.testing.assert_close(grad(loss)(params), ref)
+    torch.testing.assert_close(grad(loss)(params), ref)  # replayed under torch.func.grad
+    assert plain.method_info.replayed
+    leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    loss(leaves).backward()
+    for k in params:
+        torch.testing.assert_close(leaves[k].grad, ref[k])
+
+    def branchy(p, x, mode):
+        z = torch.tanh(x @ p["w1"].T)
+        return (torch.sin(z) if mode == "sin" else z * z) @ p["w3"][0]
+
+    lap_b = laplacian(branchy, static=True)
+    for mode, replayed in [("sin", False), ("square", False), ("sin", True), ("square", True)]:
+        got = lap_b(params, x, mode)
+        assert lap_b.method_info.replayed is replayed
+        torch.testing.assert_close(got, _ref_laplacian(lambda p, z, m=mode: branchy(p, z, m), params, x))
+
+
+def test_static_records_again_when_the_tape_reads_values():
+    """A branch on a value (.item()) is baked into the tape: such a tape is never replayed, so
+    flipping the branch between calls still gives the right Laplacian."""
+
+    def u(s, x):
+        z = x.sum(-1)
+        return torch.sin(z) if s.item() > 0 else z**3
+
+    x = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    lap = laplacian(u, static=True)
+    for s in (1.0, -1.0, 1.0):
+        st = torch.tensor(s, dtype=torch.float64)
+        got = lap(st, x)
+        assert not lap.method_info.replayed
+        torch.testing.assert_close(got, _ref_laplacian(u, st, x))
+
+
+@pytest.mark.parametrize("num_probes", [None, 3], ids=["exact", "probes"])
+def test_static_biharmonic(num_probes):
+    """static=True for the biharmonic: exact, both levels' tapes replayed; with probes, u's tape
+    replayed and the Laplacian's recorded again (the probes are its constants). The results
+    equal those of the transform without static, and the dense reference when exact."""
+    u = _mlp(torch.tanh)
+    bih = biharmonic(u, static=True, num_probes=num_probes)
+    ref_fn = biharmonic(u, num_probes=num_probes)
+    for seed, replayed in [(0, False), (1, True)]:
+        params = _mlp_params(3, 5, torch.float64, seed=seed)
+        x = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+        got = bih(params, x, generator=torch.Generator().manual_seed(5))
+        assert bih.method_info.replayed is replayed
+        torch.testing.assert_close(got, ref_fn(params, x, generator=torch.Generator().manual_seed(5)))
+        if num_probes is None:
+            want = vmap(
+                lambda xn, p=params: hessian(lambda z: hessian(lambda y: u(p, y[None])[0])(z).trace())(
+                    xn
+                ).trace()
+            )(x)
+            torch.testing.assert_close(got, want)
