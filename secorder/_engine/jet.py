@@ -289,6 +289,12 @@ def mul(ctx: Ctx, a: Any, b: Any) -> Jet | Tensor:
     nd = y.dim() if isinstance(y, Tensor) else 0
     v1: Tensor | None = None
     v2: Tensor | None = None
+    if isinstance(a, Jet) and a is b:  # a square: y1 = 2 a a1, y2 = 2 a a2 + 2 Σ_k a1_k²
+        a1 = _align(a.d1, nd)
+        two = 2 * a0
+        v1 = None if ctx.skip_v1 else two * a1
+        v2 = 2 * pair(ctx, a1, a1)
+        return make(ctx, y, v1, v2 if a.v2 is None else v2 + two * _align(a.v2, nd))
     if isinstance(a, Jet):
         v1 = None if ctx.skip_v1 else _align(a.d1, nd) * b0
         v2 = None if a.v2 is None else _align(a.v2, nd) * b0
