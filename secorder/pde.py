@@ -410,9 +410,12 @@ def _collapsed(
     # a streamed tangent (jet.Lazy) holds a block of directions of one intermediate at a time:
     # blocks within SMALL_TANGENTS (at most STREAM_BLOCK directions); half that with directions
     # that differ per point (random probes), whose own (K, N, D) tangent and first-layer blocks
-    # (computed twice) are alive next to the streamed ones
+    # (computed twice) are alive next to the streamed ones; or an eighth of the K directions
+    # when that is more (many directions: fewer, larger blocks, each op's fixed cost paid fewer
+    # times, the streamed memory still an eighth of the whole tangent's)
     room = SMALL_TANGENTS if broadcast else SMALL_TANGENTS // 2
-    block = max(1, min(STREAM_BLOCK, room // (max(1, tape.widest) * x.element_size())))
+    fit = room // (max(1, tape.widest) * x.element_size())
+    block = max(1, min(STREAM_BLOCK, max(fit, k // STREAM_BLOCK)))
     if not split and chunk_size is None:  # the biharmonic's levels: one pass, no streaming
         block = k
     memo: dict[tuple[int, str], Any] | None = {} if step < k else None  # kept across passes
