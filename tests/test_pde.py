@@ -892,3 +892,36 @@ def test_static_biharmonic(num_probes):
                 ).trace()
             )(x)
             torch.testing.assert_close(got, want)
+
+
+def test_streamed_blocks_squared_in_place_only_when_nothing_records_them(monkeypatch):
+    """pair_lazy squares a fresh streamed block in place when nothing records it; under the tape
+    recorder (the biharmonic records the collapsed Laplacian with streamed blocks when
+    chunk_size is given) it does not, so the biharmonic stays on the collapsed route; the
+    results match the dense references either way."""
+    import secorder._engine.jet as jet
+    import secorder.pde as pde
+
+    d = 6
+    u, params = _stream_mlp(d, 10, torch.float64)
+    x = torch.randn(3, d, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    monkeypatch.setattr(pde, "STREAM_BLOCK", 2)
+    seen = []
+    real = jet._overwritable
+
+    def counting(t):
+        seen.append(real(t))
+        return seen[-1]
+
+    monkeypatch.setattr(jet, "_overwritable", counting)
+    torch.testing.assert_close(laplacian(u, chunk_size=d)(params, x), _ref_laplacian(u, params, x))
+    assert seen and all(seen)  # streamed, nothing records: in place
+    seen.clear()
+    bih = biharmonic(u, chunk_size=d)
+    got = bih(params, x)
+    assert bih.method_info.route == "collapsed"
+    assert False in seen  # streamed while the Laplacian's tape was recorded: not in place
+    want = vmap(
+        lambda xn: hessian(lambda z: hessian(lambda y: u(params, y[None])[0])(z).trace())(xn).trace()
+    )(x)
+    torch.testing.assert_close(got, want)

@@ -78,7 +78,8 @@ class Ctx:
 
 class Lazy:
     """K first-order directional derivatives not yet computed: ``block(s, e)`` computes those of
-    directions s..e (``(e − s, *S)`` or broadcasting to it).
+    directions s..e (``(e − s, *S)`` or broadcasting to it), a fresh tensor at every call that
+    the caller may overwrite (:func:`pair_lazy` squares it in place when nothing records it).
 
     A rule returns one when its output has a single consumer (``Ctx.lazy_out``), so a chain such
     as tanh → linear → tanh never holds the ``(K, N, width)`` tangent of the hidden layer: the
@@ -220,6 +221,17 @@ def pair(ctx: Ctx, a: Tensor, b: Tensor) -> Tensor:
     return p.reshape(ctx.G, ctx.m, *p.shape[1:]).sum(1)
 
 
+def _overwritable(t: Tensor) -> bool:
+    """A fresh block (:meth:`Lazy.block`) may be overwritten: nothing records or differentiates
+    it (no autograd history, no ``torch.func`` wrapper, no dispatch mode such as the tape
+    recorder, which would refuse an in-place op on a value another recorded value aliases)."""
+    return (
+        not t.requires_grad
+        and not torch._C._functorch.is_functorch_wrapped_tensor(t)
+        and torch._C._len_torch_dispatch_stack() == 0
+    )
+
+
 def pair_lazy(ctx: Ctx, a: Lazy, nd: int) -> Tensor:
     """Σ_{k ∈ g} a_k ⊙ a_k per group, streaming the blocks of a :class:`Lazy` (each computed
     once; ``nd``: the value's dimensions)."""
@@ -229,7 +241,7 @@ def pair_lazy(ctx: Ctx, a: Lazy, nd: int) -> Tensor:
     total: Tensor | None = None
     for s in range(0, ctx.K, step):
         b = _align(a.block(s, min(s + step, ctx.K)), nd)
-        p = b * b
+        p = b.mul_(b) if _overwritable(b) else b * b  # a block is fresh: squared in place
         if ctx.G == 1:
             part = p.sum(0, keepdim=True)
             total = part if total is None else total + part
