@@ -171,13 +171,13 @@ def _record(
 _STATIC_ENTRIES = 8  # argument signatures kept per transform (the oldest is dropped beyond)
 
 
-def _signature(args: tuple[Any, ...], extra: Any = None) -> Any:
+def _signature(args: tuple[Any, ...]) -> Any:
     """What a recorded tape may depend on besides values: the arguments' pytree structure, every
     tensor's shape, strides, dtype and device, and every other leaf's value (e.g. an int that
     selects a branch); ``None`` (not cached) for an unhashable leaf or a tensor under a
     ``torch.func`` transform that is not a plain wrapper (vmap)."""
     flat, spec = pytree.tree_flatten(list(args))
-    key: list[Any] = [spec, extra]
+    key: list[Any] = [spec]
     for a in flat:
         if isinstance(a, Tensor):
             p = _plain(a)
@@ -202,8 +202,7 @@ def _replayable(tape: Tape) -> bool:
 class _Tapes:
     """The tapes of a ``static=True`` transform, by argument :func:`_signature`."""
 
-    def __init__(self, static: bool) -> None:
-        self.static = static
+    def __init__(self) -> None:
         self.entries: dict[Any, Any] = {}
 
     def get(self, key: Any) -> Any:
@@ -553,8 +552,8 @@ def laplacian(
             ``nonzero``, …) is recorded at every call, but values read around ATen (``.numpy()``)
             and state outside the arguments are not seen; tensors read from outside the
             arguments are captured by reference (in-place updates are seen, a rebound name is
-            not). Saves the recording and the proof
-            (about 0.5 ms per call on a small MLP; more for :func:`biharmonic`).
+            not). Saves the recording and the proof (about 0.5 ms per call on a small MLP;
+            more for :func:`biharmonic`).
 
     Returns:
         ``lap_fn(*args, generator=None)`` returning Δu of shape ``(N, *O)``; with
@@ -591,7 +590,7 @@ def laplacian(
     call = "laplacian(u)(*args)"
     _common_checks(call, u, argnums, num_probes, distribution, with_stderr, chunk_size, static)
     check_bool(call, "return_derivatives", return_derivatives)
-    tapes = _Tapes(static)
+    tapes = _Tapes()
     _check_weighting(call, weighting, weighting_factor)
 
     @functools.wraps(u)
@@ -690,9 +689,9 @@ def biharmonic(
             ``nonzero``, …) is recorded at every call, but values read around ATen (``.numpy()``)
             and state outside the arguments are not seen; tensors read from outside the
             arguments are captured by reference (in-place updates are seen, a rebound name is
-            not). Saves the recording and the proof
-            (about 0.5 ms per call on a small MLP); here both levels' tapes when exact (random
-            probes are constants of the Laplacian's tape: with probes only u's tape is kept).
+            not). Saves the recording and the proof (about 0.5 ms per call on a small MLP);
+            here both levels' tapes when exact (random probes are constants of the Laplacian's
+            tape: with probes only u's tape is kept).
 
     Returns:
         ``bih_fn(*args, generator=None)`` returning Δ²u of shape ``(N, *O)`` (``(Δ²u, stderr)``
@@ -713,7 +712,7 @@ def biharmonic(
     """
     call = "biharmonic(u)(*args)"
     _common_checks(call, u, argnums, num_probes, distribution, with_stderr, chunk_size, static)
-    tapes = _Tapes(static)
+    tapes = _Tapes()
 
     @functools.wraps(u)
     def bih_fn(*args: Any, generator: torch.Generator | None = None) -> Any:
