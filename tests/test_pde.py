@@ -831,6 +831,9 @@ def test_static_replays_the_tape_with_current_values():
     assert not lap.method_info.replayed
     lap(params, x)
     assert lap.method_info.replayed
+    x_t = x.T.contiguous().T  # the same shape, other strides: recorded again
+    torch.testing.assert_close(lap(params, x_t)[2], _ref_laplacian(u, params, x))
+    assert not lap.method_info.replayed
     f = torch.sin(x).sum(-1)
     plain = laplacian(u, static=True)
     loss = lambda p: ((plain(p, x) - f) ** 2).mean()
