@@ -790,11 +790,19 @@ def layer_norm_rule(ctx: Ctx, func: Any, args: tuple[Any, ...], kwargs: dict[str
     n = math.prod(shape)
 
     def mean(j: Jet) -> Jet | Tensor:
-        j = j.full(ctx)
+        nd = j.v0.dim()
+
+        def red(t: Tensor) -> Tensor:
+            # expanded along the normalized dimensions only: a tangent broadcast along the
+            # points (unit directions through a first linear layer) keeps its size-1 axes
+            t = _align(t, nd)
+            shape = list(t.shape)
+            for d in dims:
+                shape[d] = j.v0.shape[d]
+            return t.expand(shape).sum(dims, keepdim=True) / n
+
         v0 = j.v0.mean(dims, keepdim=True)
-        v1 = j.d1.sum(dims, keepdim=True) / n
-        v2 = None if j.v2 is None else j.v2.sum(dims, keepdim=True) / n
-        return make(ctx, v0, v1, v2)
+        return make(ctx, v0, red(j.d1), None if j.v2 is None else red(j.v2))
 
     mu = mean(x)
     xc = add(ctx, x, mu, -1)
