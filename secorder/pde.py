@@ -44,7 +44,7 @@ from secorder import probes as _probes
 from secorder._chunking import ROW_OVERHEAD, check_chunk_size, memory_budget
 from secorder._engine import jet as _jet
 from secorder._engine.batch import BatchAxisError, analyze
-from secorder._engine.collapsed import evaluate, plan
+from secorder._engine.collapsed import Plan, evaluate, plan
 from secorder._engine.tape import _DATA_DEPENDENT, Tape, TapeUnsupportedError, record
 from secorder._errors import error
 from secorder._validate import (
@@ -388,6 +388,7 @@ def _collapsed(
     split: bool = True,
     broadcast: bool = False,
     unit: bool = False,
+    plans: dict[Any, Plan] | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor]:
     """(value, K first derivatives or None unless ``first_order``, G summed second derivatives).
 
@@ -397,14 +398,19 @@ def _collapsed(
     tensor, or ``(rows, K)`` from :func:`_direction_rows` (asked for in consecutive slices);
     ``broadcast``: the directions are the same at every point (size 1 along the points);
     ``unit``: they are the rows of the identity, in order (the exact Laplacian's): a first
-    linear layer then takes its tangent from its weight's rows (:attr:`secorder._engine.jet.Ctx.unit`)."""
+    linear layer then takes its tangent from its weight's rows (:attr:`secorder._engine.jet.Ctx.unit`);
+    ``plans``: the tape's plans kept across calls (``static=True``), filled here."""
     if isinstance(dirs, Tensor):
         t = dirs
         rows, k = (lambda start, stop: t[start:stop]), t.shape[0]
     else:
         rows, k = dirs
     m = 1 if groups == 1 else k // groups  # a chunk holds whole groups
-    prepared = plan(tape, [0], first_order=first_order, numels=tape.numels or None, broadcast=broadcast)
+    prepared = None if plans is None else plans.get((first_order, broadcast))
+    if prepared is None:
+        prepared = plan(tape, [0], first_order=first_order, numels=tape.numels or None, broadcast=broadcast)
+        if plans is not None:
+            plans[(first_order, broadcast)] = prepared
     step = _direction_step(tape, x, k, m, chunk_size, split, prepared.held)
     # a streamed tangent (jet.Lazy) holds a block of directions of one intermediate at a time:
     # blocks within SMALL_TANGENTS (at most STREAM_BLOCK directions); half that with directions
@@ -552,7 +558,7 @@ def laplacian(
             ``nonzero``, …) is recorded at every call, but values read around ATen (``.numpy()``)
             and state outside the arguments are not seen; tensors read from outside the
             arguments are captured by reference (in-place updates are seen, a rebound name is
-            not). Saves the recording and the proof (about 0.5 ms per call on a small MLP;
+            not). Saves the recording, the proof and the plan (about 0.5 ms per call on a small MLP;
             more for :func:`biharmonic`).
 
     Returns:
@@ -603,13 +609,17 @@ def laplacian(
         exact_unit = num_probes is None and s is None  # the first-order channel is ∇ₓu
         info = PDEInfo("collapsed")
         key = _signature(args) if static else None
-        tape, why = tapes.get(key), None
-        if tape is not None:
-            info.replayed = True
+        kept = tapes.get(key)  # (the tape, its plans)
+        tape: Tape | None = None
+        why: str | None = None
+        plans: dict[Any, Plan] | None = None
+        if kept is not None:
+            tape, plans, info.replayed = kept[0], kept[1], True
         else:
             tape, why = _record(fn, leaves, x, call)
             if tape is not None and _replayable(tape):
-                tapes.put(key, tape)
+                plans = {}
+                tapes.put(key, (tape, plans))
         v1: Tensor | None
         if tape is None:
             info = PDEInfo("nested", why)
@@ -619,7 +629,7 @@ def laplacian(
             same = num_probes is None and (s is None or s.shape[0] == 1)  # unit directions or one S
             v0, v1, v2 = _collapsed(
                 tape, leaves, x, (rows, k), groups, info, want_v1, chunk_size, broadcast=same,
-                unit=exact_unit,
+                unit=exact_unit, plans=plans,
             )  # fmt: skip
         lap = v2.sum(0) / scale
         check_finite_result(
@@ -689,7 +699,7 @@ def biharmonic(
             ``nonzero``, …) is recorded at every call, but values read around ATen (``.numpy()``)
             and state outside the arguments are not seen; tensors read from outside the
             arguments are captured by reference (in-place updates are seen, a rebound name is
-            not). Saves the recording and the proof (about 0.5 ms per call on a small MLP);
+            not). Saves the recording, the proof and the plan (about 0.5 ms per call on a small MLP);
             here both levels' tapes when exact (random probes are constants of the Laplacian's
             tape: with probes only u's tape is kept).
 
@@ -725,13 +735,15 @@ def biharmonic(
         g_out = outer.shape[0] if stoch else 1
         info = PDEInfo("collapsed")
         key = _signature(args) if static else None
-        # (u's tape, the tape of its collapsed Laplacian (exact only), the inner level's fallbacks)
+        # (u's tape, the tape of its collapsed Laplacian (exact only), the inner level's
+        # fallbacks, the plans of the two tapes)
         kept = tapes.get(key)
         tape, why = (kept[0], None) if kept is not None else _record(fn, leaves, x, call)
         tape2: Tape | None = None
+        plans: tuple[dict[Any, Plan], dict[Any, Plan]] = (kept[3] if kept else {}, {})
         info.replayed = kept is not None
         if kept is not None and kept[1] is not None:
-            tape2 = kept[1]
+            tape2, plans = kept[1], (kept[3], kept[4])  # the plans of this very tape2
             info.fallbacks.update(kept[2])
 
         def lap(ls: list[Tensor], ins: list[Tensor]) -> Tensor:
@@ -739,7 +751,7 @@ def biharmonic(
                 return _nested(fn, ls, ins[0], inner, g_in, chunk_size)[2]
             return _collapsed(
                 tape, ls, ins[0], inner, g_in, info, chunk_size=chunk_size, split=False,
-                broadcast=inner.shape[1] == 1, unit=num_probes is None,
+                broadcast=inner.shape[1] == 1, unit=num_probes is None, plans=plans[0],
             )[2]  # fmt: skip
 
         v2: Tensor | None = None
@@ -748,11 +760,12 @@ def biharmonic(
                 tape2, why2 = _record(lap, leaves, x)
                 if kept is None and _replayable(tape):
                     exact = tape2 is not None and num_probes is None and _replayable(tape2)
-                    tapes.put(key, (tape, tape2 if exact else None, dict(info.fallbacks)))
+                    kept2 = tape2 if exact else None
+                    tapes.put(key, (tape, kept2, dict(info.fallbacks), plans[0], plans[1] if exact else {}))
             if tape2 is not None:
                 v2 = _collapsed(
                     tape2, leaves, x, outer, g_out, info, chunk_size=chunk_size, split=False,
-                    broadcast=outer.shape[1] == 1, unit=num_probes is None,
+                    broadcast=outer.shape[1] == 1, unit=num_probes is None, plans=plans[1],
                 )[2]  # fmt: skip
             else:
                 why = why2

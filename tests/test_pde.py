@@ -818,11 +818,24 @@ def test_static_replays_the_tape_with_current_values():
         _mlp_params(3, 6, torch.float64, seed=seed),
         torch.randn(n, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)),
     )
+    import secorder.pde as pde
+
+    planned = []
+    real = pde.plan
+
+    def counting(*a, **k):
+        planned.append(1)
+        return real(*a, **k)
+
     lap = laplacian(u, static=True, return_derivatives=True)
     for seed, replayed in [(0, False), (1, True), (2, True)]:
         params, x = mk(seed)
-        val, grd, got = lap(params, x)
+        planned.clear()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(pde, "plan", counting)
+            val, grd, got = lap(params, x)
         assert lap.method_info.replayed is replayed
+        assert len(planned) == (0 if replayed else 1)  # the plan is kept with the tape
         torch.testing.assert_close(got, _ref_laplacian(u, params, x))
         torch.testing.assert_close(grd, vmap(grad(lambda xn, p=params: u(p, xn[None])[0]))(x))
         torch.testing.assert_close(val, u(params, x))
@@ -875,18 +888,26 @@ def test_static_records_again_when_the_tape_reads_values():
 
 
 @pytest.mark.parametrize("num_probes", [None, 3], ids=["exact", "probes"])
-def test_static_biharmonic(num_probes):
-    """static=True for the biharmonic: exact, both levels' tapes replayed; with probes, u's tape
-    replayed and the Laplacian's recorded again (the probes are its constants). The results
-    equal those of the transform without static, and the dense reference when exact."""
+def test_static_biharmonic(monkeypatch, num_probes):
+    """static=True for the biharmonic: exact, both levels' tapes (and their plans) replayed; with
+    probes, u's tape replayed and the Laplacian's recorded (and planned) again (the probes are
+    its constants). The results equal those of the transform without static, and the dense
+    reference when exact."""
+    import secorder.pde as pde
+
+    planned = []
+    real = pde.plan
+    monkeypatch.setattr(pde, "plan", lambda *a, **k: planned.append(1) or real(*a, **k))
     u = _mlp(torch.tanh)
     bih = biharmonic(u, static=True, num_probes=num_probes)
     ref_fn = biharmonic(u, num_probes=num_probes)
     for seed, replayed in [(0, False), (1, True)]:
         params = _mlp_params(3, 5, torch.float64, seed=seed)
         x = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+        planned.clear()
         got = bih(params, x, generator=torch.Generator().manual_seed(5))
         assert bih.method_info.replayed is replayed
+        assert len(planned) == (2 if not replayed else 0 if num_probes is None else 1)
         torch.testing.assert_close(got, ref_fn(params, x, generator=torch.Generator().manual_seed(5)))
         if num_probes is None:
             want = vmap(
