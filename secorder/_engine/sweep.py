@@ -804,7 +804,7 @@ class _Walker:
         self.n = n
         self.per_sample = per_sample  # diag rows (N, *leaf.shape): sample n's squares alone
         # trace: per leaf only the sum of its diagonal (0-dim); the deferred mm/addmm squares
-        # then need no product with x^⊙2 (see _linear_trace)
+        # then need no product with x^⊙2 (see _linear_squares)
         self.trace = trace and not per_sample
         # rows allocated on first use (N·P entries: one pass fewer over them); the first addend of
         # a leaf is kept as it is (no zero-filled buffer, no pass over it) and never written in
@@ -903,9 +903,9 @@ class _Walker:
         weights = None
         axes = {p: t for p, t in self.plan.batch.arg_tags(i, node).items() if isinstance(t, tuple)}
         for path, leaf, chain in self.plan.interfaces.get(i, []):
-            tr = self._linear_trace(i, node, path, dgram) if self.trace else None
-            if tr is not None:  # the views in chain keep every entry once: the sum is the leaf's
-                self._add(leaf, tr)
+            direct = None if self.per_sample else self._linear_squares(i, node, path, dgram)
+            if direct is not None:  # trace: the views in chain keep every entry once (the same sum)
+                self._add(leaf, direct if self.trace else self._to_leaf(leaf, chain, direct))
                 continue
             sq = interfaces.param_squares(
                 node,
@@ -925,11 +925,12 @@ class _Walker:
                 )
             self._add(leaf, self._to_leaf(leaf, chain, sq))
 
-    def _linear_trace(self, i: int, node: TapeNode, path: tuple[Any, ...], dgram: Tensor) -> Tensor | None:
-        """The sum of the squares of node ``i`` (mm/addmm, one row per sample, see
-        :meth:`_linear_rows`) at ``path`` from ``dgram`` = Σ_c w_c δ_c^⊙2 (N, m): for the weight,
-        Σ_n ‖x_n‖² Σ_j dgram_nj (the sum of (dgram)ᵀ x^⊙2 without the product), for a bias of m
-        entries Σ dgram; None otherwise (the caller sums the rule's squares)."""
+    def _linear_squares(self, i: int, node: TapeNode, path: tuple[Any, ...], dgram: Tensor) -> Tensor | None:
+        """The squares of node ``i`` (mm/addmm, one row per sample, see :meth:`_linear_rows`) at
+        ``path`` from ``dgram`` = Σ_c w_c δ_c^⊙2 (N, m), shaped like the argument, without the
+        interface rule's general machinery (:func:`interfaces.param_squares` gives the same):
+        the weight (x^⊙2)ᵀ dgram, a bias of m entries Σ_n dgram_n. With ``trace`` their sums:
+        Σ_n ‖x_n‖² Σ_j dgram_nj without the product, and Σ dgram. None otherwise."""
         rows = self._linear_rows(i)
         if rows is None or node.kwargs:
             return None
@@ -942,13 +943,18 @@ class _Walker:
             if not isinstance(x, Tensor) or x.dim() != 2:
                 return None
             x = x.to(dgram.dtype)
-            return torch.dot((x * x).sum(1), dgram.sum(1)) * (alpha * alpha)
+            x2 = x * x
+            if self.trace:
+                return torch.dot(x2.sum(1), dgram.sum(1)) * (alpha * alpha)
+            sq = x2.T @ dgram
+            return sq if alpha == 1 else sq * (alpha * alpha)
         if path == (0, 0) and node.func is aten.addmm.default:
             bias, beta = args[0], args[3] if len(args) > 3 else 1
             m = dgram.shape[1]
             if not isinstance(bias, Tensor) or bias.numel() != m or bias.shape[-1] != m:
                 return None
-            return dgram.sum() * (beta * beta)
+            sq = dgram.sum() if self.trace else dgram.sum(0).reshape(bias.shape)
+            return sq if beta == 1 else sq * (beta * beta)
         return None
 
     def closed_form(self, group: Any, step: int) -> bool:
