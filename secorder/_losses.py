@@ -344,6 +344,18 @@ class CrossEntropyLoss(_BuiltinLoss):
         sqrt_p = p.sqrt().reshape(n, c * pos)
         inv_sqrt_m = 1.0 / math.sqrt(self.count(z))
 
+        if pos == 1:  # one position per sample: (k, N, C) by broadcasting, no index arithmetic
+            p2, sqrt_t = p[..., 0], sqrt_p.T  # (N, C), (C, N)
+            eye = torch.eye(c, dtype=z.dtype, device=z.device)
+
+            def one_position(start: int, stop: int) -> Tensor:
+                col = ((eye[start:stop, None, :] - p2) * sqrt_t[start:stop, :, None]).reshape(
+                    stop - start, *z.shape
+                )
+                return col if inv_sqrt_m == 1.0 else col * inv_sqrt_m
+
+            return Factor(c, one_position)
+
         def columns(start: int, stop: int) -> Tensor:
             r = torch.arange(start, stop, device=z.device)
             cls_idx, pos_idx = r % c, r // c
