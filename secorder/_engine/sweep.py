@@ -1059,6 +1059,7 @@ class _Walker:
         # registry's VJPs, sums, views of such after their columns were popped): the VJPs may
         # overwrite them (vjps.INPLACE). The given columns are the caller's: never owned.
         owned: set[int] = set()
+        unit: bool | None = None  # every sign and weight 1 (decided at the first deferred interface)
         k = next(iter(cot.values())).shape[0]
         same = group.tag is SAME
         fb_grads: dict[int, Tensor] = {}  # per-sample gradients at the fallback meetings (leafvjp)
@@ -1076,8 +1077,13 @@ class _Walker:
                 out0 = int(node.outputs[0] or 0)
                 if self.defer and self.rows[i] is not None and list(cts) == [out0]:
                     ct = cts[out0]  # (k, N, d): Σ_c w_c δ_c^⊙2 with the signs per column and sample
-                    w = signs.to(ct.dtype) if weights is None else signs.to(ct.dtype) * weights[:, None]
-                    self._diagonal_squares(i, (ct * ct * w[:, :, None]).sum(0))
+                    if unit is None:  # all weights one (the Fisher's columns): a plain sum of squares
+                        unit = weights is None and bool((signs == 1).all())
+                    if unit:
+                        self._diagonal_squares(i, (ct * ct).sum(0))
+                    else:
+                        w = signs.to(ct.dtype) if weights is None else signs.to(ct.dtype) * weights[:, None]
+                        self._diagonal_squares(i, (ct * ct).mul_(w[:, :, None]).sum(0))
                 else:
                     for path, leaf, chain in plan.interfaces[i]:
                         self._interface(i, node, path, leaf, chain, cts, signs, weights)
