@@ -609,13 +609,14 @@ def _linear_fn(p: dict[str, Tensor], x: Tensor) -> Tensor:
     return (h @ p["w4"]) * p["s"]  # mm without bias, an elementwise scale
 
 
+@pytest.mark.parametrize("chunk_size", [None, 1], ids=["one_chunk", "column_chunks"])
 @pytest.mark.parametrize("kind", ["ggn", "empirical"])
-def test_linear_traces_without_products_equal_the_diagonal_sums(kind: str) -> None:
+def test_linear_traces_without_products_equal_the_diagonal_sums(kind: str, chunk_size: int | None) -> None:
     """The sweep's trace mode (per-leaf sums; Σ_n ‖x_n‖² Σ_j (Σ_c w_c δ_c²)_nj at mm/addmm layers
     instead of a product with x^⊙2) equals the sum of its diagonal and the generic route's trace."""
     x, y = _ce_data(n=7, d=4, c=3)
     params = _linear_params(_seed(3))
-    fast = fisher_trace(_linear_fn, "cross_entropy", kind=kind, path="fast")
+    fast = fisher_trace(_linear_fn, "cross_entropy", kind=kind, path="fast", chunk_size=chunk_size)
     got = fast(params, x, y)
     assert fast.path_info.path == "fast"
     diag = fisher_diagonal(_linear_fn, "cross_entropy", kind=kind, path="fast")(params, x, y)
