@@ -295,8 +295,14 @@ class CrossEntropyLoss(_BuiltinLoss):
 
     def per_sample_grads(self, z: Tensor, y: Any) -> Tensor:
         """∇_{z_n} l_n = (softmax(z_n) − onehot(y_n)) / m at every position (closed form)."""
+        m = self.count(z)
+        plain = not (_is_wrapped(z) or _is_wrapped(y) or (torch.is_grad_enabled() and z.requires_grad))
+        if z.dim() == 2 and isinstance(y, Tensor) and y.dim() == 1 and plain:
+            g = self._probs(z)  # a fresh tensor: the targets' entries lowered in place (the same values)
+            g[torch.arange(z.shape[0], device=z.device), y] -= 1
+            return g if m == 1 else g / m
         onehot = F.one_hot(y, z.shape[1]).movedim(-1, 1).to(z.dtype)
-        return (self._probs(z) - onehot) / self.count(z)
+        return (self._probs(z) - onehot) / m
 
     # The softmax curvature diag(p) − p pᵀ is applied without forming it, a group of samples at a
     # time (≤ 1/8 of the batch), so that the temporaries are a fraction of one copy of the logits
@@ -343,6 +349,18 @@ class CrossEntropyLoss(_BuiltinLoss):
         p = self._probs(z).reshape(n, c, pos)
         sqrt_p = p.sqrt().reshape(n, c * pos)
         inv_sqrt_m = 1.0 / math.sqrt(self.count(z))
+
+        if pos == 1:  # one position per sample: (k, N, C) by broadcasting, no index arithmetic
+            p2, sqrt_t = p[..., 0], sqrt_p.T  # (N, C), (C, N)
+            eye = torch.eye(c, dtype=z.dtype, device=z.device)
+
+            def one_position(start: int, stop: int) -> Tensor:
+                col = ((eye[start:stop, None, :] - p2) * sqrt_t[start:stop, :, None]).reshape(
+                    stop - start, *z.shape
+                )
+                return col if inv_sqrt_m == 1.0 else col * inv_sqrt_m
+
+            return Factor(c, one_position)
 
         def columns(start: int, stop: int) -> Tensor:
             r = torch.arange(start, stop, device=z.device)

@@ -510,7 +510,7 @@ def _run(
     acc = _Accumulator(len(leaves), per_column=per_column)
     if why is None:
         assert data is not None
-        why = _engine_accumulate(s, fn, leaves, inputs, data, factor, acc, tape, per_column)
+        why = _engine_accumulate(s, fn, leaves, inputs, data, factor, acc, tape, per_column, trace)
         if why is not None and s.path == "fast":
             _refuse_fast(call, why, transformed)
     if why is not None:
@@ -633,11 +633,13 @@ def _engine_accumulate(
     acc: _Accumulator,
     tape: Any,
     per_column: bool,
+    trace: bool = False,
 ) -> str | None:
     """The exact GGN / empirical / MC Fisher by the structured sweep over a tape of the whole batch
     (:func:`secorder._engine.sweep.engine_output_diagonal`: the loss node's columns only, squared
     per-sample gradients at the parameters' interfaces, the per-sample structure proven on the
-    tape); None when done, else the sweep's reason for refusing (nothing added)."""
+    tape); None when done, else the sweep's reason for refusing (nothing added). ``trace``: the
+    accumulator receives per-leaf sums (0-dim) only, the cheaper Linear-layer traces."""
     from secorder._engine.sweep import EngineUnsupportedError, engine_output_diagonal
 
     def sweep(c0: int, c1: int) -> list[Tensor]:
@@ -652,6 +654,7 @@ def _engine_accumulate(
             per_sample=s.per_sample,
             tape=tape,
             fallback=s.path == "fast",  # auto: the whole-batch VJPs are cheaper than per-leaf ones
+            trace=trace and not per_column and not s.per_sample,
         )
 
     try:

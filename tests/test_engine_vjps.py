@@ -52,11 +52,15 @@ def _generic(node: Any, values: list[Any], ct: Tensor) -> Tensor:
     return vmap(pull)(ct)[0]
 
 
+@pytest.mark.parametrize("inplace", [False, True], ids=["fresh", "inplace"])
 @pytest.mark.parametrize("loop", [False, True], ids=["folded", "one_column_at_a_time"])
 @pytest.mark.parametrize("name", sorted(CONVS))
-def test_convolution_vjp_matches_generic(name: str, loop: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_convolution_vjp_matches_generic(
+    name: str, loop: bool, inplace: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Strides, padding, dilation, groups, 1-D/3-D, transposed with output padding, an unbatched
-    input; folded into the batch dimension and one column at a time."""
+    input; folded into the batch dimension and one column at a time; with ``inplace`` (columns
+    the walk owns) the gradients overwrite the columns where the sizes allow."""
     monkeypatch.setattr(vjps, "_LOOP_BYTES", 0 if loop else 1 << 62)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 4, 7, 7, dtype=DT, generator=g)
@@ -68,9 +72,17 @@ def test_convolution_vjp_matches_generic(name: str, loop: bool, monkeypatch: pyt
     node = tape.nodes[i]
     out = values[node.outputs[0]]
     ct = torch.randn(5, *out.shape, dtype=DT, generator=g)
-    got = rule(node.func).vjp(node, values, [(0, 0)], {node.outputs[0]: ct})
+    want = _generic(node, values, ct)
+    given = ct.clone()
+    opts = {"inplace": True} if inplace else {}
+    got = rule(node.func).vjp(node, values, [(0, 0)], {node.outputs[0]: given}, **opts)
     assert got is not None
-    torch.testing.assert_close(got[0], _generic(node, values, ct), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got[0], want, rtol=1e-12, atol=1e-12)
+    overwritten = got[0].untyped_storage().data_ptr() == given.untyped_storage().data_ptr()
+    same_size = out.numel() == values[node.args[0].index].numel()
+    assert overwritten == (inplace and loop and same_size)
+    if not overwritten:
+        assert torch.equal(given, ct)  # the columns are left as they were
 
 
 def test_convolution_vjp_declines_other_positions() -> None:
@@ -111,6 +123,42 @@ def test_cnn_diagonal_exact_through_the_vjp_rules(loop: bool, monkeypatch: pytes
     ref = dense_hessian(lambda p: f(p, x, y), params).diagonal()
     got_flat = torch.cat([leaf.reshape(-1) for leaf in flatten(got)[0]])  # dense_hessian's flat order
     torch.testing.assert_close(got_flat, ref, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("op", ["relu", "tanh", "sigmoid"])
+def test_pointwise_vjp_inplace_overwrites_the_columns_with_the_same_values(op: str) -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 6, dtype=DT, generator=g)
+    fn = getattr(torch, op)
+    tape = record(lambda ls: fn(ls[0]).sum(), [x])
+    values = tape.values if tape.values is not None else tape.replay([x])
+    node = tape.nodes[_node_of(tape, op)]
+    ct = torch.randn(3, 4, 6, dtype=DT, generator=g)
+    fresh = vjps.pointwise_vjp(node, values, [(0, 0)], {node.outputs[0]: ct})
+    given = ct.clone()
+    got = vjps.pointwise_vjp(node, values, [(0, 0)], {node.outputs[0]: given}, inplace=True)
+    assert fresh is not None and got is not None and got[0] is given
+    torch.testing.assert_close(got[0], fresh[0], rtol=0, atol=0)
+    torch.testing.assert_close(fresh[0], _generic(node, values, ct), rtol=1e-12, atol=1e-12)
+
+
+def test_fisher_cnn_with_columns_overwritten_by_the_walk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Convolutions of equal input and output sizes, one column at a time (the in-place input
+    gradients) and ReLU/tanh columns overwritten in place: the GGN and empirical Fisher diagonals
+    equal the generic route's."""
+    monkeypatch.setattr(vjps, "_LOOP_BYTES", 0)
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 3, 3, padding=1), nn.Tanh(),
+        nn.Conv2d(3, 3, 3, padding=1), nn.Flatten(), nn.Linear(3 * 5 * 5, 4),
+    ).to(DT)  # fmt: skip
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(5, 3, 5, 5, dtype=DT, generator=g), torch.randint(0, 4, (5,), generator=g)
+    for kind in ("ggn", "empirical"):
+        fast = secorder.fisher_diagonal(model, "cross_entropy", kind=kind, path="fast")(params, x, y)
+        ref = secorder.fisher_diagonal(model, "cross_entropy", kind=kind, path="generic")(params, x, y)
+        torch.testing.assert_close(fast, ref, rtol=1e-10, atol=1e-12)
 
 
 POINTWISE: dict[str, Callable[[Tensor], Tensor]] = {

@@ -243,7 +243,15 @@ def test_operator_products_match_dense(name: str, kind: str) -> None:
 
 @pytest.mark.parametrize(
     ("name", "reduction"),
-    [("ce", "mean"), ("ce_seq", "mean"), ("ce_seq", "sum"), ("mse", "mean"), ("mse", "sum"), ("bce", "mean")],
+    [
+        ("ce", "mean"),
+        ("ce", "sum"),
+        ("ce_seq", "mean"),
+        ("ce_seq", "sum"),
+        ("mse", "mean"),
+        ("mse", "sum"),
+        ("bce", "mean"),
+    ],
 )
 def test_closed_forms_match_autodiff(name: str, reduction: str) -> None:
     from secorder._losses import LossSpec, resolve_loss

@@ -587,3 +587,66 @@ def test_chunked_samples_in_fast_products() -> None:
     finally:
         set_memory_budget(old)
     torch.testing.assert_close(_flat(got), _flat(want), **TOL)
+
+
+# --------------------------------------------------------------------------- walk internals
+
+
+def _linear_params(g: torch.Generator) -> dict[str, Tensor]:
+    def r(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=g, dtype=torch.float64) / 2
+
+    return {
+        "w1": r(5, 4), "b1": r(5), "w2": r(5, 6), "b2": r(1, 6), "w3": r(3, 6), "b3": r(1), "w4": r(3, 3),
+        "s": r(3),
+    }  # fmt: skip
+
+
+def _linear_fn(p: dict[str, Tensor], x: Tensor) -> Tensor:
+    h = torch.tanh(F.linear(x, p["w1"], p["b1"]))  # t + addmm: the deferred squares
+    h = torch.relu(torch.addmm(p["b2"], h, p["w2"]))  # weight not transposed, bias (1, m)
+    h = torch.addmm(p["b3"], h, p["w3"].t(), beta=0.5, alpha=2.0)  # keyword scalars, a (1,) bias
+    return (h @ p["w4"]) * p["s"]  # mm without bias, an elementwise scale
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1], ids=["one_chunk", "column_chunks"])
+@pytest.mark.parametrize("kind", ["ggn", "empirical"])
+def test_linear_traces_without_products_equal_the_diagonal_sums(kind: str, chunk_size: int | None) -> None:
+    """The sweep's trace mode (per-leaf sums; Σ_n ‖x_n‖² Σ_j (Σ_c w_c δ_c²)_nj at mm/addmm layers
+    instead of a product with x^⊙2) equals the sum of its diagonal and the generic route's trace."""
+    x, y = _ce_data(n=7, d=4, c=3)
+    params = _linear_params(_seed(3))
+    fast = fisher_trace(_linear_fn, "cross_entropy", kind=kind, path="fast", chunk_size=chunk_size)
+    got = fast(params, x, y)
+    assert fast.path_info.path == "fast"
+    diag = fisher_diagonal(_linear_fn, "cross_entropy", kind=kind, path="fast")(params, x, y)
+    generic = fisher_trace(_linear_fn, "cross_entropy", kind=kind, path="generic")(params, x, y)
+    torch.testing.assert_close(got, _flat(diag).sum(), **TOL)
+    torch.testing.assert_close(got, generic, **TOL)
+
+
+class ReluBranches(nn.Module):
+    """ReLU columns the walk overwrites in place next to values with two consumers: the
+    pre-activation feeds a ReLU and a skip layer, a ReLU output feeds two layers, and the model
+    ends in a ReLU (the loss node's own columns, which the walk must not overwrite)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.lin1 = nn.Linear(3 * 4 * 4, 5)
+        self.skip = nn.Linear(3 * 4 * 4, 5)
+        self.lin2 = nn.Linear(5, 4)
+        self.lin3 = nn.Linear(5, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.conv(x)).flatten(1)
+        a = torch.relu(self.lin1(h))
+        return torch.relu(self.lin2(a) + self.lin3(a) + self.lin2(torch.tanh(self.skip(h)))) + 0.1
+
+
+def test_inplace_walk_with_shared_values_equals_generic() -> None:
+    torch.manual_seed(0)
+    model = ReluBranches().double()
+    x = torch.randn(6, 2, 4, 4, generator=_seed(4), dtype=torch.float64)
+    y = torch.randint(0, 4, (6,), generator=_seed(5))
+    compare(model, "cross_entropy", x, y, kinds=("ggn", "empirical"), fallback=True)

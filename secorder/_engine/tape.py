@@ -165,6 +165,16 @@ def _functional_twin(func: Any) -> Any:
     return None if twin is None else getattr(twin, overload, None)
 
 
+_FLAGS: dict[Any, tuple[bool, bool]] = {}  # op overload → (random, mutable), looked up once per op
+
+
+def _flags(func: Any) -> tuple[bool, bool]:
+    flags = _FLAGS.get(func)
+    if flags is None:
+        flags = _FLAGS[func] = (torch.Tag.nondeterministic_seeded in func.tags, bool(func._schema.is_mutable))
+    return flags
+
+
 class _Recorder(TorchDispatchMode):
     def __init__(self, leaves: Sequence[Tensor]) -> None:
         super().__init__()
@@ -203,15 +213,16 @@ class _Recorder(TorchDispatchMode):
         out = func(*args, **kwargs)
         if self.problem is not None:
             return out
-        if torch.Tag.nondeterministic_seeded in func.tags:
+        random, mutable = _flags(func)
+        if random:
             self.problem = f"the random op {func} (a replay would draw new numbers)"
             return out
-        schema = func._schema
         if "out" in kwargs:
             self.problem = f"{func} with out="
             return out
-        rargs, rkwargs = self._ref(tuple(args)), self._ref(kwargs)
-        if schema.is_mutable:
+        rargs, rkwargs = self._ref(tuple(args)), self._ref(kwargs) if kwargs else {}
+        if mutable:
+            schema = func._schema
             mutated = [
                 a
                 for a, arg in zip(args, schema.arguments)
