@@ -1012,7 +1012,9 @@ class _Walker:
                 if self.defer and self.rows[i] is not None and list(cts) == [out0]:
                     ct = cts[out0]  # (k, N, d): Σ_c w_c δ_c^⊙2 with the signs per column and sample
                     w = signs.to(ct.dtype) if weights is None else signs.to(ct.dtype) * weights[:, None]
-                    self._diagonal_squares(i, (ct * ct * w[:, :, None]).sum(0))
+                    # one pass to square, the weighted sum over the columns as a batched product
+                    # (three elementwise passes over the (k, N, d) columns cost more than the walk)
+                    self._diagonal_squares(i, torch.einsum("kn,knd->nd", w, ct * ct))
                 else:
                     for path, leaf, chain in plan.interfaces[i]:
                         self._interface(i, node, path, leaf, chain, cts, signs, weights)
@@ -1089,27 +1091,24 @@ class _Walker:
         ct = cts[out]
         out_axis = plan.batch.tags[out]
         axes = {p: t for p, t in plan.batch.arg_tags(i, node).items() if isinstance(t, tuple)}
-        d, g = out_axis
-        s = signs if g == 1 else signs.repeat_interleave(g, dim=1)
-        s = s.reshape(s.shape[0], *[1] * d, s.shape[1], *[1] * (ct.dim() - 2 - d))
-        has = {sgn: bool((s * sgn > 0).any()) for sgn in (1, -1)}
-        parts = []
-        for sgn in (1, -1):
-            if not has[sgn]:
-                continue
-            part = ct if not has[-sgn] else ct * (s * sgn > 0)  # one sign throughout: no mask
-            sq = interfaces.param_squares(
-                node, values, path, axes, out_axis, part, weights, self.n, per_sample=self.per_sample
-            )
-            if sq is None:
-                raise EngineUnsupportedError(
-                    f"no per-sample rule for the parameter argument {path} of {node.func} (tape position {i})"
-                )
-            parts.append(sq if sgn > 0 else -sq)
-        if not parts:
+        # one sign throughout: the column weights as they are, the squares negated for −1; mixed
+        # signs: one call with the signs as (column, sample) weights (every rule weighs each
+        # sample's squares, see interfaces.param_squares), not one masked call per sign
+        pos, neg = bool((signs > 0).any()), bool((signs < 0).any())
+        if not (pos or neg):
             return
-        total = parts[0] if len(parts) == 1 else parts[0] + parts[1]
-        self._add(leaf, self._to_leaf(leaf, chain, total))
+        w = weights
+        if pos and neg:
+            s = signs.to(ct.dtype)
+            w = s if weights is None else s * weights.to(ct.dtype)[:, None]
+        sq = interfaces.param_squares(
+            node, values, path, axes, out_axis, ct, w, self.n, per_sample=self.per_sample
+        )
+        if sq is None:
+            raise EngineUnsupportedError(
+                f"no per-sample rule for the parameter argument {path} of {node.func} (tape position {i})"
+            )
+        self._add(leaf, self._to_leaf(leaf, chain, sq if pos else -sq))
 
     def _to_leaf(self, leaf: int, chain: list[int], sq: Tensor) -> Tensor:
         """Map entries of an injective view of the leaf back to the leaf (the views' VJP)."""
