@@ -659,3 +659,42 @@ def test_column_blocks_bounded(bound: str, monkeypatch: pytest.MonkeyPatch) -> N
         torch.testing.assert_close(got[k], ref[k], rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(ggn[k], ggn_ref[k], rtol=1e-9, atol=1e-12)
     assert seen and max(seen) <= limit  # the GGN's columns: C = 6 at the outputs, in chunks
+
+
+@pytest.mark.parametrize("masked", [True, False], ids=["causal_mask", "no_mask"])
+def test_attention_dead_entries_split_the_bilinear_form(
+    masked: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """att @ v with att a causal softmax: its exact zeros are constant in θ, so the bilinear
+    columns are formed per inner index over the live rows only (R drops by the masked half
+    of the att @ v columns); without a mask nothing is dead and R is unchanged. Exact against
+    the dense float64 Hessian either way, and the same diagonal as the unsplit form."""
+    from secorder._engine import sweep
+
+    torch.manual_seed(13)
+    model = _TokenBlock().to(DT)
+    if not masked:
+        monkeypatch.setattr(torch, "triu", lambda x, diagonal=0: torch.zeros_like(x))
+    idx, y = torch.randint(0, 11, (4, 5)), torch.randint(0, 3, (4,))
+    params = _params(model)
+    split = _check(_ce(model), params, idx, y)
+    found: list[Any] = []
+    real = sweep._dead_entries
+    monkeypatch.setattr(sweep, "_dead_entries", lambda *a: found.append(real(*a)) or None)
+    fn = secorder.hessian_diagonal(_ce(model))
+    whole = fn(params, idx, y)
+    assert fn.method_info.method == "sweep"
+    d, t, heads = 6, 5, 2
+    if masked:
+        assert any(x is not None for x in found)
+        # per head, att @ v (t×t times t×dh, ḡ of full rank min(t, dh)): 2·min(t, dh)·t columns
+        # whole, 2·Σ_j min(t − j, dh) split (column j of att is live in rows j..t−1)
+        dh = d // heads
+        dropped = heads * 2 * (t * min(t, dh) - sum(min(t - j, dh) for j in range(t)))
+        assert fn.method_info.num_columns - split.num_columns == dropped
+    else:
+        assert all(x is None for x in found)
+        assert fn.method_info.num_columns == split.num_columns
+    got = secorder.hessian_diagonal(_ce(model))(params, idx, y)
+    for k in params:
+        torch.testing.assert_close(got[k], whole[k], rtol=1e-9, atol=1e-12)

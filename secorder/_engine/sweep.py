@@ -403,16 +403,22 @@ class _BilinearGroup:
     """Closed-form columns of ⟨ḡ, Ȧ Ḃ⟩ for a batched product A B of two parameter-dependent
     operands (per batch matrix, ḡ = Σ_r s_r u_r v_rᵀ by SVD): columns (u_r e_jᵀ, ±e_j v_rᵀ) with
     weights ±s_r / 2, since ⟨ḡ, Ȧ Ḃ⟩ = Σ_r s_r Σ_j (u_rᵀ Ȧ)_j (Ḃ v_r)_j and
-    2ab = ((a + b)² − (a − b)²)/2. R = 2 · rank · K per batch matrix; no dense matrix, no eigh."""
+    2ab = ((a + b)² − (a − b)²)/2. R = 2 · rank · K per batch matrix; no dense matrix, no eigh.
+
+    Where entries of A are constant in θ (``dead``: a causal softmax's exact zeros), the form
+    splits over the inner index j, Σ_j Ȧ[:, j]ᵀ (D_j ḡ) Ḃ[j, :] with D_j keeping the rows i
+    where A[i, j] is live, and each block has its own SVD (``per_inner``: u, s, v carry an
+    axis over j): R = 2 Σ_j rank(D_j ḡ), about half for a causal mask."""
 
     values_: tuple[int, int]
     tag: Tag
-    u: Tensor  # (N, g, m, r)
-    s: Tensor  # (N, g, r)
-    v: Tensor  # (N, g, n, r)
+    u: Tensor  # (N, g, J, m, r); J = K with per_inner, else 1
+    s: Tensor  # (N, g, J, r)
+    v: Tensor  # (N, g, J, n, r)
     inner: int  # K
     keep: list[tuple[int, int, int, int]]  # (t, r, j, ±1)
     skip: frozenset[int] = frozenset()  # interfaces where each ± pair cancels (:func:`_pair_cancels`)
+    per_inner: bool = False
 
     @property
     def count(self) -> int:
@@ -425,15 +431,17 @@ class _BilinearGroup:
         ts = torch.tensor([t for t, _, _, _ in sel], device=dev)
         rs = torch.tensor([r for _, r, _, _ in sel], device=dev)
         js = torch.tensor([j for _, _, j, _ in sel], device=dev)
+        bs = js if self.per_inner else torch.zeros_like(js)  # the block of each column's SVD
         pm = torch.tensor([float(q) for _, _, _, q in sel], device=dev, dtype=self.s.dtype)
-        n, g, m, _ = self.u.shape
-        nn_ = self.v.shape[2]
-        root = (self.s[:, ts, rs] / 2).sqrt()  # (N, k)
+        n, g, _, m, _ = self.u.shape
+        nn_ = self.v.shape[3]
+        root = (self.s[:, ts, bs, rs] / 2).sqrt()  # (N, k)
         a = self.s.new_zeros(k, n, g, m, self.inner)
         b = self.s.new_zeros(k, n, g, self.inner, nn_)
         ar = torch.arange(k, device=dev)
-        a[ar, :, ts, :, js] = root.T[:, :, None] * self.u[:, ts, :, rs]  # advanced indices first: (k, N, m)
-        b[ar, :, ts, js, :] = pm[:, None, None] * root.T[:, :, None] * self.v[:, ts, :, rs]
+        # advanced indices first: (k, N, m)
+        a[ar, :, ts, :, js] = root.T[:, :, None] * self.u[:, ts, bs, :, rs]
+        b[ar, :, ts, js, :] = pm[:, None, None] * root.T[:, :, None] * self.v[:, ts, bs, :, rs]
         av, bv = self.values_
         a = a.reshape(k, n * g, m, self.inner)
         b = b.reshape(k, n * g, self.inner, nn_)
@@ -441,6 +449,39 @@ class _BilinearGroup:
         if av != bv:
             out[bv] = b
         return out, pm[:, None].expand(k, n)
+
+
+_KEEPS_ENTRIES = frozenset(
+    getattr(getattr(aten, n), o)
+    for n, o in [
+        ("view", "default"), ("_unsafe_view", "default"), ("reshape", "default"), ("expand", "default"),
+        ("clone", "default"), ("alias", "default"), ("transpose", "int"), ("permute", "default"),
+        ("t", "default"), ("unsqueeze", "default"), ("squeeze", "dim"), ("squeeze", "default"),
+    ]
+)  # fmt: skip
+
+
+def _dead_entries(plan: _Plan, v: int) -> Tensor | None:
+    """Entries of value ``v`` constant in θ, when ``v`` is a softmax output through views and
+    copies that keep each entry (its exact zeros: ∂p_i = p_i (e_i − p) vanishes where p_i = 0,
+    a masked position); None when nothing is known."""
+    tape, values = plan.tape, plan.values
+    u = v
+    while True:
+        j = plan.producer.get(u)
+        if j is None:
+            return None
+        node = tape.nodes[j]
+        refs = [r for _, r in node.arg_paths() if tape.depends[r.index]]
+        if len(refs) != 1 or not isinstance(node.args[0], Ref) or node.args[0] != refs[0] or node.multi:
+            return None
+        if node.func is aten._softmax.default:
+            break
+        if node.func not in _KEEPS_ENTRIES:
+            return None
+        u = refs[0].index
+    dead = values[v] == 0
+    return dead if bool(dead.any()) else None
 
 
 def _bilinear_group(
@@ -452,24 +493,34 @@ def _bilinear_group(
     a = values[ra.index]
     g = int(a.shape[0]) // n
     gbar = adj[out].to(values[out].dtype)  # (N·g, m, n)
-    u, s, vh = torch.linalg.svd(gbar, full_matrices=False)  # (b, m, r), (b, r), (b, r, n)
+    inner = int(a.shape[-1])
+    dead = _dead_entries(plan, ra.index) if ra.index != rb.index else None
+    if dead is not None:  # block j: the rows of ḡ where A[:, j] is live
+        gbar = gbar[:, None] * (~dead).transpose(1, 2)[..., None].to(gbar.dtype)  # (N·g, K, m, n)
+    u, s, vh = torch.linalg.svd(gbar, full_matrices=False)  # (b, [K,] m, r), (b, [K,] r), (b, [K,] r, n)
     r = s.shape[-1]
     cut = tol * float(s.max()) if s.numel() else 0.0
     s = torch.where(s > cut, s, torch.zeros_like(s))
-    inner = int(a.shape[-1])
-    s3 = s.reshape(n, g, r)
-    alive = (s3 > 0).any(0)  # (g, r)
+    blocks = inner if dead is not None else 1
+    s3 = s.reshape(n, g, blocks, r)
+    if dead is not None:
+        alive = (s3 > 0).any(0)  # (g, K, r)
+        pairs = [(t, q, j) for t, j, q in alive.nonzero().tolist()]
+    else:
+        alive2 = (s3[:, :, 0] > 0).any(0)  # (g, r)
+        pairs = [(t, q, j) for t, q in alive2.nonzero().tolist() for j in range(inner)]
     # the + columns first, then the − ones: chunks of one sign (one pass at each interface)
-    keep = [(t, q, j, sg) for sg in (1, -1) for t, q in alive.nonzero().tolist() for j in range(inner)]
+    keep = [(t, q, j, sg) for sg in (1, -1) for t, q, j in pairs]
     return _BilinearGroup(
         (ra.index, rb.index),
         tag,
-        u.reshape(n, g, *u.shape[1:]),
+        u.reshape(n, g, blocks, *u.shape[-2:]),
         s3,
-        vh.transpose(-1, -2).reshape(n, g, vh.shape[-1], r),
+        vh.transpose(-1, -2).reshape(n, g, blocks, vh.shape[-1], r),
         inner,
         keep,
         _pair_cancels(plan, ra.index, rb.index),
+        dead is not None,
     )
 
 
