@@ -698,3 +698,41 @@ def test_attention_dead_entries_split_the_bilinear_form(
     got = secorder.hessian_diagonal(_ce(model))(params, idx, y)
     for k in params:
         torch.testing.assert_close(got[k], whole[k], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("per_sample", [False, True], ids=["summed", "per_sample"])
+def test_layer_norm_affine_squares_deferred_exact(per_sample: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A layer norm over one row per sample: its affine weight and bias squares are taken once
+    from the column-summed δ^⊙2 of every group and chunk (deferred, like a Linear's), with a
+    chunk of one column (many chunks summed); exact against dense float64 Hessians, per sample
+    (row n: the Hessian of sample n's term) and summed."""
+    from secorder._engine import sweep
+
+    taken: list[Any] = []
+    real = sweep._Walker._norm_rows
+    monkeypatch.setattr(sweep._Walker, "_norm_rows", lambda self, i: taken.append(real(self, i)) or taken[-1])
+    torch.manual_seed(14)
+    model = nn.Sequential(
+        nn.Linear(4, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 5), nn.LayerNorm(5), nn.Linear(5, 3)
+    ).to(DT)
+    with torch.no_grad():
+        for ln in (model[1], model[4]):
+            ln.weight.add_(0.5 * torch.randn(5, dtype=DT))
+            ln.bias.add_(0.5 * torch.randn(5, dtype=DT))
+    names = [k for k, _ in model.named_parameters()]
+    leaves = [p.detach() for _, p in model.named_parameters()]
+    x, y = torch.randn(6, 4, dtype=DT), torch.randint(0, 3, (6,))
+
+    def loss(ls: list[Tensor], xs: Tensor = x, ys: Tensor = y) -> Tensor:
+        return F.cross_entropy(functional_call(model, dict(zip(names, ls)), (xs,)), ys, reduction="sum")
+
+    got, _ = engine_diagonal(loss, leaves, [x, y], chunk_size=1, per_sample=per_sample)
+    assert sum(t is not None for t in taken) == 2
+    rows = []
+    for n in range(x.shape[0] if per_sample else 1):
+        xs, ys = (x[n : n + 1], y[n : n + 1]) if per_sample else (x, y)
+        h = dense_hessian(lambda ps, xs=xs, ys=ys: loss(list(ps), xs, ys), tuple(leaves)).diagonal()
+        rows.append(unravel(h, [p.shape for p in leaves]))  # (flat, in the leaves' order)
+    for j in range(len(leaves)):
+        want = torch.stack([r[j] for r in rows]) if per_sample else rows[0][j]
+        torch.testing.assert_close(got[j], want.reshape(got[j].shape), rtol=1e-9, atol=1e-12)

@@ -917,11 +917,34 @@ class _Walker:
             return None
         return off, (0, off + 1)
 
+    def _norm_rows(self, i: int) -> tuple[int, tuple[Any, ...]] | None:
+        """For an interface ``native_layer_norm`` over the last dimension of a (N, d) input with
+        one row per sample, whose only interfaces are its affine weight and bias: like
+        :meth:`_linear_rows`, the affine squares (δ^⊙2 ⊙ x̂^⊙2 and δ^⊙2 per sample) depend on
+        the columns only through Σ_c w_c δ_c^⊙2, so they are deferred the same way."""
+        node = self.plan.tape.nodes[i]
+        if node.func is not aten.native_layer_norm.default or node.kwargs or i in self.plan.fallback.meetings:
+            return None
+        out, x = node.outputs[0], node.args[0]
+        if out is None or not isinstance(x, Ref) or len(node.args) < 2 or len(node.args[1]) != 1:
+            return None
+        tags = self.plan.batch.arg_tags(i, node)
+        if (
+            self.plan.batch.tags[out] != (0, 1)
+            or tags.get((0, 0)) != (0, 1)
+            or self.plan.values[x.index].dim() != 2
+        ):
+            return None
+        if not {p for p, _, _ in self.plan.interfaces.get(i, [])} <= {(0, 2), (0, 3)}:
+            return None
+        return 0, (0, 2)
+
     def _diagonal_squares(self, i: int, dgram: Tensor, now: bool = False) -> None:
         """Feed Σ_c w_c δ_c^⊙2 = ``dgram`` (signed, one row per sample) to the interfaces of node
         ``i`` as the squares their rules sum the columns into (exact where every parameter
-        entry receives one output entry per sample: mm/addmm with one row per sample). With
-        ``defer`` (and not ``now``) only added to the node's pending sum."""
+        entry receives one output entry per sample: mm/addmm with one row per sample, the
+        affine parameters of a layer norm over one row per sample). With ``defer`` (and not
+        ``now``) only added to the node's pending sum."""
         if self.defer and not now:
             self.pending[i] = self.pending[i] + dgram if i in self.pending else dgram
             return
@@ -1058,7 +1081,7 @@ class _Walker:
             cts = {o: cot.pop(o) for o in node.outputs if o is not None and o in cot}
             if not same and i not in skip and i in plan.interfaces:  # skip: served in closed form
                 if i not in self.rows:
-                    self.rows[i] = self._linear_rows(i)
+                    self.rows[i] = self._linear_rows(i) or self._norm_rows(i)
                 out0 = int(node.outputs[0] or 0)
                 if self.defer and self.rows[i] is not None and list(cts) == [out0]:
                     ct = cts[out0]  # (k, N, d): Σ_c w_c δ_c^⊙2 with the signs per column and sample
