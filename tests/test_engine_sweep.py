@@ -736,3 +736,32 @@ def test_layer_norm_affine_squares_deferred_exact(per_sample: bool, monkeypatch:
     for j in range(len(leaves)):
         want = torch.stack([r[j] for r in rows]) if per_sample else rows[0][j]
         torch.testing.assert_close(got[j], want.reshape(got[j].shape), rtol=1e-9, atol=1e-12)
+
+
+def test_closed_form_columns_start_at_a_layer_norm_output(monkeypatch: pytest.MonkeyPatch) -> None:
+    """LayerNorm → Linear → tanh (one row per sample): the tanh columns are served in closed form
+    at the Linear (squares m) and start as explicit columns √|m_j| B[:, j] at the layer norm's
+    output (no one-hot columns through the Linear's VJP); exact against the dense Hessian."""
+    from secorder._engine import sweep
+
+    served: list[bool] = []
+    real = sweep._Walker.closed_form
+    monkeypatch.setattr(
+        sweep._Walker, "closed_form", lambda self, g, step: served.append(real(self, g, step)) or served[-1]
+    )
+    starts: list[int] = []
+    real_walk = sweep._Walker.walk
+
+    def walk(self: Any, group: Any, cols: Any, signs: Tensor, *a: Any, **k: Any) -> None:
+        node = self.plan.tape.nodes[self.plan.producer.get(group.value, 0)]
+        starts.append(node.func is torch.ops.aten.native_layer_norm.default)
+        real_walk(self, group, cols, signs, *a, **k)
+
+    monkeypatch.setattr(sweep._Walker, "walk", walk)
+    torch.manual_seed(15)
+    model = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 3)).to(
+        DT
+    )
+    x, y = torch.randn(6, 4, dtype=DT), torch.randint(0, 3, (6,))
+    _check(_ce(model), _params(model), x, y)
+    assert any(served) and any(starts)

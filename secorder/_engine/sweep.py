@@ -979,7 +979,9 @@ class _Walker:
         m (B^⊙2)ᵀ, carried through unary pointwise ops (times f'^⊙2) to the next Linear-like
         interface. When more interfaces lie behind that one, explicit columns start from its
         output (√|m_j| B[:, j] ⊙ f', formed by broadcasting, not by a product with B) and walk
-        on, skipping the two interfaces already served (False: not applicable)."""
+        on, skipping the two interfaces already served. When the chain from a meets an op that
+        is neither unary nor such an interface (a layer norm), the same explicit columns start
+        at that op's output and walk on from there (False: not applicable)."""
         plan, tape, values, tags = self.plan, self.plan.tape, self.plan.values, self.plan.batch.tags
         if (
             not isinstance(group, _Group)
@@ -996,6 +998,7 @@ class _Walker:
         steps: list[int] = []
         a = node0.args[off]
         stop: int | None = None
+        start: int | None = None  # explicit columns from this value on (the chain met another op)
         beyond = False
         if isinstance(a, Ref) and tape.depends[a.index]:
             v = a.index
@@ -1013,12 +1016,10 @@ class _Walker:
                 unary = (torch.Tag.pointwise in node.func.tags or rule(node.func).batch == "same_shape") and (
                     not node.multi
                 )
-                if (
-                    not unary
-                    or len(refs) != 1
-                    or not isinstance(node.args[0], Ref)
-                    or node.args[0] != refs[0]
-                ):
+                if not unary:
+                    start = v
+                    break
+                if len(refs) != 1 or not isinstance(node.args[0], Ref) or node.args[0] != refs[0]:
                     return False
                 if tuple(values[refs[0].index].shape) != tuple(values[v].shape) or tags[refs[0].index] != (
                     0,
@@ -1029,10 +1030,9 @@ class _Walker:
                 v = refs[0].index
         m = (group.sign * group.scale * group.scale)[..., 0]  # (N, d): the layout is the identity
         self._diagonal_squares(i0, m)
-        if stop is None:
+        if stop is None and start is None:
             return True
         w = values[_Walker._ref(node0, wpath).index]
-        dgram = m @ (w * w).T
         derivs = []
         for j in steps:
             node = tape.nodes[j]
@@ -1045,17 +1045,21 @@ class _Walker:
                 _, pull, *_ = vjp(_node_fn(node, values, [(0, 0)], [0]), x)
                 (deriv,) = pull((torch.ones_like(values[int(node.outputs[0] or 0)]),))
             derivs.append(deriv)
-            dgram = dgram * deriv * deriv
-        self._diagonal_squares(stop, dgram)
-        if beyond:  # explicit columns from the next interface's output on: e_j √|m_j| → √|m_j| B[:, j] ⊙ f'
-            v_stop = int(tape.nodes[stop].outputs[0] or 0)
+        if stop is not None:
+            dgram = m @ (w * w).T
+            for deriv in derivs:
+                dgram = dgram * deriv * deriv
+            self._diagonal_squares(stop, dgram)
+        if beyond or start is not None:  # explicit columns: e_j √|m_j| → √|m_j| B[:, j] ⊙ f'
+            v_stop = int(tape.nodes[stop].outputs[0] or 0) if stop is not None else start
+            assert v_stop is not None
             for c0 in range(0, group.count, step):
                 sel = torch.tensor([t for t, _ in group.keep[c0 : c0 + step]], device=w.device)
                 cols = group.scale[:, sel, 0].T[:, :, None] * w.T[sel][:, None, :]  # (k, N, d_in)
                 for deriv in derivs:
                     cols = cols * deriv
                 stand_in = _Group(v_stop, (0, 1), group.layout, group.scale, group.sign, None, [])
-                self.walk(stand_in, cols, group.sign[:, sel, 0].T, skip={stop})
+                self.walk(stand_in, cols, group.sign[:, sel, 0].T, skip=set() if stop is None else {stop})
         return True
 
     def walk(
