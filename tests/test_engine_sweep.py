@@ -765,3 +765,19 @@ def test_closed_form_columns_start_at_a_layer_norm_output(monkeypatch: pytest.Mo
     x, y = torch.randn(6, 4, dtype=DT), torch.randint(0, 3, (6,))
     _check(_ce(model), _params(model), x, y)
     assert any(served) and any(starts)
+
+
+def test_packed_rows_closed_form_at_a_linear_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GELU columns of a transformer MLP (one-row columns on (N·T, 4d) rows) served at their
+    Linear in closed form (squares m per row) and packed from its input on as √|m_j| B[:, j]
+    per row, instead of one-hot columns through the product: exact against the dense Hessian."""
+    from secorder._engine import sweep
+
+    taken: list[Any] = []
+    real = sweep._packed_closed_form
+    monkeypatch.setattr(sweep, "_packed_closed_form", lambda *a: taken.append(real(*a)) or taken[-1])
+    torch.manual_seed(16)
+    model = _TokenBlock().to(DT)
+    idx, y = torch.randint(0, 11, (4, 5)), torch.randint(0, 3, (4,))
+    _check(_ce(model), _params(model), idx, y)
+    assert any(t is not None for t in taken)

@@ -1374,24 +1374,31 @@ def _pack_rows(walker: _Walker, groups: list[Any], n: int, tol: float) -> list[A
             c = int(x.shape[-1])
             if c > MAX_ROW_WIDTH or x.numel() * c * x.element_size() > memory_budget() // 4:
                 found = None
-        packed = None if found is None else _packed_columns(plan, group)
-        if packed is None or found is None:
+        start = None if found is None else _packed_closed_form(walker, group, found[1])
+        packed = None if found is None or start is not None else _packed_columns(plan, group)
+        if (packed is None and start is None) or found is None:
             keep.append(group)
             continue
         cut, nodes = found
-        cols, signs = packed  # (K, *value shape), (K, R)
+        value = group.value
+        if start is not None:  # served at its Linear in closed form: explicit columns below it
+            value, cols, signs, nodes = start
+        else:
+            assert packed is not None
+            cols, signs = packed  # (K, *value shape), (K, R)
         if not cols.shape[0]:  # every column zero: no contribution
             continue
-        touched = [int(plan.tape.nodes[j].outputs[0] or 0) for j in nodes] + [group.value]
+        touched = [int(plan.tape.nodes[j].outputs[0] or 0) for j in nodes] + [value]
         per_col = 4 * cols.element_size() * sum(int(plan.values[v].numel()) for v in touched)
         step = max(1, memory_budget() // max(1, per_col))
         ends = []
         for c0 in range(0, cols.shape[0], step):
-            end = _row_walk(walker, group.value, cols[c0 : c0 + step], signs[c0 : c0 + step], nodes)
+            end = _row_walk(walker, value, cols[c0 : c0 + step], signs[c0 : c0 + step], nodes)
             if cut is not None:
                 ends.append(end[cut])
         if cut is not None:
-            at_cut.setdefault(cut, []).append((group if not nodes else None, torch.cat(ends), signs))
+            own = group if not nodes and start is None else None  # one group still at its own value
+            at_cut.setdefault(cut, []).append((own, torch.cat(ends), signs))
     for cut, parts in at_cut.items():
         if len(parts) == 1 and parts[0][0] is not None:  # one group at its own value: nothing to merge
             keep.append(parts[0][0])
@@ -1452,6 +1459,56 @@ def _row_walk(
             idx = _Walker._ref(node, p).index
             cot[idx] = cot[idx] + gr if idx in cot else gr
     return cot
+
+
+def _packed_closed_form(
+    walker: _Walker, group: Any, nodes: list[int]
+) -> tuple[int, Tensor, Tensor, list[int]] | None:
+    """A one-hot (pointwise) group at the output of a row-local mm/addmm (out = a B): its
+    squares there are m itself (served now), and one hop back its packed column j is
+    √|m_{r,j}| B[:, j] in every row r, formed by broadcasting instead of one-hot columns
+    through the product. Returns (the value a, those columns (K, *a's shape), their signs
+    (K, rows), the row-local nodes below the mm); None where this does not apply."""
+    plan = walker.plan
+    if not isinstance(group, _Group) or group.vecs is not None or not nodes or group.layout.c != 1:
+        return None
+    j = plan.producer.get(group.value)
+    passed: list[int] = []  # row views between the mm and the group's value (row order kept)
+    while j is not None and j in nodes and plan.tape.nodes[j].func in _ROW_VIEWS:
+        passed.append(j)
+        src = plan.tape.nodes[j].args[0]
+        j = plan.producer.get(src.index) if isinstance(src, Ref) else None
+    node = plan.tape.nodes[j] if j is not None else None
+    if node is None or j not in nodes or node.func not in (aten.mm.default, aten.addmm.default):
+        return None
+    off = 1 if node.func is aten.addmm.default else 0
+    x, data, wref = plan.values[group.value], node.args[off], node.args[off + 1]
+    alpha = node.args[4] if off and len(node.args) > 4 else 1
+    if node.kwargs or not isinstance(data, Ref) or not isinstance(wref, Ref) or alpha != 1:
+        return None
+    out = plan.values[int(node.outputs[0] or 0)]
+    if group.layout.perm != list(range(x.dim())) or out.dim() != 2 or plan.values[data.index].dim() != 2:
+        return None
+    c = int(x.shape[-1])
+    if tuple(out.shape) != (x.numel() // c, c):
+        return None
+    scale = group.scale.reshape(-1, c)  # (R, C)
+    sign = group.sign.reshape(-1, c)
+    m = sign * scale * scale
+    for path, leaf, chain in plan.interfaces.get(j, []):
+        sq = _row_squares(plan, j, path, m)
+        if sq is None:  # pragma: no cover - _row_local admits only closed forms
+            raise EngineUnsupportedError(f"{node.func} (tape position {j}): no per-row rule")
+        walker._add(leaf, walker._to_leaf(leaf, chain, sq))
+    live = (scale != 0).any(0)
+    b = plan.values[wref.index].to(scale.dtype)  # (d_in, C)
+    cols = scale.T[live][:, :, None] * b.T[live][:, None, :]  # (K, R, d_in)
+    return (
+        data.index,
+        cols.to(x.dtype),
+        sign.T[live].contiguous(),
+        [q for q in nodes if q != j and q not in passed],
+    )
 
 
 def _packed_columns(plan: _Plan, group: Any) -> tuple[Tensor, Tensor] | None:
