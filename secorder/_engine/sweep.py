@@ -1090,9 +1090,14 @@ class _Walker:
                 if self.defer and self.rows[i] is not None and list(cts) == [out0]:
                     ct = cts[out0]  # (k, N, d): Σ_c w_c δ_c^⊙2 with the signs per column and sample
                     w = signs.to(ct.dtype) if weights is None else signs.to(ct.dtype) * weights[:, None]
-                    # one pass to square, the weighted sum over the columns as a batched product
-                    # (three elementwise passes over the (k, N, d) columns cost more than the walk)
-                    self._diagonal_squares(i, torch.einsum("kn,knd->nd", w, ct * ct))
+                    # one pass over the (k, N, d) columns (three elementwise passes cost more than
+                    # the walk): a sum of squares for one sign throughout, else one pass to square
+                    # and the weighted sum over the columns as a batched product
+                    if bool((w.abs() == 1).all()) and bool((w == w.reshape(-1)[0]).all()):
+                        sq = torch.linalg.vecdot(ct, ct, dim=0)
+                        self._diagonal_squares(i, sq if float(w.reshape(-1)[0]) > 0 else -sq)
+                    else:
+                        self._diagonal_squares(i, torch.einsum("kn,knd->nd", w, ct * ct))
                 else:
                     for path, leaf, chain in plan.interfaces[i]:
                         self._interface(i, node, path, leaf, chain, cts, signs, weights)
