@@ -20,7 +20,8 @@ Columns, one *group* per op with curvature (``R`` = columns per sample, summed o
   three vectors per row (:func:`_layer_norm_group`); a vector norm over the last dimension:
   per-row d×d Hessians (:func:`_row_group`);
 * ``bmm`` of two parameter-dependent operands (attention): closed-form SVD columns
-  (:class:`_BilinearGroup`);
+  (:class:`_BilinearGroup`), split per inner index over the live rows where the left operand
+  is a softmax with exact zeros (a causal mask: :func:`_dead_entries`);
 * any other op: the dense local Hessian per sample over its parameter-dependent inputs
   (:func:`_dense_group`, at most ``MAX_LOCAL`` entries per sample).
 
