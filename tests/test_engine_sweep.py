@@ -781,3 +781,17 @@ def test_packed_rows_closed_form_at_a_linear_exact(monkeypatch: pytest.MonkeyPat
     idx, y = torch.randint(0, 11, (4, 5)), torch.randint(0, 3, (4,))
     _check(_ce(model), _params(model), idx, y)
     assert any(t is not None for t in taken)
+
+
+def test_attention_dead_entries_split_bounded_by_the_memory_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The per-inner-index split holds K masked copies of ḡ: over an eighth of the memory budget
+    it is not taken (the whole form's columns, more of them), and the result stays exact."""
+    from secorder._engine import sweep
+
+    torch.manual_seed(13)
+    model = _TokenBlock().to(DT)
+    idx, y = torch.randint(0, 11, (4, 5)), torch.randint(0, 3, (4,))
+    split = _check(_ce(model), _params(model), idx, y)
+    monkeypatch.setattr(sweep, "memory_budget", lambda: 1 << 12)
+    whole = _check(_ce(model), _params(model), idx, y)
+    assert whole.num_columns > split.num_columns

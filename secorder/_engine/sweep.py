@@ -496,6 +496,8 @@ def _bilinear_group(
     gbar = adj[out].to(values[out].dtype)  # (N·g, m, n)
     inner = int(a.shape[-1])
     dead = _dead_entries(plan, ra.index) if ra.index != rb.index else None
+    if dead is not None and gbar.numel() * inner * gbar.element_size() > memory_budget() // 8:
+        dead = None  # the K masked copies of ḡ would not fit: one SVD, all columns
     if dead is not None:  # block j: the rows of ḡ where A[:, j] is live
         gbar = gbar[:, None] * (~dead).transpose(1, 2)[..., None].to(gbar.dtype)  # (N·g, K, m, n)
     u, s, vh = torch.linalg.svd(gbar, full_matrices=False)  # (b, [K,] m, r), (b, [K,] r), (b, [K,] r, n)
