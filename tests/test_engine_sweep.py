@@ -659,3 +659,139 @@ def test_column_blocks_bounded(bound: str, monkeypatch: pytest.MonkeyPatch) -> N
         torch.testing.assert_close(got[k], ref[k], rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(ggn[k], ggn_ref[k], rtol=1e-9, atol=1e-12)
     assert seen and max(seen) <= limit  # the GGN's columns: C = 6 at the outputs, in chunks
+
+
+@pytest.mark.parametrize("masked", [True, False], ids=["causal_mask", "no_mask"])
+def test_attention_dead_entries_split_the_bilinear_form(
+    masked: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """att @ v with att a causal softmax: its exact zeros are constant in θ, so the bilinear
+    columns are formed per inner index over the live rows only (R drops by the masked half
+    of the att @ v columns); without a mask nothing is dead and R is unchanged. Exact against
+    the dense float64 Hessian either way, and the same diagonal as the unsplit form."""
+    from secorder._engine import sweep
+
+    torch.manual_seed(13)
+    model = _TokenBlock().to(DT)
+    if not masked:
+        monkeypatch.setattr(torch, "triu", lambda x, diagonal=0: torch.zeros_like(x))
+    idx, y = torch.randint(0, 11, (4, 5)), torch.randint(0, 3, (4,))
+    params = _params(model)
+    split = _check(_ce(model), params, idx, y)
+    found: list[Any] = []
+    real = sweep._dead_entries
+    monkeypatch.setattr(sweep, "_dead_entries", lambda *a: found.append(real(*a)) or None)
+    fn = secorder.hessian_diagonal(_ce(model))
+    whole = fn(params, idx, y)
+    assert fn.method_info.method == "sweep"
+    d, t, heads = 6, 5, 2
+    if masked:
+        assert any(x is not None for x in found)
+        # per head, att @ v (t×t times t×dh, ḡ of full rank min(t, dh)): 2·min(t, dh)·t columns
+        # whole, 2·Σ_j min(t − j, dh) split (column j of att is live in rows j..t−1)
+        dh = d // heads
+        dropped = heads * 2 * (t * min(t, dh) - sum(min(t - j, dh) for j in range(t)))
+        assert fn.method_info.num_columns - split.num_columns == dropped
+    else:
+        assert all(x is None for x in found)
+        assert fn.method_info.num_columns == split.num_columns
+    got = secorder.hessian_diagonal(_ce(model))(params, idx, y)
+    for k in params:
+        torch.testing.assert_close(got[k], whole[k], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("per_sample", [False, True], ids=["summed", "per_sample"])
+def test_layer_norm_affine_squares_deferred_exact(per_sample: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A layer norm over one row per sample: its affine weight and bias squares are taken once
+    from the column-summed δ^⊙2 of every group and chunk (deferred, like a Linear's), with a
+    chunk of one column (many chunks summed); exact against dense float64 Hessians, per sample
+    (row n: the Hessian of sample n's term) and summed."""
+    from secorder._engine import sweep
+
+    taken: list[Any] = []
+    real = sweep._Walker._norm_rows
+    monkeypatch.setattr(sweep._Walker, "_norm_rows", lambda self, i: taken.append(real(self, i)) or taken[-1])
+    torch.manual_seed(14)
+    model = nn.Sequential(
+        nn.Linear(4, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 5), nn.LayerNorm(5), nn.Linear(5, 3)
+    ).to(DT)
+    with torch.no_grad():
+        for ln in (model[1], model[4]):
+            ln.weight.add_(0.5 * torch.randn(5, dtype=DT))
+            ln.bias.add_(0.5 * torch.randn(5, dtype=DT))
+    names = [k for k, _ in model.named_parameters()]
+    leaves = [p.detach() for _, p in model.named_parameters()]
+    x, y = torch.randn(6, 4, dtype=DT), torch.randint(0, 3, (6,))
+
+    def loss(ls: list[Tensor], xs: Tensor = x, ys: Tensor = y) -> Tensor:
+        return F.cross_entropy(functional_call(model, dict(zip(names, ls)), (xs,)), ys, reduction="sum")
+
+    got, _ = engine_diagonal(loss, leaves, [x, y], chunk_size=1, per_sample=per_sample)
+    assert sum(t is not None for t in taken) == 2
+    rows = []
+    for n in range(x.shape[0] if per_sample else 1):
+        xs, ys = (x[n : n + 1], y[n : n + 1]) if per_sample else (x, y)
+        h = dense_hessian(lambda ps, xs=xs, ys=ys: loss(list(ps), xs, ys), tuple(leaves)).diagonal()
+        rows.append(unravel(h, [p.shape for p in leaves]))  # (flat, in the leaves' order)
+    for j in range(len(leaves)):
+        want = torch.stack([r[j] for r in rows]) if per_sample else rows[0][j]
+        torch.testing.assert_close(got[j], want.reshape(got[j].shape), rtol=1e-9, atol=1e-12)
+
+
+def test_closed_form_columns_start_at_a_layer_norm_output(monkeypatch: pytest.MonkeyPatch) -> None:
+    """LayerNorm → Linear → tanh (one row per sample): the tanh columns are served in closed form
+    at the Linear (squares m) and start as explicit columns √|m_j| B[:, j] at the layer norm's
+    output (no one-hot columns through the Linear's VJP); exact against the dense Hessian."""
+    from secorder._engine import sweep
+
+    served: list[bool] = []
+    real = sweep._Walker.closed_form
+    monkeypatch.setattr(
+        sweep._Walker, "closed_form", lambda self, g, step: served.append(real(self, g, step)) or served[-1]
+    )
+    starts: list[int] = []
+    real_walk = sweep._Walker.walk
+
+    def walk(self: Any, group: Any, cols: Any, signs: Tensor, *a: Any, **k: Any) -> None:
+        node = self.plan.tape.nodes[self.plan.producer.get(group.value, 0)]
+        starts.append(node.func is torch.ops.aten.native_layer_norm.default)
+        real_walk(self, group, cols, signs, *a, **k)
+
+    monkeypatch.setattr(sweep._Walker, "walk", walk)
+    torch.manual_seed(15)
+    model = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 3)).to(
+        DT
+    )
+    x, y = torch.randn(6, 4, dtype=DT), torch.randint(0, 3, (6,))
+    _check(_ce(model), _params(model), x, y)
+    assert any(served) and any(starts)
+
+
+def test_packed_rows_closed_form_at_a_linear_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GELU columns of a transformer MLP (one-row columns on (N·T, 4d) rows) served at their
+    Linear in closed form (squares m per row) and packed from its input on as √|m_j| B[:, j]
+    per row, instead of one-hot columns through the product: exact against the dense Hessian."""
+    from secorder._engine import sweep
+
+    taken: list[Any] = []
+    real = sweep._packed_closed_form
+    monkeypatch.setattr(sweep, "_packed_closed_form", lambda *a: taken.append(real(*a)) or taken[-1])
+    torch.manual_seed(16)
+    model = _TokenBlock().to(DT)
+    idx, y = torch.randint(0, 11, (4, 5)), torch.randint(0, 3, (4,))
+    _check(_ce(model), _params(model), idx, y)
+    assert any(t is not None for t in taken)
+
+
+def test_attention_dead_entries_split_bounded_by_the_memory_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The per-inner-index split holds K masked copies of ḡ: over an eighth of the memory budget
+    it is not taken (the whole form's columns, more of them), and the result stays exact."""
+    from secorder._engine import sweep
+
+    torch.manual_seed(13)
+    model = _TokenBlock().to(DT)
+    idx, y = torch.randint(0, 11, (4, 5)), torch.randint(0, 3, (4,))
+    split = _check(_ce(model), _params(model), idx, y)
+    monkeypatch.setattr(sweep, "memory_budget", lambda: 1 << 12)
+    whole = _check(_ce(model), _params(model), idx, y)
+    assert whole.num_columns > split.num_columns

@@ -316,3 +316,90 @@ def test_walk_vjp_rules_match_generic(op: str) -> None:
             )
             checked += 1
     assert checked
+
+
+def _attention_program(ls: list[Tensor]) -> Tensor:
+    x, w, b, g = ls  # x (2, 4, 6), w (6, 9), b (9,), g (6,)
+    h = F.layer_norm(x, (6,), g, b[:6])  # native_layer_norm with an affine weight
+    q, k, v = (h @ w + b).split(3, dim=-1)  # split.Tensor
+    q2, k2 = q.clone().to(torch.float32).to(DT), k.expand(2, 4, 3)  # clone, _to_copy, expand
+    att = torch.bmm(q2, k2.transpose(1, 2)) / 1.7  # bmm, div by a number
+    mask = torch.triu(torch.ones(4, 4, dtype=torch.bool), 1)
+    att = att.masked_fill(mask, float("-inf")).softmax(-1)  # masked_fill, _softmax
+    y = torch.bmm(att, v) * g[:3] - 0.5 * v + b[:3] / g[:3].exp()  # mul/sub/add broadcast
+    z = torch.split(y, [1, 2], dim=-1)  # split_with_sizes
+    return (F.log_softmax(z[1] * z[0] + y[..., :2], -1) ** 2).sum() + (y / (1.5 + g[:3] ** 2)).sum()
+
+
+@pytest.mark.parametrize(
+    "op",
+    ["native_layer_norm", "split.Tensor", "split_with_sizes", "clone", "_to_copy", "expand", "bmm", "div.Tensor",
+     "masked_fill.Scalar", "_softmax", "_log_softmax", "mul.Tensor", "sub.Tensor", "add.Tensor"],
+)  # fmt: skip
+def test_walk_vjp_rules_attention_ops_match_generic(op: str) -> None:
+    """The rules for attention-block ops (layer norm, split, bmm, softmax, masked fill,
+    broadcast arithmetic, copies, expand) against vmap of the op's own vjp, at every floating
+    argument position, with columns on every output of a multi-output op (split: also on a
+    subset of the pieces)."""
+    g = torch.Generator().manual_seed(7)
+    leaves = [
+        torch.randn(2, 4, 6, dtype=DT, generator=g),
+        torch.randn(6, 9, dtype=DT, generator=g),
+        torch.randn(9, dtype=DT, generator=g),
+        torch.randn(6, dtype=DT, generator=g),
+    ]
+    tape = record(_attention_program, leaves)
+    values = tape.values if tape.values is not None else tape.replay(leaves)
+    packet, _, overload = op.partition(".")
+    target = getattr(getattr(torch.ops.aten, packet), overload or "default")
+    nodes = [node for node in tape.nodes if node.func is target]
+    assert nodes, [str(n.func) for n in tape.nodes]
+    checked = 0
+    for node in nodes:
+        outs = [o for o in node.outputs if o is not None and values[o].is_floating_point()]
+        subsets = [outs] + ([outs[1:]] if node.multi and len(outs) > 1 else [])  # split: a subset too
+        if node.func is torch.ops.aten.native_layer_norm.default:
+            subsets = [outs[:1]]  # columns on the normalized output only (mean and 1/std unused)
+        for subset in subsets:
+            cts = {
+                o: torch.randn(3, *values[o].shape, dtype=DT, generator=g).to(values[o].dtype) for o in subset
+            }
+            floating = [
+                (0, i)
+                for i, a in enumerate(node.args)
+                if isinstance(a, Ref) and values[a.index].is_floating_point()
+            ]
+            for position in floating:
+                got = rule(node.func).vjp(node, values, [position], cts)
+                if got is None:  # the generic road: a denominator, the layer norm's affine side
+                    declined = {
+                        torch.ops.aten.div.Tensor: [(0, 1)],
+                        torch.ops.aten.native_layer_norm.default: [(0, 2), (0, 3)],
+                    }
+                    assert position in declined.get(node.func, []), (node.func, position)
+                    continue
+                want = _generic_multi(node, values, position, cts)
+                torch.testing.assert_close(got[0], want, rtol=1e-12, atol=1e-12)
+                checked += 1
+    assert checked
+
+
+def _generic_multi(node: Any, values: list[Any], position: tuple[Any, ...], cts: dict[int, Tensor]) -> Tensor:
+    """vmap of the op's vjp at ``position`` with the columns ``cts`` (zeros on other outputs)."""
+    base = resolve((node.args, node.kwargs), values)
+    outs = [k for k, o in enumerate(node.outputs) if o is not None and values[o].is_floating_point()]
+
+    def fn(x: Tensor) -> tuple[Tensor, ...]:
+        args = list(base[0])
+        args[position[1]] = x
+        out = node.func(*args, **base[1])
+        res = list(out) if node.multi else [out]
+        return tuple(res[k] for k in outs)
+
+    _, pull = vjp(fn, base[0][position[1]])
+    k = next(iter(cts.values())).shape[0]
+    full = tuple(
+        cts.get(node.outputs[j], values[node.outputs[j]].new_zeros(k, *values[node.outputs[j]].shape))
+        for j in outs
+    )
+    return vmap(pull)(full)[0]

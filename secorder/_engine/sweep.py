@@ -20,7 +20,8 @@ Columns, one *group* per op with curvature (``R`` = columns per sample, summed o
   three vectors per row (:func:`_layer_norm_group`); a vector norm over the last dimension:
   per-row d×d Hessians (:func:`_row_group`);
 * ``bmm`` of two parameter-dependent operands (attention): closed-form SVD columns
-  (:class:`_BilinearGroup`);
+  (:class:`_BilinearGroup`), split per inner index over the live rows where the left operand
+  is a softmax with exact zeros (a causal mask: :func:`_dead_entries`);
 * any other op: the dense local Hessian per sample over its parameter-dependent inputs
   (:func:`_dense_group`, at most ``MAX_LOCAL`` entries per sample).
 
@@ -403,16 +404,22 @@ class _BilinearGroup:
     """Closed-form columns of ⟨ḡ, Ȧ Ḃ⟩ for a batched product A B of two parameter-dependent
     operands (per batch matrix, ḡ = Σ_r s_r u_r v_rᵀ by SVD): columns (u_r e_jᵀ, ±e_j v_rᵀ) with
     weights ±s_r / 2, since ⟨ḡ, Ȧ Ḃ⟩ = Σ_r s_r Σ_j (u_rᵀ Ȧ)_j (Ḃ v_r)_j and
-    2ab = ((a + b)² − (a − b)²)/2. R = 2 · rank · K per batch matrix; no dense matrix, no eigh."""
+    2ab = ((a + b)² − (a − b)²)/2. R = 2 · rank · K per batch matrix; no dense matrix, no eigh.
+
+    Where entries of A are constant in θ (``dead``: a causal softmax's exact zeros), the form
+    splits over the inner index j, Σ_j Ȧ[:, j]ᵀ (D_j ḡ) Ḃ[j, :] with D_j keeping the rows i
+    where A[i, j] is live, and each block has its own SVD (``per_inner``: u, s, v carry an
+    axis over j): R = 2 Σ_j rank(D_j ḡ), about half for a causal mask."""
 
     values_: tuple[int, int]
     tag: Tag
-    u: Tensor  # (N, g, m, r)
-    s: Tensor  # (N, g, r)
-    v: Tensor  # (N, g, n, r)
+    u: Tensor  # (N, g, J, m, r); J = K with per_inner, else 1
+    s: Tensor  # (N, g, J, r)
+    v: Tensor  # (N, g, J, n, r)
     inner: int  # K
     keep: list[tuple[int, int, int, int]]  # (t, r, j, ±1)
     skip: frozenset[int] = frozenset()  # interfaces where each ± pair cancels (:func:`_pair_cancels`)
+    per_inner: bool = False
 
     @property
     def count(self) -> int:
@@ -425,15 +432,17 @@ class _BilinearGroup:
         ts = torch.tensor([t for t, _, _, _ in sel], device=dev)
         rs = torch.tensor([r for _, r, _, _ in sel], device=dev)
         js = torch.tensor([j for _, _, j, _ in sel], device=dev)
+        bs = js if self.per_inner else torch.zeros_like(js)  # the block of each column's SVD
         pm = torch.tensor([float(q) for _, _, _, q in sel], device=dev, dtype=self.s.dtype)
-        n, g, m, _ = self.u.shape
-        nn_ = self.v.shape[2]
-        root = (self.s[:, ts, rs] / 2).sqrt()  # (N, k)
+        n, g, _, m, _ = self.u.shape
+        nn_ = self.v.shape[3]
+        root = (self.s[:, ts, bs, rs] / 2).sqrt()  # (N, k)
         a = self.s.new_zeros(k, n, g, m, self.inner)
         b = self.s.new_zeros(k, n, g, self.inner, nn_)
         ar = torch.arange(k, device=dev)
-        a[ar, :, ts, :, js] = root.T[:, :, None] * self.u[:, ts, :, rs]  # advanced indices first: (k, N, m)
-        b[ar, :, ts, js, :] = pm[:, None, None] * root.T[:, :, None] * self.v[:, ts, :, rs]
+        # advanced indices first: (k, N, m)
+        a[ar, :, ts, :, js] = root.T[:, :, None] * self.u[:, ts, bs, :, rs]
+        b[ar, :, ts, js, :] = pm[:, None, None] * root.T[:, :, None] * self.v[:, ts, bs, :, rs]
         av, bv = self.values_
         a = a.reshape(k, n * g, m, self.inner)
         b = b.reshape(k, n * g, self.inner, nn_)
@@ -441,6 +450,39 @@ class _BilinearGroup:
         if av != bv:
             out[bv] = b
         return out, pm[:, None].expand(k, n)
+
+
+_KEEPS_ENTRIES = frozenset(
+    getattr(getattr(aten, n), o)
+    for n, o in [
+        ("view", "default"), ("_unsafe_view", "default"), ("reshape", "default"), ("expand", "default"),
+        ("clone", "default"), ("alias", "default"), ("transpose", "int"), ("permute", "default"),
+        ("t", "default"), ("unsqueeze", "default"), ("squeeze", "dim"), ("squeeze", "default"),
+    ]
+)  # fmt: skip
+
+
+def _dead_entries(plan: _Plan, v: int) -> Tensor | None:
+    """Entries of value ``v`` constant in θ, when ``v`` is a softmax output through views and
+    copies that keep each entry (its exact zeros: ∂p_i = p_i (e_i − p) vanishes where p_i = 0,
+    a masked position); None when nothing is known."""
+    tape, values = plan.tape, plan.values
+    u = v
+    while True:
+        j = plan.producer.get(u)
+        if j is None:
+            return None
+        node = tape.nodes[j]
+        refs = [r for _, r in node.arg_paths() if tape.depends[r.index]]
+        if len(refs) != 1 or not isinstance(node.args[0], Ref) or node.args[0] != refs[0] or node.multi:
+            return None
+        if node.func is aten._softmax.default:
+            break
+        if node.func not in _KEEPS_ENTRIES:
+            return None
+        u = refs[0].index
+    dead = values[v] == 0
+    return dead if bool(dead.any()) else None
 
 
 def _bilinear_group(
@@ -452,24 +494,36 @@ def _bilinear_group(
     a = values[ra.index]
     g = int(a.shape[0]) // n
     gbar = adj[out].to(values[out].dtype)  # (N·g, m, n)
-    u, s, vh = torch.linalg.svd(gbar, full_matrices=False)  # (b, m, r), (b, r), (b, r, n)
+    inner = int(a.shape[-1])
+    dead = _dead_entries(plan, ra.index) if ra.index != rb.index else None
+    if dead is not None and gbar.numel() * inner * gbar.element_size() > memory_budget() // 8:
+        dead = None  # the K masked copies of ḡ would not fit: one SVD, all columns
+    if dead is not None:  # block j: the rows of ḡ where A[:, j] is live
+        gbar = gbar[:, None] * (~dead).transpose(1, 2)[..., None].to(gbar.dtype)  # (N·g, K, m, n)
+    u, s, vh = torch.linalg.svd(gbar, full_matrices=False)  # (b, [K,] m, r), (b, [K,] r), (b, [K,] r, n)
     r = s.shape[-1]
     cut = tol * float(s.max()) if s.numel() else 0.0
     s = torch.where(s > cut, s, torch.zeros_like(s))
-    inner = int(a.shape[-1])
-    s3 = s.reshape(n, g, r)
-    alive = (s3 > 0).any(0)  # (g, r)
+    blocks = inner if dead is not None else 1
+    s3 = s.reshape(n, g, blocks, r)
+    if dead is not None:
+        alive = (s3 > 0).any(0)  # (g, K, r)
+        pairs = [(t, q, j) for t, j, q in alive.nonzero().tolist()]
+    else:
+        alive2 = (s3[:, :, 0] > 0).any(0)  # (g, r)
+        pairs = [(t, q, j) for t, q in alive2.nonzero().tolist() for j in range(inner)]
     # the + columns first, then the − ones: chunks of one sign (one pass at each interface)
-    keep = [(t, q, j, sg) for sg in (1, -1) for t, q in alive.nonzero().tolist() for j in range(inner)]
+    keep = [(t, q, j, sg) for sg in (1, -1) for t, q, j in pairs]
     return _BilinearGroup(
         (ra.index, rb.index),
         tag,
-        u.reshape(n, g, *u.shape[1:]),
+        u.reshape(n, g, blocks, *u.shape[-2:]),
         s3,
-        vh.transpose(-1, -2).reshape(n, g, vh.shape[-1], r),
+        vh.transpose(-1, -2).reshape(n, g, blocks, vh.shape[-1], r),
         inner,
         keep,
         _pair_cancels(plan, ra.index, rb.index),
+        dead is not None,
     )
 
 
@@ -889,11 +943,34 @@ class _Walker:
             return None
         return off, (0, off + 1)
 
+    def _norm_rows(self, i: int) -> tuple[int, tuple[Any, ...]] | None:
+        """For an interface ``native_layer_norm`` over the last dimension of a (N, d) input with
+        one row per sample, whose only interfaces are its affine weight and bias: like
+        :meth:`_linear_rows`, the affine squares (δ^⊙2 ⊙ x̂^⊙2 and δ^⊙2 per sample) depend on
+        the columns only through Σ_c w_c δ_c^⊙2, so they are deferred the same way."""
+        node = self.plan.tape.nodes[i]
+        if node.func is not aten.native_layer_norm.default or node.kwargs or i in self.plan.fallback.meetings:
+            return None
+        out, x = node.outputs[0], node.args[0]
+        if out is None or not isinstance(x, Ref) or len(node.args) < 2 or len(node.args[1]) != 1:
+            return None
+        tags = self.plan.batch.arg_tags(i, node)
+        if (
+            self.plan.batch.tags[out] != (0, 1)
+            or tags.get((0, 0)) != (0, 1)
+            or self.plan.values[x.index].dim() != 2
+        ):
+            return None
+        if not {p for p, _, _ in self.plan.interfaces.get(i, [])} <= {(0, 2), (0, 3)}:
+            return None
+        return 0, (0, 2)
+
     def _diagonal_squares(self, i: int, dgram: Tensor, now: bool = False) -> None:
         """Feed Σ_c w_c δ_c^⊙2 = ``dgram`` (signed, one row per sample) to the interfaces of node
         ``i`` as the squares their rules sum the columns into (exact where every parameter
-        entry receives one output entry per sample: mm/addmm with one row per sample). With
-        ``defer`` (and not ``now``) only added to the node's pending sum."""
+        entry receives one output entry per sample: mm/addmm with one row per sample, the
+        affine parameters of a layer norm over one row per sample). With ``defer`` (and not
+        ``now``) only added to the node's pending sum."""
         if self.defer and not now:
             self.pending[i] = self.pending[i] + dgram if i in self.pending else dgram
             return
@@ -963,7 +1040,9 @@ class _Walker:
         m (B^⊙2)ᵀ, carried through unary pointwise ops (times f'^⊙2) to the next Linear-like
         interface. When more interfaces lie behind that one, explicit columns start from its
         output (√|m_j| B[:, j] ⊙ f', formed by broadcasting, not by a product with B) and walk
-        on, skipping the two interfaces already served (False: not applicable)."""
+        on, skipping the two interfaces already served. When the chain from a meets an op that
+        is neither unary nor such an interface (a layer norm), the same explicit columns start
+        at that op's output and walk on from there (False: not applicable)."""
         plan, tape, values, tags = self.plan, self.plan.tape, self.plan.values, self.plan.batch.tags
         if (
             not isinstance(group, _Group)
@@ -980,6 +1059,7 @@ class _Walker:
         steps: list[int] = []
         a = node0.args[off]
         stop: int | None = None
+        start: int | None = None  # explicit columns from this value on (the chain met another op)
         beyond = False
         if isinstance(a, Ref) and tape.depends[a.index]:
             v = a.index
@@ -997,12 +1077,10 @@ class _Walker:
                 unary = (torch.Tag.pointwise in node.func.tags or rule(node.func).batch == "same_shape") and (
                     not node.multi
                 )
-                if (
-                    not unary
-                    or len(refs) != 1
-                    or not isinstance(node.args[0], Ref)
-                    or node.args[0] != refs[0]
-                ):
+                if not unary:
+                    start = v
+                    break
+                if len(refs) != 1 or not isinstance(node.args[0], Ref) or node.args[0] != refs[0]:
                     return False
                 if tuple(values[refs[0].index].shape) != tuple(values[v].shape) or tags[refs[0].index] != (
                     0,
@@ -1013,10 +1091,9 @@ class _Walker:
                 v = refs[0].index
         m = (group.sign * group.scale * group.scale)[..., 0]  # (N, d): the layout is the identity
         self._diagonal_squares(i0, m)
-        if stop is None:
+        if stop is None and start is None:
             return True
         w = values[_Walker._ref(node0, wpath).index]
-        dgram = m @ (w * w).T
         derivs = []
         for j in steps:
             node = tape.nodes[j]
@@ -1029,17 +1106,21 @@ class _Walker:
                 _, pull, *_ = vjp(_node_fn(node, values, [(0, 0)], [0]), x)
                 (deriv,) = pull((torch.ones_like(values[int(node.outputs[0] or 0)]),))
             derivs.append(deriv)
-            dgram = dgram * deriv * deriv
-        self._diagonal_squares(stop, dgram)
-        if beyond:  # explicit columns from the next interface's output on: e_j √|m_j| → √|m_j| B[:, j] ⊙ f'
-            v_stop = int(tape.nodes[stop].outputs[0] or 0)
+        if stop is not None:
+            dgram = m @ (w * w).T
+            for deriv in derivs:
+                dgram = dgram * deriv * deriv
+            self._diagonal_squares(stop, dgram)
+        if beyond or start is not None:  # explicit columns: e_j √|m_j| → √|m_j| B[:, j] ⊙ f'
+            v_stop = int(tape.nodes[stop].outputs[0] or 0) if stop is not None else start
+            assert v_stop is not None
             for c0 in range(0, group.count, step):
                 sel = torch.tensor([t for t, _ in group.keep[c0 : c0 + step]], device=w.device)
                 cols = group.scale[:, sel, 0].T[:, :, None] * w.T[sel][:, None, :]  # (k, N, d_in)
                 for deriv in derivs:
                     cols = cols * deriv
                 stand_in = _Group(v_stop, (0, 1), group.layout, group.scale, group.sign, None, [])
-                self.walk(stand_in, cols, group.sign[:, sel, 0].T, skip={stop})
+                self.walk(stand_in, cols, group.sign[:, sel, 0].T, skip=set() if stop is None else {stop})
         return True
 
     def walk(
@@ -1072,17 +1153,24 @@ class _Walker:
             owned.difference_update(cts)
             if not same and i not in skip and i in plan.interfaces:  # skip: served in closed form
                 if i not in self.rows:
-                    self.rows[i] = self._linear_rows(i)
+                    self.rows[i] = self._linear_rows(i) or self._norm_rows(i)
                 out0 = int(node.outputs[0] or 0)
                 if self.defer and self.rows[i] is not None and list(cts) == [out0]:
                     ct = cts[out0]  # (k, N, d): Σ_c w_c δ_c^⊙2 with the signs per column and sample
                     if unit is None:  # all weights one (the Fisher's columns): a plain sum of squares
                         unit = weights is None and bool((signs == 1).all())
                     if unit:
-                        self._diagonal_squares(i, (ct * ct).sum(0))
+                        self._diagonal_squares(i, torch.linalg.vecdot(ct, ct, dim=0))
                     else:
                         w = signs.to(ct.dtype) if weights is None else signs.to(ct.dtype) * weights[:, None]
-                        self._diagonal_squares(i, (ct * ct).mul_(w[:, :, None]).sum(0))
+                        # one pass over the (k, N, d) columns (three elementwise passes cost more
+                        # than the walk): a sum of squares for one sign throughout, else one pass
+                        # to square and the weighted sum over the columns as a batched product
+                        if bool((w.abs() == 1).all()) and bool((w == w.reshape(-1)[0]).all()):
+                            sq = torch.linalg.vecdot(ct, ct, dim=0)
+                            self._diagonal_squares(i, sq if float(w.reshape(-1)[0]) > 0 else -sq)
+                        else:
+                            self._diagonal_squares(i, torch.einsum("kn,knd->nd", w, ct * ct))
                 else:
                     for path, leaf, chain in plan.interfaces[i]:
                         self._interface(i, node, path, leaf, chain, cts, signs, weights)
@@ -1169,27 +1257,24 @@ class _Walker:
         ct = cts[out]
         out_axis = plan.batch.tags[out]
         axes = {p: t for p, t in plan.batch.arg_tags(i, node).items() if isinstance(t, tuple)}
-        d, g = out_axis
-        s = signs if g == 1 else signs.repeat_interleave(g, dim=1)
-        s = s.reshape(s.shape[0], *[1] * d, s.shape[1], *[1] * (ct.dim() - 2 - d))
-        has = {sgn: bool((s * sgn > 0).any()) for sgn in (1, -1)}
-        parts = []
-        for sgn in (1, -1):
-            if not has[sgn]:
-                continue
-            part = ct if not has[-sgn] else ct * (s * sgn > 0)  # one sign throughout: no mask
-            sq = interfaces.param_squares(
-                node, values, path, axes, out_axis, part, weights, self.n, per_sample=self.per_sample
-            )
-            if sq is None:
-                raise EngineUnsupportedError(
-                    f"no per-sample rule for the parameter argument {path} of {node.func} (tape position {i})"
-                )
-            parts.append(sq if sgn > 0 else -sq)
-        if not parts:
+        # one sign throughout: the column weights as they are, the squares negated for −1; mixed
+        # signs: one call with the signs as (column, sample) weights (every rule weighs each
+        # sample's squares, see interfaces.param_squares), not one masked call per sign
+        pos, neg = bool((signs > 0).any()), bool((signs < 0).any())
+        if not (pos or neg):
             return
-        total = parts[0] if len(parts) == 1 else parts[0] + parts[1]
-        self._add(leaf, self._to_leaf(leaf, chain, total))
+        w = weights
+        if pos and neg:
+            s = signs.to(ct.dtype)
+            w = s if weights is None else s * weights.to(ct.dtype)[:, None]
+        sq = interfaces.param_squares(
+            node, values, path, axes, out_axis, ct, w, self.n, per_sample=self.per_sample
+        )
+        if sq is None:
+            raise EngineUnsupportedError(
+                f"no per-sample rule for the parameter argument {path} of {node.func} (tape position {i})"
+            )
+        self._add(leaf, self._to_leaf(leaf, chain, sq if pos else -sq))
 
     def _to_leaf(self, leaf: int, chain: list[int], sq: Tensor) -> Tensor:
         """Map entries of an injective view of the leaf back to the leaf (the views' VJP)."""
@@ -1377,24 +1462,31 @@ def _pack_rows(walker: _Walker, groups: list[Any], n: int, tol: float) -> list[A
             c = int(x.shape[-1])
             if c > MAX_ROW_WIDTH or x.numel() * c * x.element_size() > memory_budget() // 4:
                 found = None
-        packed = None if found is None else _packed_columns(plan, group)
-        if packed is None or found is None:
+        start = None if found is None else _packed_closed_form(walker, group, found[1])
+        packed = None if found is None or start is not None else _packed_columns(plan, group)
+        if (packed is None and start is None) or found is None:
             keep.append(group)
             continue
         cut, nodes = found
-        cols, signs = packed  # (K, *value shape), (K, R)
+        value = group.value
+        if start is not None:  # served at its Linear in closed form: explicit columns below it
+            value, cols, signs, nodes = start
+        else:
+            assert packed is not None
+            cols, signs = packed  # (K, *value shape), (K, R)
         if not cols.shape[0]:  # every column zero: no contribution
             continue
-        touched = [int(plan.tape.nodes[j].outputs[0] or 0) for j in nodes] + [group.value]
+        touched = [int(plan.tape.nodes[j].outputs[0] or 0) for j in nodes] + [value]
         per_col = 4 * cols.element_size() * sum(int(plan.values[v].numel()) for v in touched)
         step = max(1, memory_budget() // max(1, per_col))
         ends = []
         for c0 in range(0, cols.shape[0], step):
-            end = _row_walk(walker, group.value, cols[c0 : c0 + step], signs[c0 : c0 + step], nodes)
+            end = _row_walk(walker, value, cols[c0 : c0 + step], signs[c0 : c0 + step], nodes)
             if cut is not None:
                 ends.append(end[cut])
         if cut is not None:
-            at_cut.setdefault(cut, []).append((group if not nodes else None, torch.cat(ends), signs))
+            own = group if not nodes and start is None else None  # one group still at its own value
+            at_cut.setdefault(cut, []).append((own, torch.cat(ends), signs))
     for cut, parts in at_cut.items():
         if len(parts) == 1 and parts[0][0] is not None:  # one group at its own value: nothing to merge
             keep.append(parts[0][0])
@@ -1455,6 +1547,56 @@ def _row_walk(
             idx = _Walker._ref(node, p).index
             cot[idx] = cot[idx] + gr if idx in cot else gr
     return cot
+
+
+def _packed_closed_form(
+    walker: _Walker, group: Any, nodes: list[int]
+) -> tuple[int, Tensor, Tensor, list[int]] | None:
+    """A one-hot (pointwise) group at the output of a row-local mm/addmm (out = a B): its
+    squares there are m itself (served now), and one hop back its packed column j is
+    √|m_{r,j}| B[:, j] in every row r, formed by broadcasting instead of one-hot columns
+    through the product. Returns (the value a, those columns (K, *a's shape), their signs
+    (K, rows), the row-local nodes below the mm); None where this does not apply."""
+    plan = walker.plan
+    if not isinstance(group, _Group) or group.vecs is not None or not nodes or group.layout.c != 1:
+        return None
+    j = plan.producer.get(group.value)
+    passed: list[int] = []  # row views between the mm and the group's value (row order kept)
+    while j is not None and j in nodes and plan.tape.nodes[j].func in _ROW_VIEWS:
+        passed.append(j)
+        src = plan.tape.nodes[j].args[0]
+        j = plan.producer.get(src.index) if isinstance(src, Ref) else None
+    node = plan.tape.nodes[j] if j is not None else None
+    if node is None or j not in nodes or node.func not in (aten.mm.default, aten.addmm.default):
+        return None
+    off = 1 if node.func is aten.addmm.default else 0
+    x, data, wref = plan.values[group.value], node.args[off], node.args[off + 1]
+    alpha = node.args[4] if off and len(node.args) > 4 else 1
+    if node.kwargs or not isinstance(data, Ref) or not isinstance(wref, Ref) or alpha != 1:
+        return None
+    out = plan.values[int(node.outputs[0] or 0)]
+    if group.layout.perm != list(range(x.dim())) or out.dim() != 2 or plan.values[data.index].dim() != 2:
+        return None
+    c = int(x.shape[-1])
+    if tuple(out.shape) != (x.numel() // c, c):
+        return None
+    scale = group.scale.reshape(-1, c)  # (R, C)
+    sign = group.sign.reshape(-1, c)
+    m = sign * scale * scale
+    for path, leaf, chain in plan.interfaces.get(j, []):
+        sq = _row_squares(plan, j, path, m)
+        if sq is None:  # pragma: no cover - _row_local admits only closed forms
+            raise EngineUnsupportedError(f"{node.func} (tape position {j}): no per-row rule")
+        walker._add(leaf, walker._to_leaf(leaf, chain, sq))
+    live = (scale != 0).any(0)
+    b = plan.values[wref.index].to(scale.dtype)  # (d_in, C)
+    cols = scale.T[live][:, :, None] * b.T[live][:, None, :]  # (K, R, d_in)
+    return (
+        data.index,
+        cols.to(x.dtype),
+        sign.T[live].contiguous(),
+        [q for q in nodes if q != j and q not in passed],
+    )
 
 
 def _packed_columns(plan: _Plan, group: Any) -> tuple[Tensor, Tensor] | None:
