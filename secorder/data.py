@@ -75,6 +75,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from secorder import _cost
 from secorder import probes as _probes
 from secorder._chunking import check_chunk_size
 from secorder._errors import SecorderError, error
@@ -527,6 +528,14 @@ def _dataset_hessian(
         return hessian_operator(f, params, x, y, strategy=strategy)[0]
 
     if num_probes is None:
+        size = sum(int(leaf.numel()) for leaf in leaves)
+        name = "dataset_hessian_diagonal" if diagonal else "dataset_hessian_trace"
+        _cost.check_budget(  # the cost model (secorder._cost): P one-hot products of each batch
+            call,
+            f"Hessian {'diagonal' if diagonal else 'trace'} (per batch)",
+            [_cost.Route("hvp", size, f"P={size:,} one-hot Hessian-vector products of each batch")],
+            [f"{name}(f, params, data, num_probes=K) (K products per batch)"],
+        )
         if diagonal:
             est = passes.run(
                 lambda x, y: exact_diagonal(make_op(x, y), chunk_size=chunk_size, progress=progress),

@@ -391,3 +391,16 @@ def test_default_budget_refuses_a_50k_vocabulary_gpt2(monkeypatch: pytest.Monkey
     ) as info:
         secorder.fisher_trace(model, "cross_entropy")(params, ids, ids)
     assert f"fast: {cfg.vocab_size * 64:,} products" in str(info.value)
+
+
+def test_dataset_hessian_obeys_the_budget_per_batch() -> None:
+    params, x, y = _mlp_problem()
+    data = [(x[:2], y[:2]), (x[2:], y[2:])]
+    secorder.set_exact_budget(_p(params) - 1)
+    with pytest.raises(ExactBudgetError) as info:
+        secorder.dataset_hessian_trace(_Counted(), params, data)
+    msg = str(info.value)
+    assert msg.startswith("dataset_hessian_trace(f, params, data)") and f"hvp: {_p(params)} products" in msg
+    assert "dataset_hessian_trace(f, params, data, num_probes=K)" in msg
+    est = secorder.dataset_hessian_trace(_Counted(), params, data, num_probes=4, generator=_gen(0))
+    assert est.shape == ()
