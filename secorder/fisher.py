@@ -99,6 +99,14 @@ It is taken when
 call the returned function's ``path_info`` attribute (a :class:`FisherPath`) names the route
 and, for the generic one, the reason.
 
+Cost: the sweep walks R columns (C per position for cross-entropy), the generic route forms
+N·R vector-Jacobian products, the one-hot route of half precision P products
+(:mod:`secorder._cost`; ``path_info.cost`` gives the estimates). Every exact route, forced ones
+too, needs at most :func:`secorder.exact_budget` products: above it the call is refused before
+any product, naming ``num_probes=K`` (Hutchinson) and the MC Fisher (``kind="mc"``). With
+parameters no interface covers, ``path="auto"`` takes the generic route while its N·R products
+fit the budget and the sweep with per-leaf VJPs beyond it.
+
 Models that couple samples
 --------------------------
 No route checks values or evaluates a sample alone: every quantity is that of the batch

@@ -625,7 +625,7 @@ def hessian_trace(
         per_block: return one trace per leaf of θ instead of the total.
         exact: how the exact trace (``num_probes=None``) is computed: ``"auto"`` (default),
             ``"sweep"`` or ``"hvp"``, as for :func:`hessian_diagonal` (the sum of its exact
-            diagonal); ``fn.method_info`` reports the choice.
+            diagonal, within the same exact budget); ``fn.method_info`` reports the choice.
         progress: show a tqdm bar over the chunks of one-hot products of the exact trace
             (``exact="hvp"``; tqdm is an optional dependency).
         per_sample: return the (N,) per-sample traces (per leaf with ``per_block``), exact,
@@ -829,8 +829,11 @@ def hessian_diagonal(
             engine's reason where it cannot run). ``"hvp"``: P one-hot Hessian-vector
             products (any function, composes with ``torch.func`` transforms and keeps the
             graph of parameters that require grad). ``fn.method_info`` reports the method,
-            R (columns per sample), P and the reason after each eager exact call (not updated
-            while ``torch.compile`` traces).
+            R (columns per sample), P, the reason and the cost model's estimates after each
+            eager exact call (not updated while ``torch.compile`` traces). Every exact route
+            (forced ones too) needs at most :func:`secorder.exact_budget` products (R column
+            walks, P HVPs); above it the call is refused before any product, naming the
+            randomized routes (``docs/large_vocabularies.rst``).
         progress: show a tqdm bar over the chunks of one-hot products of the exact diagonal
             (``exact="hvp"``; tqdm is an optional dependency).
         per_sample: return per-sample diagonals, each leaf ``(N, *leaf.shape)`` (see above;

@@ -20,10 +20,17 @@ plus the loss), whose diagonal comes from the one implementation behind
   signed mixtures of its columns (``hessian_diagonal(f, num_probes=K,
   method="curvature_propagation")``), an unbiased estimate with per-entry standard errors, at
   one batched walk of two columns per probe.
-* ``"auto"``: the sweep when it covers the model and R ≤ P (the cost model: R batched columns
-  against P HVPs); else one-hot HVPs when P ≤ ``max_hvp_params``; else the exact sweep
-  whatever R (when it refuses the model: a clear error suggesting ``method="hvp"``). After each
-  call ``fn.method_info`` (a :class:`SweepInfo`) says which method ran and why.
+* ``"auto"``: the sweep when it covers the model and R ≤ P (the cost model of
+  :mod:`secorder._cost`: R batched columns against P HVPs); else one-hot HVPs when P ≤
+  ``max_hvp_params``; else the exact sweep whatever R (when it refuses the model: a clear error
+  suggesting ``method="hvp"``, or the randomized routes where P exceeds the exact budget). After
+  each call ``fn.method_info`` (a :class:`SweepInfo`) says which method ran, why, and the
+  estimates it compared.
+
+Every exact method obeys the exact budget (:func:`secorder.set_exact_budget`): when even the
+cheapest available route needs more products, the call is refused before any product, naming
+``method="curvature_propagation", num_probes=K`` (where the sweep covers the model) and
+Hutchinson on :func:`secorder.module_loss`.
 
 References:
     C. Bishop. Exact calculation of the Hessian matrix for the multilayer perceptron.
