@@ -404,3 +404,26 @@ def test_dataset_hessian_obeys_the_budget_per_batch() -> None:
     assert "dataset_hessian_trace(f, params, data, num_probes=K)" in msg
     est = secorder.dataset_hessian_trace(_Counted(), params, data, num_probes=4, generator=_gen(0))
     assert est.shape == ()
+
+
+def test_eager_api_obeys_the_budget_and_its_named_route_runs() -> None:
+    from secorder.core import hessian_diagonal as eager_diagonal
+    from secorder.core import hessian_trace as eager_trace
+    from secorder.core.hvp import hessian_trace as eager_hutchinson
+
+    params, x, y = _mlp_problem()
+    plist = [v.clone().requires_grad_(True) for v in params.values()]
+
+    def closure() -> Tensor:
+        return _Counted()(dict(zip(params, plist)), x, y)
+
+    secorder.set_exact_budget(_p(params) - 1)
+    with pytest.raises(
+        ExactBudgetError, match=r"secorder.core.hvp.hessian_trace\(func, params, num_samples=K\)"
+    ):
+        eager_trace(closure, plist)
+    with pytest.raises(
+        ExactBudgetError, match=r"^hessian_diagonal\(func, params\): an exact Hessian diagonal"
+    ):
+        eager_diagonal(closure, plist)
+    assert eager_hutchinson(closure, plist, num_samples=4, generator=_gen(0)).shape == ()
