@@ -352,10 +352,8 @@ def _admitted(monkeypatch: pytest.MonkeyPatch, run: object) -> bool:
     raise AssertionError("no budget check")
 
 
-ZOO = ["gpt2", "bert", "lstm", "mha", "vit", "resnet_eval"]
-
-
-@pytest.mark.parametrize("name", ZOO)
+@pytest.mark.parametrize("name", ["gpt2", "gpt2_eager", "bert", "bert_eager", "rnn", "lstm", "gru", "mha",
+                                  "sdpa", "vit", "resnet_eval", "resnet_train"])  # fmt: skip
 def test_default_budget_admits_the_benchmark_size_zoo(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
     import _zoo
 
@@ -427,3 +425,25 @@ def test_eager_api_obeys_the_budget_and_its_named_route_runs() -> None:
     ):
         eager_diagonal(closure, plist)
     assert eager_hutchinson(closure, plist, num_samples=4, generator=_gen(0)).shape == ()
+
+
+def test_default_budget_refuses_full_size_resnet18_one_hot_hvps() -> None:
+    import _zoo
+
+    case = _zoo.resnet18_case(batch=1, img=32, classes=1000)
+    f, params = secorder.module_loss(case.model, _zoo.loss_of(case))
+    params = {k: v.detach() for k, v in params.items()}
+    counted = _CountedLoss(f)
+    with pytest.raises(ExactBudgetError) as info:
+        secorder.hessian_trace(counted, exact="hvp")(params, case.inputs, case.targets)
+    assert counted.calls == 0  # refused before any evaluation
+    assert f"hvp: {_p(params):,} products" in str(info.value) and _p(params) > 11_000_000
+
+
+class _CountedLoss:
+    def __init__(self, f: Callable[..., Tensor]) -> None:
+        self.f, self.calls = f, 0
+
+    def __call__(self, *args: object) -> Tensor:
+        self.calls += 1
+        return self.f(*args)
