@@ -535,13 +535,18 @@ def _run(
         assert data is not None
         compared = [fast] if s.path == "fast" else [fast, generic]
         _cost.check_budget(call, _quantity(s), compared, _randomized(s))
-        # per-leaf VJPs for parameters no interface covers: measured slower than the generic
-        # route at the benchmark sizes (bench_leafvjp), so "auto" takes them only where the
-        # generic route's N·R products exceed the budget
-        fallback = s.path == "fast" or not _cost.within(generic.products)
+        # per-leaf VJPs for parameters no interface covers (if the plan needs them): "auto"
+        # takes them where their measured cost is below the generic route's N·R products
+        # (GPT-2 at N >= 3), or where those exceed the budget
+        leafvjp = _cost.leaf_vjp_sweep(r_cols, n)
+        fallback = (
+            s.path == "fast" or leafvjp.products < generic.products or not _cost.within(generic.products)
+        )
         why = _engine_accumulate(s, fn, leaves, inputs, data, factor, acc, tape, per_column, fallback)
         if why is not None and s.path == "fast":
             _refuse_fast(call, why, transformed)
+        if not fallback and s.path == "auto":
+            compared = [fast, leafvjp, generic]
     if why is not None:
         _cost.check_budget(call, _quantity(s), [generic], _randomized(s), f"the generic route: {why}")
         _generic_columns(s, lambda ls: fn(ls, inputs), leaves, z, factor, acc, per_column)

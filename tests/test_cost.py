@@ -314,6 +314,27 @@ def test_fisher_auto_takes_per_leaf_vjps_when_the_generic_route_is_over_budget()
         torch.testing.assert_close(diag[k], ref[k])
 
 
+def test_fisher_auto_takes_per_leaf_vjps_where_their_measured_cost_is_lower() -> None:
+    # the sweep with per-leaf VJPs costs about 2.5 whole-batch VJPs per column + 64 (secorder._cost):
+    # below the generic route's N·R at N = 64 samples and R = 7 columns, above it at N = 4
+    model = _Tied().to(DT)
+    params = _module_params(model)
+    x, y = torch.randint(0, 7, (64, 3), generator=_gen(1)), torch.randint(0, 7, (64,), generator=_gen(2))
+    leafvjp = _cost.leaf_vjp_sweep(7, 64)
+    assert leafvjp.products < 64 * 7 and _cost.leaf_vjp_sweep(7, 4).products > 4 * 7
+    auto = secorder.fisher_trace(model, "cross_entropy")
+    value = auto(params, x, y)
+    assert auto.path_info.path == "fast", auto.path_info
+    small = secorder.fisher_trace(model, "cross_entropy")
+    small(params, x[:4], y[:4])
+    assert (
+        small.path_info.path == "generic"
+        and f"fast with per-leaf VJPs: {_cost.leaf_vjp_sweep(7, 4).products} products" in small.path_info.cost
+    )
+    generic = secorder.fisher_trace(model, "cross_entropy", path="generic")(params, x, y)
+    torch.testing.assert_close(value, generic)
+
+
 def test_half_precision_one_hot_route_obeys_the_budget() -> None:
     model = _model().to(torch.bfloat16)
     params = _module_params(model)
