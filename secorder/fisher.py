@@ -71,10 +71,13 @@ convolutions, embeddings, norm affines, biases, elementwise scales) without mate
 N×P of them. Parameters no interface covers (tied or reused weights, an embedding added to the
 tokens, parametrizations, the weight stacks of decomposed RNN kernels) get per-sample
 vector-Jacobian products at the ops where they meet the data, summed before squaring
-(:mod:`secorder._engine.leafvjp`) with ``path="fast"``; the other parameters keep their
-interfaces. ``path="auto"`` takes the generic route below for such models, which measured
-faster on the LSTM/GRU/BERT benchmarks (``benchmarks/bench_leafvjp.py``). The MC Fisher
-with ``with_stderr=True`` runs one sweep per draw on the same tape.
+(:mod:`secorder._engine.leafvjp`); the other parameters keep their interfaces. ``path="auto"``
+takes them where the cost model (:mod:`secorder._cost`) puts them below the generic route
+below: about 2.5 whole-batch VJPs per column plus a fixed 64 against N·R (measured: the GPT-2
+of ``tests/_zoo.py``, R = 4,096, is 1.5× faster this way at N = 4 and 2.9× at N = 8, while the
+LSTM/GRU/BERT with R = 3 are faster on the generic route, ``benchmarks/bench_leafvjp.py``);
+``path="fast"`` forces them. The MC Fisher with ``with_stderr=True`` runs one sweep per draw on
+the same tape.
 
 Where the sweep cannot run, the **generic route** computes the same quantity by definition:
 J_nᵀ s_{n,r} is the vector-Jacobian product of the whole batch's outputs with the cotangent
@@ -104,8 +107,8 @@ N·R vector-Jacobian products, the one-hot route of half precision P products
 (:mod:`secorder._cost`; ``path_info.cost`` gives the estimates). Every exact route, forced ones
 too, needs at most :func:`secorder.exact_budget` products: above it the call is refused before
 any product, naming ``num_probes=K`` (Hutchinson) and the MC Fisher (``kind="mc"``). With
-parameters no interface covers, ``path="auto"`` takes the generic route while its N·R products
-fit the budget and the sweep with per-leaf VJPs beyond it.
+parameters no interface covers, ``path="auto"`` also takes the sweep with per-leaf VJPs where
+the generic route's N·R products exceed the budget.
 
 Models that couple samples
 --------------------------
