@@ -66,7 +66,7 @@ def _case(name: str, classes: int) -> Any:
 
 def _estimates(text: str) -> str:
     """The cost model's estimates, short: ``sweep 4,096 · hvp 34,176``."""
-    found = re.findall(r"(\w+): ([\d,]+) products", text)
+    found = re.findall(r"(?:estimated |; )([^:;()]+?): ([\d,]+) products", text)
     return " · ".join(f"{name} {count}" for name, count in found)
 
 
@@ -111,7 +111,7 @@ def worker(name: str, what: str, classes: int) -> dict[str, Any]:
     total = out if isinstance(out, torch.Tensor) else sum(v.sum() for v in out.values())
     value = f"{float(total):.6g}" + (f" ± {float(err):.2g}" if err is not None else "")
     info = getattr(fn, "method_info", None) or getattr(fn, "path_info", None)
-    route = getattr(info, "method", None) or getattr(info, "path", "")
+    route = getattr(info, "method", None) or getattr(info, "path", "") or "hutchinson"
     if route == "sweep":
         route += f" (R={info.num_columns:,})"
     return {

@@ -548,7 +548,7 @@ def _run(
         why = _engine_accumulate(s, fn, leaves, inputs, data, factor, acc, tape, per_column, fallback)
         if why is not None and s.path == "fast":
             _refuse_fast(call, why, transformed)
-        if not fallback and s.path == "auto":
+        if why is not None and not fallback:  # the generic route, also against per-leaf VJPs
             compared = [fast, leafvjp, generic]
     if why is not None:
         _cost.check_budget(call, _quantity(s), [generic], _randomized(s), f"the generic route: {why}")
