@@ -765,7 +765,22 @@ def _dataset_fisher(
             def contribution(x: Any, y: Any) -> Tensor:
                 return fn(given, x, y, generator=gen)
 
-        est = passes.run(contribution, "diagonal" if diagonal else "trace")
+        try:
+            est = passes.run(contribution, "diagonal" if diagonal else "trace")
+        except _cost.ExactBudgetError as exc:  # the per-batch transform's refusal, in this call's words
+            name = "dataset_fisher_diagonal" if diagonal else "dataset_fisher_trace"
+            estimates = str(exc).split(", but received ", 1)[-1].split(". For an estimate", 1)[0]
+            raise error(
+                call,
+                "the exact value of each batch may start at most secorder.exact_budget() products "
+                "(checked before any product)",
+                f"a batch whose {estimates}",
+                f"For an estimate with standard errors use {name}(model_fn, loss, params, data, "
+                "num_probes=K) (Hutchinson, one pass over the data per chunk of probes) or kind='mc', "
+                "num_probes=K; for the exact value lift the cap with secorder.set_exact_budget, or use "
+                "smaller batches.",
+                cls=_cost.ExactBudgetError,
+            ) from exc
         return _finish(est, torch.zeros_like(est), leaves, spec, diagonal, with_stderr)
     op_fn = fisher_operator(model_fn, loss, kind=kind, reduction=reduction, select=module_select)
 

@@ -468,3 +468,17 @@ class _CountedLoss:
     def __call__(self, *args: object) -> Tensor:
         self.calls += 1
         return self.f(*args)
+
+
+def test_dataset_fisher_refusal_names_the_dataset_call_and_its_routes() -> None:
+    model = _model()
+    params, (x, y) = _module_params(model), _fisher_data()
+    data = [(x[:2], y[:2]), (x[2:], y[2:])]
+    secorder.set_exact_budget(2)  # R = 3 columns per sample
+    with pytest.raises(ExactBudgetError) as info:
+        secorder.dataset_fisher_trace(model, "cross_entropy", params, data)
+    msg = str(info.value)
+    assert msg.startswith("dataset_fisher_trace(model_fn, loss, params, data)") and "fast: 3 products" in msg
+    assert "dataset_fisher_trace(model_fn, loss, params, data, num_probes=K)" in msg
+    est = secorder.dataset_fisher_trace(model, "cross_entropy", params, data, num_probes=4, generator=_gen(0))
+    assert est.shape == ()
