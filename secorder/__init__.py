@@ -1,6 +1,7 @@
 """secorder: second-order quantities for PyTorch as composable ``torch.func`` transforms."""
 
 from secorder._chunking import memory_budget, set_memory_budget
+from secorder._cost import exact_budget, set_exact_budget
 from secorder._errors import SecorderError
 from secorder._validate import check_finite_enabled, set_check_finite
 from secorder.data import (
@@ -74,6 +75,8 @@ __all__ = [
     # configuration and errors
     "memory_budget",
     "set_memory_budget",
+    "exact_budget",
+    "set_exact_budget",
     "set_check_finite",
     "check_finite_enabled",
     "SecorderError",

@@ -75,6 +75,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from secorder import _cost
 from secorder import probes as _probes
 from secorder._chunking import check_chunk_size
 from secorder._errors import SecorderError, error
@@ -527,6 +528,14 @@ def _dataset_hessian(
         return hessian_operator(f, params, x, y, strategy=strategy)[0]
 
     if num_probes is None:
+        size = sum(int(leaf.numel()) for leaf in leaves)
+        name = "dataset_hessian_diagonal" if diagonal else "dataset_hessian_trace"
+        _cost.check_budget(  # the cost model (secorder._cost): P one-hot products of each batch
+            call,
+            f"Hessian {'diagonal' if diagonal else 'trace'} (per batch)",
+            [_cost.Route("hvp", size, f"P={size:,} one-hot Hessian-vector products of each batch")],
+            [f"{name}(f, params, data, num_probes=K) (K products per batch)"],
+        )
         if diagonal:
             est = passes.run(
                 lambda x, y: exact_diagonal(make_op(x, y), chunk_size=chunk_size, progress=progress),
@@ -756,7 +765,22 @@ def _dataset_fisher(
             def contribution(x: Any, y: Any) -> Tensor:
                 return fn(given, x, y, generator=gen)
 
-        est = passes.run(contribution, "diagonal" if diagonal else "trace")
+        try:
+            est = passes.run(contribution, "diagonal" if diagonal else "trace")
+        except _cost.ExactBudgetError as exc:  # the per-batch transform's refusal, in this call's words
+            name = "dataset_fisher_diagonal" if diagonal else "dataset_fisher_trace"
+            estimates = str(exc).split(", but received ", 1)[-1].split(". For an estimate", 1)[0]
+            raise error(
+                call,
+                "the exact value of each batch may start at most secorder.exact_budget() products "
+                "(checked before any product)",
+                f"a batch whose {estimates}",
+                f"For an estimate with standard errors use {name}(model_fn, loss, params, data, "
+                "num_probes=K) (Hutchinson, one pass over the data per chunk of probes) or kind='mc', "
+                "num_probes=K; for the exact value lift the cap with secorder.set_exact_budget, or use "
+                "smaller batches.",
+                cls=_cost.ExactBudgetError,
+            ) from exc
         return _finish(est, torch.zeros_like(est), leaves, spec, diagonal, with_stderr)
     op_fn = fisher_operator(model_fn, loss, kind=kind, reduction=reduction, select=module_select)
 

@@ -71,10 +71,13 @@ convolutions, embeddings, norm affines, biases, elementwise scales) without mate
 N×P of them. Parameters no interface covers (tied or reused weights, an embedding added to the
 tokens, parametrizations, the weight stacks of decomposed RNN kernels) get per-sample
 vector-Jacobian products at the ops where they meet the data, summed before squaring
-(:mod:`secorder._engine.leafvjp`) with ``path="fast"``; the other parameters keep their
-interfaces. ``path="auto"`` takes the generic route below for such models, which measured
-faster on the LSTM/GRU/BERT benchmarks (``benchmarks/bench_leafvjp.py``). The MC Fisher
-with ``with_stderr=True`` runs one sweep per draw on the same tape.
+(:mod:`secorder._engine.leafvjp`); the other parameters keep their interfaces. ``path="auto"``
+takes them where the cost model (:mod:`secorder._cost`) puts them below the generic route
+below: about 2.5 whole-batch VJPs per column plus a fixed 64 against N·R (measured: the GPT-2
+of ``tests/_zoo.py``, R = 4,096, is 1.5× faster this way at N = 4 and 2.9× at N = 8, while the
+LSTM/GRU/BERT with R = 3 are faster on the generic route, ``benchmarks/bench_leafvjp.py``);
+``path="fast"`` forces them. The MC Fisher with ``with_stderr=True`` runs one sweep per draw on
+the same tape.
 
 Where the sweep cannot run, the **generic route** computes the same quantity by definition:
 J_nᵀ s_{n,r} is the vector-Jacobian product of the whole batch's outputs with the cotangent
@@ -99,6 +102,14 @@ It is taken when
 call the returned function's ``path_info`` attribute (a :class:`FisherPath`) names the route
 and, for the generic one, the reason.
 
+Cost: the sweep walks R columns (C per position for cross-entropy), the generic route forms
+N·R vector-Jacobian products, the one-hot route of half precision P products
+(:mod:`secorder._cost`; ``path_info.cost`` gives the estimates). Every exact route, forced ones
+too, needs at most :func:`secorder.exact_budget` products: above it the call is refused before
+any product, naming ``num_probes=K`` (Hutchinson) and the MC Fisher (``kind="mc"``). With
+parameters no interface covers, ``path="auto"`` also takes the sweep with per-leaf VJPs where
+the generic route's N·R products exceed the budget.
+
 Models that couple samples
 --------------------------
 No route checks values or evaluates a sample alone: every quantity is that of the batch
@@ -120,6 +131,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import vjp, vmap
 
+from secorder import _cost
 from secorder import probes as _probes
 from secorder._chunking import check_chunk_size, default_chunk_size
 from secorder._errors import error
@@ -160,12 +172,14 @@ class FisherPath(NamedTuple):
     ``"hutchinson"`` (the operator route) or ``"one_hot"`` (one-hot products of the operator:
     exact values of float16/bfloat16 parameters); ``fast``/``generic`` name the parameters (dict keys,
     or leaf positions for other pytrees) of each route; ``reason`` says why the generic route
-    was taken (empty otherwise)."""
+    was taken (empty otherwise); ``cost`` gives the cost model's estimates of the exact routes
+    it compared, in products, and the budget (:mod:`secorder._cost`; empty for estimators)."""
 
     path: str
     fast: tuple[str, ...]
     generic: tuple[str, ...]
     reason: str = ""
+    cost: str = ""
 
 
 class _Setup(NamedTuple):
@@ -490,8 +504,11 @@ def _run(
                 "Cast the parameters and inputs to float32 for per-sample values, or drop per_sample "
                 "(the batch value of half-precision parameters is accumulated in float32).",
             )
+        p_count = sum(leaf.numel() for leaf in leaves)
+        one_hot = _cost.Route("one_hot", p_count, f"P={p_count:,} one-hot operator products")
+        _cost.check_budget(call, _quantity(s), [one_hot], _randomized(s), half)
         est, err = _half_exact(s, fn, leaves, inputs, targets, z, scale, gen, trace)
-        return est, err, leaves, spec, FisherPath("one_hot", (), names, half)
+        return est, err, leaves, spec, FisherPath("one_hot", (), names, half, _cost.describe([one_hot]))
 
     n = int(z.shape[0])
     data = _batch_data(inputs, n)
@@ -508,14 +525,40 @@ def _run(
         factor = Factor.from_tensor(s.loss.sample_columns(z_factor, s.num_probes, gen))
     per_column = s.kind == "mc" and s.with_stderr
     acc = _Accumulator(len(leaves), per_column=per_column)
+    # the cost model (secorder._cost): R column walks of the sweep against N·R whole-batch VJPs
+    r_cols = factor.num_columns
+    fast = _cost.Route(
+        "fast", r_cols, f"R={r_cols:,} columns per sample, walked for all N={n} samples at once"
+    )
+    generic = _cost.Route(
+        "generic", n * r_cols, f"N·R={n}·{r_cols:,} vector-Jacobian products of the whole batch"
+    )
+    compared = [generic]
     if why is None:
         assert data is not None
-        why = _engine_accumulate(s, fn, leaves, inputs, data, factor, acc, tape, per_column, trace)
+        compared = [fast] if s.path == "fast" else [fast, generic]
+        _cost.check_budget(call, _quantity(s), compared, _randomized(s))
+        # per-leaf VJPs for parameters no interface covers (if the plan needs them): "auto"
+        # takes them where their measured cost is below the generic route's N·R products
+        # (GPT-2 at N >= 3), or where those exceed the budget
+        leafvjp = _cost.leaf_vjp_sweep(r_cols, n)
+        fallback = (
+            s.path == "fast" or leafvjp.products < generic.products or not _cost.within(generic.products)
+        )
+        why = _engine_accumulate(s, fn, leaves, inputs, data, factor, acc, tape, per_column, fallback, trace)
         if why is not None and s.path == "fast":
             _refuse_fast(call, why, transformed)
+        if why is not None and not fallback:  # the generic route, also against per-leaf VJPs
+            compared = [fast, leafvjp, generic]
     if why is not None:
+        _cost.check_budget(call, _quantity(s), [generic], _randomized(s), f"the generic route: {why}")
         _generic_columns(s, lambda ls: fn(ls, inputs), leaves, z, factor, acc, per_column)
-    info = FisherPath("fast", names, ()) if why is None else FisherPath("generic", (), names, why)
+    cost = _cost.describe(compared)
+    info = (
+        FisherPath("fast", names, (), "", cost)
+        if why is None
+        else FisherPath("generic", (), names, why, cost)
+    )
 
     if s.per_sample:
         rows = _scaled(acc.totals(leaves, n), scale)
@@ -535,6 +578,30 @@ def _run(
         est = est / factor.num_columns
     est = est * scale
     return est, torch.zeros_like(est), leaves, spec, info
+
+
+def _quantity(s: _Setup) -> str:
+    """The quantity of a call, for the cost model's refusal."""
+    kind = {"ggn": "GGN", "empirical": "empirical Fisher", "mc": "MC Fisher"}[s.kind]
+    return f"{kind} {'trace' if s.call.startswith('fisher_trace') else 'diagonal'}"
+
+
+def _randomized(s: _Setup) -> list[str]:
+    """The randomized calls of this transform that stay affordable when the exact value is not
+    (each with standard errors: ``with_stderr=True``)."""
+    name = "fisher_trace" if s.call.startswith("fisher_trace") else "fisher_diagonal"
+    kind = ", kind='empirical'" if s.kind == "empirical" else ""  # the MC Fisher's: the GGN's
+    hutch = f"{name}(model_fn, loss{kind}, num_probes=K) (Hutchinson: K Jacobian-vector products)"
+    mc = (
+        f"{name}(model_fn, loss, kind='mc', num_probes=K) (the MC Fisher, whose expectation is the "
+        "GGN: K sampled targets per sample, K column walks)"
+    )
+    routes = {"ggn": [hutch, mc], "empirical": [hutch], "mc": [mc + " with a smaller K", hutch]}[s.kind]
+    if s.per_sample:
+        return [
+            f"no randomized route gives per-sample rows; for the batch value drop per_sample: {routes[0]}"
+        ]
+    return routes
 
 
 def _half_exact(
@@ -633,6 +700,7 @@ def _engine_accumulate(
     acc: _Accumulator,
     tape: Any,
     per_column: bool,
+    fallback: bool,
     trace: bool = False,
 ) -> str | None:
     """The exact GGN / empirical / MC Fisher by the structured sweep over a tape of the whole batch
@@ -653,7 +721,7 @@ def _engine_accumulate(
             chunk_size=s.chunk_size,
             per_sample=s.per_sample,
             tape=tape,
-            fallback=s.path == "fast",  # auto: the whole-batch VJPs are cheaper than per-leaf ones
+            fallback=fallback,  # per-leaf VJPs allowed (path="fast", or the generic route over budget)
             trace=trace and not per_column and not s.per_sample,
         )
 

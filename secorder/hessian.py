@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from secorder import _cost
 from secorder import probes as _probes
 from secorder._chunking import check_chunk_size
 from secorder._errors import SecorderError, error
@@ -221,12 +222,37 @@ def _sweep_refusal(call: str, args: tuple[Any, ...], argnums: int, leaves: list[
 class SweepInfo(NamedTuple):
     """Which method computed the last call: ``method`` (``"sweep"``, ``"hvp"`` or
     ``"curvature_propagation"``), ``num_columns`` R of the sweep per sample (0 if unknown),
-    ``num_params`` P, and ``reason`` (why ``"auto"`` chose it, or why the sweep was refused)."""
+    ``num_params`` P, ``reason`` (why ``"auto"`` chose it, or why the sweep was refused) and
+    ``cost``: the cost model's estimates of the exact routes it compared, in products, and the
+    budget (:mod:`secorder._cost`; empty for estimators)."""
 
     method: str
     num_columns: int
     num_params: int
     reason: str
+    cost: str = ""
+
+
+def _randomized_routes(call: str, option: str, sweep: bool) -> list[str]:
+    """The caller's randomized calls for a refusal of the exact value (``sweep``: the structured
+    sweep applies here, so curvature propagation is offered)."""
+    cp = "(the sweep's columns mixed by random signs: 2 column walks per probe)"
+    if option == "method":  # module_hessian_diagonal / module_hessian_trace
+        routes = [
+            "secorder.hessian_diagonal(f, num_probes=K) (Hutchinson, K HVPs) with f from "
+            "secorder.module_loss(model, loss)"
+        ]
+        return ([f"method='curvature_propagation', num_probes=K {cp}"] if sweep else []) + routes
+    name = "hessian_trace" if call.startswith("hessian_trace") else "hessian_diagonal"
+    more = (
+        "method='hutch++' or 'xtrace' for a fast-decaying spectrum"
+        if name == "hessian_trace"
+        else "or method='xdiag'"
+    )
+    routes = [f"{name}(f, num_probes=K) (Hutchinson, K HVPs; {more})"]
+    if sweep:
+        routes.append(f"{name}(f, num_probes=K, method='curvature_propagation') {cp}")
+    return routes
 
 
 def _exact_diagonal_leaves(
@@ -244,8 +270,14 @@ def _exact_diagonal_leaves(
 ) -> tuple[list[Tensor], TreeSpec] | None:
     """The exact diagonal per leaf by the structured sweep of :mod:`secorder._engine.sweep`, or
     None when ``exact="auto"`` (or ``"hvp"``) takes one-hot HVPs; sets ``fn.method_info``
-    (method, R, P and the reason for the choice) either way. ``per_sample``: rows (N, *leaf.shape)
-    from the structured sweep, or an error naming why it cannot run (no other route).
+    (method, R, P, the reason for the choice and the cost model's estimates) either way.
+    ``per_sample``: rows (N, *leaf.shape) from the structured sweep, or an error naming why it
+    cannot run (no other route).
+
+    The cost model (:mod:`secorder._cost`): the sweep costs R column walks (R from its plan,
+    after one recording of ``f``; the walks start only within the limit), one-hot HVPs P
+    products; ``"auto"`` takes the cheaper, and every route, forced or not, must fit
+    :func:`secorder._cost.exact_budget` or the call is refused before its products start.
 
     ``option`` names the caller's keyword in messages (``exact``, or ``method`` for
     :func:`secorder.module_hessian_diagonal`). ``max_hvp_params`` (``"auto"`` only; ``None``: no
@@ -255,10 +287,18 @@ def _exact_diagonal_leaves(
 
     g, leaves, spec, index = _bind(call, f, args, argnums)
     p_count = sum(leaf.numel() for leaf in leaves)
+    hvp_route = _cost.Route("hvp", p_count, f"P={p_count:,} one-hot Hessian-vector products")
+    quantity = (
+        "Hessian trace" if call.startswith(("hessian_trace", "module_hessian_trace")) else "Hessian diagonal"
+    )
     if exact == "hvp":
-        _report(fn, SweepInfo("hvp", 0, p_count, f"{option}='hvp' requested"))
+        _cost.check_budget(
+            call, quantity, [hvp_route], _randomized_routes(call, option, False), f"{option}='hvp' requested"
+        )
+        _report(fn, SweepInfo("hvp", 0, p_count, f"{option}='hvp' requested", _cost.describe([hvp_route])))
         return None
     hvp_allowed = exact == "auto" and not per_sample and (max_hvp_params is None or p_count <= max_hvp_params)
+    hvp_routes = [hvp_route] if hvp_allowed else []
     if exact == "sweep" and not per_sample:  # forced: the shared policies' refusals, in their words
         check_eager(
             call,
@@ -277,9 +317,18 @@ def _exact_diagonal_leaves(
             + ("exact='auto' or exact='hvp'" if option == "exact" else f"{option}='hvp'")
             + " (one-hot HVPs keep the graph).",
         )
+    randomized = _randomized_routes(call, option, True)
+    if per_sample:
+        randomized = [
+            f"no randomized route gives per-sample rows; for the batch value drop per_sample: {randomized[0]}"
+        ]
     why = _sweep_refusal(call, args, argnums, leaves)
+    compared = [hvp_route]  # the estimates behind the choice, for method_info
     if why is None:
         data = [a for i, a in enumerate(args) if i != index]
+        budget = _cost.exact_budget()
+        limits = [p_count] if hvp_allowed else []
+        limits += [] if budget is None else [budget]
         try:
             with torch.no_grad():
                 diag, r = engine_diagonal(
@@ -287,11 +336,17 @@ def _exact_diagonal_leaves(
                     leaves,
                     data,
                     chunk_size=chunk_size,
-                    max_columns=p_count if hvp_allowed else None,
+                    max_columns=min(limits) if limits else None,
                     per_sample=per_sample,
                 )
         except EngineTooCostlyError as exc:
-            why = f"the sweep needs R={exc.args[0]} columns per sample, more than P={p_count} one-hot HVPs"
+            r_need = int(exc.args[0])
+            sweep_route = _cost.Route(
+                "sweep", r_need, f"R={r_need:,} columns per sample, walked for all samples at once"
+            )
+            _cost.check_budget(call, quantity, [sweep_route, *hvp_routes], randomized)
+            why = f"the sweep needs R={r_need} columns per sample, more than P={p_count} one-hot HVPs"
+            compared = [sweep_route, hvp_route]
         except EngineUnsupportedError as exc:
             _raise_users_error(exc, g, leaves)
             why = f"the structured sweep refused: {exc.args[0]}"
@@ -300,7 +355,10 @@ def _exact_diagonal_leaves(
             reason = f"structured sweep over the batch tape; R={r}, P={p_count}"
             if exact == "auto" and not hvp_allowed and not per_sample:
                 reason += f" (P > max_hvp_params={max_hvp_params}: one-hot HVPs not considered)"
-            _report(fn, SweepInfo("sweep", r, p_count, reason))
+            sweep_route = _cost.Route(
+                "sweep", r, f"R={r:,} columns per sample, walked for all samples at once"
+            )
+            _report(fn, SweepInfo("sweep", r, p_count, reason, _cost.describe([sweep_route, *hvp_routes])))
             return diag, spec
     if per_sample:
         raise error(
@@ -314,11 +372,20 @@ def _exact_diagonal_leaves(
             cls=RuntimeError if "torch.func" in why or "require grad" in why else SecorderError,
         )
     if exact == "sweep" or not hvp_allowed:
-        fix = (
-            f"Use {option}='hvp' (one-hot Hessian-vector products, cost P HVPs), which works for any function"
-            + ("" if exact == "sweep" else f" (or raise max_hvp_params above P={p_count})")
-            + "; for an estimate hessian_diagonal(f, num_probes=K) (Hutchinson)."
-        )
+        estimates = "; ".join(_randomized_routes(call, option, False))
+        if _cost.within(p_count):
+            fix = (
+                f"Use {option}='hvp' (one-hot Hessian-vector products, cost P HVPs), which works for any "
+                "function"
+                + ("" if exact == "sweep" else f" (or raise max_hvp_params above P={p_count})")
+                + f"; for an estimate {estimates}."
+            )
+        else:  # the cost model: one-hot HVPs are out of the budget too
+            fix = (
+                f"One-hot Hessian-vector products ({option}='hvp') would start P={p_count:,} products, more "
+                f"than secorder.exact_budget()={_cost.exact_budget():,} (secorder.set_exact_budget lifts "
+                f"it); for an estimate use {estimates}."
+            )
         raise error(
             call,
             f"{option}={exact!r} needs the structured sweep here: an eager call on a sum over the "
@@ -327,7 +394,11 @@ def _exact_diagonal_leaves(
             fix,
             cls=RuntimeError if "torch.func" in why or "require grad" in why else SecorderError,
         )
-    _report(fn, SweepInfo("hvp", 0, p_count, f"one-hot HVPs: {why}"))
+    # one-hot HVPs; within the budget when the sweep's estimate was compared above
+    _cost.check_budget(
+        call, quantity, [hvp_route], _randomized_routes(call, option, False), f"no sweep: {why}"
+    )
+    _report(fn, SweepInfo("hvp", 0, p_count, f"one-hot HVPs: {why}", _cost.describe(compared)))
     return None
 
 
@@ -554,7 +625,7 @@ def hessian_trace(
         per_block: return one trace per leaf of θ instead of the total.
         exact: how the exact trace (``num_probes=None``) is computed: ``"auto"`` (default),
             ``"sweep"`` or ``"hvp"``, as for :func:`hessian_diagonal` (the sum of its exact
-            diagonal); ``fn.method_info`` reports the choice.
+            diagonal, within the same exact budget); ``fn.method_info`` reports the choice.
         progress: show a tqdm bar over the chunks of one-hot products of the exact trace
             (``exact="hvp"``; tqdm is an optional dependency).
         per_sample: return the (N,) per-sample traces (per leaf with ``per_block``), exact,
@@ -758,8 +829,11 @@ def hessian_diagonal(
             engine's reason where it cannot run). ``"hvp"``: P one-hot Hessian-vector
             products (any function, composes with ``torch.func`` transforms and keeps the
             graph of parameters that require grad). ``fn.method_info`` reports the method,
-            R (columns per sample), P and the reason after each eager exact call (not updated
-            while ``torch.compile`` traces).
+            R (columns per sample), P, the reason and the cost model's estimates after each
+            eager exact call (not updated while ``torch.compile`` traces). Every exact route
+            (forced ones too) needs at most :func:`secorder.exact_budget` products (R column
+            walks, P HVPs); above it the call is refused before any product, naming the
+            randomized routes (``docs/large_vocabularies.rst``).
         progress: show a tqdm bar over the chunks of one-hot products of the exact diagonal
             (``exact="hvp"``; tqdm is an optional dependency).
         per_sample: return per-sample diagonals, each leaf ``(N, *leaf.shape)`` (see above;
@@ -979,6 +1053,13 @@ def hessian_frobenius_norm_sq(
             call, *_select_args(call, selector, f, args, argnums), argnums, strategy, generator
         )
         if num_probes is None:
+            p_count = op.size
+            _cost.check_budget(
+                call,
+                "squared Frobenius norm",
+                [_cost.Route("hvp", p_count, f"P={p_count:,} one-hot Hessian-vector products")],
+                ["hessian_frobenius_norm_sq(f, num_probes=K) (K HVPs, unbiased)"],
+            )
             est = exact_frobenius_norm_sq(op, chunk_size=chunk_size)
             err = torch.zeros_like(est)
         else:

@@ -20,10 +20,17 @@ plus the loss), whose diagonal comes from the one implementation behind
   signed mixtures of its columns (``hessian_diagonal(f, num_probes=K,
   method="curvature_propagation")``), an unbiased estimate with per-entry standard errors, at
   one batched walk of two columns per probe.
-* ``"auto"``: the sweep when it covers the model and R ≤ P (the cost model: R batched columns
-  against P HVPs); else one-hot HVPs when P ≤ ``max_hvp_params``; else the exact sweep
-  whatever R (when it refuses the model: a clear error suggesting ``method="hvp"``). After each
-  call ``fn.method_info`` (a :class:`SweepInfo`) says which method ran and why.
+* ``"auto"``: the sweep when it covers the model and R ≤ P (the cost model of
+  :mod:`secorder._cost`: R batched columns against P HVPs); else one-hot HVPs when P ≤
+  ``max_hvp_params``; else the exact sweep whatever R (when it refuses the model: a clear error
+  suggesting ``method="hvp"``, or the randomized routes where P exceeds the exact budget). After
+  each call ``fn.method_info`` (a :class:`SweepInfo`) says which method ran, why, and the
+  estimates it compared.
+
+Every exact method obeys the exact budget (:func:`secorder.set_exact_budget`): when even the
+cheapest available route needs more products, the call is refused before any product, naming
+``method="curvature_propagation", num_probes=K`` (where the sweep covers the model) and
+Hutchinson on :func:`secorder.module_loss`.
 
 References:
     C. Bishop. Exact calculation of the Hessian matrix for the multilayer perceptron.
@@ -42,6 +49,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from secorder import _cost
 from secorder._chunking import check_chunk_size
 from secorder._errors import error
 from secorder._losses import CallableLoss, LossSpec, resolve_loss
@@ -61,6 +69,7 @@ from secorder.hessian import (
     _cp_diagonal_leaves,
     _exact_diagonal_leaves,
     _mean_stderr,
+    _randomized_routes,
     hessian_diagonal,
 )
 from secorder.modules import module_forward, unwrap_module
@@ -292,7 +301,11 @@ def _run(
     def zeros(d: Any) -> Any:
         return {n: torch.zeros_like(v) for n, v in d.items()}
 
-    def hvp_route(reason: str) -> tuple[Any, Any, SweepInfo]:
+    def hvp_route(reason: str, cost: str = "") -> tuple[Any, Any, SweepInfo]:
+        route = _cost.Route("hvp", p_count, f"P={p_count:,} one-hot Hessian-vector products")
+        _cost.check_budget(
+            call, "Hessian diagonal", [route], _randomized_routes(call, "method", False), reason
+        )
         try:
             diag = hessian_diagonal(f, chunk_size=chunk_size, exact="hvp")(*args)
         except StrategyFailedError as exc:  # its fix names strategy=, which this call does not take
@@ -306,7 +319,7 @@ def _run(
                 "with method='curvature_propagation', num_probes=K where the sweep covers the model.",
                 cls=RuntimeError,
             ) from exc
-        return diag, zeros(diag), SweepInfo("hvp", 0, p_count, reason)
+        return diag, zeros(diag), SweepInfo("hvp", 0, p_count, reason, cost or _cost.describe([route]))
 
     if method == "hvp":
         return hvp_route("method='hvp'")
@@ -361,6 +374,6 @@ def _run(
         call, fn, f, args, 0, chunk_size, method, option="method", max_hvp_params=max_hvp
     )
     if swept is None:  # method='auto' and one-hot HVPs are cheaper, or the sweep refused
-        return hvp_route(fn.method_info.reason)
+        return hvp_route(fn.method_info.reason, fn.method_info.cost)
     d = unflatten(swept[1], swept[0])
     return d, zeros(d), fn.method_info

@@ -509,17 +509,18 @@ class HessianOperator:
             if again[i] is None or not torch.equal(again[i].detach(), g.detach())
         ]
         if changed:
+            cause = RuntimeError(
+                f"autograd recorded the gradient of parameter leaves {changed[:10]} as constant "
+                "(no second derivative), yet it changes with the parameters: f contains an "
+                "operation whose backward is not differentiable (a custom autograd.Function "
+                "with @once_differentiable, or a backward computed under torch.no_grad)"
+            )
             raise _strategy_failure(
                 self.call,
                 self.strategy if self.strategy != "auto" else "autograd",
-                RuntimeError(
-                    f"autograd recorded the gradient of parameter leaves {changed[:10]} as constant "
-                    "(no second derivative), yet it changes with the parameters: f contains an "
-                    "operation whose backward is not differentiable (a custom autograd.Function "
-                    "with @once_differentiable, or a backward computed under torch.no_grad)"
-                ),
+                cause,
                 self.compute_dtype in HALF_DTYPES,
-            )
+            ) from cause
 
     def _hv_autograd(self, rows: list[Tensor], batched: bool) -> list[Tensor]:
         inputs, grads, keep = self._autograd_graph()
@@ -648,6 +649,8 @@ class HessianOperator:
         self._check_rows(V)
         try:
             out = self._matmat_leaves(unravel(V, self.shapes))
+        except StrategyFailedError:  # already names the call and the strategies (raised once)
+            raise
         except (RuntimeError, NotImplementedError) as exc:
             raise self._fail(self.strategy, exc) from exc
         return self._check_result(ravel(out, batch_dims=1), "Hessian-vector products")

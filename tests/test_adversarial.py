@@ -494,6 +494,12 @@ ONE_OFF = [
         r"memory|budget|bytes",
     ),
     (
+        "set_exact_budget-negative",
+        lambda P: secorder.set_exact_budget(-1),
+        ValueError,
+        r"num_products must be a positive int",
+    ),
+    (
         "set_check_finite-str",
         lambda P: secorder.set_check_finite("off"),
         TypeError,
@@ -658,6 +664,6 @@ def test_suite_size() -> None:
         for n in secorder.__all__
         if callable(getattr(secorder, n)) and not isinstance(getattr(secorder, n), type)
     }
-    getters = {"memory_budget", "check_finite_enabled"}  # no input to get wrong
+    getters = {"memory_budget", "exact_budget", "check_finite_enabled"}  # no input to get wrong
     missing = {n for n in public - getters if not any(i.startswith(n) for i in ids)}
     assert not missing, f"public functions without adversarial cases: {sorted(missing)}"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -292,3 +294,30 @@ def test_generator_on_another_device_type() -> None:
         ValueError, match=r"the generator must live on the same device type as the parameters"
     ):
         secorder.hessian_trace(f_sq, num_probes=2)(X, generator=torch.Generator(device="cuda"))
+
+
+def test_strategy_failure_is_reported_once() -> None:
+    """A StrategyFailedError raised while forming products (the constant-gradient check of the
+    autograd strategy) passes through HessianOperator.matmat unwrapped: its message once."""
+    from torch.autograd.function import once_differentiable
+
+    class Cube(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+            ctx.save_for_backward(x)
+            return x**3
+
+        @staticmethod
+        @once_differentiable
+        def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+            (x,) = ctx.saved_tensors
+            return 3 * x**2 * g
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return Cube.apply(x).sum()
+
+    with pytest.raises(secorder.operators.StrategyFailedError) as info:
+        secorder.hessian_diagonal(f, exact="hvp", strategy="autograd")(torch.ones(3, dtype=torch.float64))
+    msg = str(info.value)
+    assert msg.count("failed while forming Hessian-vector products") == 1, msg
+    assert "once_differentiable" in msg and msg.startswith("hessian_diagonal(f)(*args)")

@@ -21,6 +21,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from secorder import _cost
 from secorder._validate import check_bool, check_callable
 from secorder.core._closure import ClosureGraph, check_params, check_vectors, chunk_rows
 from secorder.core._model import model_closure
@@ -35,8 +36,21 @@ def exact_block_diagonal(graph: ClosureGraph, i: int) -> Tensor:
     return exact_diagonal(op, chunk_size=chunk_rows(op))
 
 
+def check_exact_cost(graph: ClosureGraph, quantity: str, randomized: str) -> None:
+    """The exact budget (:mod:`secorder._cost`): P one-hot products over the live tensors."""
+    size = sum(graph.params[i].numel() for i in graph.live())
+    route = _cost.Route("hvp", size, f"P={size:,} one-hot Hessian-vector products")
+    _cost.check_budget(graph.call, quantity, [route], [randomized])
+
+
 def block_diagonals(graph: ClosureGraph) -> list[Tensor]:
     """diag(H) per entry of ``graph.params``: one exact block diagonal per live tensor, zeros elsewhere."""
+    check_exact_cost(
+        graph,
+        "Hessian diagonal",
+        "the transform secorder.hessian_diagonal(f, num_probes=K) (Hutchinson, K HVPs) on a function "
+        "of the parameters",
+    )
     out = []
     for i, p in enumerate(graph.params):
         if graph.grads[i] is None:

@@ -22,13 +22,16 @@ from torch import Tensor, nn
 from secorder._validate import check_bool, check_callable
 from secorder.core._closure import ClosureGraph, check_params
 from secorder.core._model import model_closure
-from secorder.core.hessian_diagonal import exact_block_diagonal
+from secorder.core.hessian_diagonal import check_exact_cost, exact_block_diagonal
 
 __all__ = ["hessian_trace", "model_hessian_trace"]
 
 
 def exact_trace(graph: ClosureGraph) -> Tensor:
     """Σ over live tensors of the sum of their exact block diagonals (0 if none)."""
+    check_exact_cost(
+        graph, "Hessian trace", "secorder.core.hvp.hessian_trace(func, params, num_samples=K) (Hutchinson)"
+    )
     total = graph.scalar_zero()
     for i in graph.live():
         total = total + exact_block_diagonal(graph, i).sum()
