@@ -287,7 +287,14 @@ def _plan(
 def _groups(plan: _Plan, adj: dict[int, Tensor], n: int, tol_scale: float) -> list[Any]:
     tape, values, tags = plan.tape, plan.values, plan.batch.tags
     groups: list[Any] = []
+    regions, inside = _pointwise_regions(plan)
     for i, node in enumerate(tape.nodes):
+        if i in inside:
+            if i in regions:
+                group = _region_group(plan, regions[i], adj, n, tol_scale)
+                if group is not None:
+                    groups.append(group)
+            continue
         outs = [o for o in node.outputs if o is not None and o in adj]
         if not outs:
             continue
@@ -316,6 +323,10 @@ def _groups(plan: _Plan, adj: dict[int, Tensor], n: int, tol_scale: float) -> li
             and tags[found[0][1].index][0] == 0
         ):
             groups.append(_bilinear_group(plan, i, found, outs[0], adj, n, tol_scale))
+            continue
+        cross = _cross_operands(plan, i, found, outs)
+        if cross is not None:
+            groups.append(_cross_group(plan, i, cross, outs[0], adj, n, tol_scale))
             continue
         if len(found) != 1:
             groups.append(_dense_group(plan, i, found, outs, adj, n, tol_scale))
@@ -374,6 +385,118 @@ def _groups(plan: _Plan, adj: dict[int, Tensor], n: int, tol_scale: float) -> li
             continue
         groups.append(_dense_group(plan, i, found, outs, adj, n, tol_scale))
     return groups
+
+
+# ---- pointwise regions (issue 13): a chain of elementwise ops of one source as one diagonal group ----
+# Hand-written activations (GPT-2's gelu_new 0.5·x·(1 + tanh(c(x + 0.044715x³))), x·sigmoid(x))
+# are several pointwise ops of ONE parameter-dependent value x, some of them products of two
+# operands that both depend on x. Each op alone would need a group (the product a dense local
+# Hessian over 2·(entries per sample), refused past MAX_LOCAL); together they are one function
+# y = φ(x) acting on every entry separately, so the local Hessian of ⟨ḡ, φ(x)⟩ is diagonal,
+# m = ḡ ⊙ φ''(x): one double backward of the region with a ones tangent, one column per entry.
+
+
+@dataclass
+class _Region:
+    """Pointwise nodes (tape order) computing the value ``sink`` from the one value ``source``."""
+
+    source: int
+    sink: int
+    nodes: list[int]
+
+
+def _pointwise_regions(plan: _Plan) -> tuple[dict[int, _Region], set[int]]:
+    """Maximal pointwise regions: every node pointwise with one floating output of the shape,
+    dtype and batch tag of its parameter-dependent floating arguments, all of which trace back
+    through such nodes to one source value; the region's values are used only inside it except
+    one (the sink, its last value outside). Only regions of two or more nodes with some curvature
+    are kept. Returns {index of the region's last node: region} and every node of a region."""
+    tape, values, tags = plan.tape, plan.values, plan.batch.tags
+    src: dict[int, int] = {}  # value → its region's source
+    members: dict[int, list[int]] = {}  # source → nodes
+    for i, node in enumerate(tape.nodes):
+        if node.multi or len(node.outputs) != 1 or node.outputs[0] is None:
+            continue
+        o = node.outputs[0]
+        y = values[o]
+        if not tape.depends[o] or not _floating(y) or torch.Tag.pointwise not in node.func.tags:
+            continue
+        dep = [r.index for _, r in node.arg_paths() if tape.depends[r.index] and _floating(values[r.index])]
+        if not dep or any(
+            tuple(values[v].shape) != tuple(y.shape) or values[v].dtype != y.dtype or tags[v] != tags[o]
+            for v in dep
+        ):
+            continue
+        sources = {src.get(v, v) for v in dep}
+        if len(sources) != 1:
+            continue
+        s = sources.pop()
+        src[o] = s
+        members.setdefault(s, []).append(i)
+    consumers: dict[int, set[int]] = {}  # consumers that pass an adjoint back (not ``detach``)
+    for i, node in enumerate(tape.nodes):
+        if not any(o is not None and tape.depends[o] and _floating(values[o]) for o in node.outputs):
+            continue
+        for _, r in node.arg_paths():
+            consumers.setdefault(r.index, set()).add(i)
+    out = tape.output.index if tape.output is not None else -1
+    regions: dict[int, _Region] = {}
+    inside: set[int] = set()
+    for s, nodes in members.items():
+        if len(nodes) < 2 or all(rule(tape.nodes[j].func).curvature_free for j in nodes):
+            continue
+        mine = set(nodes)
+        escaping = [
+            int(tape.nodes[j].outputs[0] or 0)
+            for j in nodes
+            if int(tape.nodes[j].outputs[0] or 0) == out
+            or consumers.get(int(tape.nodes[j].outputs[0] or 0), set()) - mine
+        ]
+        if len(escaping) != 1 or escaping[0] != tape.nodes[nodes[-1]].outputs[0]:
+            continue  # several values leave the region: the ops take their own groups
+        regions[nodes[-1]] = _Region(s, escaping[0], nodes)
+        inside |= mine
+    return regions, inside
+
+
+def _region_group(plan: _Plan, region: _Region, adj: dict[int, Tensor], n: int, tol: float) -> _Group | None:
+    """The diagonal group m = ḡ ⊙ φ''(x) of a pointwise region y = φ(x) (None: no adjoint)."""
+    tape, values, tags = plan.tape, plan.values, plan.batch.tags
+    if region.sink not in adj:
+        return None
+
+    def phi(x: Tensor) -> Tensor:
+        env = {region.source: x}
+        for j in region.nodes:
+            node = tape.nodes[j]
+            ak: Any = (node.args, node.kwargs)
+            for p, r in node.arg_paths():
+                if r.index in env:
+                    ak = replace_at(ak, p, env[r.index])
+            a, k = resolve(ak, values)
+            env[int(node.outputs[0] or 0)] = node.func(*a, **k)
+        return env[region.sink]
+
+    u = values[region.source]
+    gbar = adj[region.sink].to(u.dtype)
+    with torch.enable_grad():
+        x = u.detach().requires_grad_(True)
+        (gr,) = torch.autograd.grad(phi(x), x, gbar, create_graph=True)
+        m = torch.autograd.grad(gr, x, torch.ones_like(gr), allow_unused=True)[0] if gr.requires_grad else None
+    if m is None:
+        return None
+    # ⟨ḡ, φ(x)⟩ has exactly zero curvature where ḡ is zero (autograd could give 0·∞ = NaN there)
+    m = torch.where(gbar == 0, torch.zeros_like(m), m.detach())
+    if not bool(torch.isfinite(m).all()):
+        raise EngineUnsupportedError(
+            f"the local Hessian of the pointwise region ending at tape position {region.nodes[-1]} is not finite"
+        )
+    tag = tags[region.source]
+    lay = _layout(tuple(u.shape), tag, n, None)
+    return _group_from_local(region.source, tag, lay, lay.to_major(m).reshape(lay.n, -1, 1), None, tol)
+
+
+# ---- end of pointwise regions ----
 
 
 def _eval_batch_norm(node: TapeNode) -> bool:
@@ -471,6 +594,90 @@ def _bilinear_group(
         keep,
         _pair_cancels(plan, ra.index, rb.index),
     )
+
+
+@dataclass
+class _CrossGroup:
+    """Closed-form columns of ⟨ḡ, A Ḃ⟩ + ⟨ḡ, Ȧ B⟩'s cross term for a Linear-like product A B of a
+    batched operand A (g rows per sample) and a parameter-only operand B that shares leaves with
+    A (a tied LM head, out = h Wᵀ with W the token embedding): per sample, ḡ_n = Σ_r s_r u_r v_rᵀ
+    by SVD, ⟨ḡ_n, Ȧ_n Ḃ⟩ = Σ_r s_r Σ_j (u_rᵀ Ȧ_n)_j (Ḃ v_r)_j, columns (u_r e_jᵀ at A_n,
+    ±e_j v_rᵀ at B for sample n) with weights ±s_r/2: R = 2 · rank · K per sample. The B part of
+    a column differs per sample: it is a per-sample gradient at B, a meeting argument of the
+    per-leaf fallback (:mod:`secorder._engine.leafvjp`), which adds it to the per-sample
+    gradients of B's leaves before squaring (the value ``bv`` of :meth:`get` holds it as
+    (k, N, *B.shape))."""
+
+    values_: tuple[int, int]  # (A, B)
+    tag: Tag
+    u: Tensor  # (N, g, r)
+    s: Tensor  # (N, r)
+    v: Tensor  # (N, V, r)
+    inner: int  # K
+    keep: list[tuple[int, int, int]]  # (r, j, ±1)
+
+    @property
+    def count(self) -> int:
+        return len(self.keep)
+
+    def get(self, c0: int, c1: int) -> tuple[dict[int, Tensor], Tensor]:
+        sel = self.keep[c0:c1]
+        k = len(sel)
+        dev = self.s.device
+        rs = torch.tensor([r for r, _, _ in sel], device=dev)
+        js = torch.tensor([j for _, j, _ in sel], device=dev)
+        pm = torch.tensor([float(q) for _, _, q in sel], device=dev, dtype=self.s.dtype)
+        n, g, _ = self.u.shape
+        root = (self.s[:, rs] / 2).sqrt().T  # (k, N)
+        ar = torch.arange(k, device=dev)
+        a = self.s.new_zeros(k, n, g, self.inner)
+        b = self.s.new_zeros(k, n, self.inner, self.v.shape[1])
+        a[ar, :, :, js] = root[:, :, None] * self.u[:, :, rs].permute(2, 0, 1)  # (k, N, g)
+        b[ar, :, js, :] = (pm[:, None] * root)[:, :, None] * self.v[:, :, rs].permute(2, 0, 1)
+        av, bv = self.values_
+        return {av: a.reshape(k, n * g, self.inner), bv: b}, pm[:, None].expand(k, n)
+
+
+def _cross_operands(
+    plan: _Plan, i: int, found: list[tuple[Any, Ref]], outs: list[int]
+) -> tuple[Ref, Ref] | None:
+    """(A, B) for ``mm(A, B)``/``addmm(c, A, B)`` with A batched (2-D, samples along rows),
+    B parameter-only and a meeting argument of the per-leaf fallback (shared leaves), the bias
+    (if parameter-dependent) parameter-only; None otherwise."""
+    node = plan.tape.nodes[i]
+    tags = plan.batch.tags
+    if node.func not in (aten.mm.default, aten.addmm.default) or node.kwargs or outs != [node.outputs[0]]:
+        return None
+    off = 1 if node.func is aten.addmm.default else 0
+    at = {p: r for p, r in found}
+    a, b = at.get((0, off)), at.get((0, off + 1))
+    if a is None or b is None or set(at) - {(0, 0), (0, off), (0, off + 1)}:
+        return None
+    if off and (0, 0) in at and tags[at[(0, 0)].index] is not SAME:
+        return None
+    ta = tags[a.index]
+    if not isinstance(ta, tuple) or ta[0] != 0 or plan.values[a.index].dim() != 2 or tags[b.index] is not SAME:
+        return None
+    if b.index not in plan.fallback.values_ or (0, off + 1) not in plan.fallback.meetings.get(i, []):
+        return None
+    return a, b
+
+
+def _cross_group(
+    plan: _Plan, i: int, ab: tuple[Ref, Ref], out: int, adj: dict[int, Tensor], n: int, tol: float
+) -> _CrossGroup:
+    values, tags = plan.values, plan.batch.tags
+    ra, rb = ab
+    a = values[ra.index]
+    g = int(a.shape[0]) // n
+    gbar = adj[out].to(values[out].dtype).reshape(n, g, -1)  # (N, g, V)
+    u, s, vh = torch.linalg.svd(gbar, full_matrices=False)
+    cut = tol * float(s.max()) if s.numel() else 0.0
+    s = torch.where(s > cut, s, torch.zeros_like(s))
+    alive = (s > 0).any(0).nonzero().flatten().tolist()
+    inner = int(a.shape[1])
+    keep = [(r, j, sg) for sg in (1, -1) for r in alive for j in range(inner)]
+    return _CrossGroup((ra.index, rb.index), tags[ra.index], u, s, vh.transpose(-1, -2), inner, keep)
 
 
 _CHAIN_VIEWS = _VIEWS | frozenset({aten.split.Tensor, aten.split_with_sizes.default, aten.expand.default})
@@ -999,6 +1206,9 @@ class _Walker:
         k = next(iter(cot.values())).shape[0]
         same = group.tag is SAME
         fb_grads: dict[int, Tensor] = {}  # per-sample gradients at the fallback meetings (leafvjp)
+        if not same:  # a column's part at a parameter-only meeting argument (:class:`_CrossGroup`)
+            for v in [v for v in cot if tags[v] is SAME]:
+                fb_grads[v] = cot.pop(v)
         start = max(plan.producer.get(v, -1) for v in cot)
         for i in range(start, -1, -1):
             node = tape.nodes[i]
