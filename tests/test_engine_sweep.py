@@ -22,6 +22,7 @@ from torch.func import functional_call
 
 import secorder
 from secorder._engine.batch import BatchAxisError, analyze
+from secorder._engine import sweep
 from secorder._engine.sweep import EngineUnsupportedError, engine_diagonal
 from secorder._engine.tape import record
 from secorder._pytree import flatten, unflatten, unravel
@@ -50,6 +51,16 @@ def _check(f: Callable[..., Tensor], params: dict[str, Tensor], *args: Any, meth
     tr = secorder.hessian_trace(f)
     torch.testing.assert_close(tr(params, *args), sum(r.sum() for r in ref.values()), rtol=1e-9, atol=1e-12)
     assert tr.method_info.method == method
+    return fn.method_info
+
+
+def _check_sweep(f: Callable[..., Tensor], params: dict[str, Tensor], *args: Any) -> Any:
+    """exact="sweep" forced (whatever the cost model prefers) against the dense diagonal."""
+    fn = secorder.hessian_diagonal(f, exact="sweep")
+    got = fn(params, *args)
+    ref = _dense_diag(f, params, *args)
+    for k in params:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-9, atol=1e-12)
     return fn.method_info
 
 
@@ -198,6 +209,8 @@ ACCEPT: dict[str, Callable[..., Tensor]] = {
     "log_of_parameter_only": lambda w, x: (x @ w).sum() * 2.0 + torch.log((w**2).sum()),
     "data_centered_by_batch_mean": lambda w, x: torch.tanh((x - x.mean(0)) @ w).sum(),
     "softmax_features": lambda w, x: (x @ w).softmax(1).pow(2).sum(),
+    # heads split off a permuted value: unbind(0) drops the dimension before the samples' one
+    "unbind_heads": lambda w, x: (x @ w).reshape(6, 2, 2).permute(1, 0, 2).unbind(0)[0].softmax(1).pow(2).sum(),
 }
 
 REFUSE: dict[str, tuple[Callable[..., Tensor], str]] = {
@@ -218,6 +231,10 @@ REFUSE: dict[str, tuple[Callable[..., Tensor], str]] = {
         r"linalg_vector_norm.*over the sample axis",
     ),
     "select_sample": (lambda w, x: (x @ w)[0].tanh().sum(), r"aten\.select\.int.*picks samples"),
+    "unbind_then_softmax_over_samples": (
+        lambda w, x: (x @ w).reshape(6, 2, 2).permute(1, 0, 2).unbind(0)[0].softmax(0).pow(2).sum(),
+        r"_softmax.*over the sample axis",
+    ),
 }
 
 
@@ -292,7 +309,8 @@ def test_auto_falls_back_with_reasons() -> None:
 def test_auto_cost_model_prefers_hvps_when_columns_exceed_parameters() -> None:
     w = torch.randn(1, 40, dtype=DT)
     x = torch.randn(3, 1, dtype=DT)
-    f = lambda w, x: torch.tanh(torch.tanh(x @ w)).sum()
+    # two groups of 40 columns (the transpose keeps the tanh pair from being one pointwise region)
+    f = lambda w, x: torch.tanh(torch.tanh(x @ w).T).sum()
     fn = secorder.hessian_diagonal(f)
     got = fn(w, x)
     assert fn.method_info.method == "hvp" and "R=80" in fn.method_info.reason
@@ -429,16 +447,36 @@ def test_transformer_block_exact() -> None:
 
 
 def test_tied_weights_fall_back_with_reason() -> None:
-    """A weight meeting data it also computed (h(w) @ w): the mm's local Hessian couples a
-    per-sample and a parameter-only argument, which no curvature rule covers yet: one-hot HVPs."""
+    """A weight meeting data it also computed, on the LEFT of the product (w @ h(w)ᵀ): the mm's
+    local Hessian couples a parameter-only and a per-sample argument in a layout no curvature
+    rule covers yet: one-hot HVPs, saying why."""
     torch.manual_seed(8)
     w = torch.randn(4, 4, dtype=DT)
-    f = lambda w, x: torch.tanh(torch.tanh(x @ w) @ w).sum()
+    f = lambda w, x: torch.tanh(w @ torch.tanh(x @ w).T).sum()
     x = torch.randn(5, 4, dtype=DT)
     fn = secorder.hessian_diagonal(f)
     got = fn(w, x)
     assert fn.method_info.method == "hvp" and "parameter-only and per-sample" in fn.method_info.reason
     torch.testing.assert_close(got, dense_hessian(lambda v: f(v, x), w).diagonal().reshape(4, 4))
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["mm", "addmm"])
+def test_tied_weights_cross_columns_exact(bias: bool) -> None:
+    """h(w) @ wᵀ (+ b), the layout of a tied LM head: closed-form cross columns whose
+    parameter-only part enters the per-leaf fallback's per-sample gradients (one row and
+    several rows per sample)."""
+    torch.manual_seed(8)
+    p = {"w": torch.randn(4, 4, dtype=DT), "b": torch.randn(4, dtype=DT)}
+    f = lambda q, x: torch.tanh(F.linear(torch.tanh(x @ q["w"]), q["w"], q["b"] if bias else None)).sum()
+    _check_sweep(f, p, torch.randn(5, 4, dtype=DT))
+    emb = {"emb": torch.randn(6, 3, dtype=DT), "w1": torch.randn(3, 3, dtype=DT)}
+
+    def lm(q: dict[str, Tensor], ids: Tensor, y: Tensor) -> Tensor:
+        h = torch.tanh(F.embedding(ids, q["emb"]) @ q["w1"])  # (N, T, d)
+        logits = F.linear(h, q["emb"], q["w1"][0].repeat(2) if bias else None)  # (N, T, V), tied
+        return F.cross_entropy(logits.transpose(1, 2), y)
+
+    _check_sweep(lm, emb, torch.randint(0, 6, (3, 4)), torch.randint(0, 6, (3, 4)))
 
 
 def test_vector_norm_rows_with_zero_rows_exact() -> None:
@@ -659,3 +697,81 @@ def test_column_blocks_bounded(bound: str, monkeypatch: pytest.MonkeyPatch) -> N
         torch.testing.assert_close(got[k], ref[k], rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(ggn[k], ggn_ref[k], rtol=1e-9, atol=1e-12)
     assert seen and max(seen) <= limit  # the GGN's columns: C = 6 at the outputs, in chunks
+
+
+# -- pointwise regions: chains of elementwise ops of one source as one diagonal group -------------
+
+
+def _gelu_new(x: Tensor) -> Tensor:  # GPT-2's activation as Hugging Face writes it
+    return 0.5 * x * (1.0 + torch.tanh(0.7978845608028654 * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+REGIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "gelu_new": _gelu_new,
+    "silu_by_hand": lambda h: h * torch.sigmoid(h),
+    "chain_of_unary": lambda h: torch.exp(torch.tanh(h) * 0.5) + 1.0,
+    "with_data": lambda h: h * torch.tanh(h) * X_SCALE,  # a batched constant inside the region
+}
+X_SCALE = torch.rand(5, 6, dtype=DT) + 0.5
+
+
+@pytest.mark.parametrize("name", list(REGIONS))
+def test_pointwise_region_one_group_exact(name: str) -> None:
+    """A region of pointwise ops of one value h (products of two operands that both come from h
+    included) is one diagonal group of 6 columns (its entries) beside cross-entropy's; exact."""
+    act = REGIONS[name]
+    torch.manual_seed(11)
+    p = {"a": torch.randn(4, 6, dtype=DT), "b": torch.randn(6, 3, dtype=DT)}
+    f = lambda q, x, y: F.cross_entropy(act(x @ q["a"]) @ q["b"], y)
+    x, y = torch.randn(5, 4, dtype=DT), torch.randint(0, 3, (5,))
+    names = list(p)
+    g = lambda ls: f(dict(zip(names, ls)), x, y)
+    diag, r = engine_diagonal(g, list(p.values()), [x, y])
+    tape = record(g, list(p.values()), adjoints=sweep._recorded_adjoints)
+    groups = sweep._groups(sweep._plan(tape, tape.values, [x, y], 5), tape.extra, 5, 1e-14)
+    h = tape.nodes[0].outputs[0]  # x @ a: the region's source
+    assert [(gr.value, gr.count) for gr in groups][0] == (h, 6) and len(groups) == 2  # + log-softmax
+    assert r == sum(gr.count for gr in groups)
+    ref = _dense_diag(f, p, x, y)
+    for k, d in zip(names, diag):
+        torch.testing.assert_close(d, ref[k], rtol=1e-9, atol=1e-12)
+
+
+def test_pointwise_region_with_escaping_value_exact() -> None:
+    """An intermediate of the chain used outside it (t = tanh(h) feeds the product and the head):
+    no single region, each op takes its own group (the product a dense local Hessian); exact."""
+    torch.manual_seed(12)
+    p = {"a": torch.randn(4, 6, dtype=DT), "b": torch.randn(6, 3, dtype=DT), "c": torch.randn(6, 3, dtype=DT)}
+
+    def f(q: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        h = x @ q["a"]
+        t = torch.tanh(h)
+        return F.cross_entropy((h * t) @ q["b"] + t @ q["c"], y)
+
+    _check_sweep(f, p, torch.randn(5, 4, dtype=DT), torch.randint(0, 3, (5,)))
+
+
+def test_pointwise_region_on_a_leaf_and_unused_entries_exact() -> None:
+    """A region on a parameter leaf (a regularizer w·sigmoid(w)) and a region whose output is
+    only partly used (zero adjoints on the rest): exact."""
+    torch.manual_seed(13)
+    p = {"a": torch.randn(4, 6, dtype=DT), "b": torch.randn(3, 3, dtype=DT)}
+
+    def f(q: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        h = _gelu_new(x @ q["a"])[:, :3]
+        return F.cross_entropy(h @ q["b"], y) + (q["b"] * torch.sigmoid(q["b"])).sum()
+
+    _check_sweep(f, p, torch.randn(5, 4, dtype=DT), torch.randint(0, 3, (5,)))
+
+
+def test_pointwise_region_curvature_propagation_unbiased() -> None:
+    """Curvature propagation mixes the region's diagonal columns: mean within 5 standard errors."""
+    torch.manual_seed(14)
+    p = {"a": torch.randn(4, 6, dtype=DT), "b": torch.randn(6, 3, dtype=DT)}
+    f = lambda q, x, y: F.cross_entropy(_gelu_new(x @ q["a"]) @ q["b"], y)
+    x, y = torch.randn(5, 4, dtype=DT), torch.randint(0, 3, (5,))
+    fn = secorder.hessian_diagonal(f, num_probes=300, method="curvature_propagation", with_stderr=True)
+    mean, err = fn(p, x, y, generator=torch.Generator().manual_seed(0))
+    ref = _dense_diag(f, p, x, y)
+    for k in p:
+        assert bool(((mean[k] - ref[k]).abs() <= 5 * err[k] + 1e-12).all()), k

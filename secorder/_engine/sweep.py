@@ -442,6 +442,7 @@ def _pointwise_regions(plan: _Plan) -> tuple[dict[int, _Region], set[int]]:
     out = tape.output.index if tape.output is not None else -1
     regions: dict[int, _Region] = {}
     inside: set[int] = set()
+    wanted = set(_wanted(tape, values))  # values with an adjoint (missing there: exactly zero)
     for s, nodes in members.items():
         if len(nodes) < 2 or all(rule(tape.nodes[j].func).curvature_free for j in nodes):
             continue
@@ -452,15 +453,16 @@ def _pointwise_regions(plan: _Plan) -> tuple[dict[int, _Region], set[int]]:
             if int(tape.nodes[j].outputs[0] or 0) == out
             or consumers.get(int(tape.nodes[j].outputs[0] or 0), set()) - mine
         ]
-        if len(escaping) != 1 or escaping[0] != tape.nodes[nodes[-1]].outputs[0]:
-            continue  # several values leave the region: the ops take their own groups
+        if len(escaping) != 1 or escaping[0] != tape.nodes[nodes[-1]].outputs[0] or escaping[0] not in wanted:
+            continue  # several values leave the region (or no adjoint kept): the ops take their own groups
         regions[nodes[-1]] = _Region(s, escaping[0], nodes)
         inside |= mine
     return regions, inside
 
 
 def _region_group(plan: _Plan, region: _Region, adj: dict[int, Tensor], n: int, tol: float) -> _Group | None:
-    """The diagonal group m = ḡ ⊙ φ''(x) of a pointwise region y = φ(x) (None: no adjoint)."""
+    """The diagonal group m = ḡ ⊙ φ''(x) of a pointwise region y = φ(x) (None: its adjoint is
+    zero, the sink being one of the :func:`_wanted` values)."""
     tape, values, tags = plan.tape, plan.values, plan.batch.tags
     if region.sink not in adj:
         return None
@@ -1840,13 +1842,21 @@ def engine_output_diagonal(
 
 def _wanted(tape: Tape, values: list[Any]) -> list[int]:
     """The values whose adjoints the columns need: floating, parameter-dependent op outputs of
-    ops with curvature."""
-    return [
-        o
-        for node in tape.nodes
-        for o in node.outputs
-        if o is not None and tape.depends[o] and _floating(values[o]) and not rule(node.func).curvature_free
-    ]
+    ops with curvature, and of curvature-free pointwise ops on such outputs of pointwise ops
+    (the last value of a pointwise region may be one, e.g. the ``+ 1`` of ``exp(tanh(h)) + 1``)."""
+    out: list[int] = []
+    pointwise: set[int] = set()  # wanted outputs of pointwise ops
+    for node in tape.nodes:
+        is_pw = torch.Tag.pointwise in node.func.tags and not node.multi
+        free = rule(node.func).curvature_free
+        if free and not (is_pw and any(r.index in pointwise for _, r in node.arg_paths())):
+            continue
+        for o in node.outputs:
+            if o is not None and tape.depends[o] and _floating(values[o]):
+                out.append(o)
+                if is_pw:
+                    pointwise.add(o)
+    return out
 
 
 def _recorded_adjoints(tape: Tape) -> dict[int, Tensor] | None:
