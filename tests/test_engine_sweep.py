@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import secorder
 from secorder._engine.batch import BatchAxisError, analyze
@@ -775,3 +776,25 @@ def test_pointwise_region_curvature_propagation_unbiased() -> None:
     ref = _dense_diag(f, p, x, y)
     for k in p:
         assert bool(((mean[k] - ref[k]).abs() <= 5 * err[k] + 1e-12).all()), k
+
+
+class _MHAHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.attn(x, x, x, need_weights=False)[0].mean(1))
+
+
+def test_multihead_attention_per_sample_columns_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    """nn.MultiheadAttention recorded samples-first (secorder._kernels): its products are
+    per-sample bilinear groups, so a dense local Hessian limit far below the batch's entries
+    per product (8 here) is never reached; exact."""
+    monkeypatch.setattr(sweep, "MAX_LOCAL", 8)
+    torch.manual_seed(15)
+    model = _MHAHead().to(DT).eval()
+    x, y = torch.randn(4, 3, 4, dtype=DT), torch.randint(0, 3, (4,))
+    with sdpa_kernel(SDPBackend.MATH):  # the dense reference's double backward needs the math kernel
+        _check_sweep(_ce(model), _params(model), x, y)
