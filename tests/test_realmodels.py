@@ -49,9 +49,6 @@ SWEEP_REFUSED = {
     "gru",
 }
 
-# the sweep serves these by per-leaf VJPs, whose squares curvature propagation cannot yet keep per probe
-CP_REFUSED = {"bert", "bert_eager", "gpt2", "gpt2_eager", "vit"}
-
 
 def _flat_loss(case):  # the reference function of a flat parameter vector
     names = [k for k, _ in case.model.named_parameters()]
@@ -224,7 +221,7 @@ def test_curvature_propagation_unbiased(name: str) -> None:
     fn = secorder.module_hessian_diagonal(
         case.model, case.loss, method="curvature_propagation", num_probes=200, with_stderr=True
     )
-    if name in SWEEP_REFUSED | CP_REFUSED:  # it mixes the sweep's columns: refused alike
+    if name in SWEEP_REFUSED:  # it mixes the sweep's columns: refused alike
         with pytest.raises(secorder.SecorderError, match=r"the structured sweep refused: .*method='hvp'"):
             fn(params, case.inputs, case.targets, generator=torch.Generator().manual_seed(5))
         _unchanged(case, before)

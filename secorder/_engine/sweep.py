@@ -1266,10 +1266,7 @@ class _Walker:
         if fb_grads:  # per-sample gradients of the fallback leaves: summed over meetings, then squared
             if self.fb_pull is None:
                 self.fb_pull = leafvjp.leaf_pullback(plan.fallback, tape, values, self.leaves)
-            for leaf, sq in leafvjp.squares(
-                self.fb_pull, plan.fallback, values, fb_grads, signs, weights, self.per_sample
-            ):
-                self._add(leaf, sq.to(self.leaves[leaf].dtype))
+            self._fallback_squares(fb_grads, signs, weights)
         if same:
             if self.per_sample:
                 raise EngineUnsupportedError(_PARAMETER_ONLY)
@@ -1280,6 +1277,14 @@ class _Walker:
                     self._add(leaf, torch.einsum("k,k...->...", w.to(g.dtype), g * g))
         elif any(idx < tape.num_leaves for idx in cot):  # pragma: no cover - interfaces cover leaves
             raise EngineUnsupportedError("a per-sample column reached a parameter outside an interface")
+
+    def _fallback_squares(self, fb_grads: dict[int, Tensor], signs: Tensor, weights: Tensor | None) -> None:
+        """Square and add the chunk's per-sample gradients of the fallback leaves (:mod:`leafvjp`)."""
+        values = self.plan.values
+        for leaf, sq in leafvjp.squares(
+            self.fb_pull, self.plan.fallback, values, fb_grads, signs, weights, self.per_sample
+        ):
+            self._add(leaf, sq.to(self.leaves[leaf].dtype))
 
     def _interface(
         self,
@@ -1959,6 +1964,15 @@ class _ProbeWalker(_Walker):
             rows.append(sq)
         self.per_probe[leaf][self.offset : self.offset + k] += self._to_leaf(leaf, chain, torch.stack(rows))
 
+    def _fallback_squares(self, fb_grads: dict[int, Tensor], signs: Tensor, weights: Tensor | None) -> None:
+        """Per probe q: Σ_n (∂_θ⟨P_q⟩)_n^⊙2 − (∂_θ⟨Q_q⟩)_n^⊙2 for the fallback leaves, from the
+        per-sample gradients of every column (summed over meetings before squaring)."""
+        k2, n = signs.shape
+        k = k2 // 2
+        for leaf, g in leafvjp.column_grads(self.fb_pull, self.plan.fallback, self.plan.values, fb_grads, k2, n):
+            sq = (g * g).sum(1)  # (2k, *leaf.shape)
+            self.per_probe[leaf][self.offset : self.offset + k] += (sq[:k] - sq[k:]).to(self.leaves[leaf].dtype)
+
 
 def engine_cp_diagonal(
     g: Callable[[list[Tensor]], Tensor],
@@ -2034,12 +2048,6 @@ def engine_cp_diagonal(
         zeros = [leaf.new_zeros(k_all, *leaf.shape) for leaf in leaves]
         return *_cp_summary(zeros), zeros, 0
     tape, values, plan = prepared
-    if plan.fallback.meetings:  # their squares are summed over the columns inside the walk
-        raise EngineUnsupportedError(
-            "curvature propagation does not yet keep per-probe squares of parameters served by "
-            "per-leaf vector-Jacobian products (tied weights, parameters reaching the data through "
-            "non-view ops)"
-        )
     adj = tape.extra if tape.extra is not None else _adjoints(tape, leaves, values)
     tol_scale = 64 * torch.finfo(leaves[0].dtype).eps
     groups = _groups(plan, adj, n, tol_scale)
@@ -2096,7 +2104,10 @@ def engine_cp_diagonal(
                 col_dict = cols if isinstance(cols, dict) else {group.value: cols}
                 vs = v[:, off + c0 : off + c1, : signs.shape[1]]  # (kb, k, N or 1)
                 for value, c in col_dict.items():
-                    x = _sample_major(c, plan.batch.tags[value]).to(dt)  # (k, N or 1, rest)
+                    if plan.batch.tags[value] is SAME and not same:  # per sample at a fallback meeting
+                        x = c.reshape(c.shape[0], n, -1).to(dt)  # (k, N, rest) (:class:`_CrossGroup`)
+                    else:
+                        x = _sample_major(c, plan.batch.tags[value]).to(dt)  # (k, N or 1, rest)
                     mixes = [torch.einsum("qkn,knr->qnr", vs * m.to(dt), x) for m in (signs > 0, signs < 0)]
                     pq = acc[same].get(value)
                     acc[same][value] = mixes if pq is None else [pq[0] + mixes[0], pq[1] + mixes[1]]
@@ -2104,8 +2115,10 @@ def engine_cp_diagonal(
             per_probe[leaf][q0:q1] += e
         if acc[False]:  # per-sample columns: one walk of the block's 2·kb columns
             cot = {
-                value: _from_sample_major(
-                    torch.cat(pq), plan.batch.tags[value], tuple(values[value].shape)
+                value: (
+                    torch.cat(pq).reshape(2 * kb, n, *values[value].shape)  # per-sample parts at a meeting
+                    if plan.batch.tags[value] is SAME
+                    else _from_sample_major(torch.cat(pq), plan.batch.tags[value], tuple(values[value].shape))
                 ).to(values[value].dtype)
                 for value, pq in acc[False].items()
             }
