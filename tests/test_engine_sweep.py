@@ -22,8 +22,8 @@ from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import secorder
-from secorder._engine.batch import BatchAxisError, analyze
 from secorder._engine import sweep
+from secorder._engine.batch import BatchAxisError, analyze
 from secorder._engine.sweep import EngineUnsupportedError, engine_diagonal
 from secorder._engine.tape import record
 from secorder._pytree import flatten, unflatten, unravel
@@ -211,7 +211,9 @@ ACCEPT: dict[str, Callable[..., Tensor]] = {
     "data_centered_by_batch_mean": lambda w, x: torch.tanh((x - x.mean(0)) @ w).sum(),
     "softmax_features": lambda w, x: (x @ w).softmax(1).pow(2).sum(),
     # heads split off a permuted value: unbind(0) drops the dimension before the samples' one
-    "unbind_heads": lambda w, x: (x @ w).reshape(6, 2, 2).permute(1, 0, 2).unbind(0)[0].softmax(1).pow(2).sum(),
+    "unbind_heads": lambda w, x: (
+        (x @ w).reshape(6, 2, 2).permute(1, 0, 2).unbind(0)[0].softmax(1).pow(2).sum()
+    ),
 }
 
 REFUSE: dict[str, tuple[Callable[..., Tensor], str]] = {
@@ -731,7 +733,7 @@ def test_pointwise_region_one_group_exact(name: str) -> None:
     tape = record(g, list(p.values()), adjoints=sweep._recorded_adjoints)
     groups = sweep._groups(sweep._plan(tape, tape.values, [x, y], 5), tape.extra, 5, 1e-14)
     h = tape.nodes[0].outputs[0]  # x @ a: the region's source
-    assert [(gr.value, gr.count) for gr in groups][0] == (h, 6) and len(groups) == 2  # + log-softmax
+    assert (groups[0].value, groups[0].count) == (h, 6) and len(groups) == 2  # + log-softmax
     assert r == sum(gr.count for gr in groups)
     ref = _dense_diag(f, p, x, y)
     for k, d in zip(names, diag):

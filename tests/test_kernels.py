@@ -76,7 +76,10 @@ MHA_CALLS = {
     "self": lambda x, y: ((x, x, x), {}),
     "cross_k_is_v": lambda x, y: ((x, y, y), {}),
     "cross_separate": lambda x, y: ((x, y, y.clone()), {}),
-    "key_padding_mask": lambda x, y: ((x, x, x), {"key_padding_mask": torch.tensor([[False] * 4 + [True]] * 3)}),  # noqa: E501
+    "key_padding_mask": lambda x, y: (
+        (x, x, x),
+        {"key_padding_mask": torch.tensor([[False] * 4 + [True]] * 3)},
+    ),
     "causal_mask": lambda x, y: ((x, x, x), {"attn_mask": torch.ones(5, 5).triu(1).bool()}),
     "need_weights": lambda x, y: ((x, x, x), {"need_weights": True}),
 }

@@ -21,6 +21,12 @@ Columns, one *group* per op with curvature (``R`` = columns per sample, summed o
   per-row d×d Hessians (:func:`_row_group`);
 * ``bmm`` of two parameter-dependent operands (attention): closed-form SVD columns
   (:class:`_BilinearGroup`);
+* a *pointwise region*, elementwise ops computing one value from one parameter-dependent value
+  x (hand-written activations such as GPT-2's ``gelu_new``, products of two operands of x
+  included): one diagonal group m = ḡ ⊙ φ''(x) (:func:`_pointwise_regions`);
+* ``mm``/``addmm`` of a batched operand and a parameter-only one sharing its leaves (a tied LM
+  head): closed-form cross columns whose parameter-only part is a per-sample gradient for the
+  per-leaf fallback (:class:`_CrossGroup`);
 * any other op: the dense local Hessian per sample over its parameter-dependent inputs
   (:func:`_dense_group`, at most ``MAX_LOCAL`` entries per sample).
 
@@ -39,7 +45,8 @@ through row-local ops and compressed per row where every path meets one value
 
 Curvature propagation (:func:`engine_cp_diagonal`) mixes the same columns by random signs into
 two cotangents per probe and sample, walked back in one batch per block of probes, for an
-unbiased estimate with per-entry standard errors.
+unbiased estimate with per-entry standard errors (the squares of interfaces and of the per-leaf
+fallback kept per probe).
 
 Refused (:class:`EngineUnsupportedError`, the caller falls back to one-hot HVPs): a tape that
 cannot be replayed faithfully, an op that mixes samples (:class:`~secorder._engine.batch.BatchAxisError`),
@@ -484,14 +491,19 @@ def _region_group(plan: _Plan, region: _Region, adj: dict[int, Tensor], n: int, 
     with torch.enable_grad():
         x = u.detach().requires_grad_(True)
         (gr,) = torch.autograd.grad(phi(x), x, gbar, create_graph=True)
-        m = torch.autograd.grad(gr, x, torch.ones_like(gr), allow_unused=True)[0] if gr.requires_grad else None
+        m = (
+            torch.autograd.grad(gr, x, torch.ones_like(gr), allow_unused=True)[0]
+            if gr.requires_grad
+            else None
+        )
     if m is None:
         return None
     # ⟨ḡ, φ(x)⟩ has exactly zero curvature where ḡ is zero (autograd could give 0·∞ = NaN there)
     m = torch.where(gbar == 0, torch.zeros_like(m), m.detach())
     if not bool(torch.isfinite(m).all()):
+        where = f"tape position {region.nodes[-1]}"
         raise EngineUnsupportedError(
-            f"the local Hessian of the pointwise region ending at tape position {region.nodes[-1]} is not finite"
+            f"the local Hessian of the pointwise region ending at {where} is not finite"
         )
     tag = tags[region.source]
     lay = _layout(tuple(u.shape), tag, n, None)
@@ -658,7 +670,12 @@ def _cross_operands(
     if off and (0, 0) in at and tags[at[(0, 0)].index] is not SAME:
         return None
     ta = tags[a.index]
-    if not isinstance(ta, tuple) or ta[0] != 0 or plan.values[a.index].dim() != 2 or tags[b.index] is not SAME:
+    if (
+        not isinstance(ta, tuple)
+        or ta[0] != 0
+        or plan.values[a.index].dim() != 2
+        or tags[b.index] is not SAME
+    ):
         return None
     if b.index not in plan.fallback.values_ or (0, off + 1) not in plan.fallback.meetings.get(i, []):
         return None
@@ -1969,9 +1986,13 @@ class _ProbeWalker(_Walker):
         per-sample gradients of every column (summed over meetings before squaring)."""
         k2, n = signs.shape
         k = k2 // 2
-        for leaf, g in leafvjp.column_grads(self.fb_pull, self.plan.fallback, self.plan.values, fb_grads, k2, n):
+        for leaf, g in leafvjp.column_grads(
+            self.fb_pull, self.plan.fallback, self.plan.values, fb_grads, k2, n
+        ):
             sq = (g * g).sum(1)  # (2k, *leaf.shape)
-            self.per_probe[leaf][self.offset : self.offset + k] += (sq[:k] - sq[k:]).to(self.leaves[leaf].dtype)
+            self.per_probe[leaf][self.offset : self.offset + k] += (sq[:k] - sq[k:]).to(
+                self.leaves[leaf].dtype
+            )
 
 
 def engine_cp_diagonal(
