@@ -800,3 +800,21 @@ def test_multihead_attention_per_sample_columns_exact(monkeypatch: pytest.Monkey
     x, y = torch.randn(4, 3, 4, dtype=DT), torch.randint(0, 3, (4,))
     with sdpa_kernel(SDPBackend.MATH):  # the dense reference's double backward needs the math kernel
         _check_sweep(_ce(model), _params(model), x, y)
+
+
+def test_tied_head_per_sample_rows_exact() -> None:
+    """per_sample=True through the tied head's cross columns: row n is diag ∇² of sample n's
+    term (its parameter-only part goes into sample n's fallback gradients only)."""
+    torch.manual_seed(16)
+    p = {"emb": torch.randn(6, 3, dtype=DT), "w1": torch.randn(3, 3, dtype=DT)}
+
+    def lm(q: dict[str, Tensor], ids: Tensor, y: Tensor) -> Tensor:
+        h = torch.tanh(F.embedding(ids, q["emb"]) @ q["w1"])
+        return F.cross_entropy(F.linear(h, q["emb"]).transpose(1, 2), y, reduction="sum")
+
+    ids, y = torch.randint(0, 6, (3, 4)), torch.randint(0, 6, (3, 4))
+    rows = secorder.hessian_diagonal(lm, per_sample=True)(p, ids, y)
+    for i in range(3):
+        ref = _dense_diag(lm, p, ids[i : i + 1], y[i : i + 1])
+        for k in p:
+            torch.testing.assert_close(rows[k][i], ref[k], rtol=1e-9, atol=1e-12)
