@@ -13,8 +13,8 @@ function they compute is an ordinary composition of differentiable ops:
   taken under ``no_grad``, e.g. while a tape is recorded): switched off
   (``torch.backends.mha.set_fastpath_enabled(False)``). Its slow path
   (``F.multi_head_attention_forward``) projects (L, N, E) inputs as (L·N, E) rows, which
-  interleaves the samples with the positions; in its plain form (no masks, no dropout, no
-  weights returned) it is computed samples-first instead (:func:`_mha`), the same function,
+  interleaves the samples with the positions; in its plain form (no masks, no dropout) it is
+  computed samples-first instead (:func:`_mha`), the same function,
   so a recorded tape keeps the per-sample structure the structured sweep needs.
 * ``nn.RNN``/``nn.LSTM``/``nn.GRU`` (``torch._VF.rnn_tanh``/``rnn_relu``/``lstm``/``gru``):
   the mkldnn (CPU, float32/bfloat16) and cuDNN kernels have no double backward or
@@ -232,10 +232,11 @@ def _mha(func: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
     flattens (L, N, E) to (L·N, E) for its projections, which interleaves the samples with the
     positions, so a recorded tape's per-sample proof (:mod:`secorder._engine.batch`) cannot
     follow it; here the inputs go back to (N, L, E) first, and the same projections, heads,
-    ``scaled_dot_product_attention`` and output projection follow (the same function, the same
-    arithmetic per row). Only the plain case: packed or separate projection weights, no
-    masks, no ``bias_k``/``bias_v``/``add_zero_attn``/static keys, no dropout, no attention
-    weights returned; anything else calls the original."""
+    ``scaled_dot_product_attention`` (or, with ``need_weights``, the original's explicit
+    softmax and product, the weights averaged over heads unless ``average_attn_weights=False``)
+    and output projection follow (the same function, the same arithmetic per row). Only the
+    plain case: one packed projection weight, no masks, no ``bias_k``/``bias_v``/
+    ``add_zero_attn``/static keys, no dropout; anything else calls the original."""
     b = dict(zip(_MHA_ARGS, args))
     b.update(kwargs)
     q, k, v = b["query"], b["key"], b["value"]
@@ -256,7 +257,6 @@ def _mha(func: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
         and b.get("key_padding_mask") is None
         and b.get("attn_mask") is None
         and not b.get("is_causal", False)
-        and not b.get("need_weights", True)
         and b.get("static_k") is None
         and b.get("static_v") is None
         and q.shape[-1] == b["embed_dim_to_check"]
@@ -273,9 +273,15 @@ def _mha(func: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
         bs = bias.chunk(3) if bias is not None else (None, None, None)
         qp, kp, vp = (F.linear(t, wi, bi) for t, wi, bi in zip((qb, kb, vb), ws, bs))
     qh, kh, vh = (t.unflatten(-1, (heads, e // heads)).transpose(1, 2) for t in (qp, kp, vp))
-    out = F.scaled_dot_product_attention(qh, kh, vh)  # (N, H, L, hd)
+    weights = None
+    if b.get("need_weights", True):  # the original's explicit softmax(q kᵀ/√d) and product
+        attn = torch.softmax((qh * (1.0 / (e // heads)) ** 0.5) @ kh.transpose(-2, -1), -1)  # (N, H, L, S)
+        out = attn @ vh
+        weights = attn.mean(1) if b.get("average_attn_weights", True) else attn
+    else:
+        out = F.scaled_dot_product_attention(qh, kh, vh)  # (N, H, L, hd)
     out = F.linear(out.transpose(1, 2).reshape(n, length, e), b["out_proj_weight"], b["out_proj_bias"])
-    return out.transpose(0, 1), None
+    return out.transpose(0, 1), weights
 
 
 class _Decomposed(TorchFunctionMode):

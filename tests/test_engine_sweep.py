@@ -781,22 +781,26 @@ def test_pointwise_region_curvature_propagation_unbiased() -> None:
 
 
 class _MHAHead(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, need_weights: bool) -> None:
         super().__init__()
         self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
         self.head = nn.Linear(4, 3)
+        self.need_weights = need_weights
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.attn(x, x, x, need_weights=False)[0].mean(1))
+        return self.head(self.attn(x, x, x, need_weights=self.need_weights)[0].mean(1))
 
 
-def test_multihead_attention_per_sample_columns_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("need_weights", [False, True], ids=["sdpa", "weights"])
+def test_multihead_attention_per_sample_columns_exact(
+    need_weights: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """nn.MultiheadAttention recorded samples-first (secorder._kernels): its products are
     per-sample bilinear groups, so a dense local Hessian limit far below the batch's entries
     per product (8 here) is never reached; exact."""
     monkeypatch.setattr(sweep, "MAX_LOCAL", 8)
     torch.manual_seed(15)
-    model = _MHAHead().to(DT).eval()
+    model = _MHAHead(need_weights).to(DT).eval()
     x, y = torch.randn(4, 3, 4, dtype=DT), torch.randint(0, 3, (4,))
     with sdpa_kernel(SDPBackend.MATH):  # the dense reference's double backward needs the math kernel
         _check_sweep(_ce(model), _params(model), x, y)

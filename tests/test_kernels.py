@@ -82,6 +82,7 @@ MHA_CALLS = {
     ),
     "causal_mask": lambda x, y: ((x, x, x), {"attn_mask": torch.ones(5, 5).triu(1).bool()}),
     "need_weights": lambda x, y: ((x, x, x), {"need_weights": True}),
+    "per_head_weights": lambda x, y: ((x, y, y), {"need_weights": True, "average_attn_weights": False}),
 }
 
 
@@ -97,8 +98,10 @@ def test_multihead_attention_samples_first_is_the_same_function(call: str, bias:
     kw.setdefault("need_weights", False)
 
     def run() -> tuple[torch.Tensor, ...]:
-        out = m(*args, **kw)[0]
-        return (out, *torch.autograd.grad(out.pow(2).sum(), list(m.parameters())))
+        out, weights = m(*args, **kw)
+        loss = out.pow(2).sum() + (0 if weights is None else weights.pow(2).sum())
+        extra = () if weights is None else (weights,)
+        return (out, *extra, *torch.autograd.grad(loss, list(m.parameters())))
 
     ref = run()
     with decomposed_kernels():
