@@ -24,6 +24,8 @@ Columns, one *group* per op with curvature (``R`` = columns per sample, summed o
 * a *pointwise region*, elementwise ops computing one value from one parameter-dependent value
   x (hand-written activations such as GPT-2's ``gelu_new``, products of two operands of x
   included): one diagonal group m = ḡ ⊙ φ''(x) (:func:`_pointwise_regions`);
+* an elementwise product a ⊙ b of two different parameter-dependent values (SwiGLU): two
+  closed-form columns per entry (:class:`_ProductGroup`);
 * ``mm``/``addmm`` of a batched operand and a parameter-only one sharing its leaves (a tied LM
   head): closed-form cross columns whose parameter-only part is a per-sample gradient for the
   per-leaf fallback (:class:`_CrossGroup`);
@@ -335,6 +337,9 @@ def _groups(plan: _Plan, adj: dict[int, Tensor], n: int, tol_scale: float) -> li
         if cross is not None:
             groups.append(_cross_group(plan, i, cross, outs[0], adj, n, tol_scale))
             continue
+        if _elementwise_product(plan, node, found, outs):
+            groups.append(_product_group(plan, found, outs[0], adj, n, tol_scale))
+            continue
         if len(found) != 1:
             groups.append(_dense_group(plan, i, found, outs, adj, n, tol_scale))
             continue
@@ -508,6 +513,74 @@ def _region_group(plan: _Plan, region: _Region, adj: dict[int, Tensor], n: int, 
     tag = tags[region.source]
     lay = _layout(tuple(u.shape), tag, n, None)
     return _group_from_local(region.source, tag, lay, lay.to_major(m).reshape(lay.n, -1, 1), None, tol)
+
+
+@dataclass
+class _ProductGroup:
+    """Closed-form columns of ⟨ḡ, a ⊙ b⟩ for two parameter-dependent operands of one shape and
+    batch tag (SwiGLU's silu(x W₁) ⊙ x W₂): per entry i the local Hessian over (a_i, b_i) is
+    [[0, ḡ_i], [ḡ_i, 0]], eigenvalues ±ḡ_i with eigenvectors (1, ±1)/√2, so two columns per
+    entry, √(|ḡ_i|/2)(e_i, ±e_i) with signs ±sign(ḡ_i): R = 2 · entries per sample, no dense
+    local Hessian, no ``eigh``."""
+
+    values_: tuple[int, int]
+    tag: Tag
+    layout: _Layout
+    scale: Tensor  # (N, T): √(|ḡ|/2) per sample and entry
+    sign: Tensor  # (N, T): sign of ḡ (+1 where zero)
+    keep: list[tuple[int, int]]  # (entry, ±1)
+
+    @property
+    def count(self) -> int:
+        return len(self.keep)
+
+    def get(self, c0: int, c1: int) -> tuple[dict[int, Tensor], Tensor]:
+        sel = self.keep[c0:c1]
+        k = len(sel)
+        dev = self.scale.device
+        ts = torch.tensor([t for t, _ in sel], device=dev)
+        pm = torch.tensor([float(q) for _, q in sel], device=dev, dtype=self.scale.dtype)
+        lay = self.layout
+        cols = self.scale.new_zeros(k, lay.n, lay.t, lay.c)
+        cols[torch.arange(k, device=dev), :, ts, 0] = self.scale[:, ts].T
+        a = lay.from_major(cols)
+        b = a * pm.reshape(k, *[1] * (a.dim() - 1))
+        return {self.values_[0]: a, self.values_[1]: b}, self.sign[:, ts].T * pm[:, None]
+
+
+def _elementwise_product(plan: _Plan, node: TapeNode, found: list[tuple[Any, Ref]], outs: list[int]) -> bool:
+    """``mul.Tensor(a, b)`` of two different parameter-dependent values of the output's shape,
+    dtype and batch tag (no broadcasting: entry i of the output is a_i b_i)."""
+    if node.func is not aten.mul.Tensor or node.kwargs or outs != [node.outputs[0]]:
+        return False
+    if [p for p, _ in found] != [(0, 0), (0, 1)] or found[0][1] == found[1][1]:
+        return False
+    values, tags = plan.values, plan.batch.tags
+    y = values[outs[0]]
+    return all(
+        tuple(values[r.index].shape) == tuple(y.shape)
+        and values[r.index].dtype == y.dtype
+        and tags[r.index] == tags[outs[0]]
+        for _, r in found
+    )
+
+
+def _product_group(
+    plan: _Plan, found: list[tuple[Any, Ref]], out: int, adj: dict[int, Tensor], n: int, tol: float
+) -> _ProductGroup:
+    values, tags = plan.values, plan.batch.tags
+    (_, ra), (_, rb) = found
+    u = values[ra.index]
+    tag = tags[ra.index]
+    lay = _layout(tuple(u.shape), tag, n, None)
+    g = lay.to_major(adj[out].to(u.dtype)).reshape(lay.n, -1)  # (N, T)
+    mag = g.abs()
+    cut = tol * float(mag.max()) if mag.numel() else 0.0
+    scale = torch.where(mag > cut, (mag / 2).sqrt(), torch.zeros_like(mag))
+    sign = torch.where(g < 0, -torch.ones_like(g), torch.ones_like(g))
+    alive = (mag > cut).any(0).nonzero().flatten().tolist()
+    keep = [(t, q) for q in (1, -1) for t in alive]
+    return _ProductGroup((ra.index, rb.index), tag, lay, scale, sign, keep)
 
 
 # ---- end of pointwise regions ----
