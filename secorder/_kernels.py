@@ -128,7 +128,10 @@ def _rnn(kind: str, args: Sequence[Any]) -> Any:
             w_ih, w_hh = w[0], w[1]
             b_ih, b_hh = (w[2], w[3]) if has_biases else (None, None)
             w_hr = w[-1] if proj else None
-            xw = F.linear(x, w_ih, b_ih)  # all time steps at once
+            # all time steps at once, on the samples-first layout (N, T, F): its rows n·T + t keep
+            # each sample's steps together, which a recorded tape's per-sample proof follows (the
+            # time-major (T·N, F) rows would interleave the samples); the same products per row
+            xw = F.linear(x.transpose(0, 1), w_ih, b_ih).transpose(0, 1)
             h, c = h0[idx], (c0[idx] if c0 is not None else None)
             steps = range(x.shape[0]) if d == 0 else range(x.shape[0] - 1, -1, -1)
             ys: list[Tensor] = []
