@@ -868,3 +868,19 @@ def test_elementwise_product_curvature_propagation_unbiased() -> None:
     ref = _dense_diag(f, p, x, y)
     for k in p:
         assert bool(((mean[k] - ref[k]).abs() <= 5 * err[k] + 1e-12).all()), k
+
+
+def test_elementwise_product_with_a_parameter_only_operand_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    """r ⊙ (h₀ W + b) with h₀ a constant (the GRU's first step): a per-sample value times a
+    parameter-only one sharing its leaves; the parameter-only part of each column goes to the
+    per-leaf fallback per sample (a dense local Hessian, limited to 4 entries, is not used)."""
+    monkeypatch.setattr(sweep, "MAX_LOCAL", 4)
+    torch.manual_seed(19)
+    p = {"w": torch.randn(4, 4, dtype=DT), "b": torch.randn(4, dtype=DT), "v": torch.randn(4, 3, dtype=DT)}
+
+    def f(q: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        h0 = torch.full((x.shape[0], 4), 0.5, dtype=x.dtype)  # the same for every sample
+        r = torch.sigmoid(x @ q["w"] + q["b"])
+        return F.cross_entropy((r * (h0 @ q["w"] + q["b"])) @ q["v"], y)
+
+    _check_sweep(f, p, torch.randn(5, 4, dtype=DT), torch.randint(0, 3, (5,)))

@@ -40,10 +40,9 @@ MODELS = [
     if n != "resnet_train"
 ]
 
-# models the structured sweep refuses today, for a named reason (the GRU's r ⊙ (h W_hn + b_hn) at
-# the first step multiplies a per-sample value by a parameter-only one sharing its leaves: no rule
-# yet): exact="sweep" raises saying so, exact="auto" takes one-hot HVPs
-SWEEP_REFUSED = {"gru"}
+# models the structured sweep refuses today, each for a named reason: exact="sweep" raises saying
+# so, exact="auto" takes one-hot HVPs (none at present)
+SWEEP_REFUSED: set[str] = set()
 
 
 def _flat_loss(case):  # the reference function of a flat parameter vector

@@ -529,6 +529,7 @@ class _ProductGroup:
     scale: Tensor  # (N, T): √(|ḡ|/2) per sample and entry
     sign: Tensor  # (N, T): sign of ḡ (+1 where zero)
     keep: list[tuple[int, int]]  # (entry, ±1)
+    per_sample_b: bool = False  # b parameter-only (a fallback meeting): its part per sample
 
     @property
     def count(self) -> int:
@@ -544,24 +545,40 @@ class _ProductGroup:
         cols = self.scale.new_zeros(k, lay.n, lay.t, lay.c)
         cols[torch.arange(k, device=dev), :, ts, 0] = self.scale[:, ts].T
         a = lay.from_major(cols)
-        b = a * pm.reshape(k, *[1] * (a.dim() - 1))
+        if self.per_sample_b:  # (k, N, *b.shape): column c of sample n in sample n's slice only
+            ar = torch.arange(lay.n, device=dev)
+            own = cols.new_zeros(k, lay.n, lay.n, lay.t, lay.c)
+            own[:, ar, ar] = cols
+            b = lay.from_major(own.reshape(k * lay.n, lay.n, lay.t, lay.c)).reshape(k, lay.n, *a.shape[1:])
+        else:
+            b = a
+        b = b * pm.reshape(k, *[1] * (b.dim() - 1))
         return {self.values_[0]: a, self.values_[1]: b}, self.sign[:, ts].T * pm[:, None]
 
 
 def _elementwise_product(plan: _Plan, node: TapeNode, found: list[tuple[Any, Ref]], outs: list[int]) -> bool:
-    """``mul.Tensor(a, b)`` of two different parameter-dependent values of the output's shape,
-    dtype and batch tag (no broadcasting: entry i of the output is a_i b_i)."""
+    """``mul.Tensor(a, b)`` of two different parameter-dependent values of the output's shape
+    and dtype (no broadcasting: entry i of the output is a_i b_i), both of its batch tag, or
+    one parameter-only and a meeting argument of the per-leaf fallback (the GRU's first step)."""
     if node.func is not aten.mul.Tensor or node.kwargs or outs != [node.outputs[0]]:
         return False
     if [p for p, _ in found] != [(0, 0), (0, 1)] or found[0][1] == found[1][1]:
         return False
     values, tags = plan.values, plan.batch.tags
     y = values[outs[0]]
-    return all(
-        tuple(values[r.index].shape) == tuple(y.shape)
-        and values[r.index].dtype == y.dtype
-        and tags[r.index] == tags[outs[0]]
-        for _, r in found
+    if not all(
+        tuple(values[r.index].shape) == tuple(y.shape) and values[r.index].dtype == y.dtype for _, r in found
+    ):
+        return False
+    out_tag = tags[outs[0]]
+    same = [(p, r) for p, r in found if tags[r.index] is SAME and out_tag is not SAME]
+    if not same:
+        return all(tags[r.index] == out_tag for _, r in found)
+    (p, r), (_, other) = same[0], next(pr for pr in found if pr[0] != same[0][0])
+    return (
+        tags[other.index] == out_tag
+        and r.index in plan.fallback.values_
+        and p in plan.fallback.meetings.get(plan.producer[outs[0]], [])
     )
 
 
@@ -569,6 +586,7 @@ def _product_group(
     plan: _Plan, found: list[tuple[Any, Ref]], out: int, adj: dict[int, Tensor], n: int, tol: float
 ) -> _ProductGroup:
     values, tags = plan.values, plan.batch.tags
+    found = sorted(found, key=lambda pr: tags[pr[1].index] is SAME)  # the batched operand first
     (_, ra), (_, rb) = found
     u = values[ra.index]
     tag = tags[ra.index]
@@ -580,7 +598,8 @@ def _product_group(
     sign = torch.where(g < 0, -torch.ones_like(g), torch.ones_like(g))
     alive = (mag > cut).any(0).nonzero().flatten().tolist()
     keep = [(t, q) for q in (1, -1) for t in alive]
-    return _ProductGroup((ra.index, rb.index), tag, lay, scale, sign, keep)
+    per_sample_b = tags[rb.index] is SAME and tag is not SAME
+    return _ProductGroup((ra.index, rb.index), tag, lay, scale, sign, keep, per_sample_b)
 
 
 # ---- end of pointwise regions ----
