@@ -11,7 +11,11 @@ function they compute is an ordinary composition of differentiable ops:
   matmul, the same function.
 * ``nn.MultiheadAttention``'s inference fast path (``aten::_native_multi_head_attention``,
   taken under ``no_grad``, e.g. while a tape is recorded): switched off
-  (``torch.backends.mha.set_fastpath_enabled(False)``).
+  (``torch.backends.mha.set_fastpath_enabled(False)``). Its slow path
+  (``F.multi_head_attention_forward``) projects (L, N, E) inputs as (L·N, E) rows, which
+  interleaves the samples with the positions; in its plain form (no masks, no dropout) it is
+  computed samples-first instead (:func:`_mha`), the same function,
+  so a recorded tape keeps the per-sample structure the structured sweep needs.
 * ``nn.RNN``/``nn.LSTM``/``nn.GRU`` (``torch._VF.rnn_tanh``/``rnn_relu``/``lstm``/``gru``):
   the mkldnn (CPU, float32/bfloat16) and cuDNN kernels have no double backward or
   forward-mode rule, and the native CPU path breaks under ``vmap`` of a per-sample gradient.
@@ -124,7 +128,10 @@ def _rnn(kind: str, args: Sequence[Any]) -> Any:
             w_ih, w_hh = w[0], w[1]
             b_ih, b_hh = (w[2], w[3]) if has_biases else (None, None)
             w_hr = w[-1] if proj else None
-            xw = F.linear(x, w_ih, b_ih)  # all time steps at once
+            # all time steps at once, on the samples-first layout (N, T, F): its rows n·T + t keep
+            # each sample's steps together, which a recorded tape's per-sample proof follows (the
+            # time-major (T·N, F) rows would interleave the samples); the same products per row
+            xw = F.linear(x.transpose(0, 1), w_ih, b_ih).transpose(0, 1)
             h, c = h0[idx], (c0[idx] if c0 is not None else None)
             steps = range(x.shape[0]) if d == 0 else range(x.shape[0] - 1, -1, -1)
             ys: list[Tensor] = []
@@ -216,11 +223,76 @@ def _layer_norm(func: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
     return out
 
 
+_MHA_ARGS = (
+    "query", "key", "value", "embed_dim_to_check", "num_heads", "in_proj_weight", "in_proj_bias",
+    "bias_k", "bias_v", "add_zero_attn", "dropout_p", "out_proj_weight", "out_proj_bias",
+)  # fmt: skip
+
+
+def _mha(func: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+    """``F.multi_head_attention_forward`` (what ``nn.MultiheadAttention`` calls, with inputs
+    (L, N, E): ``batch_first`` modules transpose before) computed samples-first: the original
+    flattens (L, N, E) to (L·N, E) for its projections, which interleaves the samples with the
+    positions, so a recorded tape's per-sample proof (:mod:`secorder._engine.batch`) cannot
+    follow it; here the inputs go back to (N, L, E) first, and the same projections, heads,
+    ``scaled_dot_product_attention`` (or, with ``need_weights``, the original's explicit
+    softmax and product, the weights averaged over heads unless ``average_attn_weights=False``)
+    and output projection follow (the same function, the same arithmetic per row). Only the
+    plain case: one packed projection weight, no masks, no ``bias_k``/``bias_v``/
+    ``add_zero_attn``/static keys, no dropout; anything else calls the original."""
+    b = dict(zip(_MHA_ARGS, args))
+    b.update(kwargs)
+    q, k, v = b["query"], b["key"], b["value"]
+    w, bias = b["in_proj_weight"], b["in_proj_bias"]
+    plain = (
+        isinstance(q, Tensor)
+        and isinstance(k, Tensor)
+        and isinstance(v, Tensor)
+        and q.dim() == 3
+        and k.dim() == 3
+        and k.shape == v.shape
+        and isinstance(w, Tensor)
+        and not b.get("use_separate_proj_weight", False)
+        and b.get("bias_k") is None
+        and b.get("bias_v") is None
+        and not b.get("add_zero_attn", False)
+        and (b.get("dropout_p", 0.0) == 0.0 or not b.get("training", True))
+        and b.get("key_padding_mask") is None
+        and b.get("attn_mask") is None
+        and not b.get("is_causal", False)
+        and b.get("static_k") is None
+        and b.get("static_v") is None
+        and q.shape[-1] == b["embed_dim_to_check"]
+    )
+    if not plain:
+        return func(*args, **kwargs)
+    n, length, e = q.shape[1], q.shape[0], q.shape[2]
+    heads = int(b["num_heads"])
+    qb, kb, vb = (t.transpose(0, 1) for t in (q, k, v))  # (N, L, E): samples first
+    if q is k and k is v:
+        qp, kp, vp = F.linear(qb, w, bias).chunk(3, -1)
+    else:
+        ws = w.chunk(3)
+        bs = bias.chunk(3) if bias is not None else (None, None, None)
+        qp, kp, vp = (F.linear(t, wi, bi) for t, wi, bi in zip((qb, kb, vb), ws, bs))
+    qh, kh, vh = (t.unflatten(-1, (heads, e // heads)).transpose(1, 2) for t in (qp, kp, vp))
+    weights = None
+    if b.get("need_weights", True):  # the original's explicit softmax(q kᵀ/√d) and product
+        attn = torch.softmax((qh * (1.0 / (e // heads)) ** 0.5) @ kh.transpose(-2, -1), -1)  # (N, H, L, S)
+        out = attn @ vh
+        weights = attn.mean(1) if b.get("average_attn_weights", True) else attn
+    else:
+        out = F.scaled_dot_product_attention(qh, kh, vh)  # (N, H, L, hd)
+    out = F.linear(out.transpose(1, 2).reshape(n, length, e), b["out_proj_weight"], b["out_proj_bias"])
+    return out.transpose(0, 1), weights
+
+
 class _Decomposed(TorchFunctionMode):
     """Routes the (unpacked) ``torch._VF`` RNN kernels through :func:`_rnn`, freezes the
     padding row of ``F.embedding`` (:func:`_embedding`), keeps train-mode ``F.batch_norm``
-    from writing running statistics back (:func:`_batch_norm`) and computes a ``vmap``-batched
-    ``F.layer_norm`` in its math form (:func:`_layer_norm`)."""
+    from writing running statistics back (:func:`_batch_norm`), computes a ``vmap``-batched
+    ``F.layer_norm`` in its math form (:func:`_layer_norm`) and ``nn.MultiheadAttention``'s
+    attention samples-first (:func:`_mha`)."""
 
     def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -230,6 +302,8 @@ class _Decomposed(TorchFunctionMode):
             return _batch_norm(func, args, kwargs)
         if func is F.layer_norm:
             return _layer_norm(func, args, kwargs)
+        if func is F.multi_head_attention_forward:
+            return _mha(func, args, kwargs)
         kind = _RNN_FUNCS.get(func)
         # packed sequences pass batch_sizes second and the params list fourth
         unpacked = len(args) == 9 and isinstance(args[2], (list, tuple))

@@ -19,8 +19,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import secorder
+from secorder._engine import sweep
 from secorder._engine.batch import BatchAxisError, analyze
 from secorder._engine.sweep import EngineUnsupportedError, engine_diagonal
 from secorder._engine.tape import record
@@ -50,6 +52,16 @@ def _check(f: Callable[..., Tensor], params: dict[str, Tensor], *args: Any, meth
     tr = secorder.hessian_trace(f)
     torch.testing.assert_close(tr(params, *args), sum(r.sum() for r in ref.values()), rtol=1e-9, atol=1e-12)
     assert tr.method_info.method == method
+    return fn.method_info
+
+
+def _check_sweep(f: Callable[..., Tensor], params: dict[str, Tensor], *args: Any) -> Any:
+    """exact="sweep" forced (whatever the cost model prefers) against the dense diagonal."""
+    fn = secorder.hessian_diagonal(f, exact="sweep")
+    got = fn(params, *args)
+    ref = _dense_diag(f, params, *args)
+    for k in params:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-9, atol=1e-12)
     return fn.method_info
 
 
@@ -198,6 +210,10 @@ ACCEPT: dict[str, Callable[..., Tensor]] = {
     "log_of_parameter_only": lambda w, x: (x @ w).sum() * 2.0 + torch.log((w**2).sum()),
     "data_centered_by_batch_mean": lambda w, x: torch.tanh((x - x.mean(0)) @ w).sum(),
     "softmax_features": lambda w, x: (x @ w).softmax(1).pow(2).sum(),
+    # heads split off a permuted value: unbind(0) drops the dimension before the samples' one
+    "unbind_heads": lambda w, x: (
+        (x @ w).reshape(6, 2, 2).permute(1, 0, 2).unbind(0)[0].softmax(1).pow(2).sum()
+    ),
 }
 
 REFUSE: dict[str, tuple[Callable[..., Tensor], str]] = {
@@ -218,6 +234,10 @@ REFUSE: dict[str, tuple[Callable[..., Tensor], str]] = {
         r"linalg_vector_norm.*over the sample axis",
     ),
     "select_sample": (lambda w, x: (x @ w)[0].tanh().sum(), r"aten\.select\.int.*picks samples"),
+    "unbind_then_softmax_over_samples": (
+        lambda w, x: (x @ w).reshape(6, 2, 2).permute(1, 0, 2).unbind(0)[0].softmax(0).pow(2).sum(),
+        r"_softmax.*over the sample axis",
+    ),
 }
 
 
@@ -292,7 +312,8 @@ def test_auto_falls_back_with_reasons() -> None:
 def test_auto_cost_model_prefers_hvps_when_columns_exceed_parameters() -> None:
     w = torch.randn(1, 40, dtype=DT)
     x = torch.randn(3, 1, dtype=DT)
-    f = lambda w, x: torch.tanh(torch.tanh(x @ w)).sum()
+    # two groups of 40 columns (the transpose keeps the tanh pair from being one pointwise region)
+    f = lambda w, x: torch.tanh(torch.tanh(x @ w).T).sum()
     fn = secorder.hessian_diagonal(f)
     got = fn(w, x)
     assert fn.method_info.method == "hvp" and "R=80" in fn.method_info.reason
@@ -429,16 +450,36 @@ def test_transformer_block_exact() -> None:
 
 
 def test_tied_weights_fall_back_with_reason() -> None:
-    """A weight meeting data it also computed (h(w) @ w): the mm's local Hessian couples a
-    per-sample and a parameter-only argument, which no curvature rule covers yet: one-hot HVPs."""
+    """A weight meeting data it also computed, on the LEFT of the product (w @ h(w)ᵀ): the mm's
+    local Hessian couples a parameter-only and a per-sample argument in a layout no curvature
+    rule covers yet: one-hot HVPs, saying why."""
     torch.manual_seed(8)
     w = torch.randn(4, 4, dtype=DT)
-    f = lambda w, x: torch.tanh(torch.tanh(x @ w) @ w).sum()
+    f = lambda w, x: torch.tanh(w @ torch.tanh(x @ w).T).sum()
     x = torch.randn(5, 4, dtype=DT)
     fn = secorder.hessian_diagonal(f)
     got = fn(w, x)
     assert fn.method_info.method == "hvp" and "parameter-only and per-sample" in fn.method_info.reason
     torch.testing.assert_close(got, dense_hessian(lambda v: f(v, x), w).diagonal().reshape(4, 4))
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["mm", "addmm"])
+def test_tied_weights_cross_columns_exact(bias: bool) -> None:
+    """h(w) @ wᵀ (+ b), the layout of a tied LM head: closed-form cross columns whose
+    parameter-only part enters the per-leaf fallback's per-sample gradients (one row and
+    several rows per sample)."""
+    torch.manual_seed(8)
+    p = {"w": torch.randn(4, 4, dtype=DT), "b": torch.randn(4, dtype=DT)}
+    f = lambda q, x: torch.tanh(F.linear(torch.tanh(x @ q["w"]), q["w"], q["b"] if bias else None)).sum()
+    _check_sweep(f, p, torch.randn(5, 4, dtype=DT))
+    emb = {"emb": torch.randn(6, 3, dtype=DT), "w1": torch.randn(3, 3, dtype=DT)}
+
+    def lm(q: dict[str, Tensor], ids: Tensor, y: Tensor) -> Tensor:
+        h = torch.tanh(F.embedding(ids, q["emb"]) @ q["w1"])  # (N, T, d)
+        logits = F.linear(h, q["emb"], q["w1"][0].repeat(2) if bias else None)  # (N, T, V), tied
+        return F.cross_entropy(logits.transpose(1, 2), y)
+
+    _check_sweep(lm, emb, torch.randint(0, 6, (3, 4)), torch.randint(0, 6, (3, 4)))
 
 
 def test_vector_norm_rows_with_zero_rows_exact() -> None:
@@ -795,3 +836,187 @@ def test_attention_dead_entries_split_bounded_by_the_memory_budget(monkeypatch: 
     monkeypatch.setattr(sweep, "memory_budget", lambda: 1 << 12)
     whole = _check(_ce(model), _params(model), idx, y)
     assert whole.num_columns > split.num_columns
+
+
+# -- pointwise regions: chains of elementwise ops of one source as one diagonal group -------------
+
+
+def _gelu_new(x: Tensor) -> Tensor:  # GPT-2's activation as Hugging Face writes it
+    return 0.5 * x * (1.0 + torch.tanh(0.7978845608028654 * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+REGIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "gelu_new": _gelu_new,
+    "silu_by_hand": lambda h: h * torch.sigmoid(h),
+    "chain_of_unary": lambda h: torch.exp(torch.tanh(h) * 0.5) + 1.0,
+    "with_data": lambda h: h * torch.tanh(h) * X_SCALE,  # a batched constant inside the region
+}
+X_SCALE = torch.rand(5, 6, dtype=DT) + 0.5
+
+
+@pytest.mark.parametrize("name", list(REGIONS))
+def test_pointwise_region_one_group_exact(name: str) -> None:
+    """A region of pointwise ops of one value h (products of two operands that both come from h
+    included) is one diagonal group of 6 columns (its entries) beside cross-entropy's; exact."""
+    act = REGIONS[name]
+    torch.manual_seed(11)
+    p = {"a": torch.randn(4, 6, dtype=DT), "b": torch.randn(6, 3, dtype=DT)}
+    f = lambda q, x, y: F.cross_entropy(act(x @ q["a"]) @ q["b"], y)
+    x, y = torch.randn(5, 4, dtype=DT), torch.randint(0, 3, (5,))
+    names = list(p)
+    g = lambda ls: f(dict(zip(names, ls)), x, y)
+    diag, r = engine_diagonal(g, list(p.values()), [x, y])
+    tape = record(g, list(p.values()), adjoints=sweep._recorded_adjoints)
+    groups = sweep._groups(sweep._plan(tape, tape.values, [x, y], 5), tape.extra, 5, 1e-14)
+    h = tape.nodes[0].outputs[0]  # x @ a: the region's source
+    assert (groups[0].value, groups[0].count) == (h, 6) and len(groups) == 2  # + log-softmax
+    assert r == sum(gr.count for gr in groups)
+    ref = _dense_diag(f, p, x, y)
+    for k, d in zip(names, diag):
+        torch.testing.assert_close(d, ref[k], rtol=1e-9, atol=1e-12)
+
+
+def test_pointwise_region_with_escaping_value_exact() -> None:
+    """An intermediate of the chain used outside it (t = tanh(h) feeds the product and the head):
+    no single region, each op takes its own group (the product a dense local Hessian); exact."""
+    torch.manual_seed(12)
+    p = {"a": torch.randn(4, 6, dtype=DT), "b": torch.randn(6, 3, dtype=DT), "c": torch.randn(6, 3, dtype=DT)}
+
+    def f(q: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        h = x @ q["a"]
+        t = torch.tanh(h)
+        return F.cross_entropy((h * t) @ q["b"] + t @ q["c"], y)
+
+    _check_sweep(f, p, torch.randn(5, 4, dtype=DT), torch.randint(0, 3, (5,)))
+
+
+def test_pointwise_region_on_a_leaf_and_unused_entries_exact() -> None:
+    """A region on a parameter leaf (a regularizer w·sigmoid(w)) and a region whose output is
+    only partly used (zero adjoints on the rest): exact."""
+    torch.manual_seed(13)
+    p = {"a": torch.randn(4, 6, dtype=DT), "b": torch.randn(3, 3, dtype=DT)}
+
+    def f(q: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        h = _gelu_new(x @ q["a"])[:, :3]
+        return F.cross_entropy(h @ q["b"], y) + (q["b"] * torch.sigmoid(q["b"])).sum()
+
+    _check_sweep(f, p, torch.randn(5, 4, dtype=DT), torch.randint(0, 3, (5,)))
+
+
+def test_pointwise_region_curvature_propagation_unbiased() -> None:
+    """Curvature propagation mixes the region's diagonal columns: mean within 5 standard errors."""
+    torch.manual_seed(14)
+    p = {"a": torch.randn(4, 6, dtype=DT), "b": torch.randn(6, 3, dtype=DT)}
+    f = lambda q, x, y: F.cross_entropy(_gelu_new(x @ q["a"]) @ q["b"], y)
+    x, y = torch.randn(5, 4, dtype=DT), torch.randint(0, 3, (5,))
+    fn = secorder.hessian_diagonal(f, num_probes=300, method="curvature_propagation", with_stderr=True)
+    mean, err = fn(p, x, y, generator=torch.Generator().manual_seed(0))
+    ref = _dense_diag(f, p, x, y)
+    for k in p:
+        assert bool(((mean[k] - ref[k]).abs() <= 5 * err[k] + 1e-12).all()), k
+
+
+class _MHAHead(nn.Module):
+    def __init__(self, need_weights: bool) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.head = nn.Linear(4, 3)
+        self.need_weights = need_weights
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.attn(x, x, x, need_weights=self.need_weights)[0].mean(1))
+
+
+@pytest.mark.parametrize("need_weights", [False, True], ids=["sdpa", "weights"])
+def test_multihead_attention_per_sample_columns_exact(
+    need_weights: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """nn.MultiheadAttention recorded samples-first (secorder._kernels): its products are
+    per-sample bilinear groups, so a dense local Hessian limit far below the batch's entries
+    per product (8 here) is never reached; exact."""
+    monkeypatch.setattr(sweep, "MAX_LOCAL", 8)
+    torch.manual_seed(15)
+    model = _MHAHead(need_weights).to(DT).eval()
+    x, y = torch.randn(4, 3, 4, dtype=DT), torch.randint(0, 3, (4,))
+    with sdpa_kernel(SDPBackend.MATH):  # the dense reference's double backward needs the math kernel
+        _check_sweep(_ce(model), _params(model), x, y)
+
+
+def test_tied_head_per_sample_rows_exact() -> None:
+    """per_sample=True through the tied head's cross columns: row n is diag ∇² of sample n's
+    term (its parameter-only part goes into sample n's fallback gradients only)."""
+    torch.manual_seed(16)
+    p = {"emb": torch.randn(6, 3, dtype=DT), "w1": torch.randn(3, 3, dtype=DT)}
+
+    def lm(q: dict[str, Tensor], ids: Tensor, y: Tensor) -> Tensor:
+        h = torch.tanh(F.embedding(ids, q["emb"]) @ q["w1"])
+        return F.cross_entropy(F.linear(h, q["emb"]).transpose(1, 2), y, reduction="sum")
+
+    ids, y = torch.randint(0, 6, (3, 4)), torch.randint(0, 6, (3, 4))
+    rows = secorder.hessian_diagonal(lm, per_sample=True)(p, ids, y)
+    for i in range(3):
+        ref = _dense_diag(lm, p, ids[i : i + 1], y[i : i + 1])
+        for k in p:
+            torch.testing.assert_close(rows[k][i], ref[k], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["per_sample", "parameter_only"])
+def test_elementwise_product_of_two_sources_exact(batched: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """silu(h W₁) ⊙ (h W₂) (SwiGLU; both operands share the leaves behind h) and a product of
+    two parameter-only values sharing w0: two closed-form columns per entry (a dense local
+    Hessian, limited to 4 entries here, would be refused); exact."""
+    monkeypatch.setattr(sweep, "MAX_LOCAL", 4)
+    torch.manual_seed(17)
+    p = {
+        "w0": torch.randn(4, 4, dtype=DT),
+        "w1": torch.randn(4, 6, dtype=DT),
+        "w2": torch.randn(4, 6, dtype=DT),
+        "w3": torch.randn(6, 3, dtype=DT),
+    }
+
+    def f(q: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        if batched:
+            h = torch.tanh(x @ q["w0"])
+            return F.cross_entropy((F.silu(h @ q["w1"]) * (h @ q["w2"])) @ q["w3"], y)
+        gate = torch.tanh(q["w0"] @ q["w1"]) * (q["w0"] @ q["w2"])  # (4, 6), the same for every sample
+        return F.cross_entropy(torch.tanh(x @ gate) @ q["w3"], y)
+
+    _check_sweep(f, p, torch.randn(5, 4, dtype=DT), torch.randint(0, 3, (5,)))
+
+
+def test_elementwise_product_curvature_propagation_unbiased() -> None:
+    """Curvature propagation mixes the product's columns: within 5 standard errors."""
+    torch.manual_seed(18)
+    p = {
+        "w0": torch.randn(4, 4, dtype=DT),
+        "w1": torch.randn(4, 6, dtype=DT),
+        "w2": torch.randn(4, 6, dtype=DT),
+        "w3": torch.randn(6, 3, dtype=DT),
+    }
+
+    def f(q: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        h = torch.tanh(x @ q["w0"])
+        return F.cross_entropy((F.silu(h @ q["w1"]) * (h @ q["w2"])) @ q["w3"], y)
+
+    x, y = torch.randn(5, 4, dtype=DT), torch.randint(0, 3, (5,))
+    fn = secorder.hessian_diagonal(f, num_probes=300, method="curvature_propagation", with_stderr=True)
+    mean, err = fn(p, x, y, generator=torch.Generator().manual_seed(0))
+    ref = _dense_diag(f, p, x, y)
+    for k in p:
+        assert bool(((mean[k] - ref[k]).abs() <= 5 * err[k] + 1e-12).all()), k
+
+
+def test_elementwise_product_with_a_parameter_only_operand_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    """r ⊙ (h₀ W + b) with h₀ a constant (the GRU's first step): a per-sample value times a
+    parameter-only one sharing its leaves; the parameter-only part of each column goes to the
+    per-leaf fallback per sample (a dense local Hessian, limited to 4 entries, is not used)."""
+    monkeypatch.setattr(sweep, "MAX_LOCAL", 4)
+    torch.manual_seed(19)
+    p = {"w": torch.randn(4, 4, dtype=DT), "b": torch.randn(4, dtype=DT), "v": torch.randn(4, 3, dtype=DT)}
+
+    def f(q: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        h0 = torch.full((x.shape[0], 4), 0.5, dtype=x.dtype)  # the same for every sample
+        r = torch.sigmoid(x @ q["w"] + q["b"])
+        return F.cross_entropy((r * (h0 @ q["w"] + q["b"])) @ q["v"], y)
+
+    _check_sweep(f, p, torch.randn(5, 4, dtype=DT), torch.randint(0, 3, (5,)))

@@ -70,3 +70,41 @@ def test_overflowing_sum_of_finite_entries_is_not_refused() -> None:
     check_finite_tree("f(x)", "x", {"a": big, "b": torch.ones(2)})
     with pytest.raises(ValueError, match=r"x must be finite.*1 NaN.*at x\['b'\]"):
         check_finite_tree("f(x)", "x", {"a": big, "b": torch.tensor([0.0, float("nan")])})
+
+
+MHA_CALLS = {
+    "self": lambda x, y: ((x, x, x), {}),
+    "cross_k_is_v": lambda x, y: ((x, y, y), {}),
+    "cross_separate": lambda x, y: ((x, y, y.clone()), {}),
+    "key_padding_mask": lambda x, y: (
+        (x, x, x),
+        {"key_padding_mask": torch.tensor([[False] * 4 + [True]] * 3)},
+    ),
+    "causal_mask": lambda x, y: ((x, x, x), {"attn_mask": torch.ones(5, 5).triu(1).bool()}),
+    "need_weights": lambda x, y: ((x, x, x), {"need_weights": True}),
+    "per_head_weights": lambda x, y: ((x, y, y), {"need_weights": True, "average_attn_weights": False}),
+}
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("call", list(MHA_CALLS))
+def test_multihead_attention_samples_first_is_the_same_function(call: str, bias: bool) -> None:
+    """nn.MultiheadAttention(batch_first=True) under decomposed_kernels (the samples-first form
+    where it applies, the original otherwise) equals the plain module, values and gradients."""
+    torch.manual_seed(0)
+    m = torch.nn.MultiheadAttention(8, 2, batch_first=True, bias=bias).double()
+    x, y = torch.randn(3, 5, 8, dtype=torch.float64), torch.randn(3, 4, 8, dtype=torch.float64)
+    args, kw = MHA_CALLS[call](x, y)
+    kw.setdefault("need_weights", False)
+
+    def run() -> tuple[torch.Tensor, ...]:
+        out, weights = m(*args, **kw)
+        loss = out.pow(2).sum() + (0 if weights is None else weights.pow(2).sum())
+        extra = () if weights is None else (weights,)
+        return (out, *extra, *torch.autograd.grad(loss, list(m.parameters())))
+
+    ref = run()
+    with decomposed_kernels():
+        got = run()
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)

@@ -3,8 +3,9 @@ float64 Hessian diagonals.
 
 Models with LayerNorm, attention and affine eval-mode BatchNorm go through
 module_hessian_diagonal(method="sweep"/"auto"/"curvature_propagation") (thin wrappers over
-hessian_diagonal of the plain function); tied weights, which the engine refuses, through one-hot
-HVPs with the reason (method="auto") or an error naming it; single ops through
+hessian_diagonal of the plain function); a weight tied on the left of a product, which the
+engine refuses, through one-hot HVPs with the reason (method="auto") or an error naming it; single
+ops through
 secorder._engine.sweep directly.
 """
 
@@ -78,6 +79,19 @@ class Tied(nn.Module):
         return (h.mean(1) @ self.emb.weight.T).contiguous()  # (N, 5) logits by the tied table
 
 
+class TiedLeft(nn.Module):
+    """A weight on the parameter side AND the left of a product with data it computed (W h(W)ᵀ):
+    no curvature rule covers that layout yet."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mix = nn.Linear(3, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.mix(x))  # (N, 3)
+        return (self.mix.weight[:2] @ h.T).T  # (N, 2)
+
+
 class LayerNormSeq(nn.Module):
     """A Linear shared over positions, LayerNorm with affine params, ReLU and a residual."""
 
@@ -133,6 +147,7 @@ def _model(name: str) -> nn.Module:
         "attention": Attention,
         "batchnorm": BatchNormNet,
         "tied": Tied,
+        "tied_left": TiedLeft,
         "layernorm_seq": LayerNormSeq,
     }[name]().double()
     if name == "batchnorm":
@@ -152,13 +167,15 @@ CASES = [
     ("batchnorm", "cross_entropy", "sum"),
     ("tied", "cross_entropy", "mean"),
     ("tied", "bce_with_logits", "sum"),
+    ("tied_left", "cross_entropy", "mean"),
     ("layernorm_seq", "mse", "mean"),
     ("layernorm_seq", "cross_entropy", "mean"),
 ]
 
 
 # models the engine refuses today (no rule yet), with the reason it gives
-REFUSED = {"tied": "no curvature rule yet for aten.mm"}  # h @ W @ Wᵀ: W on both sides
+# (tied weights on the right of a product, h(W) @ W and h @ Wᵀ, take closed-form cross columns)
+REFUSED = {"tied_left": "no curvature rule yet for aten.mm"}  # W @ h(W)ᵀ: W on the left
 
 
 @pytest.mark.parametrize(("name", "loss", "reduction"), CASES)

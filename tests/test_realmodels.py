@@ -40,20 +40,9 @@ MODELS = [
     if n != "resnet_train"
 ]
 
-# models the structured sweep refuses today, each for a named reason (parameters reaching the data
-# through non-view ops or at two interfaces, head reshapes that interleave samples): exact="sweep"
-# raises saying so, exact="auto" takes one-hot HVPs
-SWEEP_REFUSED = {
-    "gpt2",
-    "gpt2_eager",
-    "rnn",
-    "lstm",
-    "gru",
-    "vit",
-}
-
-# the sweep serves these by per-leaf VJPs, whose squares curvature propagation cannot yet keep per probe
-CP_REFUSED = {"bert", "bert_eager"}
+# models the structured sweep refuses today, each for a named reason: exact="sweep" raises saying
+# so, exact="auto" takes one-hot HVPs (none at present)
+SWEEP_REFUSED: set[str] = set()
 
 
 def _flat_loss(case):  # the reference function of a flat parameter vector
@@ -227,7 +216,7 @@ def test_curvature_propagation_unbiased(name: str) -> None:
     fn = secorder.module_hessian_diagonal(
         case.model, case.loss, method="curvature_propagation", num_probes=200, with_stderr=True
     )
-    if name in SWEEP_REFUSED | CP_REFUSED:  # it mixes the sweep's columns: refused alike
+    if name in SWEEP_REFUSED:  # it mixes the sweep's columns: refused alike
         with pytest.raises(secorder.SecorderError, match=r"the structured sweep refused: .*method='hvp'"):
             fn(params, case.inputs, case.targets, generator=torch.Generator().manual_seed(5))
         _unchanged(case, before)

@@ -236,6 +236,8 @@ def _batch_rule(
         dim = int(_arg(node, 1, "dim", 0) if name == "unbind" else _arg(node, 2, "dim", 0)) % nd
         if dim == d:
             raise _RefuseError("splits the sample axis")
+        if name == "unbind" and dim < d:  # unbind drops the dimension it splits
+            d -= 1
         return [(d, g)] * nout
     if kind == "cat":
         dim = int(_arg(node, 1, "dim", 0))

@@ -298,6 +298,19 @@ def _resolve_env(obj: Any, env: dict[int, Any], values: Sequence[Any]) -> Any:
     return obj
 
 
+def column_grads(
+    pull: Any, fb: Fallback, values: Sequence[Any], grads: dict[int, Tensor], k: int, n: int
+) -> list[tuple[int, Tensor]]:
+    """The per-sample gradients (k, N, *leaf.shape) of every fallback leaf, per column: the
+    meeting gradients ``grads`` pulled back through the parameter-only sub-program."""
+    cot = tuple(
+        grads[v].flatten(0, 1) if v in grads else values[v].new_zeros(k * n, *values[v].shape)
+        for v in fb.values_
+    )
+    gs = vmap(pull)(cot)
+    return [(leaf, g.unflatten(0, (k, n))) for leaf, g in zip(fb.leaves, gs)]
+
+
 def squares(
     pull: Any,
     fb: Fallback,
@@ -309,15 +322,9 @@ def squares(
 ) -> list[tuple[int, Tensor]]:
     """Σ_c σ_{c,n} w_c (J_uᵀ G_{c,n})^⊙2 per fallback leaf (rows (N, ...) with ``per_sample``)."""
     k, n = signs.shape
-    cot = tuple(
-        grads[v].flatten(0, 1) if v in grads else values[v].new_zeros(k * n, *values[v].shape)
-        for v in fb.values_
-    )
-    gs = vmap(pull)(cot)
     w = signs if weights is None else signs * weights[:, None]
     out = []
-    for leaf, g in zip(fb.leaves, gs):
-        g = g.unflatten(0, (k, n))
+    for leaf, g in column_grads(pull, fb, values, grads, k, n):
         ww = w.to(g.dtype)
         sq = (
             torch.einsum("kn,kn...->n...", ww, g * g)

@@ -22,6 +22,14 @@ Columns, one *group* per op with curvature (``R`` = columns per sample, summed o
 * ``bmm`` of two parameter-dependent operands (attention): closed-form SVD columns
   (:class:`_BilinearGroup`), split per inner index over the live rows where the left operand
   is a softmax with exact zeros (a causal mask: :func:`_dead_entries`);
+* a *pointwise region*, elementwise ops computing one value from one parameter-dependent value
+  x (hand-written activations such as GPT-2's ``gelu_new``, products of two operands of x
+  included): one diagonal group m = ḡ ⊙ φ''(x) (:func:`_pointwise_regions`);
+* an elementwise product a ⊙ b of two different parameter-dependent values (SwiGLU): two
+  closed-form columns per entry (:class:`_ProductGroup`);
+* ``mm``/``addmm`` of a batched operand and a parameter-only one sharing its leaves (a tied LM
+  head): closed-form cross columns whose parameter-only part is a per-sample gradient for the
+  per-leaf fallback (:class:`_CrossGroup`);
 * any other op: the dense local Hessian per sample over its parameter-dependent inputs
   (:func:`_dense_group`, at most ``MAX_LOCAL`` entries per sample).
 
@@ -40,7 +48,8 @@ through row-local ops and compressed per row where every path meets one value
 
 Curvature propagation (:func:`engine_cp_diagonal`) mixes the same columns by random signs into
 two cotangents per probe and sample, walked back in one batch per block of probes, for an
-unbiased estimate with per-entry standard errors.
+unbiased estimate with per-entry standard errors (the squares of interfaces and of the per-leaf
+fallback kept per probe).
 
 Refused (:class:`EngineUnsupportedError`, the caller falls back to one-hot HVPs): a tape that
 cannot be replayed faithfully, an op that mixes samples (:class:`~secorder._engine.batch.BatchAxisError`),
@@ -288,7 +297,14 @@ def _plan(
 def _groups(plan: _Plan, adj: dict[int, Tensor], n: int, tol_scale: float) -> list[Any]:
     tape, values, tags = plan.tape, plan.values, plan.batch.tags
     groups: list[Any] = []
+    regions, inside = _pointwise_regions(plan)
     for i, node in enumerate(tape.nodes):
+        if i in inside:
+            if i in regions:
+                group = _region_group(plan, regions[i], adj, n, tol_scale)
+                if group is not None:
+                    groups.append(group)
+            continue
         outs = [o for o in node.outputs if o is not None and o in adj]
         if not outs:
             continue
@@ -317,6 +333,13 @@ def _groups(plan: _Plan, adj: dict[int, Tensor], n: int, tol_scale: float) -> li
             and tags[found[0][1].index][0] == 0
         ):
             groups.append(_bilinear_group(plan, i, found, outs[0], adj, n, tol_scale))
+            continue
+        cross = _cross_operands(plan, i, found, outs)
+        if cross is not None:
+            groups.append(_cross_group(plan, i, cross, outs[0], adj, n, tol_scale))
+            continue
+        if _elementwise_product(plan, node, found, outs):
+            groups.append(_product_group(plan, found, outs[0], adj, n, tol_scale))
             continue
         if len(found) != 1:
             groups.append(_dense_group(plan, i, found, outs, adj, n, tol_scale))
@@ -375,6 +398,212 @@ def _groups(plan: _Plan, adj: dict[int, Tensor], n: int, tol_scale: float) -> li
             continue
         groups.append(_dense_group(plan, i, found, outs, adj, n, tol_scale))
     return groups
+
+
+# ---- pointwise regions (issue 13): a chain of elementwise ops of one source as one diagonal group ----
+# Hand-written activations (GPT-2's gelu_new 0.5·x·(1 + tanh(c(x + 0.044715x³))), x·sigmoid(x))
+# are several pointwise ops of ONE parameter-dependent value x, some of them products of two
+# operands that both depend on x. Each op alone would need a group (the product a dense local
+# Hessian over 2·(entries per sample), refused past MAX_LOCAL); together they are one function
+# y = φ(x) acting on every entry separately, so the local Hessian of ⟨ḡ, φ(x)⟩ is diagonal,
+# m = ḡ ⊙ φ''(x): one double backward of the region with a ones tangent, one column per entry.
+
+
+@dataclass
+class _Region:
+    """Pointwise nodes (tape order) computing the value ``sink`` from the one value ``source``."""
+
+    source: int
+    sink: int
+    nodes: list[int]
+
+
+def _pointwise_regions(plan: _Plan) -> tuple[dict[int, _Region], set[int]]:
+    """Maximal pointwise regions: every node pointwise with one floating output of the shape,
+    dtype and batch tag of its parameter-dependent floating arguments, all of which trace back
+    through such nodes to one source value; the region's values are used only inside it except
+    one (the sink, its last value outside). Only regions of two or more nodes with some curvature
+    are kept. Returns {index of the region's last node: region} and every node of a region."""
+    tape, values, tags = plan.tape, plan.values, plan.batch.tags
+    src: dict[int, int] = {}  # value → its region's source
+    members: dict[int, list[int]] = {}  # source → nodes
+    for i, node in enumerate(tape.nodes):
+        if node.multi or len(node.outputs) != 1 or node.outputs[0] is None:
+            continue
+        o = node.outputs[0]
+        y = values[o]
+        if not tape.depends[o] or not _floating(y) or torch.Tag.pointwise not in node.func.tags:
+            continue
+        dep = [r.index for _, r in node.arg_paths() if tape.depends[r.index] and _floating(values[r.index])]
+        if not dep or any(
+            tuple(values[v].shape) != tuple(y.shape) or values[v].dtype != y.dtype or tags[v] != tags[o]
+            for v in dep
+        ):
+            continue
+        sources = {src.get(v, v) for v in dep}
+        if len(sources) != 1:
+            continue
+        s = sources.pop()
+        src[o] = s
+        members.setdefault(s, []).append(i)
+    consumers: dict[int, set[int]] = {}  # consumers that pass an adjoint back (not ``detach``)
+    for i, node in enumerate(tape.nodes):
+        if not any(o is not None and tape.depends[o] and _floating(values[o]) for o in node.outputs):
+            continue
+        for _, r in node.arg_paths():
+            consumers.setdefault(r.index, set()).add(i)
+    out = tape.output.index if tape.output is not None else -1
+    regions: dict[int, _Region] = {}
+    inside: set[int] = set()
+    wanted = set(_wanted(tape, values))  # values with an adjoint (missing there: exactly zero)
+    for s, nodes in members.items():
+        if len(nodes) < 2 or all(rule(tape.nodes[j].func).curvature_free for j in nodes):
+            continue
+        mine = set(nodes)
+        escaping = [
+            int(tape.nodes[j].outputs[0] or 0)
+            for j in nodes
+            if int(tape.nodes[j].outputs[0] or 0) == out
+            or consumers.get(int(tape.nodes[j].outputs[0] or 0), set()) - mine
+        ]
+        if len(escaping) != 1 or escaping[0] != tape.nodes[nodes[-1]].outputs[0] or escaping[0] not in wanted:
+            continue  # several values leave the region (or no adjoint kept): the ops take their own groups
+        regions[nodes[-1]] = _Region(s, escaping[0], nodes)
+        inside |= mine
+    return regions, inside
+
+
+def _region_group(plan: _Plan, region: _Region, adj: dict[int, Tensor], n: int, tol: float) -> _Group | None:
+    """The diagonal group m = ḡ ⊙ φ''(x) of a pointwise region y = φ(x) (None: its adjoint is
+    zero, the sink being one of the :func:`_wanted` values)."""
+    tape, values, tags = plan.tape, plan.values, plan.batch.tags
+    if region.sink not in adj:
+        return None
+
+    def phi(x: Tensor) -> Tensor:
+        env = {region.source: x}
+        for j in region.nodes:
+            node = tape.nodes[j]
+            ak: Any = (node.args, node.kwargs)
+            for p, r in node.arg_paths():
+                if r.index in env:
+                    ak = replace_at(ak, p, env[r.index])
+            a, k = resolve(ak, values)
+            env[int(node.outputs[0] or 0)] = node.func(*a, **k)
+        return env[region.sink]
+
+    u = values[region.source]
+    gbar = adj[region.sink].to(u.dtype)
+    with torch.enable_grad():
+        x = u.detach().requires_grad_(True)
+        (gr,) = torch.autograd.grad(phi(x), x, gbar, create_graph=True)
+        m = (
+            torch.autograd.grad(gr, x, torch.ones_like(gr), allow_unused=True)[0]
+            if gr.requires_grad
+            else None
+        )
+    if m is None:
+        return None
+    # ⟨ḡ, φ(x)⟩ has exactly zero curvature where ḡ is zero (autograd could give 0·∞ = NaN there)
+    m = torch.where(gbar == 0, torch.zeros_like(m), m.detach())
+    if not bool(torch.isfinite(m).all()):
+        where = f"tape position {region.nodes[-1]}"
+        raise EngineUnsupportedError(
+            f"the local Hessian of the pointwise region ending at {where} is not finite"
+        )
+    tag = tags[region.source]
+    lay = _layout(tuple(u.shape), tag, n, None)
+    return _group_from_local(region.source, tag, lay, lay.to_major(m).reshape(lay.n, -1, 1), None, tol)
+
+
+@dataclass
+class _ProductGroup:
+    """Closed-form columns of ⟨ḡ, a ⊙ b⟩ for two parameter-dependent operands of one shape and
+    batch tag (SwiGLU's silu(x W₁) ⊙ x W₂): per entry i the local Hessian over (a_i, b_i) is
+    [[0, ḡ_i], [ḡ_i, 0]], eigenvalues ±ḡ_i with eigenvectors (1, ±1)/√2, so two columns per
+    entry, √(|ḡ_i|/2)(e_i, ±e_i) with signs ±sign(ḡ_i): R = 2 · entries per sample, no dense
+    local Hessian, no ``eigh``."""
+
+    values_: tuple[int, int]
+    tag: Tag
+    layout: _Layout
+    scale: Tensor  # (N, T): √(|ḡ|/2) per sample and entry
+    sign: Tensor  # (N, T): sign of ḡ (+1 where zero)
+    keep: list[tuple[int, int]]  # (entry, ±1)
+    per_sample_b: bool = False  # b parameter-only (a fallback meeting): its part per sample
+
+    @property
+    def count(self) -> int:
+        return len(self.keep)
+
+    def get(self, c0: int, c1: int) -> tuple[dict[int, Tensor], Tensor]:
+        sel = self.keep[c0:c1]
+        k = len(sel)
+        dev = self.scale.device
+        ts = torch.tensor([t for t, _ in sel], device=dev)
+        pm = torch.tensor([float(q) for _, q in sel], device=dev, dtype=self.scale.dtype)
+        lay = self.layout
+        cols = self.scale.new_zeros(k, lay.n, lay.t, lay.c)
+        cols[torch.arange(k, device=dev), :, ts, 0] = self.scale[:, ts].T
+        a = lay.from_major(cols)
+        if self.per_sample_b:  # (k, N, *b.shape): column c of sample n in sample n's slice only
+            ar = torch.arange(lay.n, device=dev)
+            own = cols.new_zeros(k, lay.n, lay.n, lay.t, lay.c)
+            own[:, ar, ar] = cols
+            b = lay.from_major(own.reshape(k * lay.n, lay.n, lay.t, lay.c)).reshape(k, lay.n, *a.shape[1:])
+        else:
+            b = a
+        b = b * pm.reshape(k, *[1] * (b.dim() - 1))
+        return {self.values_[0]: a, self.values_[1]: b}, self.sign[:, ts].T * pm[:, None]
+
+
+def _elementwise_product(plan: _Plan, node: TapeNode, found: list[tuple[Any, Ref]], outs: list[int]) -> bool:
+    """``mul.Tensor(a, b)`` of two different parameter-dependent values of the output's shape
+    and dtype (no broadcasting: entry i of the output is a_i b_i), both of its batch tag, or
+    one parameter-only and a meeting argument of the per-leaf fallback (the GRU's first step)."""
+    if node.func is not aten.mul.Tensor or node.kwargs or outs != [node.outputs[0]]:
+        return False
+    if [p for p, _ in found] != [(0, 0), (0, 1)] or found[0][1] == found[1][1]:
+        return False
+    values, tags = plan.values, plan.batch.tags
+    y = values[outs[0]]
+    if not all(
+        tuple(values[r.index].shape) == tuple(y.shape) and values[r.index].dtype == y.dtype for _, r in found
+    ):
+        return False
+    out_tag = tags[outs[0]]
+    same = [(p, r) for p, r in found if tags[r.index] is SAME and out_tag is not SAME]
+    if not same:
+        return all(tags[r.index] == out_tag for _, r in found)
+    (p, r), (_, other) = same[0], next(pr for pr in found if pr[0] != same[0][0])
+    return (
+        tags[other.index] == out_tag
+        and r.index in plan.fallback.values_
+        and p in plan.fallback.meetings.get(plan.producer[outs[0]], [])
+    )
+
+
+def _product_group(
+    plan: _Plan, found: list[tuple[Any, Ref]], out: int, adj: dict[int, Tensor], n: int, tol: float
+) -> _ProductGroup:
+    values, tags = plan.values, plan.batch.tags
+    found = sorted(found, key=lambda pr: tags[pr[1].index] is SAME)  # the batched operand first
+    (_, ra), (_, rb) = found
+    u = values[ra.index]
+    tag = tags[ra.index]
+    lay = _layout(tuple(u.shape), tag, n, None)
+    g = lay.to_major(adj[out].to(u.dtype)).reshape(lay.n, -1)  # (N, T)
+    mag = g.abs()
+    cut = tol * float(mag.max()) if mag.numel() else 0.0
+    scale = torch.where(mag > cut, (mag / 2).sqrt(), torch.zeros_like(mag))
+    sign = torch.where(g < 0, -torch.ones_like(g), torch.ones_like(g))
+    alive = (mag > cut).any(0).nonzero().flatten().tolist()
+    keep = [(t, q) for q in (1, -1) for t in alive]
+    per_sample_b = tags[rb.index] is SAME and tag is not SAME
+    return _ProductGroup((ra.index, rb.index), tag, lay, scale, sign, keep, per_sample_b)
+
+
+# ---- end of pointwise regions ----
 
 
 def _eval_batch_norm(node: TapeNode) -> bool:
@@ -525,6 +754,95 @@ def _bilinear_group(
         _pair_cancels(plan, ra.index, rb.index),
         dead is not None,
     )
+
+
+@dataclass
+class _CrossGroup:
+    """Closed-form columns of ⟨ḡ, A Ḃ⟩ + ⟨ḡ, Ȧ B⟩'s cross term for a Linear-like product A B of a
+    batched operand A (g rows per sample) and a parameter-only operand B that shares leaves with
+    A (a tied LM head, out = h Wᵀ with W the token embedding): per sample, ḡ_n = Σ_r s_r u_r v_rᵀ
+    by SVD, ⟨ḡ_n, Ȧ_n Ḃ⟩ = Σ_r s_r Σ_j (u_rᵀ Ȧ_n)_j (Ḃ v_r)_j, columns (u_r e_jᵀ at A_n,
+    ±e_j v_rᵀ at B for sample n) with weights ±s_r/2: R = 2 · rank · K per sample. The B part of
+    a column differs per sample: it is a per-sample gradient at B, a meeting argument of the
+    per-leaf fallback (:mod:`secorder._engine.leafvjp`), which adds it to the per-sample
+    gradients of B's leaves before squaring (the value ``bv`` of :meth:`get` holds it as
+    (k, N, *B.shape))."""
+
+    values_: tuple[int, int]  # (A, B)
+    tag: Tag
+    u: Tensor  # (N, g, r)
+    s: Tensor  # (N, r)
+    v: Tensor  # (N, V, r)
+    inner: int  # K
+    keep: list[tuple[int, int, int]]  # (r, j, ±1)
+
+    @property
+    def count(self) -> int:
+        return len(self.keep)
+
+    def get(self, c0: int, c1: int) -> tuple[dict[int, Tensor], Tensor]:
+        sel = self.keep[c0:c1]
+        k = len(sel)
+        dev = self.s.device
+        rs = torch.tensor([r for r, _, _ in sel], device=dev)
+        js = torch.tensor([j for _, j, _ in sel], device=dev)
+        pm = torch.tensor([float(q) for _, _, q in sel], device=dev, dtype=self.s.dtype)
+        n, g, _ = self.u.shape
+        root = (self.s[:, rs] / 2).sqrt().T  # (k, N)
+        ar = torch.arange(k, device=dev)
+        a = self.s.new_zeros(k, n, g, self.inner)
+        b = self.s.new_zeros(k, n, self.inner, self.v.shape[1])
+        a[ar, :, :, js] = root[:, :, None] * self.u[:, :, rs].permute(2, 0, 1)  # (k, N, g)
+        b[ar, :, js, :] = (pm[:, None] * root)[:, :, None] * self.v[:, :, rs].permute(2, 0, 1)
+        av, bv = self.values_
+        return {av: a.reshape(k, n * g, self.inner), bv: b}, pm[:, None].expand(k, n)
+
+
+def _cross_operands(
+    plan: _Plan, i: int, found: list[tuple[Any, Ref]], outs: list[int]
+) -> tuple[Ref, Ref] | None:
+    """(A, B) for ``mm(A, B)``/``addmm(c, A, B)`` with A batched (2-D, samples along rows),
+    B parameter-only and a meeting argument of the per-leaf fallback (shared leaves), the bias
+    (if parameter-dependent) parameter-only; None otherwise."""
+    node = plan.tape.nodes[i]
+    tags = plan.batch.tags
+    if node.func not in (aten.mm.default, aten.addmm.default) or node.kwargs or outs != [node.outputs[0]]:
+        return None
+    off = 1 if node.func is aten.addmm.default else 0
+    at = {p: r for p, r in found}
+    a, b = at.get((0, off)), at.get((0, off + 1))
+    if a is None or b is None or set(at) - {(0, 0), (0, off), (0, off + 1)}:
+        return None
+    if off and (0, 0) in at and tags[at[(0, 0)].index] is not SAME:
+        return None
+    ta = tags[a.index]
+    if (
+        not isinstance(ta, tuple)
+        or ta[0] != 0
+        or plan.values[a.index].dim() != 2
+        or tags[b.index] is not SAME
+    ):
+        return None
+    if b.index not in plan.fallback.values_ or (0, off + 1) not in plan.fallback.meetings.get(i, []):
+        return None
+    return a, b
+
+
+def _cross_group(
+    plan: _Plan, i: int, ab: tuple[Ref, Ref], out: int, adj: dict[int, Tensor], n: int, tol: float
+) -> _CrossGroup:
+    values, tags = plan.values, plan.batch.tags
+    ra, rb = ab
+    a = values[ra.index]
+    g = int(a.shape[0]) // n
+    gbar = adj[out].to(values[out].dtype).reshape(n, g, -1)  # (N, g, V)
+    u, s, vh = torch.linalg.svd(gbar, full_matrices=False)
+    cut = tol * float(s.max()) if s.numel() else 0.0
+    s = torch.where(s > cut, s, torch.zeros_like(s))
+    alive = (s > 0).any(0).nonzero().flatten().tolist()
+    inner = int(a.shape[1])
+    keep = [(r, j, sg) for sg in (1, -1) for r in alive for j in range(inner)]
+    return _CrossGroup((ra.index, rb.index), tags[ra.index], u, s, vh.transpose(-1, -2), inner, keep)
 
 
 _CHAIN_VIEWS = _VIEWS | frozenset({aten.split.Tensor, aten.split_with_sizes.default, aten.expand.default})
@@ -1143,6 +1461,9 @@ class _Walker:
         k = next(iter(cot.values())).shape[0]
         same = group.tag is SAME
         fb_grads: dict[int, Tensor] = {}  # per-sample gradients at the fallback meetings (leafvjp)
+        if not same:  # a column's part at a parameter-only meeting argument (:class:`_CrossGroup`)
+            for v in [v for v in cot if tags[v] is SAME]:
+                fb_grads[v] = cot.pop(v)
         start = max(plan.producer.get(v, -1) for v in cot)
         for i in range(start, -1, -1):
             node = tape.nodes[i]
@@ -1222,10 +1543,7 @@ class _Walker:
         if fb_grads:  # per-sample gradients of the fallback leaves: summed over meetings, then squared
             if self.fb_pull is None:
                 self.fb_pull = leafvjp.leaf_pullback(plan.fallback, tape, values, self.leaves)
-            for leaf, sq in leafvjp.squares(
-                self.fb_pull, plan.fallback, values, fb_grads, signs, weights, self.per_sample
-            ):
-                self._add(leaf, sq.to(self.leaves[leaf].dtype))
+            self._fallback_squares(fb_grads, signs, weights)
         if same:
             if self.per_sample:
                 raise EngineUnsupportedError(_PARAMETER_ONLY)
@@ -1236,6 +1554,14 @@ class _Walker:
                     self._add(leaf, torch.einsum("k,k...->...", w.to(g.dtype), g * g))
         elif any(idx < tape.num_leaves for idx in cot):  # pragma: no cover - interfaces cover leaves
             raise EngineUnsupportedError("a per-sample column reached a parameter outside an interface")
+
+    def _fallback_squares(self, fb_grads: dict[int, Tensor], signs: Tensor, weights: Tensor | None) -> None:
+        """Square and add the chunk's per-sample gradients of the fallback leaves (:mod:`leafvjp`)."""
+        values = self.plan.values
+        for leaf, sq in leafvjp.squares(
+            self.fb_pull, self.plan.fallback, values, fb_grads, signs, weights, self.per_sample
+        ):
+            self._add(leaf, sq.to(self.leaves[leaf].dtype))
 
     def _interface(
         self,
@@ -1664,8 +1990,8 @@ def engine_diagonal(
         >>> loss = lambda ls: torch.tanh(x @ ls[0]).pow(2).mean()
         >>> (d,), r = engine_diagonal(loss, [w], [x])
         >>> ref = torch.autograd.functional.hessian(lambda v: loss([v]), w).reshape(2, 2).diagonal()
-        >>> torch.allclose(d.flatten(), ref), r
-        (True, 2)
+        >>> torch.allclose(d.flatten(), ref), r  # tanh then square: one pointwise region
+        (True, 1)
     """
     leaves = [leaf.detach() for leaf in leaves]
     n = int(data[0].shape[0])
@@ -1855,13 +2181,21 @@ def engine_output_diagonal(
 
 def _wanted(tape: Tape, values: list[Any]) -> list[int]:
     """The values whose adjoints the columns need: floating, parameter-dependent op outputs of
-    ops with curvature."""
-    return [
-        o
-        for node in tape.nodes
-        for o in node.outputs
-        if o is not None and tape.depends[o] and _floating(values[o]) and not rule(node.func).curvature_free
-    ]
+    ops with curvature, and of curvature-free pointwise ops on such outputs of pointwise ops
+    (the last value of a pointwise region may be one, e.g. the ``+ 1`` of ``exp(tanh(h)) + 1``)."""
+    out: list[int] = []
+    pointwise: set[int] = set()  # wanted outputs of pointwise ops
+    for node in tape.nodes:
+        is_pw = torch.Tag.pointwise in node.func.tags and not node.multi
+        free = rule(node.func).curvature_free
+        if free and not (is_pw and any(r.index in pointwise for _, r in node.arg_paths())):
+            continue
+        for o in node.outputs:
+            if o is not None and tape.depends[o] and _floating(values[o]):
+                out.append(o)
+                if is_pw:
+                    pointwise.add(o)
+    return out
 
 
 def _recorded_adjoints(tape: Tape) -> dict[int, Tensor] | None:
@@ -1964,6 +2298,19 @@ class _ProbeWalker(_Walker):
             rows.append(sq)
         self.per_probe[leaf][self.offset : self.offset + k] += self._to_leaf(leaf, chain, torch.stack(rows))
 
+    def _fallback_squares(self, fb_grads: dict[int, Tensor], signs: Tensor, weights: Tensor | None) -> None:
+        """Per probe q: Σ_n (∂_θ⟨P_q⟩)_n^⊙2 − (∂_θ⟨Q_q⟩)_n^⊙2 for the fallback leaves, from the
+        per-sample gradients of every column (summed over meetings before squaring)."""
+        k2, n = signs.shape
+        k = k2 // 2
+        for leaf, g in leafvjp.column_grads(
+            self.fb_pull, self.plan.fallback, self.plan.values, fb_grads, k2, n
+        ):
+            sq = (g * g).sum(1)  # (2k, *leaf.shape)
+            self.per_probe[leaf][self.offset : self.offset + k] += (sq[:k] - sq[k:]).to(
+                self.leaves[leaf].dtype
+            )
+
 
 def engine_cp_diagonal(
     g: Callable[[list[Tensor]], Tensor],
@@ -2039,12 +2386,6 @@ def engine_cp_diagonal(
         zeros = [leaf.new_zeros(k_all, *leaf.shape) for leaf in leaves]
         return *_cp_summary(zeros), zeros, 0
     tape, values, plan = prepared
-    if plan.fallback.meetings:  # their squares are summed over the columns inside the walk
-        raise EngineUnsupportedError(
-            "curvature propagation does not yet keep per-probe squares of parameters served by "
-            "per-leaf vector-Jacobian products (tied weights, parameters reaching the data through "
-            "non-view ops)"
-        )
     adj = tape.extra if tape.extra is not None else _adjoints(tape, leaves, values)
     tol_scale = 64 * torch.finfo(leaves[0].dtype).eps
     groups = _groups(plan, adj, n, tol_scale)
@@ -2101,7 +2442,10 @@ def engine_cp_diagonal(
                 col_dict = cols if isinstance(cols, dict) else {group.value: cols}
                 vs = v[:, off + c0 : off + c1, : signs.shape[1]]  # (kb, k, N or 1)
                 for value, c in col_dict.items():
-                    x = _sample_major(c, plan.batch.tags[value]).to(dt)  # (k, N or 1, rest)
+                    if plan.batch.tags[value] is SAME and not same:  # per sample at a fallback meeting
+                        x = c.reshape(c.shape[0], n, -1).to(dt)  # (k, N, rest) (:class:`_CrossGroup`)
+                    else:
+                        x = _sample_major(c, plan.batch.tags[value]).to(dt)  # (k, N or 1, rest)
                     mixes = [torch.einsum("qkn,knr->qnr", vs * m.to(dt), x) for m in (signs > 0, signs < 0)]
                     pq = acc[same].get(value)
                     acc[same][value] = mixes if pq is None else [pq[0] + mixes[0], pq[1] + mixes[1]]
@@ -2109,8 +2453,10 @@ def engine_cp_diagonal(
             per_probe[leaf][q0:q1] += e
         if acc[False]:  # per-sample columns: one walk of the block's 2·kb columns
             cot = {
-                value: _from_sample_major(
-                    torch.cat(pq), plan.batch.tags[value], tuple(values[value].shape)
+                value: (
+                    torch.cat(pq).reshape(2 * kb, n, *values[value].shape)  # per-sample parts at a meeting
+                    if plan.batch.tags[value] is SAME
+                    else _from_sample_major(torch.cat(pq), plan.batch.tags[value], tuple(values[value].shape))
                 ).to(values[value].dtype)
                 for value, pq in acc[False].items()
             }
