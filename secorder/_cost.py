@@ -30,7 +30,13 @@ One weight is measured, because it decides between two Fisher routes of similar 
 sweep with per-leaf vector-Jacobian products (parameters no interface covers: tied weights,
 position embeddings; :mod:`secorder._engine.leafvjp`) costs about :data:`LEAF_VJP_WALK` = 2.5
 whole-batch VJPs per column plus :data:`LEAF_VJP_FIXED` = 64 for the recording and the plan
-(:func:`leaf_vjp_sweep`). Measured on one CPU thread, ``path="fast"`` against
+(:func:`leaf_vjp_sweep`). The Hessian sweep's columns are weighted likewise where its plan
+needs per-leaf VJPs: 1 + m/:data:`LEAF_MEETINGS_PER_WALK` per column for m meetings
+(:func:`sweep`). Measured on one CPU thread against one-hot HVPs (``tests/_zoo.py``,
+benchmark sizes, batch 4): RNN R=1,474, m=16: 1.61 s against 0.56 s for P=2,563; LSTM
+R=6,498, m=16: 6.2 s against 4.7 s for P=8,899; GRU R=5,506, m=18: 3.4 s against 2.5 s for
+P=6,787 (weights 2.0-2.1: HVPs chosen); GPT-2 R=16,510, m=3: 12-15 s against 112 s for
+P=34,176 (weight 1.19: the sweep). Measured on one CPU thread, ``path="fast"`` against
 ``path="generic"``: the GPT-2 of ``tests/_zoo.py`` (R = 4,096) at N = 2, 4, 8 took
 5.0 / 4.6 s, 9.4 / 14.3 s, 18.7 / 54.5 s (predicted ratios 1.25, 0.63, 0.31; measured 1.09,
 0.66, 0.34); BERT, LSTM and GRU of ``tests/_zoo.py`` (R = 3, N = 4) 0.10-0.34 s against
@@ -76,6 +82,7 @@ __all__ = [
 DEFAULT_BUDGET = 1_000_000
 LEAF_VJP_WALK = 2.5
 LEAF_VJP_FIXED = 64
+LEAF_MEETINGS_PER_WALK = 16
 _BUDGET: list[int | None] = [DEFAULT_BUDGET]
 
 
@@ -123,6 +130,18 @@ class Route(NamedTuple):
     name: str
     products: int
     what: str
+
+
+def sweep(num_columns: int, meetings: int = 0) -> Route:
+    """The Hessian sweep's R column walks, weighted by ``1 + meetings / LEAF_MEETINGS_PER_WALK``
+    where ``meetings`` ops of the plan need per-leaf VJPs (each adds a per-sample VJP of that
+    op to every walk): the decomposed RNN kernels meet their weight stacks once per time step
+    (16-18 meetings on the models of ``tests/_zoo.py``), a transformer its embeddings 1-3 times."""
+    products = math.ceil(num_columns * (1 + meetings / LEAF_MEETINGS_PER_WALK))
+    what = f"R={num_columns:,} columns per sample, walked for all samples at once"
+    if meetings:
+        what += f", weighted 1 + {meetings}/{LEAF_MEETINGS_PER_WALK} for {meetings} per-leaf VJP meetings"
+    return Route("sweep", products, what)
 
 
 def leaf_vjp_sweep(num_columns: int, num_samples: int) -> Route:

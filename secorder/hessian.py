@@ -329,6 +329,7 @@ def _exact_diagonal_leaves(
         budget = _cost.exact_budget()
         limits = [p_count] if hvp_allowed else []
         limits += [] if budget is None else [budget]
+        report: dict[str, Any] = {}
         try:
             with torch.no_grad():
                 diag, r = engine_diagonal(
@@ -338,14 +339,15 @@ def _exact_diagonal_leaves(
                     chunk_size=chunk_size,
                     max_columns=min(limits) if limits else None,
                     per_sample=per_sample,
+                    report=report,
                 )
         except EngineTooCostlyError as exc:
-            r_need = int(exc.args[0])
-            sweep_route = _cost.Route(
-                "sweep", r_need, f"R={r_need:,} columns per sample, walked for all samples at once"
-            )
+            sweep_route = exc.args[0]
             _cost.check_budget(call, quantity, [sweep_route, *hvp_routes], randomized)
-            why = f"the sweep needs R={r_need} columns per sample, more than P={p_count} one-hot HVPs"
+            why = (
+                f"the sweep's estimate, {sweep_route.products:,} products ({sweep_route.what}), "
+                f"exceeds P={p_count:,} one-hot HVPs"
+            )
             compared = [sweep_route, hvp_route]
         except EngineUnsupportedError as exc:
             _raise_users_error(exc, g, leaves)
@@ -355,9 +357,7 @@ def _exact_diagonal_leaves(
             reason = f"structured sweep over the batch tape; R={r}, P={p_count}"
             if exact == "auto" and not hvp_allowed and not per_sample:
                 reason += f" (P > max_hvp_params={max_hvp_params}: one-hot HVPs not considered)"
-            sweep_route = _cost.Route(
-                "sweep", r, f"R={r:,} columns per sample, walked for all samples at once"
-            )
+            sweep_route = report["route"]
             _report(fn, SweepInfo("sweep", r, p_count, reason, _cost.describe([sweep_route, *hvp_routes])))
             return diag, spec
     if per_sample:

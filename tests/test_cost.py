@@ -373,6 +373,43 @@ def _admitted(monkeypatch: pytest.MonkeyPatch, run: object) -> bool:
     raise AssertionError("no budget check")
 
 
+@pytest.mark.parametrize("per_walk", [1, 10**9], ids=["heavy_meetings", "free_meetings"])
+def test_auto_weights_sweep_columns_by_their_per_leaf_vjp_meetings(
+    monkeypatch: pytest.MonkeyPatch, per_walk: int
+) -> None:
+    # the decomposed RNN meets its weight stacks once per step (per-leaf VJPs in every walk):
+    # R = 30 columns against P = 99 HVPs; weighted 1 + m/per_walk, the choice flips
+    import _zoo
+
+    case = _zoo.build("rnn", DT, batch=3)
+    f, params = secorder.module_loss(case.model, _zoo.loss_of(case))
+    params = {k: v.detach() for k, v in params.items()}
+    monkeypatch.setattr(_cost, "LEAF_MEETINGS_PER_WALK", per_walk)
+    fn = secorder.hessian_diagonal(f)
+    diag = fn(params, case.inputs, case.targets)
+    info = fn.method_info
+    meetings = int(info.cost.split(" per-leaf VJP meetings")[0].rsplit(" ", 1)[1])
+    r = 30
+    weighted = -(-r * (per_walk + meetings) // per_walk)
+    assert meetings >= 1 and f"sweep: {weighted:,} products (R={r}" in info.cost, info
+    assert info.method == ("hvp" if weighted > info.num_params else "sweep"), info
+    assert info.method == ("hvp" if per_walk == 1 else "sweep")
+    names = list(params)
+    dense = torch.func.hessian(
+        lambda flat: f(dict(zip(names, _unflatten(flat, params))), case.inputs, case.targets)
+    )(torch.cat([v.reshape(-1) for v in params.values()]))
+    got = torch.cat([diag[k].reshape(-1) for k in names])
+    torch.testing.assert_close(got, dense.diagonal(), rtol=1e-9, atol=1e-12)
+
+
+def _unflatten(flat: Tensor, like: dict[str, Tensor]) -> list[Tensor]:
+    out, i = [], 0
+    for v in like.values():
+        out.append(flat[i : i + v.numel()].reshape(v.shape))
+        i += v.numel()
+    return out
+
+
 @pytest.mark.parametrize("name", ["gpt2", "gpt2_eager", "bert", "bert_eager", "rnn", "lstm", "gru", "mha",
                                   "sdpa", "vit", "resnet_eval", "resnet_train"])  # fmt: skip
 def test_default_budget_admits_the_benchmark_size_zoo(monkeypatch: pytest.MonkeyPatch, name: str) -> None:

@@ -323,7 +323,8 @@ def test_auto_cost_model_prefers_hvps_when_columns_exceed_params() -> None:
     fn = secorder.module_hessian_diagonal(model, "mse")
     got = fn(params, x, y)
     assert fn.method_info.method == "hvp"
-    assert "R=36 columns per sample, more than P=10" in fn.method_info.reason
+    assert "36 products (R=36 columns per sample" in fn.method_info.reason
+    assert "exceeds P=10 one-hot HVPs" in fn.method_info.reason
     forced = secorder.module_hessian_diagonal(model, "mse", method="sweep")
     swept = forced(params, x, y)
     assert forced.method_info.num_columns == 36

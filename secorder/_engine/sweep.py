@@ -70,6 +70,7 @@ import torch
 from torch import Tensor
 from torch.func import vjp, vmap
 
+from secorder import _cost
 from secorder._chunking import memory_budget
 from secorder._engine import interfaces, leafvjp, vjps
 from secorder._engine.batch import SAME, SUMMED, BatchAnalysis, BatchAxisError, Tag, analyze
@@ -95,7 +96,8 @@ class EngineUnsupportedError(Exception):
 
 
 class EngineTooCostlyError(EngineUnsupportedError):
-    """More columns per sample than allowed (``args[0]`` says how many)."""
+    """More work than allowed: ``args[0]`` is the sweep's :class:`secorder._cost.Route`
+    (products and how they were counted)."""
 
 
 _VIEWS = frozenset(
@@ -1965,6 +1967,7 @@ def engine_diagonal(
     chunk_size: int | None = None,
     max_columns: int | None = None,
     per_sample: bool = False,
+    report: dict[str, Any] | None = None,
 ) -> tuple[list[Tensor], int]:
     """diag ∇²_θ g(θ) per leaf, and R (columns per sample), for ``g`` evaluated on the whole batch.
 
@@ -1974,12 +1977,15 @@ def engine_diagonal(
         leaves: the parameter leaves θ.
         data: the batched arguments (inputs, targets, per-sample weights).
         chunk_size: columns per batched reverse walk (``None``: from the memory budget).
-        max_columns: raise :class:`EngineTooCostlyError` when R exceeds it.
+        max_columns: raise :class:`EngineTooCostlyError` when the sweep's estimated products
+            (R, weighted where the plan needs per-leaf VJPs: :func:`secorder._cost.sweep`)
+            exceed it.
         per_sample: rows ``(N, *leaf.shape)``: row n is diag ∇²_θ of sample n's term g_n of
             g = Σ_n g_n (the adjoints come from g, so a mean's 1/N or a sample weight is in the
             row); the rows sum to the diagonal. Refused (:class:`EngineUnsupportedError`) when
             g has curvature in the parameters alone (a regularizer λ‖θ‖², a reparametrized
             weight): it belongs to no sample.
+        report: if given, receives ``"route"``: the sweep's :class:`secorder._cost.Route`.
 
     Raises:
         EngineUnsupportedError: see the module docstring.
@@ -2014,8 +2020,11 @@ def engine_diagonal(
         for gr in groups
         if gr.tag is SAME and not (isinstance(gr, _Group) and gr.value < tape.num_leaves)
     )
-    if max_columns is not None and pulled > max_columns:
-        raise EngineTooCostlyError(pulled)
+    route = _cost.sweep(pulled, len(plan.fallback.meetings))
+    if report is not None:
+        report["route"] = route
+    if max_columns is not None and route.products > max_columns:
+        raise EngineTooCostlyError(route)
     if per_sample and any(gr.tag is SAME and gr.count for gr in groups):
         raise EngineUnsupportedError(_PARAMETER_ONLY)
     walker = _Walker(plan, leaves, n, per_sample, defer=True)
