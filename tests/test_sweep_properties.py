@@ -2,8 +2,9 @@
 
 Each example builds a small model from random parts: an optional Conv2d front-end (with or
 without pooling), a chain of Linear layers of random widths, random elementwise activations
-(curved and piecewise linear), optional residual blocks and LayerNorm, and a random loss and
-reduction. The exact diagonal (the structured sweep, or one-hot HVPs where ``"auto"`` picks them)
+(curved and piecewise linear, and hand-written ones such as GPT-2's ``gelu_new``: pointwise
+regions), optional residual blocks, LayerNorm and gated (SwiGLU-style) products, and a random
+loss and reduction. The exact diagonal (the structured sweep, or one-hot HVPs where ``"auto"`` picks them)
 must equal the dense float64 Hessian diagonal.
 """
 
@@ -19,7 +20,37 @@ import secorder
 from secorder.testing import dense_hessian
 
 F64 = torch.float64
+
+
+class GeluNew(nn.Module):
+    """GPT-2's hand-written activation (a pointwise region of several elementwise ops)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return 0.5 * x * (1.0 + torch.tanh(0.7978845608028654 * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+class HandSwish(nn.Module):
+    """x·sigmoid(x) written out: a product of two operands of one value."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(x) + 0.1 * x * x
+
+
+class Gated(nn.Module):
+    """SwiGLU-style silu(x W₁) ⊙ x W₂: an elementwise product of two different values."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(width, 2 * width)
+
+    def forward(self, h: Tensor) -> Tensor:
+        a, b = self.lin(h).chunk(2, dim=-1)
+        return F.silu(a) * b
+
+
 ACTS = {
+    "gelu_new": GeluNew,
+    "hand_swish": HandSwish,
     "tanh": nn.Tanh,
     "sigmoid": nn.Sigmoid,
     "gelu": nn.GELU,
@@ -67,6 +98,8 @@ def models(draw: st.DrawFn) -> tuple[nn.Module, Tensor, str, str]:
         width = out
         if draw(st.integers(0, 3)) == 0:
             layers.append(Residual(width, draw(st.sampled_from(sorted(ACTS))), draw(st.booleans())))
+        if draw(st.integers(0, 3)) == 0:
+            layers.append(Gated(width))
     layers.append(nn.Linear(width, 3))
     # every random number comes from hypothesis (a seed it draws), never from torch's global
     # generator, so a failing example is reproduced from hypothesis's report alone; the layers'
