@@ -153,6 +153,46 @@ def test_mlp_fast_equals_dense_reference() -> None:
     assert list(got) == list(params)
 
 
+@pytest.mark.parametrize("kind", ["ggn", "empirical"])
+def test_exact_diagonal_with_stderr_gives_zeros(kind: str) -> None:
+    """The exact diagonal's standard error is zero in every entry (formed only when asked for),
+    the diagonal the same as without with_stderr."""
+    model, (x, y) = mlp(), _ce_data()
+    params = _params(model)
+    plain = fisher_diagonal(model, "cross_entropy", kind=kind)(params, x, y)
+    diag, err = fisher_diagonal(model, "cross_entropy", kind=kind, with_stderr=True)(params, x, y)
+    assert list(err) == list(params)
+    for k in params:
+        torch.testing.assert_close(diag[k], plain[k], rtol=0, atol=0)
+        assert err[k].shape == params[k].shape and not err[k].any()
+
+
+def test_linear_weight_squares_come_out_in_the_leaf_layout() -> None:
+    """F.linear's weight enters its addmm as t(W): the sweep forms its squares as (δ²ᵀ x²)ᵀ so
+    that the transpose back to W is contiguous (no strided copy when the diagonal is
+    flattened), with the values of Σ_n Σ_r (J_nᵀ s_nr)^⊙2 formed densely."""
+    from secorder._engine.sweep import engine_output_diagonal
+
+    g = _seed(7)
+    x = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    p = [
+        torch.randn(5, 4, generator=g, dtype=torch.float64),
+        torch.randn(5, generator=g, dtype=torch.float64),
+    ]
+    p.append(torch.randn(3, 5, generator=g, dtype=torch.float64))
+
+    def model(ls: list[Tensor]) -> Tensor:
+        return F.linear(torch.tanh(F.linear(x, ls[0], ls[1])), ls[2])
+
+    cols = torch.randn(2, 6, 3, generator=g, dtype=torch.float64)
+    got = engine_output_diagonal(model, p, [x], lambda a, b: cols[a:b], lambda a, b: None, 2)
+    jac = torch.func.jacrev(lambda *ls: model(list(ls)), argnums=(0, 1, 2))(*p)  # per leaf (N, 3, *shape)
+    for leaf, j in enumerate(jac):
+        ref = torch.einsum("rnc,nc...->rn...", cols, j).square().sum((0, 1))
+        torch.testing.assert_close(got[leaf], ref, **TOL)
+    assert got[0].is_contiguous() and got[2].is_contiguous()
+
+
 def test_cnn_conv_variants() -> None:
     x = torch.randn(5, 3, 6, 6, generator=_seed(1), dtype=torch.float64)
     y = torch.randint(0, 3, (5,), generator=_seed(2))

@@ -1300,7 +1300,7 @@ class _Walker:
         weights = None
         axes = {p: t for p, t in self.plan.batch.arg_tags(i, node).items() if isinstance(t, tuple)}
         for path, leaf, chain in self.plan.interfaces.get(i, []):
-            direct = None if self.per_sample else self._linear_squares(i, node, path, dgram)
+            direct = None if self.per_sample else self._linear_squares(i, node, path, dgram, chain)
             if direct is not None:  # trace: the views in chain keep every entry once (the same sum)
                 self._add(leaf, direct if self.trace else self._to_leaf(leaf, chain, direct))
                 continue
@@ -1322,12 +1322,17 @@ class _Walker:
                 )
             self._add(leaf, self._to_leaf(leaf, chain, sq))
 
-    def _linear_squares(self, i: int, node: TapeNode, path: tuple[Any, ...], dgram: Tensor) -> Tensor | None:
+    def _linear_squares(
+        self, i: int, node: TapeNode, path: tuple[Any, ...], dgram: Tensor, chain: Sequence[int] = ()
+    ) -> Tensor | None:
         """The squares of node ``i`` (mm/addmm, one row per sample, see :meth:`_linear_rows`) at
         ``path`` from ``dgram`` = Σ_c w_c δ_c^⊙2 (N, m), shaped like the argument, without the
         interface rule's general machinery (:func:`interfaces.param_squares` gives the same):
         the weight (x^⊙2)ᵀ dgram, a bias of m entries Σ_n dgram_n. With ``trace`` their sums:
-        Σ_n ‖x_n‖² Σ_j dgram_nj without the product, and Σ dgram. None otherwise."""
+        Σ_n ‖x_n‖² Σ_j dgram_nj without the product, and Σ dgram. None otherwise. ``chain``:
+        the view nodes from the leaf to the argument; when it is one transpose (``F.linear``'s
+        ``t(W)``) the weight's squares are formed as (dgramᵀ x^⊙2)ᵀ, whose transpose back to the
+        leaf is contiguous (no strided copy of the leaf's diagonal later)."""
         rows = self._linear_rows(i)
         if rows is None or node.kwargs:
             return None
@@ -1342,7 +1347,8 @@ class _Walker:
             x = x.to(dgram.dtype)
             if self.trace:  # ‖x_n‖² by the norm kernel: no (N, k) temporary (5x faster on the MLP)
                 return torch.dot(torch.linalg.vector_norm(x, dim=1).square(), dgram.sum(1)) * (alpha * alpha)
-            sq = (x * x).T @ dgram
+            leaf_t = len(chain) == 1 and self.plan.tape.nodes[chain[0]].func is aten.t.default
+            sq = (dgram.T @ (x * x)).T if leaf_t else (x * x).T @ dgram
             return sq if alpha == 1 else sq * (alpha * alpha)
         if path == (0, 0) and node.func is aten.addmm.default:
             bias, beta = args[0], args[3] if len(args) > 3 else 1
