@@ -23,6 +23,12 @@ per-sample, per-column gradient of all 168,586 parameters and takes minutes: it 
 tensor memory allocated during one call (``torch.profiler`` allocation and free events; the
 engine after a warm-up call, the old sweep without one).
 
+Flops: one engine call and one gradient counted with ``torch.utils.flop_counter.FlopCounterMode``,
+which counts matrix products and convolutions only (mm/addmm/bmm/baddbmm/convolution and their
+backward; elementwise ops, reductions, ``eigh``/``svd`` are not counted), so "flop ×grad" is the
+engine's matmul work in gradients' matmul work, next to "measured ×grad" (wall time in
+gradients): the gap between them is the engine's non-matmul work and overhead.
+
 Usage::
 
     PYTHONPATH=. python benchmarks/bench_engine_models.py                    # full run
@@ -43,6 +49,7 @@ import torch.nn.functional as F  # noqa: N812
 from _common import ROOT, fmt_time, header, table, timeit, write_section
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.utils.flop_counter import FlopCounterMode
 
 import secorder
 
@@ -149,6 +156,13 @@ def peak_mib(fn: Callable[[], Any], warm: bool = True) -> float:
     return peak / 2**20
 
 
+def flops(fn: Callable[[], Any]) -> int:
+    """Matmul and convolution flops of one call of ``fn`` (``FlopCounterMode``)."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
 def rel(a: list[Tensor], b: list[Tensor]) -> float:
     fa = torch.cat([t.reshape(-1) for t in a]).double()
     fb = torch.cat([t.reshape(-1) for t in b]).double()
@@ -171,12 +185,15 @@ def measure(
     t_eng, d_eng = timeit(lambda: fn(params, x, y), repeat=args.repeats, warmup=args.warmup)
     info = fn.method_info
     m_eng = peak_mib(lambda: fn(params, x, y)) if args.memory else None
+    f_grad, f_eng = flops(gradient), flops(lambda: fn(params, x, y))
     row = [
         name,
         f"{info.num_params:,}",
         f"{info.method}, R={info.num_columns}",
         fmt_time(t_grad),
         f"{fmt_time(t_eng)} ({t_eng / t_grad:.0f}×)",
+        f"{f_grad / 1e6:.1f} / {f_eng / 1e6:.0f} MFLOP",
+        f"{f_eng / f_grad:.0f}×",
     ]
     if old is not None and (key != "residual" or args.old_residual):
 
@@ -230,7 +247,9 @@ def main() -> None:
         "P",
         "engine route",
         "gradient",
-        "hessian_diagonal(f) (×grad)",
+        "hessian_diagonal(f) (measured ×grad)",
+        "flops gradient / engine",
+        "flop ×grad",
         f"op-level sweep @{OLD_REVISION} (×grad)",
         "op-level / engine",
         "rel. diff",
@@ -241,7 +260,8 @@ def main() -> None:
         header("Exact Hessian diagonal: engine vs the old op-level sweep (bench_engine_models.py)")
         + "\n"
         + table(rows, head)
-        + "\nMedian wall time; peak = tensor memory allocated during one call (torch.profiler events).\n"
+        + "\nMedian wall time; peak = tensor memory allocated during one call (torch.profiler events);"
+        " flops = matmul and convolution flops only (torch.utils.flop_counter.FlopCounterMode).\n"
     )
     print(text)
     if not args.no_write:

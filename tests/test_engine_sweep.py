@@ -1020,3 +1020,58 @@ def test_elementwise_product_with_a_parameter_only_operand_exact(monkeypatch: py
         return F.cross_entropy((r * (h0 @ q["w"] + q["b"])) @ q["v"], y)
 
     _check_sweep(f, p, torch.randn(5, 4, dtype=DT), torch.randint(0, 3, (5,)))
+
+
+def test_eigen_columns_nonzero_first_per_sample() -> None:
+    """Columns split by ``eigh`` are ordered positive, negative, zero per sample and row, so
+    the kept column indices of row t are the first max_n rank_n(t) (not every index nonzero
+    for SOME sample, which eigh scatters between its negative and positive eigenvalues); the
+    kept columns still give every sample's local Hessian exactly: Σ_c σ_c s_c s_cᵀ = H_{n,t}."""
+    from secorder._engine import sweep
+
+    gen = torch.Generator().manual_seed(21)
+    n, t, c = 4, 3, 5
+    ranks = torch.randint(0, c + 1, (n, t), generator=gen)
+    q = torch.linalg.qr(torch.randn(n, t, c, c, generator=gen, dtype=DT)).Q
+    lam = torch.randn(n, t, c, generator=gen, dtype=DT)
+    lam = torch.where(torch.arange(c) < ranks[..., None], lam, torch.zeros_like(lam))
+    h = q @ torch.diag_embed(lam) @ q.transpose(-1, -2)
+    ev, vecs = torch.linalg.eigh(h)
+    lay = sweep._layout((n, t, c), (0, 1), n, 2)
+    group = sweep._group_from_local(0, (0, 1), lay, ev, vecs, 64 * torch.finfo(DT).eps)
+    assert group.count == int(ranks.max(0).values.sum())
+    cols, signs = group.get(0, group.count)  # (k, N, T, C), (k, N)
+    rows = torch.tensor([tt for tt, _ in group.keep])
+    rebuilt = torch.zeros_like(h)
+    for k in range(group.count):
+        s = cols[k, :, rows[k]]  # (N, C): column k lives in row rows[k] of every sample
+        rebuilt[:, rows[k]] += signs[k].to(DT)[:, None, None] * s[:, :, None] * s[:, None, :]
+    torch.testing.assert_close(rebuilt, h, rtol=1e-9, atol=1e-12)
+
+
+def test_causal_softmax_rows_take_their_rank() -> None:
+    """A causal softmax row t has t + 1 live entries and a Hessian of rank ≤ t (the ones
+    vector is in its null space): the softmax group of the test transformer block takes
+    heads · Σ_t t columns, and the diagonal stays exact against dense float64 Hessians."""
+    from secorder._engine import sweep
+
+    torch.manual_seed(22)
+    model = _TokenBlock().to(DT)
+    idx, y = torch.randint(0, 11, (4, 5)), torch.randint(0, 3, (4,))
+    counts: list[int] = []  # columns of the groups at the softmax input (the masked scores)
+    orig_groups = sweep._groups
+
+    def groups(*a: Any) -> list[Any]:
+        res = orig_groups(*a)
+        plan = a[0]
+        for gr in res:
+            prod = plan.producer.get(getattr(gr, "value", -1))
+            if prod is not None and plan.tape.nodes[prod].func is torch.ops.aten.masked_fill.Scalar:
+                counts.append(gr.count)
+        return res
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sweep, "_groups", groups)
+        _check(_ce(model), _params(model), idx, y)
+    heads, t = 2, 5
+    assert counts and set(counts) == {heads * t * (t - 1) // 2}  # the diagonal and the trace call

@@ -228,6 +228,17 @@ def _group_from_local(
     columns of one sign takes one pass at each interface, a mixed chunk two masked ones."""
     mag = lam.abs()
     tol = tol_scale * float(mag.max()) if mag.numel() else 0.0
+    if vecs is not None and lam.shape[-1] > 1:
+        # eigenpairs in the order positive, negative, zero per sample and row (stable): ``eigh``
+        # puts the zero eigenvalues between the negative and the positive ones, at positions
+        # that differ between samples, so a column index j kept because it is nonzero for SOME
+        # sample would be walked for all; in this order the kept indices per row are the first
+        # max_n rank_n(t) (a causal softmax row t: t columns, not up to T − 1)
+        key = torch.where(mag > tol, (lam < -tol).to(torch.int64), torch.full_like(lam, 2, dtype=torch.int64))
+        order = torch.sort(key, dim=-1, stable=True).indices
+        lam = lam.gather(-1, order)
+        mag = mag.gather(-1, order)
+        vecs = vecs.gather(-1, order[..., None, :].expand_as(vecs))
     alive = (mag > tol).any(0)  # (T, K)
     scale = torch.where(mag > tol, mag.sqrt(), torch.zeros_like(mag))
     sign = torch.where(lam < -tol, -torch.ones_like(lam), torch.ones_like(lam))  # dropped: +1
