@@ -461,7 +461,9 @@ def _collapsed(
     m = 1 if groups == 1 else k // groups  # a chunk holds whole groups
     prepared = None if plans is None else plans.get((first_order, broadcast))
     if prepared is None:
-        prepared = plan(tape, [0], first_order=first_order, numels=tape.numels or None, broadcast=broadcast)
+        # Plan.held only sizes the default split into passes (_direction_step)
+        sizes = (tape.numels or None) if split and chunk_size is None else None
+        prepared = plan(tape, [0], first_order=first_order, numels=sizes, broadcast=broadcast)
         if plans is not None:
             plans[(first_order, broadcast)] = prepared
     step = _direction_step(tape, x, k, m, chunk_size, split, prepared.held)
