@@ -187,7 +187,7 @@ def _tensors_in(obj: Any, out: list[Tensor]) -> None:
 
 def _reusable_values(tape: Tape, args: list[Tensor]) -> dict[tuple[int, str], Tensor] | None:
     """The recorded values of the tape's matrix products, keyed as the collapsed pass keeps a
-    node's value (:meth:`secorder._engine.jet.Ctx.once`): the pass then takes them instead of
+    node's value (:attr:`secorder._engine.jet.Ctx.seeded`): the pass then takes them instead of
     multiplying again (the recording already computed every value of this call). Only when no
     derivative of the result can be asked for: the recorded values are detached, so with an
     argument (or a tensor ``u`` reads from outside its arguments) that requires grad, carries
@@ -479,15 +479,13 @@ def _collapsed(
     if not split and chunk_size is None:  # the biharmonic's levels: one pass, no streaming
         block = k
     memo: dict[tuple[int, str], Any] | None = {} if step < k else None  # kept across passes
-    if values:
-        memo = {**(memo or {}), **values}
     v0: Tensor | None = None
     v1s: list[Tensor] = []
     v2s: list[Tensor] = []
     for s in range(0, k, step):
         part = rows(s, min(s + step, k))
         g = 1 if groups == 1 else part.shape[0] // m
-        ctx = _jet.Ctx(part.shape[0], g, memo=memo, block=block)
+        ctx = _jet.Ctx(part.shape[0], g, memo=memo, block=block, seeded=values)
         if unit:
             ctx.unit, ctx.unit_start = part, s
         jet = _jet.Jet(x, part, None)
