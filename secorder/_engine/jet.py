@@ -57,7 +57,8 @@ class Ctx:
     memo: dict[tuple[int, str], Any] | None = None
     # Values of this call already computed elsewhere (the recording's, when no derivative of
     # them can be asked for: secorder.pde._reusable_values), keyed as in ``memo``: taken by
-    # :meth:`once` instead of computing them; never stored into.
+    # :meth:`once` instead of computing them (each taken out once: a one-pass evaluation
+    # drops it after its last use, a multi-pass one keeps it in ``memo``).
     seeded: dict[tuple[int, str], Any] | None = None
     node: int = -1  # the tape node being evaluated
     # The input tangent when the directions are unit vectors: rows s..s + K of the identity,
@@ -70,8 +71,10 @@ class Ctx:
         """``compute()`` for the current node, computed in the first pass only (or taken from
         :attr:`seeded`)."""
         if self.seeded is not None:
-            got = self.seeded.get((self.node, tag))
+            got = self.seeded.pop((self.node, tag), None)  # not held past its last use
             if got is not None:
+                if self.memo is not None:  # later passes over other directions take it there
+                    self.memo[(self.node, tag)] = got
                 return got
         if self.memo is None:
             return compute()
