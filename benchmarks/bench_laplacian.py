@@ -39,7 +39,8 @@ order; inputs and parameters are not counted. (Peak RSS was tried first: after a
 allocator reuses freed pages and the growth reads as 0, so it measures nothing on CPU.)
 
 Run: ``PYTHONPATH=. python benchmarks/bench_laplacian.py [--repeats R] [--threads T] [--memory]
-[--cpu-time]`` (``--cpu-time``: the thread's CPU time instead of wall time, on a loaded machine);
+[--cpu-time] [--no-flops]`` (``--cpu-time``: the thread's CPU time instead of wall time, on a
+loaded machine; ``--no-flops``: no flop count);
 ``python benchmarks/record.py bench_laplacian.py --memory`` writes the tables into RESULTS.md.
 """
 
