@@ -49,6 +49,7 @@ from secorder._engine.collapsed import Plan, evaluate, plan
 from secorder._engine.rules import rule
 from secorder._engine.tape import _DATA_DEPENDENT, Ref, Tape, TapeUnsupportedError, record
 from secorder._errors import error
+from secorder._kernels import plain_kernels
 from secorder._validate import (
     check_argnums,
     check_bool,
@@ -805,10 +806,13 @@ def biharmonic(
         def lap(ls: list[Tensor], ins: list[Tensor]) -> Tensor:
             if tape is None:
                 return _nested(fn, ls, ins[0], inner, g_in, chunk_size)[2]
-            return _collapsed(
-                tape, ls, ins[0], inner, g_in, info, chunk_size=chunk_size, split=False,
-                broadcast=inner.shape[1] == 1, unit=num_probes is None, plans=plans[0],
-            )[2]  # fmt: skip
+            # recorded as tape2: a walk of u's recorded ATen ops and jet arithmetic, nothing for
+            # the recorder's kernel substitutions (decomposed_kernels) to intercept per torch call
+            with plain_kernels():
+                return _collapsed(
+                    tape, ls, ins[0], inner, g_in, info, chunk_size=chunk_size, split=False,
+                    broadcast=inner.shape[1] == 1, unit=num_probes is None, plans=plans[0],
+                )[2]  # fmt: skip
 
         v2: Tensor | None = None
         reuse: dict[tuple[int, str], Tensor] | None = None
