@@ -24,13 +24,23 @@ Contenders:
   Its column is skipped when it is absent or cannot run the network.
 
 Time: the minimum wall time over ``--repeats`` calls after one warm-up, contenders alternated.
+Flops: each contender's floating-point operations in one call (after a warm-up, so ``static``
+counts its replay only), counted once with :class:`torch.utils.flop_counter.FlopCounterMode`,
+which counts only matrix products and convolutions (``mm``, ``addmm``, ``bmm``, ``baddbmm``,
+convolutions, attention; 2 flops per multiply-add) and no elementwise op (tanh, products, sums).
+The column ``torch.func flops / secorder flops`` next to the time ratio shows how much of a
+speed-up the matmul work alone allows (a time ratio far above it comes from elsewhere, e.g.
+per-op overhead; a target above it needs fewer flops, not less overhead). The flops of a
+``torch.func`` contender are those its ``vmap`` runs batched, as the dispatcher sees them.
+
 Memory (``--memory``): the peak of the tensor memory allocated during one call (after a warm-up),
 from ``torch.profiler``'s allocation and free events (``profile_memory=True``) summed in time
 order; inputs and parameters are not counted. (Peak RSS was tried first: after a warm-up the
 allocator reuses freed pages and the growth reads as 0, so it measures nothing on CPU.)
 
 Run: ``PYTHONPATH=. python benchmarks/bench_laplacian.py [--repeats R] [--threads T] [--memory]
-[--cpu-time]`` (``--cpu-time``: the thread's CPU time instead of wall time, on a loaded machine);
+[--cpu-time] [--no-flops]`` (``--cpu-time``: the thread's CPU time instead of wall time, on a
+loaded machine; ``--no-flops``: no flop count);
 ``python benchmarks/record.py bench_laplacian.py --memory`` writes the tables into RESULTS.md.
 """
 
@@ -47,6 +57,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F  # noqa: N812 (PyTorch's conventional alias)
 from torch.func import hessian, jacrev, jvp, vmap
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import secorder
@@ -199,6 +210,15 @@ def _time(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
     return best
 
 
+def _flops(fn: Callable[[], Any]) -> int:
+    """Matrix-product and convolution flops of one call of ``fn`` (after a warm-up), by
+    :class:`torch.utils.flop_counter.FlopCounterMode` (elementwise ops are not counted)."""
+    fn()
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
 def _peak_mib(fn: Callable[[], Any]) -> float:
     """Peak of the tensor memory allocated during one call of ``fn`` (after a warm-up), from the
     allocation and free events of ``torch.profiler`` (``profile_memory=True``) in time order."""
@@ -223,6 +243,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--memory", action="store_true")
     ap.add_argument("--no-time", action="store_true", help="memory only (with --memory)")
+    ap.add_argument("--no-flops", action="store_true", help="skip the flop count")
     ap.add_argument("--only", default=None, help="run workloads whose label contains this")
     ap.add_argument(
         "--cpu-time", action="store_true", help="CPU time of the thread instead of wall time (loaded machine)"
@@ -238,22 +259,27 @@ def main() -> None:
         "kind",
         *[f"{n} (ms)" for n in names],
         "torch.func / secorder",
+        "torch.func flops / secorder flops",
         "torch.func / static",
         "today / secorder",
         "jet / secorder",
     ]
-    rows, mem_rows = [], []
+    rows, mem_rows, flop_rows = [], [], []
     for label, kind, net, d in WORKLOADS:
         if args.only and args.only not in label:
             continue
         fns = contenders(kind, net, d)
         t = _time(fns, 0 if args.no_time else args.repeats)
+        fl = {} if args.no_flops else {n: _flops(f) for n, f in fns.items()}
+        fr = f"{fl['torch.func'] / fl['secorder']:.2f}×" if fl.get("secorder") and "torch.func" in fl else "—"
+        if fl:
+            flop_rows.append([label, kind, *[f"{fl[n] / 1e6:.0f}" if n in fl else "—" for n in names], fr])
         if not args.no_time:
             ours = t["secorder"]
             cells = [f"{t[n] * 1e3:.1f}" if n in t else "—" for n in names]
             ratios = [f"{t[n] / ours:.2f}×" if n in t else "—" for n in ("torch.func", "today", "jet")]
             st = f"{t['torch.func'] / t['static']:.2f}×" if "static" in t and "torch.func" in t else "—"
-            rows.append([label, kind, *cells, ratios[0], st, *ratios[1:]])
+            rows.append([label, kind, *cells, ratios[0], fr, st, *ratios[1:]])
             print(" | ".join(rows[-1]), file=sys.stderr)
         if args.memory:
             m = {n: _peak_mib(f) for n, f in fns.items()}
@@ -267,6 +293,14 @@ def main() -> None:
         clock = "thread CPU time" if args.cpu_time else "wall time"
         print(f"\nTimes ({clock}): minimum over {args.repeats} alternated calls after a warm-up, {args.threads} thread(s), "
           f"float32, N = {N_POINTS} points; ratios > 1: secorder is faster.")  # fmt: skip
+    if flop_rows:
+        fh = ["workload", "kind", *[f"{n} (MFlop)" for n in names], "torch.func / secorder"]
+        print("\n| " + " | ".join(fh) + " |")
+        print("|" + "---|" * len(fh))
+        for r in flop_rows:
+            print("| " + " | ".join(r) + " |")
+        print("\nFlops: matrix products and convolutions of one call (torch.utils.flop_counter.FlopCounterMode, "
+              "after a warm-up; elementwise ops not counted).")  # fmt: skip
     for note in dict.fromkeys(FAILURES):
         print(f"\n{note}")
     if mem_rows:

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 from torch import Tensor
+from torch.autograd import forward_ad
 from torch.func import jvp, vmap
 
 from secorder import probes as _probes
@@ -45,8 +46,10 @@ from secorder._chunking import ROW_OVERHEAD, check_chunk_size, memory_budget
 from secorder._engine import jet as _jet
 from secorder._engine.batch import BatchAxisError, analyze
 from secorder._engine.collapsed import Plan, evaluate, plan
-from secorder._engine.tape import _DATA_DEPENDENT, Tape, TapeUnsupportedError, record
+from secorder._engine.rules import rule
+from secorder._engine.tape import _DATA_DEPENDENT, Ref, Tape, TapeUnsupportedError, record
 from secorder._errors import error
+from secorder._kernels import plain_kernels
 from secorder._validate import (
     check_argnums,
     check_bool,
@@ -146,25 +149,73 @@ def _record(
     leaves: list[Tensor],
     x: Tensor,
     call: str | None = None,
-) -> tuple[Tape | None, str | None]:
-    """The tape of ``fn`` at plain copies of the arguments, or ``(None, why not)``. With
+) -> tuple[Tape | None, str | None, dict[tuple[int, str], Tensor] | None]:
+    """The tape of ``fn`` at plain copies of the arguments, or ``(None, why not, None)``. With
     ``call``: the points are proved independent on the tape first (:func:`_check_independent`,
-    raising in the name of ``call``)."""
+    raising in the name of ``call``). Third: the recorded values the collapsed pass may take
+    instead of computing them again (:func:`_reusable_values`; ``None`` when a derivative of
+    the result may be asked for)."""
     plain = [_plain(t) for t in [*leaves, x]]
     if any(p is None for p in plain):
-        return None, "called under torch.func.vmap (the tape records one unbatched evaluation)"
+        return None, "called under torch.func.vmap (the tape records one unbatched evaluation)", None
     try:
         with torch._C._DisableFuncTorch():  # record plain ops even inside torch.func.grad
             tape = record(fn, plain[:-1], plain[-1:])  # type: ignore[arg-type]
     except TapeUnsupportedError as exc:
-        return None, f"the function cannot be recorded as a tape: {exc}"
+        return None, f"the function cannot be recorded as a tape: {exc}", None
     if call is not None:
         if tape.values is None:  # an in-place op rewrote a recorded tensor: replay for the shapes
             with torch._C._DisableFuncTorch(), torch.no_grad():
                 tape.values = tape.replay(plain[:-1], plain[-1:])  # type: ignore[arg-type]
         _check_independent(call, tape, x)
-    tape.values = None  # the collapsed evaluator recomputes every value: kept ones only hold memory
-    return tape, None
+    reuse = _reusable_values(tape, [*leaves, x])
+    tape.values = None  # the collapsed evaluator recomputes the other values: kept ones only hold memory
+    return tape, None, reuse
+
+
+def _tensors_in(obj: Any, out: list[Tensor]) -> None:
+    """Append the tensors of a nested args structure to ``out``."""
+    if isinstance(obj, Tensor):
+        out.append(obj)
+    elif isinstance(obj, (list, tuple)):
+        for o in obj:
+            if not isinstance(o, (int, float, bool, Ref)):
+                _tensors_in(o, out)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            _tensors_in(o, out)
+
+
+def _reusable_values(tape: Tape, args: list[Tensor]) -> dict[tuple[int, str], Tensor] | None:
+    """The recorded values of the tape's matrix products, keyed as the collapsed pass keeps a
+    node's value (:attr:`secorder._engine.jet.Ctx.seeded`): the pass then takes them instead of
+    multiplying again (the recording already computed every value of this call). Only when no
+    derivative of the result can be asked for: the recorded values are detached, so with an
+    argument (or a tensor ``u`` reads from outside its arguments) that requires grad, carries
+    a forward-mode tangent or is wrapped by a ``torch.func`` transform (``grad``, ``jvp``) the
+    pass computes its own, differentiable values (``None``). Never kept across calls (a
+    ``static=True`` replay computes them)."""
+    values = tape.values
+    if values is None:
+        return None
+    # the arguments, and tensors u reads from elsewhere (captured as the tape's constants)
+    consts: list[Tensor] = []
+    for n in tape.nodes:
+        _tensors_in(n.args, consts)
+        if n.kwargs:
+            _tensors_in(n.kwargs, consts)
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    for t in [*args, *consts]:
+        if t.requires_grad or wrapped(t) or forward_ad.unpack_dual(t).tangent is not None:
+            return None
+    out: dict[tuple[int, str], Tensor] = {}
+    for i, node in enumerate(tape.nodes):
+        if node.multi or node.outputs[0] is None or rule(node.func).collapsed is not _jet.matmul_rule:
+            continue
+        v = values[node.outputs[0]]
+        if isinstance(v, Tensor):
+            out[(i, "value")] = v
+    return out or None
 
 
 # -- static=True: tapes kept across calls -------------------------------------------------------
@@ -389,6 +440,7 @@ def _collapsed(
     broadcast: bool = False,
     unit: bool = False,
     plans: dict[Any, Plan] | None = None,
+    values: dict[tuple[int, str], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor]:
     """(value, K first derivatives or None unless ``first_order``, G summed second derivatives).
 
@@ -399,7 +451,9 @@ def _collapsed(
     ``broadcast``: the directions are the same at every point (size 1 along the points);
     ``unit``: they are the rows of the identity, in order (the exact Laplacian's): a first
     linear layer then takes its tangent from its weight's rows (:attr:`secorder._engine.jet.Ctx.unit`);
-    ``plans``: the tape's plans kept across calls (``static=True``), filled here."""
+    ``plans``: the tape's plans kept across calls (``static=True``), filled here; ``values``:
+    recorded values of this call the pass takes instead of computing them
+    (:func:`_reusable_values`)."""
     if isinstance(dirs, Tensor):
         t = dirs
         rows, k = (lambda start, stop: t[start:stop]), t.shape[0]
@@ -408,7 +462,9 @@ def _collapsed(
     m = 1 if groups == 1 else k // groups  # a chunk holds whole groups
     prepared = None if plans is None else plans.get((first_order, broadcast))
     if prepared is None:
-        prepared = plan(tape, [0], first_order=first_order, numels=tape.numels or None, broadcast=broadcast)
+        # Plan.held only sizes the default split into passes (_direction_step)
+        sizes = (tape.numels or None) if split and chunk_size is None else None
+        prepared = plan(tape, [0], first_order=first_order, numels=sizes, broadcast=broadcast)
         if plans is not None:
             plans[(first_order, broadcast)] = prepared
     step = _direction_step(tape, x, k, m, chunk_size, split, prepared.held)
@@ -430,7 +486,7 @@ def _collapsed(
     for s in range(0, k, step):
         part = rows(s, min(s + step, k))
         g = 1 if groups == 1 else part.shape[0] // m
-        ctx = _jet.Ctx(part.shape[0], g, memo=memo, block=block)
+        ctx = _jet.Ctx(part.shape[0], g, memo=memo, block=block, seeded=values)
         if unit:
             ctx.unit, ctx.unit_start = part, s
         jet = _jet.Jet(x, part, None)
@@ -613,10 +669,11 @@ def laplacian(
         tape: Tape | None = None
         why: str | None = None
         plans: dict[Any, Plan] | None = None
+        reuse: dict[tuple[int, str], Tensor] | None = None
         if kept is not None:
             tape, plans, info.replayed = kept[0], kept[1], True
         else:
-            tape, why = _record(fn, leaves, x, call)
+            tape, why, reuse = _record(fn, leaves, x, call)
             if tape is not None and _replayable(tape):
                 plans = {}
                 tapes.put(key, (tape, plans))
@@ -629,7 +686,7 @@ def laplacian(
             same = num_probes is None and (s is None or s.shape[0] == 1)  # unit directions or one S
             v0, v1, v2 = _collapsed(
                 tape, leaves, x, (rows, k), groups, info, want_v1, chunk_size, broadcast=same,
-                unit=exact_unit, plans=plans,
+                unit=exact_unit, plans=plans, values=reuse,
             )  # fmt: skip
         lap = v2.sum(0) / scale
         check_finite_result(
@@ -738,7 +795,7 @@ def biharmonic(
         # (u's tape, the tape of its collapsed Laplacian (exact only), the inner level's
         # fallbacks, the plans of the two tapes)
         kept = tapes.get(key)
-        tape, why = (kept[0], None) if kept is not None else _record(fn, leaves, x, call)
+        tape, why, _ = (kept[0], None, None) if kept is not None else _record(fn, leaves, x, call)
         tape2: Tape | None = None
         plans: tuple[dict[Any, Plan], dict[Any, Plan]] = (kept[3] if kept else {}, {})
         info.replayed = kept is not None
@@ -749,15 +806,21 @@ def biharmonic(
         def lap(ls: list[Tensor], ins: list[Tensor]) -> Tensor:
             if tape is None:
                 return _nested(fn, ls, ins[0], inner, g_in, chunk_size)[2]
-            return _collapsed(
-                tape, ls, ins[0], inner, g_in, info, chunk_size=chunk_size, split=False,
-                broadcast=inner.shape[1] == 1, unit=num_probes is None, plans=plans[0],
-            )[2]  # fmt: skip
+            # recorded as tape2: a walk of u's recorded ATen ops and jet arithmetic, nothing for
+            # the recorder's kernel substitutions (decomposed_kernels) to intercept per torch call
+            with plain_kernels():
+                return _collapsed(
+                    tape, ls, ins[0], inner, g_in, info, chunk_size=chunk_size, split=False,
+                    broadcast=inner.shape[1] == 1, unit=num_probes is None, plans=plans[0],
+                )[2]  # fmt: skip
 
         v2: Tensor | None = None
+        reuse: dict[tuple[int, str], Tensor] | None = None
         if tape is not None:
             if tape2 is None:
-                tape2, why2 = _record(lap, leaves, x)
+                # the recording runs the inner level (plain values: u's recorded values would
+                # be baked into this tape as constants); the outer level may take its values
+                tape2, why2, reuse = _record(lap, leaves, x)
                 if kept is None and _replayable(tape):
                     exact = tape2 is not None and num_probes is None and _replayable(tape2)
                     kept2 = tape2 if exact else None
@@ -766,6 +829,7 @@ def biharmonic(
                 v2 = _collapsed(
                     tape2, leaves, x, outer, g_out, info, chunk_size=chunk_size, split=False,
                     broadcast=outer.shape[1] == 1, unit=num_probes is None, plans=plans[1],
+                    values=reuse,
                 )[2]  # fmt: skip
             else:
                 why = why2

@@ -949,3 +949,81 @@ def test_streamed_blocks_squared_in_place_only_when_nothing_records_them(monkeyp
         lambda xn: hessian(lambda z: hessian(lambda y: u(params, y[None])[0])(z).trace())(xn).trace()
     )(x)
     torch.testing.assert_close(got, want)
+
+
+def _spy_reuse(monkeypatch):
+    """Record what pde._reusable_values returned at every call (None: values recomputed)."""
+    import secorder.pde as pde
+
+    seen = []
+    real = pde._reusable_values
+
+    def spy(tape, args):
+        out = real(tape, args)
+        seen.append(out)
+        return out
+
+    monkeypatch.setattr(pde, "_reusable_values", spy)
+    return seen
+
+
+def test_recorded_values_reused_only_when_no_derivative_can_be_asked(monkeypatch):
+    """Without anything to differentiate, the collapsed pass takes the matrix products' values
+    from the recording (the same numbers); with a parameter that requires grad, a tensor read
+    from outside the arguments that requires grad, torch.func.grad or forward-mode AD, it
+    computes its own (differentiable) values, and the gradients match nested AD."""
+    from torch.autograd import forward_ad
+
+    d = 3
+    params = _mlp_params(d, 6, torch.float64)
+    x = torch.randn(5, d, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    u = _mlp(torch.tanh)
+    ref = _ref_laplacian(u, params, x)
+    seen = _spy_reuse(monkeypatch)
+    torch.testing.assert_close(laplacian(u)(params, x), ref)
+    assert seen[-1] is not None and all(key[1] == "value" for key in seen[-1])
+    # a parameter that requires grad
+    leaves = {k: v.clone().requires_grad_(k == "w2") for k, v in params.items()}
+    (laplacian(u)(leaves, x) ** 2).sum().backward()
+    assert seen[-1] is None
+    g_ref = grad(lambda w: (_ref_laplacian(u, {**params, "w2": w}, x) ** 2).sum())(params["w2"])
+    torch.testing.assert_close(leaves["w2"].grad, g_ref)
+    # a tensor u reads from outside its arguments (captured as a tape constant)
+    w2 = params["w2"].clone().requires_grad_(True)
+    inner = lambda p, z: _mlp(torch.tanh)({**p, "w2": w2}, z)
+    (laplacian(inner)(params, x) ** 2).sum().backward()
+    assert seen[-1] is None
+    torch.testing.assert_close(w2.grad, g_ref)
+    # torch.func.grad in the points' coordinates of the Laplacian's sum
+    gx = grad(lambda z: laplacian(u)(params, z).sum())(x)
+    assert seen[-1] is None
+    torch.testing.assert_close(gx, grad(lambda z: _ref_laplacian(u, params, z).sum())(x))
+    # forward-mode AD in a parameter
+    t = torch.randn_like(params["w2"])
+    with forward_ad.dual_level():
+        lap = laplacian(u)({**params, "w2": forward_ad.make_dual(params["w2"], t)}, x)
+        tangent = forward_ad.unpack_dual(lap).tangent
+    assert seen[-1] is None
+    _, ref_t = torch.func.jvp(lambda w: _ref_laplacian(u, {**params, "w2": w}, x), (params["w2"],), (t,))
+    torch.testing.assert_close(tangent, ref_t)
+
+
+def test_biharmonic_reuses_the_laplacians_recorded_values(monkeypatch):
+    d = 3
+    params = _mlp_params(d, 5, torch.float64)
+    x = torch.randn(4, d, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    u = _mlp(torch.tanh)
+
+    def lap_one(p, xn):
+        return hessian(lambda z: u(p, z[None])[0])(xn).trace()
+
+    ref = lambda p: vmap(lambda xn: hessian(lambda z: lap_one(p, z))(xn).trace())(x)
+    seen = _spy_reuse(monkeypatch)
+    torch.testing.assert_close(biharmonic(u)(params, x), ref(params))
+    assert seen[-1] is not None  # the Laplacian's tape: the outer pass takes its values
+    leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    biharmonic(u)(leaves, x).sum().backward()
+    assert seen[-1] is None
+    g_ref = grad(lambda p: ref(p).sum())(params)
+    for k in params:
+        torch.testing.assert_close(leaves[k].grad, g_ref[k])

@@ -55,6 +55,11 @@ class Ctx:
     # Ctx of those passes share the dict. None: one pass, nothing kept (a kept value would
     # outlive its last use).
     memo: dict[tuple[int, str], Any] | None = None
+    # Values of this call already computed elsewhere (the recording's, when no derivative of
+    # them can be asked for: secorder.pde._reusable_values), keyed as in ``memo``: taken by
+    # :meth:`once` instead of computing them (each taken out once: a one-pass evaluation
+    # drops it after its last use, a multi-pass one keeps it in ``memo``).
+    seeded: dict[tuple[int, str], Any] | None = None
     node: int = -1  # the tape node being evaluated
     # The input tangent when the directions are unit vectors: rows s..s + K of the identity,
     # ``(K, 1, D)`` for points ``(N, D)`` (``unit_start`` = s). A matmul of a value whose tangent
@@ -63,7 +68,14 @@ class Ctx:
     unit_start: int = 0
 
     def once(self, tag: str, compute: Callable[[], Any]) -> Any:
-        """``compute()`` for the current node, computed in the first pass only."""
+        """``compute()`` for the current node, computed in the first pass only (or taken from
+        :attr:`seeded`)."""
+        if self.seeded is not None:
+            got = self.seeded.pop((self.node, tag), None)  # not held past its last use
+            if got is not None:
+                if self.memo is not None:  # later passes over other directions take it there
+                    self.memo[(self.node, tag)] = got
+                return got
         if self.memo is None:
             return compute()
         key = (self.node, tag)
