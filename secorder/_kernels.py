@@ -287,6 +287,11 @@ def _mha(func: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
     return out.transpose(0, 1), weights
 
 
+_SUBSTITUTED = frozenset(
+    {F.embedding, F.batch_norm, F.layer_norm, F.multi_head_attention_forward, *_RNN_FUNCS}
+)  # the functions _Decomposed replaces
+
+
 class _Decomposed(TorchFunctionMode):
     """Routes the (unpacked) ``torch._VF`` RNN kernels through :func:`_rnn`, freezes the
     padding row of ``F.embedding`` (:func:`_embedding`), keeps train-mode ``F.batch_norm``
@@ -295,6 +300,8 @@ class _Decomposed(TorchFunctionMode):
     attention samples-first (:func:`_mha`)."""
 
     def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Any = None) -> Any:
+        if func not in _SUBSTITUTED:  # every other call, one set lookup (the recorder's forward)
+            return func(*args, **(kwargs or {}))
         kwargs = kwargs or {}
         if func is F.embedding:
             return _embedding(func, args, kwargs)
