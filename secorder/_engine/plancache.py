@@ -16,6 +16,7 @@ is analyzed afresh every time.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
@@ -74,34 +75,39 @@ def fingerprint(tape: Tape, values: Sequence[Any], data: Sequence[Tensor], *extr
 
 
 class PlanCache:
-    """A least-recently-used map from fingerprints to analyses, at most ``size`` entries."""
+    """A least-recently-used map from fingerprints to analyses, at most ``size`` entries (one
+    lock: calls from several threads share it safely)."""
 
     def __init__(self, size: int) -> None:
         self.size = size
         self.entries: OrderedDict[Any, Any] = OrderedDict()
         self.hits = 0
         self.misses = 0
+        self._lock = threading.Lock()
 
     def get(self, key: Any) -> Any:
         """The entry of ``key`` (None: absent, or ``key`` is None)."""
         if key is None:
             return None
-        entry = self.entries.get(key)
-        if entry is None:
-            self.misses += 1
-            return None
-        self.hits += 1
-        self.entries.move_to_end(key)
-        return entry
+        with self._lock:
+            entry = self.entries.get(key)
+            if entry is None:
+                self.misses += 1
+                return None
+            self.hits += 1
+            self.entries.move_to_end(key)
+            return entry
 
     def put(self, key: Any, entry: Any) -> None:
         if key is None:
             return
-        self.entries[key] = entry
-        self.entries.move_to_end(key)
-        while len(self.entries) > self.size:
-            self.entries.popitem(last=False)
+        with self._lock:
+            self.entries[key] = entry
+            self.entries.move_to_end(key)
+            while len(self.entries) > self.size:
+                self.entries.popitem(last=False)
 
     def clear(self) -> None:
-        self.entries.clear()
-        self.hits = self.misses = 0
+        with self._lock:
+            self.entries.clear()
+            self.hits = self.misses = 0
