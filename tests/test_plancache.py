@@ -167,6 +167,15 @@ def test_the_cache_is_bounded_least_recently_used_first_out() -> None:
     cache.put(3, "plan 3")
     assert list(cache.entries) == [2, 0, 3]
     assert cache.get(1) is None and (cache.hits, cache.misses) == (1, 1)
+    # the total weight (tape nodes + values) is bounded too
+    heavy = PlanCache(10, max_weight=100)
+    for k, w in enumerate([40, 30, 20, 50]):
+        heavy.put(k, f"plan {k}", w)
+    assert list(heavy.entries) == [1, 2, 3] and heavy.weight == 100  # 0 evicted: 140 > 100
+    heavy.put(2, "plan 2 again", 10)  # replaced: its old weight is given back
+    assert list(heavy.entries) == [1, 3, 2] and heavy.weight == 90
+    heavy.put(9, "too heavy", 101)
+    assert 9 not in heavy.entries and heavy.weight == 90
     gen = torch.Generator().manual_seed(4)
     params = _params(gen)
     fn = secorder.fisher_trace(model_fn, "cross_entropy", path="fast")

@@ -75,12 +75,16 @@ def fingerprint(tape: Tape, values: Sequence[Any], data: Sequence[Tensor], *extr
 
 
 class PlanCache:
-    """A least-recently-used map from fingerprints to analyses, at most ``size`` entries (one
-    lock: calls from several threads share it safely)."""
+    """A least-recently-used map from fingerprints to analyses: at most ``size`` entries and at
+    most ``max_weight`` in total (an entry's weight: its tape's nodes plus values, for which its
+    key and analysis hold a few hundred bytes each), the least recently used evicted first. One
+    lock: calls from several threads share it safely."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, max_weight: int = 200_000) -> None:
         self.size = size
-        self.entries: OrderedDict[Any, Any] = OrderedDict()
+        self.max_weight = max_weight
+        self.entries: OrderedDict[Any, tuple[Any, int]] = OrderedDict()
+        self.weight = 0
         self.hits = 0
         self.misses = 0
         self._lock = threading.Lock()
@@ -90,24 +94,29 @@ class PlanCache:
         if key is None:
             return None
         with self._lock:
-            entry = self.entries.get(key)
-            if entry is None:
+            found = self.entries.get(key)
+            if found is None:
                 self.misses += 1
                 return None
             self.hits += 1
             self.entries.move_to_end(key)
-            return entry
+            return found[0]
 
-    def put(self, key: Any, entry: Any) -> None:
-        if key is None:
+    def put(self, key: Any, entry: Any, weight: int = 1) -> None:
+        """Keep ``entry`` under ``key`` (nothing for a None key, or one heavier than the bound)."""
+        if key is None or weight > self.max_weight:
             return
         with self._lock:
-            self.entries[key] = entry
-            self.entries.move_to_end(key)
-            while len(self.entries) > self.size:
-                self.entries.popitem(last=False)
+            old = self.entries.pop(key, None)
+            if old is not None:
+                self.weight -= old[1]
+            self.entries[key] = (entry, weight)
+            self.weight += weight
+            while len(self.entries) > self.size or self.weight > self.max_weight:
+                _, (_, w) = self.entries.popitem(last=False)
+                self.weight -= w
 
     def clear(self) -> None:
         with self._lock:
             self.entries.clear()
-            self.hits = self.misses = 0
+            self.weight = self.hits = self.misses = 0

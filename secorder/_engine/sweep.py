@@ -268,7 +268,9 @@ def _resolve_leaf(tape: Tape, producer: dict[int, int], ref: Ref) -> tuple[int, 
     return v, chain[::-1]
 
 
-_PLANS = PlanCache(64)  # structural fingerprint → (batch analysis, producer, interfaces, fallback)
+# structural fingerprint → (batch analysis, producer, interfaces, fallback); 64 entries, at most
+# 200k tape nodes + values in all (a few hundred bytes each: tens of MiB at most)
+_PLANS = PlanCache(64, 200_000)
 
 
 def _plan(
@@ -284,7 +286,7 @@ def _plan(
         return _Plan(tape, values, batch, producer, ifaces, dataclasses.replace(fallback, sliceable={}))
     plan = _analyze_plan(tape, values, data, n, batched_output)
     fallback = dataclasses.replace(plan.fallback, sliceable={})
-    _PLANS.put(key, (plan.batch, plan.producer, plan.interfaces, fallback))
+    _PLANS.put(key, (plan.batch, plan.producer, plan.interfaces, fallback), len(tape.nodes) + tape.num_values)
     return plan
 
 
