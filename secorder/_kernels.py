@@ -287,6 +287,11 @@ def _mha(func: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
     return out.transpose(0, 1), weights
 
 
+_SUBSTITUTED = frozenset(
+    {F.embedding, F.batch_norm, F.layer_norm, F.multi_head_attention_forward, *_RNN_FUNCS}
+)  # the functions _Decomposed replaces
+
+
 class _Decomposed(TorchFunctionMode):
     """Routes the (unpacked) ``torch._VF`` RNN kernels through :func:`_rnn`, freezes the
     padding row of ``F.embedding`` (:func:`_embedding`), keeps train-mode ``F.batch_norm``
@@ -295,6 +300,8 @@ class _Decomposed(TorchFunctionMode):
     attention samples-first (:func:`_mha`)."""
 
     def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Any = None) -> Any:
+        if func not in _SUBSTITUTED:  # every other call, one set lookup (the recorder's forward)
+            return func(*args, **(kwargs or {}))
         kwargs = kwargs or {}
         if func is F.embedding:
             return _embedding(func, args, kwargs)
@@ -328,6 +335,27 @@ def _mha_fastpath_off() -> Iterator[None]:
         mha.set_fastpath_enabled(before)
 
 
+_SDP_FLAGS = [
+    (name == "math", getattr(torch._C, f"_get_{name}_sdp_enabled"), getattr(torch._C, f"_set_sdp_use_{name}"))
+    for name in ("cudnn", "flash", "mem_efficient", "math", "overrideable")
+    if hasattr(torch._C, f"_get_{name}_sdp_enabled") and hasattr(torch._C, f"_set_sdp_use_{name}")
+]  # (enabled in the block, getter, setter) of each attention backend's global flag
+
+
+@contextlib.contextmanager
+def _math_attention() -> Iterator[None]:
+    """``torch.nn.attention.sdpa_kernel(SDPBackend.MATH)`` by the same global flags, without its
+    list and enum handling (2 µs instead of 10 per entry: every recording enters it)."""
+    before = [get() for _, get, _ in _SDP_FLAGS]
+    try:
+        for math_backend, _, set_ in _SDP_FLAGS:
+            set_(math_backend)
+        yield
+    finally:
+        for (_, _, set_), enabled in zip(_SDP_FLAGS, before):
+            set_(enabled)
+
+
 _depth = 0
 
 
@@ -341,11 +369,9 @@ def decomposed_kernels() -> Iterator[None]:
     if _depth > 0 or torch.compiler.is_compiling():
         yield
         return
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     _depth += 1
     try:
-        with sdpa_kernel(SDPBackend.MATH), _mha_fastpath_off(), _Decomposed():
+        with _math_attention(), _mha_fastpath_off(), _Decomposed():
             yield
     finally:
         _depth -= 1

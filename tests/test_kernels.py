@@ -108,3 +108,18 @@ def test_multihead_attention_samples_first_is_the_same_function(call: str, bias:
         got = run()
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+
+
+def test_decomposed_kernels_select_the_math_attention_backend_and_restore_the_flags() -> None:
+    """The block enables only the math backend of ``scaled_dot_product_attention`` (as
+    ``sdpa_kernel(SDPBackend.MATH)`` would) and restores every flag on exit, also after an error."""
+    from torch.nn.attention import SDPBackend, _cur_sdpa_kernel_backends
+
+    before = _cur_sdpa_kernel_backends()
+    assert SDPBackend.FLASH_ATTENTION in before or SDPBackend.EFFICIENT_ATTENTION in before
+    with decomposed_kernels():
+        assert _cur_sdpa_kernel_backends() == [SDPBackend.MATH]
+    assert _cur_sdpa_kernel_backends() == before
+    with pytest.raises(KeyError), decomposed_kernels():
+        raise KeyError("inside")
+    assert _cur_sdpa_kernel_backends() == before

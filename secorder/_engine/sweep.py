@@ -61,6 +61,7 @@ per-sample vector-Jacobian products (:mod:`secorder._engine.leafvjp`).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -74,6 +75,7 @@ from secorder import _cost
 from secorder._chunking import memory_budget
 from secorder._engine import interfaces, leafvjp, vjps
 from secorder._engine.batch import SAME, SUMMED, BatchAnalysis, BatchAxisError, Tag, analyze
+from secorder._engine.plancache import PlanCache, fingerprint
 from secorder._engine.rules import rule
 from secorder._engine.tape import (
     Ref,
@@ -277,7 +279,29 @@ def _resolve_leaf(tape: Tape, producer: dict[int, int], ref: Ref) -> tuple[int, 
     return v, chain[::-1]
 
 
+# structural fingerprint → (batch analysis, producer, interfaces, fallback); 64 entries, at most
+# 200k tape nodes + values in all (a few hundred bytes each: tens of MiB at most)
+_PLANS = PlanCache(64, 200_000)
+
+
 def _plan(
+    tape: Tape, values: list[Any], data: Sequence[Tensor], n: int, batched_output: bool = False
+) -> _Plan:
+    """The per-sample proof and the interfaces of ``tape``: a pure function of its structure
+    (:mod:`secorder._engine.plancache`), taken from the cache when an equal structure was analyzed."""
+    key = fingerprint(tape, values, data, n, batched_output)
+    hit = _PLANS.get(key)
+    if hit is not None:
+        batch, producer, ifaces, fallback = hit
+        # the fallback's per-node memo (sliceable) is filled by the walk: a fresh one per plan
+        return _Plan(tape, values, batch, producer, ifaces, dataclasses.replace(fallback, sliceable={}))
+    plan = _analyze_plan(tape, values, data, n, batched_output)
+    fallback = dataclasses.replace(plan.fallback, sliceable={})
+    _PLANS.put(key, (plan.batch, plan.producer, plan.interfaces, fallback), len(tape.nodes) + tape.num_values)
+    return plan
+
+
+def _analyze_plan(
     tape: Tape, values: list[Any], data: Sequence[Tensor], n: int, batched_output: bool = False
 ) -> _Plan:
     batch = analyze(tape, values, data, n, batched_output=batched_output)

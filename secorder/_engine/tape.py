@@ -165,29 +165,48 @@ def _functional_twin(func: Any) -> Any:
     return None if twin is None else getattr(twin, overload, None)
 
 
-_FLAGS: dict[Any, tuple[bool, bool]] = {}  # op overload → (random, mutable), looked up once per op
+_FLAGS: dict[Any, tuple[bool, bool, bool, bool]] = {}  # op overload → its flags, looked up once per op
 
 
-def _flags(func: Any) -> tuple[bool, bool]:
+def _flags(func: Any) -> tuple[bool, bool, bool, bool]:
+    """(random, mutable, stops the derivative, data-dependent) of an op overload."""
     flags = _FLAGS.get(func)
     if flags is None:
-        flags = _FLAGS[func] = (torch.Tag.nondeterministic_seeded in func.tags, bool(func._schema.is_mutable))
+        flags = _FLAGS[func] = (
+            torch.Tag.nondeterministic_seeded in func.tags,
+            bool(func._schema.is_mutable),
+            func in _STOPS,
+            func in _DATA_DEPENDENT,
+        )
     return flags
 
 
 class _Recorder(TorchDispatchMode):
-    def __init__(self, leaves: Sequence[Tensor]) -> None:
+    """Records every dispatched op as a :class:`TapeNode`, and per value (as it is created) whether
+    it depends on a leaf (``depends``), is computed from the data inputs (``on_data``) and its
+    element count if floating (``numels``): one pass, no post-pass over the tape.
+
+    ``num_leaves``/``num_inputs``: the first values (leaves, then data inputs)."""
+
+    def __init__(self, leaves: Sequence[Tensor], num_leaves: int | None = None) -> None:
         super().__init__()
+        num_leaves = len(leaves) if num_leaves is None else num_leaves
         self.ids: dict[int, int] = {id(t): i for i, t in enumerate(leaves)}
         self.keep: list[Tensor] = list(leaves)  # keeps recorded tensors alive (stable ids)
-        self.storages: dict[int, int] = {}  # storage pointer → number of recorded tensors on it
-        for t in leaves:
-            self._count_storage(t)
+        # storage pointer → number of recorded tensors on it; counted lazily (only an in-place op
+        # on a recorded tensor asks), over ``keep[:counted]``
+        self.storages: dict[int, int] = {}
+        self.counted = 0
         self.nodes: list[TapeNode] = []
         self.num_values = len(leaves)
         self.problem: str | None = None
+        self.data_problem: str | None = None  # a data-dependent op on a value computed from the inputs
         self.values: list[Any] = list(leaves)
         self.rewritten = False
+        self.refs: dict[int, Ref] = {}  # value index → its Ref (one object per value)
+        self.depends = [i < num_leaves for i in range(len(leaves))]
+        self.on_data = [i >= num_leaves for i in range(len(leaves))]
+        self.numels = [t.numel() if t.is_floating_point() else 0 for t in leaves]
 
     def _count_storage(self, t: Tensor) -> None:
         try:
@@ -196,14 +215,32 @@ class _Recorder(TorchDispatchMode):
             return
         self.storages[key] = self.storages.get(key, 0) + 1
 
-    def _ref(self, obj: Any) -> Any:
+    def _shared(self, t: Tensor) -> bool:
+        """Whether another recorded tensor shares ``t``'s storage (a view would see a mutation)."""
+        for u in self.keep[self.counted :]:
+            self._count_storage(u)
+        self.counted = len(self.keep)
+        return self.storages.get(t.untyped_storage().data_ptr(), 0) > 1
+
+    def _ref_of(self, t: Tensor, path: tuple[Any, ...], found: list[tuple[tuple[Any, ...], Ref]]) -> Any:
+        idx = self.ids.get(id(t))
+        if idx is None:
+            return t  # a constant, captured by reference
+        r = self.refs.get(idx)
+        if r is None:
+            r = self.refs[idx] = Ref(idx)
+        found.append((path, r))
+        return r
+
+    def _ref(self, obj: Any, path: tuple[Any, ...], found: list[tuple[tuple[Any, ...], Ref]]) -> Any:
+        """``obj`` with recorded tensors replaced by Refs; each Ref with its path into ``found``
+        (the order of :func:`paths`)."""
         if isinstance(obj, Tensor):
-            idx = self.ids.get(id(obj))
-            return obj if idx is None else Ref(idx)
+            return self._ref_of(obj, path, found)
         if isinstance(obj, (list, tuple)):
-            return type(obj)(self._ref(o) for o in obj)
+            return type(obj)([self._ref(o, (*path, k), found) for k, o in enumerate(obj)])
         if isinstance(obj, dict):  # tensor keyword arguments are tape values too
-            return {k: self._ref(v) for k, v in obj.items()}
+            return {k: self._ref(v, (*path, k), found) for k, v in obj.items()}
         return obj
 
     def __torch_dispatch__(
@@ -213,14 +250,38 @@ class _Recorder(TorchDispatchMode):
         out = func(*args, **kwargs)
         if self.problem is not None:
             return out
-        random, mutable = _flags(func)
+        random, mutable, stop, data_dependent = _flags(func)
         if random:
             self.problem = f"the random op {func} (a replay would draw new numbers)"
             return out
         if "out" in kwargs:
             self.problem = f"{func} with out="
             return out
-        rargs, rkwargs = self._ref(tuple(args)), self._ref(kwargs) if kwargs else {}
+        found: list[tuple[tuple[Any, ...], Ref]] = []
+        ref_of, ref = self._ref_of, self._ref
+        rargs = tuple(
+            [
+                ref_of(a, (0, k), found)
+                if isinstance(a, Tensor)
+                else ref(a, (0, k), found)
+                if isinstance(a, (list, tuple, dict))
+                else a
+                for k, a in enumerate(args)
+            ]
+        )
+        rkwargs = {k: ref(v, (1, k), found) for k, v in kwargs.items()} if kwargs else {}
+        depends, on_data = self.depends, self.on_data
+        dep = data_dep = False
+        for _, r in found:
+            dep = dep or depends[r.index]
+            data_dep = data_dep or on_data[r.index]
+        dep = dep and not stop
+        if data_dep and data_dependent and self.data_problem is None:
+            self.data_problem = (
+                f"{func} on a value computed from the per-sample data (Python control flow "
+                "or a shape that depends on the data: replaying one sample's tape for every sample "
+                "would take that sample's branch)"
+            )
         if mutable:
             schema = func._schema
             mutated = [
@@ -234,31 +295,40 @@ class _Recorder(TorchDispatchMode):
             else:
                 twin = _functional_twin(func)
                 t = recorded[0]
-                shared = self.storages.get(t.untyped_storage().data_ptr(), 0) > 1
-                if twin is None or len(recorded) > 1 or shared or mutated[0] is not args[0]:
+                if twin is None or len(recorded) > 1 or mutated[0] is not args[0] or self._shared(t):
                     self.problem = f"the in-place op {func} on a tensor other recorded tensors may alias"
                     return out
                 idx = self.num_values
                 self.num_values += 1
-                self.nodes.append(TapeNode(twin, rargs, rkwargs, [idx], False))
+                node = TapeNode(twin, rargs, rkwargs, [idx], False)
+                node._paths = found
+                self.nodes.append(node)
                 self.ids[id(t)] = idx  # later uses of this tensor see the new value
                 self.values.append(t)
+                depends.append(dep)
+                on_data.append(data_dep)
+                self.numels.append(t.numel() if t.is_floating_point() else 0)
                 self.rewritten = True  # the tensor of the earlier value now holds the new one
                 return out
         multi = isinstance(out, (tuple, list))
-        outs = list(out) if multi else [out]
+        outs = out if multi else (out,)
         indices: list[int | None] = []
         for o in outs:
             if isinstance(o, Tensor):
-                self.ids[id(o)] = self.num_values
+                idx = self.num_values
+                self.ids[id(o)] = idx
                 self.keep.append(o)
-                self._count_storage(o)
-                indices.append(self.num_values)
+                indices.append(idx)
                 self.num_values += 1
                 self.values.append(o)
+                depends.append(dep)
+                on_data.append(data_dep)
+                self.numels.append(o.numel() if o.is_floating_point() else 0)
             else:
                 indices.append(None)
-        self.nodes.append(TapeNode(func, rargs, rkwargs, indices, multi))
+        node = TapeNode(func, rargs, rkwargs, indices, multi)
+        node._paths = found
+        self.nodes.append(node)
         return out
 
 
@@ -310,7 +380,7 @@ def record(
     grad = adjoints is not None
     leaves = [leaf.detach().requires_grad_(grad) if grad else leaf.detach() for leaf in leaves]
     data = [] if inputs is None else [x.detach() for x in inputs]
-    rec = _Recorder([*leaves, *data])
+    rec = _Recorder([*leaves, *data], len(leaves))
     try:
         with decomposed_kernels(), torch.set_grad_enabled(grad), rec:
             result = fn(leaves) if inputs is None else fn(leaves, data)
@@ -323,36 +393,18 @@ def record(
     if not isinstance(result, Tensor):
         raise TapeUnsupportedError("the function did not return a tensor")
     idx = rec.ids.get(id(result))
-    depends = [False] * rec.num_values
-    depends[: len(leaves)] = [True] * len(leaves)
-    on_data = [False] * rec.num_values
-    on_data[len(leaves) : len(leaves) + len(data)] = [True] * len(data)
-    for node in rec.nodes:
-        refs = [r for _, r in node.arg_paths()]
-        dep = node.func not in _STOPS and any(depends[r.index] for r in refs)
-        data_dep = any(on_data[r.index] for r in refs)
-        if data_dep and node.func in _DATA_DEPENDENT:
-            raise TapeUnsupportedError(
-                f"{node.func} on a value computed from the per-sample data (Python control flow "
-                "or a shape that depends on the data: replaying one sample's tape for every sample "
-                "would take that sample's branch)"
-            )
-        for o in node.outputs:
-            if o is not None:
-                depends[o] = dep
-                on_data[o] = data_dep
-    sizes = {rec.ids[id(t)]: t.numel() for t in rec.keep if t.is_floating_point()}
-    widest = max((n for i, n in sizes.items() if on_data[i]), default=0)
-    numels = [0] * rec.num_values
-    for i, n in sizes.items():
-        numels[i] = n
+    if rec.data_problem is not None:
+        raise TapeUnsupportedError(rec.data_problem)
+    numels = rec.numels
+    on_data = rec.on_data
+    widest = max((n for n, d in zip(numels, on_data) if d), default=0)
     tape = Tape(
         len(leaves),
         rec.nodes,
         None if idx is None else Ref(idx),
         result,
         rec.num_values,
-        depends,
+        rec.depends,
         len(data),
         None if rec.rewritten else rec.values,
         widest,
