@@ -43,3 +43,13 @@ def device(request: pytest.FixtureRequest) -> torch.device:
 def tol(dtype: torch.dtype) -> dict[str, float]:
     """Comparison tolerances for results computed in ``dtype``."""
     return {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-9, "atol": 1e-10}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_plan_cache() -> None:
+    """Each test starts with an empty plan cache (secorder._engine.plancache): a test that
+    spies on or patches the analysis then sees it run, whatever ran before it (the cache's own
+    hits are tested in tests/test_plancache.py)."""
+    from secorder._engine.sweep import _PLANS
+
+    _PLANS.clear()
