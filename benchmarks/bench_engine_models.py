@@ -27,7 +27,9 @@ Flops: one engine call and one gradient counted with ``torch.utils.flop_counter.
 which counts matrix products and convolutions only (mm/addmm/bmm/baddbmm/convolution and their
 backward; elementwise ops, reductions, ``eigh``/``svd`` are not counted), so "flop ×grad" is the
 engine's matmul work in gradients' matmul work, next to "measured ×grad" (wall time in
-gradients): the gap between them is the engine's non-matmul work and overhead.
+gradients): the gap between them is the engine's non-matmul work and overhead. The old op-level
+sweep's flops are counted the same way (one call, where it runs): "op-level flops (/ engine)"
+next to the time ratio says how much of that ratio fewer matrix products explain.
 
 Usage::
 
@@ -208,9 +210,11 @@ def measure(
 
         t_old, d_old = timeit(run_old, repeat=args.old_repeats, warmup=0)
         m_old = peak_mib(run_old, warm=False) if args.memory else None
+        f_old = flops(run_old)
         row += [
             f"{fmt_time(t_old)} ({t_old / t_grad:.0f}×)",
             f"{t_old / t_eng:.1f}×",
+            f"{f_old / 1e6:.0f} MFLOP ({f_old / f_eng:.1f}×)",
             f"{rel([d_eng[k] for k in names], d_old):.1e}",
         ]
     else:
@@ -218,6 +222,7 @@ def measure(
         row += [
             "n/a" if rec is None else f"{fmt_time(rec)} (recorded, CPU time)",
             "n/a" if rec is None else f"{rec / t_eng:.1f}× (vs recorded)",
+            "n/a",
             f"n/a ({why or 'not run: --old-residual'})",
         ]
         m_old = None
@@ -252,6 +257,7 @@ def main() -> None:
         "flop ×grad",
         f"op-level sweep @{OLD_REVISION} (×grad)",
         "op-level / engine",
+        "op-level flops (/ engine)",
         "rel. diff",
     ]
     if args.memory:
