@@ -46,8 +46,17 @@ from secorder._chunking import ROW_OVERHEAD, check_chunk_size, memory_budget
 from secorder._engine import jet as _jet
 from secorder._engine.batch import BatchAxisError, analyze
 from secorder._engine.collapsed import Plan, evaluate, plan
+from secorder._engine.plancache import PlanCache, fingerprint
 from secorder._engine.rules import rule
-from secorder._engine.tape import _DATA_DEPENDENT, Ref, Tape, TapeUnsupportedError, record
+from secorder._engine.tape import (
+    _DATA_DEPENDENT,
+    Ref,
+    Tape,
+    TapeNode,
+    TapeUnsupportedError,
+    record,
+    replace_at,
+)
 from secorder._errors import error
 from secorder._kernels import plain_kernels
 from secorder._validate import (
@@ -149,28 +158,36 @@ def _record(
     leaves: list[Tensor],
     x: Tensor,
     call: str | None = None,
-) -> tuple[Tape | None, str | None, dict[tuple[int, str], Tensor] | None]:
-    """The tape of ``fn`` at plain copies of the arguments, or ``(None, why not, None)``. With
-    ``call``: the points are proved independent on the tape first (:func:`_check_independent`,
+    structure: tuple[Any, ...] | None = None,
+) -> tuple[Tape | None, str | None, dict[tuple[int, str], Tensor] | None, Any]:
+    """The tape of ``fn`` at plain copies of the arguments, or ``(None, why not, None, None)``.
+    With ``call``: the points are proved independent on the tape first (:func:`_check_independent`,
     raising in the name of ``call``). Third: the recorded values the collapsed pass may take
     instead of computing them again (:func:`_reusable_values`; ``None`` when a derivative of
-    the result may be asked for)."""
+    the result may be asked for). Fourth, with ``structure`` (hashable options): the tape's
+    structural :func:`~secorder._engine.plancache.fingerprint` with those options (``None``
+    without, or where the structure has no key)."""
     plain = [_plain(t) for t in [*leaves, x]]
     if any(p is None for p in plain):
-        return None, "called under torch.func.vmap (the tape records one unbatched evaluation)", None
+        return None, "called under torch.func.vmap (the tape records one unbatched evaluation)", None, None
     try:
         with torch._C._DisableFuncTorch():  # record plain ops even inside torch.func.grad
             tape = record(fn, plain[:-1], plain[-1:])  # type: ignore[arg-type]
     except TapeUnsupportedError as exc:
-        return None, f"the function cannot be recorded as a tape: {exc}", None
+        return None, f"the function cannot be recorded as a tape: {exc}", None, None
+    if (call is not None or structure is not None) and tape.values is None:
+        # an in-place op rewrote a recorded tensor: replay for the shapes
+        with torch._C._DisableFuncTorch(), torch.no_grad():
+            tape.values = tape.replay(plain[:-1], plain[-1:])  # type: ignore[arg-type]
     if call is not None:
-        if tape.values is None:  # an in-place op rewrote a recorded tensor: replay for the shapes
-            with torch._C._DisableFuncTorch(), torch.no_grad():
-                tape.values = tape.replay(plain[:-1], plain[-1:])  # type: ignore[arg-type]
         _check_independent(call, tape, x)
+    key = None
+    if structure is not None:
+        assert tape.values is not None
+        key = fingerprint(tape, tape.values, (), *structure)
     reuse = _reusable_values(tape, [*leaves, x])
     tape.values = None  # the collapsed evaluator recomputes the other values: kept ones only hold memory
-    return tape, None, reuse
+    return tape, None, reuse, key
 
 
 def _tensors_in(obj: Any, out: list[Tensor]) -> None:
@@ -265,6 +282,104 @@ class _Tapes:
         if len(self.entries) >= _STATIC_ENTRIES:
             self.entries.pop(next(iter(self.entries)))
         self.entries[key] = entry
+
+
+# -- the biharmonic's outer tape, derived from u's tape ----------------------------------------
+# The tape of u's collapsed Laplacian (the biharmonic's outer level) is the op sequence that
+# secorder's own collapsed evaluator runs over u's tape: a function of that tape's structure,
+# the inner directions' layout and the pass options, never of values (the rules read no value
+# into Python; a tape that does is not kept, _replayable). So it is recorded once per structure
+# and kept as a template without tensors: u's tape is still recorded and proved at every call,
+# and the template is filled with this call's constants (u's captured tensors, the
+# directions). Structural fingerprint (+ options) → _Level; bounded like the sweep's plans.
+_LEVELS = PlanCache(32, 200_000)
+
+
+@dataclass
+class _Level:
+    """The outer tape of the biharmonic as a template: ``tape`` with every constant tensor
+    replaced by ``None`` at the ``slots`` ``(node, path, source)``: source ``None`` for the
+    inner directions, else every ``(node, path)`` of u's tape holding that constant (one
+    object; a call whose tape holds different objects there is recorded afresh)."""
+
+    tape: Tape
+    slots: list[tuple[int, tuple[Any, ...], list[tuple[int, tuple[Any, ...]]] | None]]
+    fallbacks: dict[str, int]  # the inner level's ops handled by nested AD
+    plans: dict[Any, Plan]  # the outer tape's plans (filled by the first pass over it)
+
+
+def _tensor_paths(obj: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[tuple[Any, ...], Tensor]]:
+    """Every tensor in a nested args structure with its path (the order of ``tape.paths``)."""
+    if isinstance(obj, Tensor):
+        return [(prefix, obj)]
+    if isinstance(obj, (list, tuple)):
+        return [p for i, o in enumerate(obj) for p in _tensor_paths(o, (*prefix, i))]
+    if isinstance(obj, dict):
+        return [p for k, o in obj.items() for p in _tensor_paths(o, (*prefix, k))]
+    return []
+
+
+def _at(node: TapeNode, path: tuple[Any, ...]) -> Any:
+    obj: Any = (node.args, node.kwargs)
+    for k in path:
+        obj = obj[k]
+    return obj
+
+
+def _template(tape2: Tape, tape: Tape, dirs: Tensor, fallbacks: dict[str, int]) -> _Level | None:
+    """``tape2`` (recorded over ``tape`` with directions ``dirs``) as a :class:`_Level`, or
+    ``None`` when one of its constants is neither a constant of ``tape`` nor ``dirs``, or the
+    output does not depend on the points."""
+    if tape2.output is None or not _replayable(tape2):
+        return None
+    where: dict[int, list[tuple[int, tuple[Any, ...]]]] = {}
+    for i, node in enumerate(tape.nodes):
+        for path, t in _tensor_paths((node.args, node.kwargs)):
+            where.setdefault(id(t), []).append((i, path))
+    slots: list[tuple[int, tuple[Any, ...], list[tuple[int, tuple[Any, ...]]] | None]] = []
+    nodes = list(tape2.nodes)
+    for j, node in enumerate(tape2.nodes):
+        found = _tensor_paths((node.args, node.kwargs))
+        if not found:
+            continue
+        both: Any = (node.args, node.kwargs)
+        for path, t in found:
+            if t is dirs:
+                slots.append((j, path, None))
+            elif id(t) in where:
+                slots.append((j, path, where[id(t)]))
+            else:
+                return None
+            both = replace_at(both, path, None)
+        nodes[j] = TapeNode(node.func, both[0], both[1], node.outputs, node.multi, node._paths)
+    empty = tape2.result.new_empty(0)
+    kept = Tape(
+        tape2.num_leaves, nodes, tape2.output, empty, tape2.num_values, tape2.depends,
+        tape2.num_inputs, None, tape2.widest, tape2.numels,
+    )  # fmt: skip
+    return _Level(kept, slots, dict(fallbacks), {})
+
+
+def _instantiate(level: _Level, tape: Tape, dirs: Tensor) -> Tape | None:
+    """The outer tape of this call: the template filled with ``tape``'s constants and ``dirs``
+    (``None`` when a constant the template takes from several places of u's tape is not one
+    object in this ``tape``)."""
+    nodes = list(level.tape.nodes)
+    for j, path, sources in level.slots:
+        if sources is None:
+            t = dirs
+        else:
+            t = _at(tape.nodes[sources[0][0]], sources[0][1])
+            if any(_at(tape.nodes[i], p) is not t for i, p in sources[1:]):
+                return None
+        node = nodes[j]
+        both = replace_at((node.args, node.kwargs), path, t)
+        nodes[j] = TapeNode(node.func, both[0], both[1], node.outputs, node.multi, node._paths)
+    kept = level.tape
+    return Tape(
+        kept.num_leaves, nodes, kept.output, kept.result, kept.num_values, kept.depends,
+        kept.num_inputs, None, kept.widest, kept.numels,
+    )  # fmt: skip
 
 
 # -- directions ------------------------------------------------------------------------------------
@@ -673,7 +788,7 @@ def laplacian(
         if kept is not None:
             tape, plans, info.replayed = kept[0], kept[1], True
         else:
-            tape, why, reuse = _record(fn, leaves, x, call)
+            tape, why, reuse, _ = _record(fn, leaves, x, call)
             if tape is not None and _replayable(tape):
                 plans = {}
                 tapes.put(key, (tape, plans))
@@ -795,7 +910,16 @@ def biharmonic(
         # (u's tape, the tape of its collapsed Laplacian (exact only), the inner level's
         # fallbacks, the plans of the two tapes)
         kept = tapes.get(key)
-        tape, why, _ = (kept[0], None, None) if kept is not None else _record(fn, leaves, x, call)
+        # the options the outer tape depends on besides u's tape (see _LEVELS)
+        structure = (
+            "biharmonic", tuple(inner.shape), inner.stride(), inner.dtype, inner.device,
+            num_probes is None, g_in, chunk_size, memory_budget(),
+        )  # fmt: skip
+        level_key: Any = None
+        if kept is not None:
+            tape, why = kept[0], None
+        else:
+            tape, why, _, level_key = _record(fn, leaves, x, call, structure)
         tape2: Tape | None = None
         plans: tuple[dict[Any, Plan], dict[Any, Plan]] = (kept[3] if kept else {}, {})
         info.replayed = kept is not None
@@ -818,9 +942,23 @@ def biharmonic(
         reuse: dict[tuple[int, str], Tensor] | None = None
         if tape is not None:
             if tape2 is None:
-                # the recording runs the inner level (plain values: u's recorded values would
-                # be baked into this tape as constants); the outer level may take its values
-                tape2, why2, reuse = _record(lap, leaves, x)
+                level = _LEVELS.get(level_key)
+                if level is not None:  # u's tape has the structure of one seen before
+                    tape2 = _instantiate(level, tape, inner)
+                if level is not None and tape2 is not None:
+                    plans = (plans[0], level.plans)
+                    info.fallbacks.update(level.fallbacks)
+                else:
+                    # the recording runs the inner level (plain values: u's recorded values
+                    # would be baked into this tape as constants); the outer level may take
+                    # its values
+                    tape2, why2, reuse, _ = _record(lap, leaves, x)
+                    level = None
+                    if tape2 is not None and level_key is not None:
+                        level = _template(tape2, tape, inner, info.fallbacks)
+                    if level is not None and tape2 is not None:
+                        _LEVELS.put(level_key, level, len(tape2.nodes) + tape2.num_values)
+                        plans = (plans[0], level.plans)
                 if kept is None and _replayable(tape):
                     exact = tape2 is not None and num_probes is None and _replayable(tape2)
                     kept2 = tape2 if exact else None

@@ -1027,3 +1027,129 @@ def test_biharmonic_reuses_the_laplacians_recorded_values(monkeypatch):
     g_ref = grad(lambda p: ref(p).sum())(params)
     for k in params:
         torch.testing.assert_close(leaves[k].grad, g_ref[k])
+
+
+# -- the biharmonic's outer tape, derived from u's tape (secorder.pde._LEVELS) -------------------
+def _dense_biharmonic(u, params, x):
+    return vmap(
+        lambda xn: hessian(lambda z: hessian(lambda y: u(params, y[None])[0])(z).trace())(xn).trace()
+    )(x)
+
+
+def _canonical(tape, known):
+    """A tape's nodes with constants as ("known", id) for the tensors in ``known`` (objects the
+    test holds across calls) and by value otherwise (e.g. this call's directions)."""
+    ids = {id(t) for t in known}
+
+    def key(obj):
+        if isinstance(obj, torch.Tensor):
+            if id(obj) in ids:
+                return ("known", id(obj))
+            return ("value", tuple(obj.shape), obj.dtype, obj.tolist())
+        if isinstance(obj, (list, tuple)):
+            return (type(obj), tuple(key(o) for o in obj))
+        if isinstance(obj, dict):
+            return (dict, tuple((k, key(v)) for k, v in obj.items()))
+        return obj
+
+    return [(n.func, tuple(n.outputs), n.multi, key((n.args, n.kwargs))) for n in tape.nodes], (
+        tape.num_leaves, tape.num_inputs, tape.num_values, tape.output, tape.widest, tape.numels, tape.depends,
+    )  # fmt: skip
+
+
+_SCALE = torch.tensor([0.5, -1.5, 2.0], dtype=torch.float64)  # a tensor u captures
+
+
+def _gelu_ln(p, x):
+    z = F.layer_norm(F.linear(x, p["w1"], p["b1"]), (p["w1"].shape[0],))
+    return F.linear(F.gelu(z) @ p["w2"].T, p["w3"]).squeeze(-1)
+
+
+def _captured(p, x):
+    return (torch.tanh(F.linear(x * _SCALE, p["w1"], p["b1"])) @ p["w3"].T).squeeze(-1) * torch.tensor(2.0)
+
+
+@pytest.mark.parametrize(
+    ("u", "opts"),
+    [
+        (_mlp(torch.tanh), {}),
+        (_gelu_ln, {}),
+        (_captured, {}),
+        (_mlp(torch.sin), {"chunk_size": 2}),
+        (_mlp(torch.tanh), {"num_probes": 2, "with_stderr": True}),
+    ],
+    ids=["tanh", "gelu-layernorm", "captured-constants", "chunked", "probes"],
+)
+def test_biharmonic_outer_tape_derived_equals_recorded(monkeypatch, u, opts):
+    """The outer tape taken from the template of an earlier call with u's structure is, op for
+    op, the tape a recording of the inner collapsed Laplacian gives at this call (the same ops,
+    arguments, value graph, constants: u's captured tensors the same objects, the directions
+    equal), and both give the same biharmonic (the dense nested Hessians' when exact)."""
+    import secorder.pde as pde
+
+    derived, recorded = [], []
+    real_inst, real_record = pde._instantiate, pde._record
+    monkeypatch.setattr(pde, "_instantiate", lambda *a: derived.append(real_inst(*a)) or derived[-1])
+
+    def spy_record(fn, *a, **k):
+        out = real_record(fn, *a, **k)
+        if fn.__name__ == "lap":
+            recorded.append(out[0])
+        return out
+
+    monkeypatch.setattr(pde, "_record", spy_record)
+    bih = biharmonic(u, **opts)
+    bih(_mlp_params(3, 6, torch.float64, seed=0), torch.randn(4, 3, dtype=torch.float64))
+    assert len(recorded) == 1 and not derived  # the first call records the outer tape
+    params = _mlp_params(3, 6, torch.float64, seed=1)
+    x = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    x = x[:4]  # same shapes, other values
+    got = bih(params, x, generator=torch.Generator().manual_seed(3))
+    assert len(derived) == 1 and derived[0] is not None and len(recorded) == 1
+    assert bih.method_info.route == "collapsed"
+    pde._LEVELS.clear()
+    want = bih(params, x, generator=torch.Generator().manual_seed(3))
+    assert len(recorded) == 2 and len(derived) == 1
+    known = [*params.values(), x, _SCALE]
+    assert _canonical(derived[0], known) == _canonical(recorded[1], known)
+    torch.testing.assert_close(got, want)
+    if "num_probes" not in opts and u is not _gelu_ln:  # layer_norm: see the xfail below
+        torch.testing.assert_close(got, _dense_biharmonic(u, params, x))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known bug (found in round 4, present before the outer-tape templates): the "
+    "biharmonic through native_layer_norm differs from nested Hessians (the Laplacian is right)",
+)
+def test_biharmonic_through_layer_norm_matches_nested_hessians():
+    params = _mlp_params(3, 6, torch.float64)
+    x = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(biharmonic(_gelu_ln)(params, x), _dense_biharmonic(_gelu_ln, params, x))
+
+
+def test_biharmonic_outer_tape_takes_this_calls_constants():
+    """A tensor u captures, rebound between calls of the same structure: the derived outer tape
+    reads the new one. A tensor held at two places of u's tape at the first call and two
+    different ones at the next: the template does not apply, the outer tape is recorded again.
+    Every result equals the dense nested Hessians'."""
+    import secorder.pde as pde
+
+    held = {"a": torch.tensor([1.0, 2.0, -1.0], dtype=torch.float64)}
+    held["b"] = held["a"]
+
+    def u(p, x):
+        return (torch.tanh(F.linear(x * held["a"], p["w1"], p["b1"])) @ p["w3"].T).squeeze(-1) + (
+            x * held["b"]
+        ).pow(4).sum(-1)
+
+    bih = biharmonic(u)
+    params = _mlp_params(3, 5, torch.float64)
+    x = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for step, (a, b) in enumerate([(1, 1), (2, 2), (1, 3)]):
+        held["a"] = torch.tensor([1.0, 2.0, -1.0], dtype=torch.float64) * a
+        held["b"] = held["a"] if a == b else held["a"] * b
+        hits = pde._LEVELS.hits
+        got = bih(params, x)
+        assert pde._LEVELS.hits == hits + (step > 0)  # the structure is the same every time
+        torch.testing.assert_close(got, _dense_biharmonic(u, params, x))
