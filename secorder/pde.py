@@ -164,9 +164,10 @@ def _record(
     With ``call``: the points are proved independent on the tape first (:func:`_check_independent`,
     raising in the name of ``call``). Third: the recorded values the collapsed pass may take
     instead of computing them again (:func:`_reusable_values`; ``None`` when a derivative of
-    the result may be asked for). Fourth, with ``structure`` (hashable options): the tape's
-    structural :func:`~secorder._engine.plancache.fingerprint` with those options (``None``
-    without, or where the structure has no key)."""
+    the result may be asked for). Fourth, with ``structure`` (hashable options): what is derived
+    from the tape's structure (a :class:`_Derived` of :data:`_DERIVED`, keyed by the tape's
+    :func:`~secorder._engine.plancache.fingerprint` with those options; ``None`` without, or
+    where the structure has no key): a tape of a structure already proved is not proved again."""
     plain = [_plain(t) for t in [*leaves, x]]
     if any(p is None for p in plain):
         return None, "called under torch.func.vmap (the tape records one unbatched evaluation)", None, None
@@ -179,15 +180,20 @@ def _record(
         # an in-place op rewrote a recorded tensor: replay for the shapes
         with torch._C._DisableFuncTorch(), torch.no_grad():
             tape.values = tape.replay(plain[:-1], plain[-1:])  # type: ignore[arg-type]
-    if call is not None:
+    key = None if structure is None else fingerprint(tape, tape.values, (), x.shape[0], *structure)  # type: ignore[arg-type]
+    derived = _DERIVED.get(key)
+    if derived is None:
+        if call is not None:
+            _check_independent(call, tape, x)
+        if key is not None:
+            derived = _Derived(call is not None)
+            _DERIVED.put(key, derived, len(tape.nodes) + tape.num_values)
+    elif call is not None and not derived.proved:  # pragma: no cover - one call site per structure
         _check_independent(call, tape, x)
-    key = None
-    if structure is not None:
-        assert tape.values is not None
-        key = fingerprint(tape, tape.values, (), *structure)
+        derived.proved = True
     reuse = _reusable_values(tape, [*leaves, x])
     tape.values = None  # the collapsed evaluator recomputes the other values: kept ones only hold memory
-    return tape, None, reuse, key
+    return tape, None, reuse, derived
 
 
 def _tensors_in(obj: Any, out: list[Tensor]) -> None:
@@ -284,15 +290,29 @@ class _Tapes:
         self.entries[key] = entry
 
 
-# -- the biharmonic's outer tape, derived from u's tape ----------------------------------------
-# The tape of u's collapsed Laplacian (the biharmonic's outer level) is the op sequence that
-# secorder's own collapsed evaluator runs over u's tape: a function of that tape's structure,
-# the inner directions' layout and the pass options, never of values (the rules read no value
-# into Python; a tape that does is not kept, _replayable). So it is recorded once per structure
-# and kept as a template without tensors: u's tape is still recorded and proved at every call,
-# and the template is filled with this call's constants (u's captured tensors, the
-# directions). Structural fingerprint (+ options) → _Level; bounded like the sweep's plans.
-_LEVELS = PlanCache(32, 200_000)
+# -- what is derived from the structure of u's tape ---------------------------------------------
+# u's tape is recorded at every call (it may depend on values). What secorder derives from it
+# reads its structure only, never values, so it is kept per structural fingerprint (with the
+# options it depends on; secorder._engine.plancache, as the sweep keeps its plans): the points'
+# independence proof (_check_independent: the per-sample analysis reads ops and shapes), the
+# collapsed plans, and the biharmonic's outer tape. That tape, of u's collapsed Laplacian, is
+# the op sequence secorder's own collapsed evaluator runs over u's tape: a function of that
+# tape's structure, the inner directions' layout and the pass options (the rules read no value
+# into Python; a tape that does is not kept, _replayable). It is recorded once per structure
+# and kept as a template without tensors (_Level), filled at each call with this call's
+# constants (u's captured tensors, the directions).
+
+
+@dataclass
+class _Derived:
+    """What is derived from one structure of u's tape (an entry of ``_DERIVED``)."""
+
+    proved: bool  # the points are independent (proved on a tape of this structure)
+    plans: dict[Any, Plan] = field(default_factory=dict)  # u's tape's plans (_collapsed)
+    level: Any = None  # the biharmonic's outer tape as a _Level (None: not derived yet)
+
+
+_DERIVED = PlanCache(64, 200_000)
 
 
 @dataclass
@@ -788,9 +808,11 @@ def laplacian(
         if kept is not None:
             tape, plans, info.replayed = kept[0], kept[1], True
         else:
-            tape, why, reuse, _ = _record(fn, leaves, x, call)
+            # the plans depend on the tape's structure and (split into passes) on chunk_size
+            tape, why, reuse, derived = _record(fn, leaves, x, call, ("laplacian", chunk_size))
+            plans = None if derived is None else derived.plans
             if tape is not None and _replayable(tape):
-                plans = {}
+                plans = {} if plans is None else plans
                 tapes.put(key, (tape, plans))
         v1: Tensor | None
         if tape is None:
@@ -910,18 +932,21 @@ def biharmonic(
         # (u's tape, the tape of its collapsed Laplacian (exact only), the inner level's
         # fallbacks, the plans of the two tapes)
         kept = tapes.get(key)
-        # the options the outer tape depends on besides u's tape (see _LEVELS)
+        # the options the outer tape depends on besides u's tape (see _DERIVED)
         structure = (
             "biharmonic", tuple(inner.shape), inner.stride(), inner.dtype, inner.device,
             num_probes is None, g_in, chunk_size, memory_budget(),
         )  # fmt: skip
-        level_key: Any = None
+        derived: _Derived | None = None
         if kept is not None:
             tape, why = kept[0], None
         else:
-            tape, why, _, level_key = _record(fn, leaves, x, call, structure)
+            tape, why, _, derived = _record(fn, leaves, x, call, structure)
         tape2: Tape | None = None
-        plans: tuple[dict[Any, Plan], dict[Any, Plan]] = (kept[3] if kept else {}, {})
+        plans: tuple[dict[Any, Plan], dict[Any, Plan]] = (
+            kept[3] if kept else derived.plans if derived is not None else {},
+            {},
+        )
         info.replayed = kept is not None
         if kept is not None and kept[1] is not None:
             tape2, plans = kept[1], (kept[3], kept[4])  # the plans of this very tape2
@@ -942,7 +967,7 @@ def biharmonic(
         reuse: dict[tuple[int, str], Tensor] | None = None
         if tape is not None:
             if tape2 is None:
-                level = _LEVELS.get(level_key)
+                level = None if derived is None else derived.level
                 if level is not None:  # u's tape has the structure of one seen before
                     tape2 = _instantiate(level, tape, inner)
                 if level is not None and tape2 is not None:
@@ -953,12 +978,10 @@ def biharmonic(
                     # would be baked into this tape as constants); the outer level may take
                     # its values
                     tape2, why2, reuse, _ = _record(lap, leaves, x)
-                    level = None
-                    if tape2 is not None and level_key is not None:
-                        level = _template(tape2, tape, inner, info.fallbacks)
-                    if level is not None and tape2 is not None:
-                        _LEVELS.put(level_key, level, len(tape2.nodes) + tape2.num_values)
-                        plans = (plans[0], level.plans)
+                    if tape2 is not None and derived is not None:
+                        derived.level = level = _template(tape2, tape, inner, info.fallbacks)
+                        if level is not None:
+                            plans = (plans[0], level.plans)
                 if kept is None and _replayable(tape):
                     exact = tape2 is not None and num_probes is None and _replayable(tape2)
                     kept2 = tape2 if exact else None

@@ -601,8 +601,33 @@ def test_error_mixing_proved_on_the_tape_names_the_op(mix, op):
     x = torch.randn(4, 3, dtype=torch.float64)
     w = torch.ones(3, dtype=torch.float64)
     for fn in (laplacian(u), biharmonic(u)):
-        with pytest.raises(ValueError, match=rf"u must treat the points independently.*aten\.{op}"):
-            fn(w, x)
+        for _ in range(2):  # a refused structure is proved (and refused) again at every call
+            with pytest.raises(ValueError, match=rf"u must treat the points independently.*aten\.{op}"):
+                fn(w, x)
+
+
+def test_proof_and_plans_derived_once_per_structure(monkeypatch):
+    """u's tape is recorded at every call; the independence proof and the collapsed plans, which
+    read its structure only, run once per structure (secorder.pde._DERIVED): again for another
+    number of points or another chunk_size, not for other values. The results match the dense
+    reference at every call."""
+    import secorder.pde as pde
+
+    proofs, plans, records = [], [], []
+    real_proof, real_plan, real_record = pde._check_independent, pde.plan, pde.record
+    monkeypatch.setattr(pde, "_check_independent", lambda *a: proofs.append(1) or real_proof(*a))
+    monkeypatch.setattr(pde, "plan", lambda *a, **k: plans.append(1) or real_plan(*a, **k))
+    monkeypatch.setattr(pde, "record", lambda *a, **k: records.append(1) or real_record(*a, **k))
+    u = _mlp(torch.tanh)
+    lap, lap_chunked = laplacian(u), laplacian(u, chunk_size=2)
+    calls = [(lap, 4, 0, 1), (lap, 4, 1, 0), (lap, 5, 2, 1), (lap_chunked, 4, 3, 1), (lap, 4, 4, 0)]
+    for fn, n, seed, fresh in calls:
+        params = _mlp_params(3, 5, torch.float64, seed=seed)
+        x = torch.randn(n, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+        proofs.clear(), plans.clear(), records.clear()
+        got = fn(params, x)
+        assert (len(records), len(proofs), len(plans)) == (1, fresh, fresh)
+        torch.testing.assert_close(got, _ref_laplacian(u, params, x))
 
 
 def test_independence_proof_accepts_per_point_scans_and_products():
@@ -1029,7 +1054,7 @@ def test_biharmonic_reuses_the_laplacians_recorded_values(monkeypatch):
         torch.testing.assert_close(leaves[k].grad, g_ref[k])
 
 
-# -- the biharmonic's outer tape, derived from u's tape (secorder.pde._LEVELS) -------------------
+# -- the biharmonic's outer tape, derived from u's tape (secorder.pde._DERIVED) -------------------
 def _dense_biharmonic(u, params, x):
     return vmap(
         lambda xn: hessian(lambda z: hessian(lambda y: u(params, y[None])[0])(z).trace())(xn).trace()
@@ -1114,7 +1139,7 @@ def test_biharmonic_outer_tape_derived_equals_recorded(monkeypatch, u, opts):
     got = bih(params, x, generator=torch.Generator().manual_seed(3))
     assert len(derived) == 1 and derived[0] is not None and len(recorded) == 1
     assert bih.method_info.route == "collapsed"
-    pde._LEVELS.clear()
+    pde._DERIVED.clear()
     want = bih(params, x, generator=torch.Generator().manual_seed(3))
     assert len(recorded) == 2 and len(derived) == 1
     known = [*params.values(), x, _SCALE]
@@ -1167,7 +1192,7 @@ def test_biharmonic_outer_tape_takes_this_calls_constants():
     for step, (a, b) in enumerate([(1, 1), (2, 2), (1, 3)]):
         held["a"] = torch.tensor([1.0, 2.0, -1.0], dtype=torch.float64) * a
         held["b"] = held["a"] if a == b else held["a"] * b
-        hits = pde._LEVELS.hits
+        hits = pde._DERIVED.hits
         got = bih(params, x)
-        assert pde._LEVELS.hits == hits + (step > 0)  # the structure is the same every time
+        assert pde._DERIVED.hits == hits + (step > 0)  # the structure is the same every time
         torch.testing.assert_close(got, _dense_biharmonic(u, params, x))
