@@ -749,8 +749,8 @@ def laplacian(
             ``nonzero``, …) is recorded at every call, but values read around ATen (``.numpy()``)
             and state outside the arguments are not seen; tensors read from outside the
             arguments are captured by reference (in-place updates are seen, a rebound name is
-            not). Saves the recording, the proof and the plan (about 0.5 ms per call on a small MLP;
-            more for :func:`biharmonic`).
+            not). Saves the recording (about 0.3-0.5 ms per call on a small MLP; the proof and
+            the plans, which read the tape's structure only, are kept per structure without it).
 
     Returns:
         ``lap_fn(*args, generator=None)`` returning Δu of shape ``(N, *O)``; with
@@ -869,7 +869,9 @@ def biharmonic(
     """Transform ``u`` into a function returning the biharmonic Δ²u = Σ_{i,j} ∂⁴u/∂x_i²∂x_j² per point.
 
     Δ²u = Δ(Δu): the collapsed Laplacian of ``u`` is itself a composition of ATen ops, so it is
-    recorded as a tape and collapsed Taylor mode runs over it again (D unit directions at each
+    a tape (recorded for the first tape of u of a structure, then filled in from a template with
+    each call's constants: its ops depend on the structure of u's tape only) and collapsed Taylor
+    mode runs over it again (D unit directions at each
     level, cost about D² of ``u``'s forward pass, against D⁴-ish nested AD).
     With ``num_probes=K``: E over independent probe sets v, w of (w·∇)²(v·∇)²u is Δ²u, estimated
     from K inner and K outer probes per point (all K² pairs); the standard error treats the
@@ -893,9 +895,10 @@ def biharmonic(
             ``nonzero``, …) is recorded at every call, but values read around ATen (``.numpy()``)
             and state outside the arguments are not seen; tensors read from outside the
             arguments are captured by reference (in-place updates are seen, a rebound name is
-            not). Saves the recording, the proof and the plan (about 0.5 ms per call on a small MLP);
-            here both levels' tapes when exact (random probes are constants of the Laplacian's
-            tape: with probes only u's tape is kept).
+            not). Saves the recording of u (about 0.5 ms per call on a small MLP); here both
+            levels' tapes when exact (random probes are constants of the Laplacian's tape: with
+            probes only u's tape is kept; without ``static`` the outer tape is filled in from
+            the template of u's tape's structure, not recorded again).
 
     Returns:
         ``bih_fn(*args, generator=None)`` returning Δ²u of shape ``(N, *O)`` (``(Δ²u, stderr)``
