@@ -1196,3 +1196,29 @@ def test_biharmonic_outer_tape_takes_this_calls_constants():
         got = bih(params, x)
         assert pde._DERIVED.hits == hits + (step > 0)  # the structure is the same every time
         torch.testing.assert_close(got, _dense_biharmonic(u, params, x))
+
+
+def test_outer_tape_template_only_from_known_constants():
+    """A template is made only of a tape whose constants are u's tape's constants or the
+    directions (anything else, e.g. a tensor made outside both, would be baked in): otherwise
+    ``_template`` gives None and the outer tape is recorded at every call."""
+    import secorder.pde as pde
+    from secorder._engine.tape import record
+
+    c, other = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0])
+    dirs = torch.eye(2).reshape(2, 1, 2)
+    x = torch.randn(3, 2)
+    tape = record(lambda ls, ins: (ins[0] * c).sum(-1), [], [x])
+    cases = [
+        (lambda ls, ins: (ins[0] * c).sum(-1), True),  # u's captured constant
+        (lambda ls, ins: (ins[0] * dirs[1:]).sum(-1), True),  # the directions, sliced as the evaluator does
+        (lambda ls, ins: (ins[0] * other).sum(-1), False),
+    ]
+    for fn, known in cases:
+        tape2 = record(fn, [], [x])
+        level = pde._template(tape2, tape, dirs, {})
+        assert (level is not None) is known
+        if level is not None:
+            filled = pde._instantiate(level, tape, dirs)
+            assert [n.func for n in filled.nodes] == [n.func for n in tape2.nodes]
+            torch.testing.assert_close(filled.replay([], [x])[-1], tape2.replay([], [x])[-1])
