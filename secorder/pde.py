@@ -186,7 +186,7 @@ def _record(
         if call is not None:
             _check_independent(call, tape, x)
         if key is not None:
-            derived = _Derived(call is not None)
+            derived = _Derived(call is not None, key=key)
             _DERIVED.put(key, derived, len(tape.nodes) + tape.num_values)
     elif call is not None and not derived.proved:  # pragma: no cover - one call site per structure
         _check_independent(call, tape, x)
@@ -310,6 +310,7 @@ class _Derived:
     proved: bool  # the points are independent (proved on a tape of this structure)
     plans: dict[Any, Plan] = field(default_factory=dict)  # u's tape's plans (_collapsed)
     level: Any = None  # the biharmonic's outer tape as a _Level (None: not derived yet)
+    key: Any = None  # its key in _DERIVED (to count the template's weight once it is made)
 
 
 _DERIVED = PlanCache(64, 200_000)
@@ -985,6 +986,8 @@ def biharmonic(
                         derived.level = level = _template(tape2, tape, inner, info.fallbacks)
                         if level is not None:
                             plans = (plans[0], level.plans)
+                            weight = len(tape.nodes) + tape.num_values + len(tape2.nodes) + tape2.num_values
+                            _DERIVED.put(derived.key, derived, weight)  # counted with its template
                 if kept is None and _replayable(tape):
                     exact = tape2 is not None and num_probes is None and _replayable(tape2)
                     kept2 = tape2 if exact else None
