@@ -159,7 +159,7 @@ def _record(
     x: Tensor,
     call: str | None = None,
     structure: tuple[Any, ...] | None = None,
-) -> tuple[Tape | None, str | None, dict[tuple[int, str], Tensor] | None, Any]:
+) -> tuple[Tape | None, str | None, dict[tuple[int, str], Tensor] | None, _Derived | None]:
     """The tape of ``fn`` at plain copies of the arguments, or ``(None, why not, None, None)``.
     With ``call``: the points are proved independent on the tape first (:func:`_check_independent`,
     raising in the name of ``call``). Third: the recorded values the collapsed pass may take
