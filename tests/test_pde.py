@@ -311,6 +311,14 @@ def test_biharmonic_gradient_matches_nested_ad():
         return vmap(lambda xn: hessian(lap_one)(xn).trace())(x).sum()
 
     torch.testing.assert_close(grad(lambda p: biharmonic(u)(p, x).sum())(params), grad(ref)(params))
+    # again, at other parameters: the outer tape is now filled in from its template, and the
+    # gradient still flows through this call's parameters
+    import secorder.pde as pde
+
+    hits = pde._DERIVED.hits
+    other = _mlp_params(d, 4, torch.float64, seed=7)
+    torch.testing.assert_close(grad(lambda p: biharmonic(u)(p, x).sum())(other), grad(ref)(other))
+    assert pde._DERIVED.hits == hits + 1
 
 
 def test_vmap_over_parameter_ensembles_takes_nested_route():
