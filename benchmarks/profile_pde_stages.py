@@ -15,7 +15,11 @@ counted as themselves), medians over the calls after the warm-up:
   recorder's per-op dispatch (compare ``plain u``: the same forward pass without secorder);
 * ``eval (recorded)``: the biharmonic's inner collapsed Laplacian, run while its tape is
   recorded (with the recorder's per-op dispatch);
-* ``proof``: the points' independence proved on the tape (``_check_independent``);
+* ``proof``: the points' independence proved on the tape (``_check_independent``; once per
+  structure of u's tape, ``secorder.pde._DERIVED``);
+* ``derive``: what the default path derives from the structure of u's tape instead of doing it
+  again: its fingerprint, and the biharmonic's outer tape filled in from its template
+  (``_instantiate``) or made a template after its recording (``_template``);
 * ``plan``: ``collapsed.plan`` (liveness, drop schedule, held tangents);
 * ``eval``: the collapsed passes (``collapsed.evaluate``);
 * ``rest``: the whole call minus the stages above.
@@ -46,7 +50,7 @@ import bench_laplacian as B  # noqa: N812 - the same networks and points
 
 import secorder.pde as pde
 
-STAGES = ["checks", "record", "u forward", "eval (recorded)", "proof", "plan", "eval"]
+STAGES = ["checks", "record", "u forward", "eval (recorded)", "proof", "derive", "plan", "eval"]
 
 
 @contextmanager
@@ -88,6 +92,9 @@ def timed_stages(own: dict[str, float]) -> Iterator[None]:
         "check_finite_result": wrap("checks", pde.check_finite_result, lambda *a, **k: "checks"),
         "record": wrap("record", record, lambda *a, **k: "record"),
         "_check_independent": wrap("proof", pde._check_independent, lambda *a, **k: "proof"),
+        "fingerprint": wrap("derive", pde.fingerprint, lambda *a, **k: "derive"),
+        "_instantiate": wrap("derive", pde._instantiate, lambda *a, **k: "derive"),
+        "_template": wrap("derive", pde._template, lambda *a, **k: "derive"),
         "plan": wrap("plan", pde.plan, lambda *a, **k: "plan"),
         "evaluate": wrap("eval", real_eval, lambda *a, **k: "eval (recorded)" if recording[0] else "eval"),
     }

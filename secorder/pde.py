@@ -46,8 +46,17 @@ from secorder._chunking import ROW_OVERHEAD, check_chunk_size, memory_budget
 from secorder._engine import jet as _jet
 from secorder._engine.batch import BatchAxisError, analyze
 from secorder._engine.collapsed import Plan, evaluate, plan
+from secorder._engine.plancache import PlanCache, fingerprint
 from secorder._engine.rules import rule
-from secorder._engine.tape import _DATA_DEPENDENT, Ref, Tape, TapeUnsupportedError, record
+from secorder._engine.tape import (
+    _DATA_DEPENDENT,
+    Ref,
+    Tape,
+    TapeNode,
+    TapeUnsupportedError,
+    record,
+    replace_at,
+)
 from secorder._errors import error
 from secorder._kernels import plain_kernels
 from secorder._validate import (
@@ -149,28 +158,42 @@ def _record(
     leaves: list[Tensor],
     x: Tensor,
     call: str | None = None,
-) -> tuple[Tape | None, str | None, dict[tuple[int, str], Tensor] | None]:
-    """The tape of ``fn`` at plain copies of the arguments, or ``(None, why not, None)``. With
-    ``call``: the points are proved independent on the tape first (:func:`_check_independent`,
+    structure: tuple[Any, ...] | None = None,
+) -> tuple[Tape | None, str | None, dict[tuple[int, str], Tensor] | None, _Derived | None]:
+    """The tape of ``fn`` at plain copies of the arguments, or ``(None, why not, None, None)``.
+    With ``call``: the points are proved independent on the tape first (:func:`_check_independent`,
     raising in the name of ``call``). Third: the recorded values the collapsed pass may take
     instead of computing them again (:func:`_reusable_values`; ``None`` when a derivative of
-    the result may be asked for)."""
+    the result may be asked for). Fourth, with ``structure`` (hashable options): what is derived
+    from the tape's structure (a :class:`_Derived` of :data:`_DERIVED`, keyed by the tape's
+    :func:`~secorder._engine.plancache.fingerprint` with those options; ``None`` without, or
+    where the structure has no key): a tape of a structure already proved is not proved again."""
     plain = [_plain(t) for t in [*leaves, x]]
     if any(p is None for p in plain):
-        return None, "called under torch.func.vmap (the tape records one unbatched evaluation)", None
+        return None, "called under torch.func.vmap (the tape records one unbatched evaluation)", None, None
     try:
         with torch._C._DisableFuncTorch():  # record plain ops even inside torch.func.grad
             tape = record(fn, plain[:-1], plain[-1:])  # type: ignore[arg-type]
     except TapeUnsupportedError as exc:
-        return None, f"the function cannot be recorded as a tape: {exc}", None
-    if call is not None:
-        if tape.values is None:  # an in-place op rewrote a recorded tensor: replay for the shapes
-            with torch._C._DisableFuncTorch(), torch.no_grad():
-                tape.values = tape.replay(plain[:-1], plain[-1:])  # type: ignore[arg-type]
+        return None, f"the function cannot be recorded as a tape: {exc}", None, None
+    if (call is not None or structure is not None) and tape.values is None:
+        # an in-place op rewrote a recorded tensor: replay for the shapes
+        with torch._C._DisableFuncTorch(), torch.no_grad():
+            tape.values = tape.replay(plain[:-1], plain[-1:])  # type: ignore[arg-type]
+    key = None if structure is None else fingerprint(tape, tape.values, (), x.shape[0], *structure)  # type: ignore[arg-type]
+    derived = _DERIVED.get(key)
+    if derived is None:
+        if call is not None:
+            _check_independent(call, tape, x)
+        if key is not None:
+            derived = _Derived(call is not None, key=key)
+            _DERIVED.put(key, derived, len(tape.nodes) + tape.num_values)
+    elif call is not None and not derived.proved:  # pragma: no cover - one call site per structure
         _check_independent(call, tape, x)
+        derived.proved = True
     reuse = _reusable_values(tape, [*leaves, x])
     tape.values = None  # the collapsed evaluator recomputes the other values: kept ones only hold memory
-    return tape, None, reuse
+    return tape, None, reuse, derived
 
 
 def _tensors_in(obj: Any, out: list[Tensor]) -> None:
@@ -265,6 +288,119 @@ class _Tapes:
         if len(self.entries) >= _STATIC_ENTRIES:
             self.entries.pop(next(iter(self.entries)))
         self.entries[key] = entry
+
+
+# -- what is derived from the structure of u's tape ---------------------------------------------
+# u's tape is recorded at every call (it may depend on values). What secorder derives from it
+# reads its structure only, never values, so it is kept per structural fingerprint (with the
+# options it depends on; secorder._engine.plancache, as the sweep keeps its plans): the points'
+# independence proof (_check_independent: the per-sample analysis reads ops and shapes), the
+# collapsed plans, and the biharmonic's outer tape. That tape, of u's collapsed Laplacian, is
+# the op sequence secorder's own collapsed evaluator runs over u's tape: a function of that
+# tape's structure, the inner directions' layout and the pass options (the rules read no value
+# into Python; a tape that does is not kept, _replayable). It is recorded once per structure
+# and kept as a template without tensors (_Level), filled at each call with this call's
+# constants (u's captured tensors, the directions).
+
+
+@dataclass
+class _Derived:
+    """What is derived from one structure of u's tape (an entry of ``_DERIVED``)."""
+
+    proved: bool  # the points are independent (proved on a tape of this structure)
+    plans: dict[Any, Plan] = field(default_factory=dict)  # u's tape's plans (_collapsed)
+    level: Any = None  # the biharmonic's outer tape as a _Level (None: not derived yet)
+    key: Any = None  # its key in _DERIVED (to count the template's weight once it is made)
+
+
+_DERIVED = PlanCache(64, 200_000)
+
+
+@dataclass
+class _Level:
+    """The outer tape of the biharmonic as a template: ``tape`` with every constant tensor
+    replaced by ``None`` at the ``slots`` ``(node, path, source)``: source ``None`` for the
+    inner directions, else every ``(node, path)`` of u's tape holding that constant (one
+    object; a call whose tape holds different objects there is recorded afresh)."""
+
+    tape: Tape
+    slots: list[tuple[int, tuple[Any, ...], list[tuple[int, tuple[Any, ...]]] | None]]
+    fallbacks: dict[str, int]  # the inner level's ops handled by nested AD
+    plans: dict[Any, Plan]  # the outer tape's plans (filled by the first pass over it)
+
+
+def _tensor_paths(obj: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[tuple[Any, ...], Tensor]]:
+    """Every tensor in a nested args structure with its path (the order of ``tape.paths``)."""
+    if isinstance(obj, Tensor):
+        return [(prefix, obj)]
+    if isinstance(obj, (list, tuple)):
+        return [p for i, o in enumerate(obj) for p in _tensor_paths(o, (*prefix, i))]
+    if isinstance(obj, dict):
+        return [p for k, o in obj.items() for p in _tensor_paths(o, (*prefix, k))]
+    return []
+
+
+def _at(node: TapeNode, path: tuple[Any, ...]) -> Any:
+    obj: Any = (node.args, node.kwargs)
+    for k in path:
+        obj = obj[k]
+    return obj
+
+
+def _template(tape2: Tape, tape: Tape, dirs: Tensor, fallbacks: dict[str, int]) -> _Level | None:
+    """``tape2`` (recorded over ``tape`` with directions ``dirs``) as a :class:`_Level`, or
+    ``None`` when one of its constants is neither a constant of ``tape`` nor ``dirs``, or the
+    output does not depend on the points."""
+    if tape2.output is None or not _replayable(tape2):
+        return None
+    where: dict[int, list[tuple[int, tuple[Any, ...]]]] = {}
+    for i, node in enumerate(tape.nodes):
+        for path, t in _tensor_paths((node.args, node.kwargs)):
+            where.setdefault(id(t), []).append((i, path))
+    slots: list[tuple[int, tuple[Any, ...], list[tuple[int, tuple[Any, ...]]] | None]] = []
+    nodes = list(tape2.nodes)
+    for j, node in enumerate(tape2.nodes):
+        found = _tensor_paths((node.args, node.kwargs))
+        if not found:
+            continue
+        both: Any = (node.args, node.kwargs)
+        for path, t in found:
+            if t is dirs:
+                slots.append((j, path, None))
+            elif id(t) in where:
+                slots.append((j, path, where[id(t)]))
+            else:
+                return None
+            both = replace_at(both, path, None)
+        nodes[j] = TapeNode(node.func, both[0], both[1], node.outputs, node.multi, node._paths)
+    empty = tape2.result.new_empty(0)
+    kept = Tape(
+        tape2.num_leaves, nodes, tape2.output, empty, tape2.num_values, tape2.depends,
+        tape2.num_inputs, None, tape2.widest, tape2.numels,
+    )  # fmt: skip
+    return _Level(kept, slots, dict(fallbacks), {})
+
+
+def _instantiate(level: _Level, tape: Tape, dirs: Tensor) -> Tape | None:
+    """The outer tape of this call: the template filled with ``tape``'s constants and ``dirs``
+    (``None`` when a constant the template takes from several places of u's tape is not one
+    object in this ``tape``)."""
+    nodes = list(level.tape.nodes)
+    for j, path, sources in level.slots:
+        if sources is None:
+            t = dirs
+        else:
+            t = _at(tape.nodes[sources[0][0]], sources[0][1])
+            if any(_at(tape.nodes[i], p) is not t for i, p in sources[1:]):
+                return None
+        node = nodes[j]
+        both = replace_at((node.args, node.kwargs), path, t)
+        nodes[j] = TapeNode(node.func, both[0], both[1], node.outputs, node.multi, node._paths)
+    kept = level.tape
+    return Tape(
+        kept.num_leaves, nodes, kept.output, kept.result, kept.num_values, kept.depends,
+        kept.num_inputs, None, kept.widest, kept.numels,
+    )  # fmt: skip
 
 
 # -- directions ------------------------------------------------------------------------------------
@@ -614,8 +750,8 @@ def laplacian(
             ``nonzero``, …) is recorded at every call, but values read around ATen (``.numpy()``)
             and state outside the arguments are not seen; tensors read from outside the
             arguments are captured by reference (in-place updates are seen, a rebound name is
-            not). Saves the recording, the proof and the plan (about 0.5 ms per call on a small MLP;
-            more for :func:`biharmonic`).
+            not). Saves the recording (about 0.3-0.5 ms per call on a small MLP; the proof and
+            the plans, which read the tape's structure only, are kept per structure without it).
 
     Returns:
         ``lap_fn(*args, generator=None)`` returning Δu of shape ``(N, *O)``; with
@@ -673,9 +809,11 @@ def laplacian(
         if kept is not None:
             tape, plans, info.replayed = kept[0], kept[1], True
         else:
-            tape, why, reuse = _record(fn, leaves, x, call)
+            # the plans depend on the tape's structure and (split into passes) on chunk_size
+            tape, why, reuse, derived = _record(fn, leaves, x, call, ("laplacian", chunk_size))
+            plans = None if derived is None else derived.plans
             if tape is not None and _replayable(tape):
-                plans = {}
+                plans = {} if plans is None else plans
                 tapes.put(key, (tape, plans))
         v1: Tensor | None
         if tape is None:
@@ -732,7 +870,9 @@ def biharmonic(
     """Transform ``u`` into a function returning the biharmonic Δ²u = Σ_{i,j} ∂⁴u/∂x_i²∂x_j² per point.
 
     Δ²u = Δ(Δu): the collapsed Laplacian of ``u`` is itself a composition of ATen ops, so it is
-    recorded as a tape and collapsed Taylor mode runs over it again (D unit directions at each
+    a tape (recorded for the first tape of u of a structure, then filled in from a template with
+    each call's constants: its ops depend on the structure of u's tape only) and collapsed Taylor
+    mode runs over it again (D unit directions at each
     level, cost about D² of ``u``'s forward pass, against D⁴-ish nested AD).
     With ``num_probes=K``: E over independent probe sets v, w of (w·∇)²(v·∇)²u is Δ²u, estimated
     from K inner and K outer probes per point (all K² pairs); the standard error treats the
@@ -756,9 +896,10 @@ def biharmonic(
             ``nonzero``, …) is recorded at every call, but values read around ATen (``.numpy()``)
             and state outside the arguments are not seen; tensors read from outside the
             arguments are captured by reference (in-place updates are seen, a rebound name is
-            not). Saves the recording, the proof and the plan (about 0.5 ms per call on a small MLP);
-            here both levels' tapes when exact (random probes are constants of the Laplacian's
-            tape: with probes only u's tape is kept).
+            not). Saves the recording of u (about 0.5 ms per call on a small MLP); here both
+            levels' tapes when exact (random probes are constants of the Laplacian's tape: with
+            probes only u's tape is kept; without ``static`` the outer tape is filled in from
+            the template of u's tape's structure, not recorded again).
 
     Returns:
         ``bih_fn(*args, generator=None)`` returning Δ²u of shape ``(N, *O)`` (``(Δ²u, stderr)``
@@ -795,9 +936,21 @@ def biharmonic(
         # (u's tape, the tape of its collapsed Laplacian (exact only), the inner level's
         # fallbacks, the plans of the two tapes)
         kept = tapes.get(key)
-        tape, why, _ = (kept[0], None, None) if kept is not None else _record(fn, leaves, x, call)
+        # the options the outer tape depends on besides u's tape (see _DERIVED)
+        structure = (
+            "biharmonic", tuple(inner.shape), inner.stride(), inner.dtype, inner.device,
+            num_probes is None, g_in, chunk_size, memory_budget(),
+        )  # fmt: skip
+        derived: _Derived | None = None
+        if kept is not None:
+            tape, why = kept[0], None
+        else:
+            tape, why, _, derived = _record(fn, leaves, x, call, structure)
         tape2: Tape | None = None
-        plans: tuple[dict[Any, Plan], dict[Any, Plan]] = (kept[3] if kept else {}, {})
+        plans: tuple[dict[Any, Plan], dict[Any, Plan]] = (
+            kept[3] if kept else derived.plans if derived is not None else {},
+            {},
+        )
         info.replayed = kept is not None
         if kept is not None and kept[1] is not None:
             tape2, plans = kept[1], (kept[3], kept[4])  # the plans of this very tape2
@@ -818,9 +971,23 @@ def biharmonic(
         reuse: dict[tuple[int, str], Tensor] | None = None
         if tape is not None:
             if tape2 is None:
-                # the recording runs the inner level (plain values: u's recorded values would
-                # be baked into this tape as constants); the outer level may take its values
-                tape2, why2, reuse = _record(lap, leaves, x)
+                level = None if derived is None else derived.level
+                if level is not None:  # u's tape has the structure of one seen before
+                    tape2 = _instantiate(level, tape, inner)
+                if level is not None and tape2 is not None:
+                    plans = (plans[0], level.plans)
+                    info.fallbacks.update(level.fallbacks)
+                else:
+                    # the recording runs the inner level (plain values: u's recorded values
+                    # would be baked into this tape as constants); the outer level may take
+                    # its values
+                    tape2, why2, reuse, _ = _record(lap, leaves, x)
+                    if tape2 is not None and derived is not None:
+                        derived.level = level = _template(tape2, tape, inner, info.fallbacks)
+                        if level is not None:
+                            plans = (plans[0], level.plans)
+                            weight = len(tape.nodes) + tape.num_values + len(tape2.nodes) + tape2.num_values
+                            _DERIVED.put(derived.key, derived, weight)  # counted with its template
                 if kept is None and _replayable(tape):
                     exact = tape2 is not None and num_probes is None and _replayable(tape2)
                     kept2 = tape2 if exact else None

@@ -49,7 +49,10 @@ def tol(dtype: torch.dtype) -> dict[str, float]:
 def _fresh_plan_cache() -> None:
     """Each test starts with an empty plan cache (secorder._engine.plancache): a test that
     spies on or patches the analysis then sees it run, whatever ran before it (the cache's own
-    hits are tested in tests/test_plancache.py)."""
+    hits are tested in tests/test_plancache.py), and so with the biharmonic's outer-tape
+    templates and proofs (secorder.pde._DERIVED, tested in tests/test_pde.py)."""
     from secorder._engine.sweep import _PLANS
+    from secorder.pde import _DERIVED
 
     _PLANS.clear()
+    _DERIVED.clear()

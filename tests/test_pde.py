@@ -311,6 +311,14 @@ def test_biharmonic_gradient_matches_nested_ad():
         return vmap(lambda xn: hessian(lap_one)(xn).trace())(x).sum()
 
     torch.testing.assert_close(grad(lambda p: biharmonic(u)(p, x).sum())(params), grad(ref)(params))
+    # again, at other parameters: the outer tape is now filled in from its template, and the
+    # gradient still flows through this call's parameters
+    import secorder.pde as pde
+
+    hits = pde._DERIVED.hits
+    other = _mlp_params(d, 4, torch.float64, seed=7)
+    torch.testing.assert_close(grad(lambda p: biharmonic(u)(p, x).sum())(other), grad(ref)(other))
+    assert pde._DERIVED.hits == hits + 1
 
 
 def test_vmap_over_parameter_ensembles_takes_nested_route():
@@ -601,8 +609,33 @@ def test_error_mixing_proved_on_the_tape_names_the_op(mix, op):
     x = torch.randn(4, 3, dtype=torch.float64)
     w = torch.ones(3, dtype=torch.float64)
     for fn in (laplacian(u), biharmonic(u)):
-        with pytest.raises(ValueError, match=rf"u must treat the points independently.*aten\.{op}"):
-            fn(w, x)
+        for _ in range(2):  # a refused structure is proved (and refused) again at every call
+            with pytest.raises(ValueError, match=rf"u must treat the points independently.*aten\.{op}"):
+                fn(w, x)
+
+
+def test_proof_and_plans_derived_once_per_structure(monkeypatch):
+    """u's tape is recorded at every call; the independence proof and the collapsed plans, which
+    read its structure only, run once per structure (secorder.pde._DERIVED): again for another
+    number of points or another chunk_size, not for other values. The results match the dense
+    reference at every call."""
+    import secorder.pde as pde
+
+    proofs, plans, records = [], [], []
+    real_proof, real_plan, real_record = pde._check_independent, pde.plan, pde.record
+    monkeypatch.setattr(pde, "_check_independent", lambda *a: proofs.append(1) or real_proof(*a))
+    monkeypatch.setattr(pde, "plan", lambda *a, **k: plans.append(1) or real_plan(*a, **k))
+    monkeypatch.setattr(pde, "record", lambda *a, **k: records.append(1) or real_record(*a, **k))
+    u = _mlp(torch.tanh)
+    lap, lap_chunked = laplacian(u), laplacian(u, chunk_size=2)
+    calls = [(lap, 4, 0, 1), (lap, 4, 1, 0), (lap, 5, 2, 1), (lap_chunked, 4, 3, 1), (lap, 4, 4, 0)]
+    for fn, n, seed, fresh in calls:
+        params = _mlp_params(3, 5, torch.float64, seed=seed)
+        x = torch.randn(n, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+        proofs.clear(), plans.clear(), records.clear()
+        got = fn(params, x)
+        assert (len(records), len(proofs), len(plans)) == (1, fresh, fresh)
+        torch.testing.assert_close(got, _ref_laplacian(u, params, x))
 
 
 def test_independence_proof_accepts_per_point_scans_and_products():
@@ -1027,3 +1060,173 @@ def test_biharmonic_reuses_the_laplacians_recorded_values(monkeypatch):
     g_ref = grad(lambda p: ref(p).sum())(params)
     for k in params:
         torch.testing.assert_close(leaves[k].grad, g_ref[k])
+
+
+# -- the biharmonic's outer tape, derived from u's tape (secorder.pde._DERIVED) -------------------
+def _dense_biharmonic(u, params, x):
+    return vmap(
+        lambda xn: hessian(lambda z: hessian(lambda y: u(params, y[None])[0])(z).trace())(xn).trace()
+    )(x)
+
+
+def _canonical(tape, known):
+    """A tape's nodes with constants as ("known", id) for the tensors in ``known`` (objects the
+    test holds across calls) and by value otherwise (e.g. this call's directions)."""
+    ids = {id(t) for t in known}
+
+    def key(obj):
+        if isinstance(obj, torch.Tensor):
+            if id(obj) in ids:
+                return ("known", id(obj))
+            return ("value", tuple(obj.shape), obj.dtype, obj.tolist())
+        if isinstance(obj, (list, tuple)):
+            return (type(obj), tuple(key(o) for o in obj))
+        if isinstance(obj, dict):
+            return (dict, tuple((k, key(v)) for k, v in obj.items()))
+        return obj
+
+    return [(n.func, tuple(n.outputs), n.multi, key((n.args, n.kwargs))) for n in tape.nodes], (
+        tape.num_leaves, tape.num_inputs, tape.num_values, tape.output, tape.widest, tape.numels, tape.depends,
+    )  # fmt: skip
+
+
+_SCALE = torch.tensor([0.5, -1.5, 2.0], dtype=torch.float64)  # a tensor u captures
+
+
+def _gelu_ln(p, x):
+    z = F.layer_norm(F.linear(x, p["w1"], p["b1"]), (p["w1"].shape[0],))
+    return F.linear(F.gelu(z) @ p["w2"].T, p["w3"]).squeeze(-1)
+
+
+def _gelu_ln_composed(p, x):
+    """``_gelu_ln`` with the layer norm composed of mean, var and sqrt (the same function)."""
+    z = F.linear(x, p["w1"], p["b1"])
+    z = (z - z.mean(-1, keepdim=True)) / (z.var(-1, unbiased=False, keepdim=True) + 1e-5).sqrt()
+    return F.linear(F.gelu(z) @ p["w2"].T, p["w3"]).squeeze(-1)
+
+
+def _captured(p, x):
+    return (torch.tanh(F.linear(x * _SCALE, p["w1"], p["b1"])) @ p["w3"].T).squeeze(-1) * torch.tensor(2.0)
+
+
+@pytest.mark.parametrize(
+    ("u", "opts"),
+    [
+        (_mlp(torch.tanh), {}),
+        (_gelu_ln, {}),
+        (_captured, {}),
+        (_mlp(torch.sin), {"chunk_size": 2}),
+        (_mlp(torch.tanh), {"num_probes": 2, "with_stderr": True}),
+    ],
+    ids=["tanh", "gelu-layernorm", "captured-constants", "chunked", "probes"],
+)
+def test_biharmonic_outer_tape_derived_equals_recorded(monkeypatch, u, opts):
+    """The outer tape taken from the template of an earlier call with u's structure is, op for
+    op, the tape a recording of the inner collapsed Laplacian gives at this call (the same ops,
+    arguments, value graph, constants: u's captured tensors the same objects, the directions
+    equal), and both give the same biharmonic (the dense nested Hessians' when exact)."""
+    import secorder.pde as pde
+
+    derived, recorded = [], []
+    real_inst, real_record = pde._instantiate, pde._record
+    monkeypatch.setattr(pde, "_instantiate", lambda *a: derived.append(real_inst(*a)) or derived[-1])
+
+    def spy_record(fn, *a, **k):
+        out = real_record(fn, *a, **k)
+        if fn.__name__ == "lap":
+            recorded.append(out[0])
+        return out
+
+    monkeypatch.setattr(pde, "_record", spy_record)
+    bih = biharmonic(u, **opts)
+    bih(_mlp_params(3, 6, torch.float64, seed=0), torch.randn(4, 3, dtype=torch.float64))
+    assert len(recorded) == 1 and not derived  # the first call records the outer tape
+    params = _mlp_params(3, 6, torch.float64, seed=1)
+    x = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    x = x[:4]  # same shapes, other values
+    got = bih(params, x, generator=torch.Generator().manual_seed(3))
+    assert len(derived) == 1 and derived[0] is not None and len(recorded) == 1
+    assert bih.method_info.route == "collapsed"
+    pde._DERIVED.clear()
+    want = bih(params, x, generator=torch.Generator().manual_seed(3))
+    assert len(recorded) == 2 and len(derived) == 1
+    known = [*params.values(), x, _SCALE]
+    assert _canonical(derived[0], known) == _canonical(recorded[1], known)
+    torch.testing.assert_close(got, want)
+    if "num_probes" not in opts:  # native_layer_norm: the composed reference (see below)
+        ref = _gelu_ln_composed if u is _gelu_ln else u
+        torch.testing.assert_close(got, _dense_biharmonic(ref, params, x))
+
+
+def test_biharmonic_through_layer_norm_matches_the_composed_layer_norm():
+    """torch.func's nested Hessians of ``native_layer_norm`` disagree at fourth order with
+    themselves (hessian-of-hessian and jacfwd⁴ give different numbers, torch 2.13), while those
+    of the same function composed from mean, var and sqrt agree with each other: the collapsed
+    biharmonic through native_layer_norm equals the composed function's (both references)."""
+    params = _mlp_params(3, 6, torch.float64)
+    x = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    got = biharmonic(_gelu_ln)(params, x)
+    torch.testing.assert_close(got, _dense_biharmonic(_gelu_ln_composed, params, x))
+    jacfwd4 = vmap(
+        lambda xn: torch.func.jacfwd(
+            torch.func.jacfwd(
+                lambda z: torch.func.jacfwd(
+                    torch.func.jacfwd(lambda y: _gelu_ln_composed(params, y[None])[0])
+                )(z).trace()
+            )
+        )(xn).trace()
+    )(x)
+    torch.testing.assert_close(got, jacfwd4)
+
+
+def test_biharmonic_outer_tape_takes_this_calls_constants():
+    """A tensor u captures, rebound between calls of the same structure: the derived outer tape
+    reads the new one. A tensor held at two places of u's tape at the first call and two
+    different ones at the next: the template does not apply, the outer tape is recorded again.
+    Every result equals the dense nested Hessians'."""
+    import secorder.pde as pde
+
+    held = {"a": torch.tensor([1.0, 2.0, -1.0], dtype=torch.float64)}
+    held["b"] = held["a"]
+
+    def u(p, x):
+        return (torch.tanh(F.linear(x * held["a"], p["w1"], p["b1"])) @ p["w3"].T).squeeze(-1) + (
+            x * held["b"]
+        ).pow(4).sum(-1)
+
+    bih = biharmonic(u)
+    params = _mlp_params(3, 5, torch.float64)
+    x = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for step, (a, b) in enumerate([(1, 1), (2, 2), (1, 3)]):
+        held["a"] = torch.tensor([1.0, 2.0, -1.0], dtype=torch.float64) * a
+        held["b"] = held["a"] if a == b else held["a"] * b
+        hits = pde._DERIVED.hits
+        got = bih(params, x)
+        assert pde._DERIVED.hits == hits + (step > 0)  # the structure is the same every time
+        torch.testing.assert_close(got, _dense_biharmonic(u, params, x))
+
+
+def test_outer_tape_template_only_from_known_constants():
+    """A template is made only of a tape whose constants are u's tape's constants or the
+    directions (anything else, e.g. a tensor made outside both, would be baked in): otherwise
+    ``_template`` gives None and the outer tape is recorded at every call."""
+    import secorder.pde as pde
+    from secorder._engine.tape import record
+
+    c, other = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0])
+    dirs = torch.eye(2).reshape(2, 1, 2)
+    x = torch.randn(3, 2)
+    tape = record(lambda ls, ins: (ins[0] * c).sum(-1), [], [x])
+    cases = [
+        (lambda ls, ins: (ins[0] * c).sum(-1), True),  # u's captured constant
+        (lambda ls, ins: (ins[0] * dirs[1:]).sum(-1), True),  # the directions, sliced as the evaluator does
+        (lambda ls, ins: (ins[0] * other).sum(-1), False),
+    ]
+    for fn, known in cases:
+        tape2 = record(fn, [], [x])
+        level = pde._template(tape2, tape, dirs, {})
+        assert (level is not None) is known
+        if level is not None:
+            filled = pde._instantiate(level, tape, dirs)
+            assert [n.func for n in filled.nodes] == [n.func for n in tape2.nodes]
+            torch.testing.assert_close(filled.replay([], [x])[-1], tape2.replay([], [x])[-1])
