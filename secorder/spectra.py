@@ -127,7 +127,10 @@ class _Lanczos:
         self.reorthogonalize = reorthogonalize
         b, size = start.shape
         first = start / torch.linalg.vector_norm(start, dim=-1, keepdim=True)
-        self.V = torch.zeros(b, max_steps if reorthogonalize else 0, size, dtype=op.dtype, device=op.device)
+        # uninitialized: only rows already written are read, and a run that converges in m steps
+        # never touches the pages of the other max_steps - m rows (zero-filling the whole m × P
+        # basis cost more than the products on small models)
+        self.V = torch.empty(b, max_steps if reorthogonalize else 0, size, dtype=op.dtype, device=op.device)
         if reorthogonalize:
             self.V[:, 0] = first
         self.cur, self.prev = first, torch.zeros_like(first)
