@@ -247,6 +247,12 @@ def bench(name: str, repeats: int, tables: str) -> tuple[list[str] | None, list[
                 return "–"
             return f"{abs(t[key][1] - ref) / abs(ref):.1e}"
 
+        theirs_val = t.get("H top eig PyHessian", (None, None))[1]
+        if theirs_val is not None and theirs_val * ref < 0:
+            notes.append(
+                f"PyHessian's top eigenvalue {theirs_val:.4g}: power iteration converges to the "
+                "eigenvalue of largest magnitude, here a negative one"
+            )
         erow = [name, f"{P:,}", f"{ref:.6g}"]
         for key in ("H top eig", "H top eig uncertified", "H top eig PyHessian"):
             erow += [cell(key), str(products.get(key, "–")), err(key)]
