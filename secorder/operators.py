@@ -651,7 +651,7 @@ class HessianOperator:
             # The retained graph was recorded under both modes and f does not run again: the
             # products are backward passes, which the modes' substitutions (forward functions:
             # F.cross_entropy, attention, RNN kernels) never meet. Skipping them saves a Python
-            # intercept of every torch call here (a fifth of a product on the models of
+            # intercept of every torch call here (~15% of a product on GPT-2 of
             # benchmarks/bench_models.py, where Lanczos forms one product at a time).
             try:
                 out = self._hv_autograd(rows, batched=self.strategy == "autograd_batched")
