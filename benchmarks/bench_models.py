@@ -18,8 +18,20 @@ Timed (median of ``--repeats`` after one warm-up, whole calls):
 * Hutchinson trace of the GGN, K = 16: ``secorder.fisher_trace(model, "cross_entropy",
   num_probes=K)``, curvlinops ``hutchinson_trace(GGNLinearOperator, K)``;
 * secorder only: exact GGN trace, exact Hessian diagonal (``hessian_diagonal(f)``, whatever
-  ``exact`` route the default takes; one run without warm-up), largest Hessian eigenvalue (Lanczos) against PyHessian's
-  power iteration (``eigenvalues(top_n=1, tol=1e-3)``).
+  ``exact`` route the default takes; one run without warm-up);
+* the largest Hessian eigenvalue, in a second table: ``secorder.hessian_eigenvalues(f, k=1,
+  tol=1e-3)`` (Lanczos; also with ``certify=False``, without the deflated run) against
+  PyHessian's power iteration ``eigenvalues(top_n=1, tol=1e-3)``.
+  The two ``tol`` differ in meaning: ours bounds the residual ‖Hx − θx‖ ≤ tol · abs(θ) of the
+  returned Ritz pair (and a deflated run certifies that no larger eigenvalue was missed);
+  PyHessian stops when the estimate changes by less than tol (relative) between two power
+  steps, which can stop far from the eigenvalue, and power iteration finds the eigenvalue of
+  largest *magnitude* (a negative one where it dominates). So each side also reports its number
+  of Hessian-vector products (counted in a separate, untimed call with the same seed) and the
+  relative error of its eigenvalue against a reference: Lanczos with ``tol=1e-10`` on a float64
+  copy of the model and data (a residual ≤ 1e-10 · abs(θ) bounds that error by 1e-10; the float32
+  Hessian differs from the float64 one by float32 rounding, ~1e-6 relative, the floor of the
+  errors shown).
 
 The exact quantities by route (module fast path, ``path="generic"``, the structured sweep) on
 GPT-2 and on torchvision's full ResNet-18 are in ``bench_exact.py``.
@@ -30,12 +42,14 @@ model, which PyTorch's fused attention and RNN kernels do not provide: they run 
 and fail on the float32 LSTM/GRU (mkldnn kernels) — reported as "fails". Construction of the
 curvlinops operators is included in their time (secorder's calls include theirs too).
 
-Usage: ``PYTHONPATH=. python benchmarks/record.py bench_models.py [--repeats 3] [--models gpt2,lstm]``.
+Usage: ``PYTHONPATH=. python benchmarks/record.py bench_models.py [--repeats 3] [--models gpt2,lstm]
+[--tables all|main|eig]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import warnings
 from collections.abc import Callable
@@ -76,7 +90,51 @@ def _time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> tuple[float |
         return None, None, f"{type(exc).__name__}: {str(exc)[:120]}"
 
 
-def bench(name: str, repeats: int) -> tuple[list[str], list[str]]:
+class _Counted:
+    """Count the Hessian-vector products of one call: secorder's ``HessianOperator.matmat`` rows,
+    PyHessian's ``hessian_vector_product`` calls (patched for the call, restored after)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def __enter__(self) -> _Counted:
+        from secorder.operators import HessianOperator
+
+        self._saved: list[tuple[Any, str, Any]] = [(HessianOperator, "matmat", HessianOperator.matmat)]
+        mm = HessianOperator.matmat
+
+        def matmat(op: Any, V: torch.Tensor) -> torch.Tensor:
+            self.n += V.shape[0]
+            return mm(op, V)
+
+        HessianOperator.matmat = matmat  # type: ignore[method-assign]
+        ph = sys.modules.get("pyhessian.hessian")
+        if ph is not None:
+            hvp = ph.hessian_vector_product
+            self._saved.append((ph, "hessian_vector_product", hvp))
+
+            def counted(*a: Any) -> Any:
+                self.n += 1
+                return hvp(*a)
+
+            ph.hessian_vector_product = counted
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for obj, attr, value in self._saved:
+            setattr(obj, attr, value)
+
+
+def _reference_top_eigenvalue(case: Any) -> float:
+    """λ_max by Lanczos with tol=1e-10 on a float64 copy of the model and data."""
+    model = copy.deepcopy(case.model).double()
+    x = case.inputs.double() if case.inputs.is_floating_point() else case.inputs
+    f, params = secorder.module_loss(model, _zoo.loss_of(case))
+    gen = torch.Generator().manual_seed(1)
+    return float(secorder.hessian_eigenvalues(f, k=1, tol=1e-10)(params, x, case.targets, generator=gen)[0])
+
+
+def bench(name: str, repeats: int, tables: str) -> tuple[list[str] | None, list[str] | None, list[str]]:
     case = _zoo.build(name, torch.float32, batch=4, bench=True)
     model, x, y = case.model, case.inputs, case.targets
     f, params = secorder.module_loss(model, _zoo.loss_of(case))
@@ -85,16 +143,25 @@ def bench(name: str, repeats: int) -> tuple[list[str], list[str]]:
     crit = nn.CrossEntropyLoss()
     plist = [p for p in model.parameters() if p.requires_grad]
     notes = []
+    main, eig = tables in ("all", "main"), tables in ("all", "eig")
 
-    ours = {
-        "H hutch": lambda: secorder.hessian_trace(f, num_probes=K)(params, x, y, generator=gen()),
-        "GGN hutch": lambda: secorder.fisher_trace(model, "cross_entropy", num_probes=K)(
-            params, x, y, generator=gen()
-        ),
-        "GGN exact": lambda: secorder.fisher_trace(model, "cross_entropy")(params, x, y),
-        "H diag exact": lambda: secorder.hessian_diagonal(f)(params, x, y),
-        "H top eig": lambda: secorder.hessian_eigenvalues(f, k=1, tol=1e-3)(params, x, y),
-    }
+    ours: dict[str, Callable[[], Any]] = {}
+    if main:
+        ours |= {
+            "H hutch": lambda: secorder.hessian_trace(f, num_probes=K)(params, x, y, generator=gen()),
+            "GGN hutch": lambda: secorder.fisher_trace(model, "cross_entropy", num_probes=K)(
+                params, x, y, generator=gen()
+            ),
+            "GGN exact": lambda: secorder.fisher_trace(model, "cross_entropy")(params, x, y),
+            "H diag exact": lambda: secorder.hessian_diagonal(f)(params, x, y),
+        }
+    if eig:
+        ours["H top eig"] = lambda: float(
+            secorder.hessian_eigenvalues(f, k=1, tol=1e-3)(params, x, y, generator=gen())[0]
+        )
+        ours["H top eig uncertified"] = lambda: float(
+            secorder.hessian_eigenvalues(f, k=1, tol=1e-3, certify=False)(params, x, y, generator=gen())[0]
+        )
     theirs: dict[str, Callable[[], Any]] = {}
     try:
         import curvlinops
@@ -107,8 +174,9 @@ def bench(name: str, repeats: int) -> tuple[list[str], list[str]]:
 
             return _competitor(run)
 
-        theirs["H hutch curvlinops"] = cl("HessianLinearOperator")
-        theirs["GGN hutch curvlinops"] = cl("GGNLinearOperator")
+        if main:
+            theirs["H hutch curvlinops"] = cl("HessianLinearOperator")
+            theirs["GGN hutch curvlinops"] = cl("GGNLinearOperator")
     except ImportError:
         notes.append("curvlinops not importable")
     try:
@@ -123,24 +191,34 @@ def bench(name: str, repeats: int) -> tuple[list[str], list[str]]:
                     if len(out) != K:
                         raise RuntimeError(f"PyHessian returned {len(out)} samples, not {K}")
                 else:
-                    out = H.eigenvalues(top_n=1, tol=1e-3)[0]
+                    out = float(H.eigenvalues(top_n=1, tol=1e-3)[0][0])
                 model.zero_grad(set_to_none=True)
                 return out
 
             return _competitor(run)
 
-        theirs["H hutch PyHessian"] = ph("trace")
-        theirs["H top eig PyHessian"] = ph("eig")
+        if main:
+            theirs["H hutch PyHessian"] = ph("trace")
+        if eig:
+            theirs["H top eig PyHessian"] = ph("eig")
     except ImportError:
         notes.append("PyHessian not importable")
 
     before = _zoo.state_snapshot(model)
     slow = ("H diag exact",)  # P one-hot products (or the sweep): timed once, no warm-up
     t = {k: _time(fn, 1, 0) if k in slow else _time(fn, repeats) for k, fn in {**ours, **theirs}.items()}
+    products: dict[str, int] = {}
+    for key in ("H top eig", "H top eig uncertified", "H top eig PyHessian"):  # untimed, same seeds
+        if key in t and t[key][0] is not None:
+            with _Counted() as c:
+                ({**ours, **theirs})[key]()
+            products[key] = c.n
     after = _zoo.state_snapshot(model)
     assert all(torch.equal(before[k], after[k]) for k in before), f"{name}: model mutated"
 
     def cell(key: str) -> str:
+        if key not in t:
+            return "n/a"
         sec, _, err = t[key]
         if sec is None:
             notes.append(f"{key}: {err}")
@@ -151,17 +229,38 @@ def bench(name: str, repeats: int) -> tuple[list[str], list[str]]:
         ta, tb = t[a][0], t.get(b, (None,))[0]
         return f"{tb / ta:.2f}×" if ta and tb else "–"
 
-    row = [
-        name, f"{P:,}",
-        cell("H hutch"), cell("H hutch curvlinops") if "H hutch curvlinops" in t else "n/a",
-        ratio("H hutch", "H hutch curvlinops"),
-        cell("H hutch PyHessian") if "H hutch PyHessian" in t else "n/a", ratio("H hutch", "H hutch PyHessian"),
-        cell("GGN hutch"), cell("GGN hutch curvlinops") if "GGN hutch curvlinops" in t else "n/a",
-        ratio("GGN hutch", "GGN hutch curvlinops"),
-        cell("GGN exact"), cell("H diag exact"),
-        cell("H top eig"), cell("H top eig PyHessian") if "H top eig PyHessian" in t else "n/a",
-    ]  # fmt: skip
-    return row, notes
+    row = None
+    if main:
+        row = [
+            name, f"{P:,}",
+            cell("H hutch"), cell("H hutch curvlinops"), ratio("H hutch", "H hutch curvlinops"),
+            cell("H hutch PyHessian"), ratio("H hutch", "H hutch PyHessian"),
+            cell("GGN hutch"), cell("GGN hutch curvlinops"), ratio("GGN hutch", "GGN hutch curvlinops"),
+            cell("GGN exact"), cell("H diag exact"),
+        ]  # fmt: skip
+    erow = None
+    if eig:
+        ref = _reference_top_eigenvalue(case)
+
+        def err(key: str) -> str:
+            if key not in t or t[key][0] is None:
+                return "–"
+            return f"{abs(t[key][1] - ref) / abs(ref):.1e}"
+
+        theirs_val = t.get("H top eig PyHessian", (None, None))[1]
+        if theirs_val is not None and theirs_val * ref < 0:
+            notes.append(
+                f"PyHessian's top eigenvalue {theirs_val:.4g}: power iteration converges to the "
+                "eigenvalue of largest magnitude, here a negative one"
+            )
+        erow = [name, f"{P:,}", f"{ref:.6g}"]
+        for key in ("H top eig", "H top eig uncertified", "H top eig PyHessian"):
+            erow += [cell(key), str(products.get(key, "–")), err(key)]
+        erow += [
+            ratio("H top eig", "H top eig PyHessian"),
+            ratio("H top eig uncertified", "H top eig PyHessian"),
+        ]
+    return row, erow, notes
 
 
 def main() -> None:
@@ -170,26 +269,50 @@ def main() -> None:
     ap.add_argument(
         "--models", default=",".join(n for n in _zoo.NAMES if not n.endswith(("_eager", "_train")))
     )
+    ap.add_argument(
+        "--tables",
+        choices=("all", "main", "eig"),
+        default="all",
+        help="main: traces and diagonals; eig: the top eigenvalue (time, products, error); all: both",
+    )
     a = ap.parse_args()
     torch.set_num_threads(1)
-    rows, notes = [], []
+    rows, erows, notes = [], [], []
     for name in a.models.split(","):
         if name.startswith(("gpt2", "bert")) and _zoo.transformers_or_none() is None:
             notes.append(f"{name}: transformers not installed")
             continue
-        r, n = bench(name, a.repeats)
-        rows.append(r)
+        r, e, n = bench(name, a.repeats, a.tables)
+        if r is not None:
+            rows.append(r)
+        if e is not None:
+            erows.append(e)
         notes += [f"{name}: {m}" for m in n]
         print(f"... {name} done", file=sys.stderr, flush=True)
-    head = [
-        "model", "P", "H Hutch (K=16)", "curvlinops", "speed-up", "PyHessian", "speed-up",
-        "GGN Hutch (K=16)", "curvlinops", "speed-up", "GGN exact", "H diag exact", "H top eig",
-        "PyHessian",
-    ]  # fmt: skip
     print(
         f"float32, batch 4, 1 thread; median of {a.repeats} after a warm-up. speed-up = their time / ours.\n"
     )
-    print(C.table(rows, head))
+    if rows:
+        head = [
+            "model", "P", "H Hutch (K=16)", "curvlinops", "speed-up", "PyHessian", "speed-up",
+            "GGN Hutch (K=16)", "curvlinops", "speed-up", "GGN exact", "H diag exact",
+        ]  # fmt: skip
+        print(C.table(rows, head))
+    if erows:
+        print(
+            "Largest Hessian eigenvalue: secorder `hessian_eigenvalues(f, k=1, tol=1e-3)` (Lanczos, "
+            "residual ≤ tol·abs(θ), certified by a deflated run) vs PyHessian `eigenvalues(top_n=1, "
+            "tol=1e-3)` (power iteration, stops when the estimate changes by < tol). HVPs: "
+            "Hessian-vector products of one call. rel. error: against λ_max from Lanczos at tol=1e-10 "
+            "on a float64 copy of the model and data. `certify=False`: the same call without the "
+            "deflated certification run (same residual guarantee). speed-up: PyHessian's time / ours "
+            "(certified, uncertified).\n"
+        )
+        head = [
+            "model", "P", "λ_max (float64)", "secorder", "HVPs", "rel. error", "certify=False", "HVPs",
+            "rel. error", "PyHessian", "HVPs", "rel. error", "speed-up", "speed-up (certify=False)",
+        ]  # fmt: skip
+        print(C.table(erows, head))
     if notes:
         print("Notes:\n")
         print("\n".join(f"* {m}" for m in notes))

@@ -82,7 +82,7 @@ from torch.func import grad, jvp, vjp, vmap
 from secorder._engine.tape import TapeUnsupportedError
 from secorder._engine.taylor import TaylorQuadform
 from secorder._errors import error
-from secorder._kernels import with_decomposed_kernels
+from secorder._kernels import decomposed_kernels, with_decomposed_kernels
 from secorder._losses import closed_form_losses
 from secorder._pytree import HALF_DTYPES, accumulating, accumulation_dtype, numel, ravel, unravel
 from secorder._validate import check_finite_enabled, check_finite_result, diagnose_nonfinite
@@ -643,16 +643,29 @@ class HessianOperator:
 
     # -- public ----------------------------------------------------------------
     @accumulating
-    @with_decomposed_kernels
     def matmat(self, V: Tensor) -> Tensor:
         """Rows ``H v_i`` for the rows ``v_i`` of the ``(k, P)`` tensor ``V``."""
         self._check_rows(V)
-        try:
-            out = self._matmat_leaves(unravel(V, self.shapes))
-        except StrategyFailedError:  # already names the call and the strategies (raised once)
-            raise
-        except (RuntimeError, NotImplementedError) as exc:
-            raise self._fail(self.strategy, exc) from exc
+        rows = unravel(V, self.shapes)
+        if self._graph is not None and self.strategy in ("autograd", "autograd_batched"):
+            # The retained graph was recorded under both modes and f does not run again: the
+            # products are backward passes, which the modes' substitutions (forward functions:
+            # F.cross_entropy, attention, RNN kernels) never meet. Skipping them saves a Python
+            # intercept of every torch call here (~15% of a product on GPT-2 of
+            # benchmarks/bench_models.py, where Lanczos forms one product at a time).
+            try:
+                out = self._hv_autograd(rows, batched=self.strategy == "autograd_batched")
+            except (RuntimeError, NotImplementedError) as exc:
+                with decomposed_kernels():
+                    raise self._fail(self.strategy, exc) from exc
+        else:
+            with decomposed_kernels():
+                try:
+                    out = self._matmat_leaves(rows)
+                except StrategyFailedError:  # already names the call and the strategies (raised once)
+                    raise
+                except (RuntimeError, NotImplementedError) as exc:
+                    raise self._fail(self.strategy, exc) from exc
         return self._check_result(ravel(out, batch_dims=1), "Hessian-vector products")
 
     @accumulating

@@ -268,6 +268,9 @@ def test_rnn_float32_every_route(kind: str) -> None:
     xy = (case.inputs, case.targets)
     assert close(secorder.hessian_trace(f)(params, *xy), H.trace(), rel=1e-4)
     assert close(secorder.fisher_trace(case.model, case.loss)(params, *xy), G.trace(), rel=1e-4)
+    # Lanczos: the graph is recorded under the decomposed kernels, the later products reuse it
+    top = secorder.hessian_eigenvalues(f, k=1)(params, *xy, generator=torch.Generator().manual_seed(5))
+    assert close(top.double().max(), torch.linalg.eigvalsh(H).max(), rel=1e-4)
     V = torch.randn(2, G.shape[0], generator=torch.Generator().manual_seed(6))
     G = _permuted(G, params)
     op, _ = secorder.fisher_operator(case.model, case.loss)(params, *xy)

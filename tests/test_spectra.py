@@ -95,6 +95,54 @@ def test_lanczos_same_generator_same_result() -> None:
     assert b.eigenvectors is not None and torch.equal(a.eigenvectors, b.eigenvectors)
 
 
+@pytest.mark.parametrize("certify", [True, False], ids=["certified", "uncertified"])
+@pytest.mark.parametrize("tol", [1e-2, 1e-4, 1e-8])
+@pytest.mark.parametrize("k", [1, 3])
+def test_lanczos_tol_bounds_the_residual(k: int, tol: float, certify: bool) -> None:
+    """The documented guarantee of tol: ‖Ax − θx‖ ≤ tol · max abs(θ) for every returned pair,
+    measured against the dense matrix, so each θ lies within it of an eigenvalue (eigvalsh)."""
+    A = matrix(indefinite())
+    res = lanczos_eigenvalues(
+        DenseOperator(A), k, tol=tol, certify=certify, generator=gen(0), return_eigenvectors=True
+    )
+    assert res.converged and res.eigenvectors is not None
+    X, theta = res.eigenvectors, res.eigenvalues
+    actual = torch.linalg.vector_norm(X @ A - theta[:, None] * X, dim=1)
+    assert bool((actual <= tol * float(theta.abs().max()) * (1 + 1e-6)).all())
+    ref = torch.linalg.eigvalsh(A)
+    nearest = (theta[:, None] - ref[None, :]).abs().min(1).values
+    assert bool((nearest <= actual + 1e-12).all())
+    # the spectrum's top is well separated: these are its k largest, to within the residuals
+    assert bool(((theta - ref.flip(0)[:k]).abs() <= actual + 1e-12).all())
+
+
+def test_lanczos_uncertified_is_the_first_run_of_the_certified_one() -> None:
+    """certify=False returns the first Lanczos run as it is: for k = 1 the same eigenvalue, bit
+    for bit, as the certified call (whose deflated run finds nothing larger), in fewer products."""
+    op = DenseOperator(matrix(indefinite()))
+    full = lanczos_eigenvalues(op, 1, tol=1e-4, generator=gen(4))
+    first = lanczos_eigenvalues(op, 1, tol=1e-4, certify=False, generator=gen(4))
+    again = lanczos_eigenvalues(op, 1, tol=1e-4, certify=False, generator=gen(4))
+    assert torch.equal(full.eigenvalues, first.eigenvalues) and torch.equal(
+        first.eigenvalues, again.eigenvalues
+    )
+    assert first.converged and full.converged
+    assert first.num_products == again.num_products < full.num_products
+
+
+def test_lanczos_certification_recovers_a_copy_the_first_run_cannot_hold() -> None:
+    """A single-vector Krylov space holds one copy of a repeated eigenvalue; with the top two
+    distinct eigenvalues far from a bulk of 196, the first run converges long before the space is
+    exhausted (no restart), so only the certifying deflated runs find the other copies of 10."""
+    lam = torch.cat([torch.full((3,), 10.0), torch.tensor([7.0]), torch.linspace(0.0, 1.0, 196)]).double()
+    op = DenseOperator(matrix(lam, seed=3))
+    certified = lanczos_eigenvalues(op, 2, generator=gen(0))
+    torch.testing.assert_close(certified.eigenvalues, torch.full((2,), 10.0, dtype=torch.float64))
+    uncertified = lanczos_eigenvalues(op, 2, certify=False, generator=gen(0))
+    assert uncertified.converged and uncertified.num_products < certified.num_products
+    torch.testing.assert_close(uncertified.eigenvalues, torch.tensor([10.0, 7.0], dtype=torch.float64))
+
+
 def test_lanczos_errors() -> None:
     op = DenseOperator(torch.eye(5, dtype=torch.float64))
     with pytest.raises(
@@ -109,6 +157,8 @@ def test_lanczos_errors() -> None:
         lanczos_eigenvalues(op, 1, tol=-1.0)
     with pytest.raises(ValueError, match=r"max_steps must be an int >= 2"):
         lanczos_eigenvalues(op, 2, max_steps=1)
+    with pytest.raises(TypeError, match=r"certify must be True or False, but received 1"):
+        lanczos_eigenvalues(op, 1, certify=1)  # type: ignore[arg-type]
     with pytest.raises(RuntimeError, match=r"Lanczos is a data-dependent loop and runs only eagerly"):
         torch.func.vmap(lambda x: lanczos_eigenvalues(op, 1).eigenvalues + x)(
             torch.zeros(2, dtype=torch.float64)
@@ -149,10 +199,33 @@ def test_hessian_eigenvalues_warns_without_convergence() -> None:
         fn(params, X, y, generator=gen(0))
 
 
+@pytest.mark.parametrize("tol", [1e-3, 1e-8])
+def test_hessian_top_eigenvalue_certified_or_not(tol: float) -> None:
+    """Both modes meet the residual guarantee against the dense Hessian; same generator, same
+    numbers (here the deflated run finds nothing larger, so both return the same value)."""
+    f, params, X, y = _mlp()
+    H = dense_hessian(f, params, X, y)
+    top = float(torch.linalg.eigvalsh(H).max())
+    got = {}
+    for certify in (True, False):
+        fn = secorder.hessian_eigenvalues(f, k=1, tol=tol, certify=certify, return_eigenvectors=True)
+        val, vec = fn(params, X, y, generator=gen(0))
+        again, _ = fn(params, X, y, generator=gen(0))
+        assert torch.equal(val, again)
+        x = torch.cat([vec[k].reshape(1, -1) for k in sorted(vec)], dim=1)[0]  # secorder's flat order
+        residual = float(torch.linalg.vector_norm(H @ x - val[0] * x))
+        assert residual <= tol * abs(float(val[0])) * (1 + 1e-6)
+        assert abs(float(val[0]) - top) <= residual + 1e-12
+        got[certify] = val
+    assert torch.equal(got[True], got[False])
+
+
 def test_hessian_eigenvalues_errors() -> None:
     f, params, X, y = _mlp()
     with pytest.raises(ValueError, match=r"hessian_eigenvalues\(f\)\(\*args\): which must be"):
         secorder.hessian_eigenvalues(f, which="biggest")
+    with pytest.raises(TypeError, match=r"hessian_eigenvalues\(f\)\(\*args\): certify must be True or False"):
+        secorder.hessian_eigenvalues(f, certify="yes")  # type: ignore[arg-type]
     size = sum(p.numel() for p in params.values())
     with pytest.raises(ValueError, match=rf"k must not exceed the number of parameters {size}"):
         secorder.hessian_eigenvalues(f, k=size + 1)(params, X, y)
