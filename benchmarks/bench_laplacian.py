@@ -237,6 +237,14 @@ def _peak_mib(fn: Callable[[], Any]) -> float:
     return peak / 2**20
 
 
+def _table(head: list[str], rows: list[list[str]], lead: str = "\n") -> None:
+    """Print a markdown table (``lead`` before its header line)."""
+    print(lead + "| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=5)
@@ -286,29 +294,18 @@ def main() -> None:
             share = f"{m['secorder'] / m['today']:.2f}" if m.get("today") else "—"
             mem_rows.append([label, kind, *[f"{m[n]:.1f}" if n in m else "—" for n in names], share])
     if rows:
-        print("| " + " | ".join(head) + " |")
-        print("|" + "---|" * len(head))
-        for r in rows:
-            print("| " + " | ".join(r) + " |")
+        _table(head, rows, "")
         clock = "thread CPU time" if args.cpu_time else "wall time"
         print(f"\nTimes ({clock}): minimum over {args.repeats} alternated calls after a warm-up, {args.threads} thread(s), "
           f"float32, N = {N_POINTS} points; ratios > 1: secorder is faster.")  # fmt: skip
     if flop_rows:
-        fh = ["workload", "kind", *[f"{n} (MFlop)" for n in names], "torch.func / secorder"]
-        print("\n| " + " | ".join(fh) + " |")
-        print("|" + "---|" * len(fh))
-        for r in flop_rows:
-            print("| " + " | ".join(r) + " |")
+        _table(["workload", "kind", *[f"{n} (MFlop)" for n in names], "torch.func / secorder"], flop_rows)
         print("\nFlops: matrix products and convolutions of one call (torch.utils.flop_counter.FlopCounterMode, "
               "after a warm-up; elementwise ops not counted).")  # fmt: skip
     for note in dict.fromkeys(FAILURES):
         print(f"\n{note}")
     if mem_rows:
-        mh = ["workload", "kind", *[f"{n} (MiB)" for n in names], "secorder / today"]
-        print("\n| " + " | ".join(mh) + " |")
-        print("|" + "---|" * len(mh))
-        for r in mem_rows:
-            print("| " + " | ".join(r) + " |")
+        _table(["workload", "kind", *[f"{n} (MiB)" for n in names], "secorder / today"], mem_rows)
         print("\nMemory: peak tensor memory allocated during one call (torch.profiler, after a warm-up).")
 
 
