@@ -134,8 +134,10 @@ class _Lanczos:
         if reorthogonalize:
             self.V[:, 0] = first
         self.cur, self.prev = first, torch.zeros_like(first)
-        self.alpha: list[Tensor] = []
-        self.beta: list[Tensor] = []  # off-diagonals of T (0 after a restart)
+        # the diagonal and off-diagonals of T (beta 0 after a restart), written in place: no list
+        # of per-step scalars to stack into T at every convergence check
+        self.alpha = torch.empty(b, max_steps, dtype=op.dtype, device=op.device)
+        self.beta = torch.empty(b, max(max_steps - 1, 0), dtype=op.dtype, device=op.device)
         self.residual_beta = torch.zeros(b, dtype=op.dtype, device=op.device)  # ‖w‖ at the last step
         self.anorm = torch.zeros(b, dtype=op.dtype, device=op.device)
         self.exhausted = torch.zeros(b, dtype=torch.bool, device=op.device)
@@ -159,7 +161,8 @@ class _Lanczos:
         basis = self.V[:, : j + 1]
         for _ in range(2):
             before = torch.linalg.vector_norm(w, dim=-1)
-            w = w - torch.einsum("bj,bjp->bp", torch.einsum("bjp,bp->bj", basis, w), basis)
+            # two batched matrix products (b × (j+1) × P): less dispatch than einsum per step
+            w = w - (torch.matmul(basis, w.unsqueeze(-1)).transpose(-1, -2) @ basis).squeeze(-2)
             if not bool((torch.linalg.vector_norm(w, dim=-1) < _DGKS * before).any()):
                 break
         return w
@@ -170,15 +173,17 @@ class _Lanczos:
         w = self.op.matmat(v)
         alpha = (w * v).sum(-1)
         w = w - alpha.unsqueeze(1) * v  # the three-term recurrence
-        if self.beta:
-            w = w - self.beta[-1].unsqueeze(1) * self.prev
+        if j > 0:
+            w = w - self.beta[:, j - 1].unsqueeze(1) * self.prev
         if self.reorthogonalize:
             w = self._orthogonalize(w, j)
         beta = torch.linalg.vector_norm(w, dim=-1)
-        self.alpha.append(alpha)
+        self.alpha[:, j] = alpha
         self.residual_beta = beta
-        prev = self.beta[-1] if self.beta else torch.zeros_like(beta)
-        self.anorm = torch.maximum(self.anorm, alpha.abs() + beta + prev)
+        bound = alpha.abs() + beta
+        if j > 0:
+            bound = bound + self.beta[:, j - 1]
+        self.anorm = torch.maximum(self.anorm, bound)
         self.steps = j + 1
         eps = torch.finfo(w.dtype).eps
         broken = beta <= eps**0.75 * self.anorm.clamp_min(torch.finfo(w.dtype).tiny)
@@ -197,17 +202,17 @@ class _Lanczos:
             self.block_start = torch.where(broken, j + 1, self.block_start)
         else:
             nxt = w / beta.unsqueeze(1)
-        self.beta.append(beta)
+        self.beta[:, j] = beta
         self.prev, self.cur = v, nxt
         if self.reorthogonalize:
             self.V[:, j + 1] = nxt
 
     def tridiagonal(self) -> Tensor:
         """The ``(b, m, m)`` tridiagonal matrices T_m."""
-        alpha = torch.stack(self.alpha, dim=1)
-        T = torch.diag_embed(alpha)
-        if self.steps > 1:
-            beta = torch.stack(self.beta[: self.steps - 1], dim=1)
+        m = self.steps
+        T = torch.diag_embed(self.alpha[:, :m])
+        if m > 1:
+            beta = self.beta[:, : m - 1]
             T = T + torch.diag_embed(beta, offset=1) + torch.diag_embed(beta, offset=-1)
         return T
 
@@ -395,7 +400,8 @@ def _lanczos_run(
         if bool(lz.exhausted[0]) and not final:
             continue  # an invariant subspace: the next block may hold further copies of eigenvalues
         T = lz.tridiagonal()[0]
-        check_finite_result(call, "Lanczos tridiagonal matrix (products of op)", T, fix=_NONFINITE_OP)
+        if not bool(torch.isfinite(T.sum())):  # one reduction per check; the full check reports
+            check_finite_result(call, "Lanczos tridiagonal matrix (products of op)", T, fix=_NONFINITE_OP)
         theta, S = torch.linalg.eigh(T)
         idx = torch.arange(m - 1, m - 1 - k, -1) if which == "largest" else torch.arange(k)
         residuals = (lz.residual_beta[0] * S[-1, idx]).abs()
