@@ -145,27 +145,29 @@ class _Lanczos:
         self.steps = 0
         self.avoid: Tensor | None = None
 
-    def _orthogonalize(self, w: Tensor, j: int) -> Tensor:
+    def _orthogonalize(self, w: Tensor, j: int) -> tuple[Tensor, Tensor]:
         """Classical Gram–Schmidt against the basis, with a second pass only where it is needed.
 
         The second pass (Kahan–Parlett "twice is enough") runs when a pass shrank the norm
         below 1/√2 of its value (the Daniel–Gragg–Kaufman–Stewart criterion), i.e. when
         orthogonality was at risk; after the explicit three-term recurrence a full pass
         usually removes only rounding. Without a stored basis, only against the last two
-        vectors.
+        vectors. Returns ``w`` and its norms (computed by the test anyway).
         """
         if not self.reorthogonalize:
             for u in (self.cur, self.prev):
                 w = w - (w * u).sum(-1, keepdim=True) * u
-            return w
+            return w, torch.linalg.vector_norm(w, dim=-1)
         basis = self.V[:, : j + 1]
+        norm = torch.linalg.vector_norm(w, dim=-1)
         for _ in range(2):
-            before = torch.linalg.vector_norm(w, dim=-1)
+            before = norm
             # two batched matrix products (b × (j+1) × P): less dispatch than einsum per step
             w = w - (torch.matmul(basis, w.unsqueeze(-1)).transpose(-1, -2) @ basis).squeeze(-2)
-            if not bool((torch.linalg.vector_norm(w, dim=-1) < _DGKS * before).any()):
+            norm = torch.linalg.vector_norm(w, dim=-1)
+            if not bool((norm < _DGKS * before).any()):
                 break
-        return w
+        return w, norm
 
     def step(self) -> None:
         j = self.steps
@@ -176,8 +178,9 @@ class _Lanczos:
         if j > 0:
             w = w - self.beta[:, j - 1].unsqueeze(1) * self.prev
         if self.reorthogonalize:
-            w = self._orthogonalize(w, j)
-        beta = torch.linalg.vector_norm(w, dim=-1)
+            w, beta = self._orthogonalize(w, j)
+        else:
+            beta = torch.linalg.vector_norm(w, dim=-1)
         self.alpha[:, j] = alpha
         self.residual_beta = beta
         bound = alpha.abs() + beta
@@ -194,8 +197,8 @@ class _Lanczos:
             fresh = _probes.draw(w.shape[0], w.shape[1], "gaussian", self.generator, w.dtype, w.device)
             if self.avoid is not None:  # a deflated run stays orthogonal to the deflated vectors
                 fresh = fresh - (fresh @ self.avoid.T) @ self.avoid
-            fresh = self._orthogonalize(fresh, j)
-            fresh = fresh / torch.linalg.vector_norm(fresh, dim=-1, keepdim=True)
+            fresh, norm = self._orthogonalize(fresh, j)
+            fresh = fresh / norm.unsqueeze(1)
             safe = beta.clamp_min(torch.finfo(w.dtype).tiny).unsqueeze(1)
             nxt = torch.where(broken.unsqueeze(1), fresh, w / safe)
             beta = torch.where(broken, torch.zeros_like(beta), beta)
