@@ -80,6 +80,30 @@ def test_lanczos_recovers_repeated_eigenvalues_of_invariant_subspaces() -> None:
     torch.testing.assert_close(res.eigenvalues, torch.tensor([0.5, 0.5, 1], dtype=torch.float64))
 
 
+@pytest.mark.parametrize("restart", [False, True], ids=["one-block", "restarted"])
+def test_lanczos_tridiagonal_is_the_projection_of_the_operator(restart: bool) -> None:
+    """T_m (its entries stored step by step) equals Vᵀ A V on the stored basis, also after a
+    restart from an invariant subspace (there the off-diagonal entry is 0 and A maps no block
+    into another)."""
+    from secorder.spectra import _Lanczos
+
+    n = 12
+    if restart:  # 3 distinct eigenvalues: the Krylov space is invariant after 3 steps
+        A = torch.diag(torch.tensor([3.0, 3, 3, 2, 2, 2, 1, 1, 1, 1, 0.5, 0.5], dtype=torch.float64))
+    else:
+        A = matrix(torch.linspace(-1, 2, n, dtype=torch.float64))
+    start = torch.randn(1, n, dtype=torch.float64, generator=gen(4))
+    lz = _Lanczos(DenseOperator(A), start, 8, gen(5))
+    restarted = []
+    for _ in range(8):
+        lz.step()
+        restarted.append(bool(lz.block_start[0] > 0))
+    assert any(restarted) == restart
+    V = lz.V[0, :8]
+    torch.testing.assert_close(V @ V.T, torch.eye(8, dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(lz.tridiagonal()[0], V @ A @ V.T, rtol=0, atol=1e-12)
+
+
 def test_lanczos_reports_non_convergence() -> None:
     A = matrix(torch.linspace(1, 2, 200, dtype=torch.float64))  # tiny gaps: slow convergence
     res = lanczos_eigenvalues(DenseOperator(A), 2, max_steps=6, generator=gen(0))
